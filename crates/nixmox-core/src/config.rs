@@ -1,0 +1,557 @@
+//! Reads `nixmox.yaml`, the project file, into the project-wide parts of the model.
+
+use core::net::Ipv4Addr;
+
+use crate::decode::{field, join, Cx};
+use crate::ids::{parse_ip, Cidr, DomainName, ProjectName, Range};
+use crate::model::{
+    Defaults, Deploy, Deployer, HealthTiming, InfraBackend, Network, Nix, Pools, Proxmox,
+    Resources, SecretRef, Secrets, Ssh, StateConfig, Terraform, Tls,
+};
+use crate::syntax::{Kind, Node};
+
+pub const TOP_FIELDS: &[&str] = &[
+    "project", "domain", "network", "pools", "proxmox", "infra", "ssh", "nix", "terraform",
+    "defaults", "state", "secrets", "deploy",
+];
+pub const NETWORK_FIELDS: &[&str] = &["cidr", "gateway", "vlan", "bridge", "nameservers"];
+pub const POOLS_FIELDS: &[&str] = &["vmid", "ip"];
+pub const PROXMOX_FIELDS: &[&str] = &["endpoint", "node", "storage", "template", "token", "tls"];
+pub const TOKEN_FIELDS: &[&str] = &["env", "file"];
+pub const TLS_FIELDS: &[&str] = &["ca_file", "fingerprint", "insecure"];
+pub const INFRA_FIELDS: &[&str] = &["backend"];
+pub const SSH_FIELDS: &[&str] = &["user", "authorized_keys"];
+pub const NIX_FIELDS: &[&str] = &["nixpkgs", "deployer"];
+pub const DEPLOYER_FIELDS: &[&str] = &["command", "rollback"];
+pub const TERRAFORM_FIELDS: &[&str] = &["binary"];
+pub const DEFAULTS_FIELDS: &[&str] = &["resources", "health"];
+pub const RESOURCES_FIELDS: &[&str] = &["cores", "memory", "swap", "disk_gb"];
+pub const HEALTH_TIMING_FIELDS: &[&str] = &["interval", "timeout", "retries", "start_period"];
+pub const STATE_FIELDS: &[&str] = &["backend", "path"];
+pub const SECRETS_FIELDS: &[&str] = &["backend", "age_recipients"];
+pub const DEPLOY_FIELDS: &[&str] = &["parallel"];
+
+/// Limits for container resources, from Proxmox's own parameter ranges where it has them.
+pub const CORES: (i64, i64) = (1, 8192);
+pub const MEMORY_MIB: (i64, i64) = (16, 4_194_304);
+pub const SWAP_MIB: (i64, i64) = (0, 4_194_304);
+pub const DISK_GB: (i64, i64) = (1, 131_072);
+
+pub const DEFAULT_RESOURCES: Resources = Resources {
+    cores: 1,
+    memory: 1024,
+    swap: 512,
+    disk_gb: 8,
+};
+pub const DEFAULT_HEALTH: HealthTiming = HealthTiming {
+    interval_ms: 10_000,
+    timeout_ms: 5_000,
+    retries: 3,
+    start_period_ms: 0,
+};
+pub const DEFAULT_NIXPKGS: &str = "github:NixOS/nixpkgs/nixos-25.05";
+pub const DEFAULT_TEMPLATE: &str = "local:vztmpl/nixos-25.05-x86_64-linux.tar.xz";
+pub const DEFAULT_VMID_POOL: Range<u32> = Range {
+    start: 900,
+    end: 999,
+};
+
+/// The project-wide settings, everything in `nixmox.yaml`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProjectConfig {
+    pub name: ProjectName,
+    pub domain: DomainName,
+    pub network: Network,
+    pub pools: Pools,
+    pub proxmox: Proxmox,
+    pub infra: InfraBackend,
+    pub ssh: Ssh,
+    pub nix: Nix,
+    pub terraform: Terraform,
+    pub defaults: Defaults,
+    pub state: StateConfig,
+    pub secrets: Secrets,
+    pub deploy: Deploy,
+}
+
+/// Decodes the project file. Returns `None` when a required part is missing or invalid (the
+/// diagnostics say why).
+pub fn decode(cx: &mut Cx, root: &Node) -> Option<ProjectConfig> {
+    cx.map(root, "", TOP_FIELDS)?;
+    let name = cx.required(root, "", "project").and_then(|n| {
+        let s = cx.string(n, "project")?;
+        match ProjectName::new(&s) {
+            Ok(v) => Some(v),
+            Err(why) => {
+                cx.error(n.span, "project", format!("invalid project name `{s}`: {why}"), Some("a project name looks like `homelab`: lowercase letters, digits and `-`, starting with a letter".into()));
+                None
+            }
+        }
+    });
+    let domain = cx.required(root, "", "domain").and_then(|n| domain(cx, n, "domain"));
+    let network = cx.required(root, "", "network").and_then(|n| decode_network(cx, n));
+    let pools = network
+        .as_ref()
+        .and_then(|net| decode_pools(cx, field(root, "pools"), net));
+    let proxmox = decode_proxmox(cx, field(root, "proxmox"));
+    let infra = match field(root, "infra") {
+        None => Some(InfraBackend::Terraform),
+        Some(n) => cx.map(n, "infra", INFRA_FIELDS).and_then(|_| match field(n, "backend") {
+            None => Some(InfraBackend::Terraform),
+            Some(b) => choice(cx, b, "infra.backend", &[
+                ("terraform", InfraBackend::Terraform),
+                ("proxmox-api", InfraBackend::ProxmoxApi),
+                ("none", InfraBackend::None),
+            ]),
+        }),
+    };
+    let ssh = decode_ssh(cx, field(root, "ssh"));
+    let nix = decode_nix(cx, field(root, "nix"));
+    let terraform = match field(root, "terraform") {
+        None => Some(Terraform { binary: "terraform".into() }),
+        Some(n) => cx.map(n, "terraform", TERRAFORM_FIELDS).map(|_| Terraform {
+            binary: field(n, "binary")
+                .and_then(|b| cx.string(b, "terraform.binary"))
+                .unwrap_or_else(|| "terraform".into()),
+        }),
+    };
+    let defaults = decode_defaults(cx, field(root, "defaults"));
+    let state = match field(root, "state") {
+        None => Some(StateConfig { path: ".nixmox/state.db".into() }),
+        Some(n) => cx.map(n, "state", STATE_FIELDS).map(|_| {
+            if let Some(b) = field(n, "backend") {
+                let _ = choice(cx, b, "state.backend", &[("sqlite", ())]);
+            }
+            StateConfig {
+                path: field(n, "path")
+                    .and_then(|p| cx.string(p, "state.path"))
+                    .unwrap_or_else(|| ".nixmox/state.db".into()),
+            }
+        }),
+    };
+    let secrets = match field(root, "secrets") {
+        None => Some(Secrets { age_recipients: Vec::new() }),
+        Some(n) => cx.map(n, "secrets", SECRETS_FIELDS).map(|_| {
+            if let Some(b) = field(n, "backend") {
+                let _ = choice(cx, b, "secrets.backend", &[("sops", ())]);
+            }
+            let recipients = field(n, "age_recipients")
+                .map(|r| cx.strings(r, "secrets.age_recipients"))
+                .unwrap_or_default();
+            for (r, span) in &recipients {
+                if !(r.starts_with("age1") && r.len() == 62) {
+                    cx.error(*span, "secrets.age_recipients", format!("`{r}` is not an age public key"), Some("an age recipient looks like `age1` followed by 58 characters (see `age-keygen -y`)".into()));
+                }
+            }
+            Secrets {
+                age_recipients: recipients.into_iter().map(|(r, _)| r).collect(),
+            }
+        }),
+    };
+    let deploy = match field(root, "deploy") {
+        None => Some(Deploy { parallel: 4 }),
+        Some(n) => cx.map(n, "deploy", DEPLOY_FIELDS).map(|_| Deploy {
+            parallel: field(n, "parallel")
+                .and_then(|p| cx.int(p, "deploy.parallel", 1, 1024, ""))
+                .map(|p| p as u32)
+                .unwrap_or(4),
+        }),
+    };
+    Some(ProjectConfig {
+        name: name?,
+        domain: domain?,
+        network: network?,
+        pools: pools?,
+        proxmox: proxmox?,
+        infra: infra?,
+        ssh: ssh?,
+        nix: nix?,
+        terraform: terraform?,
+        defaults: defaults?,
+        state: state?,
+        secrets: secrets?,
+        deploy: deploy?,
+    })
+}
+
+pub fn domain(cx: &mut Cx, n: &Node, path: &str) -> Option<DomainName> {
+    let s = cx.string(n, path)?;
+    match DomainName::new(&s) {
+        Ok(d) => Some(d),
+        Err(why) => {
+            cx.error(n.span, path, format!("invalid domain name `{s}`: {why}"), Some("a domain name is dot-separated labels of lowercase letters, digits and `-` (RFC 1123), like `nixmox.lan`".into()));
+            None
+        }
+    }
+}
+
+/// One of a fixed set of words, with a "did you mean" on a miss.
+pub fn choice<T: Clone>(cx: &mut Cx, n: &Node, path: &str, options: &[(&str, T)]) -> Option<T> {
+    let s = cx.string(n, path)?;
+    if let Some((_, v)) = options.iter().find(|(k, _)| *k == s) {
+        return Some(v.clone());
+    }
+    let names: Vec<&str> = options.iter().map(|(k, _)| *k).collect();
+    let help = match crate::diag::did_you_mean(&s, names.iter().copied()) {
+        Some(m) => format!("did you mean `{m}`? (one of: {})", names.join(", ")),
+        None => format!("expected one of: {}", names.join(", ")),
+    };
+    cx.error(n.span, path, format!("unknown value `{s}` for `{path}`"), Some(help));
+    None
+}
+
+pub fn ip(cx: &mut Cx, n: &Node, path: &str) -> Option<Ipv4Addr> {
+    let s = cx.string(n, path)?;
+    match parse_ip(&s) {
+        Ok(ip) => Some(ip),
+        Err(why) => {
+            cx.error(n.span, path, format!("invalid IP address: {why}"), Some("write a dotted IPv4 address like 192.168.99.20".into()));
+            None
+        }
+    }
+}
+
+fn decode_network(cx: &mut Cx, n: &Node) -> Option<Network> {
+    cx.map(n, "network", NETWORK_FIELDS)?;
+    let cidr = cx.required(n, "network", "cidr").and_then(|c| {
+        let s = cx.string(c, "network.cidr")?;
+        match Cidr::parse(&s) {
+            Ok(v) => Some(v),
+            Err(why) => {
+                cx.error(c.span, "network.cidr", format!("invalid network `{s}`: {why}"), Some("write the network in CIDR notation, like 192.168.99.0/24".into()));
+                None
+            }
+        }
+    });
+    let gateway = cx
+        .required(n, "network", "gateway")
+        .and_then(|g| ip(cx, g, "network.gateway").map(|ip| (ip, g.span)));
+    if let (Some(cidr), Some((gw, span))) = (cidr, gateway) {
+        if !cidr.contains(gw) {
+            cx.error(span, "network.gateway", format!("gateway {gw} is outside the network {cidr}"), Some(format!("the gateway must be an address in {cidr}")));
+            return None;
+        }
+        if cidr.is_reserved(gw) {
+            cx.error(span, "network.gateway", format!("gateway {gw} is the network or broadcast address of {cidr}"), None);
+            return None;
+        }
+    }
+    let vlan = field(n, "vlan").and_then(|v| cx.int(v, "network.vlan", 1, 4094, "").map(|v| v as u16));
+    let bridge = field(n, "bridge")
+        .and_then(|b| cx.string(b, "network.bridge"))
+        .unwrap_or_else(|| "vmbr0".into());
+    let nameservers = match field(n, "nameservers") {
+        None => Vec::new(),
+        Some(list) => {
+            let mut out = Vec::new();
+            if let Some(items) = cx.list(list, "network.nameservers") {
+                for (i, item) in items.iter().enumerate() {
+                    if let Some(ip) = ip(cx, item, &crate::decode::index("network.nameservers", i)) {
+                        out.push(ip);
+                    }
+                }
+            }
+            out
+        }
+    };
+    Some(Network {
+        cidr: cidr?,
+        gateway: gateway?.0,
+        vlan,
+        bridge,
+        nameservers,
+    })
+}
+
+fn decode_pools(cx: &mut Cx, n: Option<&Node>, net: &Network) -> Option<Pools> {
+    let default_ip = default_ip_pool(net);
+    let Some(n) = n else {
+        return Some(Pools {
+            vmid: DEFAULT_VMID_POOL,
+            ip: default_ip,
+        });
+    };
+    cx.map(n, "pools", POOLS_FIELDS)?;
+    let vmid = match field(n, "vmid") {
+        None => Some(DEFAULT_VMID_POOL),
+        Some(v) => {
+            let s = cx.string(v, "pools.vmid")?;
+            match parse_range(&s, |x| x.trim().parse::<u32>().ok()) {
+                Some(r) if r.start >= 100 && r.end <= 999_999_999 => Some(r),
+                Some(_) => {
+                    cx.error(v.span, "pools.vmid", format!("vmid pool `{s}` is outside 100-999999999"), Some("Proxmox reserves ids below 100".into()));
+                    None
+                }
+                None => {
+                    cx.error(v.span, "pools.vmid", format!("invalid vmid range `{s}`"), Some("write `first-last` with first <= last, like 900-999".into()));
+                    None
+                }
+            }
+        }
+    };
+    let ip = match field(n, "ip") {
+        None => Some(default_ip),
+        Some(v) => {
+            let s = cx.string(v, "pools.ip")?;
+            match parse_range(&s, |x| x.trim().parse::<Ipv4Addr>().ok()) {
+                Some(r) => {
+                    let cidr = net.cidr;
+                    if !cidr.contains(r.start) || !cidr.contains(r.end) {
+                        cx.error(v.span, "pools.ip", format!("IP pool `{s}` is not inside the network {cidr}"), None);
+                        None
+                    } else if cidr.is_reserved(r.start) || cidr.is_reserved(r.end) {
+                        cx.error(v.span, "pools.ip", format!("IP pool `{s}` includes the network or broadcast address of {cidr}"), None);
+                        None
+                    } else {
+                        Some(r)
+                    }
+                }
+                None => {
+                    cx.error(v.span, "pools.ip", format!("invalid IP range `{s}`"), Some("write `first-last` with first <= last, like 192.168.99.100-192.168.99.199".into()));
+                    None
+                }
+            }
+        }
+    };
+    Some(Pools { vmid: vmid?, ip: ip? })
+}
+
+/// The default address pool: host addresses 100 to 199 of the network when it is big enough,
+/// else every host address. Documented in docs/manifest.md.
+fn default_ip_pool(net: &Network) -> Range<Ipv4Addr> {
+    let base = u32::from(net.cidr.network());
+    let last = u32::from(net.cidr.broadcast()).saturating_sub(1);
+    if last >= base + 199 {
+        Range {
+            start: Ipv4Addr::from(base + 100),
+            end: Ipv4Addr::from(base + 199),
+        }
+    } else {
+        Range {
+            start: Ipv4Addr::from(base + 1),
+            end: Ipv4Addr::from(last.max(base + 1)),
+        }
+    }
+}
+
+fn parse_range<T: PartialOrd + Copy>(s: &str, parse: impl Fn(&str) -> Option<T>) -> Option<Range<T>> {
+    let (a, b) = s.split_once('-')?;
+    let (start, end) = (parse(a)?, parse(b)?);
+    (start <= end).then_some(Range { start, end })
+}
+
+fn decode_proxmox(cx: &mut Cx, n: Option<&Node>) -> Option<Proxmox> {
+    let mut p = Proxmox {
+        endpoint: None,
+        node: "pve".into(),
+        storage: "local-lvm".into(),
+        template: DEFAULT_TEMPLATE.into(),
+        token: SecretRef::Env("PROXMOX_API_TOKEN".into()),
+        tls: Tls::default(),
+    };
+    let Some(n) = n else { return Some(p) };
+    cx.map(n, "proxmox", PROXMOX_FIELDS)?;
+    let mut ok = true;
+    if let Some(e) = field(n, "endpoint") {
+        match cx.string(e, "proxmox.endpoint") {
+            Some(url) => match crate::url::check(&url) {
+                Ok(_) => p.endpoint = Some(url),
+                Err(why) => {
+                    cx.error(e.span, "proxmox.endpoint", format!("invalid URL `{url}`: {why}"), Some("like https://pve.example.lan:8006".into()));
+                    ok = false;
+                }
+            },
+            None => ok = false,
+        }
+    }
+    for (key, slot) in [("node", &mut p.node), ("storage", &mut p.storage), ("template", &mut p.template)] {
+        if let Some(v) = field(n, key) {
+            match cx.string(v, &join("proxmox", key)) {
+                Some(s) if !s.is_empty() => *slot = s,
+                Some(_) => {
+                    cx.error(v.span, &join("proxmox", key), format!("`proxmox.{key}` must not be empty"), None);
+                    ok = false;
+                }
+                None => ok = false,
+            }
+        }
+    }
+    if let Some(t) = field(n, "token") {
+        match secret_ref(cx, t, "proxmox.token") {
+            Some(r) => p.token = r,
+            None => ok = false,
+        }
+    }
+    if let Some(t) = field(n, "tls") {
+        if cx.map(t, "proxmox.tls", TLS_FIELDS).is_some() {
+            p.tls.ca_file = field(t, "ca_file").and_then(|v| cx.string(v, "proxmox.tls.ca_file"));
+            if let Some(f) = field(t, "fingerprint") {
+                if let Some(s) = cx.string(f, "proxmox.tls.fingerprint") {
+                    let hex: String = s.chars().filter(|c| *c != ':').collect();
+                    if hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                        p.tls.fingerprint = Some(s);
+                    } else {
+                        cx.error(f.span, "proxmox.tls.fingerprint", "invalid certificate fingerprint", Some("give the SHA-256 fingerprint: 32 hex bytes, optionally separated by `:`".into()));
+                        ok = false;
+                    }
+                }
+            }
+            p.tls.insecure = field(t, "insecure")
+                .and_then(|v| cx.boolean(v, "proxmox.tls.insecure"))
+                .unwrap_or(false);
+        } else {
+            ok = false;
+        }
+    }
+    ok.then_some(p)
+}
+
+/// `{ env: NAME }` or `{ file: path }`. A bare string is refused: it is most likely the secret.
+pub fn secret_ref(cx: &mut Cx, n: &Node, path: &str) -> Option<SecretRef> {
+    if let Kind::Str(_) = n.kind {
+        cx.error(n.span, path, format!("`{path}` must name where the secret is, not hold it"), Some("write `{ env: PROXMOX_API_TOKEN }` or `{ file: path/to/token }`; never put a secret in a project file".into()));
+        return None;
+    }
+    cx.map(n, path, TOKEN_FIELDS)?;
+    match (field(n, "env"), field(n, "file")) {
+        (Some(e), None) => cx.string(e, &join(path, "env")).map(SecretRef::Env),
+        (None, Some(f)) => cx.string(f, &join(path, "file")).map(SecretRef::File),
+        _ => {
+            cx.error(n.span, path, format!("`{path}` needs exactly one of `env` or `file`"), None);
+            None
+        }
+    }
+}
+
+fn decode_ssh(cx: &mut Cx, n: Option<&Node>) -> Option<Ssh> {
+    let Some(n) = n else {
+        return Some(Ssh { user: "root".into(), authorized_keys: Vec::new() });
+    };
+    cx.map(n, "ssh", SSH_FIELDS)?;
+    let user = field(n, "user")
+        .and_then(|u| cx.string(u, "ssh.user"))
+        .unwrap_or_else(|| "root".into());
+    let keys = field(n, "authorized_keys")
+        .map(|k| cx.strings(k, "ssh.authorized_keys"))
+        .unwrap_or_default();
+    let mut ok = true;
+    for (k, span) in &keys {
+        let mut parts = k.split_whitespace();
+        let kind = parts.next().unwrap_or("");
+        let valid = (kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-"))
+            && parts.next().is_some_and(|b| b.len() > 20);
+        if !valid {
+            cx.error(*span, "ssh.authorized_keys", "not an SSH public key", Some("give the whole public key line, like `ssh-ed25519 AAAAC3Nz... you@laptop`".into()));
+            ok = false;
+        }
+    }
+    ok.then(|| Ssh {
+        user,
+        authorized_keys: keys.into_iter().map(|(k, _)| k).collect(),
+    })
+}
+
+fn decode_nix(cx: &mut Cx, n: Option<&Node>) -> Option<Nix> {
+    let mut nix = Nix {
+        nixpkgs: DEFAULT_NIXPKGS.into(),
+        deployer: Deployer::NixosRebuild,
+    };
+    let Some(n) = n else { return Some(nix) };
+    cx.map(n, "nix", NIX_FIELDS)?;
+    if let Some(p) = field(n, "nixpkgs") {
+        nix.nixpkgs = cx.string(p, "nix.nixpkgs")?;
+    }
+    if let Some(d) = field(n, "deployer") {
+        nix.deployer = match &d.kind {
+            Kind::Map(_) => {
+                cx.map(d, "nix.deployer", DEPLOYER_FIELDS)?;
+                let command: Vec<String> = cx
+                    .required(d, "nix.deployer", "command")
+                    .map(|c| cx.strings(c, "nix.deployer.command"))?
+                    .into_iter()
+                    .map(|(s, _)| s)
+                    .collect();
+                if command.is_empty() {
+                    cx.error(d.span, "nix.deployer.command", "the deployer command is empty", Some("give an argv list, like [./deploy.sh, \"{host}\", \"{ip}\"]".into()));
+                    return None;
+                }
+                let rollback = field(d, "rollback")
+                    .map(|c| cx.strings(c, "nix.deployer.rollback"))
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(s, _)| s)
+                    .collect();
+                Deployer::Command { command, rollback }
+            }
+            _ => choice(cx, d, "nix.deployer", &[
+                ("nixos-rebuild", Deployer::NixosRebuild),
+                ("colmena", Deployer::Colmena),
+            ])?,
+        };
+    }
+    Some(nix)
+}
+
+fn decode_defaults(cx: &mut Cx, n: Option<&Node>) -> Option<Defaults> {
+    let mut d = Defaults {
+        resources: DEFAULT_RESOURCES,
+        health: DEFAULT_HEALTH,
+    };
+    let Some(n) = n else { return Some(d) };
+    cx.map(n, "defaults", DEFAULTS_FIELDS)?;
+    if let Some(r) = field(n, "resources") {
+        d.resources = resources(cx, r, "defaults.resources", DEFAULT_RESOURCES)?;
+    }
+    if let Some(h) = field(n, "health") {
+        cx.map(h, "defaults.health", HEALTH_TIMING_FIELDS)?;
+        d.health = timing(cx, h, "defaults.health", DEFAULT_HEALTH)?;
+    }
+    Some(d)
+}
+
+/// Resource settings over a base; each field optional.
+pub fn resources(cx: &mut Cx, n: &Node, path: &str, base: Resources) -> Option<Resources> {
+    cx.map(n, path, RESOURCES_FIELDS)?;
+    let before = cx.errors();
+    let mut r = base;
+    let fields: [(&str, (i64, i64), &str, &mut u32); 4] = [
+        ("cores", CORES, "", &mut r.cores),
+        ("memory", MEMORY_MIB, "MiB", &mut r.memory),
+        ("swap", SWAP_MIB, "MiB", &mut r.swap),
+        ("disk_gb", DISK_GB, "GB", &mut r.disk_gb),
+    ];
+    for (key, (min, max), unit, slot) in fields {
+        if let Some(v) = field(n, key) {
+            if let Some(value) = cx.int(v, &join(path, key), min, max, unit) {
+                *slot = value as u32;
+            }
+        }
+    }
+    (cx.errors() == before).then_some(r)
+}
+
+/// Health timing over a base (the caller has checked the mapping's fields).
+pub fn timing(cx: &mut Cx, n: &Node, path: &str, base: HealthTiming) -> Option<HealthTiming> {
+    let before = cx.errors();
+    let mut t = base;
+    if let Some(v) = field(n, "interval") {
+        t.interval_ms = cx.duration(v, &join(path, "interval")).unwrap_or(t.interval_ms);
+    }
+    if let Some(v) = field(n, "timeout") {
+        t.timeout_ms = cx.duration(v, &join(path, "timeout")).unwrap_or(t.timeout_ms);
+    }
+    if let Some(v) = field(n, "retries") {
+        t.retries = cx.int(v, &join(path, "retries"), 0, 1000, "").unwrap_or(0) as u32;
+    }
+    if let Some(v) = field(n, "start_period") {
+        t.start_period_ms = cx.duration(v, &join(path, "start_period")).unwrap_or(0);
+    }
+    for (key, ms) in [("interval", t.interval_ms), ("timeout", t.timeout_ms)] {
+        if ms == 0 {
+            if let Some(v) = field(n, key) {
+                cx.error(v.span, &join(path, key), format!("`{key}` must be longer than zero"), None);
+            }
+        }
+    }
+    (cx.errors() == before).then_some(t)
+}

@@ -1,0 +1,240 @@
+//! The canonical resolved project that `nixmox config` prints (like `docker compose config`):
+//! defaults applied, the `requirements:` form normalised to `interface:`, implicit dependency
+//! edges explicit and allocations shown. Its shape is documented in docs/manifest.md.
+
+use serde_json::{json, Map, Value};
+
+use crate::decode::format_duration_ms;
+use crate::model::{
+    Check, Deployer, HealthTiming, Origin, Project, Resources, SecretRef, Service, Upstream,
+};
+
+/// Version of the `config` output format.
+pub const VERSION: u32 = 1;
+
+/// The resolved project; `only` limits the services shown (all when empty).
+pub fn resolved(p: &Project, only: &[usize]) -> Value {
+    let mut services = Map::new();
+    for (i, s) in p.services.iter().enumerate() {
+        if only.is_empty() || only.contains(&i) {
+            services.insert(s.name.to_string(), service(p, i, s));
+        }
+    }
+    json!({
+        "version": VERSION,
+        "project": p.name.as_str(),
+        "domain": p.domain.as_str(),
+        "network": {
+            "cidr": p.network.cidr.to_string(),
+            "gateway": p.network.gateway.to_string(),
+            "vlan": p.network.vlan,
+            "bridge": p.network.bridge,
+            "nameservers": effective_nameservers(p),
+        },
+        "pools": {
+            "vmid": format!("{}-{}", p.pools.vmid.start, p.pools.vmid.end),
+            "ip": format!("{}-{}", p.pools.ip.start, p.pools.ip.end),
+        },
+        "proxmox": {
+            "endpoint": p.proxmox.endpoint,
+            "node": p.proxmox.node,
+            "storage": p.proxmox.storage,
+            "template": p.proxmox.template,
+            "token": match &p.proxmox.token {
+                SecretRef::Env(e) => json!({"env": e}),
+                SecretRef::File(f) => json!({"file": f}),
+            },
+            "tls": {
+                "ca_file": p.proxmox.tls.ca_file,
+                "fingerprint": p.proxmox.tls.fingerprint,
+                "insecure": p.proxmox.tls.insecure,
+            },
+        },
+        "infra": { "backend": p.infra.as_str() },
+        "ssh": { "user": p.ssh.user, "authorized_keys": p.ssh.authorized_keys },
+        "nix": {
+            "nixpkgs": p.nix.nixpkgs,
+            "deployer": match &p.nix.deployer {
+                Deployer::NixosRebuild => json!("nixos-rebuild"),
+                Deployer::Colmena => json!("colmena"),
+                Deployer::Command { command, rollback } => json!({"command": command, "rollback": rollback}),
+            },
+        },
+        "terraform": { "binary": p.terraform.binary },
+        "defaults": {
+            "resources": resources(&p.defaults.resources),
+            "health": timing(&p.defaults.health),
+        },
+        "state": { "backend": "sqlite", "path": p.state.path },
+        "secrets": { "backend": "sops", "age_recipients": p.secrets.age_recipients },
+        "deploy": { "parallel": p.deploy.parallel },
+        "services": services,
+    })
+}
+
+/// The nameservers hosts use: the configured ones, else the DNS provider's address.
+pub fn effective_nameservers(p: &Project) -> Vec<String> {
+    if !p.network.nameservers.is_empty() {
+        return p.network.nameservers.iter().map(|n| n.to_string()).collect();
+    }
+    p.provider(crate::model::Capability::Dns)
+        .map(|d| vec![d.host.ip.to_string()])
+        .unwrap_or_default()
+}
+
+fn origin(o: Origin) -> &'static str {
+    match o {
+        Origin::Manifest => "manifest",
+        Origin::Lock => "lock",
+        Origin::Allocated => "allocated",
+    }
+}
+
+fn resources(r: &Resources) -> Value {
+    json!({"cores": r.cores, "memory": r.memory, "swap": r.swap, "disk_gb": r.disk_gb})
+}
+
+fn timing(t: &HealthTiming) -> Value {
+    json!({
+        "interval": format_duration_ms(t.interval_ms),
+        "timeout": format_duration_ms(t.timeout_ms),
+        "retries": t.retries,
+        "start_period": format_duration_ms(t.start_period_ms),
+    })
+}
+
+pub fn check(c: &Check) -> Value {
+    match c {
+        Check::Command(argv) => json!({"command": argv}),
+        Check::Http { url, status, body } => {
+            let mut m = Map::new();
+            m.insert("http".into(), json!(url));
+            if let Some(s) = status {
+                m.insert("status".into(), json!(s));
+            }
+            if let Some(b) = body {
+                m.insert("body".into(), json!(b));
+            }
+            Value::Object(m)
+        }
+        Check::Tcp { host, port } => json!({"tcp": format!("{host}:{port}")}),
+        Check::Dns { name, expect } => match expect {
+            Some(e) => json!({"dns": name, "expect": e.to_string()}),
+            None => json!({"dns": name}),
+        },
+    }
+}
+
+fn service(p: &Project, i: usize, s: &Service) -> Value {
+    let mut deps: Map<String, Value> = Map::new();
+    for e in p.deps_of(i) {
+        let entry = deps
+            .entry(p.services[e.to].name.to_string())
+            .or_insert_with(|| json!([]));
+        if let Value::Array(a) = entry {
+            a.push(json!(e.kind.as_str()));
+        }
+    }
+    let mut provides = Map::new();
+    for c in &s.provides {
+        provides.insert(c.key().into(), json!({"type": c.implementation()}));
+    }
+    let mut interface = Map::new();
+    if !s.dbs.is_empty() {
+        interface.insert(
+            "db".into(),
+            Value::Array(
+                s.dbs
+                    .iter()
+                    .map(|d| json!({"type": "postgresql", "database": d.database, "role": d.role, "mode": d.mode.as_str(), "migrations": d.migrations}))
+                    .collect(),
+            ),
+        );
+    }
+    if !s.proxies.is_empty() {
+        interface.insert(
+            "proxy".into(),
+            Value::Array(
+                s.proxies
+                    .iter()
+                    .map(|x| {
+                        json!({
+                            "domain": x.domain.as_str(),
+                            "path": x.path,
+                            "upstream": match &x.upstream {
+                                Upstream::Port(port) => format!("{}:{port}", p.fqdn(s)),
+                                Upstream::HostPort(h, port) => format!("{h}:{port}"),
+                            },
+                            "tls": x.tls,
+                            "authz": x.authz,
+                            "headers": x.headers,
+                        })
+                    })
+                    .collect(),
+            ),
+        );
+    }
+    if let Some(a) = &s.auth {
+        let mut m = Map::new();
+        m.insert("provider".into(), json!(a.provider));
+        m.insert("name".into(), json!(a.display_name));
+        if let Some(o) = &a.oidc {
+            m.insert(
+                "oidc".into(),
+                json!({
+                    "client_id": o.client_id,
+                    "client_type": o.client_type.as_str(),
+                    "redirect_uris": o.redirect_uris,
+                    "scopes": o.scopes,
+                    "username_claim": o.username_claim,
+                    "groups_claim": o.groups_claim,
+                }),
+            );
+        }
+        interface.insert("auth".into(), Value::Object(m));
+    }
+    let mut health = Map::new();
+    health.insert("startup".into(), Value::Array(s.health.startup.iter().map(check).collect()));
+    health.insert("liveness".into(), Value::Array(s.health.liveness.iter().map(check).collect()));
+    health.insert("readiness".into(), Value::Array(s.health.readiness.iter().map(check).collect()));
+    if let Value::Object(t) = timing(&s.health.timing) {
+        health.extend(t);
+    }
+    interface.insert("health".into(), Value::Object(health));
+    if !s.terraform.is_empty() {
+        interface.insert(
+            "terraform".into(),
+            Value::Array(
+                s.terraform
+                    .iter()
+                    .map(|t| json!({"phase": t.phase.as_str(), "modules": t.modules, "variables": t.variables, "targets": t.targets, "apply_order": t.apply_order}))
+                    .collect(),
+            ),
+        );
+    }
+    let h = &s.host;
+    json!({
+        "description": s.description,
+        "manifest": s.manifest,
+        "core": s.is_core(),
+        "provides": provides,
+        "depends_on": deps,
+        "host": {
+            "hostname": h.hostname.as_str(),
+            "fqdn": p.fqdn(s),
+            "ip": h.ip.to_string(),
+            "ip_source": origin(h.ip_origin),
+            "vmid": h.vmid.get(),
+            "vmid_source": origin(h.vmid_origin),
+            "node": h.node,
+            "resources": resources(&h.resources),
+            "onboot": h.onboot,
+            "start": h.start,
+            "unprivileged": h.unprivileged,
+            "features": {"nesting": h.nesting},
+            "ssh_host_key": h.ssh_host_key,
+        },
+        "nixos": { "modules": s.nixos_modules },
+        "interface": interface,
+    })
+}

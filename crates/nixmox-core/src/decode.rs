@@ -1,0 +1,380 @@
+//! Typed reading of a syntax tree that records every problem instead of stopping at the first.
+//!
+//! Each reader returns `None` after recording a diagnostic, so callers keep going and the user
+//! sees all their mistakes at once.
+
+use crate::diag::{did_you_mean, Diagnostic, Severity};
+use crate::syntax::{Entry, Kind, Node, Span};
+
+/// The decoding context of one file.
+pub struct Cx<'s> {
+    pub file: String,
+    lines: Vec<&'s str>,
+    pub diags: Vec<Diagnostic>,
+}
+
+/// Joins a field path: `join("network", "cidr") == "network.cidr"`.
+pub fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// `index("interface.proxy", 1) == "interface.proxy[1]"`.
+pub fn index(path: &str, i: usize) -> String {
+    format!("{path}[{i}]")
+}
+
+impl<'s> Cx<'s> {
+    pub fn new(file: &str, text: &'s str) -> Self {
+        Cx {
+            file: file.to_string(),
+            lines: text.lines().collect(),
+            diags: Vec::new(),
+        }
+    }
+
+    pub fn errors(&self) -> usize {
+        self.diags.iter().filter(|d| d.is_error()).count()
+    }
+
+    /// Builds a diagnostic pointing at `span` in this file.
+    pub fn diag(
+        &self,
+        severity: Severity,
+        span: Span,
+        field: &str,
+        message: String,
+        help: Option<String>,
+    ) -> Diagnostic {
+        let snippet = self
+            .lines
+            .get(span.line.saturating_sub(1) as usize)
+            .map(|l| l.to_string());
+        let width = snippet
+            .as_deref()
+            .map(|l| token_width(l, span.col))
+            .unwrap_or(1);
+        Diagnostic {
+            severity,
+            file: self.file.clone(),
+            span: Some(span),
+            field: (!field.is_empty()).then(|| field.to_string()),
+            message,
+            snippet,
+            width,
+            help,
+        }
+    }
+
+    pub fn error(&mut self, span: Span, field: &str, message: impl Into<String>, help: Option<String>) {
+        let d = self.diag(Severity::Error, span, field, message.into(), help);
+        self.diags.push(d);
+    }
+
+    pub fn warning(&mut self, span: Span, field: &str, message: impl Into<String>, help: Option<String>) {
+        let d = self.diag(Severity::Warning, span, field, message.into(), help);
+        self.diags.push(d);
+    }
+
+    fn type_error(&mut self, node: &Node, path: &str, expected: &str) {
+        self.error(
+            node.span,
+            path,
+            format!("expected {expected}, found {}", node.kind.describe()),
+            None,
+        );
+    }
+
+    /// Reads a mapping and reports keys outside `known` (keys starting with `x-` are user
+    /// extensions, as in Docker Compose, and are ignored).
+    pub fn map<'n>(&mut self, node: &'n Node, path: &str, known: &[&str]) -> Option<&'n [Entry]> {
+        match &node.kind {
+            Kind::Map(entries) => {
+                for e in entries {
+                    if known.contains(&e.key.as_str()) || e.key.starts_with("x-") {
+                        continue;
+                    }
+                    let help = match did_you_mean(&e.key, known.iter().copied()) {
+                        Some(s) => format!("did you mean `{s}`?"),
+                        None => format!("expected one of: {}", known.join(", ")),
+                    };
+                    let where_ = if path.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" in `{path}`")
+                    };
+                    self.error(
+                        e.key_span,
+                        &join(path, &e.key),
+                        format!("unknown field `{}`{where_}", e.key),
+                        Some(help),
+                    );
+                }
+                Some(entries)
+            }
+            _ => {
+                self.type_error(node, path, "a mapping");
+                None
+            }
+        }
+    }
+
+    /// A required field: reports it missing at the mapping's position.
+    pub fn required<'n>(&mut self, map: &'n Node, path: &str, key: &str) -> Option<&'n Node> {
+        match field(map, key) {
+            Some(n) => Some(n),
+            None => {
+                let where_ = if path.is_empty() {
+                    "at the top level".to_string()
+                } else {
+                    format!("in `{path}`")
+                };
+                self.error(
+                    map.span,
+                    &join(path, key),
+                    format!("missing required field `{key}` {where_}"),
+                    None,
+                );
+                None
+            }
+        }
+    }
+
+    /// A string; plain numbers are accepted as their text, like Docker Compose does.
+    pub fn string(&mut self, node: &Node, path: &str) -> Option<String> {
+        match &node.kind {
+            Kind::Str(s) => Some(s.clone()),
+            Kind::Int(i) => Some(i.to_string()),
+            Kind::Float(f) => Some(f.to_string()),
+            _ => {
+                self.type_error(node, path, "a string");
+                None
+            }
+        }
+    }
+
+    pub fn boolean(&mut self, node: &Node, path: &str) -> Option<bool> {
+        match &node.kind {
+            Kind::Bool(b) => Some(*b),
+            _ => {
+                self.type_error(node, path, "a boolean (true or false)");
+                None
+            }
+        }
+    }
+
+    /// An integer within `min..=max`, with the range in the error.
+    pub fn int(&mut self, node: &Node, path: &str, min: i64, max: i64, unit: &str) -> Option<i64> {
+        let value = match &node.kind {
+            Kind::Int(i) => *i,
+            Kind::Str(s) if s.trim().parse::<i64>().is_ok() => s.trim().parse::<i64>().ok()?,
+            _ => {
+                self.type_error(node, path, "an integer");
+                return None;
+            }
+        };
+        if value < min || value > max {
+            let unit = if unit.is_empty() {
+                String::new()
+            } else {
+                format!(" {unit}")
+            };
+            self.error(
+                node.span,
+                path,
+                format!("`{}` is {value}{unit}, out of range", last(path)),
+                Some(format!("`{}` must be between {min} and {max}{unit}", last(path))),
+            );
+            return None;
+        }
+        Some(value)
+    }
+
+    pub fn list<'n>(&mut self, node: &'n Node, path: &str) -> Option<&'n [Node]> {
+        match &node.kind {
+            Kind::Seq(items) => Some(items),
+            _ => {
+                self.type_error(node, path, "a list");
+                None
+            }
+        }
+    }
+
+    /// A list of strings; a single string is accepted as a list of one.
+    pub fn strings(&mut self, node: &Node, path: &str) -> Vec<(String, Span)> {
+        match &node.kind {
+            Kind::Seq(items) => items
+                .iter()
+                .enumerate()
+                .filter_map(|(i, n)| self.string(n, &index(path, i)).map(|s| (s, n.span)))
+                .collect(),
+            Kind::Str(s) => vec![(s.clone(), node.span)],
+            _ => {
+                self.type_error(node, path, "a list of strings");
+                Vec::new()
+            }
+        }
+    }
+
+    /// A duration: integer seconds or a string like `500ms`, `10s`, `5m`, `1h30m`.
+    pub fn duration(&mut self, node: &Node, path: &str) -> Option<u64> {
+        match &node.kind {
+            Kind::Int(i) if *i >= 0 => Some(u64::try_from(*i).ok()?.saturating_mul(1000)),
+            Kind::Str(s) => match parse_duration_ms(s) {
+                Some(ms) => Some(ms),
+                None => {
+                    self.error(
+                        node.span,
+                        path,
+                        format!("invalid duration `{s}`"),
+                        Some("use whole seconds (30) or a number with a unit: 500ms, 10s, 5m, 1h, 1m30s".into()),
+                    );
+                    None
+                }
+            },
+            _ => {
+                self.type_error(node, path, "a duration (seconds or a string like `10s`)");
+                None
+            }
+        }
+    }
+
+    /// One object or a list of them, as the manifest allows for `db`, `proxy` and `terraform`.
+    pub fn one_or_many<'n>(&mut self, node: &'n Node, path: &str) -> Vec<(&'n Node, String)> {
+        match &node.kind {
+            Kind::Seq(items) => items
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n, index(path, i)))
+                .collect(),
+            _ => vec![(node, path.to_string())],
+        }
+    }
+}
+
+/// A field of a mapping; an explicit `null` counts as absent, as in Docker Compose.
+pub fn field<'n>(map: &'n Node, key: &str) -> Option<&'n Node> {
+    map.get(key).filter(|n| n.kind != Kind::Null)
+}
+
+fn last(path: &str) -> &str {
+    let tail = path.rsplit('.').next().unwrap_or(path);
+    tail.split('[').next().unwrap_or(tail)
+}
+
+/// How wide the token starting at `col` is, for underlining.
+fn token_width(line: &str, col: u32) -> u32 {
+    let rest: String = line.chars().skip(col.saturating_sub(1) as usize).collect();
+    let mut width = 0u32;
+    let mut quote: Option<char> = None;
+    for (i, c) in rest.chars().enumerate() {
+        match quote {
+            Some(q) => {
+                width += 1;
+                if c == q && i > 0 {
+                    break;
+                }
+            }
+            None => {
+                if i == 0 && (c == '"' || c == '\'') {
+                    quote = Some(c);
+                    width += 1;
+                    continue;
+                }
+                if matches!(c, ',' | '}' | ']' | '#') || (c == ':' && i > 0) {
+                    break;
+                }
+                width += 1;
+            }
+        }
+    }
+    let trimmed = rest
+        .chars()
+        .take(width as usize)
+        .collect::<String>()
+        .trim_end()
+        .chars()
+        .count();
+    u32::try_from(trimmed).unwrap_or(1).max(1)
+}
+
+/// Parses `500ms`, `10s`, `5m`, `1h30m`, `2d` or a bare number of seconds into milliseconds.
+pub fn parse_duration_ms(s: &str) -> Option<u64> {
+    let s = s.trim();
+    if s.is_empty() {
+        return None;
+    }
+    if let Ok(secs) = s.parse::<u64>() {
+        return secs.checked_mul(1000);
+    }
+    let mut total: u64 = 0;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(|b| b.is_ascii_digit()).count();
+        if digits == 0 {
+            return None;
+        }
+        let n: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest.bytes().take_while(|b| b.is_ascii_alphabetic()).count();
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let factor = match unit {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return None,
+        };
+        total = total.checked_add(n.checked_mul(factor)?)?;
+    }
+    Some(total)
+}
+
+/// Formats milliseconds back into the shortest duration string (`90000` → `1m30s`).
+pub fn format_duration_ms(ms: u64) -> String {
+    if ms == 0 {
+        return "0s".into();
+    }
+    if ms % 1000 != 0 {
+        return format!("{ms}ms");
+    }
+    let mut secs = ms / 1000;
+    let mut out = String::new();
+    for (unit, size) in [("h", 3600), ("m", 60), ("s", 1)] {
+        if secs >= size {
+            out.push_str(&format!("{}{unit}", secs / size));
+            secs %= size;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("500ms"), Some(500));
+        assert_eq!(parse_duration_ms("10s"), Some(10_000));
+        assert_eq!(parse_duration_ms("1m30s"), Some(90_000));
+        assert_eq!(parse_duration_ms("30"), Some(30_000));
+        assert_eq!(parse_duration_ms("10 parsecs"), None);
+        assert_eq!(parse_duration_ms("s"), None);
+        assert_eq!(format_duration_ms(90_000), "1m30s");
+        assert_eq!(format_duration_ms(500), "500ms");
+        assert_eq!(format_duration_ms(3_600_000), "1h");
+    }
+
+    #[test]
+    fn widths() {
+        assert_eq!(token_width("  cidrr: 10.0.0.0/24", 3), 5);
+        assert_eq!(token_width("  cidr: 10.0.0.0/24 # x", 9), 11);
+        assert_eq!(token_width("a: {x: \"a, b\"}", 8), 6);
+    }
+}

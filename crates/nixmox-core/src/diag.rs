@@ -1,0 +1,173 @@
+//! Diagnostics: a located problem in a user's file, and how it is printed.
+
+use std::fmt::Write as _;
+
+use crate::syntax::Span;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+/// One problem, located in a file, with the source line it points at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub severity: Severity,
+    /// Path relative to the project root, `/`-separated.
+    pub file: String,
+    pub span: Option<Span>,
+    /// Dotted path of the offending field (`network.cidr`, `interface.proxy[1].domain`).
+    pub field: Option<String>,
+    pub message: String,
+    /// The source line the span points into, without its line break.
+    pub snippet: Option<String>,
+    /// How many characters to underline from the span's column.
+    pub width: u32,
+    pub help: Option<String>,
+}
+
+impl Diagnostic {
+    pub fn is_error(&self) -> bool {
+        self.severity == Severity::Error
+    }
+
+    /// Renders the diagnostic the way rustc and miette do, readable without colour.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let label = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        let _ = writeln!(out, "{label}: {}", self.message);
+        match self.span {
+            Some(span) => {
+                let _ = writeln!(out, "  --> {}:{}:{}", self.file, span.line, span.col);
+                if let Some(snippet) = &self.snippet {
+                    let num = span.line.to_string();
+                    let pad = " ".repeat(num.len());
+                    let _ = writeln!(out, " {pad} |");
+                    let _ = writeln!(out, " {num} | {}", snippet.replace('\t', " "));
+                    let lead: String = snippet
+                        .chars()
+                        .take(span.col.saturating_sub(1) as usize)
+                        .map(|c| if c == '\t' { ' ' } else { ' ' })
+                        .collect();
+                    let carets = "^".repeat(self.width.max(1) as usize);
+                    match &self.field {
+                        Some(field) => {
+                            let _ = writeln!(out, " {pad} | {lead}{carets} {field}");
+                        }
+                        None => {
+                            let _ = writeln!(out, " {pad} | {lead}{carets}");
+                        }
+                    }
+                } else if let Some(field) = &self.field {
+                    let _ = writeln!(out, "  = field: {field}");
+                }
+            }
+            None => {
+                let _ = writeln!(out, "  --> {}", self.file);
+                if let Some(field) = &self.field {
+                    let _ = writeln!(out, "  = field: {field}");
+                }
+            }
+        }
+        if let Some(help) = &self.help {
+            let pad = " ".repeat(self.span.map(|s| s.line.to_string().len()).unwrap_or(1));
+            for (i, line) in help.lines().enumerate() {
+                if i == 0 {
+                    let _ = writeln!(out, " {pad} = help: {line}");
+                } else {
+                    let _ = writeln!(out, " {pad}         {line}");
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Renders a list of diagnostics separated by blank lines, errors first in file order.
+pub fn render_all(diags: &[Diagnostic]) -> String {
+    let mut sorted: Vec<&Diagnostic> = diags.iter().collect();
+    sorted.sort_by(|a, b| {
+        (a.severity, &a.file, a.span).cmp(&(b.severity, &b.file, b.span))
+    });
+    sorted
+        .iter()
+        .map(|d| d.render())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The closest candidate by edit distance, when it is close enough to be a likely typo.
+pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let mut best: Option<(usize, &str)> = None;
+    for c in candidates {
+        let d = levenshtein(&word.to_ascii_lowercase(), &c.to_ascii_lowercase());
+        let limit = (c.len().max(word.len()) / 3).max(1);
+        if d <= limit && best.is_none_or(|(bd, _)| d < bd) {
+            best = Some((d, c));
+        }
+    }
+    best.map(|(_, c)| c)
+}
+
+/// Edit distance counting an adjacent transposition as one edit (optimal string alignment),
+/// so `dsn` is one typo away from `dns`.
+fn levenshtein(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    let w = b.len() + 1;
+    let mut d = vec![0usize; (a.len() + 1) * w];
+    for i in 0..=a.len() {
+        d[i * w] = i;
+    }
+    for (j, cell) in d.iter_mut().enumerate().take(w) {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut v = (d[(i - 1) * w + j] + 1)
+                .min(d[i * w + j - 1] + 1)
+                .min(d[(i - 1) * w + j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                v = v.min(d[(i - 2) * w + j - 2] + 1);
+            }
+            d[i * w + j] = v;
+        }
+    }
+    d[a.len() * w + b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggestions() {
+        assert_eq!(did_you_mean("cidrr", ["cidr", "gateway"]), Some("cidr"));
+        assert_eq!(did_you_mean("postgres", ["postgresql", "caddy"]), Some("postgresql"));
+        assert_eq!(did_you_mean("zzz", ["cidr", "gateway"]), None);
+        assert_eq!(did_you_mean("dsn", ["dns", "app"]), Some("dns"));
+    }
+
+    #[test]
+    fn renders_with_caret_under_the_column() {
+        let d = Diagnostic {
+            severity: Severity::Error,
+            file: "nixmox.yaml".into(),
+            span: Some(Span::new(4, 3)),
+            field: Some("network.cidrr".into()),
+            message: "unknown field `cidrr`".into(),
+            snippet: Some("  cidrr: 10.0.0.0/24".into()),
+            width: 5,
+            help: Some("did you mean `cidr`?".into()),
+        };
+        assert_eq!(
+            d.render(),
+            "error: unknown field `cidrr`\n  --> nixmox.yaml:4:3\n   |\n 4 |   cidrr: 10.0.0.0/24\n   |   ^^^^^ network.cidrr\n   = help: did you mean `cidr`?\n"
+        );
+    }
+}

@@ -1,0 +1,668 @@
+//! Loading a project: files in, validated [`Project`] (or every problem found) out.
+//!
+//! The shell reads the files and answers "does this path exist"; everything else, including
+//! allocation from the pools against `nixmox.lock`, happens here without touching the disk.
+
+use core::net::Ipv4Addr;
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::config::{self, ProjectConfig};
+use crate::decode::Cx;
+use crate::diag::{did_you_mean, Diagnostic, Severity};
+use crate::ids::{Hostname, VmId};
+use crate::lock::{self, Lock, LockEntry};
+use crate::manifest::{self, ServiceSpec, Sp};
+use crate::model::{
+    Capability, Edge, EdgeKind, Health, Host, Origin, Project, Service,
+};
+use crate::syntax::{self, Format, Span};
+
+pub const PROJECT_FILE: &str = "nixmox.yaml";
+
+/// One file as read by the shell: its path relative to the project root and its bytes.
+#[derive(Clone, Debug)]
+pub struct SourceFile {
+    pub path: String,
+    pub bytes: Vec<u8>,
+}
+
+/// Everything a project consists of, as read from disk.
+#[derive(Clone, Debug, Default)]
+pub struct Sources {
+    /// `nixmox.yaml`; `None` when there is none.
+    pub config: Option<SourceFile>,
+    /// Every `services/<name>/manifest.{yaml,yml,json}`, in any order.
+    pub manifests: Vec<SourceFile>,
+    pub lock: Option<SourceFile>,
+}
+
+/// The result of loading: the project when there were no errors, and every diagnostic.
+#[derive(Debug)]
+pub struct Loaded {
+    pub project: Option<Project>,
+    pub diagnostics: Vec<Diagnostic>,
+    /// The lock as it should be after this load's allocations.
+    pub lock: Lock,
+    /// True when `lock` differs from the lock file on disk (or there is none and it is needed).
+    pub lock_changed: bool,
+}
+
+impl Loaded {
+    pub fn errors(&self) -> impl Iterator<Item = &Diagnostic> {
+        self.diagnostics.iter().filter(|d| d.is_error())
+    }
+    pub fn warnings(&self) -> impl Iterator<Item = &Diagnostic> {
+        self.diagnostics.iter().filter(|d| !d.is_error())
+    }
+}
+
+/// Loads and validates a project. `exists` answers whether a project-relative path exists.
+pub fn load(sources: &Sources, exists: &dyn Fn(&str) -> bool) -> Loaded {
+    let mut texts: Vec<(String, String)> = Vec::new();
+    let mut diags: Vec<Diagnostic> = Vec::new();
+    let mut decode_text = |f: &SourceFile, diags: &mut Vec<Diagnostic>| -> Option<usize> {
+        match std::str::from_utf8(&f.bytes) {
+            Ok(s) => {
+                texts.push((f.path.clone(), s.strip_prefix('\u{feff}').unwrap_or(s).to_string()));
+                Some(texts.len() - 1)
+            }
+            Err(e) => {
+                let good = &f.bytes[..e.valid_up_to()];
+                let good = std::str::from_utf8(good).unwrap_or("");
+                let line = good.matches('\n').count() + 1;
+                let col = good.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+                diags.push(Diagnostic {
+                    severity: Severity::Error,
+                    file: f.path.clone(),
+                    span: Some(Span::new(line as u32, col as u32)),
+                    field: None,
+                    message: format!("the file is not valid UTF-8 (invalid byte at offset {})", e.valid_up_to()),
+                    snippet: None,
+                    width: 1,
+                    help: Some("save the file as UTF-8".into()),
+                });
+                None
+            }
+        }
+    };
+    let config_idx = sources.config.as_ref().and_then(|f| decode_text(f, &mut diags));
+    let manifest_idx: Vec<Option<usize>> = sources
+        .manifests
+        .iter()
+        .map(|f| decode_text(f, &mut diags))
+        .collect();
+    let lock_idx = sources.lock.as_ref().and_then(|f| decode_text(f, &mut diags));
+
+    let mut cxs: Vec<Cx> = texts.iter().map(|(p, t)| Cx::new(p, t)).collect();
+
+    // The project file.
+    let mut cfg: Option<ProjectConfig> = None;
+    match (&sources.config, config_idx) {
+        (None, _) => diags.push(Diagnostic {
+            severity: Severity::Error,
+            file: PROJECT_FILE.into(),
+            span: None,
+            field: None,
+            message: format!("no `{PROJECT_FILE}` in the project directory"),
+            snippet: None,
+            width: 1,
+            help: Some("run `nixmox init` to create a project, or pass its directory with `-C DIR`".into()),
+        }),
+        (Some(_), None) => {}
+        (Some(_), Some(i)) => {
+            if let Some(root) = parse_file(&mut cxs[i], &texts[i].1, &texts[i].0) {
+                cfg = config::decode(&mut cxs[i], &root);
+            }
+        }
+    }
+
+    // Manifests.
+    let mut specs: Vec<ServiceSpec> = Vec::new();
+    for (f, idx) in sources.manifests.iter().zip(&manifest_idx) {
+        let Some(i) = *idx else { continue };
+        let dir = f.path.rsplit_once('/').map(|(d, _)| d).unwrap_or("").to_string();
+        if let Some(root) = parse_file(&mut cxs[i], &texts[i].1, &texts[i].0) {
+            if let Some(spec) = manifest::decode(&mut cxs[i], &root, i, &f.path, &dir) {
+                specs.push(spec);
+            }
+        }
+    }
+    if sources.manifests.is_empty() && sources.config.is_some() {
+        let file = PROJECT_FILE.to_string();
+        diags.push(Diagnostic {
+            severity: Severity::Error,
+            file,
+            span: None,
+            field: None,
+            message: "the project has no services".into(),
+            snippet: None,
+            width: 1,
+            help: Some("add one manifest per service at services/<name>/manifest.yaml".into()),
+        });
+    }
+    specs.sort_by(|a, b| a.name.value.cmp(&b.name.value).then(a.manifest.cmp(&b.manifest)));
+
+    // Paths the manifests reference.
+    for s in &specs {
+        for (path, span, field) in &s.paths {
+            if !exists(path) {
+                cxs[s.file].error(*span, field, format!("`{path}` does not exist"), Some("paths are relative to the manifest's directory".into()));
+            }
+        }
+    }
+
+    let old_lock = match lock_idx {
+        Some(i) => parse_file(&mut cxs[i], &texts[i].1, &texts[i].0)
+            .map(|root| lock::decode(&mut cxs[i], &root))
+            .unwrap_or_default(),
+        None => Lock::default(),
+    };
+
+    let specs = check_unique_names(&mut cxs, specs);
+    check_providers(&mut cxs, &specs);
+    check_duplicates(&mut cxs, &specs, cfg.as_ref());
+    check_routes(&mut cxs, &specs);
+    check_redirects(&mut cxs, &specs);
+
+    let mut new_lock = Lock::default();
+    let mut project = None;
+    // Dependency problems are worth reporting even when the project file is broken.
+    let edges = build_edges(&mut cxs, &specs, cfg.as_ref().map(|c| &c.domain));
+    check_cycles(&mut cxs, &specs, &edges);
+    if let Some(cfg) = cfg {
+        let allocated = allocate(&mut cxs, &specs, &cfg, &old_lock);
+        new_lock = allocated.lock;
+        let services = build_services(&mut cxs, &specs, &cfg, &allocated.hosts);
+        let any_error = !diags.is_empty() || cxs.iter().any(|c| c.errors() > 0);
+        if !any_error {
+            project = Some(Project {
+                name: cfg.name,
+                domain: cfg.domain,
+                network: cfg.network,
+                pools: cfg.pools,
+                proxmox: cfg.proxmox,
+                infra: cfg.infra,
+                ssh: cfg.ssh,
+                nix: cfg.nix,
+                terraform: cfg.terraform,
+                defaults: cfg.defaults,
+                state: cfg.state,
+                secrets: cfg.secrets,
+                deploy: cfg.deploy,
+                services,
+                edges,
+            });
+        }
+    }
+    for cx in cxs {
+        diags.extend(cx.diags);
+    }
+    diags.sort_by(|a, b| (a.severity, &a.file, a.span).cmp(&(b.severity, &b.file, b.span)));
+    diags.dedup();
+    let lock_changed = new_lock != old_lock && (sources.lock.is_some() || !new_lock.services.is_empty());
+    Loaded {
+        project,
+        diagnostics: diags,
+        lock: new_lock,
+        lock_changed,
+    }
+}
+
+fn parse_file(cx: &mut Cx, text: &str, path: &str) -> Option<syntax::Node> {
+    match syntax::parse(text, Format::from_path(path)) {
+        Ok(Some(node)) => Some(node),
+        Ok(None) => {
+            cx.diags.push(Diagnostic {
+                severity: Severity::Error,
+                file: path.to_string(),
+                span: Some(Span::new(1, 1)),
+                field: None,
+                message: "the file is empty".into(),
+                snippet: None,
+                width: 1,
+                help: Some(if path.ends_with("nixmox.lock") {
+                    "delete it and run `nixmox lock` to write it again".into()
+                } else if path.ends_with(PROJECT_FILE) {
+                    "a project file needs at least `project`, `domain` and `network: { cidr, gateway }`".into()
+                } else {
+                    "a manifest needs at least `name:`".into()
+                }),
+            });
+            None
+        }
+        Err(e) => {
+            cx.error(e.span, "", e.message, None);
+            None
+        }
+    }
+}
+
+/// "first defined at services/x/manifest.yaml:3:7"
+fn at(cxs: &[Cx], file: usize, span: Span) -> String {
+    format!("{}:{}:{}", cxs[file].file, span.line, span.col)
+}
+
+fn check_unique_names(cxs: &mut [Cx], specs: Vec<ServiceSpec>) -> Vec<ServiceSpec> {
+    let mut out: Vec<ServiceSpec> = Vec::with_capacity(specs.len());
+    for s in specs {
+        if let Some(first) = out.iter().find(|o| o.name.value == s.name.value) {
+            let msg = format!("duplicate service name `{}`", s.name.value);
+            let help = format!("`{}` is already defined at {}", s.name.value, at(cxs, first.file, first.name.span));
+            cxs[s.file].error(s.name.span, "name", msg, Some(help));
+        } else {
+            out.push(s);
+        }
+    }
+    out
+}
+
+fn hostname_of(s: &ServiceSpec) -> Hostname {
+    s.hostname
+        .as_ref()
+        .map(|h| h.value.clone())
+        .unwrap_or_else(|| Hostname::new(s.name.value.as_str()).expect("service names are valid labels"))
+}
+
+fn check_providers(cxs: &mut [Cx], specs: &[ServiceSpec]) {
+    for cap in Capability::ALL {
+        let providers: Vec<(&ServiceSpec, &Sp<Capability>)> = specs
+            .iter()
+            .filter_map(|s| s.provides.iter().find(|p| p.value == cap).map(|p| (s, p)))
+            .collect();
+        if let Some(((first, fp), rest)) = providers.split_first() {
+            for (s, p) in rest {
+                let msg = format!("two services provide `{}`: `{}` and `{}`", cap.key(), first.name.value, s.name.value);
+                let help = format!("a project has one {} provider; `{}` declares it at {}", cap.key(), first.name.value, at(cxs, first.file, fp.span));
+                cxs[s.file].error(p.span, &format!("provides.{}", cap.key()), msg, Some(help));
+            }
+        }
+    }
+    let has = |cap: Capability| specs.iter().any(|s| s.provides.iter().any(|p| p.value == cap));
+    for s in specs {
+        let needs: [(bool, Capability, &str, Option<Span>); 3] = [
+            (!s.dbs.is_empty(), Capability::Database, "db", s.dbs.first().map(|d| d.span)),
+            (!s.proxies.is_empty(), Capability::ReverseProxy, "proxy", s.proxies.first().map(|p| p.span)),
+            (s.auth.is_some(), Capability::Identity, "auth", s.auth.as_ref().map(|a| a.span)),
+        ];
+        for (uses, cap, what, span) in needs {
+            if uses && !has(cap) {
+                cxs[s.file].error(
+                    span.unwrap_or(s.root_span),
+                    &format!("interface.{what}"),
+                    format!("`{}` needs a {} provider, and no service provides `{}`", s.name.value, cap.key(), cap.key()),
+                    Some(format!("add a core service with `provides: {{ {}: {{ type: {} }} }}`", cap.key(), cap.implementation())),
+                );
+            }
+        }
+    }
+}
+
+fn check_duplicates(cxs: &mut [Cx], specs: &[ServiceSpec], cfg: Option<&ProjectConfig>) {
+    let mut hostnames: HashMap<Hostname, &ServiceSpec> = HashMap::new();
+    let mut ips: HashMap<Ipv4Addr, &ServiceSpec> = HashMap::new();
+    let mut vmids: HashMap<VmId, &ServiceSpec> = HashMap::new();
+    for s in specs {
+        let h = hostname_of(s);
+        let hspan = s.hostname.as_ref().map(|h| h.span).unwrap_or(s.name.span);
+        if let Some(first) = hostnames.get(&h) {
+            let fspan = first.hostname.as_ref().map(|h| h.span).unwrap_or(first.name.span);
+            let help = format!("`{}` already uses hostname `{h}` at {}", first.name.value, at(cxs, first.file, fspan));
+            cxs[s.file].error(hspan, "host.hostname", format!("duplicate hostname `{h}`"), Some(help));
+        } else {
+            hostnames.insert(h, s);
+        }
+        if let Some(ip) = &s.ip {
+            if let Some(first) = ips.get(&ip.value) {
+                let fspan = first.ip.as_ref().map(|i| i.span).unwrap_or(first.root_span);
+                let help = format!("`{}` already uses {} at {}", first.name.value, ip.value, at(cxs, first.file, fspan));
+                cxs[s.file].error(ip.span, "host.ip", format!("duplicate IP address {}", ip.value), Some(help));
+            } else {
+                ips.insert(ip.value, s);
+            }
+            if let Some(cfg) = cfg {
+                let net = &cfg.network;
+                let problem = if !net.cidr.contains(ip.value) {
+                    Some(format!("IP address {} is outside the network {}", ip.value, net.cidr))
+                } else if ip.value == net.gateway {
+                    Some(format!("IP address {} is the network's gateway", ip.value))
+                } else if ip.value == net.cidr.network() && net.cidr.is_reserved(ip.value) {
+                    Some(format!("IP address {} is the network address of {}", ip.value, net.cidr))
+                } else if net.cidr.is_reserved(ip.value) {
+                    Some(format!("IP address {} is the broadcast address of {}", ip.value, net.cidr))
+                } else {
+                    None
+                };
+                if let Some(msg) = problem {
+                    let help = format!("use a host address in {} other than the gateway {}, or leave `ip` out to allocate one from `pools.ip`", net.cidr, net.gateway);
+                    cxs[s.file].error(ip.span, "host.ip", msg, Some(help));
+                }
+            }
+        }
+        if let Some(vmid) = &s.vmid {
+            if let Some(first) = vmids.get(&vmid.value) {
+                let fspan = first.vmid.as_ref().map(|i| i.span).unwrap_or(first.root_span);
+                let help = format!("`{}` already uses vmid {} at {}", first.name.value, vmid.value, at(cxs, first.file, fspan));
+                cxs[s.file].error(vmid.span, "host.vmid", format!("duplicate vmid {}", vmid.value), Some(help));
+            } else {
+                vmids.insert(vmid.value, s);
+            }
+            if let Some(cfg) = cfg {
+                let pool = cfg.pools.vmid;
+                if vmid.value.get() < pool.start || vmid.value.get() > pool.end {
+                    let help = format!("use an id in {}-{}, widen `pools.vmid` in nixmox.yaml, or leave `vmid` out to allocate one", pool.start, pool.end);
+                    cxs[s.file].error(vmid.span, "host.vmid", format!("vmid {} is outside the pool {}-{}", vmid.value, pool.start, pool.end), Some(help));
+                }
+            }
+        }
+    }
+}
+
+fn check_routes(cxs: &mut [Cx], specs: &[ServiceSpec]) {
+    let mut routes: HashMap<(String, String), (usize, Span, String)> = HashMap::new();
+    for s in specs {
+        for p in &s.proxies {
+            let key = (p.value.domain.as_str().to_string(), p.value.path.trim_end_matches('/').to_string());
+            if let Some((file, span, owner)) = routes.get(&key) {
+                let help = format!("`{owner}` already routes it at {}", at(cxs, *file, *span));
+                cxs[s.file].error(p.span, "interface.proxy", format!("duplicate route {}{}", p.value.domain, p.value.path), Some(help));
+            } else {
+                routes.insert(key, (s.file, p.span, s.name.value.to_string()));
+            }
+        }
+    }
+}
+
+/// Redirect URIs that cannot work are warnings, not errors: the identity provider accepts them.
+fn check_redirects(cxs: &mut [Cx], specs: &[ServiceSpec]) {
+    let proxied: HashSet<&str> = specs
+        .iter()
+        .flat_map(|s| s.proxies.iter().map(|p| p.value.domain.as_str()))
+        .collect();
+    for s in specs {
+        let Some(auth) = &s.auth else { continue };
+        let Some(oidc) = &auth.value.oidc else { continue };
+        for uri in &oidc.redirect_uris {
+            let Ok(u) = crate::url::check(uri) else { continue };
+            if u.scheme != "https" {
+                cxs[s.file].warning(auth.span, "interface.auth.oidc.redirect_uris", format!("redirect URI `{uri}` is not https"), Some("identity providers send codes and tokens to this URI; use https".into()));
+            } else if !proxied.contains(u.host.as_str()) {
+                cxs[s.file].warning(auth.span, "interface.auth.oidc.redirect_uris", format!("redirect URI `{uri}` is on `{}`, which no service proxies", u.host), Some("add a `proxy` entry for that domain, or fix the URI".into()));
+            }
+        }
+    }
+}
+
+struct Allocated {
+    /// Per spec (same order): ip, ip origin, vmid, vmid origin.
+    hosts: Vec<Option<(Ipv4Addr, Origin, VmId, Origin)>>,
+    lock: Lock,
+}
+
+/// Gives every service without an explicit ip/vmid one from the pools, keeping what the lock
+/// already holds; new allocations take the lowest free value, in service-name order.
+fn allocate(cxs: &mut [Cx], specs: &[ServiceSpec], cfg: &ProjectConfig, old: &Lock) -> Allocated {
+    let mut used_ips: HashSet<Ipv4Addr> = specs.iter().filter_map(|s| s.ip.as_ref().map(|i| i.value)).collect();
+    used_ips.insert(cfg.network.gateway);
+    let mut used_vmids: HashSet<u32> = specs.iter().filter_map(|s| s.vmid.as_ref().map(|v| v.value.get())).collect();
+    let mut ips: Vec<Option<(Ipv4Addr, Origin)>> = specs.iter().map(|s| s.ip.as_ref().map(|i| (i.value, Origin::Manifest))).collect();
+    let mut vmids: Vec<Option<(u32, Origin)>> = specs.iter().map(|s| s.vmid.as_ref().map(|v| (v.value.get(), Origin::Manifest))).collect();
+    // Keep locked values that are still valid and free.
+    for (i, s) in specs.iter().enumerate() {
+        let Some(entry) = old.services.get(s.name.value.as_str()) else { continue };
+        if ips[i].is_none() {
+            if let Some(ip) = entry.ip {
+                let net = &cfg.network;
+                if net.cidr.contains(ip) && !net.cidr.is_reserved(ip) && used_ips.insert(ip) {
+                    ips[i] = Some((ip, Origin::Lock));
+                }
+            }
+        }
+        if vmids[i].is_none() {
+            if let Some(v) = entry.vmid {
+                if v >= 100 && used_vmids.insert(v) {
+                    vmids[i] = Some((v, Origin::Lock));
+                }
+            }
+        }
+    }
+    let mut next_ip = u32::from(cfg.pools.ip.start);
+    let mut next_vmid = cfg.pools.vmid.start;
+    let mut lock = Lock::default();
+    for (i, s) in specs.iter().enumerate() {
+        if ips[i].is_none() {
+            while next_ip <= u32::from(cfg.pools.ip.end) && used_ips.contains(&Ipv4Addr::from(next_ip)) {
+                next_ip += 1;
+            }
+            if next_ip <= u32::from(cfg.pools.ip.end) {
+                let ip = Ipv4Addr::from(next_ip);
+                used_ips.insert(ip);
+                ips[i] = Some((ip, Origin::Allocated));
+            } else {
+                cxs[s.file].error(s.name.span, "host.ip", format!("no free address left in pools.ip for `{}`", s.name.value), Some(format!("widen `pools.ip` ({}-{}) in nixmox.yaml or give the service an explicit `host.ip`", cfg.pools.ip.start, cfg.pools.ip.end)));
+            }
+        }
+        if vmids[i].is_none() {
+            while next_vmid <= cfg.pools.vmid.end && used_vmids.contains(&next_vmid) {
+                next_vmid += 1;
+            }
+            if next_vmid <= cfg.pools.vmid.end {
+                used_vmids.insert(next_vmid);
+                vmids[i] = Some((next_vmid, Origin::Allocated));
+            } else {
+                cxs[s.file].error(s.name.span, "host.vmid", format!("no free vmid left in pools.vmid for `{}`", s.name.value), Some(format!("widen `pools.vmid` ({}-{}) in nixmox.yaml or give the service an explicit `host.vmid`", cfg.pools.vmid.start, cfg.pools.vmid.end)));
+            }
+        }
+        let entry = LockEntry {
+            ip: ips[i].filter(|(_, o)| *o != Origin::Manifest).map(|(ip, _)| ip),
+            vmid: vmids[i].filter(|(_, o)| *o != Origin::Manifest).map(|(v, _)| v),
+        };
+        if entry.ip.is_some() || entry.vmid.is_some() {
+            lock.services.insert(s.name.value.to_string(), entry);
+        }
+    }
+    let hosts = ips
+        .into_iter()
+        .zip(vmids)
+        .map(|(ip, vmid)| {
+            let (ip, io) = ip?;
+            let (v, vo) = vmid?;
+            Some((ip, io, VmId::new(i64::from(v)).ok()?, vo))
+        })
+        .collect();
+    Allocated { hosts, lock }
+}
+
+fn build_services(
+    cxs: &mut [Cx],
+    specs: &[ServiceSpec],
+    cfg: &ProjectConfig,
+    hosts: &[Option<(Ipv4Addr, Origin, VmId, Origin)>],
+) -> Vec<Service> {
+    let mut out = Vec::with_capacity(specs.len());
+    for (s, host) in specs.iter().zip(hosts) {
+        let Some((ip, ip_origin, vmid, vmid_origin)) = *host else { continue };
+        let cx = &mut cxs[s.file];
+        let resources = manifest::spec_resources(cx, s, cfg.defaults.resources);
+        let timing = s.health.timing(cx, cfg.defaults.health);
+        let mut provides: Vec<Capability> = s.provides.iter().map(|p| p.value).collect();
+        provides.sort();
+        let mut depends_on: Vec<_> = s.depends_on.iter().filter_map(|d| crate::ids::ServiceName::new(&d.value).ok()).collect();
+        depends_on.sort();
+        depends_on.dedup();
+        out.push(Service {
+            name: s.name.value.clone(),
+            description: s.description.clone(),
+            manifest: s.manifest.clone(),
+            dir: s.dir.clone(),
+            depends_on,
+            provides,
+            host: Host {
+                hostname: hostname_of(s),
+                ip,
+                vmid,
+                ip_origin,
+                vmid_origin,
+                node: s.node.clone().unwrap_or_else(|| cfg.proxmox.node.clone()),
+                resources,
+                onboot: s.onboot,
+                start: s.start,
+                unprivileged: s.unprivileged,
+                nesting: s.nesting,
+                ssh_host_key: s.ssh_host_key.clone(),
+            },
+            nixos_modules: s.nixos_modules.iter().map(|m| m.value.clone()).collect(),
+            dbs: s.dbs.iter().map(|d| d.value.clone()).collect(),
+            proxies: s.proxies.iter().map(|p| p.value.clone()).collect(),
+            auth: s.auth.as_ref().map(|a| a.value.clone()),
+            health: Health {
+                startup: s.health.startup.iter().map(|c| c.value.clone()).collect(),
+                liveness: s.health.liveness.iter().map(|c| c.value.clone()).collect(),
+                readiness: s.health.readiness.iter().map(|c| c.value.clone()).collect(),
+                timing,
+            },
+            terraform: s.terraform.iter().map(|t| t.value.clone()).collect(),
+        });
+    }
+    out
+}
+
+/// Explicit `depends_on` edges plus those the interface implies. Indexes are into `specs`,
+/// which is sorted by name exactly like `Project::services`.
+fn build_edges(cxs: &mut [Cx], specs: &[ServiceSpec], domain: Option<&crate::ids::DomainName>) -> Vec<Edge> {
+    let by_name: HashMap<&str, usize> = specs.iter().enumerate().map(|(i, s)| (s.name.value.as_str(), i)).collect();
+    let provider = |cap: Capability| specs.iter().position(|s| s.provides.iter().any(|p| p.value == cap));
+    let mut edges = Vec::new();
+    for (i, s) in specs.iter().enumerate() {
+        for d in &s.depends_on {
+            match by_name.get(d.value.as_str()) {
+                Some(&j) if j == i => {
+                    cxs[s.file].error(d.span, "depends_on", format!("`{}` depends on itself", s.name.value), Some("remove it from its own `depends_on`".into()));
+                }
+                Some(&j) => edges.push(Edge { from: i, to: j, kind: EdgeKind::DependsOn }),
+                None => {
+                    let help = match did_you_mean(&d.value, by_name.keys().copied()) {
+                        Some(m) => format!("did you mean `{m}`?"),
+                        None => "depends_on names other services of this project by their `name`".to_string(),
+                    };
+                    cxs[s.file].error(d.span, "depends_on", format!("`{}` depends on `{}`, which is not a service of this project", s.name.value, d.value), Some(help));
+                }
+            }
+        }
+        let implied = [
+            (!s.dbs.is_empty(), Capability::Database, EdgeKind::Db),
+            (!s.proxies.is_empty(), Capability::ReverseProxy, EdgeKind::Proxy),
+            (s.auth.is_some(), Capability::Identity, EdgeKind::Auth),
+            (true, Capability::Dns, EdgeKind::Dns),
+        ];
+        for (uses, cap, kind) in implied {
+            if let (true, Some(j)) = (uses, provider(cap)) {
+                if j != i {
+                    edges.push(Edge { from: i, to: j, kind });
+                }
+            }
+        }
+        // The vision form names the database host by FQDN; it must be the provider's.
+        if let (Some(h), Some(domain)) = (&s.db_host, domain) {
+            let matches = provider(Capability::Database).is_some_and(|j| {
+                format!("{}.{}", hostname_of(&specs[j]), domain) == h.value || hostname_of(&specs[j]).as_str() == h.value
+            });
+            if !matches {
+                let help = match provider(Capability::Database) {
+                    Some(j) => format!("the database provider is `{}` at {}.{}", specs[j].name.value, hostname_of(&specs[j]), domain),
+                    None => "no service provides `database`".to_string(),
+                };
+                cxs[s.file].error(h.span, "requirements.database.host", format!("database host `{}` matches no database provider", h.value), Some(help));
+            }
+        }
+    }
+    edges.sort();
+    edges.dedup();
+    edges
+}
+
+/// Cycles are judged on the step graph: a core service's `auth` edge is resolved by the phase
+/// order (its OIDC client is created in `tf:auth-core` and its host redeployed after), so it is
+/// left out; a core service that depends on a non-core one can never be ordered (all core
+/// services deploy first) and is reported as such.
+fn check_cycles(cxs: &mut [Cx], specs: &[ServiceSpec], edges: &[Edge]) {
+    let is_core = |i: usize| !specs[i].provides.is_empty();
+    let mut adj: Vec<Vec<usize>> = vec![Vec::new(); specs.len()];
+    for e in edges {
+        if is_core(e.from) && e.kind == EdgeKind::Auth {
+            continue;
+        }
+        if is_core(e.from) && !is_core(e.to) {
+            let s = &specs[e.from];
+            let span = s.depends_on.iter().find(|d| d.value == specs[e.to].name.value.as_str()).map(|d| d.span).unwrap_or(s.name.span);
+            cxs[s.file].error(span, "depends_on", format!("core service `{}` depends on `{}`, which is not a core service", s.name.value, specs[e.to].name.value), Some("core services (those with `provides`) deploy before all others; remove the dependency or make the other service depend on this one".into()));
+            continue;
+        }
+        adj[e.from].push(e.to);
+    }
+    // Iterative DFS with colours; report each cycle once, from its smallest member.
+    let mut colour = vec![0u8; specs.len()];
+    let mut reported: HashSet<Vec<usize>> = HashSet::new();
+    for start in 0..specs.len() {
+        if colour[start] != 0 {
+            continue;
+        }
+        let mut stack: Vec<(usize, usize)> = vec![(start, 0)];
+        let mut path: Vec<usize> = vec![start];
+        colour[start] = 1;
+        while let Some(&mut (node, ref mut next)) = stack.last_mut() {
+            if *next < adj[node].len() {
+                let to = adj[node][*next];
+                *next += 1;
+                match colour[to] {
+                    0 => {
+                        colour[to] = 1;
+                        stack.push((to, 0));
+                        path.push(to);
+                    }
+                    1 => {
+                        let pos = path.iter().position(|&p| p == to).unwrap_or(0);
+                        let mut cycle: Vec<usize> = path[pos..].to_vec();
+                        let min = cycle.iter().enumerate().min_by_key(|(_, &v)| v).map(|(k, _)| k).unwrap_or(0);
+                        cycle.rotate_left(min);
+                        if reported.insert(cycle.clone()) {
+                            report_cycle(cxs, specs, edges, &cycle);
+                        }
+                    }
+                    _ => {}
+                }
+            } else {
+                colour[node] = 2;
+                stack.pop();
+                path.pop();
+            }
+        }
+    }
+}
+
+fn report_cycle(cxs: &mut [Cx], specs: &[ServiceSpec], edges: &[Edge], cycle: &[usize]) {
+    let mut names: Vec<String> = Vec::new();
+    for (k, &i) in cycle.iter().enumerate() {
+        let next = cycle[(k + 1) % cycle.len()];
+        let kind = edges.iter().find(|e| e.from == i && e.to == next).map(|e| e.kind.as_str()).unwrap_or("depends_on");
+        names.push(format!("{} -({kind})->", specs[i].name.value));
+    }
+    names.push(specs[cycle[0]].name.value.to_string());
+    let first = &specs[cycle[0]];
+    let next = &specs[cycle[1 % cycle.len()]];
+    let span = first.depends_on.iter().find(|d| d.value == next.name.value.as_str()).map(|d| d.span).unwrap_or(first.name.span);
+    cxs[first.file].error(
+        span,
+        "depends_on",
+        format!("dependency cycle: {}", names.join(" ")),
+        Some("services deploy in dependency order, so a cycle can never start; remove one of these dependencies".into()),
+    );
+}
+
+/// Groups diagnostics by file, for tests and reporters.
+pub fn by_file(diags: &[Diagnostic]) -> BTreeMap<&str, Vec<&Diagnostic>> {
+    let mut map: BTreeMap<&str, Vec<&Diagnostic>> = BTreeMap::new();
+    for d in diags {
+        map.entry(d.file.as_str()).or_default().push(d);
+    }
+    map
+}

@@ -1,0 +1,964 @@
+//! Reads one service manifest (`services/<name>/manifest.yaml`) into a [`ServiceSpec`]: the
+//! service as written, with positions kept for the project-wide checks in `validate`.
+//!
+//! Both the canonical `interface:` form and the vision document's `requirements:` form are read
+//! here and normalised to the same types.
+
+use core::net::Ipv4Addr;
+use std::collections::BTreeMap;
+
+use crate::config::{choice, domain, ip, resources, timing, HEALTH_TIMING_FIELDS};
+use crate::decode::{field, index, join, Cx};
+use crate::ids::{Hostname, ServiceName, VmId};
+use crate::model::{
+    Auth, Capability, Check, ClientType, Db, DbMode, HealthTiming, Oidc, Proxy, Resources,
+    TerraformUse, TfPhase, Upstream,
+};
+use crate::syntax::{Kind, Node, Span};
+
+pub const MANIFEST_FIELDS: &[&str] = &[
+    "name", "description", "depends_on", "provides", "host", "nixos", "interface", "requirements",
+];
+pub const PROVIDES_FIELDS: &[&str] = &["dns", "database", "reverse_proxy", "identity"];
+pub const PROVIDE_FIELDS: &[&str] = &["type"];
+pub const HOST_FIELDS: &[&str] = &[
+    "hostname", "ip", "vmid", "node", "resources", "onboot", "start", "unprivileged", "features",
+    "ssh_host_key",
+];
+pub const FEATURES_FIELDS: &[&str] = &["nesting"];
+pub const NIXOS_FIELDS: &[&str] = &["modules"];
+pub const INTERFACE_FIELDS: &[&str] = &["db", "proxy", "auth", "health", "terraform"];
+pub const DB_FIELDS: &[&str] = &["type", "database", "role", "mode", "migrations"];
+pub const PROXY_FIELDS: &[&str] = &["domain", "path", "upstream", "tls", "authz", "headers"];
+pub const AUTH_FIELDS: &[&str] = &["provider", "name", "oidc"];
+pub const OIDC_FIELDS: &[&str] = &[
+    "client_id", "client_type", "redirect_uris", "scopes", "username_claim", "groups_claim",
+];
+pub const HEALTH_FIELDS: &[&str] = &[
+    "startup", "liveness", "readiness", "interval", "timeout", "retries", "start_period",
+];
+pub const CHECK_FIELDS: &[&str] = &["command", "http", "status", "body", "tcp", "dns", "expect"];
+pub const TERRAFORM_USE_FIELDS: &[&str] = &["phase", "modules", "variables", "targets", "apply_order"];
+pub const REQUIREMENTS_FIELDS: &[&str] = &["database", "reverse_proxy", "oidc"];
+pub const REQ_DATABASE_FIELDS: &[&str] = &["type", "name", "user", "host"];
+pub const REQ_PROXY_FIELDS: &[&str] = &["type", "domain", "backend", "auth"];
+pub const REQ_OIDC_FIELDS: &[&str] = &["type", "provider_name", "client_id", "redirect_uri"];
+
+/// A value with where it was written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sp<T> {
+    pub value: T,
+    pub span: Span,
+}
+
+/// A manifest as written, before project-wide checks and allocation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceSpec {
+    /// Index of the manifest's file in the loader's file list.
+    pub file: usize,
+    pub manifest: String,
+    pub dir: String,
+    pub root_span: Span,
+    pub name: Sp<ServiceName>,
+    pub description: Option<String>,
+    pub depends_on: Vec<Sp<String>>,
+    pub provides: Vec<Sp<Capability>>,
+    pub hostname: Option<Sp<Hostname>>,
+    pub ip: Option<Sp<Ipv4Addr>>,
+    pub vmid: Option<Sp<VmId>>,
+    pub node: Option<String>,
+    /// Partial resources; `None` fields take the project defaults.
+    pub resources: Option<Node>,
+    pub onboot: bool,
+    pub start: bool,
+    pub unprivileged: bool,
+    pub nesting: bool,
+    pub ssh_host_key: Option<String>,
+    pub nixos_modules: Vec<Sp<String>>,
+    pub dbs: Vec<Sp<Db>>,
+    /// The vision form's `requirements.database.host`: a provider's FQDN.
+    pub db_host: Option<Sp<String>>,
+    pub proxies: Vec<Sp<Proxy>>,
+    pub auth: Option<Sp<Auth>>,
+    pub health: HealthSpec,
+    pub terraform: Vec<Sp<TerraformUse>>,
+    /// Paths the manifest references that must exist: (project-relative path, span, field).
+    pub paths: Vec<(String, Span, String)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct HealthSpec {
+    pub startup: Vec<Sp<Check>>,
+    pub liveness: Vec<Sp<Check>>,
+    pub readiness: Vec<Sp<Check>>,
+    /// The `health` mapping itself, for timing fields that take project defaults.
+    pub timing_node: Option<Node>,
+}
+
+impl HealthSpec {
+    pub fn timing(&self, cx: &mut Cx, base: HealthTiming) -> HealthTiming {
+        match &self.timing_node {
+            Some(n) => timing(cx, n, "interface.health", base).unwrap_or(base),
+            None => base,
+        }
+    }
+}
+
+/// Decodes one manifest. `dir` is the manifest's directory relative to the project root.
+pub fn decode(cx: &mut Cx, root: &Node, file: usize, manifest: &str, dir: &str) -> Option<ServiceSpec> {
+    cx.map(root, "", MANIFEST_FIELDS)?;
+    let name = cx.required(root, "", "name").and_then(|n| {
+        let s = cx.string(n, "name")?;
+        match ServiceName::new(&s) {
+            Ok(v) => Some(Sp { value: v, span: n.span }),
+            Err(why) => {
+                cx.error(n.span, "name", format!("invalid service name `{s}`: {why}"), Some("a service name is used as its host name: lowercase letters, digits and `-`, starting with a letter, at most 63 characters".into()));
+                None
+            }
+        }
+    });
+    let description = field(root, "description").and_then(|n| cx.string(n, "description"));
+    let depends_on = field(root, "depends_on")
+        .map(|n| cx.strings(n, "depends_on"))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(value, span)| Sp { value, span })
+        .collect();
+    let mut provides = Vec::new();
+    if let Some(p) = field(root, "provides") {
+        if let Some(entries) = cx.map(p, "provides", PROVIDES_FIELDS) {
+            for e in entries {
+                let Some(cap) = Capability::from_key(&e.key) else { continue };
+                let path = join("provides", &e.key);
+                let ty = match &e.value.kind {
+                    Kind::Null => Some(cap.implementation().to_string()),
+                    Kind::Str(s) => Some(s.clone()),
+                    _ => cx.map(&e.value, &path, PROVIDE_FIELDS).and_then(|_| {
+                        field(&e.value, "type").and_then(|t| cx.string(t, &join(&path, "type")))
+                    }),
+                };
+                match ty {
+                    Some(t) if t == cap.implementation() => provides.push(Sp { value: cap, span: e.key_span }),
+                    Some(t) => cx.error(
+                        e.value.get("type").map(|n| n.span).unwrap_or(e.value.span),
+                        &join(&path, "type"),
+                        format!("`{}` cannot be provided by `{t}`", cap.key()),
+                        Some(format!("NixMox configures `{}` as its {} provider", cap.implementation(), cap.key())),
+                    ),
+                    None => {}
+                }
+            }
+        }
+    }
+
+    let mut spec = ServiceSpec {
+        file,
+        manifest: manifest.to_string(),
+        dir: dir.to_string(),
+        root_span: root.span,
+        name: name.clone().unwrap_or(Sp {
+            value: ServiceName::new("invalid").expect("literal is a valid name"),
+            span: root.span,
+        }),
+        description,
+        depends_on,
+        provides,
+        hostname: None,
+        ip: None,
+        vmid: None,
+        node: None,
+        resources: None,
+        onboot: true,
+        start: true,
+        unprivileged: true,
+        nesting: true,
+        ssh_host_key: None,
+        nixos_modules: Vec::new(),
+        dbs: Vec::new(),
+        db_host: None,
+        proxies: Vec::new(),
+        auth: None,
+        health: HealthSpec::default(),
+        terraform: Vec::new(),
+        paths: Vec::new(),
+    };
+    if let Some(h) = field(root, "host") {
+        decode_host(cx, h, &mut spec);
+    }
+    if let Some(n) = field(root, "nixos") {
+        if cx.map(n, "nixos", NIXOS_FIELDS).is_some() {
+            if let Some(m) = field(n, "modules") {
+                for (i, (p, span)) in cx.strings(m, "nixos.modules").into_iter().enumerate() {
+                    let path = resolve_path(dir, &p);
+                    spec.paths.push((path.clone(), span, index("nixos.modules", i)));
+                    spec.nixos_modules.push(Sp { value: path, span });
+                }
+            }
+        }
+    }
+    if let Some(i) = field(root, "interface") {
+        if cx.map(i, "interface", INTERFACE_FIELDS).is_some() {
+            decode_interface(cx, i, &mut spec);
+        }
+    }
+    if let Some(r) = field(root, "requirements") {
+        if cx.map(r, "requirements", REQUIREMENTS_FIELDS).is_some() {
+            decode_requirements(cx, r, &mut spec);
+        }
+    }
+    name.map(|_| spec)
+}
+
+/// Joins a manifest-relative path onto the manifest's directory, resolving `.` and `..`.
+pub fn resolve_path(dir: &str, p: &str) -> String {
+    let mut parts: Vec<&str> = if p.starts_with('/') {
+        Vec::new()
+    } else {
+        dir.split('/').filter(|s| !s.is_empty()).collect()
+    };
+    for seg in p.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                if parts.pop().is_none() {
+                    parts.push("..");
+                }
+            }
+            s => parts.push(s),
+        }
+    }
+    let joined = parts.join("/");
+    if p.starts_with('/') {
+        format!("/{joined}")
+    } else {
+        joined
+    }
+}
+
+fn decode_host(cx: &mut Cx, h: &Node, spec: &mut ServiceSpec) {
+    if cx.map(h, "host", HOST_FIELDS).is_none() {
+        return;
+    }
+    if let Some(n) = field(h, "hostname") {
+        if let Some(s) = cx.string(n, "host.hostname") {
+            match Hostname::new(&s) {
+                Ok(v) => spec.hostname = Some(Sp { value: v, span: n.span }),
+                Err(why) => cx.error(n.span, "host.hostname", format!("invalid hostname `{s}`: {why}"), Some("a hostname is one DNS label: lowercase letters, digits and `-`, at most 63 characters; the FQDN is hostname.domain".into())),
+            }
+        }
+    }
+    if let Some(n) = field(h, "ip") {
+        if let Some(v) = ip(cx, n, "host.ip") {
+            spec.ip = Some(Sp { value: v, span: n.span });
+        }
+    }
+    if let Some(n) = field(h, "vmid") {
+        let v = match &n.kind {
+            Kind::Int(i) => Some(*i),
+            _ => {
+                cx.error(n.span, "host.vmid", format!("expected an integer, found {}", n.kind.describe()), None);
+                None
+            }
+        };
+        if let Some(v) = v {
+            match VmId::new(v) {
+                Ok(id) => spec.vmid = Some(Sp { value: id, span: n.span }),
+                Err(why) => cx.error(n.span, "host.vmid", format!("invalid vmid: {why}"), Some("use an id inside `pools.vmid`, or leave `vmid` out to have one allocated".into())),
+            }
+        }
+    }
+    spec.node = field(h, "node").and_then(|n| cx.string(n, "host.node"));
+    if let Some(r) = field(h, "resources") {
+        // Checked now for located errors; the project defaults are applied later.
+        if resources(cx, r, "host.resources", crate::config::DEFAULT_RESOURCES).is_some() {
+            spec.resources = Some(r.clone());
+        }
+    }
+    for (key, slot) in [("onboot", &mut spec.onboot), ("start", &mut spec.start), ("unprivileged", &mut spec.unprivileged)] {
+        if let Some(n) = field(h, key) {
+            if let Some(b) = cx.boolean(n, &join("host", key)) {
+                *slot = b;
+            }
+        }
+    }
+    if let Some(f) = field(h, "features") {
+        if cx.map(f, "host.features", FEATURES_FIELDS).is_some() {
+            if let Some(n) = field(f, "nesting") {
+                if let Some(b) = cx.boolean(n, "host.features.nesting") {
+                    spec.nesting = b;
+                }
+            }
+        }
+    }
+    if let Some(k) = field(h, "ssh_host_key") {
+        if let Some(s) = cx.string(k, "host.ssh_host_key") {
+            if s.starts_with("ssh-ed25519 ") && s.split_whitespace().nth(1).is_some_and(|b| b.len() > 20) {
+                spec.ssh_host_key = Some(s);
+            } else {
+                cx.error(k.span, "host.ssh_host_key", "not an SSH ed25519 public key", Some("give the host's `/etc/ssh/ssh_host_ed25519_key.pub` line: `ssh-ed25519 AAAA...`".into()));
+            }
+        }
+    }
+}
+
+/// Resolves the resources of a spec against the project defaults.
+pub fn spec_resources(cx: &mut Cx, spec: &ServiceSpec, base: Resources) -> Resources {
+    match &spec.resources {
+        Some(n) => resources(cx, n, "host.resources", base).unwrap_or(base),
+        None => base,
+    }
+}
+
+fn decode_interface(cx: &mut Cx, i: &Node, spec: &mut ServiceSpec) {
+    if let Some(n) = field(i, "db") {
+        for (item, path) in cx.one_or_many(n, "interface.db") {
+            if let Some(db) = decode_db(cx, item, &path, spec) {
+                spec.dbs.push(Sp { value: db, span: item.span });
+            }
+        }
+    }
+    if let Some(n) = field(i, "proxy") {
+        for (item, path) in cx.one_or_many(n, "interface.proxy") {
+            if let Some(p) = decode_proxy(cx, item, &path) {
+                spec.proxies.push(Sp { value: p, span: item.span });
+            }
+        }
+    }
+    if let Some(n) = field(i, "auth") {
+        if let Some(a) = decode_auth(cx, n, "interface.auth", &spec.name.value) {
+            spec.auth = Some(Sp { value: a, span: n.span });
+        }
+    }
+    if let Some(n) = field(i, "health") {
+        decode_health(cx, n, spec);
+    }
+    if let Some(n) = field(i, "terraform") {
+        for (item, path) in cx.one_or_many(n, "interface.terraform") {
+            if let Some(t) = decode_terraform(cx, item, &path, spec) {
+                spec.terraform.push(Sp { value: t, span: item.span });
+            }
+        }
+    }
+}
+
+fn non_empty_string(cx: &mut Cx, n: &Node, path: &str) -> Option<String> {
+    let s = cx.string(n, path)?;
+    if s.trim().is_empty() {
+        cx.error(n.span, path, format!("`{path}` must not be empty"), None);
+        return None;
+    }
+    Some(s)
+}
+
+/// Database and role names become SQL identifiers; keep them to what needs no quoting.
+fn sql_ident(cx: &mut Cx, n: &Node, path: &str) -> Option<String> {
+    let s = non_empty_string(cx, n, path)?;
+    let ok = s.len() <= 63
+        && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    if !ok {
+        cx.error(n.span, path, format!("invalid PostgreSQL name `{s}`"), Some("use lowercase letters, digits, `_` and `-`, starting with a letter or `_`, at most 63 characters".into()));
+        return None;
+    }
+    Some(s)
+}
+
+fn decode_db(cx: &mut Cx, n: &Node, path: &str, spec: &mut ServiceSpec) -> Option<Db> {
+    cx.map(n, path, DB_FIELDS)?;
+    let before = cx.errors();
+    if let Some(t) = field(n, "type") {
+        choice(cx, t, &join(path, "type"), &[("postgresql", ())]);
+    }
+    let default_name = spec.name.value.as_str().replace('-', "_");
+    let database = field(n, "database")
+        .and_then(|d| sql_ident(cx, d, &join(path, "database")))
+        .unwrap_or_else(|| default_name.clone());
+    let role = field(n, "role")
+        .and_then(|d| sql_ident(cx, d, &join(path, "role")))
+        .unwrap_or_else(|| database.clone());
+    let mode = match field(n, "mode") {
+        None => DbMode::NativeMigration,
+        Some(m) => choice(cx, m, &join(path, "mode"), &[
+            ("native-migration", DbMode::NativeMigration),
+            ("terraform", DbMode::Terraform),
+        ])
+        .unwrap_or(DbMode::NativeMigration),
+    };
+    let mut migrations = Vec::new();
+    if let Some(m) = field(n, "migrations") {
+        let mpath = join(path, "migrations");
+        for (i, (p, span)) in cx.strings(m, &mpath).into_iter().enumerate() {
+            let resolved = resolve_path(&spec.dir, &p);
+            spec.paths.push((resolved.clone(), span, index(&mpath, i)));
+            migrations.push(resolved);
+        }
+    }
+    (cx.errors() == before).then_some(Db {
+        database,
+        role,
+        mode,
+        migrations,
+    })
+}
+
+fn decode_proxy(cx: &mut Cx, n: &Node, path: &str) -> Option<Proxy> {
+    cx.map(n, path, PROXY_FIELDS)?;
+    let before = cx.errors();
+    let dom = cx.required(n, path, "domain").and_then(|d| domain(cx, d, &join(path, "domain")));
+    let route = match field(n, "path") {
+        None => Some("/".to_string()),
+        Some(p) => cx.string(p, &join(path, "path")).and_then(|s| {
+            if !s.starts_with('/') || s.chars().any(|c| c.is_whitespace() || c == '"' || c == '\\') {
+                cx.error(p.span, &join(path, "path"), format!("invalid route path `{s}`"), Some("a route path starts with `/` and has no spaces, quotes or backslashes, like /guacamole".into()));
+                None
+            } else {
+                Some(s)
+            }
+        }),
+    };
+    let upstream = cx
+        .required(n, path, "upstream")
+        .and_then(|u| upstream(cx, u, &join(path, "upstream")));
+    let tls = field(n, "tls")
+        .and_then(|v| cx.boolean(v, &join(path, "tls")))
+        .unwrap_or(true);
+    let authz = field(n, "authz")
+        .and_then(|v| cx.boolean(v, &join(path, "authz")))
+        .unwrap_or(false);
+    let mut headers = BTreeMap::new();
+    if let Some(h) = field(n, "headers") {
+        let hpath = join(path, "headers");
+        if let Kind::Map(entries) = &h.kind {
+            for e in entries {
+                let valid = !e.key.is_empty()
+                    && e.key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                if !valid {
+                    cx.error(e.key_span, &join(&hpath, &e.key), format!("invalid header name `{}`", e.key), Some("header names use letters, digits, `-` and `_`".into()));
+                    continue;
+                }
+                if let Some(v) = cx.string(&e.value, &join(&hpath, &e.key)) {
+                    headers.insert(e.key.clone(), v);
+                }
+            }
+        } else {
+            cx.error(h.span, &hpath, format!("expected a mapping, found {}", h.kind.describe()), Some("write headers as `{ X-Frame-Options: SAMEORIGIN }`".into()));
+        }
+    }
+    if cx.errors() != before {
+        return None;
+    }
+    Some(Proxy {
+        domain: dom?,
+        path: route?,
+        upstream: upstream?,
+        tls,
+        authz,
+        headers,
+    })
+}
+
+fn upstream(cx: &mut Cx, n: &Node, path: &str) -> Option<Upstream> {
+    let bad_port = |cx: &mut Cx, p: &str| {
+        cx.error(n.span, path, format!("`{p}` is not a port (1-65535)"), Some("write a port on this service's host (8080) or host:port".into()));
+    };
+    match &n.kind {
+        Kind::Int(p) => match u16::try_from(*p) {
+            Ok(p) if p > 0 => Some(Upstream::Port(p)),
+            _ => {
+                bad_port(cx, &p.to_string());
+                None
+            }
+        },
+        Kind::Str(s) => {
+            let s = s.strip_prefix("http://").unwrap_or(s);
+            match s.rsplit_once(':') {
+                Some((h, p)) => {
+                    let port = p.parse::<u16>().ok().filter(|p| *p > 0);
+                    let host_ok = h.parse::<Ipv4Addr>().is_ok() || crate::ids::DomainName::new(h).is_ok() || crate::ids::Hostname::new(h).is_ok();
+                    match (port, host_ok) {
+                        (Some(port), true) => Some(Upstream::HostPort(h.to_string(), port)),
+                        (None, _) => {
+                            bad_port(cx, p);
+                            None
+                        }
+                        (_, false) => {
+                            cx.error(n.span, path, format!("invalid upstream host `{h}`"), Some("write a port (8080) or host:port with a valid host name or IPv4 address".into()));
+                            None
+                        }
+                    }
+                }
+                None => match s.parse::<i64>() {
+                    Ok(p) if (1..=65535).contains(&p) => Some(Upstream::Port(p as u16)),
+                    _ => {
+                        bad_port(cx, s);
+                        None
+                    }
+                },
+            }
+        }
+        _ => {
+            cx.error(n.span, path, format!("expected a port or host:port, found {}", n.kind.describe()), None);
+            None
+        }
+    }
+}
+
+fn decode_auth(cx: &mut Cx, n: &Node, path: &str, service: &ServiceName) -> Option<Auth> {
+    cx.map(n, path, AUTH_FIELDS)?;
+    let before = cx.errors();
+    let provider = match field(n, "provider") {
+        None => "authentik".to_string(),
+        Some(p) => choice(cx, p, &join(path, "provider"), &[("authentik", "authentik".to_string())])?,
+    };
+    let display_name = field(n, "name")
+        .and_then(|v| non_empty_string(cx, v, &join(path, "name")))
+        .unwrap_or_else(|| service.as_str().to_string());
+    let oidc = field(n, "oidc").and_then(|o| decode_oidc(cx, o, &join(path, "oidc"), service));
+    (cx.errors() == before).then_some(Auth {
+        provider,
+        display_name,
+        oidc,
+    })
+}
+
+fn decode_oidc(cx: &mut Cx, n: &Node, path: &str, service: &ServiceName) -> Option<Oidc> {
+    cx.map(n, path, OIDC_FIELDS)?;
+    let before = cx.errors();
+    let client_id = field(n, "client_id")
+        .and_then(|v| non_empty_string(cx, v, &join(path, "client_id")))
+        .unwrap_or_else(|| service.as_str().to_string());
+    let client_type = match field(n, "client_type") {
+        None => ClientType::Confidential,
+        Some(t) => choice(cx, t, &join(path, "client_type"), &[
+            ("confidential", ClientType::Confidential),
+            ("public", ClientType::Public),
+        ])
+        .unwrap_or(ClientType::Confidential),
+    };
+    let mut redirect_uris = Vec::new();
+    if let Some(r) = field(n, "redirect_uris") {
+        let rpath = join(path, "redirect_uris");
+        for (i, (u, span)) in cx.strings(r, &rpath).into_iter().enumerate() {
+            check_url(cx, &u, span, &index(&rpath, i));
+            redirect_uris.push(u);
+        }
+    }
+    let scopes = field(n, "scopes")
+        .map(|s| cx.strings(s, &join(path, "scopes")).into_iter().map(|(s, _)| s).collect())
+        .unwrap_or_else(|| vec!["openid".into(), "email".into(), "profile".into()]);
+    let username_claim = field(n, "username_claim")
+        .and_then(|v| cx.string(v, &join(path, "username_claim")))
+        .unwrap_or_else(|| "preferred_username".into());
+    let groups_claim = field(n, "groups_claim")
+        .and_then(|v| cx.string(v, &join(path, "groups_claim")))
+        .unwrap_or_else(|| "groups".into());
+    (cx.errors() == before).then_some(Oidc {
+        client_id,
+        client_type,
+        redirect_uris,
+        scopes,
+        username_claim,
+        groups_claim,
+    })
+}
+
+fn check_url(cx: &mut Cx, u: &str, span: Span, path: &str) -> bool {
+    match crate::url::check(u) {
+        Ok(_) => true,
+        Err(why) => {
+            cx.error(span, path, format!("invalid URL `{u}`: {why}"), Some("write a full URL, like https://app.nixmox.lan/callback".into()));
+            false
+        }
+    }
+}
+
+fn decode_health(cx: &mut Cx, n: &Node, spec: &mut ServiceSpec) {
+    if cx.map(n, "interface.health", HEALTH_FIELDS).is_none() {
+        return;
+    }
+    // Check timing fields now so their errors are located even if defaults change later.
+    let _ = timing(cx, n, "interface.health", crate::config::DEFAULT_HEALTH);
+    let _ = HEALTH_TIMING_FIELDS;
+    spec.health.timing_node = Some(n.clone());
+    for key in ["startup", "liveness", "readiness"] {
+        let Some(c) = field(n, key) else { continue };
+        let path = join("interface.health", key);
+        let items: Vec<(&Node, String)> = match &c.kind {
+            Kind::Seq(items) => items.iter().enumerate().map(|(i, n)| (n, index(&path, i))).collect(),
+            _ => vec![(c, path.clone())],
+        };
+        let mut checks = Vec::new();
+        for (item, p) in items {
+            if let Some(check) = decode_check(cx, item, &p) {
+                checks.push(Sp { value: check, span: item.span });
+            }
+        }
+        match key {
+            "startup" => spec.health.startup = checks,
+            "liveness" => spec.health.liveness = checks,
+            _ => spec.health.readiness = checks,
+        }
+    }
+}
+
+fn decode_check(cx: &mut Cx, n: &Node, path: &str) -> Option<Check> {
+    match &n.kind {
+        Kind::Str(s) if s.starts_with("http://") || s.starts_with("https://") => {
+            check_url(cx, s, n.span, path).then(|| Check::Http {
+                url: s.clone(),
+                status: None,
+                body: None,
+            })
+        }
+        Kind::Str(s) => command_words(cx, s, n.span, path).map(Check::Command),
+        Kind::Map(entries) => {
+            cx.map(n, path, CHECK_FIELDS)?;
+            let kinds: Vec<&str> = entries
+                .iter()
+                .map(|e| e.key.as_str())
+                .filter(|k| matches!(*k, "command" | "http" | "tcp" | "dns"))
+                .collect();
+            if kinds.len() != 1 {
+                cx.error(n.span, path, "a health check needs exactly one of `command`, `http`, `tcp` or `dns`", Some(format!("found: {}", if kinds.is_empty() { "none".to_string() } else { kinds.join(", ") })));
+                return None;
+            }
+            let allowed: &[&str] = match kinds[0] {
+                "command" => &["command"],
+                "http" => &["http", "status", "body"],
+                "tcp" => &["tcp"],
+                _ => &["dns", "expect"],
+            };
+            for e in entries {
+                if CHECK_FIELDS.contains(&e.key.as_str()) && !allowed.contains(&e.key.as_str()) {
+                    cx.error(e.key_span, &join(path, &e.key), format!("`{}` does not apply to a `{}` check", e.key, kinds[0]), None);
+                    return None;
+                }
+            }
+            let v = field(n, kinds[0])?;
+            let vpath = join(path, kinds[0]);
+            match kinds[0] {
+                "command" => match &v.kind {
+                    Kind::Seq(_) => {
+                        let argv: Vec<String> = cx.strings(v, &vpath).into_iter().map(|(s, _)| s).collect();
+                        if argv.is_empty() {
+                            cx.error(v.span, &vpath, "the command is empty", None);
+                            return None;
+                        }
+                        Some(Check::Command(argv))
+                    }
+                    _ => {
+                        let s = cx.string(v, &vpath)?;
+                        command_words(cx, &s, v.span, &vpath).map(Check::Command)
+                    }
+                },
+                "http" => {
+                    let url = cx.string(v, &vpath)?;
+                    if !check_url(cx, &url, v.span, &vpath) {
+                        return None;
+                    }
+                    let status = match field(n, "status") {
+                        None => None,
+                        Some(s) => Some(cx.int(s, &join(path, "status"), 100, 599, "")? as u16),
+                    };
+                    let body = field(n, "body").and_then(|b| cx.string(b, &join(path, "body")));
+                    Some(Check::Http { url, status, body })
+                }
+                "tcp" => {
+                    let s = cx.string(v, &vpath)?;
+                    let parsed = s.rsplit_once(':').and_then(|(h, p)| {
+                        let port = p.parse::<u16>().ok().filter(|p| *p > 0)?;
+                        let host_ok = h.parse::<Ipv4Addr>().is_ok() || crate::ids::DomainName::new(h).is_ok() || crate::ids::Hostname::new(h).is_ok();
+                        host_ok.then(|| (h.to_string(), port))
+                    });
+                    match parsed {
+                        Some((host, port)) => Some(Check::Tcp { host, port }),
+                        None => {
+                            cx.error(v.span, &vpath, format!("invalid tcp target `{s}`"), Some("write host:port, like guacamole.nixmox.lan:4822".into()));
+                            None
+                        }
+                    }
+                }
+                _ => {
+                    let name = cx.string(v, &vpath)?;
+                    if crate::ids::DomainName::new(&name).is_err() && crate::ids::Hostname::new(&name).is_err() {
+                        cx.error(v.span, &vpath, format!("invalid DNS name `{name}`"), None);
+                        return None;
+                    }
+                    let expect = match field(n, "expect") {
+                        None => None,
+                        Some(e) => Some(ip(cx, e, &join(path, "expect"))?),
+                    };
+                    Some(Check::Dns { name, expect })
+                }
+            }
+        }
+        _ => {
+            cx.error(n.span, path, format!("expected a health check, found {}", n.kind.describe()), Some("a check is a command string, an http(s) URL, or one of {command}, {http, status, body}, {tcp}, {dns, expect}".into()));
+            None
+        }
+    }
+}
+
+/// Splits a command string into words the way a POSIX shell would for simple quoting, so the
+/// command can run as an argv without a shell.
+fn command_words(cx: &mut Cx, s: &str, span: Span, path: &str) -> Option<Vec<String>> {
+    match split_words(s) {
+        Some(w) if !w.is_empty() => Some(w),
+        Some(_) => {
+            cx.error(span, path, "the command is empty", None);
+            None
+        }
+        None => {
+            cx.error(span, path, "unbalanced quotes in command", Some("close every quote, or give the command as a list of words".into()));
+            None
+        }
+    }
+}
+
+pub fn split_words(s: &str) -> Option<Vec<String>> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut in_word = false;
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => {
+                in_word = true;
+                loop {
+                    match chars.next()? {
+                        '\'' => break,
+                        x => cur.push(x),
+                    }
+                }
+            }
+            '"' => {
+                in_word = true;
+                loop {
+                    match chars.next()? {
+                        '"' => break,
+                        '\\' => cur.push(chars.next()?),
+                        x => cur.push(x),
+                    }
+                }
+            }
+            '\\' => {
+                in_word = true;
+                cur.push(chars.next()?);
+            }
+            c if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            c => {
+                in_word = true;
+                cur.push(c);
+            }
+        }
+    }
+    if in_word {
+        words.push(cur);
+    }
+    Some(words)
+}
+
+fn decode_terraform(cx: &mut Cx, n: &Node, path: &str, spec: &mut ServiceSpec) -> Option<TerraformUse> {
+    cx.map(n, path, TERRAFORM_USE_FIELDS)?;
+    let before = cx.errors();
+    let phase = match field(n, "phase") {
+        None => TfPhase::ServiceInfra,
+        Some(p) => choice(cx, p, &join(path, "phase"), &[
+            ("service-infra", TfPhase::ServiceInfra),
+            ("service-config", TfPhase::ServiceConfig),
+        ])
+        .unwrap_or(TfPhase::ServiceInfra),
+    };
+    let mut modules = Vec::new();
+    if let Some(m) = field(n, "modules") {
+        let mpath = join(path, "modules");
+        for (i, (p, span)) in cx.strings(m, &mpath).into_iter().enumerate() {
+            let resolved = resolve_path(&spec.dir, &p);
+            spec.paths.push((resolved.clone(), span, index(&mpath, i)));
+            modules.push(resolved);
+        }
+    }
+    let mut variables = BTreeMap::new();
+    if let Some(v) = field(n, "variables") {
+        let vpath = join(path, "variables");
+        if let Kind::Map(entries) = &v.kind {
+            for e in entries {
+                let ident_ok = e.key.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                    && e.key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                if !ident_ok {
+                    cx.error(e.key_span, &join(&vpath, &e.key), format!("invalid Terraform variable name `{}`", e.key), Some("variable names start with a letter or `_` and use letters, digits, `_` and `-`".into()));
+                    continue;
+                }
+                variables.insert(e.key.clone(), to_json(&e.value));
+            }
+        } else {
+            cx.error(v.span, &vpath, format!("expected a mapping, found {}", v.kind.describe()), None);
+        }
+    }
+    let list = |cx: &mut Cx, key: &str| -> Vec<String> {
+        field(n, key)
+            .map(|v| cx.strings(v, &join(path, key)).into_iter().map(|(s, _)| s).collect())
+            .unwrap_or_default()
+    };
+    let targets = list(cx, "targets");
+    let apply_order = list(cx, "apply_order");
+    (cx.errors() == before).then_some(TerraformUse {
+        phase,
+        modules,
+        variables,
+        targets,
+        apply_order,
+    })
+}
+
+/// Converts a syntax node to JSON, for values passed through untouched (Terraform variables).
+pub fn to_json(n: &Node) -> serde_json::Value {
+    use serde_json::Value;
+    match &n.kind {
+        Kind::Null => Value::Null,
+        Kind::Bool(b) => Value::Bool(*b),
+        Kind::Int(i) => Value::from(*i),
+        Kind::Float(f) => serde_json::Number::from_f64(*f).map(Value::Number).unwrap_or(Value::Null),
+        Kind::Str(s) => Value::String(s.clone()),
+        Kind::Seq(items) => Value::Array(items.iter().map(to_json).collect()),
+        Kind::Map(entries) => Value::Object(
+            entries
+                .iter()
+                .map(|e| (e.key.clone(), to_json(&e.value)))
+                .collect(),
+        ),
+    }
+}
+
+/// The vision document's form: `requirements: { database, reverse_proxy, oidc }`.
+fn decode_requirements(cx: &mut Cx, r: &Node, spec: &mut ServiceSpec) {
+    if let Some(d) = field(r, "database") {
+        let path = "requirements.database";
+        if cx.map(d, path, REQ_DATABASE_FIELDS).is_some() {
+            let before = cx.errors();
+            if let Some(t) = field(d, "type") {
+                choice(cx, t, &join(path, "type"), &[("postgresql", ())]);
+            }
+            let default_name = spec.name.value.as_str().replace('-', "_");
+            let database = field(d, "name")
+                .and_then(|v| sql_ident(cx, v, &join(path, "name")))
+                .unwrap_or(default_name);
+            let role = field(d, "user")
+                .and_then(|v| sql_ident(cx, v, &join(path, "user")))
+                .unwrap_or_else(|| database.clone());
+            if let Some(h) = field(d, "host") {
+                if let Some(s) = cx.string(h, &join(path, "host")) {
+                    spec.db_host = Some(Sp { value: s, span: h.span });
+                }
+            }
+            if cx.errors() == before {
+                spec.dbs.push(Sp {
+                    value: Db {
+                        database,
+                        role,
+                        mode: DbMode::NativeMigration,
+                        migrations: Vec::new(),
+                    },
+                    span: d.span,
+                });
+            }
+        }
+    }
+    if let Some(p) = field(r, "reverse_proxy") {
+        let path = "requirements.reverse_proxy";
+        if cx.map(p, path, REQ_PROXY_FIELDS).is_some() {
+            let before = cx.errors();
+            if let Some(t) = field(p, "type") {
+                choice(cx, t, &join(path, "type"), &[("caddy", ())]);
+            }
+            let dom = cx.required(p, path, "domain").and_then(|d| domain(cx, d, &join(path, "domain")));
+            let up = cx
+                .required(p, path, "backend")
+                .and_then(|b| upstream(cx, b, &join(path, "backend")));
+            let authz = field(p, "auth")
+                .and_then(|a| cx.boolean(a, &join(path, "auth")))
+                .unwrap_or(false);
+            if let (Some(domain), Some(upstream), true) = (dom, up, cx.errors() == before) {
+                spec.proxies.push(Sp {
+                    value: Proxy {
+                        domain,
+                        path: "/".into(),
+                        upstream,
+                        tls: true,
+                        authz,
+                        headers: BTreeMap::new(),
+                    },
+                    span: p.span,
+                });
+            }
+        }
+    }
+    if let Some(o) = field(r, "oidc") {
+        let path = "requirements.oidc";
+        if cx.map(o, path, REQ_OIDC_FIELDS).is_some() {
+            let before = cx.errors();
+            let provider = match field(o, "type") {
+                None => Some("authentik".to_string()),
+                Some(t) => choice(cx, t, &join(path, "type"), &[("authentik", "authentik".to_string())]),
+            };
+            let display_name = field(o, "provider_name")
+                .and_then(|v| non_empty_string(cx, v, &join(path, "provider_name")))
+                .unwrap_or_else(|| spec.name.value.as_str().to_string());
+            let client_id = field(o, "client_id")
+                .and_then(|v| non_empty_string(cx, v, &join(path, "client_id")))
+                .unwrap_or_else(|| spec.name.value.as_str().to_string());
+            let mut redirect_uris = Vec::new();
+            if let Some(u) = field(o, "redirect_uri") {
+                for (i, (s, span)) in cx.strings(u, &join(path, "redirect_uri")).into_iter().enumerate() {
+                    check_url(cx, &s, span, &index(&join(path, "redirect_uri"), i));
+                    redirect_uris.push(s);
+                }
+            }
+            if let (Some(provider), true) = (provider, cx.errors() == before) {
+                if spec.auth.is_some() {
+                    cx.error(o.span, path, "authentication is declared twice", Some("keep either `interface.auth` or `requirements.oidc`".into()));
+                } else {
+                    spec.auth = Some(Sp {
+                        value: Auth {
+                            provider,
+                            display_name,
+                            oidc: Some(Oidc {
+                                client_id,
+                                client_type: ClientType::Confidential,
+                                redirect_uris,
+                                scopes: vec!["openid".into(), "email".into(), "profile".into()],
+                                username_claim: "preferred_username".into(),
+                                groups_claim: "groups".into(),
+                            }),
+                        },
+                        span: o.span,
+                    });
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words() {
+        assert_eq!(split_words("systemctl is-active --quiet tomcat").unwrap(), ["systemctl", "is-active", "--quiet", "tomcat"]);
+        assert_eq!(split_words("sh -c 'a b' \"c\\\"d\"").unwrap(), ["sh", "-c", "a b", "c\"d"]);
+        assert_eq!(split_words("echo 'oops"), None);
+    }
+
+    #[test]
+    fn paths() {
+        assert_eq!(resolve_path("services/app", "./configuration.nix"), "services/app/configuration.nix");
+        assert_eq!(resolve_path("services/app", "../shared/x.nix"), "services/shared/x.nix");
+        assert_eq!(resolve_path("services/app", "migrations/001.sql"), "services/app/migrations/001.sql");
+    }
+}

@@ -1,0 +1,436 @@
+//! The validated project: what every later stage (planner, renderers, engine) works on.
+//!
+//! Nothing here is optional that the rest of the program needs: defaults are applied, aliases
+//! (the vision document's `requirements:` form) are normalised, allocations are made and the
+//! implicit dependency edges are explicit. The model is deliberately not `Serialize`; output
+//! formats have their own types (see `config_out`).
+
+use core::net::Ipv4Addr;
+use std::collections::BTreeMap;
+
+use crate::ids::{Cidr, DomainName, Hostname, ProjectName, Range, ServiceName, VmId};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Project {
+    pub name: ProjectName,
+    pub domain: DomainName,
+    pub network: Network,
+    pub pools: Pools,
+    pub proxmox: Proxmox,
+    pub infra: InfraBackend,
+    pub ssh: Ssh,
+    pub nix: Nix,
+    pub terraform: Terraform,
+    pub defaults: Defaults,
+    pub state: StateConfig,
+    pub secrets: Secrets,
+    pub deploy: Deploy,
+    /// Sorted by name.
+    pub services: Vec<Service>,
+    /// Dependency edges, consumer → provider, sorted and without duplicates.
+    pub edges: Vec<Edge>,
+}
+
+impl Project {
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services
+            .binary_search_by(|s| s.name.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.services[i])
+    }
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.services
+            .binary_search_by(|s| s.name.as_str().cmp(name))
+            .ok()
+    }
+    /// The service providing a capability, if any.
+    pub fn provider(&self, cap: Capability) -> Option<&Service> {
+        self.services.iter().find(|s| s.provides(cap))
+    }
+    pub fn provider_index(&self, cap: Capability) -> Option<usize> {
+        self.services.iter().position(|s| s.provides(cap))
+    }
+    /// The FQDN of a service's host.
+    pub fn fqdn(&self, s: &Service) -> String {
+        format!("{}.{}", s.host.hostname, self.domain)
+    }
+    /// Edges leaving service `i` (what it depends on).
+    pub fn deps_of(&self, i: usize) -> impl Iterator<Item = &Edge> {
+        self.edges.iter().filter(move |e| e.from == i)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Network {
+    pub cidr: Cidr,
+    pub gateway: Ipv4Addr,
+    pub vlan: Option<u16>,
+    pub bridge: String,
+    /// Empty means "the project's DNS provider".
+    pub nameservers: Vec<Ipv4Addr>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pools {
+    pub vmid: Range<u32>,
+    pub ip: Range<Ipv4Addr>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Proxmox {
+    pub endpoint: Option<String>,
+    pub node: String,
+    pub storage: String,
+    pub template: String,
+    pub token: SecretRef,
+    pub tls: Tls,
+}
+
+/// Where a secret comes from; the secret itself is never in a project file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretRef {
+    Env(String),
+    File(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Tls {
+    pub ca_file: Option<String>,
+    pub fingerprint: Option<String>,
+    pub insecure: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InfraBackend {
+    Terraform,
+    ProxmoxApi,
+    None,
+}
+
+impl InfraBackend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InfraBackend::Terraform => "terraform",
+            InfraBackend::ProxmoxApi => "proxmox-api",
+            InfraBackend::None => "none",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ssh {
+    pub user: String,
+    pub authorized_keys: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Nix {
+    pub nixpkgs: String,
+    pub deployer: Deployer,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Deployer {
+    NixosRebuild,
+    Colmena,
+    /// A user's own argv template with `{host}`, `{ip}`, `{flake}`, `{user}` placeholders.
+    Command {
+        command: Vec<String>,
+        rollback: Vec<String>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Terraform {
+    pub binary: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Defaults {
+    pub resources: Resources,
+    pub health: HealthTiming,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resources {
+    pub cores: u32,
+    /// MiB.
+    pub memory: u32,
+    /// MiB.
+    pub swap: u32,
+    pub disk_gb: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthTiming {
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub retries: u32,
+    pub start_period_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct StateConfig {
+    pub path: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Secrets {
+    pub age_recipients: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Deploy {
+    pub parallel: u32,
+}
+
+/// A capability a core service offers to the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Capability {
+    Dns,
+    Database,
+    ReverseProxy,
+    Identity,
+}
+
+impl Capability {
+    pub const ALL: [Capability; 4] = [
+        Capability::Dns,
+        Capability::Database,
+        Capability::ReverseProxy,
+        Capability::Identity,
+    ];
+    pub fn key(self) -> &'static str {
+        match self {
+            Capability::Dns => "dns",
+            Capability::Database => "database",
+            Capability::ReverseProxy => "reverse_proxy",
+            Capability::Identity => "identity",
+        }
+    }
+    /// The one implementation NixMox knows how to configure for this capability.
+    pub fn implementation(self) -> &'static str {
+        match self {
+            Capability::Dns => "unbound",
+            Capability::Database => "postgresql",
+            Capability::ReverseProxy => "caddy",
+            Capability::Identity => "authentik",
+        }
+    }
+    pub fn from_key(s: &str) -> Option<Capability> {
+        Capability::ALL.into_iter().find(|c| c.key() == s)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Service {
+    pub name: ServiceName,
+    pub description: Option<String>,
+    /// The manifest's path relative to the project root.
+    pub manifest: String,
+    /// The manifest's directory relative to the project root (`services/<name>`).
+    pub dir: String,
+    pub depends_on: Vec<ServiceName>,
+    pub provides: Vec<Capability>,
+    pub host: Host,
+    /// Module paths relative to the project root.
+    pub nixos_modules: Vec<String>,
+    pub dbs: Vec<Db>,
+    pub proxies: Vec<Proxy>,
+    pub auth: Option<Auth>,
+    pub health: Health,
+    pub terraform: Vec<TerraformUse>,
+}
+
+impl Service {
+    pub fn provides(&self, cap: Capability) -> bool {
+        self.provides.contains(&cap)
+    }
+    /// A core service provides at least one capability; it deploys in the `nix:core` phase.
+    pub fn is_core(&self) -> bool {
+        !self.provides.is_empty()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Host {
+    pub hostname: Hostname,
+    pub ip: Ipv4Addr,
+    pub vmid: VmId,
+    /// Where the ip and vmid came from.
+    pub ip_origin: Origin,
+    pub vmid_origin: Origin,
+    pub node: String,
+    pub resources: Resources,
+    pub onboot: bool,
+    pub start: bool,
+    pub unprivileged: bool,
+    pub nesting: bool,
+    /// The host's SSH ed25519 public key, when known in advance.
+    pub ssh_host_key: Option<String>,
+}
+
+/// Whether an address came from the manifest, from `nixmox.lock`, or is newly allocated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Manifest,
+    Lock,
+    Allocated,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DbMode {
+    NativeMigration,
+    Terraform,
+}
+
+impl DbMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DbMode::NativeMigration => "native-migration",
+            DbMode::Terraform => "terraform",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Db {
+    pub database: String,
+    pub role: String,
+    pub mode: DbMode,
+    /// Paths relative to the project root, in the order they apply.
+    pub migrations: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Proxy {
+    pub domain: DomainName,
+    pub path: String,
+    pub upstream: Upstream,
+    pub tls: bool,
+    pub authz: bool,
+    pub headers: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Upstream {
+    /// A port on the service's own host.
+    Port(u16),
+    HostPort(String, u16),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientType {
+    Confidential,
+    Public,
+}
+
+impl ClientType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientType::Confidential => "confidential",
+            ClientType::Public => "public",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Auth {
+    pub provider: String,
+    /// The display name of the application in the identity provider.
+    pub display_name: String,
+    pub oidc: Option<Oidc>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Oidc {
+    pub client_id: String,
+    pub client_type: ClientType,
+    pub redirect_uris: Vec<String>,
+    pub scopes: Vec<String>,
+    pub username_claim: String,
+    pub groups_claim: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Health {
+    pub startup: Vec<Check>,
+    pub liveness: Vec<Check>,
+    pub readiness: Vec<Check>,
+    pub timing: HealthTiming,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Check {
+    /// Run on the service's host; exit 0 is healthy. A string is split like a shell would
+    /// split words, but never run through a shell.
+    Command(Vec<String>),
+    Http {
+        url: String,
+        status: Option<u16>,
+        body: Option<String>,
+    },
+    Tcp {
+        host: String,
+        port: u16,
+    },
+    Dns {
+        name: String,
+        expect: Option<Ipv4Addr>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TfPhase {
+    ServiceInfra,
+    ServiceConfig,
+}
+
+impl TfPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TfPhase::ServiceInfra => "service-infra",
+            TfPhase::ServiceConfig => "service-config",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TerraformUse {
+    pub phase: TfPhase,
+    /// Paths relative to the project root.
+    pub modules: Vec<String>,
+    pub variables: BTreeMap<String, serde_json::Value>,
+    pub targets: Vec<String>,
+    pub apply_order: Vec<String>,
+}
+
+/// Why one service depends on another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum EdgeKind {
+    DependsOn,
+    Db,
+    Proxy,
+    Auth,
+    Dns,
+}
+
+impl EdgeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EdgeKind::DependsOn => "depends_on",
+            EdgeKind::Db => "db",
+            EdgeKind::Proxy => "proxy",
+            EdgeKind::Auth => "auth",
+            EdgeKind::Dns => "dns",
+        }
+    }
+}
+
+/// `from` (the consumer) depends on `to` (the provider); indexes into `Project::services`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Edge {
+    pub from: usize,
+    pub to: usize,
+    pub kind: EdgeKind,
+}

@@ -1,0 +1,69 @@
+//! Command-line arguments.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Docker Compose for Proxmox, with NixOS LXC containers.
+#[derive(Debug, Parser)]
+#[command(name = "nixmox", version, about, long_about = None)]
+pub struct Cli {
+    /// The project directory (holding nixmox.yaml)
+    #[arg(short = 'C', long = "project", global = true, value_name = "DIR", default_value = ".")]
+    pub project: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check the project and every manifest; print a one-line summary
+    Validate {
+        /// Fail if nixmox.lock would have to change
+        #[arg(long)]
+        locked: bool,
+    },
+    /// Print the resolved project: defaults applied, edges explicit, allocations shown
+    Config {
+        /// Output format
+        #[arg(long, value_enum, default_value_t = ConfigFormat::Yaml)]
+        format: ConfigFormat,
+        /// Only these services
+        services: Vec<String>,
+    },
+    /// Write nixmox.lock with the addresses and VM ids allocated from the pools
+    Lock,
+    /// Print the JSON Schema of nixmox.yaml or of a service manifest
+    Schema {
+        /// Which file's schema
+        #[arg(value_enum, default_value_t = SchemaKind::Project)]
+        kind: SchemaKind,
+        /// Write both schemas into this directory instead of printing one
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
+    /// Create a new project with the four core services and an example app
+    Init {
+        /// Where to create it (default: the project directory)
+        dir: Option<PathBuf>,
+        /// The project's name (default: from the directory's name)
+        #[arg(long)]
+        name: Option<String>,
+        /// The project's domain
+        #[arg(long, default_value = "nixmox.lan")]
+        domain: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ConfigFormat {
+    Yaml,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum SchemaKind {
+    Project,
+    Manifest,
+}

@@ -1,0 +1,44 @@
+//! `nixmox config`: the resolved project on stdout.
+
+use std::path::Path;
+
+use nixmox_core::config_out;
+use nixmox_core::diag::did_you_mean;
+
+use super::load_project;
+use crate::cli::ConfigFormat;
+use crate::error::{Error, Result};
+use crate::output;
+
+pub fn run(root: &Path, format: ConfigFormat, services: &[String]) -> Result<()> {
+    let loaded = load_project(root)?;
+    let project = loaded.project.as_ref().expect("load_project returns a project");
+    let only = select(project, services)?;
+    let value = config_out::resolved(project, &only);
+    let text = match format {
+        ConfigFormat::Yaml => nixmox_core::yaml_out::to_yaml(&value),
+        ConfigFormat::Json => {
+            let mut s = serde_json::to_string_pretty(&value).expect("JSON values always serialize");
+            s.push('\n');
+            s
+        }
+    };
+    output::data(&text)
+}
+
+/// Indexes of the named services; an unknown name is a usage error with a suggestion.
+pub fn select(project: &nixmox_core::Project, names: &[String]) -> Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for n in names {
+        match project.index_of(n) {
+            Some(i) => out.push(i),
+            None => {
+                let hint = did_you_mean(n, project.services.iter().map(|s| s.name.as_str()))
+                    .map(|m| format!("; did you mean `{m}`?"))
+                    .unwrap_or_default();
+                return Err(Error::Usage(format!("no service named `{n}` in this project{hint}")));
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,56 @@
+//! One module per command; `run` dispatches.
+
+mod config;
+mod init;
+mod lock;
+mod schema;
+mod validate;
+
+use std::path::Path;
+
+use nixmox_core::Loaded;
+
+use crate::cli::{Cli, Command};
+use crate::error::{Error, Result};
+use crate::{output, project_fs};
+
+pub fn run(cli: Cli) -> Result<()> {
+    let root = cli.project.as_path();
+    match cli.command {
+        Command::Validate { locked } => validate::run(root, locked),
+        Command::Config { format, services } => config::run(root, format, &services),
+        Command::Lock => lock::run(root),
+        Command::Schema { kind, out } => schema::run(kind, out.as_deref()),
+        Command::Init { dir, name, domain } => {
+            init::run(dir.as_deref().unwrap_or(root), name.as_deref(), &domain)
+        }
+    }
+}
+
+/// Reads and validates the project, printing every diagnostic. Errors end the command with
+/// exit code 2; warnings are printed and the project is returned.
+pub fn load_project(root: &Path) -> Result<Loaded> {
+    let read = project_fs::read_project(root)?;
+    let exists = project_fs::exists_in(root);
+    let mut loaded = nixmox_core::load(&read.sources, &exists);
+    loaded.diagnostics.extend(read.diagnostics);
+    output::diagnostics(&loaded.diagnostics);
+    let errors = loaded.errors().count();
+    if errors > 0 || loaded.project.is_none() {
+        output::note(&format!(
+            "{} in `{}`",
+            plural(errors.max(1), "error"),
+            root.display()
+        ));
+        return Err(Error::Reported { count: errors });
+    }
+    Ok(loaded)
+}
+
+pub fn plural(n: usize, word: &str) -> String {
+    if n == 1 {
+        format!("1 {word}")
+    } else {
+        format!("{n} {word}s")
+    }
+}

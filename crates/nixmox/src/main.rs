@@ -1,0 +1,32 @@
+//! The `nixmox` command: parses arguments, runs one command, maps errors to exit codes.
+
+mod cli;
+mod commands;
+mod error;
+mod output;
+mod project_fs;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = match cli::Cli::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            // clap prints help/version to stdout with exit 0 and usage errors to stderr with 2.
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match commands::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if !matches!(e, error::Error::Reported { .. } | error::Error::BrokenPipe) {
+                output::error_line(&e.to_string());
+            }
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

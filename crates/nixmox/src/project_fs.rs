@@ -1,0 +1,134 @@
+//! Reads a project directory into [`nixmox_core::Sources`].
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use nixmox_core::load::PROJECT_FILE;
+use nixmox_core::lock::LOCK_FILE;
+use nixmox_core::{Diagnostic, Severity, SourceFile, Sources};
+
+use crate::error::{Error, Result};
+
+pub const MANIFEST_NAMES: [&str; 3] = ["manifest.yaml", "manifest.yml", "manifest.json"];
+
+/// The files of a project, plus problems with its layout the core cannot see.
+pub struct Read {
+    pub sources: Sources,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+fn read(root: &Path, rel: &str) -> Result<SourceFile> {
+    let path = root.join(rel);
+    let bytes = fs::read(&path).map_err(|source| Error::Read { path, source })?;
+    Ok(SourceFile {
+        path: rel.to_string(),
+        bytes,
+    })
+}
+
+fn layout(file: String, message: String, help: &str, severity: Severity) -> Diagnostic {
+    Diagnostic {
+        severity,
+        file,
+        span: None,
+        field: None,
+        message,
+        snippet: None,
+        width: 1,
+        help: Some(help.to_string()),
+    }
+}
+
+pub fn read_project(root: &Path) -> Result<Read> {
+    if !root.is_dir() {
+        return Err(Error::Usage(format!(
+            "project directory `{}` does not exist",
+            root.display()
+        )));
+    }
+    let mut diagnostics = Vec::new();
+    let config = if root.join(PROJECT_FILE).is_file() {
+        Some(read(root, PROJECT_FILE)?)
+    } else {
+        None
+    };
+    let lock = if root.join(LOCK_FILE).is_file() {
+        Some(read(root, LOCK_FILE)?)
+    } else {
+        None
+    };
+    let mut manifests = Vec::new();
+    let services = root.join("services");
+    if services.is_dir() {
+        let mut dirs: Vec<PathBuf> = fs::read_dir(&services)
+            .map_err(|source| Error::Read {
+                path: services.clone(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect();
+        dirs.sort();
+        for dir in dirs {
+            let Some(name) = dir.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
+                continue;
+            };
+            let found: Vec<&str> = MANIFEST_NAMES
+                .iter()
+                .copied()
+                .filter(|m| dir.join(m).is_file())
+                .collect();
+            match found.as_slice() {
+                [] => diagnostics.push(layout(
+                    format!("services/{name}"),
+                    format!("`services/{name}` has no manifest; it is not part of the project"),
+                    "a service directory holds manifest.yaml (or manifest.yml / manifest.json)",
+                    Severity::Warning,
+                )),
+                [one] => manifests.push(read(root, &format!("services/{name}/{one}"))?),
+                many => diagnostics.push(layout(
+                    format!("services/{name}"),
+                    format!("`services/{name}` has more than one manifest: {}", many.join(", ")),
+                    "keep exactly one of manifest.yaml, manifest.yml or manifest.json",
+                    Severity::Error,
+                )),
+            }
+        }
+    }
+    Ok(Read {
+        sources: Sources {
+            config,
+            manifests,
+            lock,
+        },
+        diagnostics,
+    })
+}
+
+/// Answers the core's "does this project-relative path exist".
+pub fn exists_in(root: &Path) -> impl Fn(&str) -> bool + '_ {
+    move |rel: &str| root.join(rel).exists()
+}
+
+/// Writes a file atomically: a temporary file in the same directory, then a rename.
+pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(|source| Error::Write {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    fs::write(&tmp, contents)
+        .and_then(|()| fs::rename(&tmp, path))
+        .map_err(|source| {
+            let _ = fs::remove_file(&tmp);
+            Error::Write {
+                path: path.to_path_buf(),
+                source,
+            }
+        })
+}
