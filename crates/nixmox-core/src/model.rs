@@ -56,7 +56,10 @@ impl Project {
     }
     /// Edges leaving service `i` (what it depends on).
     pub fn deps_of(&self, i: usize) -> impl Iterator<Item = &Edge> {
-        self.edges.iter().filter(move |e| e.from == i)
+        // Edges are sorted by `from` first, so this is a range, not a scan.
+        let start = self.edges.partition_point(|e| e.from < i);
+        let end = self.edges.partition_point(|e| e.from <= i);
+        self.edges[start..end].iter()
     }
 }
 

@@ -32,6 +32,29 @@ pub enum Command {
         /// Only these services
         services: Vec<String>,
     },
+    /// Show the deployment plan: steps in phase order, what changes and why
+    Plan {
+        /// Only these services (with their dependencies unless --no-deps)
+        services: Vec<String>,
+        /// Do not add the named services' dependencies
+        #[arg(long)]
+        no_deps: bool,
+        /// Output format
+        #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
+        format: PlanFormat,
+        /// Exit 0 when nothing changes, 2 when something does, 1 on error (as Terraform)
+        #[arg(long)]
+        detailed_exitcode: bool,
+    },
+    /// Draw the service graph (or the step graph) as DOT, Mermaid or SVG
+    Graph {
+        /// Draw the plan's step graph instead of the service graph
+        #[arg(long)]
+        steps: bool,
+        /// Output format
+        #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
+        format: GraphFormat,
+    },
     /// Write nixmox.lock with the addresses and VM ids allocated from the pools
     Lock,
     /// Print the JSON Schema of nixmox.yaml or of a service manifest
@@ -66,4 +89,17 @@ pub enum ConfigFormat {
 pub enum SchemaKind {
     Project,
     Manifest,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum PlanFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum GraphFormat {
+    Dot,
+    Mermaid,
+    Svg,
 }

@@ -25,6 +25,9 @@ pub enum Error {
     },
     #[error("output closed")]
     BrokenPipe,
+    /// `plan --detailed-exitcode` found changes: not a failure, exit code 2.
+    #[error("the plan has changes")]
+    Changes,
 }
 
 impl Error {
@@ -33,6 +36,7 @@ impl Error {
             Error::Reported { .. } | Error::Usage(_) => EXIT_INVALID,
             Error::Read { .. } | Error::Write { .. } => EXIT_RUNTIME,
             Error::BrokenPipe => 0,
+            Error::Changes => 2,
         }
     }
 }

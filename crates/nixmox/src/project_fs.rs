@@ -132,3 +132,50 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
             }
         })
 }
+
+/// Content digests of every file the project references (NixOS modules, migrations, Terraform
+/// module directories), so that editing one changes the steps that use it.
+pub fn digests(root: &Path, project: &nixmox_core::Project) -> std::collections::BTreeMap<String, String> {
+    use sha2::{Digest, Sha256};
+    let mut paths: Vec<&str> = Vec::new();
+    for s in &project.services {
+        paths.extend(s.nixos_modules.iter().map(String::as_str));
+        for d in &s.dbs {
+            paths.extend(d.migrations.iter().map(String::as_str));
+        }
+        for t in &s.terraform {
+            paths.extend(t.modules.iter().map(String::as_str));
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    for rel in paths {
+        let mut hasher = Sha256::new();
+        hash_path(&root.join(rel), Path::new(""), &mut hasher);
+        let hex: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        out.insert(rel.to_string(), hex);
+    }
+    out
+}
+
+fn hash_path(path: &Path, rel: &Path, hasher: &mut sha2::Sha256) {
+    use sha2::Digest;
+    if path.is_dir() {
+        let mut entries: Vec<PathBuf> = fs::read_dir(path)
+            .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        entries.sort();
+        for e in entries {
+            let name = e.file_name().map(PathBuf::from).unwrap_or_default();
+            // Terraform's own working files are not part of the module's content.
+            if name.to_str().is_some_and(|n| n == ".terraform" || n.starts_with("terraform.tfstate")) {
+                continue;
+            }
+            hash_path(&e, &rel.join(name), hasher);
+        }
+    } else {
+        hasher.update(rel.to_string_lossy().as_bytes());
+        hasher.update([0]);
+        hasher.update(fs::read(path).unwrap_or_default());
+        hasher.update([0]);
+    }
+}

@@ -1,8 +1,10 @@
 //! One module per command; `run` dispatches.
 
 mod config;
+mod graph;
 mod init;
 mod lock;
+mod plan;
 mod schema;
 mod validate;
 
@@ -20,6 +22,13 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Validate { locked } => validate::run(root, locked),
         Command::Config { format, services } => config::run(root, format, &services),
         Command::Lock => lock::run(root),
+        Command::Plan {
+            services,
+            no_deps,
+            format,
+            detailed_exitcode,
+        } => plan::run(root, &services, !no_deps, format, detailed_exitcode),
+        Command::Graph { steps, format } => graph::run(root, steps, format),
         Command::Schema { kind, out } => schema::run(kind, out.as_deref()),
         Command::Init { dir, name, domain } => {
             init::run(dir.as_deref().unwrap_or(root), name.as_deref(), &domain)

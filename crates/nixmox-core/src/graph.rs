@@ -1,0 +1,282 @@
+//! Pictures of the project: the service graph or the step graph as DOT, Mermaid, or an SVG
+//! drawn here (layered layout, no Graphviz needed).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use crate::model::{EdgeKind, Project};
+use crate::plan::{Action, Plan};
+
+/// A graph to draw: nodes with a label and a style class, edges with an optional label.
+/// Edges point from a prerequisite to what waits for it (providers above consumers).
+#[derive(Clone, Debug, Default)]
+pub struct Picture {
+    pub title: String,
+    pub nodes: Vec<PicNode>,
+    /// (from, to, label)
+    pub edges: Vec<(usize, usize, String)>,
+}
+
+#[derive(Clone, Debug)]
+pub struct PicNode {
+    pub id: String,
+    pub label: String,
+    pub sublabel: String,
+    pub class: NodeClass,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeClass {
+    Core,
+    Service,
+    StepRun,
+    StepNoop,
+}
+
+/// The service graph: an edge from each provider to its consumer, labelled by kind.
+pub fn services(p: &Project) -> Picture {
+    let nodes = p
+        .services
+        .iter()
+        .map(|s| PicNode {
+            id: s.name.to_string(),
+            label: s.name.to_string(),
+            sublabel: if s.is_core() {
+                s.provides.iter().map(|c| c.implementation()).collect::<Vec<_>>().join(", ")
+            } else {
+                s.host.ip.to_string()
+            },
+            class: if s.is_core() { NodeClass::Core } else { NodeClass::Service },
+        })
+        .collect();
+    // Merge parallel edges into one with a combined label.
+    let mut merged: BTreeMap<(usize, usize), Vec<&'static str>> = BTreeMap::new();
+    for e in &p.edges {
+        merged.entry((e.to, e.from)).or_default().push(e.kind.as_str());
+    }
+    let edges = merged
+        .into_iter()
+        .map(|((a, b), kinds)| (a, b, kinds.join(", ")))
+        .collect();
+    Picture {
+        title: format!("{}: services", p.name),
+        nodes,
+        edges,
+    }
+}
+
+/// The step graph of a plan.
+pub fn steps(plan: &Plan) -> Picture {
+    let nodes = plan
+        .steps
+        .iter()
+        .map(|s| PicNode {
+            id: s.id.clone(),
+            label: s.id.clone(),
+            sublabel: format!("{} · {}", s.action.as_str(), s.change.as_str()),
+            class: if s.action == Action::Run { NodeClass::StepRun } else { NodeClass::StepNoop },
+        })
+        .collect();
+    let mut edges = Vec::new();
+    for (i, s) in plan.steps.iter().enumerate() {
+        for &a in &s.after {
+            edges.push((a, i, String::new()));
+        }
+    }
+    Picture {
+        title: format!("{}: steps", plan.project),
+        nodes,
+        edges,
+    }
+}
+
+fn dot_escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+pub fn to_dot(pic: &Picture) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "digraph \"{}\" {{", dot_escape(&pic.title));
+    let _ = writeln!(out, "  rankdir=TB;\n  node [shape=box, style=\"rounded,filled\", fontname=\"sans-serif\"];\n  edge [fontname=\"sans-serif\", fontsize=10];");
+    for n in &pic.nodes {
+        let (fill, extra) = match n.class {
+            NodeClass::Core => ("#dbeafe", ", penwidth=2"),
+            NodeClass::Service => ("#f3f4f6", ""),
+            NodeClass::StepRun => ("#ecfdf5", ""),
+            NodeClass::StepNoop => ("#ffffff", ", style=\"rounded,dashed\""),
+        };
+        let _ = writeln!(
+            out,
+            "  \"{}\" [label=\"{}\\n{}\", fillcolor=\"{fill}\"{extra}];",
+            dot_escape(&n.id),
+            dot_escape(&n.label),
+            dot_escape(&n.sublabel)
+        );
+    }
+    for (a, b, label) in &pic.edges {
+        let (a, b) = (&pic.nodes[*a].id, &pic.nodes[*b].id);
+        if label.is_empty() {
+            let _ = writeln!(out, "  \"{}\" -> \"{}\";", dot_escape(a), dot_escape(b));
+        } else {
+            let _ = writeln!(out, "  \"{}\" -> \"{}\" [label=\"{}\"];", dot_escape(a), dot_escape(b), dot_escape(label));
+        }
+    }
+    out.push_str("}\n");
+    out
+}
+
+pub fn to_mermaid(pic: &Picture) -> String {
+    let mut out = String::from("flowchart TB\n");
+    let mid = |i: usize| format!("n{i}");
+    for (i, n) in pic.nodes.iter().enumerate() {
+        let text = format!("{}<br/><small>{}</small>", n.label, n.sublabel).replace('"', "#quot;");
+        let _ = match n.class {
+            NodeClass::Core => writeln!(out, "  {}[[\"{text}\"]]", mid(i)),
+            _ => writeln!(out, "  {}(\"{text}\")", mid(i)),
+        };
+    }
+    for (a, b, label) in &pic.edges {
+        if label.is_empty() {
+            let _ = writeln!(out, "  {} --> {}", mid(*a), mid(*b));
+        } else {
+            let _ = writeln!(out, "  {} -->|{}| {}", mid(*a), label.replace('|', "/"), mid(*b));
+        }
+    }
+    out.push_str("  classDef core fill:#dbeafe,stroke:#1d4ed8,stroke-width:2px\n");
+    let core: Vec<String> = pic.nodes.iter().enumerate().filter(|(_, n)| n.class == NodeClass::Core).map(|(i, _)| mid(i)).collect();
+    if !core.is_empty() {
+        let _ = writeln!(out, "  class {} core", core.join(","));
+    }
+    out
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// Draws the picture: nodes in layers by longest path from the sources, ordered within a
+/// layer by the average position of their predecessors to keep edges short.
+pub fn to_svg(pic: &Picture) -> String {
+    let n = pic.nodes.len();
+    let mut preds: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (a, b, _) in &pic.edges {
+        preds[*b].push(*a);
+    }
+    // Longest-path layering (nodes are acyclic; fall back to iteration order otherwise).
+    let mut layer = vec![0usize; n];
+    for _ in 0..n.min(64) {
+        let mut changed = false;
+        for (a, b, _) in &pic.edges {
+            if layer[*b] < layer[*a] + 1 && layer[*a] + 1 < n.max(1) {
+                layer[*b] = layer[*a] + 1;
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    let layers = layer.iter().copied().max().map(|m| m + 1).unwrap_or(0);
+    let mut rows: Vec<Vec<usize>> = vec![Vec::new(); layers];
+    for (i, &l) in layer.iter().enumerate() {
+        rows[l].push(i);
+    }
+    let mut pos = vec![0f64; n];
+    for row in &rows {
+        for (k, &i) in row.iter().enumerate() {
+            pos[i] = k as f64;
+        }
+    }
+    for _ in 0..4 {
+        for row in rows.iter_mut().skip(1) {
+            let key = |i: &usize| -> f64 {
+                if preds[*i].is_empty() {
+                    pos[*i]
+                } else {
+                    preds[*i].iter().map(|p| pos[*p]).sum::<f64>() / preds[*i].len() as f64
+                }
+            };
+            let mut keyed: Vec<(f64, usize)> = row.iter().map(|i| (key(i), *i)).collect();
+            keyed.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            *row = keyed.into_iter().map(|(_, i)| i).collect();
+            for (k, &i) in row.iter().enumerate() {
+                pos[i] = k as f64;
+            }
+        }
+    }
+    let char_w = 7.2;
+    let box_w = pic
+        .nodes
+        .iter()
+        .map(|nd| nd.label.chars().count().max(nd.sublabel.chars().count()) as f64 * char_w + 24.0)
+        .fold(120.0, f64::max);
+    let (box_h, gap_x, gap_y, margin) = (46.0, 28.0, 80.0, 30.0);
+    let widest = rows.iter().map(Vec::len).max().unwrap_or(1).max(1) as f64;
+    let width = margin * 2.0 + widest * box_w + (widest - 1.0) * gap_x;
+    let height = margin * 2.0 + 30.0 + layers as f64 * box_h + (layers.max(1) - 1) as f64 * gap_y + 40.0;
+    let mut xy = vec![(0f64, 0f64); n];
+    for (l, row) in rows.iter().enumerate() {
+        let row_w = row.len() as f64 * box_w + (row.len().max(1) - 1) as f64 * gap_x;
+        let x0 = (width - row_w) / 2.0;
+        for (k, &i) in row.iter().enumerate() {
+            xy[i] = (x0 + k as f64 * (box_w + gap_x), margin + 30.0 + l as f64 * (box_h + gap_y));
+        }
+    }
+    let mut out = String::new();
+    let _ = writeln!(out, "<?xml version=\"1.0\" encoding=\"UTF-8\"?>");
+    let _ = writeln!(out, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{height:.0}\" viewBox=\"0 0 {width:.0} {height:.0}\" font-family=\"sans-serif\">");
+    let _ = writeln!(out, "  <title>{}</title>", xml_escape(&pic.title));
+    let _ = writeln!(out, "  <defs><marker id=\"arrow\" viewBox=\"0 0 10 10\" refX=\"10\" refY=\"5\" markerWidth=\"7\" markerHeight=\"7\" orient=\"auto-start-reverse\"><path d=\"M 0 0 L 10 5 L 0 10 z\" fill=\"#6b7280\"/></marker></defs>");
+    let _ = writeln!(out, "  <rect width=\"100%\" height=\"100%\" fill=\"#ffffff\"/>");
+    let _ = writeln!(out, "  <text x=\"{margin}\" y=\"{}\" font-size=\"16\" font-weight=\"bold\" fill=\"#111827\">{}</text>", margin + 4.0, xml_escape(&pic.title));
+    let _ = writeln!(out, "  <g id=\"edges\" fill=\"none\" stroke=\"#6b7280\" stroke-width=\"1.4\">");
+    for (a, b, label) in &pic.edges {
+        let (ax, ay) = xy[*a];
+        let (bx, by) = xy[*b];
+        let (x1, y1) = (ax + box_w / 2.0, ay + box_h);
+        let (x2, y2) = (bx + box_w / 2.0, by);
+        let dy = ((y2 - y1) / 2.0).max(30.0);
+        let kind_class = label.split(',').next().unwrap_or("").trim();
+        let dash = if kind_class == EdgeKind::DependsOn.as_str() { " stroke-dasharray=\"5 3\"" } else { "" };
+        let _ = writeln!(out, "    <path class=\"edge {kind_class}\" d=\"M {x1:.1} {y1:.1} C {x1:.1} {:.1}, {x2:.1} {:.1}, {x2:.1} {y2:.1}\" marker-end=\"url(#arrow)\"{dash}/>", y1 + dy, y2 - dy);
+    }
+    let _ = writeln!(out, "  </g>");
+    let _ = writeln!(out, "  <g id=\"edge-labels\" font-size=\"10\" fill=\"#374151\" text-anchor=\"middle\">");
+    for (a, b, label) in &pic.edges {
+        if label.is_empty() {
+            continue;
+        }
+        let (ax, ay) = xy[*a];
+        let (bx, by) = xy[*b];
+        // The cubic's midpoint lies halfway between the end points.
+        let (mx, my) = ((ax + bx) / 2.0 + box_w / 2.0, (ay + box_h + by) / 2.0);
+        let w = label.chars().count() as f64 * 6.0 + 8.0;
+        let _ = writeln!(out, "    <rect x=\"{:.1}\" y=\"{:.1}\" width=\"{w:.1}\" height=\"14\" rx=\"3\" fill=\"#ffffff\" fill-opacity=\"0.9\"/><text x=\"{mx:.1}\" y=\"{:.1}\">{}</text>", mx - w / 2.0, my - 10.0, my + 1.0, xml_escape(label));
+    }
+    let _ = writeln!(out, "  </g>");
+    let _ = writeln!(out, "  <g id=\"nodes\">");
+    for (i, nd) in pic.nodes.iter().enumerate() {
+        let (x, y) = xy[i];
+        let (fill, stroke, sw, dash) = match nd.class {
+            NodeClass::Core => ("#dbeafe", "#1d4ed8", 2.5, ""),
+            NodeClass::Service => ("#f3f4f6", "#4b5563", 1.2, ""),
+            NodeClass::StepRun => ("#ecfdf5", "#047857", 1.2, ""),
+            NodeClass::StepNoop => ("#ffffff", "#9ca3af", 1.0, " stroke-dasharray=\"4 3\""),
+        };
+        let class = match nd.class {
+            NodeClass::Core => "node core",
+            NodeClass::Service => "node service",
+            NodeClass::StepRun => "node step run",
+            NodeClass::StepNoop => "node step noop",
+        };
+        let _ = writeln!(out, "    <g class=\"{class}\"><rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{box_w:.1}\" height=\"{box_h}\" rx=\"8\" fill=\"{fill}\" stroke=\"{stroke}\" stroke-width=\"{sw}\"{dash}/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"13\" font-weight=\"bold\" fill=\"#111827\">{}</text><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"10\" fill=\"#4b5563\">{}</text></g>",
+            x + box_w / 2.0, y + 19.0, xml_escape(&nd.label), x + box_w / 2.0, y + 35.0, xml_escape(&nd.sublabel));
+    }
+    let _ = writeln!(out, "  </g>");
+    // Legend.
+    let ly = height - margin;
+    let _ = writeln!(out, "  <g id=\"legend\" font-size=\"11\" fill=\"#374151\"><rect x=\"{margin}\" y=\"{:.1}\" width=\"14\" height=\"10\" fill=\"#dbeafe\" stroke=\"#1d4ed8\" stroke-width=\"2\"/><text x=\"{:.1}\" y=\"{ly:.1}\">core service</text><rect x=\"{:.1}\" y=\"{:.1}\" width=\"14\" height=\"10\" fill=\"#f3f4f6\" stroke=\"#4b5563\"/><text x=\"{:.1}\" y=\"{ly:.1}\">service · edges point from provider to consumer, labelled by kind (db, proxy, auth, dns, depends_on)</text></g>",
+        ly - 9.0, margin + 20.0, margin + 120.0, ly - 9.0, margin + 140.0);
+    out.push_str("</svg>\n");
+    out
+}

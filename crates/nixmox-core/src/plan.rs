@@ -1,0 +1,784 @@
+//! The planner: the validated project and what was recorded of earlier runs in; the step graph
+//! the engine executes out.
+//!
+//! Phase order (the seed contract): `tf:infra` → `nix:core:<svc>` (in their own dependency
+//! order) → `tf:auth-core` → `nix:core-auth:<svc>` → per non-core service, in dependency order:
+//! `tf:service-infra:S` → `nix:service-config:S` → `tf:service-config:S` → `verify:S`.
+//! Services without a path between them share no edge, so the engine may run them at once.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::fmt::Write as _;
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::config_out;
+use crate::model::{Capability, EdgeKind, InfraBackend, Project, Service, TfPhase, Upstream};
+use crate::record::Record;
+
+/// The phases, in the order the seed contract fixes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Phase {
+    TfInfra,
+    NixCore,
+    TfAuthCore,
+    NixCoreAuth,
+    TfServiceInfra,
+    NixServiceConfig,
+    TfServiceConfig,
+    Verify,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 8] = [
+        Phase::TfInfra,
+        Phase::NixCore,
+        Phase::TfAuthCore,
+        Phase::NixCoreAuth,
+        Phase::TfServiceInfra,
+        Phase::NixServiceConfig,
+        Phase::TfServiceConfig,
+        Phase::Verify,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::TfInfra => "tf:infra",
+            Phase::NixCore => "nix:core",
+            Phase::TfAuthCore => "tf:auth-core",
+            Phase::NixCoreAuth => "nix:core-auth",
+            Phase::TfServiceInfra => "tf:service-infra",
+            Phase::NixServiceConfig => "nix:service-config",
+            Phase::TfServiceConfig => "tf:service-config",
+            Phase::Verify => "verify",
+        }
+    }
+    /// The step id of this phase for a service (or the global step).
+    pub fn step_id(self, service: Option<&str>) -> String {
+        match service {
+            Some(s) => format!("{}:{s}", self.as_str()),
+            None => self.as_str().to_string(),
+        }
+    }
+    pub fn is_terraform(self) -> bool {
+        matches!(
+            self,
+            Phase::TfInfra | Phase::TfAuthCore | Phase::TfServiceInfra | Phase::TfServiceConfig
+        )
+    }
+    /// Parses a step id back into its phase and service.
+    pub fn parse_step_id(id: &str) -> Option<(Phase, Option<&str>)> {
+        // Longest phase names first so `nix:core-auth:x` is not read as `nix:core` + `-auth:x`.
+        let mut phases = Phase::ALL;
+        phases.sort_by_key(|p| Reverse(p.as_str().len()));
+        for p in phases {
+            if id == p.as_str() {
+                return Some((p, None));
+            }
+            if let Some(rest) = id.strip_prefix(p.as_str()).and_then(|r| r.strip_prefix(':')) {
+                return Some((p, Some(rest)));
+            }
+        }
+        None
+    }
+}
+
+/// Whether the engine has work to do in the step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Run,
+    /// Planned so the order is visible; skipped instantly.
+    Noop,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Run => "run",
+            Action::Noop => "noop",
+        }
+    }
+}
+
+/// How the step's input compares with the last successful run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Change {
+    Create,
+    Update,
+    Unchanged,
+    /// Recorded, but its service is gone from the project (an orphan, as Compose says).
+    Delete,
+}
+
+impl Change {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Change::Create => "create",
+            Change::Update => "update",
+            Change::Unchanged => "unchanged",
+            Change::Delete => "delete",
+        }
+    }
+    pub fn symbol(self) -> char {
+        match self {
+            Change::Create => '+',
+            Change::Update => '~',
+            Change::Unchanged => '=',
+            Change::Delete => '-',
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Step {
+    pub id: String,
+    pub phase: Phase,
+    pub service: Option<String>,
+    /// Indexes of the direct prerequisites in `Plan::steps`, ascending.
+    pub after: Vec<usize>,
+    pub action: Action,
+    pub change: Change,
+    /// What the step will do, in a few words.
+    pub description: String,
+    /// Why the step changed: which parts of its input were added, changed or removed.
+    pub reasons: Vec<String>,
+    pub hash: String,
+    pub parts: BTreeMap<String, String>,
+    /// Weight for the critical path: the recorded duration in ms, else 1000 for a step that
+    /// runs and 0 for a no-op.
+    pub weight: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub project: String,
+    /// In a topological order: every step comes after all of its prerequisites.
+    pub steps: Vec<Step>,
+    /// Indexes into `steps`, first to last.
+    pub critical_path: Vec<usize>,
+    /// The services the plan was limited to, if any, after adding dependencies.
+    pub selection: Option<Vec<String>>,
+}
+
+impl Plan {
+    pub fn index_of(&self, id: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.id == id)
+    }
+    pub fn has_changes(&self) -> bool {
+        self.steps.iter().any(|s| s.change != Change::Unchanged)
+    }
+    pub fn count(&self, change: Change) -> usize {
+        self.steps.iter().filter(|s| s.change == change).count()
+    }
+}
+
+/// Which services to plan.
+#[derive(Clone, Debug, Default)]
+pub struct Selection {
+    /// Empty means every service.
+    pub services: Vec<String>,
+    /// `docker compose up svc` semantics: include what the named services depend on.
+    pub with_deps: bool,
+}
+
+/// Inputs the planner needs besides the model.
+#[derive(Clone, Debug, Default)]
+pub struct PlanInput<'a> {
+    pub record: Option<&'a Record>,
+    /// Content digests of files the project references (modules, migrations), by
+    /// project-relative path, so editing a module changes its step.
+    pub files: Option<&'a BTreeMap<String, String>>,
+}
+
+/// The services a selection stands for: the named ones plus, unless `--no-deps`, everything
+/// they depend on transitively. Returns service indexes, ascending.
+pub fn select(p: &Project, sel: &Selection) -> Vec<usize> {
+    if sel.services.is_empty() {
+        return (0..p.services.len()).collect();
+    }
+    let mut chosen: BTreeSet<usize> = sel.services.iter().filter_map(|n| p.index_of(n)).collect();
+    if sel.with_deps {
+        let mut stack: Vec<usize> = chosen.iter().copied().collect();
+        while let Some(i) = stack.pop() {
+            for e in p.deps_of(i) {
+                if chosen.insert(e.to) {
+                    stack.push(e.to);
+                }
+            }
+        }
+    }
+    chosen.into_iter().collect()
+}
+
+/// Does the edge order deployments? A core service's `auth` edge does not: its OIDC client is
+/// made in `tf:auth-core` and its host redeployed in `nix:core-auth`.
+fn orders(p: &Project, e: &crate::model::Edge) -> bool {
+    !(p.services[e.from].is_core() && e.kind == EdgeKind::Auth)
+}
+
+/// Services in dependency order (providers first), ties broken by name, for `indexes`.
+fn topo(p: &Project, indexes: &[usize]) -> Vec<usize> {
+    let inset: BTreeSet<usize> = indexes.iter().copied().collect();
+    let mut indeg: BTreeMap<usize, usize> = indexes.iter().map(|&i| (i, 0)).collect();
+    let mut dependents: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for e in &p.edges {
+        if inset.contains(&e.from) && inset.contains(&e.to) && orders(p, e) {
+            *indeg.entry(e.from).or_default() += 1;
+            dependents.entry(e.to).or_default().push(e.from);
+        }
+    }
+    let mut heap: BinaryHeap<Reverse<usize>> =
+        indeg.iter().filter(|(_, d)| **d == 0).map(|(i, _)| Reverse(*i)).collect();
+    let mut out = Vec::with_capacity(indexes.len());
+    while let Some(Reverse(i)) = heap.pop() {
+        out.push(i);
+        for &d in dependents.get(&i).map(Vec::as_slice).unwrap_or(&[]) {
+            let n = indeg.get_mut(&d).expect("dependent is in the set");
+            *n -= 1;
+            if *n == 0 {
+                heap.push(Reverse(d));
+            }
+        }
+    }
+    out
+}
+
+/// Boot order for each service's container: providers start first (depth in the graph).
+pub fn startup_order(p: &Project) -> Vec<u32> {
+    let all: Vec<usize> = (0..p.services.len()).collect();
+    let mut depth = vec![0u32; p.services.len()];
+    for i in topo(p, &all) {
+        for e in p.deps_of(i) {
+            if orders(p, e) {
+                depth[i] = depth[i].max(depth[e.to] + 1);
+            }
+        }
+    }
+    depth.into_iter().map(|d| d + 1).collect()
+}
+
+fn hash_str(s: &str) -> String {
+    let digest = Sha256::digest(s.as_bytes());
+    let mut out = String::with_capacity(64);
+    for b in digest {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// Builds a step's named input parts and hashes them.
+struct Parts(BTreeMap<String, String>);
+
+impl Parts {
+    fn new() -> Self {
+        Parts(BTreeMap::new())
+    }
+    fn add(&mut self, key: impl Into<String>, value: &Value) {
+        self.0.insert(key.into(), hash_str(&value.to_string()));
+    }
+    fn add_hash(&mut self, key: impl Into<String>, hash: &str) {
+        self.0.insert(key.into(), hash.to_string());
+    }
+    fn hash(&self) -> String {
+        let mut h = Sha256::new();
+        for (k, v) in &self.0 {
+            h.update(k.as_bytes());
+            h.update([0]);
+            h.update(v.as_bytes());
+            h.update([0]);
+        }
+        let mut out = String::with_capacity(64);
+        for b in h.finalize() {
+            let _ = write!(out, "{b:02x}");
+        }
+        out
+    }
+}
+
+struct Ctx<'a> {
+    p: &'a Project,
+    files: Option<&'a BTreeMap<String, String>>,
+    startup: Vec<u32>,
+    /// Hash of `provider_facts()`, computed once: it is part of most steps.
+    facts_hash: String,
+    /// Hash of `base()`, computed once for the same reason.
+    base_hash: String,
+    has_dns: bool,
+}
+
+impl Ctx<'_> {
+    fn digest(&self, path: &str) -> Value {
+        json!([path, self.files.and_then(|f| f.get(path))])
+    }
+    fn host(&self, i: usize) -> Value {
+        let s = &self.p.services[i];
+        let h = &s.host;
+        json!({
+            "hostname": h.hostname.as_str(), "ip": h.ip.to_string(), "vmid": h.vmid.get(),
+            "node": h.node, "cores": h.resources.cores, "memory": h.resources.memory,
+            "swap": h.resources.swap, "disk_gb": h.resources.disk_gb, "onboot": h.onboot,
+            "start": h.start, "unprivileged": h.unprivileged, "nesting": h.nesting,
+            "core": s.is_core(), "description": s.description, "startup": self.startup[i],
+            "ssh_host_key": h.ssh_host_key,
+        })
+    }
+    fn base(&self) -> Value {
+        let p = self.p;
+        json!({
+            "project": p.name.as_str(), "domain": p.domain.as_str(),
+            "cidr": p.network.cidr.to_string(), "gateway": p.network.gateway.to_string(),
+            "nameservers": config_out::effective_nameservers(p),
+            "ssh": [p.ssh.user, p.ssh.authorized_keys], "nixpkgs": p.nix.nixpkgs,
+        })
+    }
+    /// A service's own NixOS-relevant configuration.
+    fn own(&self, s: &Service) -> Value {
+        json!({
+            "host": [s.host.hostname.as_str(), s.host.ip.to_string()],
+            "modules": s.nixos_modules.iter().map(|m| self.digest(m)).collect::<Vec<_>>(),
+            "dbs": s.dbs.iter().map(|d| json!([d.database, d.role, d.mode.as_str(),
+                d.migrations.iter().map(|m| self.digest(m)).collect::<Vec<_>>()])).collect::<Vec<_>>(),
+            "proxies": s.proxies.iter().map(|x| self.proxy(s, x)).collect::<Vec<_>>(),
+            "auth": s.auth.as_ref().map(|a| json!([a.provider, a.display_name, a.oidc.as_ref().map(|o| json!([o.client_id, o.client_type.as_str(), o.redirect_uris, o.scopes, o.username_claim, o.groups_claim]))])),
+            "provides": s.provides.iter().map(|c| c.key()).collect::<Vec<_>>(),
+        })
+    }
+    fn proxy(&self, s: &Service, x: &crate::model::Proxy) -> Value {
+        let upstream = match &x.upstream {
+            Upstream::Port(port) => format!("{}:{port}", s.host.ip),
+            Upstream::HostPort(h, port) => format!("{h}:{port}"),
+        };
+        json!([x.domain.as_str(), x.path, upstream, x.tls, x.authz, x.headers])
+    }
+    fn provider_facts(&self) -> Value {
+        let p = self.p;
+        let f = |c: Capability| p.provider(c).map(|s| json!([s.host.hostname.as_str(), s.host.ip.to_string()]));
+        let idp_domain = p.provider(Capability::Identity).and_then(|s| s.proxies.first().map(|x| x.domain.to_string()));
+        json!({"database": f(Capability::Database), "identity": f(Capability::Identity), "identity_domain": idp_domain})
+    }
+}
+
+/// Plans a deployment.
+pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
+    let mut ctx = Ctx {
+        p,
+        files: input.files,
+        startup: startup_order(p),
+        facts_hash: String::new(),
+        base_hash: String::new(),
+        has_dns: p.provider(Capability::Dns).is_some(),
+    };
+    ctx.facts_hash = hash_str(&ctx.provider_facts().to_string());
+    ctx.base_hash = hash_str(&ctx.base().to_string());
+    let ctx = ctx;
+    let chosen = select(p, sel);
+    let chosen_set: BTreeSet<usize> = chosen.iter().copied().collect();
+    let core: Vec<usize> = topo(p, &chosen.iter().copied().filter(|&i| p.services[i].is_core()).collect::<Vec<_>>());
+    let apps: Vec<usize> = topo(p, &chosen.iter().copied().filter(|&i| !p.services[i].is_core()).collect::<Vec<_>>());
+
+    let mut steps: Vec<Step> = Vec::new();
+    let push = |steps: &mut Vec<Step>, phase: Phase, service: Option<&Service>, after: Vec<usize>, action: Action, description: String, parts: Parts| -> usize {
+        let mut after = after;
+        after.sort_unstable();
+        after.dedup();
+        steps.push(Step {
+            id: phase.step_id(service.map(|s| s.name.as_str())),
+            phase,
+            service: service.map(|s| s.name.to_string()),
+            after,
+            action,
+            change: Change::Create,
+            description,
+            reasons: Vec::new(),
+            hash: parts.hash(),
+            parts: parts.0,
+            weight: 0,
+        });
+        steps.len() - 1
+    };
+
+    // tf:infra: every host of the project, whatever the selection (one Terraform workspace).
+    let mut parts = Parts::new();
+    parts.add("project", &json!({"base": ctx.base(), "backend": p.infra.as_str(), "bridge": p.network.bridge, "vlan": p.network.vlan, "proxmox": [p.proxmox.endpoint, p.proxmox.node, p.proxmox.storage, p.proxmox.template]}));
+    for (i, s) in p.services.iter().enumerate() {
+        parts.add(format!("host:{}", s.name), &ctx.host(i));
+    }
+    let (action, description) = match p.infra {
+        InfraBackend::None => (Action::Noop, "hosts exist already (infra.backend: none)".to_string()),
+        b => (Action::Run, format!("provision {} containers ({} core, {} service) with {}", p.services.len(), p.services.iter().filter(|s| s.is_core()).count(), p.services.iter().filter(|s| !s.is_core()).count(), b.as_str())),
+    };
+    let infra = push(&mut steps, Phase::TfInfra, None, Vec::new(), action, description, parts);
+
+    // nix:core:<svc>, ordered among themselves.
+    let mut core_step: BTreeMap<usize, usize> = BTreeMap::new();
+    for &i in &core {
+        let s = &p.services[i];
+        let mut parts = Parts::new();
+        parts.add_hash("base", &ctx.base_hash);
+        parts.add("self", &ctx.own(s));
+        parts.add_hash("providers", &ctx.facts_hash);
+        let mut what: Vec<String> = Vec::new();
+        for cap in &s.provides {
+            let mut consumers = 0usize;
+            for (j, c) in p.services.iter().enumerate() {
+                let part = match cap {
+                    Capability::Database if !c.dbs.is_empty() && j != i => Some(json!({"ip": c.host.ip.to_string(), "dbs": c.dbs.iter().map(|d| json!([d.database, d.role, d.mode.as_str(), d.migrations.iter().map(|m| ctx.digest(m)).collect::<Vec<_>>()])).collect::<Vec<_>>()})),
+                    Capability::ReverseProxy if !c.proxies.is_empty() && j != i => Some(json!(c.proxies.iter().map(|x| ctx.proxy(c, x)).collect::<Vec<_>>())),
+                    Capability::Dns => Some(json!([p.fqdn(c), c.host.ip.to_string(), c.proxies.iter().map(|x| x.domain.as_str()).collect::<Vec<_>>()])),
+                    _ => None,
+                };
+                if let Some(v) = part {
+                    consumers += 1;
+                    let kind = match cap {
+                        Capability::Database => "db",
+                        Capability::ReverseProxy => "routes",
+                        Capability::Dns => "records",
+                        Capability::Identity => "identity",
+                    };
+                    parts.add(format!("{kind}:{}", c.name), &v);
+                }
+            }
+            what.push(match cap {
+                Capability::Database => format!("databases for {consumers} consumer(s)"),
+                Capability::ReverseProxy => format!("routes for {consumers} service(s)"),
+                Capability::Dns => format!("records for {consumers} host(s)"),
+                Capability::Identity => "identity provider".to_string(),
+            });
+        }
+        if s.provides(Capability::ReverseProxy) {
+            parts.add("outpost", &json!(p.provider(Capability::Identity).map(|x| x.host.ip.to_string())));
+        }
+        let mut after = Vec::new();
+        for e in p.deps_of(i) {
+            if orders(p, e) {
+                if let Some(&k) = core_step.get(&e.to) {
+                    after.push(k);
+                }
+            }
+        }
+        // Only the first core steps wait on `tf:infra` directly; the rest wait through them.
+        if after.is_empty() {
+            after.push(infra);
+        }
+        let description = format!("deploy {} ({}): {}", s.host.hostname, s.host.ip, what.join(", "));
+        let k = push(&mut steps, Phase::NixCore, Some(s), after, Action::Run, description, parts);
+        core_step.insert(i, k);
+    }
+
+    // tf:auth-core: after every core step (and its health gate).
+    let mut parts = Parts::new();
+    parts.add_hash("identity", &ctx.facts_hash);
+    let mut oidc_core = 0;
+    let mut forward = 0;
+    for s in &p.services {
+        if s.is_core() && s.auth.is_some() {
+            oidc_core += 1;
+            parts.add(format!("oidc:{}", s.name), &ctx.own(s)["auth"]);
+        }
+        let authz: Vec<&str> = s.proxies.iter().filter(|x| x.authz).map(|x| x.domain.as_str()).collect();
+        if !authz.is_empty() {
+            forward += 1;
+            parts.add(format!("outpost:{}", s.name), &json!(authz));
+        }
+    }
+    let has_idp = p.provider(Capability::Identity).is_some();
+    let (action, description) = if has_idp && (oidc_core > 0 || forward > 0 || p.services.iter().any(|s| s.auth.is_some())) {
+        (Action::Run, format!("configure the identity provider: flows, scope mappings, {oidc_core} core OIDC application(s), outpost for {forward} forward-auth service(s)"))
+    } else if has_idp {
+        (Action::Noop, "no service uses authentication".to_string())
+    } else {
+        (Action::Noop, "the project has no identity provider".to_string())
+    };
+    let auth_core = push(&mut steps, Phase::TfAuthCore, None, core_step.values().copied().collect(), action, description, parts);
+
+    // nix:core-auth:<svc>: core services that use auth get their client secret.
+    let mut core_auth_step: BTreeMap<usize, usize> = BTreeMap::new();
+    for &i in &core {
+        let s = &p.services[i];
+        if s.auth.is_none() {
+            continue;
+        }
+        let mut parts = Parts::new();
+        parts.add_hash("base", &ctx.base_hash);
+        parts.add("self", &ctx.own(s));
+        parts.add_hash("providers", &ctx.facts_hash);
+        let description = format!("redeploy {} with its OIDC client secret", s.host.hostname);
+        let k = push(&mut steps, Phase::NixCoreAuth, Some(s), vec![auth_core, core_step[&i]], Action::Run, description, parts);
+        core_auth_step.insert(i, k);
+    }
+
+    // Per non-core service, in dependency order.
+    let mut verify_step: BTreeMap<usize, usize> = BTreeMap::new();
+    for &i in &apps {
+        let s = &p.services[i];
+        let mut after = vec![auth_core];
+        for e in p.deps_of(i) {
+            if let Some(&k) = verify_step.get(&e.to) {
+                after.push(k);
+            } else if let Some(&k) = core_auth_step.get(&e.to) {
+                after.push(k);
+            }
+            // A core dependency's `nix:core` step is already behind `tf:auth-core`; `after`
+            // lists direct prerequisites only.
+        }
+        // tf:service-infra
+        let infra_tf: Vec<_> = s.terraform.iter().filter(|t| t.phase == TfPhase::ServiceInfra).collect();
+        let authz: Vec<&str> = s.proxies.iter().filter(|x| x.authz).map(|x| x.domain.as_str()).collect();
+        let oidc = s.auth.as_ref().and_then(|a| a.oidc.as_ref());
+        let tf_dbs: Vec<&str> = s.dbs.iter().filter(|d| d.mode == crate::model::DbMode::Terraform).map(|d| d.database.as_str()).collect();
+        let mut parts = Parts::new();
+        parts.add("terraform", &tf_json(&ctx, &infra_tf));
+        parts.add("auth", &ctx.own(s)["auth"]);
+        parts.add("forward-auth", &json!(authz));
+        parts.add("db-terraform", &json!(tf_dbs));
+        parts.add_hash("providers", &ctx.facts_hash);
+        let mut what = Vec::new();
+        if let Some(o) = oidc {
+            what.push(format!("OIDC application `{}`", o.client_id));
+        }
+        if !authz.is_empty() {
+            what.push(format!("forward-auth for {}", authz.join(", ")));
+        }
+        if !tf_dbs.is_empty() {
+            what.push(format!("database(s) {} by Terraform", tf_dbs.join(", ")));
+        }
+        let modules: usize = infra_tf.iter().map(|t| t.modules.len()).sum();
+        if modules > 0 {
+            what.push(format!("{modules} module(s)"));
+        }
+        let (action, description) = if what.is_empty() {
+            (Action::Noop, "no service-infra Terraform".to_string())
+        } else {
+            (Action::Run, format!("apply {}", what.join(", ")))
+        };
+        let a = push(&mut steps, Phase::TfServiceInfra, Some(s), after, action, description, parts);
+
+        // nix:service-config
+        let mut parts = Parts::new();
+        parts.add_hash("base", &ctx.base_hash);
+        parts.add("self", &ctx.own(s));
+        parts.add_hash("providers", &ctx.facts_hash);
+        let description = format!("deploy {} ({})", s.host.hostname, s.host.ip);
+        let b = push(&mut steps, Phase::NixServiceConfig, Some(s), vec![a], Action::Run, description, parts);
+
+        // tf:service-config
+        let config_tf: Vec<_> = s.terraform.iter().filter(|t| t.phase == TfPhase::ServiceConfig).collect();
+        let mut parts = Parts::new();
+        parts.add("terraform", &tf_json(&ctx, &config_tf));
+        let modules: usize = config_tf.iter().map(|t| t.modules.len()).sum();
+        let (action, description) = if modules == 0 {
+            (Action::Noop, "no service-config Terraform".to_string())
+        } else {
+            (Action::Run, format!("apply {modules} module(s) that need the running service"))
+        };
+        let c = push(&mut steps, Phase::TfServiceConfig, Some(s), vec![b], action, description, parts);
+
+        // verify
+        let mut parts = Parts::new();
+        let h = &s.health;
+        parts.add("health", &json!({
+            "startup": h.startup.iter().map(config_out::check).collect::<Vec<_>>(),
+            "liveness": h.liveness.iter().map(config_out::check).collect::<Vec<_>>(),
+            "readiness": h.readiness.iter().map(config_out::check).collect::<Vec<_>>(),
+            "timing": [h.timing.interval_ms, h.timing.timeout_ms, h.timing.retries, h.timing.start_period_ms],
+        }));
+        parts.add("wiring", &ctx.own(s));
+        parts.add_hash("providers", &ctx.facts_hash);
+        let checks = h.startup.len() + h.liveness.len() + h.readiness.len();
+        let mut wiring = Vec::new();
+        if !s.dbs.is_empty() {
+            wiring.push("db");
+        }
+        if !s.proxies.is_empty() {
+            wiring.push("proxy");
+        }
+        if ctx.has_dns {
+            wiring.push("dns");
+        }
+        if oidc.is_some() {
+            wiring.push("auth");
+        }
+        let (action, description) = if checks == 0 && wiring.is_empty() {
+            (Action::Noop, "nothing to check".to_string())
+        } else {
+            (Action::Run, format!("{checks} health check(s); end-to-end: {}", if wiring.is_empty() { "none".to_string() } else { wiring.join(", ") }))
+        };
+        let d = push(&mut steps, Phase::Verify, Some(s), vec![c], action, description, parts);
+        verify_step.insert(i, d);
+    }
+
+    // Compare with the record.
+    let record = input.record;
+    for step in &mut steps {
+        let rec = record.and_then(|r| r.get(&step.id));
+        step.weight = match (rec.and_then(|r| r.duration_ms), step.action) {
+            (Some(d), _) => d,
+            (None, Action::Run) => 1000,
+            (None, Action::Noop) => 0,
+        };
+        match rec {
+            None => step.change = Change::Create,
+            Some(r) if r.hash == step.hash => step.change = Change::Unchanged,
+            Some(r) => {
+                step.change = Change::Update;
+                step.reasons = explain(&r.parts, &step.parts);
+            }
+        }
+    }
+    // Orphans: recorded steps of services no longer in the project.
+    if sel.services.is_empty() {
+        if let Some(r) = record {
+            for (id, _) in r.steps.iter() {
+                let Some((phase, Some(svc))) = Phase::parse_step_id(id) else { continue };
+                if p.service(svc).is_none() {
+                    steps.push(Step {
+                        id: id.clone(),
+                        phase,
+                        service: Some(svc.to_string()),
+                        after: Vec::new(),
+                        action: Action::Noop,
+                        change: Change::Delete,
+                        description: format!("`{svc}` was removed from the project; `nixmox down {svc}` or `up --remove-orphans` removes what it left"),
+                        reasons: Vec::new(),
+                        hash: String::new(),
+                        parts: BTreeMap::new(),
+                        weight: 0,
+                    });
+                }
+            }
+        }
+    }
+    let critical_path = critical_path(&steps.iter().map(|s| (s.weight, s.after.clone())).collect::<Vec<_>>());
+    let selection = (!sel.services.is_empty()).then(|| {
+        chosen_set.iter().map(|&i| p.services[i].name.to_string()).collect()
+    });
+    Plan {
+        project: p.name.to_string(),
+        steps,
+        critical_path,
+        selection,
+    }
+}
+
+fn tf_json(ctx: &Ctx, uses: &[&crate::model::TerraformUse]) -> Value {
+    json!(uses.iter().map(|t| json!({
+        "modules": t.modules.iter().map(|m| ctx.digest(m)).collect::<Vec<_>>(),
+        "variables": t.variables, "targets": t.targets, "apply_order": t.apply_order,
+    })).collect::<Vec<_>>())
+}
+
+/// Words for a changed part key: `db:guacamole` → "db of `guacamole`".
+fn describe_part(key: &str) -> String {
+    match key.split_once(':') {
+        Some((kind, svc)) => {
+            let kind = match kind {
+                "db" => "database requirements",
+                "routes" => "proxy routes",
+                "records" => "DNS records",
+                "host" => "container",
+                "oidc" => "OIDC application",
+                "outpost" => "forward-auth domains",
+                k => k,
+            };
+            format!("{kind} of `{svc}`")
+        }
+        None => match key {
+            "self" => "its own configuration".to_string(),
+            "base" => "project-wide settings (domain, network, SSH keys, nixpkgs)".to_string(),
+            "providers" => "the providers it uses".to_string(),
+            "project" => "project-wide infrastructure settings".to_string(),
+            "terraform" => "its Terraform modules or variables".to_string(),
+            "health" => "its health checks".to_string(),
+            "wiring" => "what it is wired to (db, routes, auth)".to_string(),
+            k => k.to_string(),
+        },
+    }
+}
+
+/// Compares recorded and current part hashes.
+pub fn explain(old: &BTreeMap<String, String>, new: &BTreeMap<String, String>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (k, v) in new {
+        match old.get(k) {
+            None => out.push(format!("added: {}", describe_part(k))),
+            Some(o) if o != v => out.push(format!("changed: {}", describe_part(k))),
+            _ => {}
+        }
+    }
+    for k in old.keys() {
+        if !new.contains_key(k) {
+            out.push(format!("removed: {}", describe_part(k)));
+        }
+    }
+    out
+}
+
+/// The longest chain by weight through a DAG given in topological order as (weight, after).
+pub fn critical_path(nodes: &[(u64, Vec<usize>)]) -> Vec<usize> {
+    if nodes.is_empty() {
+        return Vec::new();
+    }
+    let mut dist = vec![0u64; nodes.len()];
+    let mut prev: Vec<Option<usize>> = vec![None; nodes.len()];
+    for (i, (w, after)) in nodes.iter().enumerate() {
+        let mut best: Option<(u64, usize)> = None;
+        for &a in after {
+            if a < i && best.is_none_or(|(d, _)| dist[a] > d) {
+                best = Some((dist[a], a));
+            }
+        }
+        dist[i] = w + best.map(|(d, _)| d).unwrap_or(0);
+        prev[i] = best.map(|(_, a)| a);
+    }
+    let mut end = 0;
+    for i in 0..nodes.len() {
+        if dist[i] > dist[end] {
+            end = i;
+        }
+    }
+    let mut path = vec![end];
+    while let Some(p) = prev[*path.last().expect("path is never empty")] {
+        path.push(p);
+    }
+    path.reverse();
+    path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn critical_path_takes_heaviest_chain() {
+        // 0 → 1 → 3 and 0 → 2 → 3; branch 2 is heavier.
+        let g = vec![(1, vec![]), (1, vec![0]), (5, vec![0]), (1, vec![1, 2])];
+        assert_eq!(critical_path(&g), vec![0, 2, 3]);
+        // Two disconnected chains: the heavier one wins.
+        let g = vec![(1, vec![]), (1, vec![0]), (3, vec![]), (0, vec![2])];
+        assert_eq!(critical_path(&g), vec![2, 3]);
+        // Equal weights: the longest chain.
+        let g = vec![(1, vec![]), (1, vec![0]), (1, vec![1]), (1, vec![])];
+        assert_eq!(critical_path(&g), vec![0, 1, 2]);
+        assert!(critical_path(&[]).is_empty());
+    }
+
+    #[test]
+    fn step_ids_round_trip() {
+        for p in Phase::ALL {
+            assert_eq!(Phase::parse_step_id(&p.step_id(Some("web"))), Some((p, Some("web"))));
+            assert_eq!(Phase::parse_step_id(&p.step_id(None)), Some((p, None)));
+        }
+        assert_eq!(Phase::parse_step_id("nix:core-auth:pgadmin"), Some((Phase::NixCoreAuth, Some("pgadmin"))));
+    }
+
+    #[test]
+    fn explains_parts() {
+        let old: BTreeMap<String, String> = [("db:a".to_string(), "1".to_string()), ("self".to_string(), "1".to_string())].into();
+        let new: BTreeMap<String, String> = [("db:b".to_string(), "1".to_string()), ("self".to_string(), "2".to_string())].into();
+        assert_eq!(explain(&old, &new), vec![
+            "added: database requirements of `b`".to_string(),
+            "changed: its own configuration".to_string(),
+            "removed: database requirements of `a`".to_string(),
+        ]);
+    }
+}

@@ -1,0 +1,28 @@
+//! `nixmox graph`: the service graph or the step graph as a picture.
+
+use std::path::Path;
+
+use nixmox_core::graph;
+use nixmox_core::plan::{self, PlanInput, Selection};
+
+use super::load_project;
+use crate::cli::GraphFormat;
+use crate::error::Result;
+use crate::output;
+
+pub fn run(root: &Path, steps: bool, format: GraphFormat) -> Result<()> {
+    let loaded = load_project(root)?;
+    let project = loaded.project.as_ref().expect("load_project returns a project");
+    let picture = if steps {
+        let plan = plan::plan(project, &Selection::default(), &PlanInput::default());
+        graph::steps(&plan)
+    } else {
+        graph::services(project)
+    };
+    let text = match format {
+        GraphFormat::Dot => graph::to_dot(&picture),
+        GraphFormat::Mermaid => graph::to_mermaid(&picture),
+        GraphFormat::Svg => graph::to_svg(&picture),
+    };
+    output::data(&text)
+}
