@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use crate::model::{EdgeKind, Project};
+use crate::model::Project;
 use crate::plan::{Action, Plan};
 
 /// A graph to draw: nodes with a label and a style class, edges with an optional label.
@@ -212,7 +212,8 @@ pub fn to_svg(pic: &Picture) -> String {
         .fold(120.0, f64::max);
     let (box_h, gap_x, gap_y, margin) = (46.0, 28.0, 80.0, 30.0);
     let widest = rows.iter().map(Vec::len).max().unwrap_or(1).max(1) as f64;
-    let width = margin * 2.0 + widest * box_w + (widest - 1.0) * gap_x;
+    // At least as wide as the legend.
+    let width = (margin * 2.0 + widest * box_w + (widest - 1.0) * gap_x).max(720.0);
     let height = margin * 2.0 + 30.0 + layers as f64 * box_h + (layers.max(1) - 1) as f64 * gap_y + 40.0;
     let mut xy = vec![(0f64, 0f64); n];
     for (l, row) in rows.iter().enumerate() {
@@ -229,29 +230,65 @@ pub fn to_svg(pic: &Picture) -> String {
     let _ = writeln!(out, "  <defs><marker id=\"arrow\" viewBox=\"0 0 10 10\" refX=\"10\" refY=\"5\" markerWidth=\"7\" markerHeight=\"7\" orient=\"auto-start-reverse\"><path d=\"M 0 0 L 10 5 L 0 10 z\" fill=\"#6b7280\"/></marker></defs>");
     let _ = writeln!(out, "  <rect width=\"100%\" height=\"100%\" fill=\"#ffffff\"/>");
     let _ = writeln!(out, "  <text x=\"{margin}\" y=\"{}\" font-size=\"16\" font-weight=\"bold\" fill=\"#111827\">{}</text>", margin + 4.0, xml_escape(&pic.title));
-    let _ = writeln!(out, "  <g id=\"edges\" fill=\"none\" stroke=\"#6b7280\" stroke-width=\"1.4\">");
-    for (a, b, label) in &pic.edges {
-        let (ax, ay) = xy[*a];
-        let (bx, by) = xy[*b];
-        let (x1, y1) = (ax + box_w / 2.0, ay + box_h);
-        let (x2, y2) = (bx + box_w / 2.0, by);
+    // Ports: spread each node's outgoing edges along its bottom and incoming along its top,
+    // ordered by the other end's x, so parallel edges do not share one line.
+    let mut out_ports: Vec<Vec<(f64, usize)>> = vec![Vec::new(); n];
+    let mut in_ports: Vec<Vec<(f64, usize)>> = vec![Vec::new(); n];
+    for (k, (a, b, _)) in pic.edges.iter().enumerate() {
+        out_ports[*a].push((xy[*b].0, k));
+        in_ports[*b].push((xy[*a].0, k));
+    }
+    let mut src_x = vec![0f64; pic.edges.len()];
+    let mut dst_x = vec![0f64; pic.edges.len()];
+    for (ports, xs) in [(&mut out_ports, &mut src_x), (&mut in_ports, &mut dst_x)] {
+        for (i, list) in ports.iter_mut().enumerate() {
+            list.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            let k = list.len() as f64;
+            let spacing = (box_w * 0.8 / k.max(1.0)).min(14.0);
+            for (j, (_, e)) in list.iter().enumerate() {
+                xs[*e] = xy[i].0 + box_w / 2.0 + (j as f64 - (k - 1.0) / 2.0) * spacing;
+            }
+        }
+    }
+    let style = |label: &str| -> (&'static str, &'static str, f64) {
+        match label.split(',').next().unwrap_or("").trim() {
+            "db" => ("#b45309", "", 1.6),
+            "proxy" => ("#7c3aed", "", 1.6),
+            "auth" => ("#047857", "", 1.6),
+            "dns" => ("#9ca3af", "", 1.0),
+            "depends_on" => ("#111827", " stroke-dasharray=\"5 3\"", 1.6),
+            _ => ("#6b7280", "", 1.4),
+        }
+    };
+    let curve = |k: usize| -> [(f64, f64); 4] {
+        let (a, b, _) = &pic.edges[k];
+        let (x1, y1) = (src_x[k], xy[*a].1 + box_h);
+        let (x2, y2) = (dst_x[k], xy[*b].1);
         let dy = ((y2 - y1) / 2.0).max(30.0);
+        [(x1, y1), (x1, y1 + dy), (x2, y2 - dy), (x2, y2)]
+    };
+    let _ = writeln!(out, "  <g id=\"edges\" fill=\"none\">");
+    for (k, (_, _, label)) in pic.edges.iter().enumerate() {
+        let [(x1, y1), (cx1, cy1), (cx2, cy2), (x2, y2)] = curve(k);
+        let (colour, dash, width) = style(label);
         let kind_class = label.split(',').next().unwrap_or("").trim();
-        let dash = if kind_class == EdgeKind::DependsOn.as_str() { " stroke-dasharray=\"5 3\"" } else { "" };
-        let _ = writeln!(out, "    <path class=\"edge {kind_class}\" d=\"M {x1:.1} {y1:.1} C {x1:.1} {:.1}, {x2:.1} {:.1}, {x2:.1} {y2:.1}\" marker-end=\"url(#arrow)\"{dash}/>", y1 + dy, y2 - dy);
+        let _ = writeln!(out, "    <path class=\"edge {kind_class}\" d=\"M {x1:.1} {y1:.1} C {cx1:.1} {cy1:.1}, {cx2:.1} {cy2:.1}, {x2:.1} {y2:.1}\" stroke=\"{colour}\" stroke-width=\"{width}\"{dash} marker-end=\"url(#arrow)\"/>");
     }
     let _ = writeln!(out, "  </g>");
-    let _ = writeln!(out, "  <g id=\"edge-labels\" font-size=\"10\" fill=\"#374151\" text-anchor=\"middle\">");
-    for (a, b, label) in &pic.edges {
+    let _ = writeln!(out, "  <g id=\"edge-labels\" font-size=\"10\" text-anchor=\"middle\">");
+    for (k, (_, _, label)) in pic.edges.iter().enumerate() {
         if label.is_empty() {
             continue;
         }
-        let (ax, ay) = xy[*a];
-        let (bx, by) = xy[*b];
-        // The cubic's midpoint lies halfway between the end points.
-        let (mx, my) = ((ax + bx) / 2.0 + box_w / 2.0, (ay + box_h + by) / 2.0);
-        let w = label.chars().count() as f64 * 6.0 + 8.0;
-        let _ = writeln!(out, "    <rect x=\"{:.1}\" y=\"{:.1}\" width=\"{w:.1}\" height=\"14\" rx=\"3\" fill=\"#ffffff\" fill-opacity=\"0.9\"/><text x=\"{mx:.1}\" y=\"{:.1}\">{}</text>", mx - w / 2.0, my - 10.0, my + 1.0, xml_escape(label));
+        // Labels sit near the arrow's head, where edges have fanned out to their targets.
+        let t = 0.78f64;
+        let pts = curve(k);
+        let c = [(1.0 - t).powi(3), 3.0 * (1.0 - t).powi(2) * t, 3.0 * (1.0 - t) * t * t, t.powi(3)];
+        let mx: f64 = (0..4).map(|i| c[i] * pts[i].0).sum();
+        let my: f64 = (0..4).map(|i| c[i] * pts[i].1).sum();
+        let (colour, _, _) = style(label);
+        let w = label.chars().count() as f64 * 6.0 + 6.0;
+        let _ = writeln!(out, "    <rect x=\"{:.1}\" y=\"{:.1}\" width=\"{w:.1}\" height=\"13\" rx=\"3\" fill=\"#ffffff\" fill-opacity=\"0.85\"/><text x=\"{mx:.1}\" y=\"{:.1}\" fill=\"{colour}\">{}</text>", mx - w / 2.0, my - 9.5, my + 0.5, xml_escape(label));
     }
     let _ = writeln!(out, "  </g>");
     let _ = writeln!(out, "  <g id=\"nodes\">");
@@ -275,8 +312,25 @@ pub fn to_svg(pic: &Picture) -> String {
     let _ = writeln!(out, "  </g>");
     // Legend.
     let ly = height - margin;
-    let _ = writeln!(out, "  <g id=\"legend\" font-size=\"11\" fill=\"#374151\"><rect x=\"{margin}\" y=\"{:.1}\" width=\"14\" height=\"10\" fill=\"#dbeafe\" stroke=\"#1d4ed8\" stroke-width=\"2\"/><text x=\"{:.1}\" y=\"{ly:.1}\">core service</text><rect x=\"{:.1}\" y=\"{:.1}\" width=\"14\" height=\"10\" fill=\"#f3f4f6\" stroke=\"#4b5563\"/><text x=\"{:.1}\" y=\"{ly:.1}\">service · edges point from provider to consumer, labelled by kind (db, proxy, auth, dns, depends_on)</text></g>",
-        ly - 9.0, margin + 20.0, margin + 120.0, ly - 9.0, margin + 140.0);
+    let _ = writeln!(out, "  <g id=\"legend\" font-size=\"11\" fill=\"#374151\">");
+    let mut lx = margin;
+    if pic.nodes.iter().any(|nd| nd.class == NodeClass::Core) {
+        let _ = writeln!(out, "    <rect x=\"{lx}\" y=\"{:.1}\" width=\"14\" height=\"10\" fill=\"#dbeafe\" stroke=\"#1d4ed8\" stroke-width=\"2\"/><text x=\"{:.1}\" y=\"{ly:.1}\">core service</text>", ly - 9.0, lx + 20.0);
+        lx += 100.0;
+        let _ = writeln!(out, "    <rect x=\"{lx}\" y=\"{:.1}\" width=\"14\" height=\"10\" fill=\"#f3f4f6\" stroke=\"#4b5563\"/><text x=\"{:.1}\" y=\"{ly:.1}\">service</text>", ly - 9.0, lx + 20.0);
+        lx += 70.0;
+        for kind in ["db", "proxy", "auth", "dns", "depends_on"] {
+            let (colour, dash, _) = style(kind);
+            let _ = writeln!(out, "    <line x1=\"{lx}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"{colour}\" stroke-width=\"2\"{dash}/><text x=\"{:.1}\" y=\"{ly:.1}\">{kind}</text>", ly - 4.0, lx + 18.0, ly - 4.0, lx + 22.0);
+            lx += 34.0 + kind.len() as f64 * 6.5;
+        }
+        let _ = writeln!(out, "    <text x=\"{lx}\" y=\"{ly:.1}\">(arrows: provider to consumer)</text>");
+    } else {
+        let _ = writeln!(out, "    <rect x=\"{lx}\" y=\"{:.1}\" width=\"14\" height=\"10\" fill=\"#ecfdf5\" stroke=\"#047857\"/><text x=\"{:.1}\" y=\"{ly:.1}\">step that runs</text>", ly - 9.0, lx + 20.0);
+        lx += 110.0;
+        let _ = writeln!(out, "    <rect x=\"{lx}\" y=\"{:.1}\" width=\"14\" height=\"10\" fill=\"#ffffff\" stroke=\"#9ca3af\" stroke-dasharray=\"4 3\"/><text x=\"{:.1}\" y=\"{ly:.1}\">no-op step (arrows: prerequisite to dependent)</text>", ly - 9.0, lx + 20.0);
+    }
+    let _ = writeln!(out, "  </g>");
     out.push_str("</svg>\n");
     out
 }

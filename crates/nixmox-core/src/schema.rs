@@ -43,6 +43,9 @@ const OCTET: &str = "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])";
 /// A host name, FQDN or IPv4 address, as accepted before a `:port`.
 const HOST: &str = "[a-z0-9]([a-z0-9.-]*[a-z0-9])?";
 /// An http(s) URL: host, optional port, optional path; no whitespace or credentials.
+/// A port number other than 0 (the decoder also checks it is at most 65535).
+const PORT: &str = "0*[1-9][0-9]{0,4}";
+/// An http(s) URL: host, optional port, optional path; no whitespace or credentials.
 const URL: &str = "^https?://[^\\s/?#@:]+(:[0-9]{1,5})?([/?#]\\S*)?$";
 const DURATION: &str = "^([0-9]+(ms|s|m|h|d))+$|^[0-9]+$";
 const ZERO_DURATION: &str = "^(0+(ms|s|m|h|d))+$|^0+$";
@@ -578,7 +581,7 @@ pub fn manifest() -> Value {
             "description": "A port on this service's host (1-65535), or `host:port` (an optional `http://` prefix is dropped).",
             "anyOf": [
                 {"type": "integer", "minimum": 1, "maximum": 65535},
-                {"type": "string", "pattern": format!("^(http://)?({HOST}:)?[0-9]{{1,5}}$")},
+                {"type": "string", "pattern": format!("^(http://)?({HOST}:)?{PORT}$")},
             ],
         },
         "db": db,
@@ -989,7 +992,7 @@ fn check() -> Value {
             json!({
                 "description": "`host:port` that must accept a TCP connection; host is a host name, FQDN or IPv4 address.",
                 "type": "string",
-                "pattern": format!("^{HOST}:[0-9]{{1,5}}$"),
+                "pattern": format!("^{HOST}:{PORT}$"),
             }),
         )
         .set(
