@@ -80,10 +80,22 @@ impl<'s> Cx<'s> {
     }
 
     fn type_error(&mut self, node: &Node, path: &str, expected: &str) {
+        let found = match &node.kind {
+            Kind::Str(s) if s.chars().count() <= 40 => format!("the string `{s}`"),
+            Kind::Int(i) => format!("the integer {i}"),
+            Kind::Bool(b) => format!("the boolean {b}"),
+            other => other.describe().to_string(),
+        };
+        let field = last(path);
+        let subject = if field.is_empty() {
+            "the document".to_string()
+        } else {
+            format!("`{field}`")
+        };
         self.error(
             node.span,
             path,
-            format!("expected {expected}, found {}", node.kind.describe()),
+            format!("{subject} must be {expected}, found {found}"),
             None,
         );
     }
@@ -284,7 +296,8 @@ fn token_width(line: &str, col: u32) -> u32 {
                     width += 1;
                     continue;
                 }
-                if matches!(c, ',' | '}' | ']' | '#') || (c == ':' && i > 0) {
+                let next = rest.chars().nth(i + 1);
+                if matches!(c, ',' | '}' | ']') || (c == '#' && i > 0) || (c == ':' && i > 0 && next.is_none_or(|n| n == ' ')) {
                     break;
                 }
                 width += 1;
@@ -376,5 +389,6 @@ mod tests {
         assert_eq!(token_width("  cidrr: 10.0.0.0/24", 3), 5);
         assert_eq!(token_width("  cidr: 10.0.0.0/24 # x", 9), 11);
         assert_eq!(token_width("a: {x: \"a, b\"}", 8), 6);
+        assert_eq!(token_width("  liveness: http://a.lan:80a/h", 13), 18);
     }
 }

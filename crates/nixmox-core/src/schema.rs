@@ -42,7 +42,6 @@ const DOMAIN: &str = "^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\\.)*([0-9]*[a-z]([a-z
 const OCTET: &str = "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])";
 /// A host name, FQDN or IPv4 address, as accepted before a `:port`.
 const HOST: &str = "[a-z0-9]([a-z0-9.-]*[a-z0-9])?";
-/// An http(s) URL: host, optional port, optional path; no whitespace or credentials.
 /// A port number other than 0 (the decoder also checks it is at most 65535).
 const PORT: &str = "0*[1-9][0-9]{0,4}";
 /// An http(s) URL: host, optional port, optional path; no whitespace or credentials.
@@ -226,11 +225,13 @@ pub fn project() -> Value {
         )
         .opt(
             "health",
-            health_timing(
-                "Health-check timing of services that leave it out of `interface.health`.",
-                "",
-                true,
-            ),
+            timing_fields(
+                Obj::new(
+                    "Health-check timing of services that leave it out of `interface.health`.",
+                ),
+                TimingDefaults::Builtin,
+            )
+            .build(),
         )
         .build();
 
@@ -417,7 +418,7 @@ pub fn manifest() -> Value {
     ] {
         health = health.opt(key, dflt(one_or_many(what, "check"), json!([])));
     }
-    let health = timing_fields(health, "defaults.health", false).build();
+    let health = timing_fields(health, TimingDefaults::Project).build();
 
     let interface = Obj::new("What the service needs from the core services and how its health is checked (the canonical form).")
         .opt(
@@ -723,10 +724,7 @@ fn nullable(v: Value) -> Value {
 /// Adds a default: as the `default` keyword and at the end of the description.
 fn dflt(v: Value, default: Value) -> Value {
     let Value::Object(m) = v else { return v };
-    let shown = match &default {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
+    let shown = show(&default);
     let mut out = Map::new();
     for (k, x) in m {
         if k == "description" {
@@ -889,71 +887,51 @@ fn resources() -> Value {
         .build()
 }
 
-/// The health timing fields, added to `obj`. `base` names where unset fields come from (empty
-/// for the built-in defaults, which are then given as `default`s).
-fn timing_fields(mut obj: Obj, base: &str, builtin: bool) -> Obj {
+/// Where unset health timing fields come from.
+#[derive(Clone, Copy)]
+enum TimingDefaults {
+    /// The built-in defaults (`defaults.health` in nixmox.yaml).
+    Builtin,
+    /// The project's `defaults.health` (a manifest's `interface.health`).
+    Project,
+}
+
+/// Adds the health timing fields (`interval`, `timeout`, `retries`, `start_period`) to `obj`.
+fn timing_fields(mut obj: Obj, defaults: TimingDefaults) -> Obj {
     let h = DEFAULT_HEALTH;
-    let fields: [(&'static str, &str, Value, bool); 4] = [
-        (
-            "interval",
-            "Time between checks; longer than zero.",
-            json!(format_duration_ms(h.interval_ms)),
-            true,
-        ),
-        (
-            "timeout",
-            "How long one check may take; longer than zero.",
-            json!(format_duration_ms(h.timeout_ms)),
-            true,
-        ),
-        ("retries", "", json!(h.retries), false),
+    let positive_duration = |what: &str| {
+        json!({
+            "description": format!("{what} Whole seconds or a duration string like `10s`; longer than zero."),
+            "anyOf": [
+                {"type": "integer", "minimum": 1},
+                {"type": "string", "pattern": DURATION, "not": {"pattern": ZERO_DURATION}},
+            ],
+        })
+    };
+    let fields = [
+        ("interval", positive_duration("Time between checks."), json!(format_duration_ms(h.interval_ms))),
+        ("timeout", positive_duration("How long one check may take."), json!(format_duration_ms(h.timeout_ms))),
+        ("retries", int("Consecutive failures before a check counts as failed.", 0, 1000), json!(h.retries)),
         (
             "start_period",
-            "Time after start during which failures do not count.",
+            reference("Time after start during which failures do not count. Whole seconds or a duration string like `10s`.", "duration"),
             json!(format_duration_ms(h.start_period_ms)),
-            false,
         ),
     ];
-    for (key, what, default, positive) in fields {
-        let schema = if key == "retries" {
-            int(
-                "Consecutive failures before the check counts as failed.",
-                0,
-                1000,
-            )
-        } else if positive {
-            json!({
-                "description": format!("{what} A duration: whole seconds or a string like `10s`."),
-                "anyOf": [
-                    {"type": "integer", "minimum": 1},
-                    {"type": "string", "pattern": DURATION, "not": {"pattern": ZERO_DURATION}},
-                ],
-            })
-        } else {
-            json!({
-                "description": format!("{what} A duration: whole seconds or a string like `10s`."),
-                "$ref": "#/$defs/duration",
-            })
-        };
-        let schema = if builtin {
-            dflt(schema, default)
-        } else {
-            let Value::Object(mut m) = schema else {
-                unreachable!("schemas are objects")
-            };
-            let d = m
-                .get("description")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string();
-            m.insert(
-                "description".into(),
-                json!(format!(
-                    "{d} Default: `{base}.{key}` from nixmox.yaml ({}).",
+    for (key, mut schema, default) in fields {
+        let schema = match defaults {
+            TimingDefaults::Builtin => dflt(schema, default),
+            TimingDefaults::Project => {
+                let d = schema["description"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                schema["description"] = json!(format!(
+                    "{d} Default: `defaults.health.{key}` from nixmox.yaml (built in: `{}`).",
                     show(&default)
-                )),
-            );
-            Value::Object(m)
+                ));
+                schema
+            }
         };
         obj = obj.opt(key, schema);
     }
@@ -965,10 +943,6 @@ fn show(v: &Value) -> String {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     }
-}
-
-fn health_timing(description: &str, base: &str, builtin: bool) -> Value {
-    timing_fields(Obj::new(description), base, builtin).build()
 }
 
 /// One health check: a string (an http(s) URL, else a command) or an object of one kind.
