@@ -732,7 +732,8 @@ pub fn critical_path(nodes: &[(u64, Vec<usize>)]) -> Vec<usize> {
     }
     let mut end = 0;
     for i in 0..nodes.len() {
-        if dist[i] > dist[end] {
+        // On ties prefer the later step, so zero-weight tails (no-ops) stay on the path.
+        if dist[i] >= dist[end] {
             end = i;
         }
     }
