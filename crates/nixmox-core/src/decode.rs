@@ -49,6 +49,15 @@ impl<'s> Cx<'s> {
         message: String,
         help: Option<String>,
     ) -> Diagnostic {
+        // Parsers report "unexpected end of input" one line past the last one; point at the
+        // end of the last line instead, where the reader can see it.
+        let span = match self.lines.last() {
+            Some(last) if span.line as usize > self.lines.len() => Span::new(
+                u32::try_from(self.lines.len()).unwrap_or(u32::MAX),
+                u32::try_from(last.chars().count() + 1).unwrap_or(u32::MAX),
+            ),
+            _ => span,
+        };
         let snippet = self
             .lines
             .get(span.line.saturating_sub(1) as usize)

@@ -289,7 +289,7 @@ fn check_providers(cxs: &mut [Cx], specs: &[ServiceSpec]) {
                 cxs[s.file].error(
                     span.unwrap_or(s.root_span),
                     &format!("interface.{what}"),
-                    format!("`{}` needs a {} provider, and no service provides `{}`", s.name.value, cap.key(), cap.key()),
+                    format!("`{}` needs {} {} provider, and no service provides `{}`", s.name.value, if cap == Capability::Identity { "an" } else { "a" }, cap.key(), cap.key()),
                     Some(format!("add a core service with `provides: {{ {}: {{ type: {} }} }}`", cap.key(), cap.implementation())),
                 );
             }
@@ -379,14 +379,12 @@ fn check_redirects(cxs: &mut [Cx], specs: &[ServiceSpec]) {
         .flat_map(|s| s.proxies.iter().map(|p| p.value.domain.as_str()))
         .collect();
     for s in specs {
-        let Some(auth) = &s.auth else { continue };
-        let Some(oidc) = &auth.value.oidc else { continue };
-        for uri in &oidc.redirect_uris {
+        for (uri, span, field) in &s.redirects {
             let Ok(u) = crate::url::check(uri) else { continue };
             if u.scheme != "https" {
-                cxs[s.file].warning(auth.span, "interface.auth.oidc.redirect_uris", format!("redirect URI `{uri}` is not https"), Some("identity providers send codes and tokens to this URI; use https".into()));
+                cxs[s.file].warning(*span, field, format!("redirect URI `{uri}` is not https"), Some("identity providers send codes and tokens to this URI; use https".into()));
             } else if !proxied.contains(u.host.as_str()) {
-                cxs[s.file].warning(auth.span, "interface.auth.oidc.redirect_uris", format!("redirect URI `{uri}` is on `{}`, which no service proxies", u.host), Some("add a `proxy` entry for that domain, or fix the URI".into()));
+                cxs[s.file].warning(*span, field, format!("redirect URI `{uri}` is on `{}`, which no service proxies", u.host), Some("add a `proxy` entry for that domain, or fix the URI".into()));
             }
         }
     }

@@ -84,6 +84,8 @@ pub struct ServiceSpec {
     pub terraform: Vec<Sp<TerraformUse>>,
     /// Paths the manifest references that must exist: (project-relative path, span, field).
     pub paths: Vec<(String, Span, String)>,
+    /// Every redirect URI with where it was written: (uri, span, field).
+    pub redirects: Vec<(String, Span, String)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Default)]
@@ -181,6 +183,7 @@ pub fn decode(cx: &mut Cx, root: &Node, file: usize, manifest: &str, dir: &str) 
         health: HealthSpec::default(),
         terraform: Vec::new(),
         paths: Vec::new(),
+        redirects: Vec::new(),
     };
     if let Some(h) = field(root, "host") {
         decode_host(cx, h, &mut spec);
@@ -325,7 +328,7 @@ fn decode_interface(cx: &mut Cx, i: &Node, spec: &mut ServiceSpec) {
         }
     }
     if let Some(n) = field(i, "auth") {
-        if let Some(a) = decode_auth(cx, n, "interface.auth", &spec.name.value) {
+        if let Some(a) = decode_auth(cx, n, "interface.auth", &spec.name.value, &mut spec.redirects) {
             spec.auth = Some(Sp { value: a, span: n.span });
         }
     }
@@ -503,7 +506,7 @@ fn upstream(cx: &mut Cx, n: &Node, path: &str) -> Option<Upstream> {
     }
 }
 
-fn decode_auth(cx: &mut Cx, n: &Node, path: &str, service: &ServiceName) -> Option<Auth> {
+fn decode_auth(cx: &mut Cx, n: &Node, path: &str, service: &ServiceName, redirects: &mut Vec<(String, Span, String)>) -> Option<Auth> {
     cx.map(n, path, AUTH_FIELDS)?;
     let before = cx.errors();
     let provider = match field(n, "provider") {
@@ -513,7 +516,7 @@ fn decode_auth(cx: &mut Cx, n: &Node, path: &str, service: &ServiceName) -> Opti
     let display_name = field(n, "name")
         .and_then(|v| non_empty_string(cx, v, &join(path, "name")))
         .unwrap_or_else(|| service.as_str().to_string());
-    let oidc = field(n, "oidc").and_then(|o| decode_oidc(cx, o, &join(path, "oidc"), service));
+    let oidc = field(n, "oidc").and_then(|o| decode_oidc(cx, o, &join(path, "oidc"), service, redirects));
     (cx.errors() == before).then_some(Auth {
         provider,
         display_name,
@@ -521,7 +524,7 @@ fn decode_auth(cx: &mut Cx, n: &Node, path: &str, service: &ServiceName) -> Opti
     })
 }
 
-fn decode_oidc(cx: &mut Cx, n: &Node, path: &str, service: &ServiceName) -> Option<Oidc> {
+fn decode_oidc(cx: &mut Cx, n: &Node, path: &str, service: &ServiceName, redirects: &mut Vec<(String, Span, String)>) -> Option<Oidc> {
     cx.map(n, path, OIDC_FIELDS)?;
     let before = cx.errors();
     let client_id = field(n, "client_id")
@@ -540,6 +543,7 @@ fn decode_oidc(cx: &mut Cx, n: &Node, path: &str, service: &ServiceName) -> Opti
         let rpath = join(path, "redirect_uris");
         for (i, (u, span)) in cx.strings(r, &rpath).into_iter().enumerate() {
             check_url(cx, &u, span, &index(&rpath, i));
+            redirects.push((u.clone(), span, index(&rpath, i)));
             redirect_uris.push(u);
         }
     }
@@ -916,6 +920,7 @@ fn decode_requirements(cx: &mut Cx, r: &Node, spec: &mut ServiceSpec) {
             if let Some(u) = field(o, "redirect_uri") {
                 for (i, (s, span)) in cx.strings(u, &join(path, "redirect_uri")).into_iter().enumerate() {
                     check_url(cx, &s, span, &index(&join(path, "redirect_uri"), i));
+                    spec.redirects.push((s.clone(), span, index(&join(path, "redirect_uri"), i)));
                     redirect_uris.push(s);
                 }
             }

@@ -115,7 +115,7 @@ pub fn project() -> Value {
                 "Where the Proxmox API token is read from: exactly one of `env` or `file`. Never the token itself (a plain string is refused). The token is `user@realm!tokenid=secret`.",
             )
             .opt("env", text("The name of an environment variable holding the token."))
-            .opt("file", text("A file holding the token, relative to the project directory."))
+            .opt("file", text("The path of a file holding the token."))
             .build(),
             json!({"env": "PROXMOX_API_TOKEN"}),
         );
@@ -125,8 +125,8 @@ pub fn project() -> Value {
         ]);
         t
     };
-    let tls = Obj::new("How the Proxmox API's TLS certificate is checked. Default: against the system's trusted CAs.")
-        .opt("ca_file", text("A PEM file with the CA that signed the Proxmox certificate, relative to the project directory. Default: none."))
+    let tls = Obj::new("How the Proxmox API's TLS certificate is checked.")
+        .opt("ca_file", text("A PEM file with the CA that signed the Proxmox certificate. Default: none."))
         .opt(
             "fingerprint",
             pattern(
@@ -149,7 +149,7 @@ pub fn project() -> Value {
         .opt(
             "backend",
             enumeration(
-                "`terraform`: generated Terraform with the bpg/proxmox provider; `proxmox-api`: the Proxmox API directly; `none`: the hosts exist already and are only configured.",
+                "`terraform`: through generated Terraform; `proxmox-api`: through the Proxmox API directly; `none`: the hosts exist already and are only configured.",
                 &["terraform", "proxmox-api", "none"],
                 Some("terraform"),
             ),
@@ -192,7 +192,7 @@ pub fn project() -> Value {
             "deployer",
             dflt(
                 json!({
-                    "description": "How configurations are activated on the hosts: `nixos-rebuild` (`nixos-rebuild switch --target-host`), `colmena`, or your own command.",
+                    "description": "How configurations are deployed to the hosts: `nixos-rebuild`, `colmena`, or your own command.",
                     "anyOf": [
                         {"type": "string", "enum": ["nixos-rebuild", "colmena"]},
                         deployer_command,
@@ -522,7 +522,7 @@ pub fn manifest() -> Value {
         .opt(
             "phase",
             enumeration(
-                "When the modules are applied: `service-infra` (before the service's host is configured) or `service-config` (after it is up).",
+                "When the modules are applied: `service-infra` (before the service's NixOS configuration is deployed) or `service-config` (after it).",
                 &["service-infra", "service-config"],
                 Some("service-infra"),
             ),
@@ -767,7 +767,7 @@ fn pattern(description: &str, pattern: &str) -> Value {
 
 fn sql_name(description: &str) -> Value {
     json!({
-        "description": format!("{description} Lowercase letters, digits, `_` and `-`, starting with a letter or `_`, at most 63 characters."),
+        "description": with_rule(description, "Lowercase letters, digits, `_` and `-`, starting with a letter or `_`, at most 63 characters."),
         "type": "string",
         "pattern": SQL_NAME,
     })
@@ -799,12 +799,20 @@ fn constant(description: &str, value: &str) -> Value {
 /// An integer in `min..=max`; an integer written as a string is accepted too.
 fn int(description: &str, min: i64, max: i64) -> Value {
     json!({
-        "description": format!("{description} An integer from {min} to {max}."),
+        "description": with_rule(description, &format!("An integer from {min} to {max}.")),
         "anyOf": [
             {"type": "integer", "minimum": min, "maximum": max},
             {"type": "string", "pattern": INT_STRING},
         ],
     })
+}
+
+/// Adds a sentence on what is accepted, before the description's `Default:` sentence if any.
+fn with_rule(description: &str, rule: &str) -> String {
+    match description.split_once(" Default:") {
+        Some((what, default)) => format!("{what} {rule} Default:{default}"),
+        None => format!("{description} {rule}"),
+    }
 }
 
 fn reference(description: &str, def: &str) -> Value {
@@ -958,9 +966,9 @@ fn check() -> Value {
                 ],
             }),
         )
-        .set("http", json!({"description": "An http(s) URL fetched from NixMox's machine; healthy on a 2xx answer unless `status` says otherwise.", "type": "string", "pattern": URL}))
-        .opt("status", int("The HTTP status that counts as healthy (with `http`). Default: any 2xx.", 100, 599))
-        .opt("body", text("Text the response body must contain (with `http`). Default: none."))
+        .set("http", json!({"description": "An http(s) URL that must answer; `status` and `body` narrow what counts as healthy.", "type": "string", "pattern": URL}))
+        .opt("status", int("The HTTP status the answer must have (with `http`). Default: not checked.", 100, 599))
+        .opt("body", text("Text the response body must contain (with `http`). Default: not checked."))
         .set(
             "tcp",
             json!({
@@ -971,9 +979,9 @@ fn check() -> Value {
         )
         .set(
             "dns",
-            json!({"description": "A name that must resolve through the project's DNS.", "type": "string", "pattern": format!("^{HOST}$")}),
+            json!({"description": "A host name or FQDN that must resolve.", "type": "string", "pattern": format!("^{HOST}$")}),
         )
-        .opt("expect", reference("The IPv4 address the name must resolve to (with `dns`). Default: any.", "ipv4"))
+        .opt("expect", reference("The IPv4 address the name must resolve to (with `dns`). Default: not checked.", "ipv4"))
         .build();
     let mut object = object;
     let kinds: [(&str, &[&str]); 4] = [
@@ -996,7 +1004,7 @@ fn check() -> Value {
             .collect(),
     );
     json!({
-        "description": "A health check: a string is an http(s) URL (fetched, healthy on 2xx) or else a command run on the host; or an object of one kind.",
+        "description": "A health check: a string starting with `http://` or `https://` is an `http` check, any other string a `command`; or an object of one kind.",
         "anyOf": [
             {"type": "string", "pattern": NON_BLANK},
             object,
