@@ -11,8 +11,19 @@ use crate::model::{
 use crate::syntax::{Kind, Node};
 
 pub const TOP_FIELDS: &[&str] = &[
-    "project", "domain", "network", "pools", "proxmox", "infra", "ssh", "nix", "terraform",
-    "defaults", "state", "secrets", "deploy",
+    "project",
+    "domain",
+    "network",
+    "pools",
+    "proxmox",
+    "infra",
+    "ssh",
+    "nix",
+    "terraform",
+    "defaults",
+    "state",
+    "secrets",
+    "deploy",
 ];
 pub const NETWORK_FIELDS: &[&str] = &["cidr", "gateway", "vlan", "bridge", "nameservers"];
 pub const POOLS_FIELDS: &[&str] = &["vmid", "ip"];
@@ -88,27 +99,40 @@ pub fn decode(cx: &mut Cx, root: &Node) -> Option<ProjectConfig> {
             }
         }
     });
-    let domain = cx.required(root, "", "domain").and_then(|n| domain(cx, n, "domain"));
-    let network = cx.required(root, "", "network").and_then(|n| decode_network(cx, n));
+    let domain = cx
+        .required(root, "", "domain")
+        .and_then(|n| domain(cx, n, "domain"));
+    let network = cx
+        .required(root, "", "network")
+        .and_then(|n| decode_network(cx, n));
     let pools = network
         .as_ref()
         .and_then(|net| decode_pools(cx, field(root, "pools"), net));
     let proxmox = decode_proxmox(cx, field(root, "proxmox"));
     let infra = match field(root, "infra") {
         None => Some(InfraBackend::Terraform),
-        Some(n) => cx.map(n, "infra", INFRA_FIELDS).and_then(|_| match field(n, "backend") {
-            None => Some(InfraBackend::Terraform),
-            Some(b) => choice(cx, b, "infra.backend", &[
-                ("terraform", InfraBackend::Terraform),
-                ("proxmox-api", InfraBackend::ProxmoxApi),
-                ("none", InfraBackend::None),
-            ]),
-        }),
+        Some(n) => cx
+            .map(n, "infra", INFRA_FIELDS)
+            .and_then(|_| match field(n, "backend") {
+                None => Some(InfraBackend::Terraform),
+                Some(b) => choice(
+                    cx,
+                    b,
+                    "infra.backend",
+                    &[
+                        ("terraform", InfraBackend::Terraform),
+                        ("proxmox-api", InfraBackend::ProxmoxApi),
+                        ("none", InfraBackend::None),
+                    ],
+                ),
+            }),
     };
     let ssh = decode_ssh(cx, field(root, "ssh"));
     let nix = decode_nix(cx, field(root, "nix"));
     let terraform = match field(root, "terraform") {
-        None => Some(Terraform { binary: "terraform".into() }),
+        None => Some(Terraform {
+            binary: "terraform".into(),
+        }),
         Some(n) => cx.map(n, "terraform", TERRAFORM_FIELDS).map(|_| Terraform {
             binary: field(n, "binary")
                 .and_then(|b| cx.string(b, "terraform.binary"))
@@ -117,7 +141,9 @@ pub fn decode(cx: &mut Cx, root: &Node) -> Option<ProjectConfig> {
     };
     let defaults = decode_defaults(cx, field(root, "defaults"));
     let state = match field(root, "state") {
-        None => Some(StateConfig { path: ".nixmox/state.db".into() }),
+        None => Some(StateConfig {
+            path: ".nixmox/state.db".into(),
+        }),
         Some(n) => cx.map(n, "state", STATE_FIELDS).map(|_| {
             if let Some(b) = field(n, "backend") {
                 let _ = choice(cx, b, "state.backend", &[("sqlite", ())]);
@@ -196,7 +222,12 @@ pub fn choice<T: Clone>(cx: &mut Cx, n: &Node, path: &str, options: &[(&str, T)]
         Some(m) => format!("did you mean `{m}`? (one of: {})", names.join(", ")),
         None => format!("expected one of: {}", names.join(", ")),
     };
-    cx.error(n.span, path, format!("unknown value `{s}` for `{path}`"), Some(help));
+    cx.error(
+        n.span,
+        path,
+        format!("unknown value `{s}` for `{path}`"),
+        Some(help),
+    );
     None
 }
 
@@ -205,7 +236,12 @@ pub fn ip(cx: &mut Cx, n: &Node, path: &str) -> Option<Ipv4Addr> {
     match parse_ip(&s) {
         Ok(ip) => Some(ip),
         Err(why) => {
-            cx.error(n.span, path, format!("invalid IP address: {why}"), Some("write a dotted IPv4 address like 192.168.99.20".into()));
+            cx.error(
+                n.span,
+                path,
+                format!("invalid IP address: {why}"),
+                Some("write a dotted IPv4 address like 192.168.99.20".into()),
+            );
             None
         }
     }
@@ -218,7 +254,12 @@ fn decode_network(cx: &mut Cx, n: &Node) -> Option<Network> {
         match Cidr::parse(&s) {
             Ok(v) => Some(v),
             Err(why) => {
-                cx.error(c.span, "network.cidr", format!("invalid network `{s}`: {why}"), Some("write the network in CIDR notation, like 192.168.99.0/24".into()));
+                cx.error(
+                    c.span,
+                    "network.cidr",
+                    format!("invalid network `{s}`: {why}"),
+                    Some("write the network in CIDR notation, like 192.168.99.0/24".into()),
+                );
                 None
             }
         }
@@ -228,15 +269,26 @@ fn decode_network(cx: &mut Cx, n: &Node) -> Option<Network> {
         .and_then(|g| ip(cx, g, "network.gateway").map(|ip| (ip, g.span)));
     if let (Some(cidr), Some((gw, span))) = (cidr, gateway) {
         if !cidr.contains(gw) {
-            cx.error(span, "network.gateway", format!("gateway {gw} is outside the network {cidr}"), Some(format!("the gateway must be an address in {cidr}")));
+            cx.error(
+                span,
+                "network.gateway",
+                format!("gateway {gw} is outside the network {cidr}"),
+                Some(format!("the gateway must be an address in {cidr}")),
+            );
             return None;
         }
         if cidr.is_reserved(gw) {
-            cx.error(span, "network.gateway", format!("gateway {gw} is the network or broadcast address of {cidr}"), None);
+            cx.error(
+                span,
+                "network.gateway",
+                format!("gateway {gw} is the network or broadcast address of {cidr}"),
+                None,
+            );
             return None;
         }
     }
-    let vlan = field(n, "vlan").and_then(|v| cx.int(v, "network.vlan", 1, 4094, "").map(|v| v as u16));
+    let vlan =
+        field(n, "vlan").and_then(|v| cx.int(v, "network.vlan", 1, 4094, "").map(|v| v as u16));
     let bridge = field(n, "bridge")
         .and_then(|b| cx.string(b, "network.bridge"))
         .unwrap_or_else(|| "vmbr0".into());
@@ -246,7 +298,8 @@ fn decode_network(cx: &mut Cx, n: &Node) -> Option<Network> {
             let mut out = Vec::new();
             if let Some(items) = cx.list(list, "network.nameservers") {
                 for (i, item) in items.iter().enumerate() {
-                    if let Some(ip) = ip(cx, item, &crate::decode::index("network.nameservers", i)) {
+                    if let Some(ip) = ip(cx, item, &crate::decode::index("network.nameservers", i))
+                    {
                         out.push(ip);
                     }
                 }
@@ -279,11 +332,21 @@ fn decode_pools(cx: &mut Cx, n: Option<&Node>, net: &Network) -> Option<Pools> {
             match parse_range(&s, |x| x.trim().parse::<u32>().ok()) {
                 Some(r) if r.start >= 100 && r.end <= 999_999_999 => Some(r),
                 Some(_) => {
-                    cx.error(v.span, "pools.vmid", format!("vmid pool `{s}` is outside 100-999999999"), Some("Proxmox reserves ids below 100".into()));
+                    cx.error(
+                        v.span,
+                        "pools.vmid",
+                        format!("vmid pool `{s}` is outside 100-999999999"),
+                        Some("Proxmox reserves ids below 100".into()),
+                    );
                     None
                 }
                 None => {
-                    cx.error(v.span, "pools.vmid", format!("invalid vmid range `{s}`"), Some("write `first-last` with first <= last, like 900-999".into()));
+                    cx.error(
+                        v.span,
+                        "pools.vmid",
+                        format!("invalid vmid range `{s}`"),
+                        Some("write `first-last` with first <= last, like 900-999".into()),
+                    );
                     None
                 }
             }
@@ -297,10 +360,22 @@ fn decode_pools(cx: &mut Cx, n: Option<&Node>, net: &Network) -> Option<Pools> {
                 Some(r) => {
                     let cidr = net.cidr;
                     if !cidr.contains(r.start) || !cidr.contains(r.end) {
-                        cx.error(v.span, "pools.ip", format!("IP pool `{s}` is not inside the network {cidr}"), None);
+                        cx.error(
+                            v.span,
+                            "pools.ip",
+                            format!("IP pool `{s}` is not inside the network {cidr}"),
+                            None,
+                        );
                         None
                     } else if cidr.is_reserved(r.start) || cidr.is_reserved(r.end) {
-                        cx.error(v.span, "pools.ip", format!("IP pool `{s}` includes the network or broadcast address of {cidr}"), None);
+                        cx.error(
+                            v.span,
+                            "pools.ip",
+                            format!(
+                                "IP pool `{s}` includes the network or broadcast address of {cidr}"
+                            ),
+                            None,
+                        );
                         None
                     } else {
                         Some(r)
@@ -313,7 +388,10 @@ fn decode_pools(cx: &mut Cx, n: Option<&Node>, net: &Network) -> Option<Pools> {
             }
         }
     };
-    Some(Pools { vmid: vmid?, ip: ip? })
+    Some(Pools {
+        vmid: vmid?,
+        ip: ip?,
+    })
 }
 
 /// The default address pool: host addresses 100 to 199 of the network when it is big enough,
@@ -334,7 +412,10 @@ fn default_ip_pool(net: &Network) -> Range<Ipv4Addr> {
     }
 }
 
-fn parse_range<T: PartialOrd + Copy>(s: &str, parse: impl Fn(&str) -> Option<T>) -> Option<Range<T>> {
+fn parse_range<T: PartialOrd + Copy>(
+    s: &str,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Option<Range<T>> {
     let (a, b) = s.split_once('-')?;
     let (start, end) = (parse(a)?, parse(b)?);
     (start <= end).then_some(Range { start, end })
@@ -357,19 +438,33 @@ fn decode_proxmox(cx: &mut Cx, n: Option<&Node>) -> Option<Proxmox> {
             Some(url) => match crate::url::check(&url) {
                 Ok(_) => p.endpoint = Some(url),
                 Err(why) => {
-                    cx.error(e.span, "proxmox.endpoint", format!("invalid URL `{url}`: {why}"), Some("like https://pve.example.lan:8006".into()));
+                    cx.error(
+                        e.span,
+                        "proxmox.endpoint",
+                        format!("invalid URL `{url}`: {why}"),
+                        Some("like https://pve.example.lan:8006".into()),
+                    );
                     ok = false;
                 }
             },
             None => ok = false,
         }
     }
-    for (key, slot) in [("node", &mut p.node), ("storage", &mut p.storage), ("template", &mut p.template)] {
+    for (key, slot) in [
+        ("node", &mut p.node),
+        ("storage", &mut p.storage),
+        ("template", &mut p.template),
+    ] {
         if let Some(v) = field(n, key) {
             match cx.string(v, &join("proxmox", key)) {
                 Some(s) if !s.is_empty() => *slot = s,
                 Some(_) => {
-                    cx.error(v.span, &join("proxmox", key), format!("`proxmox.{key}` must not be empty"), None);
+                    cx.error(
+                        v.span,
+                        &join("proxmox", key),
+                        format!("`proxmox.{key}` must not be empty"),
+                        None,
+                    );
                     ok = false;
                 }
                 None => ok = false,
@@ -417,7 +512,12 @@ pub fn secret_ref(cx: &mut Cx, n: &Node, path: &str) -> Option<SecretRef> {
         (Some(e), None) => cx.string(e, &join(path, "env")).map(SecretRef::Env),
         (None, Some(f)) => cx.string(f, &join(path, "file")).map(SecretRef::File),
         _ => {
-            cx.error(n.span, path, format!("`{path}` needs exactly one of `env` or `file`"), None);
+            cx.error(
+                n.span,
+                path,
+                format!("`{path}` needs exactly one of `env` or `file`"),
+                None,
+            );
             None
         }
     }
@@ -425,7 +525,10 @@ pub fn secret_ref(cx: &mut Cx, n: &Node, path: &str) -> Option<SecretRef> {
 
 fn decode_ssh(cx: &mut Cx, n: Option<&Node>) -> Option<Ssh> {
     let Some(n) = n else {
-        return Some(Ssh { user: "root".into(), authorized_keys: Vec::new() });
+        return Some(Ssh {
+            user: "root".into(),
+            authorized_keys: Vec::new(),
+        });
     };
     cx.map(n, "ssh", SSH_FIELDS)?;
     let user = field(n, "user")
@@ -438,10 +541,19 @@ fn decode_ssh(cx: &mut Cx, n: Option<&Node>) -> Option<Ssh> {
     for (k, span) in &keys {
         let mut parts = k.split_whitespace();
         let kind = parts.next().unwrap_or("");
-        let valid = (kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-"))
-            && parts.next().is_some_and(|b| b.len() > 20);
+        let valid =
+            (kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-"))
+                && parts.next().is_some_and(|b| b.len() > 20);
         if !valid {
-            cx.error(*span, "ssh.authorized_keys", "not an SSH public key", Some("give the whole public key line, like `ssh-ed25519 AAAAC3Nz... you@laptop`".into()));
+            cx.error(
+                *span,
+                "ssh.authorized_keys",
+                "not an SSH public key",
+                Some(
+                    "give the whole public key line, like `ssh-ed25519 AAAAC3Nz... you@laptop`"
+                        .into(),
+                ),
+            );
             ok = false;
         }
     }
@@ -472,7 +584,12 @@ fn decode_nix(cx: &mut Cx, n: Option<&Node>) -> Option<Nix> {
                     .map(|(s, _)| s)
                     .collect();
                 if command.is_empty() {
-                    cx.error(d.span, "nix.deployer.command", "the deployer command is empty", Some("give an argv list, like [./deploy.sh, \"{host}\", \"{ip}\"]".into()));
+                    cx.error(
+                        d.span,
+                        "nix.deployer.command",
+                        "the deployer command is empty",
+                        Some("give an argv list, like [./deploy.sh, \"{host}\", \"{ip}\"]".into()),
+                    );
                     return None;
                 }
                 let rollback = field(d, "rollback")
@@ -483,10 +600,15 @@ fn decode_nix(cx: &mut Cx, n: Option<&Node>) -> Option<Nix> {
                     .collect();
                 Deployer::Command { command, rollback }
             }
-            _ => choice(cx, d, "nix.deployer", &[
-                ("nixos-rebuild", Deployer::NixosRebuild),
-                ("colmena", Deployer::Colmena),
-            ])?,
+            _ => choice(
+                cx,
+                d,
+                "nix.deployer",
+                &[
+                    ("nixos-rebuild", Deployer::NixosRebuild),
+                    ("colmena", Deployer::Colmena),
+                ],
+            )?,
         };
     }
     Some(nix)
@@ -535,10 +657,14 @@ pub fn timing(cx: &mut Cx, n: &Node, path: &str, base: HealthTiming) -> Option<H
     let before = cx.errors();
     let mut t = base;
     if let Some(v) = field(n, "interval") {
-        t.interval_ms = cx.duration(v, &join(path, "interval")).unwrap_or(t.interval_ms);
+        t.interval_ms = cx
+            .duration(v, &join(path, "interval"))
+            .unwrap_or(t.interval_ms);
     }
     if let Some(v) = field(n, "timeout") {
-        t.timeout_ms = cx.duration(v, &join(path, "timeout")).unwrap_or(t.timeout_ms);
+        t.timeout_ms = cx
+            .duration(v, &join(path, "timeout"))
+            .unwrap_or(t.timeout_ms);
     }
     if let Some(v) = field(n, "retries") {
         t.retries = cx.int(v, &join(path, "retries"), 0, 1000, "").unwrap_or(0) as u32;
@@ -549,7 +675,12 @@ pub fn timing(cx: &mut Cx, n: &Node, path: &str, base: HealthTiming) -> Option<H
     for (key, ms) in [("interval", t.interval_ms), ("timeout", t.timeout_ms)] {
         if ms == 0 {
             if let Some(v) = field(n, key) {
-                cx.error(v.span, &join(path, key), format!("`{key}` must be longer than zero"), None);
+                cx.error(
+                    v.span,
+                    &join(path, key),
+                    format!("`{key}` must be longer than zero"),
+                    None,
+                );
             }
         }
     }

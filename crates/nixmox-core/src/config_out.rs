@@ -75,7 +75,12 @@ pub fn resolved(p: &Project, only: &[usize]) -> Value {
 /// The nameservers hosts use: the configured ones, else the DNS provider's address.
 pub fn effective_nameservers(p: &Project) -> Vec<String> {
     if !p.network.nameservers.is_empty() {
-        return p.network.nameservers.iter().map(|n| n.to_string()).collect();
+        return p
+            .network
+            .nameservers
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
     }
     p.provider(crate::model::Capability::Dns)
         .map(|d| vec![d.host.ip.to_string()])
@@ -194,9 +199,18 @@ fn service(p: &Project, i: usize, s: &Service) -> Value {
         interface.insert("auth".into(), Value::Object(m));
     }
     let mut health = Map::new();
-    health.insert("startup".into(), Value::Array(s.health.startup.iter().map(check).collect()));
-    health.insert("liveness".into(), Value::Array(s.health.liveness.iter().map(check).collect()));
-    health.insert("readiness".into(), Value::Array(s.health.readiness.iter().map(check).collect()));
+    health.insert(
+        "startup".into(),
+        Value::Array(s.health.startup.iter().map(check).collect()),
+    );
+    health.insert(
+        "liveness".into(),
+        Value::Array(s.health.liveness.iter().map(check).collect()),
+    );
+    health.insert(
+        "readiness".into(),
+        Value::Array(s.health.readiness.iter().map(check).collect()),
+    );
     if let Value::Object(t) = timing(&s.health.timing) {
         health.extend(t);
     }

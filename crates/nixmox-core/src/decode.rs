@@ -78,12 +78,24 @@ impl<'s> Cx<'s> {
         }
     }
 
-    pub fn error(&mut self, span: Span, field: &str, message: impl Into<String>, help: Option<String>) {
+    pub fn error(
+        &mut self,
+        span: Span,
+        field: &str,
+        message: impl Into<String>,
+        help: Option<String>,
+    ) {
         let d = self.diag(Severity::Error, span, field, message.into(), help);
         self.diags.push(d);
     }
 
-    pub fn warning(&mut self, span: Span, field: &str, message: impl Into<String>, help: Option<String>) {
+    pub fn warning(
+        &mut self,
+        span: Span,
+        field: &str,
+        message: impl Into<String>,
+        help: Option<String>,
+    ) {
         let d = self.diag(Severity::Warning, span, field, message.into(), help);
         self.diags.push(d);
     }
@@ -207,7 +219,10 @@ impl<'s> Cx<'s> {
                 node.span,
                 path,
                 format!("`{}` is {value}{unit}, out of range", last(path)),
-                Some(format!("`{}` must be between {min} and {max}{unit}", last(path))),
+                Some(format!(
+                    "`{}` must be between {min} and {max}{unit}",
+                    last(path)
+                )),
             );
             return None;
         }
@@ -306,7 +321,10 @@ fn token_width(line: &str, col: u32) -> u32 {
                     continue;
                 }
                 let next = rest.chars().nth(i + 1);
-                if matches!(c, ',' | '}' | ']') || (c == '#' && i > 0) || (c == ':' && i > 0 && next.is_none_or(|n| n == ' ')) {
+                if matches!(c, ',' | '}' | ']')
+                    || (c == '#' && i > 0)
+                    || (c == ':' && i > 0 && next.is_none_or(|n| n == ' '))
+                {
                     break;
                 }
                 width += 1;
@@ -362,7 +380,7 @@ pub fn format_duration_ms(ms: u64) -> String {
     if ms == 0 {
         return "0s".into();
     }
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         return format!("{ms}ms");
     }
     let mut secs = ms / 1000;

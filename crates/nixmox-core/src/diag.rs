@@ -51,7 +51,7 @@ impl Diagnostic {
                     let lead: String = snippet
                         .chars()
                         .take(span.col.saturating_sub(1) as usize)
-                        .map(|c| if c == '\t' { ' ' } else { ' ' })
+                        .map(|_| ' ')
                         .collect();
                     let carets = "^".repeat(self.width.max(1) as usize);
                     match &self.field {
@@ -90,9 +90,7 @@ impl Diagnostic {
 /// Renders a list of diagnostics separated by blank lines, errors first in file order.
 pub fn render_all(diags: &[Diagnostic]) -> String {
     let mut sorted: Vec<&Diagnostic> = diags.iter().collect();
-    sorted.sort_by(|a, b| {
-        (a.severity, &a.file, a.span).cmp(&(b.severity, &b.file, b.span))
-    });
+    sorted.sort_by(|a, b| (a.severity, &a.file, a.span).cmp(&(b.severity, &b.file, b.span)));
     sorted
         .iter()
         .map(|d| d.render())
@@ -101,7 +99,10 @@ pub fn render_all(diags: &[Diagnostic]) -> String {
 }
 
 /// The closest candidate by edit distance, when it is close enough to be a likely typo.
-pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     let mut best: Option<(usize, &str)> = None;
     for c in candidates {
         let d = levenshtein(&word.to_ascii_lowercase(), &c.to_ascii_lowercase());
@@ -148,7 +149,10 @@ mod tests {
     #[test]
     fn suggestions() {
         assert_eq!(did_you_mean("cidrr", ["cidr", "gateway"]), Some("cidr"));
-        assert_eq!(did_you_mean("postgres", ["postgresql", "caddy"]), Some("postgresql"));
+        assert_eq!(
+            did_you_mean("postgres", ["postgresql", "caddy"]),
+            Some("postgresql")
+        );
         assert_eq!(did_you_mean("zzz", ["cidr", "gateway"]), None);
         assert_eq!(did_you_mean("dsn", ["dns", "app"]), Some("dns"));
     }

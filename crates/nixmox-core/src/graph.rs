@@ -42,17 +42,28 @@ pub fn services(p: &Project) -> Picture {
             id: s.name.to_string(),
             label: s.name.to_string(),
             sublabel: if s.is_core() {
-                s.provides.iter().map(|c| c.implementation()).collect::<Vec<_>>().join(", ")
+                s.provides
+                    .iter()
+                    .map(|c| c.implementation())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             } else {
                 s.host.ip.to_string()
             },
-            class: if s.is_core() { NodeClass::Core } else { NodeClass::Service },
+            class: if s.is_core() {
+                NodeClass::Core
+            } else {
+                NodeClass::Service
+            },
         })
         .collect();
     // Merge parallel edges into one with a combined label.
     let mut merged: BTreeMap<(usize, usize), Vec<&'static str>> = BTreeMap::new();
     for e in &p.edges {
-        merged.entry((e.to, e.from)).or_default().push(e.kind.as_str());
+        merged
+            .entry((e.to, e.from))
+            .or_default()
+            .push(e.kind.as_str());
     }
     let edges = merged
         .into_iter()
@@ -74,7 +85,11 @@ pub fn steps(plan: &Plan) -> Picture {
             id: s.id.clone(),
             label: s.id.clone(),
             sublabel: format!("{} · {}", s.action.as_str(), s.change.as_str()),
-            class: if s.action == Action::Run { NodeClass::StepRun } else { NodeClass::StepNoop },
+            class: if s.action == Action::Run {
+                NodeClass::StepRun
+            } else {
+                NodeClass::StepNoop
+            },
         })
         .collect();
     let mut edges = Vec::new();
@@ -118,7 +133,13 @@ pub fn to_dot(pic: &Picture) -> String {
         if label.is_empty() {
             let _ = writeln!(out, "  \"{}\" -> \"{}\";", dot_escape(a), dot_escape(b));
         } else {
-            let _ = writeln!(out, "  \"{}\" -> \"{}\" [label=\"{}\"];", dot_escape(a), dot_escape(b), dot_escape(label));
+            let _ = writeln!(
+                out,
+                "  \"{}\" -> \"{}\" [label=\"{}\"];",
+                dot_escape(a),
+                dot_escape(b),
+                dot_escape(label)
+            );
         }
     }
     out.push_str("}\n");
@@ -139,11 +160,23 @@ pub fn to_mermaid(pic: &Picture) -> String {
         if label.is_empty() {
             let _ = writeln!(out, "  {} --> {}", mid(*a), mid(*b));
         } else {
-            let _ = writeln!(out, "  {} -->|{}| {}", mid(*a), label.replace('|', "/"), mid(*b));
+            let _ = writeln!(
+                out,
+                "  {} -->|{}| {}",
+                mid(*a),
+                label.replace('|', "/"),
+                mid(*b)
+            );
         }
     }
     out.push_str("  classDef core fill:#dbeafe,stroke:#1d4ed8,stroke-width:2px\n");
-    let core: Vec<String> = pic.nodes.iter().enumerate().filter(|(_, n)| n.class == NodeClass::Core).map(|(i, _)| mid(i)).collect();
+    let core: Vec<String> = pic
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.class == NodeClass::Core)
+        .map(|(i, _)| mid(i))
+        .collect();
     if !core.is_empty() {
         let _ = writeln!(out, "  class {} core", core.join(","));
     }
@@ -151,7 +184,10 @@ pub fn to_mermaid(pic: &Picture) -> String {
 }
 
 fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// Draws the picture: nodes in layers by longest path from the sources, ordered within a
@@ -214,13 +250,17 @@ pub fn to_svg(pic: &Picture) -> String {
     let widest = rows.iter().map(Vec::len).max().unwrap_or(1).max(1) as f64;
     // At least as wide as the legend.
     let width = (margin * 2.0 + widest * box_w + (widest - 1.0) * gap_x).max(720.0);
-    let height = margin * 2.0 + 30.0 + layers as f64 * box_h + (layers.max(1) - 1) as f64 * gap_y + 40.0;
+    let height =
+        margin * 2.0 + 30.0 + layers as f64 * box_h + (layers.max(1) - 1) as f64 * gap_y + 40.0;
     let mut xy = vec![(0f64, 0f64); n];
     for (l, row) in rows.iter().enumerate() {
         let row_w = row.len() as f64 * box_w + (row.len().max(1) - 1) as f64 * gap_x;
         let x0 = (width - row_w) / 2.0;
         for (k, &i) in row.iter().enumerate() {
-            xy[i] = (x0 + k as f64 * (box_w + gap_x), margin + 30.0 + l as f64 * (box_h + gap_y));
+            xy[i] = (
+                x0 + k as f64 * (box_w + gap_x),
+                margin + 30.0 + l as f64 * (box_h + gap_y),
+            );
         }
     }
     let mut out = String::new();
@@ -228,7 +268,10 @@ pub fn to_svg(pic: &Picture) -> String {
     let _ = writeln!(out, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{height:.0}\" viewBox=\"0 0 {width:.0} {height:.0}\" font-family=\"sans-serif\">");
     let _ = writeln!(out, "  <title>{}</title>", xml_escape(&pic.title));
     let _ = writeln!(out, "  <defs><marker id=\"arrow\" viewBox=\"0 0 10 10\" refX=\"10\" refY=\"5\" markerWidth=\"7\" markerHeight=\"7\" orient=\"auto-start-reverse\"><path d=\"M 0 0 L 10 5 L 0 10 z\" fill=\"#6b7280\"/></marker></defs>");
-    let _ = writeln!(out, "  <rect width=\"100%\" height=\"100%\" fill=\"#ffffff\"/>");
+    let _ = writeln!(
+        out,
+        "  <rect width=\"100%\" height=\"100%\" fill=\"#ffffff\"/>"
+    );
     let _ = writeln!(out, "  <text x=\"{margin}\" y=\"{}\" font-size=\"16\" font-weight=\"bold\" fill=\"#111827\">{}</text>", margin + 4.0, xml_escape(&pic.title));
     // Ports: spread each node's outgoing edges along its bottom and incoming along its top,
     // ordered by the other end's x, so parallel edges do not share one line.
@@ -275,7 +318,10 @@ pub fn to_svg(pic: &Picture) -> String {
         let _ = writeln!(out, "    <path class=\"edge {kind_class}\" d=\"M {x1:.1} {y1:.1} C {cx1:.1} {cy1:.1}, {cx2:.1} {cy2:.1}, {x2:.1} {y2:.1}\" stroke=\"{colour}\" stroke-width=\"{width}\"{dash} marker-end=\"url(#arrow)\"/>");
     }
     let _ = writeln!(out, "  </g>");
-    let _ = writeln!(out, "  <g id=\"edge-labels\" font-size=\"10\" text-anchor=\"middle\">");
+    let _ = writeln!(
+        out,
+        "  <g id=\"edge-labels\" font-size=\"10\" text-anchor=\"middle\">"
+    );
     for (k, (_, _, label)) in pic.edges.iter().enumerate() {
         if label.is_empty() {
             continue;
@@ -283,7 +329,12 @@ pub fn to_svg(pic: &Picture) -> String {
         // Labels sit near the arrow's head, where edges have fanned out to their targets.
         let t = 0.78f64;
         let pts = curve(k);
-        let c = [(1.0 - t).powi(3), 3.0 * (1.0 - t).powi(2) * t, 3.0 * (1.0 - t) * t * t, t.powi(3)];
+        let c = [
+            (1.0 - t).powi(3),
+            3.0 * (1.0 - t).powi(2) * t,
+            3.0 * (1.0 - t) * t * t,
+            t.powi(3),
+        ];
         let mx: f64 = (0..4).map(|i| c[i] * pts[i].0).sum();
         let my: f64 = (0..4).map(|i| c[i] * pts[i].1).sum();
         let (colour, _, _) = style(label);
@@ -324,7 +375,10 @@ pub fn to_svg(pic: &Picture) -> String {
             let _ = writeln!(out, "    <line x1=\"{lx}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"{colour}\" stroke-width=\"2\"{dash}/><text x=\"{:.1}\" y=\"{ly:.1}\">{kind}</text>", ly - 4.0, lx + 18.0, ly - 4.0, lx + 22.0);
             lx += 34.0 + kind.len() as f64 * 6.5;
         }
-        let _ = writeln!(out, "    <text x=\"{lx}\" y=\"{ly:.1}\">(arrows: provider to consumer)</text>");
+        let _ = writeln!(
+            out,
+            "    <text x=\"{lx}\" y=\"{ly:.1}\">(arrows: provider to consumer)</text>"
+        );
     } else {
         let _ = writeln!(out, "    <rect x=\"{lx}\" y=\"{:.1}\" width=\"14\" height=\"10\" fill=\"#ecfdf5\" stroke=\"#047857\"/><text x=\"{:.1}\" y=\"{ly:.1}\">step that runs</text>", ly - 9.0, lx + 20.0);
         lx += 110.0;

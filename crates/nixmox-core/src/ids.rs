@@ -80,7 +80,10 @@ fn check_name(s: &str) -> Result<(), Reason> {
         return Err("it must not end with `-`".into());
     }
     if s.len() > 63 {
-        return Err(format!("it is {} characters long; the limit is 63", s.len()));
+        return Err(format!(
+            "it is {} characters long; the limit is 63",
+            s.len()
+        ));
     }
     Ok(())
 }
@@ -119,7 +122,10 @@ fn check_domain(s: &str) -> Result<(), Reason> {
         return Err("it is empty".into());
     }
     if s.len() > 253 {
-        return Err(format!("it is {} characters long; the limit is 253", s.len()));
+        return Err(format!(
+            "it is {} characters long; the limit is 253",
+            s.len()
+        ));
     }
     if s.ends_with('.') {
         return Err("remove the trailing `.`".into());
@@ -130,7 +136,10 @@ fn check_domain(s: &str) -> Result<(), Reason> {
         }
         check_label(label)?;
     }
-    if s.rsplit('.').next().is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit())) {
+    if s.rsplit('.')
+        .next()
+        .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+    {
         return Err("the last label must not be all digits".into());
     }
     Ok(())
@@ -151,7 +160,9 @@ impl VmId {
         if n > i64::from(Self::MAX) {
             return Err(format!("{n} is above Proxmox's maximum of 999999999"));
         }
-        Ok(VmId(u32::try_from(n).map_err(|_| "out of range".to_string())?))
+        Ok(VmId(
+            u32::try_from(n).map_err(|_| "out of range".to_string())?,
+        ))
     }
     pub fn get(self) -> u32 {
         self.0
@@ -173,9 +184,9 @@ pub struct Cidr {
 
 impl Cidr {
     pub fn parse(s: &str) -> Result<Self, Reason> {
-        let (addr, prefix) = s
-            .split_once('/')
-            .ok_or_else(|| "expected an address and a prefix length, like 192.168.1.0/24".to_string())?;
+        let (addr, prefix) = s.split_once('/').ok_or_else(|| {
+            "expected an address and a prefix length, like 192.168.1.0/24".to_string()
+        })?;
         let addr: Ipv4Addr = addr
             .parse()
             .map_err(|_| format!("`{addr}` is not an IPv4 address"))?;

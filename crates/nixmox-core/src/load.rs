@@ -12,9 +12,7 @@ use crate::diag::{did_you_mean, Diagnostic, Severity};
 use crate::ids::{Hostname, VmId};
 use crate::lock::{self, Lock, LockEntry};
 use crate::manifest::{self, ServiceSpec, Sp};
-use crate::model::{
-    Capability, Edge, EdgeKind, Health, Host, Origin, Project, Service,
-};
+use crate::model::{Capability, Edge, EdgeKind, Health, Host, Origin, Project, Service};
 use crate::syntax::{self, Format, Span};
 
 pub const PROJECT_FILE: &str = "nixmox.yaml";
@@ -63,20 +61,31 @@ pub fn load(sources: &Sources, exists: &dyn Fn(&str) -> bool) -> Loaded {
     let mut decode_text = |f: &SourceFile, diags: &mut Vec<Diagnostic>| -> Option<usize> {
         match std::str::from_utf8(&f.bytes) {
             Ok(s) => {
-                texts.push((f.path.clone(), s.strip_prefix('\u{feff}').unwrap_or(s).to_string()));
+                texts.push((
+                    f.path.clone(),
+                    s.strip_prefix('\u{feff}').unwrap_or(s).to_string(),
+                ));
                 Some(texts.len() - 1)
             }
             Err(e) => {
                 let good = &f.bytes[..e.valid_up_to()];
                 let good = std::str::from_utf8(good).unwrap_or("");
                 let line = good.matches('\n').count() + 1;
-                let col = good.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+                let col = good
+                    .rsplit('\n')
+                    .next()
+                    .map(|l| l.chars().count())
+                    .unwrap_or(0)
+                    + 1;
                 diags.push(Diagnostic {
                     severity: Severity::Error,
                     file: f.path.clone(),
                     span: Some(Span::new(line as u32, col as u32)),
                     field: None,
-                    message: format!("the file is not valid UTF-8 (invalid byte at offset {})", e.valid_up_to()),
+                    message: format!(
+                        "the file is not valid UTF-8 (invalid byte at offset {})",
+                        e.valid_up_to()
+                    ),
                     snippet: None,
                     width: 1,
                     help: Some("save the file as UTF-8".into()),
@@ -85,13 +94,19 @@ pub fn load(sources: &Sources, exists: &dyn Fn(&str) -> bool) -> Loaded {
             }
         }
     };
-    let config_idx = sources.config.as_ref().and_then(|f| decode_text(f, &mut diags));
+    let config_idx = sources
+        .config
+        .as_ref()
+        .and_then(|f| decode_text(f, &mut diags));
     let manifest_idx: Vec<Option<usize>> = sources
         .manifests
         .iter()
         .map(|f| decode_text(f, &mut diags))
         .collect();
-    let lock_idx = sources.lock.as_ref().and_then(|f| decode_text(f, &mut diags));
+    let lock_idx = sources
+        .lock
+        .as_ref()
+        .and_then(|f| decode_text(f, &mut diags));
 
     let mut cxs: Vec<Cx> = texts.iter().map(|(p, t)| Cx::new(p, t)).collect();
 
@@ -106,7 +121,9 @@ pub fn load(sources: &Sources, exists: &dyn Fn(&str) -> bool) -> Loaded {
             message: format!("no `{PROJECT_FILE}` in the project directory"),
             snippet: None,
             width: 1,
-            help: Some("run `nixmox init` to create a project, or pass its directory with `-C DIR`".into()),
+            help: Some(
+                "run `nixmox init` to create a project, or pass its directory with `-C DIR`".into(),
+            ),
         }),
         (Some(_), None) => {}
         (Some(_), Some(i)) => {
@@ -120,7 +137,12 @@ pub fn load(sources: &Sources, exists: &dyn Fn(&str) -> bool) -> Loaded {
     let mut specs: Vec<ServiceSpec> = Vec::new();
     for (f, idx) in sources.manifests.iter().zip(&manifest_idx) {
         let Some(i) = *idx else { continue };
-        let dir = f.path.rsplit_once('/').map(|(d, _)| d).unwrap_or("").to_string();
+        let dir = f
+            .path
+            .rsplit_once('/')
+            .map(|(d, _)| d)
+            .unwrap_or("")
+            .to_string();
         if let Some(root) = parse_file(&mut cxs[i], &texts[i].1, &texts[i].0) {
             if let Some(spec) = manifest::decode(&mut cxs[i], &root, i, &f.path, &dir) {
                 specs.push(spec);
@@ -140,13 +162,23 @@ pub fn load(sources: &Sources, exists: &dyn Fn(&str) -> bool) -> Loaded {
             help: Some("add one manifest per service at services/<name>/manifest.yaml".into()),
         });
     }
-    specs.sort_by(|a, b| a.name.value.cmp(&b.name.value).then(a.manifest.cmp(&b.manifest)));
+    specs.sort_by(|a, b| {
+        a.name
+            .value
+            .cmp(&b.name.value)
+            .then(a.manifest.cmp(&b.manifest))
+    });
 
     // Paths the manifests reference.
     for s in &specs {
         for (path, span, field) in &s.paths {
             if !exists(path) {
-                cxs[s.file].error(*span, field, format!("`{path}` does not exist"), Some("paths are relative to the manifest's directory".into()));
+                cxs[s.file].error(
+                    *span,
+                    field,
+                    format!("`{path}` does not exist"),
+                    Some("paths are relative to the manifest's directory".into()),
+                );
             }
         }
     }
@@ -199,7 +231,8 @@ pub fn load(sources: &Sources, exists: &dyn Fn(&str) -> bool) -> Loaded {
     }
     diags.sort_by(|a, b| (a.severity, &a.file, a.span).cmp(&(b.severity, &b.file, b.span)));
     diags.dedup();
-    let lock_changed = new_lock != old_lock && (sources.lock.is_some() || !new_lock.services.is_empty());
+    let lock_changed =
+        new_lock != old_lock && (sources.lock.is_some() || !new_lock.services.is_empty());
     Loaded {
         project,
         diagnostics: diags,
@@ -247,7 +280,11 @@ fn check_unique_names(cxs: &mut [Cx], specs: Vec<ServiceSpec>) -> Vec<ServiceSpe
     for s in specs {
         if let Some(first) = out.iter().find(|o| o.name.value == s.name.value) {
             let msg = format!("duplicate service name `{}`", s.name.value);
-            let help = format!("`{}` is already defined at {}", s.name.value, at(cxs, first.file, first.name.span));
+            let help = format!(
+                "`{}` is already defined at {}",
+                s.name.value,
+                at(cxs, first.file, first.name.span)
+            );
             cxs[s.file].error(s.name.span, "name", msg, Some(help));
         } else {
             out.push(s);
@@ -260,7 +297,9 @@ fn hostname_of(s: &ServiceSpec) -> Hostname {
     s.hostname
         .as_ref()
         .map(|h| h.value.clone())
-        .unwrap_or_else(|| Hostname::new(s.name.value.as_str()).expect("service names are valid labels"))
+        .unwrap_or_else(|| {
+            Hostname::new(s.name.value.as_str()).expect("service names are valid labels")
+        })
 }
 
 fn check_providers(cxs: &mut [Cx], specs: &[ServiceSpec]) {
@@ -271,26 +310,69 @@ fn check_providers(cxs: &mut [Cx], specs: &[ServiceSpec]) {
             .collect();
         if let Some(((first, fp), rest)) = providers.split_first() {
             for (s, p) in rest {
-                let msg = format!("two services provide `{}`: `{}` and `{}`", cap.key(), first.name.value, s.name.value);
-                let help = format!("a project has one {} provider; `{}` declares it at {}", cap.key(), first.name.value, at(cxs, first.file, fp.span));
+                let msg = format!(
+                    "two services provide `{}`: `{}` and `{}`",
+                    cap.key(),
+                    first.name.value,
+                    s.name.value
+                );
+                let help = format!(
+                    "a project has one {} provider; `{}` declares it at {}",
+                    cap.key(),
+                    first.name.value,
+                    at(cxs, first.file, fp.span)
+                );
                 cxs[s.file].error(p.span, &format!("provides.{}", cap.key()), msg, Some(help));
             }
         }
     }
-    let has = |cap: Capability| specs.iter().any(|s| s.provides.iter().any(|p| p.value == cap));
+    let has = |cap: Capability| {
+        specs
+            .iter()
+            .any(|s| s.provides.iter().any(|p| p.value == cap))
+    };
     for s in specs {
         let needs: [(bool, Capability, &str, Option<Span>); 3] = [
-            (!s.dbs.is_empty(), Capability::Database, "db", s.dbs.first().map(|d| d.span)),
-            (!s.proxies.is_empty(), Capability::ReverseProxy, "proxy", s.proxies.first().map(|p| p.span)),
-            (s.auth.is_some(), Capability::Identity, "auth", s.auth.as_ref().map(|a| a.span)),
+            (
+                !s.dbs.is_empty(),
+                Capability::Database,
+                "db",
+                s.dbs.first().map(|d| d.span),
+            ),
+            (
+                !s.proxies.is_empty(),
+                Capability::ReverseProxy,
+                "proxy",
+                s.proxies.first().map(|p| p.span),
+            ),
+            (
+                s.auth.is_some(),
+                Capability::Identity,
+                "auth",
+                s.auth.as_ref().map(|a| a.span),
+            ),
         ];
         for (uses, cap, what, span) in needs {
             if uses && !has(cap) {
                 cxs[s.file].error(
                     span.unwrap_or(s.root_span),
                     &format!("interface.{what}"),
-                    format!("`{}` needs {} {} provider, and no service provides `{}`", s.name.value, if cap == Capability::Identity { "an" } else { "a" }, cap.key(), cap.key()),
-                    Some(format!("add a core service with `provides: {{ {}: {{ type: {} }} }}`", cap.key(), cap.implementation())),
+                    format!(
+                        "`{}` needs {} {} provider, and no service provides `{}`",
+                        s.name.value,
+                        if cap == Capability::Identity {
+                            "an"
+                        } else {
+                            "a"
+                        },
+                        cap.key(),
+                        cap.key()
+                    ),
+                    Some(format!(
+                        "add a core service with `provides: {{ {}: {{ type: {} }} }}`",
+                        cap.key(),
+                        cap.implementation()
+                    )),
                 );
             }
         }
@@ -305,30 +387,62 @@ fn check_duplicates(cxs: &mut [Cx], specs: &[ServiceSpec], cfg: Option<&ProjectC
         let h = hostname_of(s);
         let hspan = s.hostname.as_ref().map(|h| h.span).unwrap_or(s.name.span);
         if let Some(first) = hostnames.get(&h) {
-            let fspan = first.hostname.as_ref().map(|h| h.span).unwrap_or(first.name.span);
-            let help = format!("`{}` already uses hostname `{h}` at {}", first.name.value, at(cxs, first.file, fspan));
-            cxs[s.file].error(hspan, "host.hostname", format!("duplicate hostname `{h}`"), Some(help));
+            let fspan = first
+                .hostname
+                .as_ref()
+                .map(|h| h.span)
+                .unwrap_or(first.name.span);
+            let help = format!(
+                "`{}` already uses hostname `{h}` at {}",
+                first.name.value,
+                at(cxs, first.file, fspan)
+            );
+            cxs[s.file].error(
+                hspan,
+                "host.hostname",
+                format!("duplicate hostname `{h}`"),
+                Some(help),
+            );
         } else {
             hostnames.insert(h, s);
         }
         if let Some(ip) = &s.ip {
             if let Some(first) = ips.get(&ip.value) {
                 let fspan = first.ip.as_ref().map(|i| i.span).unwrap_or(first.root_span);
-                let help = format!("`{}` already uses {} at {}", first.name.value, ip.value, at(cxs, first.file, fspan));
-                cxs[s.file].error(ip.span, "host.ip", format!("duplicate IP address {}", ip.value), Some(help));
+                let help = format!(
+                    "`{}` already uses {} at {}",
+                    first.name.value,
+                    ip.value,
+                    at(cxs, first.file, fspan)
+                );
+                cxs[s.file].error(
+                    ip.span,
+                    "host.ip",
+                    format!("duplicate IP address {}", ip.value),
+                    Some(help),
+                );
             } else {
                 ips.insert(ip.value, s);
             }
             if let Some(cfg) = cfg {
                 let net = &cfg.network;
                 let problem = if !net.cidr.contains(ip.value) {
-                    Some(format!("IP address {} is outside the network {}", ip.value, net.cidr))
+                    Some(format!(
+                        "IP address {} is outside the network {}",
+                        ip.value, net.cidr
+                    ))
                 } else if ip.value == net.gateway {
                     Some(format!("IP address {} is the network's gateway", ip.value))
                 } else if ip.value == net.cidr.network() && net.cidr.is_reserved(ip.value) {
-                    Some(format!("IP address {} is the network address of {}", ip.value, net.cidr))
+                    Some(format!(
+                        "IP address {} is the network address of {}",
+                        ip.value, net.cidr
+                    ))
                 } else if net.cidr.is_reserved(ip.value) {
-                    Some(format!("IP address {} is the broadcast address of {}", ip.value, net.cidr))
+                    Some(format!(
+                        "IP address {} is the broadcast address of {}",
+                        ip.value, net.cidr
+                    ))
                 } else {
                     None
                 };
@@ -340,9 +454,23 @@ fn check_duplicates(cxs: &mut [Cx], specs: &[ServiceSpec], cfg: Option<&ProjectC
         }
         if let Some(vmid) = &s.vmid {
             if let Some(first) = vmids.get(&vmid.value) {
-                let fspan = first.vmid.as_ref().map(|i| i.span).unwrap_or(first.root_span);
-                let help = format!("`{}` already uses vmid {} at {}", first.name.value, vmid.value, at(cxs, first.file, fspan));
-                cxs[s.file].error(vmid.span, "host.vmid", format!("duplicate vmid {}", vmid.value), Some(help));
+                let fspan = first
+                    .vmid
+                    .as_ref()
+                    .map(|i| i.span)
+                    .unwrap_or(first.root_span);
+                let help = format!(
+                    "`{}` already uses vmid {} at {}",
+                    first.name.value,
+                    vmid.value,
+                    at(cxs, first.file, fspan)
+                );
+                cxs[s.file].error(
+                    vmid.span,
+                    "host.vmid",
+                    format!("duplicate vmid {}", vmid.value),
+                    Some(help),
+                );
             } else {
                 vmids.insert(vmid.value, s);
             }
@@ -350,7 +478,15 @@ fn check_duplicates(cxs: &mut [Cx], specs: &[ServiceSpec], cfg: Option<&ProjectC
                 let pool = cfg.pools.vmid;
                 if vmid.value.get() < pool.start || vmid.value.get() > pool.end {
                     let help = format!("use an id in {}-{}, widen `pools.vmid` in nixmox.yaml, or leave `vmid` out to allocate one", pool.start, pool.end);
-                    cxs[s.file].error(vmid.span, "host.vmid", format!("vmid {} is outside the pool {}-{}", vmid.value, pool.start, pool.end), Some(help));
+                    cxs[s.file].error(
+                        vmid.span,
+                        "host.vmid",
+                        format!(
+                            "vmid {} is outside the pool {}-{}",
+                            vmid.value, pool.start, pool.end
+                        ),
+                        Some(help),
+                    );
                 }
             }
         }
@@ -361,10 +497,18 @@ fn check_routes(cxs: &mut [Cx], specs: &[ServiceSpec]) {
     let mut routes: HashMap<(String, String), (usize, Span, String)> = HashMap::new();
     for s in specs {
         for p in &s.proxies {
-            let key = (p.value.domain.as_str().to_string(), p.value.path.trim_end_matches('/').to_string());
+            let key = (
+                p.value.domain.as_str().to_string(),
+                p.value.path.trim_end_matches('/').to_string(),
+            );
             if let Some((file, span, owner)) = routes.get(&key) {
                 let help = format!("`{owner}` already routes it at {}", at(cxs, *file, *span));
-                cxs[s.file].error(p.span, "interface.proxy", format!("duplicate route {}{}", p.value.domain, p.value.path), Some(help));
+                cxs[s.file].error(
+                    p.span,
+                    "interface.proxy",
+                    format!("duplicate route {}{}", p.value.domain, p.value.path),
+                    Some(help),
+                );
             } else {
                 routes.insert(key, (s.file, p.span, s.name.value.to_string()));
             }
@@ -380,11 +524,26 @@ fn check_redirects(cxs: &mut [Cx], specs: &[ServiceSpec]) {
         .collect();
     for s in specs {
         for (uri, span, field) in &s.redirects {
-            let Ok(u) = crate::url::check(uri) else { continue };
+            let Ok(u) = crate::url::check(uri) else {
+                continue;
+            };
             if u.scheme != "https" {
-                cxs[s.file].warning(*span, field, format!("redirect URI `{uri}` is not https"), Some("identity providers send codes and tokens to this URI; use https".into()));
+                cxs[s.file].warning(
+                    *span,
+                    field,
+                    format!("redirect URI `{uri}` is not https"),
+                    Some("identity providers send codes and tokens to this URI; use https".into()),
+                );
             } else if !proxied.contains(u.host.as_str()) {
-                cxs[s.file].warning(*span, field, format!("redirect URI `{uri}` is on `{}`, which no service proxies", u.host), Some("add a `proxy` entry for that domain, or fix the URI".into()));
+                cxs[s.file].warning(
+                    *span,
+                    field,
+                    format!(
+                        "redirect URI `{uri}` is on `{}`, which no service proxies",
+                        u.host
+                    ),
+                    Some("add a `proxy` entry for that domain, or fix the URI".into()),
+                );
             }
         }
     }
@@ -399,14 +558,28 @@ struct Allocated {
 /// Gives every service without an explicit ip/vmid one from the pools, keeping what the lock
 /// already holds; new allocations take the lowest free value, in service-name order.
 fn allocate(cxs: &mut [Cx], specs: &[ServiceSpec], cfg: &ProjectConfig, old: &Lock) -> Allocated {
-    let mut used_ips: HashSet<Ipv4Addr> = specs.iter().filter_map(|s| s.ip.as_ref().map(|i| i.value)).collect();
+    let mut used_ips: HashSet<Ipv4Addr> = specs
+        .iter()
+        .filter_map(|s| s.ip.as_ref().map(|i| i.value))
+        .collect();
     used_ips.insert(cfg.network.gateway);
-    let mut used_vmids: HashSet<u32> = specs.iter().filter_map(|s| s.vmid.as_ref().map(|v| v.value.get())).collect();
-    let mut ips: Vec<Option<(Ipv4Addr, Origin)>> = specs.iter().map(|s| s.ip.as_ref().map(|i| (i.value, Origin::Manifest))).collect();
-    let mut vmids: Vec<Option<(u32, Origin)>> = specs.iter().map(|s| s.vmid.as_ref().map(|v| (v.value.get(), Origin::Manifest))).collect();
+    let mut used_vmids: HashSet<u32> = specs
+        .iter()
+        .filter_map(|s| s.vmid.as_ref().map(|v| v.value.get()))
+        .collect();
+    let mut ips: Vec<Option<(Ipv4Addr, Origin)>> = specs
+        .iter()
+        .map(|s| s.ip.as_ref().map(|i| (i.value, Origin::Manifest)))
+        .collect();
+    let mut vmids: Vec<Option<(u32, Origin)>> = specs
+        .iter()
+        .map(|s| s.vmid.as_ref().map(|v| (v.value.get(), Origin::Manifest)))
+        .collect();
     // Keep locked values that are still valid and free.
     for (i, s) in specs.iter().enumerate() {
-        let Some(entry) = old.services.get(s.name.value.as_str()) else { continue };
+        let Some(entry) = old.services.get(s.name.value.as_str()) else {
+            continue;
+        };
         if ips[i].is_none() {
             if let Some(ip) = entry.ip {
                 let net = &cfg.network;
@@ -428,7 +601,9 @@ fn allocate(cxs: &mut [Cx], specs: &[ServiceSpec], cfg: &ProjectConfig, old: &Lo
     let mut lock = Lock::default();
     for (i, s) in specs.iter().enumerate() {
         if ips[i].is_none() {
-            while next_ip <= u32::from(cfg.pools.ip.end) && used_ips.contains(&Ipv4Addr::from(next_ip)) {
+            while next_ip <= u32::from(cfg.pools.ip.end)
+                && used_ips.contains(&Ipv4Addr::from(next_ip))
+            {
                 next_ip += 1;
             }
             if next_ip <= u32::from(cfg.pools.ip.end) {
@@ -451,8 +626,12 @@ fn allocate(cxs: &mut [Cx], specs: &[ServiceSpec], cfg: &ProjectConfig, old: &Lo
             }
         }
         let entry = LockEntry {
-            ip: ips[i].filter(|(_, o)| *o != Origin::Manifest).map(|(ip, _)| ip),
-            vmid: vmids[i].filter(|(_, o)| *o != Origin::Manifest).map(|(v, _)| v),
+            ip: ips[i]
+                .filter(|(_, o)| *o != Origin::Manifest)
+                .map(|(ip, _)| ip),
+            vmid: vmids[i]
+                .filter(|(_, o)| *o != Origin::Manifest)
+                .map(|(v, _)| v),
         };
         if entry.ip.is_some() || entry.vmid.is_some() {
             lock.services.insert(s.name.value.to_string(), entry);
@@ -478,13 +657,19 @@ fn build_services(
 ) -> Vec<Service> {
     let mut out = Vec::with_capacity(specs.len());
     for (s, host) in specs.iter().zip(hosts) {
-        let Some((ip, ip_origin, vmid, vmid_origin)) = *host else { continue };
+        let Some((ip, ip_origin, vmid, vmid_origin)) = *host else {
+            continue;
+        };
         let cx = &mut cxs[s.file];
         let resources = manifest::spec_resources(cx, s, cfg.defaults.resources);
         let timing = s.health.timing(cx, cfg.defaults.health);
         let mut provides: Vec<Capability> = s.provides.iter().map(|p| p.value).collect();
         provides.sort();
-        let mut depends_on: Vec<_> = s.depends_on.iter().filter_map(|d| crate::ids::ServiceName::new(&d.value).ok()).collect();
+        let mut depends_on: Vec<_> = s
+            .depends_on
+            .iter()
+            .filter_map(|d| crate::ids::ServiceName::new(&d.value).ok())
+            .collect();
         depends_on.sort();
         depends_on.dedup();
         out.push(Service {
@@ -526,50 +711,99 @@ fn build_services(
 
 /// Explicit `depends_on` edges plus those the interface implies. Indexes are into `specs`,
 /// which is sorted by name exactly like `Project::services`.
-fn build_edges(cxs: &mut [Cx], specs: &[ServiceSpec], domain: Option<&crate::ids::DomainName>) -> Vec<Edge> {
-    let by_name: HashMap<&str, usize> = specs.iter().enumerate().map(|(i, s)| (s.name.value.as_str(), i)).collect();
-    let provider = |cap: Capability| specs.iter().position(|s| s.provides.iter().any(|p| p.value == cap));
+fn build_edges(
+    cxs: &mut [Cx],
+    specs: &[ServiceSpec],
+    domain: Option<&crate::ids::DomainName>,
+) -> Vec<Edge> {
+    let by_name: HashMap<&str, usize> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.value.as_str(), i))
+        .collect();
+    let provider = |cap: Capability| {
+        specs
+            .iter()
+            .position(|s| s.provides.iter().any(|p| p.value == cap))
+    };
     let mut edges = Vec::new();
     for (i, s) in specs.iter().enumerate() {
         for d in &s.depends_on {
             match by_name.get(d.value.as_str()) {
                 Some(&j) if j == i => {
-                    cxs[s.file].error(d.span, "depends_on", format!("`{}` depends on itself", s.name.value), Some("remove it from its own `depends_on`".into()));
+                    cxs[s.file].error(
+                        d.span,
+                        "depends_on",
+                        format!("`{}` depends on itself", s.name.value),
+                        Some("remove it from its own `depends_on`".into()),
+                    );
                 }
-                Some(&j) => edges.push(Edge { from: i, to: j, kind: EdgeKind::DependsOn }),
+                Some(&j) => edges.push(Edge {
+                    from: i,
+                    to: j,
+                    kind: EdgeKind::DependsOn,
+                }),
                 None => {
                     let help = match did_you_mean(&d.value, by_name.keys().copied()) {
                         Some(m) => format!("did you mean `{m}`?"),
-                        None => "depends_on names other services of this project by their `name`".to_string(),
+                        None => "depends_on names other services of this project by their `name`"
+                            .to_string(),
                     };
-                    cxs[s.file].error(d.span, "depends_on", format!("`{}` depends on `{}`, which is not a service of this project", s.name.value, d.value), Some(help));
+                    cxs[s.file].error(
+                        d.span,
+                        "depends_on",
+                        format!(
+                            "`{}` depends on `{}`, which is not a service of this project",
+                            s.name.value, d.value
+                        ),
+                        Some(help),
+                    );
                 }
             }
         }
         let implied = [
             (!s.dbs.is_empty(), Capability::Database, EdgeKind::Db),
-            (!s.proxies.is_empty(), Capability::ReverseProxy, EdgeKind::Proxy),
+            (
+                !s.proxies.is_empty(),
+                Capability::ReverseProxy,
+                EdgeKind::Proxy,
+            ),
             (s.auth.is_some(), Capability::Identity, EdgeKind::Auth),
             (true, Capability::Dns, EdgeKind::Dns),
         ];
         for (uses, cap, kind) in implied {
             if let (true, Some(j)) = (uses, provider(cap)) {
                 if j != i {
-                    edges.push(Edge { from: i, to: j, kind });
+                    edges.push(Edge {
+                        from: i,
+                        to: j,
+                        kind,
+                    });
                 }
             }
         }
         // The vision form names the database host by FQDN; it must be the provider's.
         if let (Some(h), Some(domain)) = (&s.db_host, domain) {
             let matches = provider(Capability::Database).is_some_and(|j| {
-                format!("{}.{}", hostname_of(&specs[j]), domain) == h.value || hostname_of(&specs[j]).as_str() == h.value
+                format!("{}.{}", hostname_of(&specs[j]), domain) == h.value
+                    || hostname_of(&specs[j]).as_str() == h.value
             });
             if !matches {
                 let help = match provider(Capability::Database) {
-                    Some(j) => format!("the database provider is `{}` at {}.{}", specs[j].name.value, hostname_of(&specs[j]), domain),
+                    Some(j) => format!(
+                        "the database provider is `{}` at {}.{}",
+                        specs[j].name.value,
+                        hostname_of(&specs[j]),
+                        domain
+                    ),
                     None => "no service provides `database`".to_string(),
                 };
-                cxs[s.file].error(h.span, "requirements.database.host", format!("database host `{}` matches no database provider", h.value), Some(help));
+                cxs[s.file].error(
+                    h.span,
+                    "requirements.database.host",
+                    format!("database host `{}` matches no database provider", h.value),
+                    Some(help),
+                );
             }
         }
     }
@@ -591,7 +825,12 @@ fn check_cycles(cxs: &mut [Cx], specs: &[ServiceSpec], edges: &[Edge]) {
         }
         if is_core(e.from) && !is_core(e.to) {
             let s = &specs[e.from];
-            let span = s.depends_on.iter().find(|d| d.value == specs[e.to].name.value.as_str()).map(|d| d.span).unwrap_or(s.name.span);
+            let span = s
+                .depends_on
+                .iter()
+                .find(|d| d.value == specs[e.to].name.value.as_str())
+                .map(|d| d.span)
+                .unwrap_or(s.name.span);
             cxs[s.file].error(span, "depends_on", format!("core service `{}` depends on `{}`, which is not a core service", s.name.value, specs[e.to].name.value), Some("core services (those with `provides`) deploy before all others; remove the dependency or make the other service depend on this one".into()));
             continue;
         }
@@ -620,7 +859,12 @@ fn check_cycles(cxs: &mut [Cx], specs: &[ServiceSpec], edges: &[Edge]) {
                     1 => {
                         let pos = path.iter().position(|&p| p == to).unwrap_or(0);
                         let mut cycle: Vec<usize> = path[pos..].to_vec();
-                        let min = cycle.iter().enumerate().min_by_key(|(_, &v)| v).map(|(k, _)| k).unwrap_or(0);
+                        let min = cycle
+                            .iter()
+                            .enumerate()
+                            .min_by_key(|(_, &v)| v)
+                            .map(|(k, _)| k)
+                            .unwrap_or(0);
                         cycle.rotate_left(min);
                         if reported.insert(cycle.clone()) {
                             report_cycle(cxs, specs, edges, &cycle);
@@ -641,13 +885,22 @@ fn report_cycle(cxs: &mut [Cx], specs: &[ServiceSpec], edges: &[Edge], cycle: &[
     let mut names: Vec<String> = Vec::new();
     for (k, &i) in cycle.iter().enumerate() {
         let next = cycle[(k + 1) % cycle.len()];
-        let kind = edges.iter().find(|e| e.from == i && e.to == next).map(|e| e.kind.as_str()).unwrap_or("depends_on");
+        let kind = edges
+            .iter()
+            .find(|e| e.from == i && e.to == next)
+            .map(|e| e.kind.as_str())
+            .unwrap_or("depends_on");
         names.push(format!("{} -({kind})->", specs[i].name.value));
     }
     names.push(specs[cycle[0]].name.value.to_string());
     let first = &specs[cycle[0]];
     let next = &specs[cycle[1 % cycle.len()]];
-    let span = first.depends_on.iter().find(|d| d.value == next.name.value.as_str()).map(|d| d.span).unwrap_or(first.name.span);
+    let span = first
+        .depends_on
+        .iter()
+        .find(|d| d.value == next.name.value.as_str())
+        .map(|d| d.span)
+        .unwrap_or(first.name.span);
     cxs[first.file].error(
         span,
         "depends_on",

@@ -55,14 +55,26 @@ pub fn decode(cx: &mut Cx, root: &Node) -> Lock {
     }
     if let Some(v) = field(root, "version") {
         if v.kind != Kind::Int(1) {
-            cx.error(v.span, "version", "unsupported lock file version", Some("this nixmox writes version 1; delete the file and run `nixmox lock`".into()));
+            cx.error(
+                v.span,
+                "version",
+                "unsupported lock file version",
+                Some("this nixmox writes version 1; delete the file and run `nixmox lock`".into()),
+            );
         }
     }
-    let Some(services) = field(root, "services") else { return lock };
+    let Some(services) = field(root, "services") else {
+        return lock;
+    };
     let entries = match &services.kind {
         Kind::Map(entries) => entries,
         other => {
-            cx.error(services.span, "services", format!("expected a mapping, found {}", other.describe()), None);
+            cx.error(
+                services.span,
+                "services",
+                format!("expected a mapping, found {}", other.describe()),
+                None,
+            );
             return lock;
         }
     };
@@ -71,7 +83,8 @@ pub fn decode(cx: &mut Cx, root: &Node) -> Lock {
         if cx.map(&e.value, &path, &["ip", "vmid"]).is_none() {
             continue;
         }
-        let ip = field(&e.value, "ip").and_then(|n| crate::config::ip(cx, n, &format!("{path}.ip")));
+        let ip =
+            field(&e.value, "ip").and_then(|n| crate::config::ip(cx, n, &format!("{path}.ip")));
         let vmid = field(&e.value, "vmid")
             .and_then(|n| cx.int(n, &format!("{path}.vmid"), 100, 999_999_999, ""))
             .map(|v| v as u32);

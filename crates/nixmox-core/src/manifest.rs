@@ -17,12 +17,27 @@ use crate::model::{
 use crate::syntax::{Kind, Node, Span};
 
 pub const MANIFEST_FIELDS: &[&str] = &[
-    "name", "description", "depends_on", "provides", "host", "nixos", "interface", "requirements",
+    "name",
+    "description",
+    "depends_on",
+    "provides",
+    "host",
+    "nixos",
+    "interface",
+    "requirements",
 ];
 pub const PROVIDES_FIELDS: &[&str] = &["dns", "database", "reverse_proxy", "identity"];
 pub const PROVIDE_FIELDS: &[&str] = &["type"];
 pub const HOST_FIELDS: &[&str] = &[
-    "hostname", "ip", "vmid", "node", "resources", "onboot", "start", "unprivileged", "features",
+    "hostname",
+    "ip",
+    "vmid",
+    "node",
+    "resources",
+    "onboot",
+    "start",
+    "unprivileged",
+    "features",
     "ssh_host_key",
 ];
 pub const FEATURES_FIELDS: &[&str] = &["nesting"];
@@ -32,13 +47,25 @@ pub const DB_FIELDS: &[&str] = &["type", "database", "role", "mode", "migrations
 pub const PROXY_FIELDS: &[&str] = &["domain", "path", "upstream", "tls", "authz", "headers"];
 pub const AUTH_FIELDS: &[&str] = &["provider", "name", "oidc"];
 pub const OIDC_FIELDS: &[&str] = &[
-    "client_id", "client_type", "redirect_uris", "scopes", "username_claim", "groups_claim",
+    "client_id",
+    "client_type",
+    "redirect_uris",
+    "scopes",
+    "username_claim",
+    "groups_claim",
 ];
 pub const HEALTH_FIELDS: &[&str] = &[
-    "startup", "liveness", "readiness", "interval", "timeout", "retries", "start_period",
+    "startup",
+    "liveness",
+    "readiness",
+    "interval",
+    "timeout",
+    "retries",
+    "start_period",
 ];
 pub const CHECK_FIELDS: &[&str] = &["command", "http", "status", "body", "tcp", "dns", "expect"];
-pub const TERRAFORM_USE_FIELDS: &[&str] = &["phase", "modules", "variables", "targets", "apply_order"];
+pub const TERRAFORM_USE_FIELDS: &[&str] =
+    &["phase", "modules", "variables", "targets", "apply_order"];
 pub const REQUIREMENTS_FIELDS: &[&str] = &["database", "reverse_proxy", "oidc"];
 pub const REQ_DATABASE_FIELDS: &[&str] = &["type", "name", "user", "host"];
 pub const REQ_PROXY_FIELDS: &[&str] = &["type", "domain", "backend", "auth"];
@@ -107,7 +134,13 @@ impl HealthSpec {
 }
 
 /// Decodes one manifest. `dir` is the manifest's directory relative to the project root.
-pub fn decode(cx: &mut Cx, root: &Node, file: usize, manifest: &str, dir: &str) -> Option<ServiceSpec> {
+pub fn decode(
+    cx: &mut Cx,
+    root: &Node,
+    file: usize,
+    manifest: &str,
+    dir: &str,
+) -> Option<ServiceSpec> {
     cx.map(root, "", MANIFEST_FIELDS)?;
     let name = cx.required(root, "", "name").and_then(|n| {
         let s = cx.string(n, "name")?;
@@ -130,7 +163,9 @@ pub fn decode(cx: &mut Cx, root: &Node, file: usize, manifest: &str, dir: &str) 
     if let Some(p) = field(root, "provides") {
         if let Some(entries) = cx.map(p, "provides", PROVIDES_FIELDS) {
             for e in entries {
-                let Some(cap) = Capability::from_key(&e.key) else { continue };
+                let Some(cap) = Capability::from_key(&e.key) else {
+                    continue;
+                };
                 let path = join("provides", &e.key);
                 let ty = match &e.value.kind {
                     Kind::Null => Some(cap.implementation().to_string()),
@@ -140,12 +175,19 @@ pub fn decode(cx: &mut Cx, root: &Node, file: usize, manifest: &str, dir: &str) 
                     }),
                 };
                 match ty {
-                    Some(t) if t == cap.implementation() => provides.push(Sp { value: cap, span: e.key_span }),
+                    Some(t) if t == cap.implementation() => provides.push(Sp {
+                        value: cap,
+                        span: e.key_span,
+                    }),
                     Some(t) => cx.error(
                         e.value.get("type").map(|n| n.span).unwrap_or(e.value.span),
                         &join(&path, "type"),
                         format!("`{}` cannot be provided by `{t}`", cap.key()),
-                        Some(format!("NixMox configures `{}` as its {} provider", cap.implementation(), cap.key())),
+                        Some(format!(
+                            "NixMox configures `{}` as its {} provider",
+                            cap.implementation(),
+                            cap.key()
+                        )),
                     ),
                     None => {}
                 }
@@ -193,7 +235,8 @@ pub fn decode(cx: &mut Cx, root: &Node, file: usize, manifest: &str, dir: &str) 
             if let Some(m) = field(n, "modules") {
                 for (i, (p, span)) in cx.strings(m, "nixos.modules").into_iter().enumerate() {
                     let path = resolve_path(dir, &p);
-                    spec.paths.push((path.clone(), span, index("nixos.modules", i)));
+                    spec.paths
+                        .push((path.clone(), span, index("nixos.modules", i)));
                     spec.nixos_modules.push(Sp { value: path, span });
                 }
             }
@@ -252,21 +295,42 @@ fn decode_host(cx: &mut Cx, h: &Node, spec: &mut ServiceSpec) {
     }
     if let Some(n) = field(h, "ip") {
         if let Some(v) = ip(cx, n, "host.ip") {
-            spec.ip = Some(Sp { value: v, span: n.span });
+            spec.ip = Some(Sp {
+                value: v,
+                span: n.span,
+            });
         }
     }
     if let Some(n) = field(h, "vmid") {
         let v = match &n.kind {
             Kind::Int(i) => Some(*i),
             _ => {
-                cx.error(n.span, "host.vmid", format!("expected an integer, found {}", n.kind.describe()), None);
+                cx.error(
+                    n.span,
+                    "host.vmid",
+                    format!("expected an integer, found {}", n.kind.describe()),
+                    None,
+                );
                 None
             }
         };
         if let Some(v) = v {
             match VmId::new(v) {
-                Ok(id) => spec.vmid = Some(Sp { value: id, span: n.span }),
-                Err(why) => cx.error(n.span, "host.vmid", format!("invalid vmid: {why}"), Some("use an id inside `pools.vmid`, or leave `vmid` out to have one allocated".into())),
+                Ok(id) => {
+                    spec.vmid = Some(Sp {
+                        value: id,
+                        span: n.span,
+                    })
+                }
+                Err(why) => cx.error(
+                    n.span,
+                    "host.vmid",
+                    format!("invalid vmid: {why}"),
+                    Some(
+                        "use an id inside `pools.vmid`, or leave `vmid` out to have one allocated"
+                            .into(),
+                    ),
+                ),
             }
         }
     }
@@ -277,7 +341,11 @@ fn decode_host(cx: &mut Cx, h: &Node, spec: &mut ServiceSpec) {
             spec.resources = Some(r.clone());
         }
     }
-    for (key, slot) in [("onboot", &mut spec.onboot), ("start", &mut spec.start), ("unprivileged", &mut spec.unprivileged)] {
+    for (key, slot) in [
+        ("onboot", &mut spec.onboot),
+        ("start", &mut spec.start),
+        ("unprivileged", &mut spec.unprivileged),
+    ] {
         if let Some(n) = field(h, key) {
             if let Some(b) = cx.boolean(n, &join("host", key)) {
                 *slot = b;
@@ -295,7 +363,9 @@ fn decode_host(cx: &mut Cx, h: &Node, spec: &mut ServiceSpec) {
     }
     if let Some(k) = field(h, "ssh_host_key") {
         if let Some(s) = cx.string(k, "host.ssh_host_key") {
-            if s.starts_with("ssh-ed25519 ") && s.split_whitespace().nth(1).is_some_and(|b| b.len() > 20) {
+            if s.starts_with("ssh-ed25519 ")
+                && s.split_whitespace().nth(1).is_some_and(|b| b.len() > 20)
+            {
                 spec.ssh_host_key = Some(s);
             } else {
                 cx.error(k.span, "host.ssh_host_key", "not an SSH ed25519 public key", Some("give the host's `/etc/ssh/ssh_host_ed25519_key.pub` line: `ssh-ed25519 AAAA...`".into()));
@@ -316,20 +386,35 @@ fn decode_interface(cx: &mut Cx, i: &Node, spec: &mut ServiceSpec) {
     if let Some(n) = field(i, "db") {
         for (item, path) in cx.one_or_many(n, "interface.db") {
             if let Some(db) = decode_db(cx, item, &path, spec) {
-                spec.dbs.push(Sp { value: db, span: item.span });
+                spec.dbs.push(Sp {
+                    value: db,
+                    span: item.span,
+                });
             }
         }
     }
     if let Some(n) = field(i, "proxy") {
         for (item, path) in cx.one_or_many(n, "interface.proxy") {
             if let Some(p) = decode_proxy(cx, item, &path) {
-                spec.proxies.push(Sp { value: p, span: item.span });
+                spec.proxies.push(Sp {
+                    value: p,
+                    span: item.span,
+                });
             }
         }
     }
     if let Some(n) = field(i, "auth") {
-        if let Some(a) = decode_auth(cx, n, "interface.auth", &spec.name.value, &mut spec.redirects) {
-            spec.auth = Some(Sp { value: a, span: n.span });
+        if let Some(a) = decode_auth(
+            cx,
+            n,
+            "interface.auth",
+            &spec.name.value,
+            &mut spec.redirects,
+        ) {
+            spec.auth = Some(Sp {
+                value: a,
+                span: n.span,
+            });
         }
     }
     if let Some(n) = field(i, "health") {
@@ -338,7 +423,10 @@ fn decode_interface(cx: &mut Cx, i: &Node, spec: &mut ServiceSpec) {
     if let Some(n) = field(i, "terraform") {
         for (item, path) in cx.one_or_many(n, "interface.terraform") {
             if let Some(t) = decode_terraform(cx, item, &path, spec) {
-                spec.terraform.push(Sp { value: t, span: item.span });
+                spec.terraform.push(Sp {
+                    value: t,
+                    span: item.span,
+                });
             }
         }
     }
@@ -358,7 +446,8 @@ fn sql_ident(cx: &mut Cx, n: &Node, path: &str) -> Option<String> {
     let s = non_empty_string(cx, n, path)?;
     let ok = s.len() <= 63
         && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
     if !ok {
         cx.error(n.span, path, format!("invalid PostgreSQL name `{s}`"), Some("use lowercase letters, digits, `_` and `-`, starting with a letter or `_`, at most 63 characters".into()));
         return None;
@@ -381,10 +470,15 @@ fn decode_db(cx: &mut Cx, n: &Node, path: &str, spec: &mut ServiceSpec) -> Optio
         .unwrap_or_else(|| database.clone());
     let mode = match field(n, "mode") {
         None => DbMode::NativeMigration,
-        Some(m) => choice(cx, m, &join(path, "mode"), &[
-            ("native-migration", DbMode::NativeMigration),
-            ("terraform", DbMode::Terraform),
-        ])
+        Some(m) => choice(
+            cx,
+            m,
+            &join(path, "mode"),
+            &[
+                ("native-migration", DbMode::NativeMigration),
+                ("terraform", DbMode::Terraform),
+            ],
+        )
         .unwrap_or(DbMode::NativeMigration),
     };
     let mut migrations = Vec::new();
@@ -407,7 +501,9 @@ fn decode_db(cx: &mut Cx, n: &Node, path: &str, spec: &mut ServiceSpec) -> Optio
 fn decode_proxy(cx: &mut Cx, n: &Node, path: &str) -> Option<Proxy> {
     cx.map(n, path, PROXY_FIELDS)?;
     let before = cx.errors();
-    let dom = cx.required(n, path, "domain").and_then(|d| domain(cx, d, &join(path, "domain")));
+    let dom = cx
+        .required(n, path, "domain")
+        .and_then(|d| domain(cx, d, &join(path, "domain")));
     let route = match field(n, "path") {
         None => Some("/".to_string()),
         Some(p) => cx.string(p, &join(path, "path")).and_then(|s| {
@@ -434,9 +530,16 @@ fn decode_proxy(cx: &mut Cx, n: &Node, path: &str) -> Option<Proxy> {
         if let Kind::Map(entries) = &h.kind {
             for e in entries {
                 let valid = !e.key.is_empty()
-                    && e.key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                    && e.key
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
                 if !valid {
-                    cx.error(e.key_span, &join(&hpath, &e.key), format!("invalid header name `{}`", e.key), Some("header names use letters, digits, `-` and `_`".into()));
+                    cx.error(
+                        e.key_span,
+                        &join(&hpath, &e.key),
+                        format!("invalid header name `{}`", e.key),
+                        Some("header names use letters, digits, `-` and `_`".into()),
+                    );
                     continue;
                 }
                 if let Some(v) = cx.string(&e.value, &join(&hpath, &e.key)) {
@@ -444,7 +547,12 @@ fn decode_proxy(cx: &mut Cx, n: &Node, path: &str) -> Option<Proxy> {
                 }
             }
         } else {
-            cx.error(h.span, &hpath, format!("expected a mapping, found {}", h.kind.describe()), Some("write headers as `{ X-Frame-Options: SAMEORIGIN }`".into()));
+            cx.error(
+                h.span,
+                &hpath,
+                format!("expected a mapping, found {}", h.kind.describe()),
+                Some("write headers as `{ X-Frame-Options: SAMEORIGIN }`".into()),
+            );
         }
     }
     if cx.errors() != before {
@@ -462,7 +570,12 @@ fn decode_proxy(cx: &mut Cx, n: &Node, path: &str) -> Option<Proxy> {
 
 fn upstream(cx: &mut Cx, n: &Node, path: &str) -> Option<Upstream> {
     let bad_port = |cx: &mut Cx, p: &str| {
-        cx.error(n.span, path, format!("`{p}` is not a port (1-65535)"), Some("write a port on this service's host (8080) or host:port".into()));
+        cx.error(
+            n.span,
+            path,
+            format!("`{p}` is not a port (1-65535)"),
+            Some("write a port on this service's host (8080) or host:port".into()),
+        );
     };
     match &n.kind {
         Kind::Int(p) => match u16::try_from(*p) {
@@ -477,7 +590,9 @@ fn upstream(cx: &mut Cx, n: &Node, path: &str) -> Option<Upstream> {
             match s.rsplit_once(':') {
                 Some((h, p)) => {
                     let port = p.parse::<u16>().ok().filter(|p| *p > 0);
-                    let host_ok = h.parse::<Ipv4Addr>().is_ok() || crate::ids::DomainName::new(h).is_ok() || crate::ids::Hostname::new(h).is_ok();
+                    let host_ok = h.parse::<Ipv4Addr>().is_ok()
+                        || crate::ids::DomainName::new(h).is_ok()
+                        || crate::ids::Hostname::new(h).is_ok();
                     match (port, host_ok) {
                         (Some(port), true) => Some(Upstream::HostPort(h.to_string(), port)),
                         (None, _) => {
@@ -500,23 +615,40 @@ fn upstream(cx: &mut Cx, n: &Node, path: &str) -> Option<Upstream> {
             }
         }
         _ => {
-            cx.error(n.span, path, format!("expected a port or host:port, found {}", n.kind.describe()), None);
+            cx.error(
+                n.span,
+                path,
+                format!("expected a port or host:port, found {}", n.kind.describe()),
+                None,
+            );
             None
         }
     }
 }
 
-fn decode_auth(cx: &mut Cx, n: &Node, path: &str, service: &ServiceName, redirects: &mut Vec<(String, Span, String)>) -> Option<Auth> {
+fn decode_auth(
+    cx: &mut Cx,
+    n: &Node,
+    path: &str,
+    service: &ServiceName,
+    redirects: &mut Vec<(String, Span, String)>,
+) -> Option<Auth> {
     cx.map(n, path, AUTH_FIELDS)?;
     let before = cx.errors();
     let provider = match field(n, "provider") {
         None => "authentik".to_string(),
-        Some(p) => choice(cx, p, &join(path, "provider"), &[("authentik", "authentik".to_string())])?,
+        Some(p) => choice(
+            cx,
+            p,
+            &join(path, "provider"),
+            &[("authentik", "authentik".to_string())],
+        )?,
     };
     let display_name = field(n, "name")
         .and_then(|v| non_empty_string(cx, v, &join(path, "name")))
         .unwrap_or_else(|| service.as_str().to_string());
-    let oidc = field(n, "oidc").and_then(|o| decode_oidc(cx, o, &join(path, "oidc"), service, redirects));
+    let oidc =
+        field(n, "oidc").and_then(|o| decode_oidc(cx, o, &join(path, "oidc"), service, redirects));
     (cx.errors() == before).then_some(Auth {
         provider,
         display_name,
@@ -524,7 +656,13 @@ fn decode_auth(cx: &mut Cx, n: &Node, path: &str, service: &ServiceName, redirec
     })
 }
 
-fn decode_oidc(cx: &mut Cx, n: &Node, path: &str, service: &ServiceName, redirects: &mut Vec<(String, Span, String)>) -> Option<Oidc> {
+fn decode_oidc(
+    cx: &mut Cx,
+    n: &Node,
+    path: &str,
+    service: &ServiceName,
+    redirects: &mut Vec<(String, Span, String)>,
+) -> Option<Oidc> {
     cx.map(n, path, OIDC_FIELDS)?;
     let before = cx.errors();
     let client_id = field(n, "client_id")
@@ -532,10 +670,15 @@ fn decode_oidc(cx: &mut Cx, n: &Node, path: &str, service: &ServiceName, redirec
         .unwrap_or_else(|| service.as_str().to_string());
     let client_type = match field(n, "client_type") {
         None => ClientType::Confidential,
-        Some(t) => choice(cx, t, &join(path, "client_type"), &[
-            ("confidential", ClientType::Confidential),
-            ("public", ClientType::Public),
-        ])
+        Some(t) => choice(
+            cx,
+            t,
+            &join(path, "client_type"),
+            &[
+                ("confidential", ClientType::Confidential),
+                ("public", ClientType::Public),
+            ],
+        )
         .unwrap_or(ClientType::Confidential),
     };
     let mut redirect_uris = Vec::new();
@@ -548,7 +691,12 @@ fn decode_oidc(cx: &mut Cx, n: &Node, path: &str, service: &ServiceName, redirec
         }
     }
     let scopes = field(n, "scopes")
-        .map(|s| cx.strings(s, &join(path, "scopes")).into_iter().map(|(s, _)| s).collect())
+        .map(|s| {
+            cx.strings(s, &join(path, "scopes"))
+                .into_iter()
+                .map(|(s, _)| s)
+                .collect()
+        })
         .unwrap_or_else(|| vec!["openid".into(), "email".into(), "profile".into()]);
     let username_claim = field(n, "username_claim")
         .and_then(|v| cx.string(v, &join(path, "username_claim")))
@@ -570,7 +718,12 @@ fn check_url(cx: &mut Cx, u: &str, span: Span, path: &str) -> bool {
     match crate::url::check(u) {
         Ok(_) => true,
         Err(why) => {
-            cx.error(span, path, format!("invalid URL `{u}`: {why}"), Some("write a full URL, like https://app.nixmox.lan/callback".into()));
+            cx.error(
+                span,
+                path,
+                format!("invalid URL `{u}`: {why}"),
+                Some("write a full URL, like https://app.nixmox.lan/callback".into()),
+            );
             false
         }
     }
@@ -588,13 +741,20 @@ fn decode_health(cx: &mut Cx, n: &Node, spec: &mut ServiceSpec) {
         let Some(c) = field(n, key) else { continue };
         let path = join("interface.health", key);
         let items: Vec<(&Node, String)> = match &c.kind {
-            Kind::Seq(items) => items.iter().enumerate().map(|(i, n)| (n, index(&path, i))).collect(),
+            Kind::Seq(items) => items
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n, index(&path, i)))
+                .collect(),
             _ => vec![(c, path.clone())],
         };
         let mut checks = Vec::new();
         for (item, p) in items {
             if let Some(check) = decode_check(cx, item, &p) {
-                checks.push(Sp { value: check, span: item.span });
+                checks.push(Sp {
+                    value: check,
+                    span: item.span,
+                });
             }
         }
         match key {
@@ -623,7 +783,19 @@ fn decode_check(cx: &mut Cx, n: &Node, path: &str) -> Option<Check> {
                 .filter(|k| matches!(*k, "command" | "http" | "tcp" | "dns"))
                 .collect();
             if kinds.len() != 1 {
-                cx.error(n.span, path, "a health check needs exactly one of `command`, `http`, `tcp` or `dns`", Some(format!("found: {}", if kinds.is_empty() { "none".to_string() } else { kinds.join(", ") })));
+                cx.error(
+                    n.span,
+                    path,
+                    "a health check needs exactly one of `command`, `http`, `tcp` or `dns`",
+                    Some(format!(
+                        "found: {}",
+                        if kinds.is_empty() {
+                            "none".to_string()
+                        } else {
+                            kinds.join(", ")
+                        }
+                    )),
+                );
                 return None;
             }
             let allowed: &[&str] = match kinds[0] {
@@ -634,7 +806,12 @@ fn decode_check(cx: &mut Cx, n: &Node, path: &str) -> Option<Check> {
             };
             for e in entries {
                 if CHECK_FIELDS.contains(&e.key.as_str()) && !allowed.contains(&e.key.as_str()) {
-                    cx.error(e.key_span, &join(path, &e.key), format!("`{}` does not apply to a `{}` check", e.key, kinds[0]), None);
+                    cx.error(
+                        e.key_span,
+                        &join(path, &e.key),
+                        format!("`{}` does not apply to a `{}` check", e.key, kinds[0]),
+                        None,
+                    );
                     return None;
                 }
             }
@@ -643,7 +820,8 @@ fn decode_check(cx: &mut Cx, n: &Node, path: &str) -> Option<Check> {
             match kinds[0] {
                 "command" => match &v.kind {
                     Kind::Seq(_) => {
-                        let argv: Vec<String> = cx.strings(v, &vpath).into_iter().map(|(s, _)| s).collect();
+                        let argv: Vec<String> =
+                            cx.strings(v, &vpath).into_iter().map(|(s, _)| s).collect();
                         if argv.is_empty() {
                             cx.error(v.span, &vpath, "the command is empty", None);
                             return None;
@@ -671,20 +849,29 @@ fn decode_check(cx: &mut Cx, n: &Node, path: &str) -> Option<Check> {
                     let s = cx.string(v, &vpath)?;
                     let parsed = s.rsplit_once(':').and_then(|(h, p)| {
                         let port = p.parse::<u16>().ok().filter(|p| *p > 0)?;
-                        let host_ok = h.parse::<Ipv4Addr>().is_ok() || crate::ids::DomainName::new(h).is_ok() || crate::ids::Hostname::new(h).is_ok();
+                        let host_ok = h.parse::<Ipv4Addr>().is_ok()
+                            || crate::ids::DomainName::new(h).is_ok()
+                            || crate::ids::Hostname::new(h).is_ok();
                         host_ok.then(|| (h.to_string(), port))
                     });
                     match parsed {
                         Some((host, port)) => Some(Check::Tcp { host, port }),
                         None => {
-                            cx.error(v.span, &vpath, format!("invalid tcp target `{s}`"), Some("write host:port, like guacamole.nixmox.lan:4822".into()));
+                            cx.error(
+                                v.span,
+                                &vpath,
+                                format!("invalid tcp target `{s}`"),
+                                Some("write host:port, like guacamole.nixmox.lan:4822".into()),
+                            );
                             None
                         }
                     }
                 }
                 _ => {
                     let name = cx.string(v, &vpath)?;
-                    if crate::ids::DomainName::new(&name).is_err() && crate::ids::Hostname::new(&name).is_err() {
+                    if crate::ids::DomainName::new(&name).is_err()
+                        && crate::ids::Hostname::new(&name).is_err()
+                    {
                         cx.error(v.span, &vpath, format!("invalid DNS name `{name}`"), None);
                         return None;
                     }
@@ -713,7 +900,12 @@ fn command_words(cx: &mut Cx, s: &str, span: Span, path: &str) -> Option<Vec<Str
             None
         }
         None => {
-            cx.error(span, path, "unbalanced quotes in command", Some("close every quote, or give the command as a list of words".into()));
+            cx.error(
+                span,
+                path,
+                "unbalanced quotes in command",
+                Some("close every quote, or give the command as a list of words".into()),
+            );
             None
         }
     }
@@ -767,15 +959,25 @@ pub fn split_words(s: &str) -> Option<Vec<String>> {
     Some(words)
 }
 
-fn decode_terraform(cx: &mut Cx, n: &Node, path: &str, spec: &mut ServiceSpec) -> Option<TerraformUse> {
+fn decode_terraform(
+    cx: &mut Cx,
+    n: &Node,
+    path: &str,
+    spec: &mut ServiceSpec,
+) -> Option<TerraformUse> {
     cx.map(n, path, TERRAFORM_USE_FIELDS)?;
     let before = cx.errors();
     let phase = match field(n, "phase") {
         None => TfPhase::ServiceInfra,
-        Some(p) => choice(cx, p, &join(path, "phase"), &[
-            ("service-infra", TfPhase::ServiceInfra),
-            ("service-config", TfPhase::ServiceConfig),
-        ])
+        Some(p) => choice(
+            cx,
+            p,
+            &join(path, "phase"),
+            &[
+                ("service-infra", TfPhase::ServiceInfra),
+                ("service-config", TfPhase::ServiceConfig),
+            ],
+        )
         .unwrap_or(TfPhase::ServiceInfra),
     };
     let mut modules = Vec::new();
@@ -792,8 +994,12 @@ fn decode_terraform(cx: &mut Cx, n: &Node, path: &str, spec: &mut ServiceSpec) -
         let vpath = join(path, "variables");
         if let Kind::Map(entries) = &v.kind {
             for e in entries {
-                let ident_ok = e.key.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-                    && e.key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                let ident_ok = e
+                    .key
+                    .starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                    && e.key
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
                 if !ident_ok {
                     cx.error(e.key_span, &join(&vpath, &e.key), format!("invalid Terraform variable name `{}`", e.key), Some("variable names start with a letter or `_` and use letters, digits, `_` and `-`".into()));
                     continue;
@@ -801,12 +1007,22 @@ fn decode_terraform(cx: &mut Cx, n: &Node, path: &str, spec: &mut ServiceSpec) -
                 variables.insert(e.key.clone(), to_json(&e.value));
             }
         } else {
-            cx.error(v.span, &vpath, format!("expected a mapping, found {}", v.kind.describe()), None);
+            cx.error(
+                v.span,
+                &vpath,
+                format!("expected a mapping, found {}", v.kind.describe()),
+                None,
+            );
         }
     }
     let list = |cx: &mut Cx, key: &str| -> Vec<String> {
         field(n, key)
-            .map(|v| cx.strings(v, &join(path, key)).into_iter().map(|(s, _)| s).collect())
+            .map(|v| {
+                cx.strings(v, &join(path, key))
+                    .into_iter()
+                    .map(|(s, _)| s)
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let targets = list(cx, "targets");
@@ -827,7 +1043,9 @@ pub fn to_json(n: &Node) -> serde_json::Value {
         Kind::Null => Value::Null,
         Kind::Bool(b) => Value::Bool(*b),
         Kind::Int(i) => Value::from(*i),
-        Kind::Float(f) => serde_json::Number::from_f64(*f).map(Value::Number).unwrap_or(Value::Null),
+        Kind::Float(f) => serde_json::Number::from_f64(*f)
+            .map(Value::Number)
+            .unwrap_or(Value::Null),
         Kind::Str(s) => Value::String(s.clone()),
         Kind::Seq(items) => Value::Array(items.iter().map(to_json).collect()),
         Kind::Map(entries) => Value::Object(
@@ -857,7 +1075,10 @@ fn decode_requirements(cx: &mut Cx, r: &Node, spec: &mut ServiceSpec) {
                 .unwrap_or_else(|| database.clone());
             if let Some(h) = field(d, "host") {
                 if let Some(s) = cx.string(h, &join(path, "host")) {
-                    spec.db_host = Some(Sp { value: s, span: h.span });
+                    spec.db_host = Some(Sp {
+                        value: s,
+                        span: h.span,
+                    });
                 }
             }
             if cx.errors() == before {
@@ -880,7 +1101,9 @@ fn decode_requirements(cx: &mut Cx, r: &Node, spec: &mut ServiceSpec) {
             if let Some(t) = field(p, "type") {
                 choice(cx, t, &join(path, "type"), &[("caddy", ())]);
             }
-            let dom = cx.required(p, path, "domain").and_then(|d| domain(cx, d, &join(path, "domain")));
+            let dom = cx
+                .required(p, path, "domain")
+                .and_then(|d| domain(cx, d, &join(path, "domain")));
             let up = cx
                 .required(p, path, "backend")
                 .and_then(|b| upstream(cx, b, &join(path, "backend")));
@@ -908,7 +1131,12 @@ fn decode_requirements(cx: &mut Cx, r: &Node, spec: &mut ServiceSpec) {
             let before = cx.errors();
             let provider = match field(o, "type") {
                 None => Some("authentik".to_string()),
-                Some(t) => choice(cx, t, &join(path, "type"), &[("authentik", "authentik".to_string())]),
+                Some(t) => choice(
+                    cx,
+                    t,
+                    &join(path, "type"),
+                    &[("authentik", "authentik".to_string())],
+                ),
             };
             let display_name = field(o, "provider_name")
                 .and_then(|v| non_empty_string(cx, v, &join(path, "provider_name")))
@@ -918,15 +1146,25 @@ fn decode_requirements(cx: &mut Cx, r: &Node, spec: &mut ServiceSpec) {
                 .unwrap_or_else(|| spec.name.value.as_str().to_string());
             let mut redirect_uris = Vec::new();
             if let Some(u) = field(o, "redirect_uri") {
-                for (i, (s, span)) in cx.strings(u, &join(path, "redirect_uri")).into_iter().enumerate() {
+                for (i, (s, span)) in cx
+                    .strings(u, &join(path, "redirect_uri"))
+                    .into_iter()
+                    .enumerate()
+                {
                     check_url(cx, &s, span, &index(&join(path, "redirect_uri"), i));
-                    spec.redirects.push((s.clone(), span, index(&join(path, "redirect_uri"), i)));
+                    spec.redirects
+                        .push((s.clone(), span, index(&join(path, "redirect_uri"), i)));
                     redirect_uris.push(s);
                 }
             }
             if let (Some(provider), true) = (provider, cx.errors() == before) {
                 if spec.auth.is_some() {
-                    cx.error(o.span, path, "authentication is declared twice", Some("keep either `interface.auth` or `requirements.oidc`".into()));
+                    cx.error(
+                        o.span,
+                        path,
+                        "authentication is declared twice",
+                        Some("keep either `interface.auth` or `requirements.oidc`".into()),
+                    );
                 } else {
                     spec.auth = Some(Sp {
                         value: Auth {
@@ -955,15 +1193,30 @@ mod tests {
 
     #[test]
     fn words() {
-        assert_eq!(split_words("systemctl is-active --quiet tomcat").unwrap(), ["systemctl", "is-active", "--quiet", "tomcat"]);
-        assert_eq!(split_words("sh -c 'a b' \"c\\\"d\"").unwrap(), ["sh", "-c", "a b", "c\"d"]);
+        assert_eq!(
+            split_words("systemctl is-active --quiet tomcat").unwrap(),
+            ["systemctl", "is-active", "--quiet", "tomcat"]
+        );
+        assert_eq!(
+            split_words("sh -c 'a b' \"c\\\"d\"").unwrap(),
+            ["sh", "-c", "a b", "c\"d"]
+        );
         assert_eq!(split_words("echo 'oops"), None);
     }
 
     #[test]
     fn paths() {
-        assert_eq!(resolve_path("services/app", "./configuration.nix"), "services/app/configuration.nix");
-        assert_eq!(resolve_path("services/app", "../shared/x.nix"), "services/shared/x.nix");
-        assert_eq!(resolve_path("services/app", "migrations/001.sql"), "services/app/migrations/001.sql");
+        assert_eq!(
+            resolve_path("services/app", "./configuration.nix"),
+            "services/app/configuration.nix"
+        );
+        assert_eq!(
+            resolve_path("services/app", "../shared/x.nix"),
+            "services/shared/x.nix"
+        );
+        assert_eq!(
+            resolve_path("services/app", "migrations/001.sql"),
+            "services/app/migrations/001.sql"
+        );
     }
 }

@@ -75,7 +75,10 @@ impl Phase {
             if id == p.as_str() {
                 return Some((p, None));
             }
-            if let Some(rest) = id.strip_prefix(p.as_str()).and_then(|r| r.strip_prefix(':')) {
+            if let Some(rest) = id
+                .strip_prefix(p.as_str())
+                .and_then(|r| r.strip_prefix(':'))
+            {
                 return Some((p, Some(rest)));
             }
         }
@@ -227,8 +230,11 @@ fn topo(p: &Project, indexes: &[usize]) -> Vec<usize> {
             dependents.entry(e.to).or_default().push(e.from);
         }
     }
-    let mut heap: BinaryHeap<Reverse<usize>> =
-        indeg.iter().filter(|(_, d)| **d == 0).map(|(i, _)| Reverse(*i)).collect();
+    let mut heap: BinaryHeap<Reverse<usize>> = indeg
+        .iter()
+        .filter(|(_, d)| **d == 0)
+        .map(|(i, _)| Reverse(*i))
+        .collect();
     let mut out = Vec::with_capacity(indexes.len());
     while let Some(Reverse(i)) = heap.pop() {
         out.push(i);
@@ -348,12 +354,24 @@ impl Ctx<'_> {
             Upstream::Port(port) => format!("{}:{port}", s.host.ip),
             Upstream::HostPort(h, port) => format!("{h}:{port}"),
         };
-        json!([x.domain.as_str(), x.path, upstream, x.tls, x.authz, x.headers])
+        json!([
+            x.domain.as_str(),
+            x.path,
+            upstream,
+            x.tls,
+            x.authz,
+            x.headers
+        ])
     }
     fn provider_facts(&self) -> Value {
         let p = self.p;
-        let f = |c: Capability| p.provider(c).map(|s| json!([s.host.hostname.as_str(), s.host.ip.to_string()]));
-        let idp_domain = p.provider(Capability::Identity).and_then(|s| s.proxies.first().map(|x| x.domain.to_string()));
+        let f = |c: Capability| {
+            p.provider(c)
+                .map(|s| json!([s.host.hostname.as_str(), s.host.ip.to_string()]))
+        };
+        let idp_domain = p
+            .provider(Capability::Identity)
+            .and_then(|s| s.proxies.first().map(|x| x.domain.to_string()));
         json!({"database": f(Capability::Database), "identity": f(Capability::Identity), "identity_domain": idp_domain})
     }
 }
@@ -373,11 +391,32 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
     let ctx = ctx;
     let chosen = select(p, sel);
     let chosen_set: BTreeSet<usize> = chosen.iter().copied().collect();
-    let core: Vec<usize> = topo(p, &chosen.iter().copied().filter(|&i| p.services[i].is_core()).collect::<Vec<_>>());
-    let apps: Vec<usize> = topo(p, &chosen.iter().copied().filter(|&i| !p.services[i].is_core()).collect::<Vec<_>>());
+    let core: Vec<usize> = topo(
+        p,
+        &chosen
+            .iter()
+            .copied()
+            .filter(|&i| p.services[i].is_core())
+            .collect::<Vec<_>>(),
+    );
+    let apps: Vec<usize> = topo(
+        p,
+        &chosen
+            .iter()
+            .copied()
+            .filter(|&i| !p.services[i].is_core())
+            .collect::<Vec<_>>(),
+    );
 
     let mut steps: Vec<Step> = Vec::new();
-    let push = |steps: &mut Vec<Step>, phase: Phase, service: Option<&Service>, after: Vec<usize>, action: Action, description: String, parts: Parts| -> usize {
+    let push = |steps: &mut Vec<Step>,
+                phase: Phase,
+                service: Option<&Service>,
+                after: Vec<usize>,
+                action: Action,
+                description: String,
+                parts: Parts|
+     -> usize {
         let mut after = after;
         after.sort_unstable();
         after.dedup();
@@ -404,10 +443,30 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
         parts.add(format!("host:{}", s.name), &ctx.host(i));
     }
     let (action, description) = match p.infra {
-        InfraBackend::None => (Action::Noop, "hosts exist already (infra.backend: none)".to_string()),
-        b => (Action::Run, format!("provision {} containers ({} core, {} service) with {}", p.services.len(), p.services.iter().filter(|s| s.is_core()).count(), p.services.iter().filter(|s| !s.is_core()).count(), b.as_str())),
+        InfraBackend::None => (
+            Action::Noop,
+            "hosts exist already (infra.backend: none)".to_string(),
+        ),
+        b => (
+            Action::Run,
+            format!(
+                "provision {} containers ({} core, {} service) with {}",
+                p.services.len(),
+                p.services.iter().filter(|s| s.is_core()).count(),
+                p.services.iter().filter(|s| !s.is_core()).count(),
+                b.as_str()
+            ),
+        ),
     };
-    let infra = push(&mut steps, Phase::TfInfra, None, Vec::new(), action, description, parts);
+    let infra = push(
+        &mut steps,
+        Phase::TfInfra,
+        None,
+        Vec::new(),
+        action,
+        description,
+        parts,
+    );
 
     // nix:core:<svc>, ordered among themselves.
     let mut core_step: BTreeMap<usize, usize> = BTreeMap::new();
@@ -422,9 +481,22 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
             let mut consumers = 0usize;
             for (j, c) in p.services.iter().enumerate() {
                 let part = match cap {
-                    Capability::Database if !c.dbs.is_empty() && j != i => Some(json!({"ip": c.host.ip.to_string(), "dbs": c.dbs.iter().map(|d| json!([d.database, d.role, d.mode.as_str(), d.migrations.iter().map(|m| ctx.digest(m)).collect::<Vec<_>>()])).collect::<Vec<_>>()})),
-                    Capability::ReverseProxy if !c.proxies.is_empty() && j != i => Some(json!(c.proxies.iter().map(|x| ctx.proxy(c, x)).collect::<Vec<_>>())),
-                    Capability::Dns => Some(json!([p.fqdn(c), c.host.ip.to_string(), c.proxies.iter().map(|x| x.domain.as_str()).collect::<Vec<_>>()])),
+                    Capability::Database if !c.dbs.is_empty() && j != i => Some(
+                        json!({"ip": c.host.ip.to_string(), "dbs": c.dbs.iter().map(|d| json!([d.database, d.role, d.mode.as_str(), d.migrations.iter().map(|m| ctx.digest(m)).collect::<Vec<_>>()])).collect::<Vec<_>>()}),
+                    ),
+                    Capability::ReverseProxy if !c.proxies.is_empty() && j != i => Some(json!(c
+                        .proxies
+                        .iter()
+                        .map(|x| ctx.proxy(c, x))
+                        .collect::<Vec<_>>())),
+                    Capability::Dns => Some(json!([
+                        p.fqdn(c),
+                        c.host.ip.to_string(),
+                        c.proxies
+                            .iter()
+                            .map(|x| x.domain.as_str())
+                            .collect::<Vec<_>>()
+                    ])),
                     _ => None,
                 };
                 if let Some(v) = part {
@@ -446,7 +518,12 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
             });
         }
         if s.provides(Capability::ReverseProxy) {
-            parts.add("outpost", &json!(p.provider(Capability::Identity).map(|x| x.host.ip.to_string())));
+            parts.add(
+                "outpost",
+                &json!(p
+                    .provider(Capability::Identity)
+                    .map(|x| x.host.ip.to_string())),
+            );
         }
         let mut after = Vec::new();
         for e in p.deps_of(i) {
@@ -460,8 +537,21 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
         if after.is_empty() {
             after.push(infra);
         }
-        let description = format!("deploy {} ({}): {}", s.host.hostname, s.host.ip, what.join(", "));
-        let k = push(&mut steps, Phase::NixCore, Some(s), after, Action::Run, description, parts);
+        let description = format!(
+            "deploy {} ({}): {}",
+            s.host.hostname,
+            s.host.ip,
+            what.join(", ")
+        );
+        let k = push(
+            &mut steps,
+            Phase::NixCore,
+            Some(s),
+            after,
+            Action::Run,
+            description,
+            parts,
+        );
         core_step.insert(i, k);
     }
 
@@ -475,21 +565,39 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
             oidc_core += 1;
             parts.add(format!("oidc:{}", s.name), &ctx.own(s)["auth"]);
         }
-        let authz: Vec<&str> = s.proxies.iter().filter(|x| x.authz).map(|x| x.domain.as_str()).collect();
+        let authz: Vec<&str> = s
+            .proxies
+            .iter()
+            .filter(|x| x.authz)
+            .map(|x| x.domain.as_str())
+            .collect();
         if !authz.is_empty() {
             forward += 1;
             parts.add(format!("outpost:{}", s.name), &json!(authz));
         }
     }
     let has_idp = p.provider(Capability::Identity).is_some();
-    let (action, description) = if has_idp && (oidc_core > 0 || forward > 0 || p.services.iter().any(|s| s.auth.is_some())) {
+    let (action, description) = if has_idp
+        && (oidc_core > 0 || forward > 0 || p.services.iter().any(|s| s.auth.is_some()))
+    {
         (Action::Run, format!("configure the identity provider: flows, scope mappings, {oidc_core} core OIDC application(s), outpost for {forward} forward-auth service(s)"))
     } else if has_idp {
         (Action::Noop, "no service uses authentication".to_string())
     } else {
-        (Action::Noop, "the project has no identity provider".to_string())
+        (
+            Action::Noop,
+            "the project has no identity provider".to_string(),
+        )
     };
-    let auth_core = push(&mut steps, Phase::TfAuthCore, None, core_step.values().copied().collect(), action, description, parts);
+    let auth_core = push(
+        &mut steps,
+        Phase::TfAuthCore,
+        None,
+        core_step.values().copied().collect(),
+        action,
+        description,
+        parts,
+    );
 
     // nix:core-auth:<svc>: core services that use auth get their client secret.
     let mut core_auth_step: BTreeMap<usize, usize> = BTreeMap::new();
@@ -503,7 +611,15 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
         parts.add("self", &ctx.own(s));
         parts.add_hash("providers", &ctx.facts_hash);
         let description = format!("redeploy {} with its OIDC client secret", s.host.hostname);
-        let k = push(&mut steps, Phase::NixCoreAuth, Some(s), vec![auth_core, core_step[&i]], Action::Run, description, parts);
+        let k = push(
+            &mut steps,
+            Phase::NixCoreAuth,
+            Some(s),
+            vec![auth_core, core_step[&i]],
+            Action::Run,
+            description,
+            parts,
+        );
         core_auth_step.insert(i, k);
     }
 
@@ -522,10 +638,24 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
             // lists direct prerequisites only.
         }
         // tf:service-infra
-        let infra_tf: Vec<_> = s.terraform.iter().filter(|t| t.phase == TfPhase::ServiceInfra).collect();
-        let authz: Vec<&str> = s.proxies.iter().filter(|x| x.authz).map(|x| x.domain.as_str()).collect();
+        let infra_tf: Vec<_> = s
+            .terraform
+            .iter()
+            .filter(|t| t.phase == TfPhase::ServiceInfra)
+            .collect();
+        let authz: Vec<&str> = s
+            .proxies
+            .iter()
+            .filter(|x| x.authz)
+            .map(|x| x.domain.as_str())
+            .collect();
         let oidc = s.auth.as_ref().and_then(|a| a.oidc.as_ref());
-        let tf_dbs: Vec<&str> = s.dbs.iter().filter(|d| d.mode == crate::model::DbMode::Terraform).map(|d| d.database.as_str()).collect();
+        let tf_dbs: Vec<&str> = s
+            .dbs
+            .iter()
+            .filter(|d| d.mode == crate::model::DbMode::Terraform)
+            .map(|d| d.database.as_str())
+            .collect();
         let mut parts = Parts::new();
         parts.add("terraform", &tf_json(&ctx, &infra_tf));
         parts.add("auth", &ctx.own(s)["auth"]);
@@ -551,7 +681,15 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
         } else {
             (Action::Run, format!("apply {}", what.join(", ")))
         };
-        let a = push(&mut steps, Phase::TfServiceInfra, Some(s), after, action, description, parts);
+        let a = push(
+            &mut steps,
+            Phase::TfServiceInfra,
+            Some(s),
+            after,
+            action,
+            description,
+            parts,
+        );
 
         // nix:service-config
         let mut parts = Parts::new();
@@ -559,19 +697,42 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
         parts.add("self", &ctx.own(s));
         parts.add_hash("providers", &ctx.facts_hash);
         let description = format!("deploy {} ({})", s.host.hostname, s.host.ip);
-        let b = push(&mut steps, Phase::NixServiceConfig, Some(s), vec![a], Action::Run, description, parts);
+        let b = push(
+            &mut steps,
+            Phase::NixServiceConfig,
+            Some(s),
+            vec![a],
+            Action::Run,
+            description,
+            parts,
+        );
 
         // tf:service-config
-        let config_tf: Vec<_> = s.terraform.iter().filter(|t| t.phase == TfPhase::ServiceConfig).collect();
+        let config_tf: Vec<_> = s
+            .terraform
+            .iter()
+            .filter(|t| t.phase == TfPhase::ServiceConfig)
+            .collect();
         let mut parts = Parts::new();
         parts.add("terraform", &tf_json(&ctx, &config_tf));
         let modules: usize = config_tf.iter().map(|t| t.modules.len()).sum();
         let (action, description) = if modules == 0 {
             (Action::Noop, "no service-config Terraform".to_string())
         } else {
-            (Action::Run, format!("apply {modules} module(s) that need the running service"))
+            (
+                Action::Run,
+                format!("apply {modules} module(s) that need the running service"),
+            )
         };
-        let c = push(&mut steps, Phase::TfServiceConfig, Some(s), vec![b], action, description, parts);
+        let c = push(
+            &mut steps,
+            Phase::TfServiceConfig,
+            Some(s),
+            vec![b],
+            action,
+            description,
+            parts,
+        );
 
         // verify
         let mut parts = Parts::new();
@@ -601,9 +762,27 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
         let (action, description) = if checks == 0 && wiring.is_empty() {
             (Action::Noop, "nothing to check".to_string())
         } else {
-            (Action::Run, format!("{checks} health check(s); end-to-end: {}", if wiring.is_empty() { "none".to_string() } else { wiring.join(", ") }))
+            (
+                Action::Run,
+                format!(
+                    "{checks} health check(s); end-to-end: {}",
+                    if wiring.is_empty() {
+                        "none".to_string()
+                    } else {
+                        wiring.join(", ")
+                    }
+                ),
+            )
         };
-        let d = push(&mut steps, Phase::Verify, Some(s), vec![c], action, description, parts);
+        let d = push(
+            &mut steps,
+            Phase::Verify,
+            Some(s),
+            vec![c],
+            action,
+            description,
+            parts,
+        );
         verify_step.insert(i, d);
     }
 
@@ -629,7 +808,9 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
     if sel.services.is_empty() {
         if let Some(r) = record {
             for (id, _) in r.steps.iter() {
-                let Some((phase, Some(svc))) = Phase::parse_step_id(id) else { continue };
+                let Some((phase, Some(svc))) = Phase::parse_step_id(id) else {
+                    continue;
+                };
                 if p.service(svc).is_none() {
                     steps.push(Step {
                         id: id.clone(),
@@ -648,9 +829,17 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
             }
         }
     }
-    let critical_path = critical_path(&steps.iter().map(|s| (s.weight, s.after.clone())).collect::<Vec<_>>());
+    let critical_path = critical_path(
+        &steps
+            .iter()
+            .map(|s| (s.weight, s.after.clone()))
+            .collect::<Vec<_>>(),
+    );
     let selection = (!sel.services.is_empty()).then(|| {
-        chosen_set.iter().map(|&i| p.services[i].name.to_string()).collect()
+        chosen_set
+            .iter()
+            .map(|&i| p.services[i].name.to_string())
+            .collect()
     });
     Plan {
         project: p.name.to_string(),
@@ -661,10 +850,13 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
 }
 
 fn tf_json(ctx: &Ctx, uses: &[&crate::model::TerraformUse]) -> Value {
-    json!(uses.iter().map(|t| json!({
-        "modules": t.modules.iter().map(|m| ctx.digest(m)).collect::<Vec<_>>(),
-        "variables": t.variables, "targets": t.targets, "apply_order": t.apply_order,
-    })).collect::<Vec<_>>())
+    json!(uses
+        .iter()
+        .map(|t| json!({
+            "modules": t.modules.iter().map(|m| ctx.digest(m)).collect::<Vec<_>>(),
+            "variables": t.variables, "targets": t.targets, "apply_order": t.apply_order,
+        }))
+        .collect::<Vec<_>>())
 }
 
 /// Words for a changed part key: `db:guacamole` → "db of `guacamole`".
@@ -766,20 +958,37 @@ mod tests {
     #[test]
     fn step_ids_round_trip() {
         for p in Phase::ALL {
-            assert_eq!(Phase::parse_step_id(&p.step_id(Some("web"))), Some((p, Some("web"))));
+            assert_eq!(
+                Phase::parse_step_id(&p.step_id(Some("web"))),
+                Some((p, Some("web")))
+            );
             assert_eq!(Phase::parse_step_id(&p.step_id(None)), Some((p, None)));
         }
-        assert_eq!(Phase::parse_step_id("nix:core-auth:pgadmin"), Some((Phase::NixCoreAuth, Some("pgadmin"))));
+        assert_eq!(
+            Phase::parse_step_id("nix:core-auth:pgadmin"),
+            Some((Phase::NixCoreAuth, Some("pgadmin")))
+        );
     }
 
     #[test]
     fn explains_parts() {
-        let old: BTreeMap<String, String> = [("db:a".to_string(), "1".to_string()), ("self".to_string(), "1".to_string())].into();
-        let new: BTreeMap<String, String> = [("db:b".to_string(), "1".to_string()), ("self".to_string(), "2".to_string())].into();
-        assert_eq!(explain(&old, &new), vec![
-            "added: database requirements of `b`".to_string(),
-            "changed: its own configuration".to_string(),
-            "removed: database requirements of `a`".to_string(),
-        ]);
+        let old: BTreeMap<String, String> = [
+            ("db:a".to_string(), "1".to_string()),
+            ("self".to_string(), "1".to_string()),
+        ]
+        .into();
+        let new: BTreeMap<String, String> = [
+            ("db:b".to_string(), "1".to_string()),
+            ("self".to_string(), "2".to_string()),
+        ]
+        .into();
+        assert_eq!(
+            explain(&old, &new),
+            vec![
+                "added: database requirements of `b`".to_string(),
+                "changed: its own configuration".to_string(),
+                "removed: database requirements of `a`".to_string(),
+            ]
+        );
     }
 }

@@ -46,8 +46,16 @@ struct JsonStep<'a> {
 fn summary(plan: &Plan) -> JsonSummary {
     JsonSummary {
         steps: plan.steps.len(),
-        run: plan.steps.iter().filter(|s| s.action == Action::Run).count(),
-        noop: plan.steps.iter().filter(|s| s.action == Action::Noop).count(),
+        run: plan
+            .steps
+            .iter()
+            .filter(|s| s.action == Action::Run)
+            .count(),
+        noop: plan
+            .steps
+            .iter()
+            .filter(|s| s.action == Action::Noop)
+            .count(),
         create: plan.count(Change::Create),
         update: plan.count(Change::Update),
         unchanged: plan.count(Change::Unchanged),
@@ -76,7 +84,11 @@ pub fn to_json(plan: &Plan) -> String {
                 hash: &s.hash,
             })
             .collect(),
-        critical_path: plan.critical_path.iter().map(|&i| plan.steps[i].id.as_str()).collect(),
+        critical_path: plan
+            .critical_path
+            .iter()
+            .map(|&i| plan.steps[i].id.as_str())
+            .collect(),
     };
     let mut s = serde_json::to_string_pretty(&out).expect("plan JSON always serializes");
     s.push('\n');
@@ -100,14 +112,21 @@ pub fn to_text(plan: &Plan) -> String {
         if sum.delete > 0 { format!(", {} orphaned", sum.delete) } else { String::new() }
     );
     if let Some(sel) = &plan.selection {
-        let _ = writeln!(out, "Selected services (with their dependencies): {}", sel.join(", "));
+        let _ = writeln!(
+            out,
+            "Selected services (with their dependencies): {}",
+            sel.join(", ")
+        );
     }
     let width = plan.steps.iter().map(|s| s.id.len()).max().unwrap_or(0);
     let mut last_phase: Option<&str> = None;
     let mut last_service: Option<&str> = None;
     for s in &plan.steps {
         let group = match s.phase {
-            Phase::TfServiceInfra | Phase::NixServiceConfig | Phase::TfServiceConfig | Phase::Verify
+            Phase::TfServiceInfra
+            | Phase::NixServiceConfig
+            | Phase::TfServiceConfig
+            | Phase::Verify
                 if s.change != Change::Delete =>
             {
                 "services, in dependency order"
@@ -124,7 +143,11 @@ pub fn to_text(plan: &Plan) -> String {
             let _ = writeln!(out, "  [{}]", s.service.as_deref().unwrap_or(""));
             last_service = s.service.as_deref();
         }
-        let indent = if group.starts_with("services") { "    " } else { "  " };
+        let indent = if group.starts_with("services") {
+            "    "
+        } else {
+            "  "
+        };
         let _ = writeln!(
             out,
             "{indent}{} {:<width$}  {:<4}  {}",
@@ -135,14 +158,28 @@ pub fn to_text(plan: &Plan) -> String {
         );
         if !s.after.is_empty() {
             let after: Vec<&str> = s.after.iter().map(|&a| plan.steps[a].id.as_str()).collect();
-            let _ = writeln!(out, "{indent}  {:width$}  waits for: {}", "", after.join(", "));
+            let _ = writeln!(
+                out,
+                "{indent}  {:width$}  waits for: {}",
+                "",
+                after.join(", ")
+            );
         }
         for r in &s.reasons {
             let _ = writeln!(out, "{indent}  {:width$}  because {r}", "");
         }
     }
-    let path: Vec<&str> = plan.critical_path.iter().map(|&i| plan.steps[i].id.as_str()).collect();
-    let _ = writeln!(out, "\nCritical path ({} steps): {}", path.len(), path.join(" -> "));
+    let path: Vec<&str> = plan
+        .critical_path
+        .iter()
+        .map(|&i| plan.steps[i].id.as_str())
+        .collect();
+    let _ = writeln!(
+        out,
+        "\nCritical path ({} steps): {}",
+        path.len(),
+        path.join(" -> ")
+    );
     let _ = writeln!(out, "Legend: + create, ~ update, = unchanged, - orphaned; `noop` steps have nothing to do and are skipped at once.");
     out
 }

@@ -16,8 +16,15 @@ pub fn name_from_dir(dir: &str) -> String {
     }
     let out = out.trim_matches('-').to_string();
     match out.chars().next() {
-        Some(c) if c.is_ascii_lowercase() => out.chars().take(63).collect::<String>().trim_end_matches('-').to_string(),
-        Some(_) => format!("p-{}", out.chars().take(60).collect::<String>()).trim_end_matches('-').to_string(),
+        Some(c) if c.is_ascii_lowercase() => out
+            .chars()
+            .take(63)
+            .collect::<String>()
+            .trim_end_matches('-')
+            .to_string(),
+        Some(_) => format!("p-{}", out.chars().take(60).collect::<String>())
+            .trim_end_matches('-')
+            .to_string(),
         None => "homelab".to_string(),
     }
 }

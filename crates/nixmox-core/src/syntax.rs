@@ -182,55 +182,57 @@ impl Builder {
                 }
             }
             Some(Frame::Seq(items, _, _)) => items.push(node),
-            Some(Frame::Map(entries, pending, _, _, merged)) => match pending.take() {
-                None => {
-                    let key = match &node.kind {
-                        Kind::Str(s) => s.clone(),
-                        Kind::Int(i) => i.to_string(),
-                        Kind::Bool(b) => b.to_string(),
-                        Kind::Float(f) => f.to_string(),
-                        Kind::Null => String::new(),
-                        Kind::Seq(_) | Kind::Map(_) => {
-                            if self.error.is_none() {
-                                self.error = Some(SyntaxError {
+            Some(Frame::Map(entries, pending, _, _, merged)) => {
+                match pending.take() {
+                    None => {
+                        let key = match &node.kind {
+                            Kind::Str(s) => s.clone(),
+                            Kind::Int(i) => i.to_string(),
+                            Kind::Bool(b) => b.to_string(),
+                            Kind::Float(f) => f.to_string(),
+                            Kind::Null => String::new(),
+                            Kind::Seq(_) | Kind::Map(_) => {
+                                if self.error.is_none() {
+                                    self.error = Some(SyntaxError {
                                     span: node.span,
                                     message: "a mapping key must be a plain value, not a list or mapping".into(),
                                 });
+                                }
+                                String::new()
                             }
-                            String::new()
-                        }
-                    };
-                    *pending = Some((key, node.span));
-                }
-                Some((key, key_span)) => {
-                    if key == "<<" {
-                        merge_into(entries, merged, node);
-                    } else if let Some(pos) = merged.iter().position(|m| *m == key) {
-                        // A key given explicitly overrides the one a merge brought in.
-                        merged.swap_remove(pos);
-                        if let Some(e) = entries.iter_mut().find(|e| e.key == key) {
-                            e.value = node;
-                            e.key_span = key_span;
-                        }
-                    } else if let Some(first) = entries.iter().find(|e| e.key == key) {
-                        if self.error.is_none() {
-                            self.error = Some(SyntaxError {
-                                span: key_span,
-                                message: format!(
-                                    "duplicate key `{key}` (first defined on line {})",
-                                    first.key_span.line
-                                ),
+                        };
+                        *pending = Some((key, node.span));
+                    }
+                    Some((key, key_span)) => {
+                        if key == "<<" {
+                            merge_into(entries, merged, node);
+                        } else if let Some(pos) = merged.iter().position(|m| *m == key) {
+                            // A key given explicitly overrides the one a merge brought in.
+                            merged.swap_remove(pos);
+                            if let Some(e) = entries.iter_mut().find(|e| e.key == key) {
+                                e.value = node;
+                                e.key_span = key_span;
+                            }
+                        } else if let Some(first) = entries.iter().find(|e| e.key == key) {
+                            if self.error.is_none() {
+                                self.error = Some(SyntaxError {
+                                    span: key_span,
+                                    message: format!(
+                                        "duplicate key `{key}` (first defined on line {})",
+                                        first.key_span.line
+                                    ),
+                                });
+                            }
+                        } else {
+                            entries.push(Entry {
+                                key,
+                                key_span,
+                                value: node,
                             });
                         }
-                    } else {
-                        entries.push(Entry {
-                            key,
-                            key_span,
-                            value: node,
-                        });
                     }
                 }
-            },
+            }
         }
     }
 }
@@ -316,9 +318,12 @@ impl MarkedEventReceiver for Builder {
                 };
                 self.push_value(node, 0);
             }
-            Event::SequenceStart(anchor, _) => self.stack.push(Frame::Seq(Vec::new(), span, anchor)),
+            Event::SequenceStart(anchor, _) => {
+                self.stack.push(Frame::Seq(Vec::new(), span, anchor))
+            }
             Event::MappingStart(anchor, _) => {
-                self.stack.push(Frame::Map(Vec::new(), None, span, anchor, Vec::new()))
+                self.stack
+                    .push(Frame::Map(Vec::new(), None, span, anchor, Vec::new()))
             }
             Event::SequenceEnd => {
                 if let Some(Frame::Seq(items, start, anchor)) = self.stack.pop() {
@@ -369,9 +374,12 @@ mod tests {
 
     #[test]
     fn scalars_are_typed_like_yaml_1_2() {
-        let n = parse("a: 1\nb: 'x'\nc: true\nd: ~\ne: 1.5\nf: 1.2.3\n", Format::Yaml)
-            .unwrap()
-            .unwrap();
+        let n = parse(
+            "a: 1\nb: 'x'\nc: true\nd: ~\ne: 1.5\nf: 1.2.3\n",
+            Format::Yaml,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(n.get("a").unwrap().kind, Kind::Int(1));
         assert_eq!(n.get("b").unwrap().kind, Kind::Str("x".into()));
         assert_eq!(n.get("c").unwrap().kind, Kind::Bool(true));
@@ -382,9 +390,12 @@ mod tests {
 
     #[test]
     fn merge_keys_and_anchors() {
-        let n = parse("base: &b {x: 1, y: 2}\nc:\n  <<: *b\n  y: 3\n", Format::Yaml)
-            .unwrap()
-            .unwrap();
+        let n = parse(
+            "base: &b {x: 1, y: 2}\nc:\n  <<: *b\n  y: 3\n",
+            Format::Yaml,
+        )
+        .unwrap()
+        .unwrap();
         let c = n.get("c").unwrap();
         assert_eq!(c.get("x").unwrap().kind, Kind::Int(1));
         assert_eq!(c.get("y").unwrap().kind, Kind::Int(3));

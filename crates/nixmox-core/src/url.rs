@@ -19,7 +19,9 @@ pub fn check(s: &str) -> Result<Url, String> {
         .split_once("://")
         .ok_or_else(|| "it has no scheme; start it with https:// or http://".to_string())?;
     if scheme != "http" && scheme != "https" {
-        return Err(format!("the scheme `{scheme}` is not supported; use https or http"));
+        return Err(format!(
+            "the scheme `{scheme}` is not supported; use https or http"
+        ));
     }
     if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err("it contains whitespace".into());
@@ -71,7 +73,10 @@ mod tests {
     #[test]
     fn urls() {
         let u = check("https://guac.nixmox.lan/guacamole/").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.path.as_str()), ("guac.nixmox.lan", None, "/guacamole/"));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.path.as_str()),
+            ("guac.nixmox.lan", None, "/guacamole/")
+        );
         let u = check("http://127.0.0.1:8280").unwrap();
         assert_eq!((u.port, u.path.as_str()), (Some(8280), "/"));
         assert!(check("ftp://x.lan").is_err());

@@ -119,20 +119,29 @@ fn is_plain_safe(s: &str) -> bool {
         return false;
     }
     let lower = s.to_ascii_lowercase();
-    if matches!(lower.as_str(), "null" | "~" | "true" | "false" | "yes" | "no" | "on" | "off" | "y" | "n") {
+    if matches!(
+        lower.as_str(),
+        "null" | "~" | "true" | "false" | "yes" | "no" | "on" | "off" | "y" | "n"
+    ) {
         return false;
     }
     if s.parse::<f64>().is_ok() || s.starts_with("0x") || s.starts_with("0o") {
         return false;
     }
     let first = s.chars().next().unwrap_or(' ');
-    if "-?:,[]{}#&*!|>'\"%@`".contains(first) && !(first == '-' && s.len() > 1 && !s[1..].starts_with(' ') && s != "-") {
+    if "-?:,[]{}#&*!|>'\"%@`".contains(first)
+        && !(first == '-' && s.len() > 1 && !s[1..].starts_with(' ') && s != "-")
+    {
         return false;
     }
     if s.starts_with("- ") || s == "-" {
         return false;
     }
-    !(s.contains(": ") || s.contains(" #") || s.ends_with(':') || s.chars().any(|c| c.is_control() || matches!(c, '{' | '}' | '[' | ']' | ',' | '"' | '\'')))
+    !(s.contains(": ")
+        || s.contains(" #")
+        || s.ends_with(':')
+        || s.chars()
+            .any(|c| c.is_control() || matches!(c, '{' | '}' | '[' | ']' | ',' | '"' | '\'')))
 }
 
 #[cfg(test)]
@@ -145,7 +154,9 @@ mod tests {
         let v = json!({"a": 1, "b": ["x", {"c": "true", "d": "1.5"}], "e": {}, "f": "a: b", "g": "", "h": "/guacamole", "i": "-x"});
         let y = to_yaml(&v);
         assert_eq!(y, "a: 1\nb:\n  - x\n  - c: \"true\"\n    d: \"1.5\"\ne: {}\nf: \"a: b\"\ng: \"\"\nh: /guacamole\ni: -x\n");
-        let back = crate::syntax::parse(&y, crate::syntax::Format::Yaml).unwrap().unwrap();
+        let back = crate::syntax::parse(&y, crate::syntax::Format::Yaml)
+            .unwrap()
+            .unwrap();
         assert_eq!(crate::manifest::to_json(&back), v);
     }
 }

@@ -22,7 +22,11 @@ fn dirs(kind: &str) -> Vec<std::path::PathBuf> {
 #[test]
 fn invalid_fixtures_fail_with_located_diagnostics() {
     let all = dirs("invalid");
-    assert!(all.len() >= 40, "expected at least 40 invalid fixtures, found {}", all.len());
+    assert!(
+        all.len() >= 40,
+        "expected at least 40 invalid fixtures, found {}",
+        all.len()
+    );
     let mut failures = Vec::new();
     for dir in all {
         let name = dir.file_name().unwrap().to_str().unwrap().to_string();
@@ -49,8 +53,15 @@ fn warning_fixtures_pass_with_warnings() {
             continue;
         }
         let loaded = load_dir(&dir);
-        assert!(loaded.errors().next().is_none(), "{name}: {}", render_all(&loaded.diagnostics));
-        assert!(loaded.warnings().next().is_some(), "{name}: expected a warning");
+        assert!(
+            loaded.errors().next().is_none(),
+            "{name}: {}",
+            render_all(&loaded.diagnostics)
+        );
+        assert!(
+            loaded.warnings().next().is_some(),
+            "{name}: expected a warning"
+        );
         assert!(loaded.project.is_some());
         insta::assert_snapshot!(format!("warnings__{name}"), render_all(&loaded.diagnostics));
     }
@@ -59,7 +70,11 @@ fn warning_fixtures_pass_with_warnings() {
 #[test]
 fn seed_guacamole_manifest_validates_verbatim() {
     let loaded = load_dir(&repo_root().join("tests/fixtures/seed"));
-    assert!(loaded.errors().next().is_none(), "{}", render_all(&loaded.diagnostics));
+    assert!(
+        loaded.errors().next().is_none(),
+        "{}",
+        render_all(&loaded.diagnostics)
+    );
     let p = loaded.project.unwrap();
     let g = p.service("guacamole").unwrap();
     // The vision form means the same as the interface form.
@@ -71,10 +86,19 @@ fn seed_guacamole_manifest_validates_verbatim() {
     assert_eq!(oidc.client_id, "guacamole-client");
     assert_eq!(oidc.redirect_uris, ["https://guac.nixmox.lan/guacamole/"]);
     assert_eq!(g.auth.as_ref().unwrap().display_name, "Guacamole Provider");
-    let kinds: Vec<_> = p.deps_of(p.index_of("guacamole").unwrap()).map(|e| (p.services[e.to].name.to_string(), e.kind.as_str())).collect();
-    assert!(kinds.contains(&("postgresql".to_string(), "db")), "{kinds:?}");
+    let kinds: Vec<_> = p
+        .deps_of(p.index_of("guacamole").unwrap())
+        .map(|e| (p.services[e.to].name.to_string(), e.kind.as_str()))
+        .collect();
+    assert!(
+        kinds.contains(&("postgresql".to_string(), "db")),
+        "{kinds:?}"
+    );
     assert!(kinds.contains(&("caddy".to_string(), "proxy")), "{kinds:?}");
-    assert!(kinds.contains(&("authentik".to_string(), "auth")), "{kinds:?}");
+    assert!(
+        kinds.contains(&("authentik".to_string(), "auth")),
+        "{kinds:?}"
+    );
 }
 
 #[test]
@@ -90,24 +114,42 @@ fn allocation_is_stable_when_services_are_added() {
     let p = common::example();
     let mut lock = nixmox_core::lock::Lock::default();
     for s in &p.services {
-        if s.host.ip_origin != nixmox_core::model::Origin::Manifest || s.host.vmid_origin != nixmox_core::model::Origin::Manifest {
-            lock.services.insert(s.name.to_string(), nixmox_core::lock::LockEntry {
-                ip: (s.host.ip_origin != nixmox_core::model::Origin::Manifest).then_some(s.host.ip),
-                vmid: (s.host.vmid_origin != nixmox_core::model::Origin::Manifest).then_some(s.host.vmid.get()),
-            });
+        if s.host.ip_origin != nixmox_core::model::Origin::Manifest
+            || s.host.vmid_origin != nixmox_core::model::Origin::Manifest
+        {
+            lock.services.insert(
+                s.name.to_string(),
+                nixmox_core::lock::LockEntry {
+                    ip: (s.host.ip_origin != nixmox_core::model::Origin::Manifest)
+                        .then_some(s.host.ip),
+                    vmid: (s.host.vmid_origin != nixmox_core::model::Origin::Manifest)
+                        .then_some(s.host.vmid.get()),
+                },
+            );
         }
     }
     // Add a service named to sort first: with the lock it must not take anyone's address.
     let root = repo_root().join("examples/homelab");
     let mut sources = common::read_sources(&root);
-    sources.lock = Some(nixmox_core::SourceFile { path: "nixmox.lock".into(), bytes: lock.render().into_bytes() });
-    sources.manifests.push(nixmox_core::SourceFile { path: "services/aaa/manifest.yaml".into(), bytes: b"name: aaa\n".to_vec() });
+    sources.lock = Some(nixmox_core::SourceFile {
+        path: "nixmox.lock".into(),
+        bytes: lock.render().into_bytes(),
+    });
+    sources.manifests.push(nixmox_core::SourceFile {
+        path: "services/aaa/manifest.yaml".into(),
+        bytes: b"name: aaa\n".to_vec(),
+    });
     let exists = |rel: &str| root.join(rel).exists();
     let loaded = nixmox_core::load(&sources, &exists);
     let q = loaded.project.expect("valid");
     for s in &p.services {
         let t = q.service(s.name.as_str()).unwrap();
-        assert_eq!((t.host.ip, t.host.vmid), (s.host.ip, s.host.vmid), "{} was renumbered", s.name);
+        assert_eq!(
+            (t.host.ip, t.host.vmid),
+            (s.host.ip, s.host.vmid),
+            "{} was renumbered",
+            s.name
+        );
     }
     let aaa = q.service("aaa").unwrap();
     assert_eq!(aaa.host.ip_origin, nixmox_core::model::Origin::Allocated);
@@ -116,5 +158,8 @@ fn allocation_is_stable_when_services_are_added() {
     // Removing it again leaves the others where they were.
     sources.manifests.pop();
     let again = nixmox_core::load(&sources, &exists);
-    assert!(!again.lock_changed, "the lock should be unchanged once `aaa` is gone");
+    assert!(
+        !again.lock_changed,
+        "the lock should be unchanged once `aaa` is gone"
+    );
 }

@@ -12,7 +12,14 @@ use nixmox_core::{SourceFile, Sources};
 use proptest::prelude::*;
 
 fn full(p: &nixmox_core::Project, record: Option<&Record>) -> nixmox_core::plan::Plan {
-    plan(p, &Selection::default(), &PlanInput { record, files: None })
+    plan(
+        p,
+        &Selection::default(),
+        &PlanInput {
+            record,
+            files: None,
+        },
+    )
 }
 
 fn record_of(pl: &nixmox_core::plan::Plan) -> Record {
@@ -20,7 +27,16 @@ fn record_of(pl: &nixmox_core::plan::Plan) -> Record {
         steps: pl
             .steps
             .iter()
-            .map(|s| (s.id.clone(), StepRecord { hash: s.hash.clone(), parts: s.parts.clone(), duration_ms: None }))
+            .map(|s| {
+                (
+                    s.id.clone(),
+                    StepRecord {
+                        hash: s.hash.clone(),
+                        parts: s.parts.clone(),
+                        duration_ms: None,
+                    },
+                )
+            })
             .collect(),
     }
 }
@@ -36,7 +52,11 @@ fn example_plan_text_and_json() {
     for s in v["steps"].as_array().unwrap() {
         assert_eq!(s["hash"].as_str().unwrap().len(), 64);
     }
-    let redacted: String = json.lines().filter(|l| !l.trim_start().starts_with("\"hash\"")).collect::<Vec<_>>().join("\n");
+    let redacted: String = json
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("\"hash\""))
+        .collect::<Vec<_>>()
+        .join("\n");
     insta::assert_snapshot!("example_plan_json", redacted);
 }
 
@@ -46,15 +66,27 @@ fn example_phase_order() {
     let pl = full(&p, None);
     let idx = |id: &str| pl.index_of(id).unwrap_or_else(|| panic!("{id} missing"));
     assert!(idx("tf:infra") < idx("nix:core:dns"));
-    assert!(idx("nix:core:postgresql") < idx("nix:core:authentik"), "authentik has a db");
-    assert!(pl.steps[idx("nix:core:authentik")].after.contains(&idx("nix:core:postgresql")));
+    assert!(
+        idx("nix:core:postgresql") < idx("nix:core:authentik"),
+        "authentik has a db"
+    );
+    assert!(pl.steps[idx("nix:core:authentik")]
+        .after
+        .contains(&idx("nix:core:postgresql")));
     for s in ["dns", "postgresql", "caddy", "authentik"] {
-        assert!(pl.steps[idx("tf:auth-core")].after.contains(&idx(&format!("nix:core:{s}"))));
+        assert!(pl.steps[idx("tf:auth-core")]
+            .after
+            .contains(&idx(&format!("nix:core:{s}"))));
     }
-    assert!(pl.steps[idx("tf:service-infra:guacamole")].after.contains(&idx("tf:auth-core")));
+    assert!(pl.steps[idx("tf:service-infra:guacamole")]
+        .after
+        .contains(&idx("tf:auth-core")));
     // Unrelated services share no edge.
     let g = idx("tf:service-infra:guacamole");
-    assert!(!pl.steps[g].after.iter().any(|&a| pl.steps[a].service.as_deref() == Some("vaultwarden")));
+    assert!(!pl.steps[g]
+        .after
+        .iter()
+        .any(|&a| pl.steps[a].service.as_deref() == Some("vaultwarden")));
 }
 
 #[test]
@@ -64,7 +96,16 @@ fn unchanged_when_recorded_and_reasons_when_a_service_is_added() {
     assert!(first.steps.iter().all(|s| s.change == Change::Create));
     let record = record_of(&first);
     let again = full(&p, Some(&record));
-    assert!(!again.has_changes(), "{:?}", again.steps.iter().filter(|s| s.change != Change::Unchanged).map(|s| &s.id).collect::<Vec<_>>());
+    assert!(
+        !again.has_changes(),
+        "{:?}",
+        again
+            .steps
+            .iter()
+            .filter(|s| s.change != Change::Unchanged)
+            .map(|s| &s.id)
+            .collect::<Vec<_>>()
+    );
 
     // Add a service with a db, a route and a DNS record: exactly the provider steps it touches
     // change, and say why.
@@ -85,14 +126,33 @@ fn unchanged_when_recorded_and_reasons_when_a_service_is_added() {
         .collect();
     let ids: BTreeSet<&str> = changed.keys().copied().collect();
     let expected: BTreeSet<&str> = [
-        "tf:infra", "nix:core:postgresql", "nix:core:caddy", "nix:core:dns",
-        "tf:service-infra:wiki", "nix:service-config:wiki", "tf:service-config:wiki", "verify:wiki",
-    ].into();
+        "tf:infra",
+        "nix:core:postgresql",
+        "nix:core:caddy",
+        "nix:core:dns",
+        "tf:service-infra:wiki",
+        "nix:service-config:wiki",
+        "tf:service-config:wiki",
+        "verify:wiki",
+    ]
+    .into();
     assert_eq!(ids, expected);
-    assert_eq!(changed["nix:core:postgresql"].1, vec!["added: database requirements of `wiki`".to_string()]);
-    assert_eq!(changed["nix:core:caddy"].1, vec!["added: proxy routes of `wiki`".to_string()]);
-    assert_eq!(changed["nix:core:dns"].1, vec!["added: DNS records of `wiki`".to_string()]);
-    assert_eq!(changed["tf:infra"].1, vec!["added: container of `wiki`".to_string()]);
+    assert_eq!(
+        changed["nix:core:postgresql"].1,
+        vec!["added: database requirements of `wiki`".to_string()]
+    );
+    assert_eq!(
+        changed["nix:core:caddy"].1,
+        vec!["added: proxy routes of `wiki`".to_string()]
+    );
+    assert_eq!(
+        changed["nix:core:dns"].1,
+        vec!["added: DNS records of `wiki`".to_string()]
+    );
+    assert_eq!(
+        changed["tf:infra"].1,
+        vec!["added: container of `wiki`".to_string()]
+    );
     assert_eq!(changed["verify:wiki"].0, Change::Create);
 
     // Removing a service shows its recorded steps as orphans.
@@ -102,7 +162,12 @@ fn unchanged_when_recorded_and_reasons_when_a_service_is_added() {
         nixmox_core::load(&s, &exists).project.expect("valid")
     };
     let orphaned = full(&without, Some(&record));
-    let deleted: Vec<&str> = orphaned.steps.iter().filter(|s| s.change == Change::Delete).map(|s| s.id.as_str()).collect();
+    let deleted: Vec<&str> = orphaned
+        .steps
+        .iter()
+        .filter(|s| s.change == Change::Delete)
+        .map(|s| s.id.as_str())
+        .collect();
     assert_eq!(deleted.len(), 4, "{deleted:?}");
     assert!(deleted.iter().all(|d| d.ends_with(":vaultwarden")));
 }
@@ -112,9 +177,17 @@ fn recorded_durations_weigh_the_critical_path() {
     let p = common::example();
     let first = full(&p, None);
     let mut record = record_of(&first);
-    record.steps.get_mut("nix:service-config:vaultwarden").unwrap().duration_ms = Some(600_000);
+    record
+        .steps
+        .get_mut("nix:service-config:vaultwarden")
+        .unwrap()
+        .duration_ms = Some(600_000);
     let pl = full(&p, Some(&record));
-    let path: Vec<&str> = pl.critical_path.iter().map(|&i| pl.steps[i].id.as_str()).collect();
+    let path: Vec<&str> = pl
+        .critical_path
+        .iter()
+        .map(|&i| pl.steps[i].id.as_str())
+        .collect();
     assert!(path.contains(&"nix:service-config:vaultwarden"), "{path:?}");
 }
 
@@ -131,39 +204,84 @@ struct App {
 }
 
 fn arb_project() -> impl Strategy<Value = (bool, bool, Vec<App>)> {
-    let app = (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>(), proptest::collection::vec(0usize..40, 0..3), any::<bool>())
-        .prop_map(|(db, proxy, auth, authz, deps, tf_config)| App { db, proxy, auth, authz, deps, tf_config });
-    (any::<bool>(), any::<bool>(), proptest::collection::vec(app, 1..25))
+    let app = (
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        proptest::collection::vec(0usize..40, 0..3),
+        any::<bool>(),
+    )
+        .prop_map(|(db, proxy, auth, authz, deps, tf_config)| App {
+            db,
+            proxy,
+            auth,
+            authz,
+            deps,
+            tf_config,
+        });
+    (
+        any::<bool>(),
+        any::<bool>(),
+        proptest::collection::vec(app, 1..25),
+    )
 }
 
 fn sources_for(with_db: bool, with_idp: bool, apps: &[App]) -> Sources {
-    let file = |path: &str, text: String| SourceFile { path: path.into(), bytes: text.into_bytes() };
+    let file = |path: &str, text: String| SourceFile {
+        path: path.into(),
+        bytes: text.into_bytes(),
+    };
     let mut manifests = vec![
-        file("services/dns/manifest.yaml", "name: dns\nprovides: { dns: { type: unbound } }\n".into()),
-        file("services/caddy/manifest.yaml", "name: caddy\nprovides: { reverse_proxy: { type: caddy } }\n".into()),
+        file(
+            "services/dns/manifest.yaml",
+            "name: dns\nprovides: { dns: { type: unbound } }\n".into(),
+        ),
+        file(
+            "services/caddy/manifest.yaml",
+            "name: caddy\nprovides: { reverse_proxy: { type: caddy } }\n".into(),
+        ),
     ];
     if with_db {
-        manifests.push(file("services/pg/manifest.yaml", "name: pg\nprovides: { database: { type: postgresql } }\n".into()));
+        manifests.push(file(
+            "services/pg/manifest.yaml",
+            "name: pg\nprovides: { database: { type: postgresql } }\n".into(),
+        ));
     }
     if with_idp {
-        let db = if with_db { "  db: { database: authentik }\n" } else { "" };
+        let db = if with_db {
+            "  db: { database: authentik }\n"
+        } else {
+            ""
+        };
         manifests.push(file("services/idp/manifest.yaml", format!("name: idp\nprovides: {{ identity: {{ type: authentik }} }}\ninterface:\n{db}  proxy: {{ domain: auth.lab.lan, upstream: 9000 }}\n")));
     }
     for (i, a) in apps.iter().enumerate() {
         let mut t = format!("name: app{i}\n");
         let deps: BTreeSet<usize> = a.deps.iter().filter(|&&d| d < i).copied().collect();
         if !deps.is_empty() {
-            t.push_str(&format!("depends_on: [{}]\n", deps.iter().map(|d| format!("app{d}")).collect::<Vec<_>>().join(", ")));
+            t.push_str(&format!(
+                "depends_on: [{}]\n",
+                deps.iter()
+                    .map(|d| format!("app{d}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
         }
         t.push_str("interface:\n");
         if a.db && with_db {
             t.push_str(&format!("  db: {{ database: app{i} }}\n"));
         }
         if a.proxy {
-            t.push_str(&format!("  proxy: {{ domain: app{i}.lab.lan, upstream: 8080, authz: {} }}\n", a.authz && with_idp));
+            t.push_str(&format!(
+                "  proxy: {{ domain: app{i}.lab.lan, upstream: 8080, authz: {} }}\n",
+                a.authz && with_idp
+            ));
         }
         if a.auth && with_idp {
-            t.push_str(&format!("  auth: {{ oidc: {{ redirect_uris: [https://app{i}.lab.lan/cb] }} }}\n"));
+            t.push_str(&format!(
+                "  auth: {{ oidc: {{ redirect_uris: [https://app{i}.lab.lan/cb] }} }}\n"
+            ));
         }
         if a.tf_config {
             t.push_str("  terraform: { phase: service-config, variables: { x: 1 } }\n");

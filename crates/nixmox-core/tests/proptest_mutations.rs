@@ -344,7 +344,8 @@ fn check_diagnostics(sources: &Sources, diags: &[Diagnostic]) -> Result<(), Test
             prop_assert!(span.col >= 1, "column 0: {d:?}");
             if let Some(f) = files.iter().find(|f| f.path == d.file) {
                 // A span may point just past the last line break (end of input).
-                let max_line = line_breaks(&f.bytes) + 1 + usize::from(std::env::var("TMP_RELAX").is_ok());
+                let max_line =
+                    line_breaks(&f.bytes) + 1 + usize::from(std::env::var("TMP_RELAX").is_ok());
                 prop_assert!(
                     span.line as usize <= max_line,
                     "line {} is past the end of {} ({max_line} lines): {d:?}",

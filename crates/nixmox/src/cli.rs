@@ -9,7 +9,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(name = "nixmox", version, about, long_about = None)]
 pub struct Cli {
     /// The project directory (holding nixmox.yaml)
-    #[arg(short = 'C', long = "project", global = true, value_name = "DIR", default_value = ".")]
+    #[arg(
+        short = 'C',
+        long = "project",
+        global = true,
+        value_name = "DIR",
+        default_value = "."
+    )]
     pub project: PathBuf,
 
     #[command(subcommand)]

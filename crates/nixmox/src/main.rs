@@ -23,7 +23,10 @@ fn main() -> ExitCode {
     match commands::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if !matches!(e, error::Error::Reported { .. } | error::Error::BrokenPipe | error::Error::Changes) {
+            if !matches!(
+                e,
+                error::Error::Reported { .. } | error::Error::BrokenPipe | error::Error::Changes
+            ) {
                 output::error_line(&e.to_string());
             }
             ExitCode::from(e.exit_code())

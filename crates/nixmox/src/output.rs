@@ -28,7 +28,11 @@ pub fn note(text: &str) {
 }
 
 pub fn error_line(text: &str) {
-    let prefix = if colour() { "\x1b[1;31merror\x1b[0m" } else { "error" };
+    let prefix = if colour() {
+        "\x1b[1;31merror\x1b[0m"
+    } else {
+        "error"
+    };
     let _ = writeln!(std::io::stderr().lock(), "{prefix}: {text}");
 }
 

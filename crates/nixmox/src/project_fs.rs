@@ -88,7 +88,10 @@ pub fn read_project(root: &Path) -> Result<Read> {
                 [one] => manifests.push(read(root, &format!("services/{name}/{one}"))?),
                 many => diagnostics.push(layout(
                     format!("services/{name}"),
-                    format!("`services/{name}` has more than one manifest: {}", many.join(", ")),
+                    format!(
+                        "`services/{name}` has more than one manifest: {}",
+                        many.join(", ")
+                    ),
                     "keep exactly one of manifest.yaml, manifest.yml or manifest.json",
                     Severity::Error,
                 )),
@@ -135,7 +138,10 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
 
 /// Content digests of every file the project references (NixOS modules, migrations, Terraform
 /// module directories), so that editing one changes the steps that use it.
-pub fn digests(root: &Path, project: &nixmox_core::Project) -> std::collections::BTreeMap<String, String> {
+pub fn digests(
+    root: &Path,
+    project: &nixmox_core::Project,
+) -> std::collections::BTreeMap<String, String> {
     use sha2::{Digest, Sha256};
     let mut paths: Vec<&str> = Vec::new();
     for s in &project.services {
@@ -151,7 +157,11 @@ pub fn digests(root: &Path, project: &nixmox_core::Project) -> std::collections:
     for rel in paths {
         let mut hasher = Sha256::new();
         hash_path(&root.join(rel), Path::new(""), &mut hasher);
-        let hex: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let hex: String = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         out.insert(rel.to_string(), hex);
     }
     out
@@ -167,7 +177,10 @@ fn hash_path(path: &Path, rel: &Path, hasher: &mut sha2::Sha256) {
         for e in entries {
             let name = e.file_name().map(PathBuf::from).unwrap_or_default();
             // Terraform's own working files are not part of the module's content.
-            if name.to_str().is_some_and(|n| n == ".terraform" || n.starts_with("terraform.tfstate")) {
+            if name
+                .to_str()
+                .is_some_and(|n| n == ".terraform" || n.starts_with("terraform.tfstate"))
+            {
                 continue;
             }
             hash_path(&e, &rel.join(name), hasher);

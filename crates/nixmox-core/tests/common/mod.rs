@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use nixmox_core::{Loaded, SourceFile, Sources};
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 pub fn read_sources(root: &Path) -> Sources {
@@ -18,7 +21,11 @@ pub fn read_sources(root: &Path) -> Sources {
     };
     let mut manifests = Vec::new();
     if let Ok(rd) = fs::read_dir(root.join("services")) {
-        let mut dirs: Vec<_> = rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
+        let mut dirs: Vec<_> = rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect();
         dirs.sort();
         for d in dirs {
             let name = d.file_name().unwrap().to_str().unwrap().to_string();
@@ -30,9 +37,15 @@ pub fn read_sources(root: &Path) -> Sources {
         }
     }
     Sources {
-        config: root.join("nixmox.yaml").is_file().then(|| read("nixmox.yaml")),
+        config: root
+            .join("nixmox.yaml")
+            .is_file()
+            .then(|| read("nixmox.yaml")),
         manifests,
-        lock: root.join("nixmox.lock").is_file().then(|| read("nixmox.lock")),
+        lock: root
+            .join("nixmox.lock")
+            .is_file()
+            .then(|| read("nixmox.lock")),
     }
 }
 
@@ -44,6 +57,10 @@ pub fn load_dir(root: &Path) -> Loaded {
 
 pub fn example() -> nixmox_core::Project {
     let loaded = load_dir(&repo_root().join("examples/homelab"));
-    assert!(loaded.errors().next().is_none(), "{}", nixmox_core::diag::render_all(&loaded.diagnostics));
+    assert!(
+        loaded.errors().next().is_none(),
+        "{}",
+        nixmox_core::diag::render_all(&loaded.diagnostics)
+    );
     loaded.project.unwrap()
 }

@@ -12,7 +12,10 @@ use crate::output;
 
 pub fn run(root: &Path, format: ConfigFormat, services: &[String]) -> Result<()> {
     let loaded = load_project(root)?;
-    let project = loaded.project.as_ref().expect("load_project returns a project");
+    let project = loaded
+        .project
+        .as_ref()
+        .expect("load_project returns a project");
     let only = select(project, services)?;
     let value = config_out::resolved(project, &only);
     let text = match format {
@@ -36,7 +39,9 @@ pub fn select(project: &nixmox_core::Project, names: &[String]) -> Result<Vec<us
                 let hint = did_you_mean(n, project.services.iter().map(|s| s.name.as_str()))
                     .map(|m| format!("; did you mean `{m}`?"))
                     .unwrap_or_default();
-                return Err(Error::Usage(format!("no service named `{n}` in this project{hint}")));
+                return Err(Error::Usage(format!(
+                    "no service named `{n}` in this project{hint}"
+                )));
             }
         }
     }

@@ -12,7 +12,10 @@ use crate::output;
 
 pub fn run(root: &Path, steps: bool, format: GraphFormat) -> Result<()> {
     let loaded = load_project(root)?;
-    let project = loaded.project.as_ref().expect("load_project returns a project");
+    let project = loaded
+        .project
+        .as_ref()
+        .expect("load_project returns a project");
     let picture = if steps {
         let plan = plan::plan(project, &Selection::default(), &PlanInput::default());
         graph::steps(&plan)

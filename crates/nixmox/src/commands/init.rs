@@ -19,11 +19,17 @@ pub fn run(dir: &Path, name: Option<&str>, domain: &str) -> Result<()> {
         Some(n) => n.to_string(),
         None => {
             let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
-            scaffold::name_from_dir(abs.file_name().and_then(|n| n.to_str()).unwrap_or("homelab"))
+            scaffold::name_from_dir(
+                abs.file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("homelab"),
+            )
         }
     };
     if let Err(why) = ProjectName::new(&name) {
-        return Err(Error::Usage(format!("invalid project name `{name}`: {why}")));
+        return Err(Error::Usage(format!(
+            "invalid project name `{name}`: {why}"
+        )));
     }
     if let Err(why) = nixmox_core::ids::DomainName::new(domain) {
         return Err(Error::Usage(format!("invalid domain `{domain}`: {why}")));
@@ -61,7 +67,10 @@ fn append_gitignore(path: &Path) -> Result<()> {
         path: path.to_path_buf(),
         source,
     })?;
-    if text.lines().any(|l| l.trim() == ".nixmox/" || l.trim() == ".nixmox") {
+    if text
+        .lines()
+        .any(|l| l.trim() == ".nixmox/" || l.trim() == ".nixmox")
+    {
         return Ok(());
     }
     let mut new = text;

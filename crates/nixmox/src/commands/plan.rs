@@ -12,9 +12,18 @@ use crate::cli::PlanFormat;
 use crate::error::{Error, Result};
 use crate::{output, project_fs};
 
-pub fn run(root: &Path, services: &[String], with_deps: bool, format: PlanFormat, detailed: bool) -> Result<()> {
+pub fn run(
+    root: &Path,
+    services: &[String],
+    with_deps: bool,
+    format: PlanFormat,
+    detailed: bool,
+) -> Result<()> {
     let loaded = load_project(root)?;
-    let project = loaded.project.as_ref().expect("load_project returns a project");
+    let project = loaded
+        .project
+        .as_ref()
+        .expect("load_project returns a project");
     select(project, services)?;
     let files = project_fs::digests(root, project);
     // Until the engine records runs, every step is planned against an empty record.

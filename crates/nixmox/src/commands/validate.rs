@@ -10,7 +10,10 @@ use crate::output;
 
 pub fn run(root: &Path, locked: bool) -> Result<()> {
     let loaded = load_project(root)?;
-    let project = loaded.project.as_ref().expect("load_project returns a project");
+    let project = loaded
+        .project
+        .as_ref()
+        .expect("load_project returns a project");
     if locked && loaded.lock_changed {
         output::error_line(&format!(
             "`{LOCK_FILE}` is out of date and `--locked` forbids changing it"
@@ -36,8 +39,10 @@ pub fn run(root: &Path, locked: bool) -> Result<()> {
                 project
                     .services
                     .iter()
-                    .filter(|s| s.host.ip_origin == nixmox_core::model::Origin::Allocated
-                        || s.host.vmid_origin == nixmox_core::model::Origin::Allocated)
+                    .filter(
+                        |s| s.host.ip_origin == nixmox_core::model::Origin::Allocated
+                            || s.host.vmid_origin == nixmox_core::model::Origin::Allocated
+                    )
                     .count(),
                 "allocation"
             )
