@@ -127,7 +127,11 @@ impl<'s> Cx<'s> {
         match &node.kind {
             Kind::Map(entries) => {
                 for e in entries {
-                    if known.contains(&e.key.as_str()) || e.key.starts_with("x-") {
+                    // `$schema` lets JSON users point editors at the schema.
+                    if known.contains(&e.key.as_str())
+                        || e.key.starts_with("x-")
+                        || (path.is_empty() && e.key == "$schema")
+                    {
                         continue;
                     }
                     let help = match did_you_mean(&e.key, known.iter().copied()) {

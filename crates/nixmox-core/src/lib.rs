@@ -13,6 +13,7 @@ pub mod load;
 pub mod lock;
 pub mod manifest;
 pub mod model;
+pub mod nixexpr;
 pub mod plan;
 pub mod plan_out;
 pub mod record;

@@ -171,7 +171,10 @@ pub fn decode(
                     Kind::Null => Some(cap.implementation().to_string()),
                     Kind::Str(s) => Some(s.clone()),
                     _ => cx.map(&e.value, &path, PROVIDE_FIELDS).and_then(|_| {
-                        field(&e.value, "type").and_then(|t| cx.string(t, &join(&path, "type")))
+                        match field(&e.value, "type") {
+                            Some(t) => cx.string(t, &join(&path, "type")),
+                            None => Some(cap.implementation().to_string()),
+                        }
                     }),
                 };
                 match ty {
@@ -815,8 +818,16 @@ fn decode_check(cx: &mut Cx, n: &Node, path: &str) -> Option<Check> {
                     return None;
                 }
             }
-            let v = field(n, kinds[0])?;
             let vpath = join(path, kinds[0]);
+            let Some(v) = field(n, kinds[0]) else {
+                cx.error(
+                    n.span,
+                    &vpath,
+                    format!("`{}` is empty", kinds[0]),
+                    Some("give the check's target, like `{ tcp: \"host:5432\" }`".into()),
+                );
+                return None;
+            };
             match kinds[0] {
                 "command" => match &v.kind {
                     Kind::Seq(_) => {

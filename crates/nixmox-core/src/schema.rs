@@ -57,6 +57,26 @@ const SQL_NAME: &str = "^[a-z_][a-z0-9_-]{0,62}$";
 
 /// The schema of `nixmox.yaml`.
 pub fn project() -> Value {
+    allow_schema_key(project_inner())
+}
+
+/// The JSON Schema (2020-12) of a service manifest.
+pub fn manifest() -> Value {
+    allow_schema_key(manifest_inner())
+}
+
+/// NixMox ignores a top-level `$schema` key, so JSON users can point editors at the schema.
+fn allow_schema_key(mut v: Value) -> Value {
+    if let Some(pp) = v
+        .get_mut("patternProperties")
+        .and_then(Value::as_object_mut)
+    {
+        pp.insert("^\\$schema$".into(), json!({"type": "string"}));
+    }
+    v
+}
+
+fn project_inner() -> Value {
     let network = Obj::new("The network every container is attached to.")
         .req(
             "cidr",
@@ -302,7 +322,7 @@ pub fn project() -> Value {
 }
 
 /// The schema of `services/<name>/manifest.yaml`.
-pub fn manifest() -> Value {
+fn manifest_inner() -> Value {
     let mut provides = Obj::new(
         "The capabilities this service provides to the others (only on the core services). Each is written `{ type: <implementation> }`, as the implementation's name, or with no value.",
     );
@@ -1182,8 +1202,8 @@ mod tests {
                     );
                     if m.contains_key("properties") {
                         assert_eq!(
-                            m["patternProperties"],
-                            json!({"^x-": {}}),
+                            m["patternProperties"]["^x-"],
+                            json!({}),
                             "{file}{path}: x- keys not allowed"
                         );
                         for (name, prop) in m["properties"].as_object().into_iter().flatten() {

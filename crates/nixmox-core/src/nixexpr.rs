@@ -1,0 +1,294 @@
+//! A small typed tree of Nix expressions and its one printer.
+//!
+//! Every manifest value reaches generated Nix through `Nix::Str` (or a validated identifier
+//! type), and the printer escapes it; code fragments (`Nix::Code`) come only from NixMox's own
+//! string literals, never from user input.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// A Nix expression.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Nix {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Str(String),
+    List(Vec<Nix>),
+    /// An attribute set; keys are printed quoted when they are not plain identifiers.
+    Attrs(BTreeMap<String, Nix>),
+    /// A fragment of Nix code written by NixMox itself (`pkgs.postgresql_16`,
+    /// `config.sops.secrets."x".path`). Never built from user input.
+    Code(&'static str),
+    /// Code assembled by NixMox from its own fragments and escaped values (see `Nix::select`).
+    Expr(String),
+}
+
+impl Nix {
+    pub fn str(s: impl Into<String>) -> Nix {
+        Nix::Str(s.into())
+    }
+    pub fn list<I: IntoIterator<Item = Nix>>(items: I) -> Nix {
+        Nix::List(items.into_iter().collect())
+    }
+    pub fn strs<I: IntoIterator<Item = S>, S: Into<String>>(items: I) -> Nix {
+        Nix::List(items.into_iter().map(|s| Nix::Str(s.into())).collect())
+    }
+    pub fn attrs<I: IntoIterator<Item = (K, Nix)>, K: Into<String>>(items: I) -> Nix {
+        Nix::Attrs(items.into_iter().map(|(k, v)| (k.into(), v)).collect())
+    }
+    /// `base.path."segment"…` with every segment quoted as needed: safe for user strings.
+    pub fn select(base: &'static str, path: &[&str]) -> Nix {
+        let mut out = base.to_string();
+        for seg in path {
+            out.push('.');
+            out.push_str(&attr_name(seg));
+        }
+        Nix::Expr(out)
+    }
+}
+
+/// Builds nested attribute sets from dotted paths: `set(&mut m, "a.b.c", v)`.
+pub fn set(map: &mut BTreeMap<String, Nix>, path: &[&str], value: Nix) {
+    match path {
+        [] => {}
+        [last] => {
+            map.insert((*last).to_string(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = map
+                .entry((*first).to_string())
+                .or_insert_with(|| Nix::Attrs(BTreeMap::new()));
+            if !matches!(entry, Nix::Attrs(_)) {
+                *entry = Nix::Attrs(BTreeMap::new());
+            }
+            if let Nix::Attrs(inner) = entry {
+                set(inner, rest, value);
+            }
+        }
+    }
+}
+
+fn is_ident(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '\'')
+        && !matches!(
+            s,
+            "if" | "then" | "else" | "assert" | "with" | "let" | "in" | "rec" | "inherit" | "or"
+        )
+}
+
+/// An attribute name, quoted and escaped unless it is a plain identifier.
+pub fn attr_name(s: &str) -> String {
+    if is_ident(s) {
+        s.to_string()
+    } else {
+        quote(s)
+    }
+}
+
+/// A double-quoted Nix string with `\`, `"`, `${` and control characters escaped.
+pub fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '$' if chars.peek() == Some(&'{') => out.push_str("\\$"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Whether a multi-line string can be printed as an indented `''` string that evaluates to
+/// exactly the same text: Nix strips the smallest indentation of the lines, counts only
+/// spaces, and treats a trailing `'` next to the closing `''` as an escape.
+fn fits_indented(s: &str) -> bool {
+    s.contains('\n')
+        && !s.contains('\r')
+        && !s.contains('\t')
+        && !s.ends_with('\'')
+        && !s.starts_with(' ')
+        && s.lines().any(|l| !l.is_empty() && !l.starts_with(' '))
+}
+
+fn indented(s: &str, indent: usize) -> String {
+    let pad = " ".repeat(indent + 2);
+    let body = s.replace("''", "'''").replace("${", "''${");
+    let mut out = String::from("''\n");
+    let ends_with_newline = body.ends_with('\n');
+    let lines: Vec<&str> = body.trim_end_matches('\n').split('\n').collect();
+    let trailing = body.len() - body.trim_end_matches('\n').len();
+    for (i, line) in lines.iter().enumerate() {
+        if !line.is_empty() {
+            out.push_str(&pad);
+            out.push_str(line);
+        }
+        if i + 1 < lines.len() {
+            out.push('\n');
+        }
+    }
+    if ends_with_newline {
+        for _ in 0..trailing {
+            out.push('\n');
+        }
+        out.push_str(&" ".repeat(indent));
+    }
+    out.push_str("''");
+    out
+}
+
+impl Nix {
+    /// Prints the expression at an indentation level (in spaces).
+    pub fn print(&self, indent: usize) -> String {
+        let mut out = String::new();
+        self.write(&mut out, indent);
+        out
+    }
+
+    fn write(&self, out: &mut String, indent: usize) {
+        match self {
+            Nix::Null => out.push_str("null"),
+            Nix::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            Nix::Int(i) => {
+                // Nix has no negative literals; `-1` parses as a unary minus, fine in any
+                // position where we print it (list items and attribute values are wrapped).
+                if *i < 0 {
+                    let _ = write!(out, "({i})");
+                } else {
+                    let _ = write!(out, "{i}");
+                }
+            }
+            Nix::Str(s) => {
+                if fits_indented(s) {
+                    out.push_str(&indented(s, indent));
+                } else {
+                    out.push_str(&quote(s));
+                }
+            }
+            Nix::Code(c) => out.push_str(c),
+            Nix::Expr(c) => out.push_str(c),
+            Nix::List(items) => {
+                if items.is_empty() {
+                    out.push_str("[ ]");
+                } else if items.iter().all(|i| {
+                    matches!(i, Nix::Str(s) if !s.contains('\n'))
+                        || matches!(i, Nix::Int(_) | Nix::Bool(_) | Nix::Code(_) | Nix::Expr(_))
+                }) && items.len() <= 4
+                {
+                    out.push_str("[ ");
+                    for i in items {
+                        let s = i.print(indent);
+                        if matches!(i, Nix::Code(_) | Nix::Expr(_)) && s.contains(' ') {
+                            let _ = write!(out, "({s}) ");
+                        } else {
+                            out.push_str(&s);
+                            out.push(' ');
+                        }
+                    }
+                    out.push(']');
+                } else {
+                    out.push_str("[\n");
+                    for i in items {
+                        out.push_str(&" ".repeat(indent + 2));
+                        let s = i.print(indent + 2);
+                        if matches!(i, Nix::Code(_) | Nix::Expr(_)) && s.contains(' ') {
+                            let _ = write!(out, "({s})");
+                        } else {
+                            out.push_str(&s);
+                        }
+                        out.push('\n');
+                    }
+                    out.push_str(&" ".repeat(indent));
+                    out.push(']');
+                }
+            }
+            Nix::Attrs(map) => {
+                if map.is_empty() {
+                    out.push_str("{ }");
+                    return;
+                }
+                out.push_str("{\n");
+                for (k, v) in map {
+                    out.push_str(&" ".repeat(indent + 2));
+                    // Collapse single-key chains into dotted paths: `a.b.c = 1;`.
+                    let mut key = attr_name(k);
+                    let mut value = v;
+                    while let Nix::Attrs(inner) = value {
+                        if inner.len() != 1 {
+                            break;
+                        }
+                        let (ik, iv) = inner.iter().next().expect("one entry");
+                        key.push('.');
+                        key.push_str(&attr_name(ik));
+                        value = iv;
+                    }
+                    let _ = write!(out, "{key} = ");
+                    value.write(out, indent + 2);
+                    out.push_str(";\n");
+                }
+                out.push_str(&" ".repeat(indent));
+                out.push('}');
+            }
+        }
+    }
+}
+
+/// A whole `.nix` file: a header comment, then a module function or a plain expression.
+pub fn file(header: &str, args: Option<&[&str]>, body: &Nix) -> String {
+    let mut out = String::new();
+    for line in header.lines() {
+        let _ = writeln!(out, "# {line}");
+    }
+    if let Some(args) = args {
+        let _ = writeln!(out, "{{ {}, ... }}:", args.join(", "));
+    }
+    out.push_str(&body.print(0));
+    out.push('\n');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote("a\"b\\c${d}$e\n"), "\"a\\\"b\\\\c\\${d}$e\\n\"");
+        assert_eq!(attr_name("services"), "services");
+        assert_eq!(attr_name("guac.nixmox.lan"), "\"guac.nixmox.lan\"");
+        assert_eq!(attr_name("if"), "\"if\"");
+    }
+
+    #[test]
+    fn indented_strings_only_when_exact() {
+        assert!(fits_indented("a\n  b\n"));
+        assert!(!fits_indented("  a\n  b\n"));
+        assert!(!fits_indented("a\n\tb\n"));
+        assert!(!fits_indented("a'\nb'"));
+        assert_eq!(
+            indented("a\n  b ${x} ''\n", 2),
+            "''\n    a\n      b ''${x} '''\n  ''"
+        );
+    }
+
+    #[test]
+    fn nested_sets_collapse() {
+        let mut m = BTreeMap::new();
+        set(&mut m, &["services", "caddy", "enable"], Nix::Bool(true));
+        set(&mut m, &["networking", "hostName"], Nix::str("web"));
+        set(&mut m, &["networking", "domain"], Nix::str("lan"));
+        assert_eq!(
+            Nix::Attrs(m).print(0),
+            "{\n  networking = {\n    domain = \"lan\";\n    hostName = \"web\";\n  };\n  services.caddy.enable = true;\n}"
+        );
+    }
+}
