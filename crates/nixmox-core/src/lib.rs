@@ -17,6 +17,7 @@ pub mod nixexpr;
 pub mod plan;
 pub mod plan_out;
 pub mod record;
+pub mod render;
 pub mod scaffold;
 pub mod schema;
 pub mod syntax;

@@ -22,6 +22,17 @@ pub enum Nix {
     Code(&'static str),
     /// Code assembled by NixMox from its own fragments and escaped values (see `Nix::select`).
     Expr(String),
+    /// A relative path literal (`./hosts/web.nix`); built only through [`Nix::path`].
+    Path(String),
+    /// A double-quoted string mixing escaped text with interpolated expressions.
+    Interp(Vec<Part>),
+}
+
+/// A piece of an interpolated string.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Part {
+    Lit(String),
+    Expr(Nix),
 }
 
 impl Nix {
@@ -36,6 +47,20 @@ impl Nix {
     }
     pub fn attrs<I: IntoIterator<Item = (K, Nix)>, K: Into<String>>(items: I) -> Nix {
         Nix::Attrs(items.into_iter().map(|(k, v)| (k.into(), v)).collect())
+    }
+    /// A relative path literal. Only NixMox's own sanitised names reach it: anything that is
+    /// not `./` or `../` followed by `[A-Za-z0-9._/+-]` is refused by returning a string.
+    pub fn path(p: &str) -> Nix {
+        let ok = (p.starts_with("./") || p.starts_with("../"))
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '+' | '-'))
+            && !p.ends_with('/')
+            && !p.contains("//");
+        if ok {
+            Nix::Path(p.to_string())
+        } else {
+            Nix::Str(p.to_string())
+        }
     }
     /// `base.path."segment"…` with every segment quoted as needed: safe for user strings.
     pub fn select(base: &'static str, path: &[&str]) -> Nix {
@@ -120,9 +145,18 @@ fn fits_indented(s: &str) -> bool {
         && s.lines().any(|l| !l.is_empty() && !l.starts_with(' '))
 }
 
+/// Escapes text for an indented string: `''` and `${` are the only specials.
+fn indented_escape(s: &str) -> String {
+    s.replace("''", "'''").replace("${", "''${")
+}
+
 fn indented(s: &str, indent: usize) -> String {
+    indented_body(&indented_escape(s), indent)
+}
+
+/// Lays out an already escaped body as an indented string.
+fn indented_body(body: &str, indent: usize) -> String {
     let pad = " ".repeat(indent + 2);
-    let body = s.replace("''", "'''").replace("${", "''${");
     let mut out = String::from("''\n");
     let ends_with_newline = body.ends_with('\n');
     let lines: Vec<&str> = body.trim_end_matches('\n').split('\n').collect();
@@ -176,6 +210,44 @@ impl Nix {
             }
             Nix::Code(c) => out.push_str(c),
             Nix::Expr(c) => out.push_str(c),
+            Nix::Path(p) => out.push_str(p),
+            Nix::Interp(parts) => {
+                // Indented form when the text would read back exactly (see `fits_indented`);
+                // an interpolation stands in as `x` for that check.
+                let probe: String = parts
+                    .iter()
+                    .map(|p| match p {
+                        Part::Lit(s) => s.as_str(),
+                        Part::Expr(_) => "x",
+                    })
+                    .collect();
+                if fits_indented(&probe) {
+                    let body: String = parts
+                        .iter()
+                        .map(|p| match p {
+                            Part::Lit(s) => indented_escape(s),
+                            Part::Expr(e) => format!("${{{}}}", e.print(indent)),
+                        })
+                        .collect();
+                    out.push_str(&indented_body(&body, indent));
+                    return;
+                }
+                out.push('"');
+                for part in parts {
+                    match part {
+                        Part::Lit(s) => {
+                            let q = quote(s);
+                            out.push_str(&q[1..q.len() - 1]);
+                        }
+                        Part::Expr(e) => {
+                            out.push_str("${");
+                            out.push_str(&e.print(indent));
+                            out.push('}');
+                        }
+                    }
+                }
+                out.push('"');
+            }
             Nix::List(items) => {
                 if items.is_empty() {
                     out.push_str("[ ]");
@@ -187,7 +259,10 @@ impl Nix {
                     out.push_str("[ ");
                     for i in items {
                         let s = i.print(indent);
-                        if matches!(i, Nix::Code(_) | Nix::Expr(_)) && s.contains(' ') {
+                        if matches!(i, Nix::Code(_) | Nix::Expr(_))
+                            && s.contains(' ')
+                            && !s.starts_with('(')
+                        {
                             let _ = write!(out, "({s}) ");
                         } else {
                             out.push_str(&s);
@@ -200,7 +275,10 @@ impl Nix {
                     for i in items {
                         out.push_str(&" ".repeat(indent + 2));
                         let s = i.print(indent + 2);
-                        if matches!(i, Nix::Code(_) | Nix::Expr(_)) && s.contains(' ') {
+                        if matches!(i, Nix::Code(_) | Nix::Expr(_))
+                            && s.contains(' ')
+                            && !s.starts_with('(')
+                        {
                             let _ = write!(out, "({s})");
                         } else {
                             out.push_str(&s);

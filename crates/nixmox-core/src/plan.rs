@@ -637,17 +637,13 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
             // A core dependency's `nix:core` step is already behind `tf:auth-core`; `after`
             // lists direct prerequisites only.
         }
-        // tf:service-infra
+        // tf:service-infra: the service's OIDC application, Terraform-managed databases and
+        // its own service-infra modules. Forward-auth providers live in tf:auth-core, next to
+        // the outpost that serves them.
         let infra_tf: Vec<_> = s
             .terraform
             .iter()
             .filter(|t| t.phase == TfPhase::ServiceInfra)
-            .collect();
-        let authz: Vec<&str> = s
-            .proxies
-            .iter()
-            .filter(|x| x.authz)
-            .map(|x| x.domain.as_str())
             .collect();
         let oidc = s.auth.as_ref().and_then(|a| a.oidc.as_ref());
         let tf_dbs: Vec<&str> = s
@@ -659,15 +655,11 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
         let mut parts = Parts::new();
         parts.add("terraform", &tf_json(&ctx, &infra_tf));
         parts.add("auth", &ctx.own(s)["auth"]);
-        parts.add("forward-auth", &json!(authz));
         parts.add("db-terraform", &json!(tf_dbs));
         parts.add_hash("providers", &ctx.facts_hash);
         let mut what = Vec::new();
         if let Some(o) = oidc {
             what.push(format!("OIDC application `{}`", o.client_id));
-        }
-        if !authz.is_empty() {
-            what.push(format!("forward-auth for {}", authz.join(", ")));
         }
         if !tf_dbs.is_empty() {
             what.push(format!("database(s) {} by Terraform", tf_dbs.join(", ")));

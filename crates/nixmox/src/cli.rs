@@ -61,6 +61,12 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
         format: GraphFormat,
     },
+    /// Write the NixOS flake, host configurations and Terraform workspaces
+    Render {
+        /// Where to write them
+        #[arg(long, value_name = "DIR", default_value = ".nixmox/build")]
+        out: PathBuf,
+    },
     /// Write nixmox.lock with the addresses and VM ids allocated from the pools
     Lock,
     /// Print the JSON Schema of nixmox.yaml or of a service manifest

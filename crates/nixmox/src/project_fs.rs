@@ -192,3 +192,108 @@ fn hash_path(path: &Path, rel: &Path, hasher: &mut sha2::Sha256) {
         hasher.update([0]);
     }
 }
+
+/// Writes a rendered tree: into a fresh sibling directory first, then swapped into place, so a
+/// failure never leaves a half-written build and files of removed services do not linger.
+/// Returns how many project files were copied.
+pub fn write_tree(
+    root: &Path,
+    out: &Path,
+    rendered: &nixmox_core::render::Rendered,
+) -> Result<usize> {
+    let parent = out.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(|source| Error::Write {
+        path: parent.to_path_buf(),
+        source,
+    })?;
+    let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("build");
+    let tmp = parent.join(format!(".{name}.new-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    let result = (|| -> Result<usize> {
+        for f in &rendered.files {
+            let path = tmp.join(&f.path);
+            if let Some(dir) = path.parent() {
+                fs::create_dir_all(dir).map_err(|source| Error::Write {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+            }
+            fs::write(&path, f.contents.as_bytes()).map_err(|source| Error::Write {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        let mut copied = 0;
+        for c in &rendered.copies {
+            let from = root.join(&c.from);
+            if !from.exists() {
+                // Optional inputs (a host's secrets file before secrets exist) are skipped;
+                // required ones were checked by validation.
+                continue;
+            }
+            copied += copy_path(&from, &tmp.join(&c.to))?;
+        }
+        Ok(copied)
+    })();
+    let copied = match result {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    if out.exists() {
+        fs::rename(out, &old).map_err(|source| Error::Write {
+            path: out.to_path_buf(),
+            source,
+        })?;
+    }
+    fs::rename(&tmp, out).map_err(|source| Error::Write {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    let _ = fs::remove_dir_all(&old);
+    Ok(copied)
+}
+
+fn copy_path(from: &Path, to: &Path) -> Result<usize> {
+    if from.is_dir() {
+        fs::create_dir_all(to).map_err(|source| Error::Write {
+            path: to.to_path_buf(),
+            source,
+        })?;
+        let mut n = 0;
+        let mut entries: Vec<PathBuf> = fs::read_dir(from)
+            .map_err(|source| Error::Read {
+                path: from.to_path_buf(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        for e in entries {
+            let name = e.file_name().map(PathBuf::from).unwrap_or_default();
+            if name
+                .to_str()
+                .is_some_and(|n| n == ".terraform" || n.starts_with("terraform.tfstate"))
+            {
+                continue;
+            }
+            n += copy_path(&e, &to.join(name))?;
+        }
+        Ok(n)
+    } else {
+        if let Some(dir) = to.parent() {
+            fs::create_dir_all(dir).map_err(|source| Error::Write {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        fs::copy(from, to).map_err(|source| Error::Write {
+            path: to.to_path_buf(),
+            source,
+        })?;
+        Ok(1)
+    }
+}

@@ -5,6 +5,7 @@ mod graph;
 mod init;
 mod lock;
 mod plan;
+mod render;
 mod schema;
 mod validate;
 
@@ -29,6 +30,7 @@ pub fn run(cli: Cli) -> Result<()> {
             detailed_exitcode,
         } => plan::run(root, &services, !no_deps, format, detailed_exitcode),
         Command::Graph { steps, format } => graph::run(root, steps, format),
+        Command::Render { out } => render::run(root, &out),
         Command::Schema { kind, out } => schema::run(kind, out.as_deref()),
         Command::Init { dir, name, domain } => {
             init::run(dir.as_deref().unwrap_or(root), name.as_deref(), &domain)

@@ -1,0 +1,529 @@
+//! The Terraform side: one workspace directory per Terraform step, in JSON configuration
+//! syntax (`main.tf.json`). Argument names are listed, with the provider documentation they
+//! come from, in docs/generated-options.md.
+
+use serde_json::{json, Map, Value};
+
+use super::{app_slug, base_name, idp_domain, safe_name, Copy, Outputs, Rendered, HEADER};
+use crate::model::{Capability, ClientType, DbMode, InfraBackend, Project, Service, TfPhase};
+use crate::plan::startup_order;
+use crate::RenderedFile;
+
+pub const PROXMOX_PROVIDER: (&str, &str) = ("bpg/proxmox", "~> 0.82");
+/// The provider's version follows authentik's own; authentik-nix packages 2025.10.
+pub const AUTHENTIK_PROVIDER: (&str, &str) = ("goauthentik/authentik", "~> 2025.10");
+pub const POSTGRESQL_PROVIDER: (&str, &str) = ("cyrilgdn/postgresql", "~> 1.22");
+
+/// The scope mappings authentik ships for the standard OIDC scopes.
+fn scope_mapping(scope: &str) -> Option<String> {
+    match scope {
+        "openid" | "email" | "profile" | "offline_access" | "entitlements" => {
+            Some(format!("goauthentik.io/providers/oauth2/scope-{scope}"))
+        }
+        _ => None,
+    }
+}
+
+/// A literal string for Terraform: `${` and `%{` would start an interpolation or a template
+/// directive, so they are doubled.
+pub fn lit(s: &str) -> Value {
+    Value::String(s.replace("${", "$${").replace("%{", "%%{"))
+}
+
+fn escape_value(v: &serde_json::Value) -> Value {
+    match v {
+        Value::String(s) => lit(s),
+        Value::Array(a) => Value::Array(a.iter().map(escape_value).collect()),
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .map(|(k, v)| (k.clone(), escape_value(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// Rebuilds objects with their keys sorted, so output does not depend on insertion order.
+fn sorted(v: Value) -> Value {
+    match v {
+        Value::Object(m) => {
+            let mut entries: Vec<(String, Value)> = m.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            Value::Object(entries.into_iter().map(|(k, v)| (k, sorted(v))).collect())
+        }
+        Value::Array(a) => Value::Array(a.into_iter().map(sorted).collect()),
+        other => other,
+    }
+}
+
+fn tf_file(path: String, mut body: Map<String, Value>) -> RenderedFile {
+    body.insert("//".into(), json!(HEADER));
+    let mut text =
+        serde_json::to_string_pretty(&sorted(Value::Object(body))).expect("JSON values serialize");
+    text.push('\n');
+    RenderedFile {
+        path,
+        contents: text,
+    }
+}
+
+/// A Terraform resource or data-source name: letters, digits, `_` and `-`, not starting with a
+/// digit.
+pub fn tf_name(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if !out.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
+        out.insert(0, '_');
+    }
+    out
+}
+
+pub fn render(p: &Project, outputs: &Outputs, out: &mut Rendered) {
+    if p.infra == InfraBackend::Terraform {
+        out.files.push(infra(p));
+    }
+    if p.provider(Capability::Identity).is_some() {
+        out.files.push(auth_core(p));
+    }
+    for s in p.services.iter().filter(|s| !s.is_core()) {
+        for phase in [TfPhase::ServiceInfra, TfPhase::ServiceConfig] {
+            if let Some(f) = service(p, s, phase, outputs, out) {
+                out.files.push(f);
+            }
+        }
+    }
+}
+
+/// Whether a service's phase has any Terraform (the planner marks the step `noop` otherwise).
+pub fn has_service_terraform(s: &Service, phase: TfPhase) -> bool {
+    s.terraform
+        .iter()
+        .any(|t| t.phase == phase && !t.modules.is_empty())
+        || (phase == TfPhase::ServiceInfra
+            && (s.auth.as_ref().is_some_and(|a| a.oidc.is_some())
+                || s.dbs.iter().any(|d| d.mode == DbMode::Terraform)))
+}
+
+fn required(providers: &[(&str, (&str, &str))]) -> Value {
+    let mut m = Map::new();
+    for (name, (source, version)) in providers {
+        m.insert(
+            (*name).into(),
+            json!({"source": source, "version": version}),
+        );
+    }
+    json!({"required_providers": m})
+}
+
+fn infra(p: &Project) -> RenderedFile {
+    let startup = startup_order(p);
+    let mut containers = Map::new();
+    for (i, s) in p.services.iter().enumerate() {
+        let h = &s.host;
+        let role = if s.is_core() { "core" } else { "service" };
+        // Proxmox stores tags lowercase and sorted; anything else shows as a permanent diff.
+        let mut tags = vec!["nixmox", p.name.as_str(), role];
+        tags.sort_unstable();
+        tags.dedup();
+        let mut net = json!({"name": "eth0", "bridge": p.network.bridge});
+        if let Some(vlan) = p.network.vlan {
+            net["vlan_id"] = json!(vlan);
+        }
+        let description = match &s.description {
+            Some(d) => format!("{d}\nManaged by nixmox (project {}); do not edit.", p.name),
+            None => format!("Managed by nixmox (project {}); do not edit.", p.name),
+        };
+        containers.insert(
+            tf_name(s.name.as_str()),
+            json!({
+                "node_name": lit(&h.node),
+                "vm_id": h.vmid.get(),
+                "description": lit(&description),
+                "tags": tags,
+                "unprivileged": h.unprivileged,
+                "started": h.start,
+                "start_on_boot": h.onboot,
+                "startup": {"order": startup[i]},
+                "operating_system": {"template_file_id": lit(&p.proxmox.template), "type": "nixos"},
+                "initialization": {
+                    "hostname": h.hostname.as_str(),
+                    "ip_config": {"ipv4": {"address": format!("{}/{}", h.ip, p.network.cidr.prefix()), "gateway": p.network.gateway.to_string()}},
+                    "dns": {"domain": p.domain.as_str(), "servers": crate::config_out::effective_nameservers(p)},
+                    "user_account": {"keys": p.ssh.authorized_keys.iter().map(|k| lit(k)).collect::<Vec<_>>()},
+                },
+                "network_interface": net,
+                "disk": {"datastore_id": lit(&p.proxmox.storage), "size": h.resources.disk_gb},
+                "cpu": {"cores": h.resources.cores},
+                "memory": {"dedicated": h.resources.memory, "swap": h.resources.swap},
+                "features": {"nesting": h.nesting},
+            }),
+        );
+    }
+    let mut outputs = Map::new();
+    for s in &p.services {
+        outputs.insert(
+            format!("{}_vmid", tf_name(s.name.as_str())),
+            json!({"value": format!("${{proxmox_virtual_environment_container.{}.vm_id}}", tf_name(s.name.as_str()))}),
+        );
+    }
+    let mut provider = Map::new();
+    if let Some(e) = &p.proxmox.endpoint {
+        provider.insert("endpoint".into(), lit(e));
+    }
+    provider.insert("insecure".into(), json!(p.proxmox.tls.insecure));
+    let mut body = Map::new();
+    body.insert(
+        "terraform".into(),
+        required(&[("proxmox", PROXMOX_PROVIDER)]),
+    );
+    // The API token comes from PROXMOX_VE_API_TOKEN in the environment, never from a file.
+    body.insert("provider".into(), json!({"proxmox": provider}));
+    body.insert(
+        "resource".into(),
+        json!({"proxmox_virtual_environment_container": containers}),
+    );
+    body.insert("output".into(), Value::Object(outputs));
+    tf_file("terraform/infra/main.tf.json".into(), body)
+}
+
+fn auth_data() -> Value {
+    json!({
+        "authentik_flow": {
+            "authorization": {"slug": "default-provider-authorization-implicit-consent"},
+            "invalidation": {"slug": "default-provider-invalidation-flow"},
+        },
+        "authentik_certificate_key_pair": {
+            "signing": {"name": "authentik Self-signed Certificate"},
+        },
+    })
+}
+
+fn oauth2(
+    p: &Project,
+    s: &Service,
+    out_name: &str,
+) -> Option<(Map<String, Value>, Map<String, Value>, Map<String, Value>)> {
+    let o = s.auth.as_ref()?.oidc.as_ref()?;
+    let name = tf_name(s.name.as_str());
+    let mut resources = Map::new();
+    let mut data = Map::new();
+    let mappings: Vec<String> = o.scopes.iter().filter_map(|sc| scope_mapping(sc)).collect();
+    data.insert(
+        "authentik_property_mapping_provider_scope".into(),
+        json!({ format!("{name}_scopes"): {"managed_list": mappings} }),
+    );
+    let display = &s.auth.as_ref()?.display_name;
+    resources.insert(
+        "authentik_provider_oauth2".into(),
+        json!({ name.clone(): {
+            "name": lit(display),
+            "client_id": lit(&o.client_id),
+            "client_type": o.client_type.as_str(),
+            "authorization_flow": "${data.authentik_flow.authorization.id}",
+            "invalidation_flow": "${data.authentik_flow.invalidation.id}",
+            "allowed_redirect_uris": o.redirect_uris.iter().map(|u| json!({"matching_mode": "strict", "url": lit(u)})).collect::<Vec<_>>(),
+            "property_mappings": format!("${{data.authentik_property_mapping_provider_scope.{name}_scopes.ids}}"),
+            "signing_key": "${data.authentik_certificate_key_pair.signing.id}",
+            "sub_mode": "user_username",
+        }}),
+    );
+    let launch = s.proxies.first().map(|x| {
+        format!(
+            "{}://{}{}",
+            if x.tls { "https" } else { "http" },
+            x.domain,
+            x.path
+        )
+    });
+    let mut app = json!({
+        "name": lit(display),
+        "slug": app_slug(s),
+        "protocol_provider": format!("${{authentik_provider_oauth2.{name}.id}}"),
+    });
+    if let Some(l) = launch {
+        app["meta_launch_url"] = lit(&l);
+    }
+    resources.insert("authentik_application".into(), json!({ name.clone(): app }));
+    let mut outputs = Map::new();
+    outputs.insert(
+        format!("{out_name}client_id"),
+        json!({"value": format!("${{authentik_provider_oauth2.{name}.client_id}}")}),
+    );
+    if o.client_type == ClientType::Confidential {
+        outputs.insert(
+            format!("{out_name}client_secret"),
+            json!({"value": format!("${{authentik_provider_oauth2.{name}.client_secret}}"), "sensitive": true}),
+        );
+    }
+    if let Some(d) = idp_domain(p) {
+        outputs.insert(
+            format!("{out_name}issuer"),
+            json!({"value": lit(&format!("https://{d}/application/o/{}/", app_slug(s)))}),
+        );
+    }
+    Some((resources, data, outputs))
+}
+
+fn merge(into: &mut Map<String, Value>, from: Map<String, Value>) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(Value::Object(a)), Value::Object(b)) => merge(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
+fn authentik_provider_block(p: &Project) -> Value {
+    // The token comes from AUTHENTIK_TOKEN in the environment.
+    match idp_domain(p) {
+        Some(d) => json!({"authentik": {"url": lit(&format!("https://{d}"))}}),
+        None => json!({"authentik": {}}),
+    }
+}
+
+fn auth_core(p: &Project) -> RenderedFile {
+    let mut resources = Map::new();
+    let mut data = auth_data().as_object().cloned().unwrap_or_default();
+    let mut outputs = Map::new();
+    // Core services that use OIDC get their application here (see `nix:core-auth`).
+    for s in p.services.iter().filter(|s| s.is_core()) {
+        if let Some((r, d, o)) = oauth2(p, s, &format!("{}_", tf_name(s.name.as_str()))) {
+            merge(&mut resources, r);
+            merge(&mut data, d);
+            outputs.extend(o);
+        }
+    }
+    // Forward-auth: one proxy provider per protected domain, all bound to the embedded
+    // outpost. They live here, not in each service's workspace, because the outpost's list of
+    // providers must name every one of them.
+    let mut proxy_ids: Vec<String> = Vec::new();
+    let mut proxies = Map::new();
+    let mut apps = Map::new();
+    for s in &p.services {
+        for x in s.proxies.iter().filter(|x| x.authz) {
+            let name = tf_name(&format!(
+                "{}_{}",
+                s.name,
+                x.domain.as_str().replace('.', "_")
+            ));
+            if proxies.contains_key(&name) {
+                continue;
+            }
+            let scheme = if x.tls { "https" } else { "http" };
+            proxies.insert(
+                name.clone(),
+                json!({
+                    "name": lit(&format!("{} ({})", s.name, x.domain)),
+                    "mode": "forward_single",
+                    "external_host": lit(&format!("{scheme}://{}", x.domain)),
+                    "authorization_flow": "${data.authentik_flow.authorization.id}",
+                    "invalidation_flow": "${data.authentik_flow.invalidation.id}",
+                }),
+            );
+            apps.insert(
+                format!("{name}_app"),
+                json!({
+                    "name": lit(&format!("{} ({})", s.name, x.domain)),
+                    "slug": tf_name(&format!("{}-{}", s.name, x.domain.as_str().replace('.', "-"))).replace('_', "-"),
+                    "protocol_provider": format!("${{authentik_provider_proxy.{name}.id}}"),
+                    "meta_launch_url": lit(&format!("{scheme}://{}{}", x.domain, x.path)),
+                }),
+            );
+            proxy_ids.push(format!("${{authentik_provider_proxy.{name}.id}}"));
+        }
+    }
+    if !proxies.is_empty() {
+        merge(
+            &mut resources,
+            json!({"authentik_provider_proxy": proxies})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+        );
+        merge(
+            &mut resources,
+            json!({"authentik_application": apps})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+        );
+        data.insert(
+            "authentik_outpost".into(),
+            json!({"embedded": {"name": "authentik Embedded Outpost"}}),
+        );
+        resources.insert(
+            "authentik_outpost_provider_attachment".into(),
+            Value::Object(
+                proxy_ids
+                    .iter()
+                    .enumerate()
+                    .map(|(i, id)| {
+                        (
+                            format!("forward_auth_{i}"),
+                            json!({"outpost": "${data.authentik_outpost.embedded.id}", "protocol_provider": id}),
+                        )
+                    })
+                    .collect(),
+            ),
+        );
+        outputs.insert(
+            "outpost_id".into(),
+            json!({"value": "${data.authentik_outpost.embedded.id}"}),
+        );
+    }
+    let mut body = Map::new();
+    body.insert(
+        "terraform".into(),
+        required(&[("authentik", AUTHENTIK_PROVIDER)]),
+    );
+    body.insert("provider".into(), authentik_provider_block(p));
+    body.insert("data".into(), Value::Object(data));
+    if !resources.is_empty() {
+        body.insert("resource".into(), Value::Object(resources));
+    }
+    if !outputs.is_empty() {
+        body.insert("output".into(), Value::Object(outputs));
+    }
+    tf_file("terraform/auth-core/main.tf.json".into(), body)
+}
+
+fn service(
+    p: &Project,
+    s: &Service,
+    phase: TfPhase,
+    recorded: &Outputs,
+    out: &mut Rendered,
+) -> Option<RenderedFile> {
+    if !has_service_terraform(s, phase) {
+        return None;
+    }
+    let dir = match phase {
+        TfPhase::ServiceInfra => "infra",
+        TfPhase::ServiceConfig => "config",
+    };
+    let mut body = Map::new();
+    let mut providers: Vec<(&str, (&str, &str))> = Vec::new();
+    let mut resources = Map::new();
+    let mut data = Map::new();
+    let mut outputs = Map::new();
+    if phase == TfPhase::ServiceInfra {
+        if let Some((r, d, o)) = oauth2(p, s, "") {
+            providers.push(("authentik", AUTHENTIK_PROVIDER));
+            merge(&mut resources, r);
+            merge(
+                &mut data,
+                auth_data().as_object().cloned().unwrap_or_default(),
+            );
+            merge(&mut data, d);
+            outputs.extend(o);
+            body.insert("provider".into(), authentik_provider_block(p));
+        }
+        let tf_dbs: Vec<_> = s
+            .dbs
+            .iter()
+            .filter(|d| d.mode == DbMode::Terraform)
+            .collect();
+        if !tf_dbs.is_empty() {
+            providers.push(("postgresql", POSTGRESQL_PROVIDER));
+            let pg_host = p
+                .provider(Capability::Database)
+                .map(|pg| p.fqdn(pg))
+                .unwrap_or_default();
+            let mut provider = body
+                .get("provider")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
+            // Credentials come from PGUSER / PGPASSWORD in the environment.
+            provider.insert(
+                "postgresql".into(),
+                json!({"host": pg_host, "port": super::nixos::POSTGRES_PORT, "sslmode": "disable"}),
+            );
+            body.insert("provider".into(), Value::Object(provider));
+            let mut vars = Map::new();
+            let mut roles = Map::new();
+            let mut dbs = Map::new();
+            for d in tf_dbs {
+                let role = tf_name(&d.role);
+                vars.insert(format!("{role}_password"), json!({"type": "string", "sensitive": true, "description": format!("password of role {} (from the secrets file)", d.role)}));
+                roles.insert(role.clone(), json!({"name": lit(&d.role), "login": true, "password": format!("${{var.{role}_password}}")}));
+                dbs.insert(tf_name(&d.database), json!({"name": lit(&d.database), "owner": format!("${{postgresql_role.{role}.name}}")}));
+            }
+            body.insert("variable".into(), Value::Object(vars));
+            merge(
+                &mut resources,
+                json!({"postgresql_role": roles, "postgresql_database": dbs})
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
+            );
+        }
+    }
+    // The service's own modules, copied next to the workspace.
+    let mut modules = Map::new();
+    for (k, t) in s.terraform.iter().filter(|t| t.phase == phase).enumerate() {
+        for (j, m) in t.modules.iter().enumerate() {
+            let name = tf_name(&format!(
+                "{}_{k}_{j}",
+                safe_name(base_name(m)).trim_end_matches(".tf")
+            ));
+            let to = format!("terraform/services/{}/modules/{name}", s.name);
+            out.copies.push(Copy {
+                from: m.clone(),
+                to,
+            });
+            let mut block = Map::new();
+            block.insert("source".into(), json!(format!("../modules/{name}")));
+            for (var, value) in &t.variables {
+                block.insert(var.clone(), escape_value(value));
+            }
+            modules.insert(name.clone(), Value::Object(block));
+            outputs.insert(
+                name.clone(),
+                json!({"value": format!("${{module.{name}}}"), "sensitive": true}),
+            );
+        }
+    }
+    if !modules.is_empty() {
+        body.insert("module".into(), Value::Object(modules));
+    }
+    // Facts earlier steps recorded (ids, client ids) for this service's later phases.
+    let recorded_step = format!("tf:service-infra:{}", s.name);
+    if phase == TfPhase::ServiceConfig {
+        if let Some(values) = recorded.get(&recorded_step) {
+            let mut locals = Map::new();
+            for (k, v) in values {
+                locals.insert(tf_name(k), escape_value(v));
+            }
+            if !locals.is_empty() {
+                body.insert("locals".into(), Value::Object(locals));
+            }
+        }
+    }
+    if !providers.is_empty() {
+        body.insert("terraform".into(), required(&providers));
+    }
+    if !data.is_empty() {
+        body.insert("data".into(), Value::Object(data));
+    }
+    if !resources.is_empty() {
+        body.insert("resource".into(), Value::Object(resources));
+    }
+    if !outputs.is_empty() {
+        body.insert("output".into(), Value::Object(outputs));
+    }
+    Some(tf_file(
+        format!("terraform/services/{}/{dir}/main.tf.json", s.name),
+        body,
+    ))
+}
