@@ -172,6 +172,17 @@ pub fn load(sources: &Sources, exists: &dyn Fn(&str) -> bool) -> Loaded {
     // Paths the manifests reference.
     for s in &specs {
         for (path, span, field) in &s.paths {
+            if path.starts_with("..") || path.starts_with('/') {
+                // The build copies referenced files; anything outside the project would make
+                // it depend on the machine it was rendered on.
+                cxs[s.file].error(
+                    *span,
+                    field,
+                    format!("`{path}` is outside the project directory"),
+                    Some("keep modules, migrations and Terraform modules inside the project (a shared directory next to `services/` works)".into()),
+                );
+                continue;
+            }
             if !exists(path) {
                 cxs[s.file].error(
                     *span,
@@ -194,6 +205,7 @@ pub fn load(sources: &Sources, exists: &dyn Fn(&str) -> bool) -> Loaded {
     check_providers(&mut cxs, &specs);
     check_duplicates(&mut cxs, &specs, cfg.as_ref());
     check_routes(&mut cxs, &specs);
+    check_databases(&mut cxs, &specs);
     check_redirects(&mut cxs, &specs);
 
     let mut new_lock = Lock::default();
@@ -486,6 +498,48 @@ fn check_duplicates(cxs: &mut [Cx], specs: &[ServiceSpec], cfg: Option<&ProjectC
                             vmid.value, pool.start, pool.end
                         ),
                         Some(help),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A database belongs to one service; two services declaring the same database (or one
+/// database with two migrations of the same file name) cannot both be satisfied.
+fn check_databases(cxs: &mut [Cx], specs: &[ServiceSpec]) {
+    let mut seen: HashMap<&str, (usize, Span, &str)> = HashMap::new();
+    for s in specs {
+        for d in &s.dbs {
+            if let Some((file, span, owner)) = seen.get(d.value.database.as_str()) {
+                let help = format!("`{owner}` already declares it at {}", at(cxs, *file, *span));
+                cxs[s.file].error(
+                    d.span,
+                    "interface.db",
+                    format!("duplicate database `{}`", d.value.database),
+                    Some(help),
+                );
+            } else {
+                seen.insert(
+                    d.value.database.as_str(),
+                    (s.file, d.span, s.name.value.as_str()),
+                );
+            }
+            let mut names = HashSet::new();
+            for m in &d.value.migrations {
+                let base = crate::render::safe_name(crate::render::base_name(m));
+                if !names.insert(base.clone()) {
+                    cxs[s.file].error(
+                        d.span,
+                        "interface.db.migrations",
+                        format!(
+                            "two migrations of database `{}` are named `{base}`",
+                            d.value.database
+                        ),
+                        Some(
+                            "migrations are recorded by file name; give each a distinct name"
+                                .into(),
+                        ),
                     );
                 }
             }

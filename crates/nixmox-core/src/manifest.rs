@@ -546,6 +546,10 @@ fn decode_proxy(cx: &mut Cx, n: &Node, path: &str) -> Option<Proxy> {
                     continue;
                 }
                 if let Some(v) = cx.string(&e.value, &join(&hpath, &e.key)) {
+                    if v.chars().any(char::is_control) {
+                        cx.error(e.value.span, &join(&hpath, &e.key), format!("the value of header `{}` contains a control character (a newline or tab, say)", e.key), Some("HTTP header values are one line of text".into()));
+                        continue;
+                    }
                     headers.insert(e.key.clone(), v);
                 }
             }

@@ -324,6 +324,12 @@ impl Nix {
 pub fn file(header: &str, args: Option<&[&str]>, body: &Nix) -> String {
     let mut out = String::new();
     for line in header.lines() {
+        // A comment ends at `\r` as well as `\n` in Nix's lexer: no control character may
+        // reach one, or text after it would be read as code.
+        let line: String = line
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
         let _ = writeln!(out, "# {line}");
     }
     if let Some(args) = args {
