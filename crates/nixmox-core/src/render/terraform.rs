@@ -206,11 +206,14 @@ fn auth_data() -> Value {
     })
 }
 
-fn oauth2(
-    p: &Project,
-    s: &Service,
-    out_name: &str,
-) -> Option<(Map<String, Value>, Map<String, Value>, Map<String, Value>)> {
+/// Top-level blocks a part of a workspace contributes.
+struct Blocks {
+    resources: Map<String, Value>,
+    data: Map<String, Value>,
+    outputs: Map<String, Value>,
+}
+
+fn oauth2(p: &Project, s: &Service, out_name: &str) -> Option<Blocks> {
     let o = s.auth.as_ref()?.oidc.as_ref()?;
     let name = tf_name(s.name.as_str());
     let mut resources = Map::new();
@@ -269,7 +272,11 @@ fn oauth2(
             json!({"value": lit(&format!("https://{d}/application/o/{}/", app_slug(s)))}),
         );
     }
-    Some((resources, data, outputs))
+    Some(Blocks {
+        resources,
+        data,
+        outputs,
+    })
 }
 
 fn merge(into: &mut Map<String, Value>, from: Map<String, Value>) {
@@ -297,7 +304,12 @@ fn auth_core(p: &Project) -> RenderedFile {
     let mut outputs = Map::new();
     // Core services that use OIDC get their application here (see `nix:core-auth`).
     for s in p.services.iter().filter(|s| s.is_core()) {
-        if let Some((r, d, o)) = oauth2(p, s, &format!("{}_", tf_name(s.name.as_str()))) {
+        if let Some(Blocks {
+            resources: r,
+            data: d,
+            outputs: o,
+        }) = oauth2(p, s, &format!("{}_", tf_name(s.name.as_str())))
+        {
             merge(&mut resources, r);
             merge(&mut data, d);
             outputs.extend(o);
@@ -417,7 +429,12 @@ fn service(
     let mut data = Map::new();
     let mut outputs = Map::new();
     if phase == TfPhase::ServiceInfra {
-        if let Some((r, d, o)) = oauth2(p, s, "") {
+        if let Some(Blocks {
+            resources: r,
+            data: d,
+            outputs: o,
+        }) = oauth2(p, s, "")
+        {
             providers.push(("authentik", AUTHENTIK_PROVIDER));
             merge(&mut resources, r);
             merge(
