@@ -6,6 +6,7 @@
 pub mod config;
 pub mod config_out;
 pub mod decode;
+pub mod deploy;
 pub mod diag;
 pub mod graph;
 pub mod ids;

@@ -67,6 +67,51 @@ pub enum Command {
         #[arg(long, value_name = "DIR", default_value = ".nixmox/build")]
         out: PathBuf,
     },
+    /// Render, plan against the recorded state, and execute: only what changed
+    Up {
+        /// Only these services (with their dependencies unless --no-deps)
+        services: Vec<String>,
+        /// Do not add the named services' dependencies
+        #[arg(long)]
+        no_deps: bool,
+        /// How many steps may run at once (default: deploy.parallel)
+        #[arg(long, value_name = "N")]
+        parallel: Option<usize>,
+        /// Print what would run, and why, without executing anything
+        #[arg(long)]
+        dry_run: bool,
+        /// Run every step, even unchanged ones
+        #[arg(long)]
+        force: bool,
+        /// Run this step even if unchanged (repeatable)
+        #[arg(long, value_name = "STEP")]
+        force_step: Vec<String>,
+        /// Stop everything at the first failure (default: only its dependents stop)
+        #[arg(long)]
+        fail_fast: bool,
+        /// Longest a single step may run, like `30m` or `90s`
+        #[arg(long, value_name = "DURATION", default_value = "30m")]
+        timeout: String,
+        /// Progress as text (live on a terminal) or JSON lines
+        #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
+        format: PlanFormat,
+    },
+    /// List past runs, newest first
+    History {
+        /// How many runs
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Output format
+        #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
+        format: PlanFormat,
+    },
+    /// Print the last log of a step
+    Logs {
+        /// The step id, like `tf:service-infra:app`
+        step: String,
+    },
+    /// Remove the run lock left by a process on another host or a crashed run
+    Unlock,
     /// Write nixmox.lock with the addresses and VM ids allocated from the pools
     Lock,
     /// Print the JSON Schema of nixmox.yaml or of a service manifest

@@ -25,6 +25,14 @@ pub enum Error {
     },
     #[error("output closed")]
     BrokenPipe,
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    /// A run failed; what failed was reported step by step.
+    #[error("{0}")]
+    RunFailed(String),
+    /// Ctrl-C: running steps were allowed to finish and everything was recorded.
+    #[error("interrupted; running steps finished and the state is recorded")]
+    Interrupted,
     /// `plan --detailed-exitcode` found changes: not a failure, exit code 2.
     #[error("the plan has changes")]
     Changes,
@@ -34,7 +42,10 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Reported { .. } | Error::Usage(_) => EXIT_INVALID,
-            Error::Read { .. } | Error::Write { .. } => EXIT_RUNTIME,
+            Error::Read { .. } | Error::Write { .. } | Error::State(_) | Error::RunFailed(_) => {
+                EXIT_RUNTIME
+            }
+            Error::Interrupted => 130,
             Error::BrokenPipe => 0,
             Error::Changes => 2,
         }

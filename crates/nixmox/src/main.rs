@@ -2,9 +2,13 @@
 
 mod cli;
 mod commands;
+mod engine;
 mod error;
+mod exec;
 mod output;
 mod project_fs;
+mod state;
+mod terraform;
 
 use std::process::ExitCode;
 

@@ -177,7 +177,10 @@ fn example_renders_parsable_nix_with_the_right_facts() {
 
     let vhosts = eval_host(&build, "caddy", "services.caddy.virtualHosts");
     let guac = vhosts["guac.nixmox.lan"]["extraConfig"].as_str().unwrap();
-    assert!(guac.contains("handle /guacamole /guacamole/* {"), "{guac}");
+    assert!(
+        guac.contains("@route0 path /guacamole /guacamole/*") && guac.contains("handle @route0 {"),
+        "{guac}"
+    );
     assert!(
         guac.contains("header X-Frame-Options \"SAMEORIGIN\""),
         "{guac}"

@@ -656,7 +656,7 @@ fn postgresql(
                     "../migrations/{}/{}",
                     db.database, name
                 ))));
-                setup.push(Part::Lit("\"\n".into()));
+                setup.push(Part::Lit(format!("\" '{}'\n", db.role)));
             }
         }
     }
@@ -767,7 +767,7 @@ SELECT count(*) FROM nixmox_migrations WHERE name = :'name';
 SQL
 )"
   if [ "$done" = "0" ]; then
-    { cat "$3"; printf '\nINSERT INTO nixmox_migrations (name) VALUES (%s);\n' "'$2'"; } | q -d "$1" --single-transaction
+    { printf '%s\n' "SELECT format('SET ROLE %I', :'nixmox_role') \gexec"; cat "$3"; printf '\nRESET ROLE;\nINSERT INTO nixmox_migrations (name) VALUES (%s);\n' "'$2'"; } | q -d "$1" -v nixmox_role="$4" --single-transaction
     echo "nixmox: applied migration $2 to $1"
   fi
 }
@@ -810,10 +810,10 @@ fn caddy(p: &Project, c: &mut BTreeMap<String, Nix>) {
         let any_authz = routes.iter().any(|(_, x)| x.authz);
         if let (true, Some(outpost)) = (any_authz, &outpost) {
             conf.push_str(&format!(
-                "reverse_proxy /outpost.goauthentik.io/* {outpost}\n"
+                "handle /outpost.goauthentik.io/* {{\n  reverse_proxy {outpost}\n}}\n"
             ));
         }
-        for (s, x) in routes {
+        for (n, (s, x)) in routes.into_iter().enumerate() {
             let upstream = match &x.upstream {
                 Upstream::Port(port) => format!("{}:{port}", s.host.ip),
                 Upstream::HostPort(h, port) => format!("{h}:{port}"),
@@ -822,7 +822,8 @@ fn caddy(p: &Project, c: &mut BTreeMap<String, Nix>) {
                 String::new()
             } else {
                 let base = x.path.trim_end_matches('/');
-                format!(" {base} {base}/*")
+                conf.push_str(&format!("@route{n} path {base} {base}/*\n"));
+                format!(" @route{n}")
             };
             conf.push_str(&format!("handle{matcher} {{\n"));
             for (name, value) in &x.headers {

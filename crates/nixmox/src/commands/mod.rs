@@ -2,11 +2,13 @@
 
 mod config;
 mod graph;
+mod history;
 mod init;
 mod lock;
 mod plan;
 mod render;
 mod schema;
+mod up;
 mod validate;
 
 use std::path::Path;
@@ -31,6 +33,33 @@ pub fn run(cli: Cli) -> Result<()> {
         } => plan::run(root, &services, !no_deps, format, detailed_exitcode),
         Command::Graph { steps, format } => graph::run(root, steps, format),
         Command::Render { out } => render::run(root, &out),
+        Command::Up {
+            services,
+            no_deps,
+            parallel,
+            dry_run,
+            force,
+            force_step,
+            fail_fast,
+            timeout,
+            format,
+        } => up::run(
+            root,
+            up::Args {
+                services,
+                with_deps: !no_deps,
+                parallel,
+                dry_run,
+                force,
+                force_steps: force_step,
+                fail_fast,
+                timeout,
+                json: format == crate::cli::PlanFormat::Json,
+            },
+        ),
+        Command::History { limit, format } => history::history(root, limit, format),
+        Command::Logs { step } => history::logs(root, &step),
+        Command::Unlock => history::unlock(root),
         Command::Schema { kind, out } => schema::run(kind, out.as_deref()),
         Command::Init { dir, name, domain } => {
             init::run(dir.as_deref().unwrap_or(root), name.as_deref(), &domain)

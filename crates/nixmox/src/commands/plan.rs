@@ -2,15 +2,15 @@
 
 use std::path::Path;
 
-use nixmox_core::plan::{self, PlanInput, Selection};
+use nixmox_core::plan::Selection;
 use nixmox_core::plan_out;
-use nixmox_core::record::Record;
 
 use super::config::select;
 use super::load_project;
 use crate::cli::PlanFormat;
+use crate::engine::{self, Paths};
 use crate::error::{Error, Result};
-use crate::{output, project_fs};
+use crate::output;
 
 pub fn run(
     root: &Path,
@@ -25,20 +25,11 @@ pub fn run(
         .as_ref()
         .expect("load_project returns a project");
     select(project, services)?;
-    let files = project_fs::digests(root, project);
-    // Until the engine records runs, every step is planned against an empty record.
-    let record = Record::default();
-    let plan = plan::plan(
-        project,
-        &Selection {
-            services: services.to_vec(),
-            with_deps,
-        },
-        &PlanInput {
-            record: Some(&record),
-            files: Some(&files),
-        },
-    );
+    let sel = Selection {
+        services: services.to_vec(),
+        with_deps,
+    };
+    let (plan, _) = engine::plan_with_state(root, project, &sel, &Paths::new(root, project))?;
     let text = match format {
         PlanFormat::Text => plan_out::to_text(&plan),
         PlanFormat::Json => plan_out::to_json(&plan),

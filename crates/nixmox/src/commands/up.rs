@@ -1,0 +1,94 @@
+//! `nixmox up`: render, plan against the recorded state, execute.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nixmox_core::decode::parse_duration_ms;
+use nixmox_core::plan::Selection;
+
+use super::config::select;
+use super::load_project;
+use crate::engine::events::{JsonLines, Live, Plain, Reporter};
+use crate::engine::{self, Paths, UpOptions, UpResult};
+use crate::error::{Error, Result};
+use crate::output;
+
+pub struct Args {
+    pub services: Vec<String>,
+    pub with_deps: bool,
+    pub parallel: Option<usize>,
+    pub dry_run: bool,
+    pub force: bool,
+    pub force_steps: Vec<String>,
+    pub fail_fast: bool,
+    pub timeout: String,
+    pub json: bool,
+}
+
+pub fn run(root: &Path, args: Args) -> Result<()> {
+    let timeout = parse_duration_ms(&args.timeout)
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis)
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "invalid --timeout `{}`: use a duration like 30m or 90s",
+                args.timeout
+            ))
+        })?;
+    if args.parallel == Some(0) {
+        return Err(Error::Usage("--parallel must be at least 1".into()));
+    }
+    let loaded = load_project(root)?;
+    let project = loaded
+        .project
+        .as_ref()
+        .expect("load_project returns a project");
+    select(project, &args.services)?;
+    let opts = UpOptions {
+        services: args.services.clone(),
+        with_deps: args.with_deps,
+        parallel: args.parallel.unwrap_or(project.deploy.parallel as usize),
+        force: args.force,
+        force_steps: args.force_steps.clone(),
+        fail_fast: args.fail_fast,
+        timeout,
+        args: std::env::args().skip(1).collect(),
+    };
+    let paths = Paths::new(root, project);
+    if args.dry_run {
+        let sel = Selection {
+            services: args.services,
+            with_deps: args.with_deps,
+        };
+        let (plan, _) = engine::plan_with_state(root, project, &sel, &paths)?;
+        return output::data(&engine::dry_run(&plan, &opts));
+    }
+    // Ctrl-C stops new steps from starting; running ones finish (or time out) and are recorded.
+    let cancel = Arc::new(AtomicBool::new(false));
+    {
+        let cancel = cancel.clone();
+        let _ = ctrlc::set_handler(move || {
+            if cancel.swap(true, Ordering::SeqCst) {
+                output::note("interrupt again to stop waiting is not supported: running steps end at their timeout");
+            } else {
+                output::note("interrupted: no new steps start; waiting for running ones to finish");
+            }
+        });
+    }
+    let mut reporter: Box<dyn Reporter> = if args.json {
+        Box::new(JsonLines)
+    } else if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        Box::new(Live::new(output::colour()))
+    } else {
+        Box::new(Plain)
+    };
+    match engine::up(root, project, &opts, reporter.as_mut(), cancel)? {
+        UpResult::Success => Ok(()),
+        UpResult::Interrupted => Err(Error::Interrupted),
+        UpResult::Failed { failed } => Err(Error::RunFailed(format!(
+            "{failed} step(s) failed; see `nixmox logs STEP` and `nixmox history`"
+        ))),
+    }
+}

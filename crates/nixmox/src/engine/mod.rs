@@ -1,0 +1,469 @@
+//! The orchestrator: renders, plans against the recorded state, executes the plan's steps
+//! (Terraform workspaces, NixOS deploys) in parallel where the graph allows, and records every
+//! result in the state store so the next run only does what changed.
+
+pub mod events;
+pub mod runner;
+pub mod scheduler;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nixmox_core::plan::{self, Action, Change, Plan, PlanInput, Selection};
+use nixmox_core::render;
+use nixmox_core::Project;
+
+use self::events::{Event, Reporter, SummaryRow};
+use self::runner::StepExec;
+use self::scheduler::{Final, Progress, Skip, Task};
+use crate::error::{Error, Result};
+use crate::project_fs;
+use crate::state::{self, RunResult, StepFinish, StepStatus, Store};
+
+/// Where NixMox keeps its working files, all under the project's `.nixmox/`.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    pub state_db: PathBuf,
+    pub build: PathBuf,
+    pub logs: PathBuf,
+    pub terraform: PathBuf,
+    pub ssh: PathBuf,
+}
+
+impl Paths {
+    pub fn new(root: &Path, project: &Project) -> Self {
+        let dot = root.join(".nixmox");
+        let state_db = {
+            let p = Path::new(&project.state.path);
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                root.join(p)
+            }
+        };
+        Paths {
+            state_db,
+            build: dot.join("build"),
+            logs: dot.join("logs"),
+            terraform: dot.join("terraform"),
+            ssh: dot.join("ssh"),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct UpOptions {
+    pub services: Vec<String>,
+    pub with_deps: bool,
+    pub parallel: usize,
+    pub force: bool,
+    pub force_steps: Vec<String>,
+    pub fail_fast: bool,
+    pub timeout: Duration,
+    pub args: Vec<String>,
+}
+
+/// What `up` ended with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UpResult {
+    Success,
+    Failed { failed: usize },
+    Interrupted,
+}
+
+/// Plans against what the store recorded. Opens the store read-only in spirit: nothing is
+/// written besides creating the database when it does not exist yet.
+pub fn plan_with_state(
+    root: &Path,
+    project: &Project,
+    sel: &Selection,
+    paths: &Paths,
+) -> Result<(Plan, render::Outputs)> {
+    // Planning never creates the state database: no database means nothing recorded yet.
+    let (record, outputs) = if paths.state_db.exists() {
+        let store = Store::open(&paths.state_db).map_err(Error::State)?;
+        (
+            store.record().map_err(Error::State)?,
+            store.outputs().map_err(Error::State)?,
+        )
+    } else {
+        Default::default()
+    };
+    let files = project_fs::digests(root, project);
+    let plan = plan::plan(
+        project,
+        sel,
+        &PlanInput {
+            record: Some(&record),
+            files: Some(&files),
+        },
+    );
+    Ok((plan, outputs))
+}
+
+fn skip_of(step: &plan::Step, opts: &UpOptions) -> Option<Skip> {
+    let forced = opts.force || opts.force_steps.iter().any(|f| f == &step.id);
+    if step.change == Change::Delete {
+        return Some(Skip::Noop);
+    }
+    if step.change == Change::Unchanged && !forced {
+        return Some(Skip::Unchanged);
+    }
+    if step.action == Action::Noop {
+        return Some(Skip::Noop);
+    }
+    None
+}
+
+/// `--dry-run`: what would run, and why, without touching anything.
+pub fn dry_run(plan: &Plan, opts: &UpOptions) -> String {
+    let mut out = format!(
+        "Dry run for project `{}`: nothing is executed.\n",
+        plan.project
+    );
+    let width = plan.steps.iter().map(|s| s.id.len()).max().unwrap_or(0);
+    let mut runs = 0;
+    for s in &plan.steps {
+        let (verdict, why) = match skip_of(s, opts) {
+            Some(Skip::Unchanged) => (
+                "skip",
+                "unchanged since the last successful run".to_string(),
+            ),
+            Some(Skip::Noop) if s.change == Change::Delete => ("orphan", s.description.clone()),
+            Some(Skip::Noop) => ("skip", format!("nothing to do: {}", s.description)),
+            None => {
+                runs += 1;
+                let reason = match s.change {
+                    Change::Create => "never run before".to_string(),
+                    Change::Update if !s.reasons.is_empty() => s.reasons.join("; "),
+                    Change::Update => "its input changed".to_string(),
+                    _ => "forced".to_string(),
+                };
+                ("run", format!("{} ({reason})", s.description))
+            }
+        };
+        out.push_str(&format!("  {verdict:<6} {:<width$}  {why}\n", s.id));
+    }
+    out.push_str(&format!("{runs} step(s) would run.\n"));
+    out
+}
+
+/// `nixmox up`.
+pub fn up(
+    root: &Path,
+    project: &Project,
+    opts: &UpOptions,
+    reporter: &mut dyn Reporter,
+    cancel: Arc<AtomicBool>,
+) -> Result<UpResult> {
+    let paths = Paths::new(root, project);
+    let sel = Selection {
+        services: opts.services.clone(),
+        with_deps: opts.with_deps,
+    };
+    let mut store = Store::open(&paths.state_db).map_err(Error::State)?;
+    match store
+        .acquire_lock(&opts.args.join(" "))
+        .map_err(Error::State)?
+    {
+        state::LockOutcome::Acquired => {}
+        state::LockOutcome::TakenOver { previous } => reporter.event(&Event::Warning {
+            message: format!(
+                "took over a stale lock of pid {} on {} (its process is gone)",
+                previous.pid, previous.hostname
+            ),
+        }),
+    }
+    let result = run_locked(
+        root, project, opts, reporter, cancel, &paths, &sel, &mut store,
+    );
+    let released = store.release_lock().map_err(Error::State);
+    let result = result?;
+    released?;
+    Ok(result)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_locked(
+    root: &Path,
+    project: &Project,
+    opts: &UpOptions,
+    reporter: &mut dyn Reporter,
+    cancel: Arc<AtomicBool>,
+    paths: &Paths,
+    sel: &Selection,
+    store: &mut Store,
+) -> Result<UpResult> {
+    store.recover_interrupted().map_err(Error::State)?;
+    let record = store.record().map_err(Error::State)?;
+    let outputs = store.outputs().map_err(Error::State)?;
+    let rendered = render::render(project, &outputs);
+    project_fs::write_tree(root, &paths.build, &rendered)?;
+    let files = project_fs::digests(root, project);
+    let plan = plan::plan(
+        project,
+        sel,
+        &PlanInput {
+            record: Some(&record),
+            files: Some(&files),
+        },
+    );
+
+    let tasks: Vec<Task> = plan
+        .steps
+        .iter()
+        .map(|s| Task {
+            id: s.id.clone(),
+            after: s.after.clone(),
+            weight: s.weight,
+            skip: skip_of(s, opts),
+            group: s.service.clone(),
+        })
+        .collect();
+    let to_run = tasks.iter().filter(|t| t.skip.is_none()).count();
+    let run = store.start_run(&opts.args).map_err(Error::State)?;
+    let started = Instant::now();
+    reporter.event(&Event::RunStarted {
+        run,
+        project: project.name.to_string(),
+        steps: tasks.len(),
+        to_run,
+        parallel: opts.parallel,
+    });
+    let run_logs = paths.logs.join(run.to_string());
+    let exec = StepExec::new(project, &plan, paths, &run_logs, opts.timeout);
+    let sched = scheduler::Options {
+        parallel: opts.parallel.max(1),
+        fail_fast: opts.fail_fast,
+        retries: 2,
+        backoff: Duration::from_millis(500),
+        cancel: cancel.clone(),
+    };
+    let mut store_error: Option<Error> = None;
+    let finals = scheduler::execute(&tasks, &exec, &sched, &mut |p| match p {
+        Progress::Started { index, attempt } => {
+            let step = &plan.steps[index];
+            if attempt == 1 {
+                if let Err(e) =
+                    store.step_started(run, &step.id, &step.hash, Some(&exec.log_path(index)))
+                {
+                    store_error.get_or_insert(Error::State(e));
+                }
+            }
+            reporter.event(&Event::StepStarted {
+                step: step.id.clone(),
+                attempt,
+            });
+        }
+        Progress::Retrying {
+            index,
+            attempt,
+            delay,
+            error,
+        } => reporter.event(&Event::StepRetrying {
+            step: plan.steps[index].id.clone(),
+            attempt,
+            delay_ms: events::ms(delay),
+            error,
+        }),
+        Progress::Ended { index, outcome } => {
+            let step = &plan.steps[index];
+            let (status, changed, duration, detail, error) = match &outcome {
+                Final::Succeeded {
+                    changed,
+                    detail,
+                    duration,
+                } => (
+                    if *changed {
+                        StepStatus::Succeeded
+                    } else {
+                        StepStatus::Unchanged
+                    },
+                    *changed,
+                    Some(*duration),
+                    detail.clone(),
+                    None,
+                ),
+                Final::Skipped(Skip::Unchanged) => {
+                    reporter.event(&Event::StepSkipped {
+                        step: step.id.clone(),
+                        reason: "unchanged".into(),
+                    });
+                    return;
+                }
+                Final::Skipped(Skip::Noop) => {
+                    reporter.event(&Event::StepSkipped {
+                        step: step.id.clone(),
+                        reason: "nothing to do".into(),
+                    });
+                    if step.change == Change::Delete {
+                        return;
+                    }
+                    (
+                        StepStatus::Unchanged,
+                        false,
+                        Some(Duration::ZERO),
+                        String::new(),
+                        None,
+                    )
+                }
+                Final::Failed { error, duration } => (
+                    StepStatus::Failed,
+                    false,
+                    Some(*duration),
+                    String::new(),
+                    Some(error.clone()),
+                ),
+                Final::DependencyFailed(dep) => {
+                    reporter.event(&Event::StepSkipped {
+                        step: step.id.clone(),
+                        reason: format!("{dep} failed"),
+                    });
+                    (
+                        StepStatus::Skipped,
+                        false,
+                        None,
+                        String::new(),
+                        Some(format!("not run: {dep} failed")),
+                    )
+                }
+                Final::Cancelled => {
+                    reporter.event(&Event::StepSkipped {
+                        step: step.id.clone(),
+                        reason: "cancelled".into(),
+                    });
+                    (
+                        StepStatus::Cancelled,
+                        false,
+                        None,
+                        String::new(),
+                        Some("cancelled".into()),
+                    )
+                }
+            };
+            let artifacts = exec.take_artifacts(index);
+            let fin = StepFinish {
+                step_id: step.id.clone(),
+                input_hash: step.hash.clone(),
+                parts: step.parts.clone(),
+                status,
+                duration_ms: duration.map(events::ms).unwrap_or(0),
+                error: error.clone(),
+                outputs: artifacts.outputs,
+                rendered: artifacts.rendered,
+            };
+            if let Err(e) = store.step_finished(run, &fin) {
+                store_error.get_or_insert(Error::State(e));
+            }
+            if matches!(outcome, Final::Succeeded { .. } | Final::Failed { .. }) {
+                reporter.event(&Event::StepFinished {
+                    step: step.id.clone(),
+                    status: match status {
+                        StepStatus::Succeeded => "changed",
+                        StepStatus::Unchanged => "unchanged",
+                        _ => "failed",
+                    }
+                    .into(),
+                    changed,
+                    duration_ms: duration.map(events::ms).unwrap_or(0),
+                    detail,
+                    error,
+                });
+            }
+        }
+        Progress::Tick => reporter.tick(),
+    });
+    let failed = finals
+        .iter()
+        .filter(|f| matches!(f, Final::Failed { .. }))
+        .count();
+    let interrupted = cancel.load(Ordering::SeqCst);
+    let succeeded = finals
+        .iter()
+        .filter(|f| matches!(f, Final::Succeeded { .. }))
+        .count();
+    let skipped = finals.len() - succeeded - failed;
+    let (result, word) = if interrupted {
+        (RunResult::Interrupted, "interrupted")
+    } else if failed > 0 || finals.iter().any(|f| !f.ok()) {
+        (RunResult::Failed, "failed")
+    } else {
+        (RunResult::Success, "succeeded")
+    };
+    let summary = format!("{succeeded} succeeded, {failed} failed, {skipped} skipped");
+    store
+        .finish_run(run, result, &summary)
+        .map_err(Error::State)?;
+    reporter.event(&Event::RunFinished {
+        run,
+        result: word.into(),
+        succeeded,
+        failed,
+        skipped,
+        duration_ms: events::ms(started.elapsed()),
+    });
+    let rows: Vec<SummaryRow> = plan
+        .steps
+        .iter()
+        .zip(&finals)
+        .map(|(s, f)| SummaryRow {
+            step: s.id.clone(),
+            result: match f {
+                Final::Succeeded { changed: true, .. } => "changed".into(),
+                Final::Succeeded { changed: false, .. } => "unchanged".into(),
+                Final::Skipped(Skip::Unchanged) => "skipped (unchanged)".into(),
+                Final::Skipped(Skip::Noop) => "skipped (no-op)".into(),
+                Final::Failed { .. } => "FAILED".into(),
+                Final::DependencyFailed(_) => "not run".into(),
+                Final::Cancelled => "cancelled".into(),
+            },
+            duration_ms: match f {
+                Final::Succeeded { duration, .. } | Final::Failed { duration, .. } => {
+                    Some(events::ms(*duration))
+                }
+                _ => None,
+            },
+        })
+        .collect();
+    reporter.summary(&rows);
+    if let Some(e) = store_error {
+        return Err(e);
+    }
+    Ok(if interrupted {
+        UpResult::Interrupted
+    } else if failed > 0 || finals.iter().any(|f| !f.ok()) {
+        UpResult::Failed {
+            failed: failed.max(1),
+        }
+    } else {
+        UpResult::Success
+    })
+}
+
+/// Reads the rendered files a step used, for rollback and `down`.
+pub fn read_inputs(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let mut entries: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        entries.sort();
+        for p in entries {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name.starts_with(".terraform") || name.starts_with("terraform.tfstate") {
+                continue;
+            }
+            if p.is_dir() {
+                walk(base, &p, out);
+            } else if let (Ok(rel), Ok(bytes)) = (p.strip_prefix(base), std::fs::read(&p)) {
+                out.insert(rel.to_string_lossy().into_owned(), bytes);
+            }
+        }
+    }
+    walk(dir, dir, &mut out);
+    out
+}

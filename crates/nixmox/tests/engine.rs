@@ -1,0 +1,464 @@
+//! The engine against real components: Terraform 1.0.3 with the null provider (offline, from
+//! `.tools/`) and the test deployer `tests/fixtures/bin/deploy-test`, which stands in for
+//! nixos-rebuild because NixOS activation cannot run on this machine. The deployer and a
+//! wrapper around Terraform log every invocation, so the tests can see exactly which processes
+//! a run started.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn real_terraform() -> PathBuf {
+    let p = repo().join(".tools/bin/terraform");
+    assert!(
+        p.exists(),
+        "Terraform 1.0.3 is required: run `scripts/install-tools terraform` (scripts/test does it)"
+    );
+    assert!(
+        repo().join(".tools/terraformrc").exists(),
+        "the offline provider mirror is missing: run `scripts/install-tools terraform`"
+    );
+    p
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+/// A copy of the Terraform test project with its own bin dir, log and environment.
+struct Lab {
+    _tmp: tempfile::TempDir,
+    project: PathBuf,
+    log: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let tmp = tempfile::tempdir().unwrap();
+        let project = tmp.path().join("project");
+        copy_dir(&repo().join("tests/fixtures/tf-project"), &project);
+        let bin = tmp.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let log = tmp.path().join("invocations.log");
+        std::fs::write(&log, "").unwrap();
+        // Terraform wrapped so the tests see every invocation.
+        let wrapper = bin.join("terraform");
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\necho \"terraform $1\" >> \"$NIXMOX_TEST_LOG\"\nexec {} \"$@\"\n",
+                real_terraform().display()
+            ),
+        )
+        .unwrap();
+        Command::new("chmod")
+            .arg("+x")
+            .arg(&wrapper)
+            .status()
+            .unwrap();
+        let path = format!(
+            "{}:{}:{}",
+            bin.display(),
+            repo().join("tests/fixtures/bin").display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let env = vec![
+            ("PATH".into(), path),
+            ("NIXMOX_TEST_LOG".into(), log.display().to_string()),
+            (
+                "TF_CLI_CONFIG_FILE".into(),
+                repo().join(".tools/terraformrc").display().to_string(),
+            ),
+            ("NO_COLOR".into(), "1".into()),
+        ];
+        Lab {
+            _tmp: tmp,
+            project,
+            log,
+            env,
+        }
+    }
+
+    fn cmd(&self, args: &[&str], extra: &[(&str, &str)]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_nixmox"));
+        c.arg("-C").arg(&self.project).args(args);
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        for (k, v) in extra {
+            c.env(k, v);
+        }
+        c
+    }
+
+    fn run(&self, args: &[&str], extra: &[(&str, &str)]) -> Output {
+        self.cmd(args, extra).output().unwrap()
+    }
+
+    fn spawn(&self, args: &[&str], extra: &[(&str, &str)]) -> Child {
+        self.cmd(args, extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    fn invocations(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn clear(&self) {
+        std::fs::write(&self.log, "").unwrap();
+    }
+
+    fn history(&self) -> serde_json::Value {
+        let out = self.run(&["history", "--format", "json"], &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn wait_for(mut cond: impl FnMut() -> bool, secs: u64) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "timed out waiting"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn first_up_applies_second_skips_everything_and_a_change_reapplies_only_its_service() {
+    let lab = Lab::new();
+    let out = lab.run(&["up"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let calls = lab.invocations();
+    assert!(calls.iter().any(|c| c == "terraform init"), "{calls:?}");
+    assert!(calls.iter().any(|c| c == "terraform apply"), "{calls:?}");
+    for host in ["app", "worker", "solo"] {
+        assert!(
+            calls
+                .iter()
+                .any(|c| c.starts_with(&format!("start {host} "))),
+            "{host} not deployed: {calls:?}"
+        );
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("STEP") && err.contains("RESULT") && err.contains("DURATION"),
+        "summary table: {err}"
+    );
+    // The sensitive output is recorded only as a hash.
+    let db = std::fs::read(lab.project.join(".nixmox/state.db")).unwrap();
+    let wal = std::fs::read(lab.project.join(".nixmox/state.db-wal")).unwrap_or_default();
+    for bytes in [&db, &wal] {
+        assert!(
+            !String::from_utf8_lossy(bytes).contains("canary-"),
+            "a sensitive output is in the state store in clear"
+        );
+    }
+
+    // Nothing changed: no process at all, and quick.
+    lab.clear();
+    let start = Instant::now();
+    let out = lab.run(&["up"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        lab.invocations().is_empty(),
+        "a no-op up started processes: {:?}",
+        lab.invocations()
+    );
+    assert!(start.elapsed() < Duration::from_secs(5));
+
+    // Change app's Terraform variable: app's Terraform re-applies and app's later steps run;
+    // worker and solo stay untouched.
+    let manifest = lab.project.join("services/app/manifest.yaml");
+    let m = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .replace("size: 3", "size: 4");
+    std::fs::write(&manifest, m).unwrap();
+    lab.clear();
+    let out = lab.run(&["up"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let calls = lab.invocations();
+    assert!(calls.iter().any(|c| c == "terraform apply"), "{calls:?}");
+    assert!(
+        calls.iter().any(|c| c.starts_with("start app ")),
+        "{calls:?}"
+    );
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.starts_with("start worker ") || c.starts_with("start solo ")),
+        "{calls:?}"
+    );
+    assert!(
+        !calls.iter().any(|c| c == "terraform init"),
+        "init again although providers did not change: {calls:?}"
+    );
+
+    // History and logs.
+    let h = lab.history();
+    assert_eq!(h["runs"].as_array().unwrap().len(), 3);
+    assert_eq!(h["runs"][0]["result"], "success");
+    let logs = lab.run(&["logs", "tf:service-infra:app"], &[]);
+    assert!(logs.status.success(), "{}", text(&logs));
+    assert!(
+        String::from_utf8_lossy(&logs.stdout).contains("terraform"),
+        "{}",
+        text(&logs)
+    );
+}
+
+#[test]
+fn dry_run_explains_and_executes_nothing() {
+    let lab = Lab::new();
+    let out = lab.run(&["up", "--dry-run"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("run    nix:service-config:app"), "{stdout}");
+    assert!(stdout.contains("never run before"), "{stdout}");
+    assert!(lab.invocations().is_empty());
+    assert!(
+        !lab.project.join(".nixmox/state.db").exists(),
+        "dry run created state"
+    );
+}
+
+#[test]
+fn a_failed_deploy_stops_only_its_dependents() {
+    let lab = Lab::new();
+    let out = lab.run(&["up", "--parallel", "4"], &[("DEPLOY_FAIL_HOST", "app")]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nix:service-config:app"), "{err}");
+    assert!(
+        err.contains("activation of app failed"),
+        "the deployer's own message: {err}"
+    );
+    let calls = lab.invocations();
+    assert!(
+        calls.iter().any(|c| c.starts_with("end solo ")),
+        "the independent service deployed: {calls:?}"
+    );
+    assert!(
+        !calls.iter().any(|c| c.starts_with("start worker ")),
+        "worker depends on app: {calls:?}"
+    );
+    // The next run retries what failed and skips what succeeded.
+    lab.clear();
+    let out = lab.run(&["up"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let calls = lab.invocations();
+    assert!(
+        calls.iter().any(|c| c.starts_with("start app ")),
+        "{calls:?}"
+    );
+    assert!(
+        !calls.iter().any(|c| c.starts_with("start solo ")),
+        "{calls:?}"
+    );
+}
+
+#[test]
+fn independent_services_deploy_in_parallel_within_the_limit() {
+    let lab = Lab::new();
+    let out = lab.run(&["up", "--parallel", "4"], &[("DEPLOY_SLEEP", "1")]);
+    assert!(out.status.success(), "{}", text(&out));
+    let calls = lab.invocations();
+    let pos = |prefix: &str| {
+        calls
+            .iter()
+            .position(|c| c.starts_with(prefix))
+            .unwrap_or_else(|| panic!("{prefix} missing: {calls:?}"))
+    };
+    // solo has no path to app: its deploy runs while app's Terraform step is still running.
+    assert!(pos("start solo ") < pos("terraform output"), "{calls:?}");
+    // worker waits for app (its verify) before its first step.
+    assert!(pos("start worker ") > pos("end app "), "{calls:?}");
+}
+
+#[test]
+fn a_hanging_step_times_out_with_a_clear_error() {
+    let lab = Lab::new();
+    let start = Instant::now();
+    let out = lab.run(&["up", "--timeout", "2s"], &[("DEPLOY_HANG_HOST", "solo")]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        start.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        start.elapsed()
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nix:service-config:solo") && err.contains("timed out"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_terraform_failure_stops_only_its_dependents() {
+    let lab = Lab::new();
+    let module = lab.project.join("services/worker/terraform/hook/main.tf");
+    let broken = std::fs::read_to_string(&module)
+        .unwrap()
+        .replace("var.target", "var.undeclared");
+    std::fs::write(&module, broken).unwrap();
+    let out = lab.run(&["up"], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tf:service-config:worker"), "{err}");
+    assert!(err.contains("undeclared"), "Terraform's own message: {err}");
+    assert!(err.lines().count() < 80, "not a wall of output");
+    let calls = lab.invocations();
+    assert!(
+        calls.iter().any(|c| c.starts_with("end solo ")),
+        "{calls:?}"
+    );
+}
+
+#[test]
+fn a_second_up_is_refused_while_one_runs() {
+    let lab = Lab::new();
+    let mut first = lab.spawn(&["up"], &[("DEPLOY_SLEEP", "4")]);
+    wait_for(
+        || lab.invocations().iter().any(|c| c.starts_with("start ")),
+        60,
+    );
+    let second = lab.run(&["up"], &[]);
+    assert_eq!(second.status.code(), Some(1), "{}", text(&second));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains("locked by pid") && err.contains(&first.id().to_string()),
+        "names the holder: {err}"
+    );
+    assert!(first.wait().unwrap().success());
+}
+
+#[test]
+fn kill_9_mid_run_then_up_converges() {
+    let lab = Lab::new();
+    let mut first = lab.spawn(&["up", "--parallel", "1"], &[("DEPLOY_SLEEP", "2")]);
+    wait_for(
+        || lab.invocations().iter().any(|c| c.starts_with("start ")),
+        60,
+    );
+    unsafe_kill(first.id(), 9);
+    let _ = first.wait();
+    // The lock of the dead process is taken over; the run converges.
+    let out = lab.run(&["up"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stale lock"),
+        "{}",
+        text(&out)
+    );
+    let again = lab.run(&["plan", "--detailed-exitcode"], &[]);
+    assert_eq!(
+        again.status.code(),
+        Some(0),
+        "everything recorded after convergence: {}",
+        text(&again)
+    );
+    let h = lab.history();
+    let results: Vec<&str> = h["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["result"].as_str().unwrap())
+        .collect();
+    assert_eq!(results, ["success", "interrupted"]);
+}
+
+#[test]
+fn ctrl_c_lets_running_steps_finish_records_and_exits_130() {
+    let lab = Lab::new();
+    let run = lab.spawn(&["up", "--parallel", "1"], &[("DEPLOY_SLEEP", "2")]);
+    wait_for(
+        || lab.invocations().iter().any(|c| c.starts_with("start ")),
+        60,
+    );
+    unsafe_kill(run.id(), 2);
+    let out = run.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out));
+    let calls = lab.invocations();
+    let started: Vec<&String> = calls.iter().filter(|c| c.starts_with("start ")).collect();
+    let ended: Vec<&String> = calls.iter().filter(|c| c.starts_with("end ")).collect();
+    assert_eq!(
+        started.len(),
+        ended.len(),
+        "the running deploy finished: {calls:?}"
+    );
+    assert_eq!(
+        started.len(),
+        1,
+        "nothing new started after Ctrl-C: {calls:?}"
+    );
+    let h = lab.history();
+    assert_eq!(h["runs"][0]["result"], "interrupted");
+    // The lock was released and the next run continues.
+    let out = lab.run(&["up"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn json_progress_is_one_object_per_line() {
+    let lab = Lab::new();
+    let out = lab.run(&["up", "--format", "json"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["event"], "run_started");
+    assert!(lines.iter().all(|l| l["version"] == 1));
+    assert!(lines
+        .iter()
+        .any(|l| l["event"] == "step_finished" && l["step"] == "nix:service-config:app"));
+    assert_eq!(lines.last().unwrap()["event"], "summary");
+}
+
+fn unsafe_kill(pid: u32, sig: i32) {
+    let st = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
