@@ -81,7 +81,7 @@ fn adding_a_service_changes_only_its_files_its_providers_dns_infra_and_auth() {
     assert_eq!(
         changed,
         [
-            "nix/flake.nix",
+            "nix/deploy/wiki.nix",
             "nix/hosts/caddy.nix",
             "nix/hosts/dns.nix",
             "nix/hosts/postgresql.nix",

@@ -12,10 +12,6 @@
 //! coreutils), falling back to [`std::process::Child::kill`] on the group leader if that program
 //! is missing.
 
-// The engine (issue 5) is the caller of most of this module; until it lands, only the Terraform
-// runner and the tests use it.
-#![allow(dead_code)]
-
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs::{File, OpenOptions};

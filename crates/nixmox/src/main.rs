@@ -1,18 +1,9 @@
 //! The `nixmox` command: parses arguments, runs one command, maps errors to exit codes.
 
-mod cli;
-mod commands;
-mod engine;
-mod error;
-mod exec;
-mod output;
-mod project_fs;
-mod state;
-mod terraform;
-
 use std::process::ExitCode;
 
 use clap::Parser;
+use nixmox::{cli, commands, error, output};
 
 fn main() -> ExitCode {
     let args = match cli::Cli::try_parse() {

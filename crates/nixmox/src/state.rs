@@ -20,10 +20,6 @@
 //! The schema evolves through [`MIGRATIONS`], applied in order, each in its own transaction,
 //! with `PRAGMA user_version` counting the scripts applied. Only append to that list.
 
-// The engine is being wired to this API; until it calls every function, parts of it are unused
-// in the binary.
-#![allow(dead_code)]
-
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;

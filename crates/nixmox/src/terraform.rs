@@ -32,9 +32,6 @@
 //! `TF_DATA_DIR` skip `init`. What the hash cannot see (a local module that gains a provider) makes
 //! Terraform ask for `terraform init`; the runner then runs `init` and retries the command once.
 
-// The engine (issue 5) is the caller of this module; until it lands only the tests use it.
-#![allow(dead_code)]
-
 use std::ffi::OsString;
 use std::fs;
 use std::io;

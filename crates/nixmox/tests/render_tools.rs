@@ -214,6 +214,74 @@ fn example_renders_parsable_nix_with_the_right_facts() {
     );
 }
 
+/// The flake's outputs with a stand-in for the few nixpkgs `lib` functions they use.
+fn eval_flake_outputs(build: &Path, attr: &str) -> serde_json::Value {
+    let nix = tool("nix-instantiate", "nix");
+    let expr = format!(
+        r#"let
+  suffix = suf: s: let ls = builtins.stringLength s; lf = builtins.stringLength suf; in lf <= ls && builtins.substring (ls - lf) lf s == suf;
+  lib = {{
+    hasSuffix = suffix;
+    removeSuffix = suf: s: if suffix suf s then builtins.substring 0 (builtins.stringLength s - builtins.stringLength suf) s else s;
+    filterAttrs = pred: set: builtins.listToAttrs (builtins.concatMap (n: if pred n set.${{n}} then [ {{ name = n; value = set.${{n}}; }} ] else [ ]) (builtins.attrNames set));
+    genAttrs = names: f: builtins.listToAttrs (map (n: {{ name = n; value = f n; }}) names);
+    nixosSystem = args: {{ inherit (args) system; modules = map toString args.modules; }};
+  }};
+  out = (import {flake}).outputs {{ self = {{ }}; nixpkgs = {{ inherit lib; }}; }};
+in out.{attr}"#,
+        flake = build.join("nix/flake.nix").display()
+    );
+    let out = Command::new(&nix)
+        .args([
+            "--store", "dummy://", "--eval", "--strict", "--json", "-E", &expr,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "eval of the flake's {attr} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn the_flake_finds_every_host_for_nixos_rebuild_and_colmena() {
+    let tmp = tempfile::tempdir().unwrap();
+    let build = tmp.path().join("build");
+    render(&repo().join("examples/homelab"), &build);
+    let configs = eval_flake_outputs(&build, "nixosConfigurations");
+    let hosts: Vec<&str> = configs
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        hosts,
+        [
+            "authentik",
+            "caddy",
+            "dns",
+            "guacamole",
+            "media",
+            "monitoring",
+            "nextcloud",
+            "postgresql",
+            "vaultwarden"
+        ]
+    );
+    assert!(configs["dns"]["modules"][0]
+        .as_str()
+        .unwrap()
+        .ends_with("/hosts/dns.nix"));
+    let deployment = eval_flake_outputs(&build, "colmena.guacamole.deployment");
+    assert_eq!(
+        deployment,
+        serde_json::json!({"tags": ["service", "guacamole"], "targetHost": "192.168.99.16", "targetUser": "root"})
+    );
+}
+
 #[test]
 fn awkward_strings_reach_nix_exactly() {
     let tmp = tempfile::tempdir().unwrap();

@@ -33,6 +33,10 @@ pub fn render(p: &Project, out: &mut Rendered) {
             path: format!("nix/hosts/{}.nix", s.host.hostname),
             contents: host(p, i),
         });
+        out.files.push(RenderedFile {
+            path: format!("nix/deploy/{}.nix", s.host.hostname),
+            contents: colmena_deployment(p, s),
+        });
         copies_for(s, out);
     }
     // Secrets files (made by the secrets commands) travel with the flake when they exist.
@@ -78,59 +82,6 @@ fn flake(p: &Project) -> String {
             Nix::str("github:nix-community/authentik-nix"),
         );
     }
-    let mut configs = BTreeMap::new();
-    let mut hive = BTreeMap::new();
-    let mut meta = BTreeMap::new();
-    set(
-        &mut meta,
-        &["nixpkgs"],
-        Nix::Code("import nixpkgs { system = \"x86_64-linux\"; }"),
-    );
-    set(
-        &mut meta,
-        &["specialArgs"],
-        Nix::Code("{ inherit inputs; }"),
-    );
-    hive.insert("meta".to_string(), Nix::Attrs(meta));
-    for s in &p.services {
-        let host = s.host.hostname.as_str();
-        let file = Nix::path(&format!("./hosts/{host}.nix"));
-        let mut sys = BTreeMap::new();
-        sys.insert("system".to_string(), Nix::str("x86_64-linux"));
-        sys.insert("specialArgs".to_string(), Nix::Code("{ inherit inputs; }"));
-        sys.insert("modules".to_string(), Nix::list([file.clone()]));
-        configs.insert(
-            host.to_string(),
-            Nix::Expr(format!(
-                "nixpkgs.lib.nixosSystem {}",
-                Nix::Attrs(sys).print(4)
-            )),
-        );
-        let mut node = BTreeMap::new();
-        set(
-            &mut node,
-            &["deployment", "targetHost"],
-            Nix::str(s.host.ip.to_string()),
-        );
-        set(
-            &mut node,
-            &["deployment", "targetUser"],
-            Nix::str(&p.ssh.user),
-        );
-        set(
-            &mut node,
-            &["deployment", "tags"],
-            Nix::strs([
-                if s.is_core() { "core" } else { "service" },
-                s.name.as_str(),
-            ]),
-        );
-        set(&mut node, &["imports"], Nix::list([file]));
-        hive.insert(host.to_string(), Nix::Attrs(node));
-    }
-    let mut outputs = BTreeMap::new();
-    outputs.insert("nixosConfigurations".to_string(), Nix::Attrs(configs));
-    outputs.insert("colmena".to_string(), Nix::Attrs(hive));
     let mut top = BTreeMap::new();
     top.insert(
         "description".to_string(),
@@ -140,13 +91,9 @@ fn flake(p: &Project) -> String {
         )),
     );
     top.insert("inputs".to_string(), Nix::Attrs(inputs));
-    top.insert(
-        "outputs".to_string(),
-        Nix::Expr(format!(
-            "{{ self, nixpkgs, ... }}@inputs: {}",
-            Nix::Attrs(outputs).print(2)
-        )),
-    );
+    // The hosts are found in `hosts/` (and their Colmena deployment data in `deploy/`), so
+    // adding a service adds files and never edits this one.
+    top.insert("outputs".to_string(), Nix::Code(FLAKE_OUTPUTS));
     let deployer = match &p.nix.deployer {
         Deployer::NixosRebuild => "nixos-rebuild switch --flake .#<host> --target-host <user>@<ip>",
         Deployer::Colmena => "colmena apply --on <host>",
@@ -157,6 +104,47 @@ fn flake(p: &Project) -> String {
         None,
         &Nix::Attrs(top),
     )
+}
+
+/// The flake's outputs: every `hosts/<host>.nix` as `nixosConfigurations.<host>`, and a Colmena
+/// hive whose nodes take their `deployment` from `deploy/<host>.nix`.
+const FLAKE_OUTPUTS: &str = r#"{ self, nixpkgs, ... }@inputs:
+    let
+      lib = nixpkgs.lib;
+      hosts = map (lib.removeSuffix ".nix") (builtins.attrNames (lib.filterAttrs (name: type: type == "regular" && lib.hasSuffix ".nix" name) (builtins.readDir ./hosts)));
+      module = host: ./hosts + "/${host}.nix";
+    in
+    {
+      nixosConfigurations = lib.genAttrs hosts (host: lib.nixosSystem {
+        system = "x86_64-linux";
+        specialArgs = { inherit inputs; };
+        modules = [ (module host) ];
+      });
+      colmena = {
+        meta = {
+          nixpkgs = import nixpkgs { system = "x86_64-linux"; };
+          specialArgs = { inherit inputs; };
+        };
+      } // lib.genAttrs hosts (host: {
+        deployment = import (./deploy + "/${host}.nix");
+        imports = [ (module host) ];
+      });
+    }"#;
+
+/// `deploy/<host>.nix`: where Colmena reaches the host, and its tags.
+fn colmena_deployment(p: &Project, s: &Service) -> String {
+    let body = Nix::attrs([
+        ("targetHost", Nix::str(s.host.ip.to_string())),
+        ("targetUser", Nix::str(&p.ssh.user)),
+        (
+            "tags",
+            Nix::strs([
+                if s.is_core() { "core" } else { "service" },
+                s.name.as_str(),
+            ]),
+        ),
+    ]);
+    nixexpr::file(HEADER, None, &body)
 }
 
 fn options_module() -> String {

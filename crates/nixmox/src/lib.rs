@@ -1,0 +1,14 @@
+//! NixMox's imperative shell: the CLI's commands, the engine that executes plans, and the
+//! drivers that touch the world (files, processes, SQLite). The pure computations live in
+//! `nixmox-core`. The `nixmox` binary is a thin `main` over this library; tests and benchmarks
+//! use it directly.
+
+pub mod cli;
+pub mod commands;
+pub mod engine;
+pub mod error;
+pub mod exec;
+pub mod output;
+pub mod project_fs;
+pub mod state;
+pub mod terraform;
