@@ -1,12 +1,13 @@
 //! Reads `nixmox.yaml`, the project file, into the project-wide parts of the model.
 
 use core::net::Ipv4Addr;
+use std::collections::BTreeMap;
 
 use crate::decode::{field, join, Cx};
 use crate::ids::{parse_ip, Cidr, DomainName, ProjectName, Range};
 use crate::model::{
-    Defaults, Deploy, Deployer, HealthTiming, InfraBackend, Network, Nix, Pools, Proxmox,
-    Resources, SecretRef, Secrets, Ssh, StateConfig, Terraform, Tls,
+    Defaults, Deploy, Deployer, HealthTiming, HostKeyChecking, InfraBackend, Network, Nix, Pools,
+    Proxmox, Resources, SecretRef, Secrets, Ssh, StateConfig, Terraform, TfBackend, Tls,
 };
 use crate::syntax::{Kind, Node};
 
@@ -31,10 +32,11 @@ pub const PROXMOX_FIELDS: &[&str] = &["endpoint", "node", "storage", "template",
 pub const TOKEN_FIELDS: &[&str] = &["env", "file"];
 pub const TLS_FIELDS: &[&str] = &["ca_file", "fingerprint", "insecure"];
 pub const INFRA_FIELDS: &[&str] = &["backend"];
-pub const SSH_FIELDS: &[&str] = &["user", "authorized_keys"];
+pub const SSH_FIELDS: &[&str] = &["user", "authorized_keys", "host_key_checking"];
 pub const NIX_FIELDS: &[&str] = &["nixpkgs", "deployer"];
 pub const DEPLOYER_FIELDS: &[&str] = &["command", "rollback"];
-pub const TERRAFORM_FIELDS: &[&str] = &["binary"];
+pub const TERRAFORM_FIELDS: &[&str] = &["binary", "backend"];
+pub const TF_BACKEND_FIELDS: &[&str] = &["type", "config"];
 pub const DEFAULTS_FIELDS: &[&str] = &["resources", "health"];
 pub const RESOURCES_FIELDS: &[&str] = &["cores", "memory", "swap", "disk_gb"];
 pub const HEALTH_TIMING_FIELDS: &[&str] = &["interval", "timeout", "retries", "start_period"];
@@ -132,11 +134,20 @@ pub fn decode(cx: &mut Cx, root: &Node) -> Option<ProjectConfig> {
     let terraform = match field(root, "terraform") {
         None => Some(Terraform {
             binary: "terraform".into(),
+            backend: None,
         }),
-        Some(n) => cx.map(n, "terraform", TERRAFORM_FIELDS).map(|_| Terraform {
-            binary: field(n, "binary")
+        Some(n) => cx.map(n, "terraform", TERRAFORM_FIELDS).and_then(|_| {
+            let binary = field(n, "binary")
                 .and_then(|b| cx.string(b, "terraform.binary"))
-                .unwrap_or_else(|| "terraform".into()),
+                .unwrap_or_else(|| "terraform".into());
+            let backend = match field(n, "backend") {
+                None => None,
+                Some(b) => Some(decode_tf_backend(cx, b)?),
+            };
+            Some(Terraform {
+                binary,
+                backend: backend.flatten(),
+            })
         }),
     };
     let defaults = decode_defaults(cx, field(root, "defaults"));
@@ -528,6 +539,7 @@ fn decode_ssh(cx: &mut Cx, n: Option<&Node>) -> Option<Ssh> {
         return Some(Ssh {
             user: "root".into(),
             authorized_keys: Vec::new(),
+            host_key_checking: HostKeyChecking::AcceptNew,
         });
     };
     cx.map(n, "ssh", SSH_FIELDS)?;
@@ -557,10 +569,75 @@ fn decode_ssh(cx: &mut Cx, n: Option<&Node>) -> Option<Ssh> {
             ok = false;
         }
     }
+    let host_key_checking = match field(n, "host_key_checking") {
+        None => HostKeyChecking::AcceptNew,
+        Some(h) => choice(
+            cx,
+            h,
+            "ssh.host_key_checking",
+            &[
+                ("accept-new", HostKeyChecking::AcceptNew),
+                ("yes", HostKeyChecking::Yes),
+                ("no", HostKeyChecking::No),
+            ],
+        )?,
+    };
     ok.then(|| Ssh {
         user,
         authorized_keys: keys.into_iter().map(|(k, _)| k).collect(),
+        host_key_checking,
     })
+}
+
+/// `terraform.backend: { type: s3, config: { bucket: …, key: "nixmox/{workspace}.tfstate" } }`.
+/// `None` inside means the default (`local`, kept under `.nixmox/terraform/`).
+fn decode_tf_backend(cx: &mut Cx, n: &Node) -> Option<Option<TfBackend>> {
+    cx.map(n, "terraform.backend", TF_BACKEND_FIELDS)?;
+    let kind = cx
+        .required(n, "terraform.backend", "type")
+        .and_then(|t| cx.string(t, "terraform.backend.type"))?;
+    if kind.is_empty()
+        || !kind
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        cx.error(
+            n.span,
+            "terraform.backend.type",
+            format!("invalid backend type `{kind}`"),
+            Some("a Terraform backend name like `local`, `s3`, `http` or `pg`".into()),
+        );
+        return None;
+    }
+    let mut config = BTreeMap::new();
+    if let Some(c) = field(n, "config") {
+        match &c.kind {
+            Kind::Map(entries) => {
+                for e in entries {
+                    config.insert(e.key.clone(), crate::manifest::to_json(&e.value));
+                }
+            }
+            other => {
+                cx.error(
+                    c.span,
+                    "terraform.backend.config",
+                    format!("expected a mapping, found {}", other.describe()),
+                    None,
+                );
+                return None;
+            }
+        }
+    }
+    if kind == "local" && config.is_empty() {
+        return Some(None);
+    }
+    if !config
+        .values()
+        .any(|v| v.as_str().is_some_and(|s| s.contains("{workspace}")))
+    {
+        cx.warning(n.span, "terraform.backend.config", "no backend setting contains `{workspace}`", Some("every NixMox workspace (infra, auth-core, <service>-infra, <service>-config) needs its own state: put `{workspace}` in the key or path".into()));
+    }
+    Some(Some(TfBackend { kind, config }))
 }
 
 fn decode_nix(cx: &mut Cx, n: Option<&Node>) -> Option<Nix> {

@@ -51,7 +51,7 @@ pub fn resolved(p: &Project, only: &[usize]) -> Value {
             },
         },
         "infra": { "backend": p.infra.as_str() },
-        "ssh": { "user": p.ssh.user, "authorized_keys": p.ssh.authorized_keys },
+        "ssh": { "user": p.ssh.user, "authorized_keys": p.ssh.authorized_keys, "host_key_checking": p.ssh.host_key_checking.as_str() },
         "nix": {
             "nixpkgs": p.nix.nixpkgs,
             "deployer": match &p.nix.deployer {
@@ -60,7 +60,13 @@ pub fn resolved(p: &Project, only: &[usize]) -> Value {
                 Deployer::Command { command, rollback } => json!({"command": command, "rollback": rollback}),
             },
         },
-        "terraform": { "binary": p.terraform.binary },
+        "terraform": {
+            "binary": p.terraform.binary,
+            "backend": match &p.terraform.backend {
+                None => json!({"type": "local"}),
+                Some(b) => json!({"type": b.kind, "config": b.config}),
+            },
+        },
         "defaults": {
             "resources": resources(&p.defaults.resources),
             "health": timing(&p.defaults.health),

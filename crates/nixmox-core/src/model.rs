@@ -124,6 +124,29 @@ impl InfraBackend {
 pub struct Ssh {
     pub user: String,
     pub authorized_keys: Vec<String>,
+    pub host_key_checking: HostKeyChecking,
+}
+
+/// OpenSSH's `StrictHostKeyChecking` for the project's hosts; keys are kept in
+/// `.nixmox/known_hosts`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostKeyChecking {
+    /// Trust a host's key on first contact, refuse a changed one (the default).
+    AcceptNew,
+    /// Only hosts already in the known_hosts file.
+    Yes,
+    /// Never check (for throwaway test hosts).
+    No,
+}
+
+impl HostKeyChecking {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostKeyChecking::AcceptNew => "accept-new",
+            HostKeyChecking::Yes => "yes",
+            HostKeyChecking::No => "no",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -146,6 +169,16 @@ pub enum Deployer {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Terraform {
     pub binary: String,
+    /// `None`: the local backend, with state under `.nixmox/terraform/<workspace>/`.
+    pub backend: Option<TfBackend>,
+}
+
+/// A Terraform backend rendered into every workspace; `{workspace}` in a string setting is
+/// replaced by the workspace's name so each keeps its own state.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TfBackend {
+    pub kind: String,
+    pub config: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

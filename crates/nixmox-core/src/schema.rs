@@ -188,6 +188,13 @@ fn project_inner() -> Value {
                 json!([]),
             ),
         )
+        .opt(
+            "host_key_checking",
+            dflt(
+                json!({"description": "OpenSSH `StrictHostKeyChecking` for the hosts, whose keys are kept in `.nixmox/known_hosts`: `accept-new` trusts a key on first contact and refuses a changed one, `yes` only known hosts, `no` never checks.", "type": "string", "enum": ["accept-new", "yes", "no"]}),
+                json!("accept-new"),
+            ),
+        )
         .build();
 
     let deployer_command = Obj::new("Your own deployer: an argv template run once per host.")
@@ -232,6 +239,13 @@ fn project_inner() -> Value {
             text("The Terraform-compatible binary to run, like `terraform` or `tofu`."),
             json!("terraform"),
         ),
+    )
+    .opt(
+        "backend",
+        Obj::new("Where every workspace keeps its Terraform state. Default: the `local` backend, with each workspace's state under `.nixmox/terraform/<workspace>/`.")
+            .req("type", json!({"description": "The backend's name, like `local`, `s3`, `http` or `pg`. Required.", "type": "string", "pattern": "^[a-z0-9_]+$"}))
+            .opt("config", json!({"description": "The backend's settings, rendered into every workspace. `{workspace}` inside a string is replaced by the workspace's name (`infra`, `auth-core`, `<service>-infra`, `<service>-config`) so each keeps its own state.", "type": ["object", "null"], "patternProperties": {"^.+$": true}, "additionalProperties": false}))
+            .build(),
     )
     .build();
 
@@ -1110,6 +1124,7 @@ mod tests {
             ("nix", NIX_FIELDS),
             ("nix/deployer", DEPLOYER_FIELDS),
             ("terraform", TERRAFORM_FIELDS),
+            ("terraform/backend", crate::config::TF_BACKEND_FIELDS),
             ("defaults", DEFAULTS_FIELDS),
             ("#resources", RESOURCES_FIELDS),
             ("defaults/health", HEALTH_TIMING_FIELDS),

@@ -462,3 +462,33 @@ fn unsafe_kill(pid: u32, sig: i32) {
         .unwrap();
     assert!(st.success());
 }
+
+#[test]
+fn a_configured_backend_keeps_each_workspace_state_where_it_says() {
+    let lab = Lab::new();
+    let states = lab.project.parent().unwrap().join("states");
+    let yaml = lab.project.join("nixmox.yaml");
+    let mut config = std::fs::read_to_string(&yaml).unwrap();
+    config.push_str(&format!(
+        "terraform:\n  backend:\n    type: local\n    config: {{ path: \"{}/{{workspace}}.tfstate\" }}\n",
+        states.display()
+    ));
+    std::fs::write(&yaml, config).unwrap();
+    let out = lab.run(&["up"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        states.join("app-infra.tfstate").is_file(),
+        "{:?}",
+        std::fs::read_dir(&states).map(|d| d.count())
+    );
+    assert!(states.join("worker-config.tfstate").is_file());
+    // The second run finds the state there: nothing to do.
+    lab.clear();
+    let out = lab.run(&["up", "--force"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !lab.invocations().iter().any(|c| c == "terraform apply"),
+        "{:?}",
+        lab.invocations()
+    );
+}

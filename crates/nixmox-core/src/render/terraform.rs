@@ -56,7 +56,44 @@ fn sorted(v: Value) -> Value {
     }
 }
 
-fn tf_file(path: String, mut body: Map<String, Value>) -> RenderedFile {
+/// The workspace's name, as the seed contract names them: `infra`, `auth-core`,
+/// `<service>-infra`, `<service>-config`.
+pub fn workspace_name(path: &str) -> String {
+    let dir = path
+        .trim_end_matches("/main.tf.json")
+        .trim_start_matches("terraform/");
+    match dir.strip_prefix("services/") {
+        Some(rest) => rest.replace('/', "-"),
+        None => dir.to_string(),
+    }
+}
+
+fn with_workspace(v: &Value, name: &str) -> Value {
+    match v {
+        Value::String(s) => Value::String(s.replace("{workspace}", name)),
+        Value::Array(a) => Value::Array(a.iter().map(|x| with_workspace(x, name)).collect()),
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .map(|(k, x)| (k.clone(), with_workspace(x, name)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+fn tf_file(p: &Project, path: String, mut body: Map<String, Value>) -> RenderedFile {
+    if let Some(backend) = &p.terraform.backend {
+        let name = workspace_name(&path);
+        let config: Map<String, Value> = backend
+            .config
+            .iter()
+            .map(|(k, v)| (k.clone(), with_workspace(v, &name)))
+            .collect();
+        let tf = body.entry("terraform").or_insert_with(|| json!({}));
+        if let Some(t) = tf.as_object_mut() {
+            t.insert("backend".into(), json!({ backend.kind.clone(): config }));
+        }
+    }
     body.insert("//".into(), json!(HEADER));
     let mut text =
         serde_json::to_string_pretty(&sorted(Value::Object(body))).expect("JSON values serialize");
@@ -191,7 +228,7 @@ fn infra(p: &Project) -> RenderedFile {
         json!({"proxmox_virtual_environment_container": containers}),
     );
     body.insert("output".into(), Value::Object(outputs));
-    tf_file("terraform/infra/main.tf.json".into(), body)
+    tf_file(p, "terraform/infra/main.tf.json".into(), body)
 }
 
 fn auth_data() -> Value {
@@ -406,7 +443,7 @@ fn auth_core(p: &Project) -> RenderedFile {
     if !outputs.is_empty() {
         body.insert("output".into(), Value::Object(outputs));
     }
-    tf_file("terraform/auth-core/main.tf.json".into(), body)
+    tf_file(p, "terraform/auth-core/main.tf.json".into(), body)
 }
 
 fn service(
@@ -540,6 +577,7 @@ fn service(
         body.insert("output".into(), Value::Object(outputs));
     }
     Some(tf_file(
+        p,
         format!("terraform/services/{}/{dir}/main.tf.json", s.name),
         body,
     ))

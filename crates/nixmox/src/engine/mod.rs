@@ -30,7 +30,10 @@ pub struct Paths {
     pub build: PathBuf,
     pub logs: PathBuf,
     pub terraform: PathBuf,
+    /// OpenSSH's shared-connection sockets.
     pub ssh: PathBuf,
+    /// The hosts' SSH keys, as OpenSSH records them.
+    pub known_hosts: PathBuf,
 }
 
 impl Paths {
@@ -50,6 +53,7 @@ impl Paths {
             logs: dot.join("logs"),
             terraform: dot.join("terraform"),
             ssh: dot.join("ssh"),
+            known_hosts: dot.join("known_hosts"),
         }
     }
 }

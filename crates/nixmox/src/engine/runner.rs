@@ -231,15 +231,10 @@ impl<'a> StepExec<'a> {
         };
         let argv = deploy::switch_argv(&self.project.nix.deployer, &target);
         let mut cmd = Cmd::new(&argv[0]).args(&argv[1..]).cwd(&flake);
-        if !matches!(self.project.nix.deployer, Deployer::Command { .. }) {
-            let known = self.paths.ssh.join("known_hosts");
-            let _ = std::fs::create_dir_all(&self.paths.ssh);
-            let opts = deploy::ssh_options(
-                &self.paths.ssh.to_string_lossy(),
-                &known.to_string_lossy(),
-                "accept-new",
-            );
-            cmd.env.push(("NIX_SSHOPTS".into(), opts.join(" ").into()));
+        let builtin = !matches!(self.project.nix.deployer, Deployer::Command { .. });
+        if builtin {
+            cmd.env
+                .push(("NIX_SSHOPTS".into(), self.ssh_options().join(" ").into()));
         }
         // Ctrl-C lets running steps finish: no cancel flag reaches the process.
         let opts = RunOpts {
@@ -255,16 +250,34 @@ impl<'a> StepExec<'a> {
                 if let Ok(bytes) = std::fs::read(&host_file) {
                     rendered.insert(format!("hosts/{}.nix", s.host.hostname), bytes);
                 }
+                // The generation it switched to, for rollback. A custom deployer has its own way
+                // back, and NixMox does not assume it can reach the host over SSH.
+                let mut outputs = Vec::new();
+                let mut detail = format!("{} switched", s.host.hostname);
+                if builtin {
+                    match self.current_generation(&s.host.ip.to_string(), index) {
+                        Some(generation) => {
+                            detail = format!("{} switched to {generation}", s.host.hostname);
+                            outputs.push(OutputValue {
+                                name: "generation".into(),
+                                value: serde_json::Value::String(generation),
+                                sensitive: false,
+                            });
+                        }
+                        None => detail
+                            .push_str(" (the system generation could not be read back over SSH)"),
+                    }
+                }
                 self.keep(
                     index,
                     Artifacts {
-                        outputs: Vec::new(),
+                        outputs,
                         rendered: Some(rendered),
                     },
                 );
                 Outcome::Done {
                     changed: true,
-                    detail: format!("{} switched", s.host.hostname),
+                    detail,
                 }
             }
             Ok(fin) => {
@@ -306,6 +319,38 @@ impl<'a> StepExec<'a> {
                 ),
                 transient: false,
             },
+        }
+    }
+}
+
+impl StepExec<'_> {
+    fn ssh_options(&self) -> Vec<String> {
+        let _ = std::fs::create_dir_all(&self.paths.ssh);
+        deploy::ssh_options(
+            &self.paths.ssh.to_string_lossy(),
+            &self.paths.known_hosts.to_string_lossy(),
+            self.project.ssh.host_key_checking.as_str(),
+        )
+    }
+
+    /// `readlink /nix/var/nix/profiles/system` on the host: the generation now active.
+    fn current_generation(&self, ip: &str, index: usize) -> Option<String> {
+        let remote = [
+            "readlink".to_string(),
+            "/nix/var/nix/profiles/system".to_string(),
+        ];
+        let argv = deploy::ssh_argv(&self.ssh_options(), &self.project.ssh.user, ip, &remote);
+        let cmd = Cmd::new(&argv[0]).args(&argv[1..]);
+        let opts = RunOpts {
+            timeout: Some(Duration::from_secs(30)),
+            log: Some(self.log_path(index)),
+            ..RunOpts::default()
+        };
+        match exec::run(&cmd, &opts) {
+            Ok(fin) if fin.code == Some(0) => {
+                Some(fin.stdout.trim().to_string()).filter(|g| !g.is_empty())
+            }
+            _ => None,
         }
     }
 }
