@@ -219,6 +219,10 @@ pub fn load(sources: &Sources, exists: &dyn Fn(&str) -> bool) -> Loaded {
         let services = build_services(&mut cxs, &specs, &cfg, &allocated.hosts);
         let any_error = !diags.is_empty() || cxs.iter().any(|c| c.errors() > 0);
         if !any_error {
+            let mut providers = [None; 4];
+            for cap in Capability::ALL {
+                providers[cap as usize] = services.iter().position(|s| s.provides(cap));
+            }
             project = Some(Project {
                 name: cfg.name,
                 domain: cfg.domain,
@@ -235,6 +239,7 @@ pub fn load(sources: &Sources, exists: &dyn Fn(&str) -> bool) -> Loaded {
                 deploy: cfg.deploy,
                 services,
                 edges,
+                providers,
             });
         }
     }
@@ -290,7 +295,8 @@ fn at(cxs: &[Cx], file: usize, span: Span) -> String {
 fn check_unique_names(cxs: &mut [Cx], specs: Vec<ServiceSpec>) -> Vec<ServiceSpec> {
     let mut out: Vec<ServiceSpec> = Vec::with_capacity(specs.len());
     for s in specs {
-        if let Some(first) = out.iter().find(|o| o.name.value == s.name.value) {
+        // `specs` is sorted by name: a duplicate is always next to the one kept before it.
+        if let Some(first) = out.last().filter(|o| o.name.value == s.name.value) {
             let msg = format!("duplicate service name `{}`", s.name.value);
             let help = format!(
                 "`{}` is already defined at {}",
@@ -338,10 +344,12 @@ fn check_providers(cxs: &mut [Cx], specs: &[ServiceSpec]) {
             }
         }
     }
+    let provided: std::collections::HashSet<Capability> = specs
+        .iter()
+        .flat_map(|s| s.provides.iter().map(|p| p.value))
+        .collect();
     let has = |cap: Capability| {
-        specs
-            .iter()
-            .any(|s| s.provides.iter().any(|p| p.value == cap))
+        provided.contains(&cap)
     };
     for s in specs {
         let needs: [(bool, Capability, &str, Option<Span>); 3] = [
@@ -775,11 +783,14 @@ fn build_edges(
         .enumerate()
         .map(|(i, s)| (s.name.value.as_str(), i))
         .collect();
-    let provider = |cap: Capability| {
-        specs
-            .iter()
-            .position(|s| s.provides.iter().any(|p| p.value == cap))
-    };
+    // The first provider of each capability, found once rather than per consumer.
+    let mut providers: HashMap<Capability, usize> = HashMap::new();
+    for (i, s) in specs.iter().enumerate() {
+        for p in &s.provides {
+            providers.entry(p.value).or_insert(i);
+        }
+    }
+    let provider = |cap: Capability| providers.get(&cap).copied();
     let mut edges = Vec::new();
     for (i, s) in specs.iter().enumerate() {
         for d in &s.depends_on {

@@ -29,6 +29,9 @@ pub struct Project {
     pub services: Vec<Service>,
     /// Dependency edges, consumer → provider, sorted and without duplicates.
     pub edges: Vec<Edge>,
+    /// The provider of each capability (index into `services`), in `Capability::ALL` order;
+    /// looked up often while planning and rendering, so found once.
+    pub providers: [Option<usize>; 4],
 }
 
 impl Project {
@@ -45,10 +48,10 @@ impl Project {
     }
     /// The service providing a capability, if any.
     pub fn provider(&self, cap: Capability) -> Option<&Service> {
-        self.services.iter().find(|s| s.provides(cap))
+        self.provider_index(cap).map(|i| &self.services[i])
     }
     pub fn provider_index(&self, cap: Capability) -> Option<usize> {
-        self.services.iter().position(|s| s.provides(cap))
+        self.providers[cap as usize]
     }
     /// The FQDN of a service's host.
     pub fn fqdn(&self, s: &Service) -> String {
