@@ -348,9 +348,7 @@ fn check_providers(cxs: &mut [Cx], specs: &[ServiceSpec]) {
         .iter()
         .flat_map(|s| s.provides.iter().map(|p| p.value))
         .collect();
-    let has = |cap: Capability| {
-        provided.contains(&cap)
-    };
+    let has = |cap: Capability| provided.contains(&cap);
     for s in specs {
         let needs: [(bool, Capability, &str, Option<Span>); 3] = [
             (

@@ -153,12 +153,26 @@ pub fn decode(
         }
     });
     let description = field(root, "description").and_then(|n| cx.string(n, "description"));
-    let depends_on = field(root, "depends_on")
-        .map(|n| cx.strings(n, "depends_on"))
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(value, span)| Sp { value, span })
-        .collect();
+    let depends_on = match field(root, "depends_on") {
+        // Docker Compose's long form, `depends_on: { db: { condition: … } }`: the keys name the
+        // services; NixMox always waits for a dependency to be verified.
+        Some(Node {
+            kind: Kind::Map(entries),
+            ..
+        }) => entries
+            .iter()
+            .map(|e| Sp {
+                value: e.key.clone(),
+                span: e.key_span,
+            })
+            .collect(),
+        Some(n) => cx
+            .strings(n, "depends_on")
+            .into_iter()
+            .map(|(value, span)| Sp { value, span })
+            .collect(),
+        None => Vec::new(),
+    };
     let mut provides = Vec::new();
     if let Some(p) = field(root, "provides") {
         if let Some(entries) = cx.map(p, "provides", PROVIDES_FIELDS) {

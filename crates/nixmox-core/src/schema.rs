@@ -593,10 +593,16 @@ fn manifest_inner() -> Value {
         .opt(
             "depends_on",
             dflt(
-                list(
-                    "Services this one starts after, by `name` (explicit ordering; the interface adds implicit edges). Cycles are errors.",
-                    json!({"type": "string", "pattern": NAME}),
-                ),
+                {
+                    let mut v = list(
+                        "Services this one starts after, by `name` (explicit ordering; the interface adds implicit edges). Cycles are errors. Docker Compose's long form, a mapping whose keys are the services, is accepted too.",
+                        json!({"type": "string", "pattern": NAME}),
+                    );
+                    if let Some(any) = v.get_mut("anyOf").and_then(Value::as_array_mut) {
+                        any.push(json!({"type": "object", "patternProperties": {NAME: true}, "additionalProperties": false}));
+                    }
+                    v
+                },
                 json!([]),
             ),
         )

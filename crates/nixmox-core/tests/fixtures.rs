@@ -163,3 +163,34 @@ fn allocation_is_stable_when_services_are_added() {
         "the lock should be unchanged once `aaa` is gone"
     );
 }
+
+#[test]
+fn depends_on_accepts_the_compose_long_form() {
+    use nixmox_core::{SourceFile, Sources};
+    let file = |path: &str, text: &str| SourceFile {
+        path: path.into(),
+        bytes: text.as_bytes().to_vec(),
+    };
+    let sources = Sources {
+        config: Some(file(
+            "nixmox.yaml",
+            "project: p\ndomain: p.lan\nnetwork: { cidr: 10.0.0.0/24, gateway: 10.0.0.1 }\n",
+        )),
+        manifests: vec![
+            file("services/a/manifest.yaml", "name: a\n"),
+            file(
+                "services/b/manifest.yaml",
+                "name: b\ndepends_on:\n  a: { condition: service_healthy }\n",
+            ),
+        ],
+        lock: None,
+    };
+    let loaded = nixmox_core::load(&sources, &|_: &str| true);
+    let p = loaded.project.expect("valid");
+    let b = p.index_of("b").unwrap();
+    let deps: Vec<&str> = p
+        .deps_of(b)
+        .map(|e| p.services[e.to].name.as_str())
+        .collect();
+    assert_eq!(deps, ["a"]);
+}
