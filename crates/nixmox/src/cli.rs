@@ -105,6 +105,17 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
         format: PlanFormat,
     },
+    /// One row per service: host, vmid, ip, last known state, live health, last deploy
+    Ps {
+        /// Only these services
+        services: Vec<String>,
+        /// Output format
+        #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
+        format: PlanFormat,
+        /// Longest a single health check may take, like `5s` or `500ms`
+        #[arg(long, value_name = "DURATION", default_value = "5s")]
+        timeout: String,
+    },
     /// Print the last log of a step
     Logs {
         /// The step id, like `tf:service-infra:app`
@@ -133,6 +144,69 @@ pub enum Command {
         /// The project's domain
         #[arg(long, default_value = "nixmox.lan")]
         domain: String,
+    },
+    /// Upload or list NixOS LXC templates on the Proxmox storage
+    Template {
+        #[command(subcommand)]
+        action: TemplateAction,
+    },
+    /// Set, rotate or list the secrets in the hosts' SOPS files (secrets/<host>.yaml)
+    Secrets {
+        #[command(subcommand)]
+        action: SecretsAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretsAction {
+    /// Store a secret only a person knows, read from stdin (or a prompt on a terminal)
+    Set {
+        /// The service whose host gets it
+        service: String,
+        /// Its name, like `smtp/password` (sops-nix: `sops.secrets."smtp/password"`)
+        name: String,
+    },
+    /// Make a new value for a generated secret, re-encrypt, and redeploy the hosts that use it
+    Rotate {
+        /// The service (its database role passwords, unless NAME says which)
+        service: String,
+        /// One secret, like `db/guacamole` (default: all the service's generated secrets)
+        name: Option<String>,
+        /// Only re-encrypt; the next `nixmox up` deploys the change
+        #[arg(long)]
+        no_deploy: bool,
+    },
+    /// List each host's secrets: names and where they came from, never values
+    List {
+        /// Only these services
+        services: Vec<String>,
+        /// Output format
+        #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
+        format: PlanFormat,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TemplateAction {
+    /// Upload a container template (.tar.xz) to the storage `proxmox.template` names
+    Upload {
+        /// The template file
+        file: PathBuf,
+        /// Another storage with `vztmpl` content (default: from proxmox.template, like `local`)
+        #[arg(long)]
+        storage: Option<String>,
+        /// Send it even if a file of that name and size is there
+        #[arg(long)]
+        force: bool,
+    },
+    /// List the container templates on that storage (`*` marks proxmox.template)
+    List {
+        /// Another storage with `vztmpl` content (default: from proxmox.template)
+        #[arg(long)]
+        storage: Option<String>,
+        /// Output format
+        #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
+        format: PlanFormat,
     },
 }
 

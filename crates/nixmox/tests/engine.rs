@@ -87,6 +87,14 @@ impl Lab {
                 repo().join(".tools/terraformrc").display().to_string(),
             ),
             ("NO_COLOR".into(), "1".into()),
+            // The hosts do not exist: health checks' commands run here (see the fixture).
+            (
+                "NIXMOX_SSH".into(),
+                repo()
+                    .join("tests/fixtures/bin/ssh-test")
+                    .display()
+                    .to_string(),
+            ),
         ];
         Lab {
             _tmp: tmp,

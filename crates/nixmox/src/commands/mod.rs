@@ -6,8 +6,11 @@ mod history;
 mod init;
 mod lock;
 mod plan;
+mod ps;
 mod render;
 mod schema;
+mod secrets;
+mod template;
 mod up;
 mod validate;
 
@@ -58,12 +61,28 @@ pub fn run(cli: Cli) -> Result<()> {
             },
         ),
         Command::History { limit, format } => history::history(root, limit, format),
+        Command::Ps {
+            services,
+            format,
+            timeout,
+        } => ps::run(root, &services, format, &timeout),
         Command::Logs { step } => history::logs(root, &step),
         Command::Unlock => history::unlock(root),
         Command::Schema { kind, out } => schema::run(kind, out.as_deref()),
         Command::Init { dir, name, domain } => {
             init::run(dir.as_deref().unwrap_or(root), name.as_deref(), &domain)
         }
+        Command::Template { action } => match action {
+            crate::cli::TemplateAction::Upload {
+                file,
+                storage,
+                force,
+            } => template::upload(root, &file, storage.as_deref(), force),
+            crate::cli::TemplateAction::List { storage, format } => {
+                template::list(root, storage.as_deref(), format)
+            }
+        },
+        Command::Secrets { action } => secrets::run(root, action),
     }
 }
 

@@ -97,7 +97,7 @@ pub fn plan_with_state(
         Default::default()
     };
     let files = project_fs::digests(root, project);
-    let plan = plan::plan(
+    let mut plan = plan::plan(
         project,
         sel,
         &PlanInput {
@@ -105,6 +105,7 @@ pub fn plan_with_state(
             files: Some(&files),
         },
     );
+    crate::secrets::augment_plan(root, project, &mut plan, Some(&record));
     Ok((plan, outputs))
 }
 
@@ -204,10 +205,15 @@ fn run_locked(
     store.recover_interrupted().map_err(Error::State)?;
     let record = store.record().map_err(Error::State)?;
     let outputs = store.outputs().map_err(Error::State)?;
+    // Secrets first (src/secrets): the generated ones of every host whose key is known, so the
+    // render copies and the plan see the files as this run will deploy them.
+    let secrets_error = |e: crate::secrets::SecretsError| Error::RunFailed(format!("secrets: {e}"));
+    let mut vault = crate::secrets::for_run(root, project, paths).map_err(secrets_error)?;
+    vault.prepare().map_err(secrets_error)?;
     let rendered = render::render(project, &outputs);
     project_fs::write_tree(root, &paths.build, &rendered)?;
     let files = project_fs::digests(root, project);
-    let plan = plan::plan(
+    let mut plan = plan::plan(
         project,
         sel,
         &PlanInput {
@@ -215,6 +221,7 @@ fn run_locked(
             files: Some(&files),
         },
     );
+    crate::secrets::augment_plan(root, project, &mut plan, Some(&record));
 
     let tasks: Vec<Task> = plan
         .steps
@@ -238,7 +245,7 @@ fn run_locked(
         parallel: opts.parallel,
     });
     let run_logs = paths.logs.join(run.to_string());
-    let exec = StepExec::new(project, &plan, paths, &run_logs, opts.timeout);
+    let exec = StepExec::new(project, &plan, paths, &run_logs, opts.timeout).with_secrets(vault);
     let sched = scheduler::Options {
         parallel: opts.parallel.max(1),
         fail_fast: opts.fail_fast,
@@ -349,10 +356,16 @@ fn run_locked(
                 }
             };
             let artifacts = exec.take_artifacts(index);
+            // A deploy records the secrets file it actually shipped (it may have been written
+            // during this run).
+            let (parts, input_hash) = match exec.take_secrets_hash(index) {
+                Some(h) => crate::secrets::with_secrets_part(&step.parts, h.as_deref()),
+                None => (step.parts.clone(), step.hash.clone()),
+            };
             let fin = StepFinish {
                 step_id: step.id.clone(),
-                input_hash: step.hash.clone(),
-                parts: step.parts.clone(),
+                input_hash,
+                parts,
                 status,
                 duration_ms: duration.map(events::ms).unwrap_or(0),
                 error: error.clone(),

@@ -35,6 +35,16 @@ pub struct StepExec<'a> {
     artifacts: Mutex<Vec<Option<Artifacts>>>,
     /// Secret values to scrub from logs and messages.
     redact: Mutex<Vec<String>>,
+    /// How health checks reach the hosts, made on first use.
+    health: std::sync::OnceLock<Result<crate::health::Context, String>>,
+    /// The secrets files (src/secrets), when the run manages them.
+    secrets: Option<SecretsHook>,
+}
+
+/// The vault shared by the step threads, and the secrets-file hash each deploy used.
+struct SecretsHook {
+    vault: Mutex<crate::secrets::Vault>,
+    used: Mutex<BTreeMap<usize, Option<String>>>,
 }
 
 impl<'a> StepExec<'a> {
@@ -57,7 +67,32 @@ impl<'a> StepExec<'a> {
             timeout,
             artifacts: Mutex::new((0..plan.steps.len()).map(|_| None).collect()),
             redact: Mutex::new(redact),
+            health: std::sync::OnceLock::new(),
+            secrets: None,
         }
+    }
+
+    /// Lets the steps write the secrets files: Terraform's sensitive outputs after a `tf:*`
+    /// step, generated secrets (and the host's key) before a deploy.
+    pub fn with_secrets(mut self, vault: crate::secrets::Vault) -> Self {
+        if let Ok(mut r) = self.redact.lock() {
+            r.extend(vault.known_values());
+            r.sort();
+            r.dedup();
+        }
+        self.secrets = Some(SecretsHook {
+            vault: Mutex::new(vault),
+            used: Mutex::new(BTreeMap::new()),
+        });
+        self
+    }
+
+    /// For a deploy that ran: the SHA-256 of the host's secrets file it shipped (`Some(None)`:
+    /// the host has none). `None` when it did not run with secrets.
+    pub fn take_secrets_hash(&self, index: usize) -> Option<Option<String>> {
+        self.secrets
+            .as_ref()
+            .and_then(|h| h.used.lock().ok().and_then(|mut u| u.remove(&index)))
     }
 
     pub fn log_path(&self, index: usize) -> PathBuf {
@@ -181,6 +216,15 @@ impl<'a> StepExec<'a> {
                 if let Ok(mut r) = self.redact.lock() {
                     r.extend(sensitive);
                 }
+                let stored = match self.store_outputs(index, phase, service, &outputs) {
+                    Ok(note) => note,
+                    Err(e) => {
+                        return Outcome::Failed {
+                            error: format!("{}: {}", step.id, scrub(&e, &self.redactions())),
+                            transient: false,
+                        }
+                    }
+                };
                 self.keep(
                     index,
                     Artifacts {
@@ -195,7 +239,7 @@ impl<'a> StepExec<'a> {
                 };
                 Outcome::Done {
                     changed: applied.changed,
-                    detail: detail.into(),
+                    detail: format!("{detail}{stored}"),
                 }
             }
             Err(e) => {
@@ -222,6 +266,12 @@ impl<'a> StepExec<'a> {
                 transient: false,
             };
         };
+        if let Err(e) = self.secrets_before_deploy(index, s.host.hostname.as_str()) {
+            return Outcome::Failed {
+                error: format!("{}: {}", step.id, scrub(&e, &self.redactions())),
+                transient: false,
+            };
+        }
         let flake = self.paths.build.join("nix");
         let target = deploy::Target {
             host: s.host.hostname.to_string(),
@@ -355,23 +405,225 @@ impl StepExec<'_> {
     }
 }
 
+/// Secrets (src/secrets): what the steps put into and take from the hosts' secrets files.
+impl StepExec<'_> {
+    /// After a Terraform step: its sensitive outputs into the secrets file of its host. Returns
+    /// a note for the step's detail.
+    fn store_outputs(
+        &self,
+        index: usize,
+        phase: Phase,
+        service: Option<&str>,
+        outputs: &[OutputValue],
+    ) -> Result<String, String> {
+        let Some(hook) = &self.secrets else {
+            return Ok(String::new());
+        };
+        if !outputs.iter().any(|o| o.sensitive) {
+            return Ok(String::new());
+        }
+        let Some(host) = crate::secrets::output_host(self.project, phase, service) else {
+            return Ok(String::new());
+        };
+        let mut vault = hook
+            .vault
+            .lock()
+            .map_err(|_| "secrets: lock poisoned".to_string())?;
+        vault.log = Some(self.log_path(index));
+        let step_id = &self.plan.steps[index].id;
+        let result = vault.absorb_outputs(step_id, &host, service, outputs);
+        if let Ok(mut r) = self.redact.lock() {
+            r.extend(vault.known_values());
+            r.sort();
+            r.dedup();
+        }
+        match result {
+            Ok(Some(names)) if names.is_empty() => Ok(String::new()),
+            Ok(Some(names)) => Ok(format!(
+                "; {} secret(s) in {}",
+                names.len(),
+                crate::secrets::file_rel(&host)
+            )),
+            Ok(None) => {
+                Ok("; sensitive outputs not stored: secrets.age_recipients is empty".to_string())
+            }
+            Err(e) => Err(format!(
+                "storing its sensitive outputs in {}: {e}",
+                crate::secrets::file_rel(&host)
+            )),
+        }
+    }
+
+    /// Before a deploy: the host's generated secrets (reading its SSH host key first when
+    /// NixMox deploys over SSH), and the hash of the file the deploy ships.
+    fn secrets_before_deploy(&self, index: usize, host: &str) -> Result<(), String> {
+        let Some(hook) = &self.secrets else {
+            return Ok(());
+        };
+        let mut vault = hook
+            .vault
+            .lock()
+            .map_err(|_| "secrets: lock poisoned".to_string())?;
+        vault.log = Some(self.log_path(index));
+        let result = vault.before_deploy(host);
+        if let Ok(mut r) = self.redact.lock() {
+            r.extend(vault.known_values());
+            r.sort();
+            r.dedup();
+        }
+        let hash = result.map_err(|e| format!("secrets of `{host}`: {e}"))?;
+        if let Ok(mut used) = hook.used.lock() {
+            used.insert(index, hash);
+        }
+        Ok(())
+    }
+}
+
+/// Health gates and `verify:*` (src/health).
+impl StepExec<'_> {
+    fn health_context(&self) -> Result<&crate::health::Context, String> {
+        self.health
+            .get_or_init(|| {
+                let dot = self.paths.build.parent().unwrap_or(Path::new(".nixmox"));
+                crate::health::Context::for_project(
+                    self.project,
+                    &self.paths.ssh,
+                    &self.paths.known_hosts,
+                    &dot.join("ca.pem"),
+                )
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    fn health_gate(
+        &self,
+        index: usize,
+        service: &str,
+        started: std::time::Instant,
+        changed: bool,
+        detail: String,
+    ) -> Outcome {
+        let step = &self.plan.steps[index];
+        let Some(s) = self.project.service(service) else {
+            return Outcome::Done { changed, detail };
+        };
+        if s.health.startup.is_empty() && s.health.readiness.is_empty() {
+            return Outcome::Done { changed, detail };
+        }
+        let log = self.log_path(index);
+        let result = self.health_context().and_then(|ctx| {
+            crate::health::steps::after_deploy(
+                ctx,
+                s,
+                std::time::Instant::now(),
+                Some(started + self.timeout),
+                Some(&log),
+            )
+        });
+        match result {
+            Ok(Some(passed)) => Outcome::Done {
+                changed,
+                detail: format!("{detail}; {passed}"),
+            },
+            Ok(None) => Outcome::Done { changed, detail },
+            Err(e) => Outcome::Failed {
+                error: format!(
+                    "{}: health gate failed: {}",
+                    step.id,
+                    scrub(&e, &self.redactions())
+                ),
+                transient: false,
+            },
+        }
+    }
+
+    fn verify(&self, index: usize, service: &str, started: std::time::Instant) -> Outcome {
+        let step = &self.plan.steps[index];
+        let Some(s) = self.project.service(service) else {
+            return Outcome::Failed {
+                error: format!("{}: no service `{service}`", step.id),
+                transient: false,
+            };
+        };
+        let log = self.log_path(index);
+        let result = self.health_context().and_then(|ctx| {
+            crate::health::steps::verify_service(
+                ctx,
+                self.project,
+                s,
+                started,
+                Some(started + self.timeout),
+                Some(&log),
+            )
+        });
+        match result {
+            Ok(detail) => Outcome::Done {
+                changed: false,
+                detail,
+            },
+            Err(e) => Outcome::Failed {
+                error: format!("{}: {}", step.id, scrub(&e, &self.redactions())),
+                transient: false,
+            },
+        }
+    }
+}
+
 impl Runner for StepExec<'_> {
     fn run(&self, index: usize, _attempt: u32) -> Outcome {
+        let started = std::time::Instant::now();
         let step = &self.plan.steps[index];
         if let Some(dir) = self.log_path(index).parent() {
             let _ = std::fs::create_dir_all(dir);
         }
         match step.phase {
+            Phase::TfInfra if self.project.infra == InfraBackend::ProxmoxApi => {
+                // The containers through the PVE API (src/proxmox); the project root is the
+                // directory holding `.nixmox/`.
+                let root = self
+                    .paths
+                    .build
+                    .parent()
+                    .and_then(Path::parent)
+                    .unwrap_or(Path::new("."));
+                let settings = crate::proxmox::step::StepSettings {
+                    parallel: self.project.deploy.parallel.max(1) as usize,
+                    timeout: self.timeout,
+                };
+                crate::proxmox::step::run_infra(
+                    self.project,
+                    root,
+                    &self.log_path(index),
+                    &settings,
+                    &self.redactions(),
+                )
+            }
             Phase::TfInfra | Phase::TfAuthCore | Phase::TfServiceInfra | Phase::TfServiceConfig => {
                 self.terraform(index, step.phase, step.service.as_deref())
             }
-            Phase::NixCore | Phase::NixCoreAuth | Phase::NixServiceConfig => match step.service.as_deref() {
-                Some(s) => self.deploy(index, s),
-                None => Outcome::Failed { error: format!("{}: no service", step.id), transient: false },
-            },
-            Phase::Verify => Outcome::Done {
-                changed: false,
-                detail: "deploy finished; health gates and end-to-end checks are not run by this version".into(),
+            Phase::NixCore | Phase::NixCoreAuth | Phase::NixServiceConfig => {
+                match step.service.as_deref() {
+                    // The health gate: the service's startup, then readiness checks, before its
+                    // dependents run.
+                    Some(s) => match self.deploy(index, s) {
+                        Outcome::Done { changed, detail } => {
+                            self.health_gate(index, s, started, changed, detail)
+                        }
+                        failed => failed,
+                    },
+                    None => Outcome::Failed {
+                        error: format!("{}: no service", step.id),
+                        transient: false,
+                    },
+                }
+            }
+            Phase::Verify => match step.service.as_deref() {
+                Some(s) => self.verify(index, s, started),
+                None => Outcome::Failed {
+                    error: format!("{}: no service", step.id),
+                    transient: false,
+                },
             },
         }
     }

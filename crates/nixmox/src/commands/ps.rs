@@ -1,0 +1,239 @@
+//! `nixmox ps`: one row per service: its host, vmid and address, the container's last known
+//! state, live health (every service's liveness and readiness checks at once, each bounded by
+//! `--timeout`), and its last deploy from the state store.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use nixmox_core::decode::parse_duration_ms;
+use nixmox_core::plan::Phase;
+use nixmox_core::Project;
+use serde_json::json;
+
+use super::config::select;
+use super::load_project;
+use crate::cli::PlanFormat;
+use crate::engine::Paths;
+use crate::error::{Error, Result};
+use crate::health::status::{self, Health, ServiceHealth};
+use crate::health::Context;
+use crate::output;
+use crate::state::{RunId, Store};
+
+/// How many past runs are searched for each service's last deploy.
+const RUNS_SEARCHED: usize = 500;
+
+/// A service's last deploy step (`nix:core:S`, `nix:core-auth:S` or `nix:service-config:S`)
+/// that ran (succeeded or failed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LastDeploy {
+    pub run: RunId,
+    pub step: String,
+    pub started_at: String,
+    /// `succeeded` or `failed`.
+    pub result: String,
+    pub error: Option<String>,
+}
+
+pub fn run(root: &Path, services: &[String], format: PlanFormat, timeout: &str) -> Result<()> {
+    let timeout = parse_duration_ms(timeout)
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis)
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "invalid --timeout `{timeout}`: use a duration like 5s or 500ms"
+            ))
+        })?;
+    let loaded = load_project(root)?;
+    let project = loaded
+        .project
+        .as_ref()
+        .expect("load_project returns a project");
+    select(project, services)?;
+    let paths = Paths::new(root, project);
+    let ctx = Context::for_project(
+        project,
+        &paths.ssh,
+        &paths.known_hosts,
+        &root.join(".nixmox/ca.pem"),
+    )
+    .map_err(Error::Usage)?;
+    // `ps` never creates the state database: none means nothing deployed yet.
+    let deploys = if paths.state_db.exists() {
+        last_deploys(&Store::open(&paths.state_db)?)?
+    } else {
+        BTreeMap::new()
+    };
+    let health = status::live(&ctx, project, services, timeout);
+    let text = match format {
+        PlanFormat::Json => json_text(project, &health, &deploys),
+        PlanFormat::Text => table(project, &health, &deploys),
+    };
+    output::data(&text)
+}
+
+/// Each service's last deploy that ran, newest runs first.
+pub fn last_deploys(store: &Store) -> Result<BTreeMap<String, LastDeploy>> {
+    let mut out: BTreeMap<String, LastDeploy> = BTreeMap::new();
+    for r in store.runs(RUNS_SEARCHED)? {
+        for row in store.step_results(r.id)? {
+            let Some((phase, Some(service))) = Phase::parse_step_id(&row.step_id) else {
+                continue;
+            };
+            if !matches!(
+                phase,
+                Phase::NixCore | Phase::NixCoreAuth | Phase::NixServiceConfig
+            ) || !matches!(row.status.as_str(), "succeeded" | "unchanged" | "failed")
+            {
+                continue;
+            }
+            let newer = out
+                .get(service)
+                .is_none_or(|d| d.run < r.id || (d.run == r.id && d.started_at < row.started_at));
+            if newer {
+                out.insert(
+                    service.to_string(),
+                    LastDeploy {
+                        run: r.id,
+                        step: row.step_id.clone(),
+                        started_at: row.started_at.clone(),
+                        result: if row.status == "failed" {
+                            "failed".into()
+                        } else {
+                            "succeeded".into()
+                        },
+                        error: row.error.clone(),
+                    },
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The container's last known state: what its last deploy says about it.
+fn state(d: Option<&LastDeploy>) -> &'static str {
+    match d.map(|d| d.result.as_str()) {
+        Some("succeeded") => "running",
+        Some(_) => "deploy failed",
+        None => "not deployed",
+    }
+}
+
+fn health_text(h: &ServiceHealth) -> String {
+    let ok = h.checks.iter().filter(|c| c.ok).count();
+    match h.health {
+        Health::NoChecks => "no checks".into(),
+        other => format!("{} ({ok}/{})", other.as_str(), h.checks.len()),
+    }
+}
+
+fn table(
+    project: &Project,
+    health: &[ServiceHealth],
+    deploys: &BTreeMap<String, LastDeploy>,
+) -> String {
+    let headers = [
+        "SERVICE",
+        "HOST",
+        "VMID",
+        "IP",
+        "STATE (LAST KNOWN)",
+        "HEALTH",
+        "LAST DEPLOY",
+    ];
+    let mut rows: Vec<[String; 7]> = Vec::new();
+    for h in health {
+        let Some(s) = project.service(&h.service) else {
+            continue;
+        };
+        let d = deploys.get(&h.service);
+        rows.push([
+            h.service.clone(),
+            s.host.hostname.to_string(),
+            s.host.vmid.to_string(),
+            s.host.ip.to_string(),
+            state(d).to_string(),
+            health_text(h),
+            d.map(|d| format!("{} {} (run {})", d.started_at, d.result, d.run))
+                .unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                l.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        l.trim_end().to_string() + "\n"
+    };
+    let mut out = line(headers.to_vec());
+    for r in &rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    let failures: Vec<String> = health
+        .iter()
+        .flat_map(|h| {
+            h.checks
+                .iter()
+                .filter(|c| !c.ok)
+                .map(move |c| format!("  {}: {}\n", h.service, c.detail))
+        })
+        .collect();
+    if !failures.is_empty() {
+        out.push_str("\nFailing checks:\n");
+        out.extend(failures);
+    }
+    out
+}
+
+fn json_text(
+    project: &Project,
+    health: &[ServiceHealth],
+    deploys: &BTreeMap<String, LastDeploy>,
+) -> String {
+    let services: Vec<serde_json::Value> = health
+        .iter()
+        .filter_map(|h| {
+            let s = project.service(&h.service)?;
+            let d = deploys.get(&h.service);
+            Some(json!({
+                "name": h.service,
+                "host": s.host.hostname.as_str(),
+                "vmid": s.host.vmid.get(),
+                "ip": s.host.ip.to_string(),
+                "state": state(d),
+                "state_source": "last known",
+                "health": h.health.as_str(),
+                "checks": h.checks.iter().map(|c| json!({
+                    "check": c.check,
+                    "target": c.target,
+                    "ok": c.ok,
+                    "detail": c.detail,
+                    "duration_ms": u64::try_from(c.duration.as_millis()).unwrap_or(u64::MAX),
+                })).collect::<Vec<_>>(),
+                "last_deploy": d.map(|d| json!({
+                    "run": d.run,
+                    "step": d.step,
+                    "started_at": d.started_at,
+                    "result": d.result,
+                    "error": d.error,
+                })),
+            }))
+        })
+        .collect();
+    let mut text = serde_json::to_string_pretty(&json!({"version": 1, "services": services}))
+        .unwrap_or_default();
+    text.push('\n');
+    text
+}

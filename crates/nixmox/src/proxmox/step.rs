@@ -1,0 +1,134 @@
+//! `tf:infra` for `infra.backend: proxmox-api`: converge the project's containers through
+//! the API, write what was done to the step's log, and tell the engine whether anything
+//! changed.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use nixmox_core::Project;
+
+use super::client::{Client, ClientOptions};
+use super::{connect, lifecycle, Settings};
+use crate::engine::runner::scrub;
+use crate::engine::scheduler::Outcome;
+
+/// How `tf:infra` runs the lifecycle.
+#[derive(Clone, Debug)]
+pub struct StepSettings {
+    /// Containers created or changed at once.
+    pub parallel: usize,
+    /// The step's own timeout; no single task is waited for longer.
+    pub timeout: Duration,
+}
+
+/// Runs the step: settings from the project and the environment, then `converge`.
+pub fn run_infra(
+    project: &Project,
+    root: &Path,
+    log: &Path,
+    step: &StepSettings,
+    redact: &[String],
+) -> Outcome {
+    let settings = match Settings::from_project(project, root) {
+        Ok(s) => s,
+        Err(e) => {
+            return Outcome::Failed {
+                error: format!("tf:infra: {e}"),
+                transient: false,
+            }
+        }
+    };
+    let mut secrets = redact.to_vec();
+    secrets.extend(settings.secrets());
+    let opts = ClientOptions {
+        task_timeout: step.timeout,
+        ..ClientOptions::default()
+    };
+    let client = match connect(&settings, opts) {
+        Ok(c) => c,
+        Err(e) => {
+            return Outcome::Failed {
+                error: format!("tf:infra: {}", scrub(&e.to_string(), &secrets)),
+                transient: false,
+            }
+        }
+    };
+    let warning = settings.tls.warning();
+    run_with(
+        &client,
+        project,
+        log,
+        step.parallel,
+        warning.as_deref(),
+        &secrets,
+    )
+}
+
+/// The step with a client already made (tests give their own).
+pub fn run_with(
+    client: &Client,
+    project: &Project,
+    log: &Path,
+    parallel: usize,
+    warning: Option<&str>,
+    secrets: &[String],
+) -> Outcome {
+    let mut lines = vec![format!(
+        "tf:infra: infra.backend proxmox-api at {}, {} container(s), up to {} at once",
+        client.endpoint(),
+        project.services.len(),
+        parallel.max(1)
+    )];
+    if let Some(w) = warning {
+        lines.push(format!("warning: {w}"));
+    }
+    let result = lifecycle::converge(client, project, parallel);
+    lines.push(String::new());
+    lines.extend(client.journal());
+    lines.push(String::new());
+    let report = match &result {
+        Ok(r) => r,
+        Err(e) => &e.report,
+    };
+    for n in &report.notes {
+        lines.push(format!("note: {n}"));
+    }
+    let outcome = match &result {
+        Ok(r) => {
+            lines.push(format!("result: {}", r.summary()));
+            let mut detail = r.summary();
+            if !r.notes.is_empty() {
+                detail.push_str(&format!("; {}", r.notes.join("; ")));
+            }
+            if let Some(w) = warning {
+                detail.push_str(&format!("; warning: {w}"));
+            }
+            Outcome::Done {
+                changed: r.writes > 0,
+                detail,
+            }
+        }
+        Err(e) => {
+            lines.push(format!("failed: {e}"));
+            Outcome::Failed {
+                error: format!("tf:infra: {e}"),
+                transient: e.transient,
+            }
+        }
+    };
+    let text = scrub(&(lines.join("\n") + "\n"), secrets);
+    if let Ok(mut f) = std::fs::File::create(log) {
+        let _ = f.write_all(text.as_bytes());
+    }
+    match outcome {
+        Outcome::Done { changed, detail } => Outcome::Done {
+            changed,
+            detail: scrub(&detail, secrets),
+        },
+        Outcome::Failed { error, transient } => Outcome::Failed {
+            error: scrub(&error, secrets),
+            transient,
+        },
+    }
+}

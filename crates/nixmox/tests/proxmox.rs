@@ -1,0 +1,878 @@
+//! The Proxmox VE driver against fakepve, a fake of the PVE 9 API that checks every parameter
+//! against PVE's own schema (installed by `scripts/install-tools fakepve`; AGPL, so it is only
+//! ever run, never vendored). Each test starts its own fake on its own loopback address through
+//! `tests/fixtures/fakepve/launch.py`, which registers an API token and lets the test inject
+//! faults. A missing fakepve fails the test with the command that installs it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nixmox::engine::scheduler::Outcome;
+use nixmox::proxmox::{
+    self, lifecycle, template, Api, Client, ClientOptions, Credentials, HttpApi, HttpOptions,
+    PveError, Retry, Secret, Settings,
+};
+use nixmox_core::model::{InfraBackend, SecretRef};
+use nixmox_core::Project;
+use serde_json::{json, Value};
+
+const TOKEN_ID: &str = "root@pam!nixmox";
+const TOKEN_SECRET: &str = "9f3c1a52-6b0e-4c1d-b7a8-0d2e6f4a8c11";
+const TEMPLATE: &str = "nixos-25.05-x86_64-linux.tar.xz";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// `fakepve-python`: `$NIXMOX_TOOLS/bin`, then the repository's `.tools/bin`.
+fn fakepve_python() -> PathBuf {
+    let mut places = Vec::new();
+    if let Some(t) = std::env::var_os("NIXMOX_TOOLS") {
+        places.push(PathBuf::from(t).join("bin/fakepve-python"));
+    }
+    places.push(repo().join(".tools/bin/fakepve-python"));
+    places
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "fakepve is required by this test and is not installed: run `scripts/install-tools fakepve` \
+                 (scripts/test does it)"
+            )
+        })
+}
+
+/// A running fakepve.
+struct Fake {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+    url: String,
+    ca: PathBuf,
+    /// SHA-256 of the certificate, lowercase hex.
+    fingerprint: String,
+    stderr: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Fake {
+    fn start(host: &str, extra: Value) -> Fake {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = json!({
+            "host": host,
+            "dir": dir.path(),
+            "tokens": {TOKEN_ID: TOKEN_SECRET},
+            "nodes": ["pve"],
+            "templates": [{"name": TEMPLATE, "size": 4096}],
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            cfg[k] = v.clone();
+        }
+        let stderr = dir.path().join("stderr.log");
+        let mut child = Command::new(fakepve_python())
+            .arg(repo().join("tests/fixtures/fakepve/launch.py"))
+            .arg(cfg.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("start fakepve-python");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let hello: Value = serde_json::from_str(&line).unwrap_or_else(|_| {
+            panic!(
+                "fakepve did not start: {}",
+                std::fs::read_to_string(&stderr).unwrap_or_default()
+            )
+        });
+        Fake {
+            stdin: child.stdin.take(),
+            child,
+            stdout,
+            url: hello["url"].as_str().unwrap().into(),
+            ca: hello["ca"].as_str().unwrap().into(),
+            fingerprint: hello["fingerprint"].as_str().unwrap().into(),
+            stderr,
+            _dir: dir,
+        }
+    }
+
+    fn cmd(&mut self, c: Value) -> Value {
+        let stdin = self.stdin.as_mut().unwrap();
+        writeln!(stdin, "{c}").unwrap();
+        stdin.flush().unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        let answer: Value = serde_json::from_str(&line).unwrap_or_else(|_| {
+            panic!(
+                "fakepve answered {line:?} to {c}: {}",
+                std::fs::read_to_string(&self.stderr).unwrap_or_default()
+            )
+        });
+        if let Some(e) = answer.get("error") {
+            panic!("fakepve: {c} failed: {e}");
+        }
+        answer["ok"].clone()
+    }
+
+    fn call(&mut self, method: &str, args: Value) -> Value {
+        self.cmd(json!({"cmd": "call", "method": method, "args": args}))
+    }
+
+    fn call_kw(&mut self, method: &str, args: Value, kwargs: Value) -> Value {
+        self.cmd(json!({"cmd": "call", "method": method, "args": args, "kwargs": kwargs}))
+    }
+
+    fn requests(&mut self) -> Vec<(String, String, String)> {
+        self.cmd(json!({"cmd": "requests"}))
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r[0].as_str().unwrap().to_string(),
+                    r[1].as_str().unwrap().to_string(),
+                    r[2].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// Requests other than GET.
+    fn writes(&mut self) -> Vec<(String, String, String)> {
+        self.requests()
+            .into_iter()
+            .filter(|(m, _, _)| m != "GET")
+            .collect()
+    }
+
+    fn clear_requests(&mut self) {
+        self.cmd(json!({"cmd": "clear_requests"}));
+    }
+
+    fn cts(&mut self) -> Vec<Value> {
+        self.cmd(json!({"cmd": "cts"})).as_array().unwrap().clone()
+    }
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        // Closing stdin stops it; kill in case it does not.
+        self.stdin.take();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The example project, pointed at the fake: its endpoint, its CA, the API token in a file.
+struct Lab {
+    fake: Fake,
+    project: Project,
+    root: tempfile::TempDir,
+}
+
+fn load_example() -> Project {
+    let root = repo().join("examples/homelab");
+    let read = nixmox::project_fs::read_project(&root).unwrap();
+    let exists = nixmox::project_fs::exists_in(&root);
+    let loaded = nixmox_core::load(&read.sources, &exists);
+    loaded.project.expect("the example project loads")
+}
+
+impl Lab {
+    fn new(host: &str) -> Lab {
+        Lab::with(host, json!({}))
+    }
+
+    fn with(host: &str, extra: Value) -> Lab {
+        let fake = Fake::start(host, extra);
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(
+            root.path().join("pve-token"),
+            format!("{TOKEN_ID}={TOKEN_SECRET}\n"),
+        )
+        .unwrap();
+        let mut project = load_example();
+        project.infra = InfraBackend::ProxmoxApi;
+        project.proxmox.endpoint = Some(fake.url.clone());
+        project.proxmox.token = SecretRef::File("pve-token".into());
+        project.proxmox.tls.ca_file = Some(fake.ca.to_string_lossy().into_owned());
+        Lab {
+            fake,
+            project,
+            root,
+        }
+    }
+
+    fn client_with(&self, opts: ClientOptions) -> Client {
+        let settings = Settings::from_project(&self.project, self.root.path()).unwrap();
+        proxmox::connect(&settings, opts).unwrap()
+    }
+
+    fn client(&self) -> Client {
+        self.client_with(quick())
+    }
+}
+
+fn quick() -> ClientOptions {
+    ClientOptions {
+        retry: Retry {
+            attempts: 4,
+            base: Duration::from_millis(20),
+            max: Duration::from_millis(200),
+        },
+        poll: Duration::from_millis(10),
+        poll_max: Duration::from_millis(100),
+        task_timeout: Duration::from_secs(60),
+    }
+}
+
+fn vmid_of(project: &Project, service: &str) -> u32 {
+    project.service(service).unwrap().host.vmid.get()
+}
+
+#[test]
+fn creates_the_example_from_scratch_and_a_rerun_sends_no_writes() {
+    let mut lab = Lab::new("127.0.0.21");
+    let client = lab.client();
+    let report = lifecycle::converge(&client, &lab.project, 4).unwrap();
+    let n = lab.project.services.len();
+    assert_eq!(report.created.len(), n, "{report:?}");
+    assert_eq!(report.started.len(), n);
+    assert!(report.updated.is_empty() && report.orphans.is_empty());
+    assert_eq!(
+        report.summary(),
+        format!("created {n}, updated 0, started {n}")
+    );
+
+    let cts = lab.fake.cts();
+    assert_eq!(cts.len(), n);
+    let dns = vmid_of(&lab.project, "dns");
+    let ct = cts.iter().find(|c| c["vmid"] == dns).unwrap();
+    assert_eq!(ct["status"], "running");
+    assert_eq!(ct["node"], "pve");
+    let cfg = &ct["config"];
+    assert_eq!(cfg["tags"], "core;homelab;nixmox");
+    assert_eq!(cfg["ostype"], "nixos");
+    assert_eq!(cfg["features"], "nesting=1");
+    assert_eq!(cfg["startup"], "order=1");
+    let net0 = cfg["net0"].as_str().unwrap();
+    for part in [
+        "name=eth0",
+        "bridge=vmbr0",
+        "ip=192.168.99.10/24",
+        "gw=192.168.99.1",
+        "tag=99",
+    ] {
+        assert!(net0.contains(part), "{net0}");
+    }
+    assert!(cfg["rootfs"].as_str().unwrap().starts_with("local-lvm:"));
+    let app = cts
+        .iter()
+        .find(|c| c["vmid"] == vmid_of(&lab.project, "nextcloud"))
+        .unwrap();
+    assert_eq!(app["config"]["tags"], "homelab;nixmox;service");
+    // Apps start after the core services they need.
+    assert_ne!(app["config"]["startup"], "order=1");
+
+    // Again, with nothing changed: reads only.
+    lab.fake.clear_requests();
+    let client = lab.client();
+    let report = lifecycle::converge(&client, &lab.project, 4).unwrap();
+    assert_eq!(report.writes, 0, "{report:?}");
+    assert_eq!(lab.fake.writes(), vec![]);
+    assert_eq!(report.summary(), format!("created 0, updated 0, started 0"));
+}
+
+#[test]
+fn a_changed_memory_updates_only_that_key_of_that_container() {
+    let mut lab = Lab::new("127.0.0.22");
+    lifecycle::converge(&lab.client(), &lab.project, 4).unwrap();
+    lab.fake.clear_requests();
+    let i = lab.project.index_of("vaultwarden").unwrap();
+    lab.project.services[i].host.resources.memory = 2048;
+    let vmid = lab.project.services[i].host.vmid.get();
+
+    let report = lifecycle::converge(&lab.client(), &lab.project, 4).unwrap();
+    assert_eq!(report.updated.len(), 1);
+    assert_eq!(report.updated[&vmid], vec!["memory".to_string()]);
+    // Memory is applied to a running container at once: no restart needed.
+    assert!(report.restart_needed.is_empty(), "{report:?}");
+    assert_eq!(
+        lab.fake.writes(),
+        vec![(
+            "PUT".to_string(),
+            format!("/api2/json/nodes/pve/lxc/{vmid}/config"),
+            "memory=2048".to_string()
+        )]
+    );
+    let ct = lab
+        .fake
+        .cts()
+        .into_iter()
+        .find(|c| c["vmid"] == vmid)
+        .unwrap();
+    assert_eq!(ct["config"]["memory"], 2048);
+}
+
+#[test]
+fn a_one_time_500_on_create_is_retried_without_a_duplicate() {
+    let mut lab = Lab::new("127.0.0.23");
+    lab.fake.call_kw(
+        "fail",
+        json!(["POST", "/nodes/pve/lxc", 500, "injected failure"]),
+        json!({"times": 1}),
+    );
+    let report = lifecycle::converge(&lab.client(), &lab.project, 4).unwrap();
+    let n = lab.project.services.len();
+    assert_eq!(report.created.len(), n);
+    let creates = lab
+        .fake
+        .writes()
+        .into_iter()
+        .filter(|(m, p, _)| m == "POST" && p == "/api2/json/nodes/pve/lxc")
+        .count();
+    assert_eq!(creates, n + 1, "one create sent twice");
+    let cts = lab.fake.cts();
+    assert_eq!(cts.len(), n);
+    let mut ids: Vec<u64> = cts.iter().map(|c| c["vmid"].as_u64().unwrap()).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), n);
+}
+
+#[test]
+fn a_flaky_network_still_converges() {
+    let mut lab = Lab::new("127.0.0.24");
+    lab.fake.call_kw(
+        "flaky_network",
+        json!([]),
+        json!({"drop_rate": 0.2, "seed": 7}),
+    );
+    let opts = ClientOptions {
+        retry: Retry {
+            attempts: 10,
+            base: Duration::from_millis(10),
+            max: Duration::from_millis(100),
+        },
+        ..quick()
+    };
+    let report = lifecycle::converge(&lab.client_with(opts.clone()), &lab.project, 4)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let n = lab.project.services.len();
+    assert_eq!(report.created.len(), n);
+    let dropped_some = lab.fake.requests().len();
+    assert!(dropped_some > 0);
+    let cts = lab.fake.cts();
+    assert_eq!(cts.len(), n);
+    assert!(cts
+        .iter()
+        .all(|c| c["status"] == "running" && c["lock"].is_null()));
+    // Still flaky, and still nothing to write.
+    lab.fake.clear_requests();
+    let report = lifecycle::converge(&lab.client_with(opts), &lab.project, 4).unwrap();
+    assert_eq!(report.writes, 0);
+    assert_eq!(lab.fake.writes(), vec![]);
+}
+
+#[test]
+fn a_held_config_lock_times_out_naming_the_container() {
+    let mut lab = Lab::new("127.0.0.25");
+    lifecycle::converge(&lab.client(), &lab.project, 4).unwrap();
+    let i = lab.project.index_of("postgresql").unwrap();
+    let vmid = lab.project.services[i].host.vmid.get();
+    lab.project.services[i].host.resources.cores += 1;
+    lab.fake.call("hold_config_lock", json!([vmid, null]));
+
+    let e = lifecycle::converge(&lab.client(), &lab.project, 4).unwrap_err();
+    let msg = e.to_string();
+    assert_eq!(e.failures.len(), 1, "{msg}");
+    assert!(
+        msg.starts_with(&format!("CT {vmid} (`postgresql`) on node pve: update config: its configuration stayed locked by another task")),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!(
+            "can't lock file '/run/lock/lxc/pve-config-{vmid}.lock' - got timeout"
+        )),
+        "{msg}"
+    );
+    assert!(msg.contains("gave up after 4 attempts"), "{msg}");
+
+    lab.fake.call("release_config_lock", json!([vmid]));
+    let report = lifecycle::converge(&lab.client(), &lab.project, 4).unwrap();
+    assert_eq!(report.updated[&vmid], vec!["cores".to_string()]);
+}
+
+#[test]
+fn lost_quorum_fails_with_pves_message_and_leaves_nothing_half_done() {
+    let mut lab = Lab::new("127.0.0.26");
+    lab.fake.call("lose_quorum", json!([]));
+    let log = lab.root.path().join("tf_infra.log");
+    let client = lab.client();
+    let outcome = proxmox::step::run_with(&client, &lab.project, &log, 4, None, &[]);
+    let Outcome::Failed { error, transient } = outcome else {
+        panic!("the step should fail")
+    };
+    assert!(!transient);
+    assert!(error.starts_with("tf:infra: "), "{error}");
+    let n = lab.project.services.len();
+    assert!(
+        error.starts_with(&format!(
+            "tf:infra: create failed for {n} containers on node pve (CT 900 `dns`, "
+        )),
+        "{error}"
+    );
+    assert!(
+        error.ends_with("POST /nodes/pve/lxc failed with HTTP 500: cluster not ready - no quorum? (gave up after 4 attempts)"),
+        "{error}"
+    );
+    // Nothing was created, nothing is locked; the log says what was tried.
+    assert_eq!(lab.fake.cts(), Vec::<Value>::new());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("no quorum"), "{text}");
+    assert!(text.contains("POST /nodes/pve/lxc"), "{text}");
+
+    lab.fake.call("regain_quorum", json!([]));
+    let report = lifecycle::converge(&lab.client(), &lab.project, 4).unwrap();
+    assert_eq!(report.created.len(), lab.project.services.len());
+}
+
+#[test]
+fn a_wrong_token_is_a_clear_authentication_error_without_the_token() {
+    let lab = Lab::new("127.0.0.27");
+    let wrong = "root@pam!nixmox=00000000-wrong-secret-0000";
+    std::fs::write(lab.root.path().join("pve-token"), wrong).unwrap();
+    let log = lab.root.path().join("tf_infra.log");
+    let outcome = proxmox::step::run_infra(
+        &lab.project,
+        lab.root.path(),
+        &log,
+        &proxmox::step::StepSettings {
+            parallel: 4,
+            timeout: Duration::from_secs(60),
+        },
+        &[],
+    );
+    let Outcome::Failed { error, .. } = outcome else {
+        panic!("the step should fail")
+    };
+    assert_eq!(
+        error,
+        format!(
+            "tf:infra: authentication to {} failed: PVE says \"authentication failure\"; check the API token in \
+             the file `pve-token` (proxmox.token): it must be `user@realm!tokenid=secret` of an existing, unexpired token",
+            lab.fake.url
+        )
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains("wrong-secret") && !error.contains("wrong-secret"),
+        "{text}"
+    );
+
+    // Not even a token: said plainly.
+    std::fs::remove_file(lab.root.path().join("pve-token")).unwrap();
+    let e = Settings::from_project(&lab.project, lab.root.path()).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("no Proxmox credentials: put an API token"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_untrusted_certificate_is_refused_unless_pinned_or_its_ca_configured() {
+    let mut lab = Lab::new("127.0.0.28");
+    // No CA, no pin: refused, and the message shows what to pin.
+    lab.project.proxmox.tls.ca_file = None;
+    let e = lab.client().version().unwrap_err();
+    let pretty = proxmox::tls::format_fingerprint(
+        &proxmox::tls::parse_fingerprint(&lab.fake.fingerprint).unwrap(),
+    );
+    let msg = e.to_string();
+    assert!(matches!(e, PveError::Tls(_)), "{msg}");
+    assert!(
+        msg.starts_with(&format!("refusing the TLS certificate of {}", lab.fake.url)),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!("Its SHA-256 fingerprint is {pretty}")),
+        "{msg}"
+    );
+    // Nothing reached the server but the handshake.
+    assert_eq!(lab.fake.requests(), vec![]);
+
+    // Pinned (with colons, as PVE shows it): accepted.
+    lab.project.proxmox.tls.fingerprint = Some(pretty.clone());
+    lab.client().version().unwrap();
+    // Pinned to another certificate: refused.
+    lab.project.proxmox.tls.fingerprint = Some("AB:".repeat(31) + "AB");
+    let e = lab.client().version().unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("not the one pinned in proxmox.tls.fingerprint"),
+        "{e}"
+    );
+    // Its CA configured: accepted.
+    lab.project.proxmox.tls.fingerprint = None;
+    lab.project.proxmox.tls.ca_file = Some(lab.fake.ca.to_string_lossy().into_owned());
+    lab.client().version().unwrap();
+    // insecure: accepted, with a warning for every run.
+    lab.project.proxmox.tls.ca_file = None;
+    lab.project.proxmox.tls.insecure = true;
+    let settings = Settings::from_project(&lab.project, lab.root.path()).unwrap();
+    assert!(settings
+        .tls
+        .warning()
+        .unwrap()
+        .contains("verification of the Proxmox API is OFF"));
+    proxmox::connect(&settings, quick())
+        .unwrap()
+        .version()
+        .unwrap();
+}
+
+#[test]
+fn a_failing_start_task_reports_pves_message_and_the_task_log() {
+    let mut lab = Lab::new("127.0.0.29");
+    let mut one = lab.project.clone();
+    one.services.retain(|s| s.name.as_str() == "dns");
+    one.edges.clear();
+    lab.project = one;
+    let vmid = vmid_of(&lab.project, "dns");
+    // Create it stopped, then make its start fail.
+    lab.project.services[0].host.start = false;
+    lifecycle::converge(&lab.client(), &lab.project, 1).unwrap();
+    lab.fake.cmd(json!({"cmd": "ct_set", "vmid": vmid, "attr": "start_error", "value": "startup for container '900' failed"}));
+    lab.project.services[0].host.start = true;
+    let e = lifecycle::converge(&lab.client(), &lab.project, 1).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("CT {vmid} (`dns`) on node pve: start: vzstart task on pve failed: startup for container '900' failed")
+    );
+}
+
+#[test]
+fn parameter_errors_show_every_field_in_pves_words() {
+    let lab = Lab::new("127.0.0.30");
+    let client = lab.client();
+    let e = client
+        .create_ct(
+            "pve",
+            950,
+            &[
+                ("ostemplate".into(), format!("local:vztmpl/{TEMPLATE}")),
+                ("memory".into(), "lots".into()),
+                ("cores".into(), "0".into()),
+            ],
+            &|_| true,
+        )
+        .unwrap_err();
+    let PveError::Params { fields, .. } = &e else {
+        panic!("{e}")
+    };
+    assert_eq!(
+        fields["memory"],
+        "type check ('integer') failed - got 'lots'"
+    );
+    assert!(fields.contains_key("cores"), "{fields:?}");
+    assert!(
+        e.to_string()
+            .starts_with("PVE rejected the parameters of POST /nodes/pve/lxc"),
+        "{e}"
+    );
+}
+
+#[test]
+fn containers_without_the_projects_tags_are_never_touched() {
+    let mut lab = Lab::new("127.0.0.31");
+    let dns = vmid_of(&lab.project, "dns");
+    // Someone else's container on the vmid the project wants, and one elsewhere.
+    lab.fake.call_kw(
+        "add_ct",
+        json!([dns, "someone-elses"]),
+        json!({"node": "pve", "status": "running", "config": {"tags": "prod"}}),
+    );
+    lab.fake.call_kw(
+        "add_ct",
+        json!([990, "unrelated"]),
+        json!({"node": "pve", "config": {"tags": "homelab"}}),
+    );
+    // An orphan: the project's, but no host of it any more.
+    lab.fake.call_kw(
+        "add_ct",
+        json!([991, "old-app"]),
+        json!({"node": "pve", "config": {"tags": "homelab;nixmox;service"}}),
+    );
+    let e = lifecycle::converge(&lab.client(), &lab.project, 4).unwrap_err();
+    assert_eq!(e.failures.len(), 1);
+    assert!(
+        e.failures[0].starts_with(&format!(
+            "vmid {dns} of `dns` is taken by CT {dns} (`someone-elses`)"
+        )),
+        "{e}"
+    );
+    assert_eq!(e.report.created.len(), lab.project.services.len() - 1);
+    assert_eq!(
+        e.report.orphans.iter().map(|g| g.vmid).collect::<Vec<_>>(),
+        vec![991]
+    );
+    let touched: Vec<String> = lab
+        .fake
+        .writes()
+        .into_iter()
+        .map(|(_, p, _)| p)
+        .filter(|p| p.contains(&format!("/{dns}")) || p.contains("/990") || p.contains("/991"))
+        .collect();
+    assert_eq!(touched, Vec::<String>::new());
+
+    // Orphans go only when asked, and only the project's.
+    let removed = lifecycle::remove_orphans(&lab.client(), &lab.project, 4).unwrap();
+    assert_eq!(removed.destroyed, vec![991]);
+    let left: Vec<u64> = lab
+        .fake
+        .cts()
+        .iter()
+        .map(|c| c["vmid"].as_u64().unwrap())
+        .collect();
+    assert!(left.contains(&u64::from(dns)) && left.contains(&990) && !left.contains(&991));
+    // `down` takes the project's containers, not the others.
+    let downed = lifecycle::down(&lab.client(), &lab.project, 4).unwrap();
+    assert_eq!(downed.destroyed.len(), lab.project.services.len() - 1);
+    let mut left: Vec<u64> = lab
+        .fake
+        .cts()
+        .iter()
+        .map(|c| c["vmid"].as_u64().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(left, vec![u64::from(dns), 990]);
+}
+
+#[test]
+fn ticket_login_with_csrf_and_a_new_ticket_when_it_is_revoked() {
+    let mut lab = Lab::new("127.0.0.32");
+    let api = HttpApi::new(
+        &lab.fake.url,
+        Credentials::Password {
+            user: "root@pam".into(),
+            password: Secret::new("secret"),
+        },
+        &proxmox::TlsSettings {
+            ca_file: Some(lab.fake.ca.clone()),
+            ..Default::default()
+        },
+        &HttpOptions::default(),
+    )
+    .unwrap();
+    let api: Arc<dyn Api> = Arc::new(api);
+    let client = Client::new(api.clone(), quick());
+    let mut one = lab.project.clone();
+    one.services.retain(|s| s.name.as_str() == "dns");
+    one.edges.clear();
+    let report = lifecycle::converge(&client, &one, 1).unwrap();
+    assert_eq!(report.created.len(), 1);
+    lab.fake.call("revoke_tickets", json!([]));
+    client.version().unwrap();
+    let logins = lab
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|(_, p, _)| p == "/api2/json/access/ticket")
+        .collect::<Vec<_>>();
+    assert_eq!(logins.len(), 2);
+    assert!(logins
+        .iter()
+        .all(|(_, _, body)| body.contains("password=***")));
+}
+
+#[test]
+fn template_upload_and_list() {
+    let lab = Lab::new("127.0.0.33");
+    let client = lab.client();
+    let (storage, name) = template::template_location(&lab.project).unwrap();
+    assert_eq!((storage.as_str(), name.as_str()), ("local", TEMPLATE));
+    let file = lab.root.path().join("nixos-test-x86_64-linux.tar.xz");
+    std::fs::write(&file, vec![7u8; 100_000]).unwrap();
+    let sent = template::upload(&client, "pve", &storage, &file, false).unwrap();
+    assert_eq!(
+        sent,
+        template::Uploaded::Sent("local:vztmpl/nixos-test-x86_64-linux.tar.xz".into())
+    );
+    let list = template::list(&client, "pve", &storage).unwrap();
+    let ids: Vec<&str> = list.iter().map(|v| v.volid.as_str()).collect();
+    assert_eq!(
+        ids,
+        vec![
+            "local:vztmpl/nixos-25.05-x86_64-linux.tar.xz",
+            "local:vztmpl/nixos-test-x86_64-linux.tar.xz"
+        ]
+    );
+    assert_eq!(list[1].size, 100_000);
+    let again = template::upload(&client, "pve", &storage, &file, false).unwrap();
+    assert!(matches!(again, template::Uploaded::AlreadyThere(_)));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+/// The example on disk, rewritten for the fake: proxmox-api backend, the fake's endpoint and
+/// CA, the token in a file, the test deployer.
+fn example_dir(fake: &Fake, dir: &Path) {
+    copy_dir(&repo().join("examples/homelab"), dir);
+    let path = dir.join("nixmox.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let replace = |text: String, from: &str, to: &str| {
+        assert!(
+            text.contains(from),
+            "the example's nixmox.yaml has no `{from}`"
+        );
+        text.replace(from, to)
+    };
+    let text = replace(
+        text,
+        "endpoint: https://pve.nixmox.lan:8006",
+        &format!(
+            "endpoint: {}\n  tls: {{ ca_file: {} }}",
+            fake.url,
+            fake.ca.display()
+        ),
+    );
+    let text = replace(
+        text,
+        "token: { env: PROXMOX_API_TOKEN }",
+        "token: { file: pve-token }",
+    );
+    let text = replace(text, "backend: terraform", "backend: proxmox-api");
+    let text = replace(
+        text,
+        "deployer: nixos-rebuild",
+        r#"deployer: { command: ["deploy-test", "{host}", "{ip}", "{flake}"], rollback: ["rollback-test", "{host}"] }"#,
+    );
+    std::fs::write(&path, text).unwrap();
+    std::fs::write(
+        dir.join("pve-token"),
+        format!("{TOKEN_ID}={TOKEN_SECRET}\n"),
+    )
+    .unwrap();
+}
+
+fn nixmox(dir: &Path, args: &[&str]) -> std::process::Output {
+    let path = format!(
+        "{}:{}",
+        repo().join("tests/fixtures/bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    Command::new(env!("CARGO_BIN_EXE_nixmox"))
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("PATH", path)
+        .env("NO_COLOR", "1")
+        // The deploy fails at once: this test is about tf:infra, and a deployed host would be
+        // health-checked at its manifest address, which is nobody's here.
+        .env("DEPLOY_FAIL_HOST", "dns")
+        .env_remove("PROXMOX_API_TOKEN")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn up_runs_tf_infra_through_the_api_and_template_commands_work() {
+    let mut fake = Fake::start("127.0.0.34", json!({}));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("homelab");
+    example_dir(&fake, &dir);
+
+    let out = nixmox(&dir, &["up", "dns", "--no-deps"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("done   tf:infra changed in")
+            && stderr.contains(": created 9, updated 0, started 9"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("FAILED nix:core:dns"), "{stderr}");
+    assert_eq!(fake.cts().len(), 9);
+    let logs = dir.join(".nixmox/logs");
+    let run = std::fs::read_dir(&logs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let log = std::fs::read_to_string(run.join("tf_infra.log")).unwrap();
+    assert!(
+        log.contains("result: created 9, updated 0, started 9"),
+        "{log}"
+    );
+    assert!(!log.contains(TOKEN_SECRET), "{log}");
+
+    // Forced again: reads only.
+    fake.clear_requests();
+    let out = nixmox(
+        &dir,
+        &["up", "dns", "--no-deps", "--force-step", "tf:infra"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("done   tf:infra unchanged in")
+            && stderr.contains(": created 0, updated 0, started 0"),
+        "{stderr}"
+    );
+    assert_eq!(fake.writes(), vec![]);
+
+    // Templates.
+    let out = nixmox(&dir, &["template", "list"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("* local:vztmpl/{TEMPLATE}")),
+        "{stdout}"
+    );
+    let file = tmp.path().join("nixos-26.05-x86_64-linux.tar.xz");
+    std::fs::write(&file, b"not really a template").unwrap();
+    let out = nixmox(&dir, &["template", "upload", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "local:vztmpl/nixos-26.05-x86_64-linux.tar.xz\n"
+    );
+    let out = nixmox(&dir, &["template", "list", "--format", "json"]);
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["version"], 1);
+    assert_eq!(doc["templates"].as_array().unwrap().len(), 2);
+    assert_eq!(doc["templates"][0]["configured"], true);
+}
