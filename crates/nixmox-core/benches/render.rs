@@ -15,8 +15,8 @@
 //!
 //! Run: `cargo bench -p nixmox-core --bench render` (`NIXMOX_BENCH_SIZES=...` for other
 //! in-memory sizes, `NIXMOX_BENCH_WRITE_SIZES=...` for the written ones, `NIXMOX_BENCH_TMP=DIR`
-//! to write into DIR only). Without `--bench` (as
-//! under `cargo test --all-targets`) it only renders a small project once.
+//! to write into DIR only). Without `--bench` (as under `cargo test --all-targets`) it only
+//! renders a small project once.
 
 mod common;
 

@@ -8,7 +8,6 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
-use std::fmt::Write as _;
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -263,13 +262,36 @@ pub fn startup_order(p: &Project) -> Vec<u32> {
     depth.into_iter().map(|d| d + 1).collect()
 }
 
-fn hash_str(s: &str) -> String {
-    let digest = Sha256::digest(s.as_bytes());
+fn hex(digest: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(64);
-    for b in digest {
-        let _ = write!(out, "{b:02x}");
+    for &b in digest {
+        out.push(HEX[(b >> 4) as usize] as char);
+        out.push(HEX[(b & 15) as usize] as char);
     }
     out
+}
+
+/// The SHA-256 of a value's compact JSON text (the same bytes as `value.to_string()`), without
+/// building the text.
+fn hash_value(value: &Value) -> String {
+    struct W(Sha256);
+    impl std::io::Write for W {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.update(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut w = W(Sha256::new());
+    serde_json::to_writer(&mut w, value).expect("hashing never fails");
+    hex(&w.0.finalize())
+}
+
+fn hash_str(s: &str) -> String {
+    hex(&Sha256::digest(s.as_bytes()))
 }
 
 /// Builds a step's named input parts and hashes them.
@@ -280,7 +302,7 @@ impl Parts {
         Parts(BTreeMap::new())
     }
     fn add(&mut self, key: impl Into<String>, value: &Value) {
-        self.0.insert(key.into(), hash_str(&value.to_string()));
+        self.0.insert(key.into(), hash_value(value));
     }
     fn add_hash(&mut self, key: impl Into<String>, hash: &str) {
         self.0.insert(key.into(), hash.to_string());
@@ -293,11 +315,7 @@ impl Parts {
             h.update(v.as_bytes());
             h.update([0]);
         }
-        let mut out = String::with_capacity(64);
-        for b in h.finalize() {
-            let _ = write!(out, "{b:02x}");
-        }
-        out
+        hex(&h.finalize())
     }
 }
 
@@ -652,9 +670,11 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
             .filter(|d| d.mode == crate::model::DbMode::Terraform)
             .map(|d| d.database.as_str())
             .collect();
+        let own = ctx.own(s);
+        let own_hash = hash_value(&own);
         let mut parts = Parts::new();
         parts.add("terraform", &tf_json(&ctx, &infra_tf));
-        parts.add("auth", &ctx.own(s)["auth"]);
+        parts.add("auth", &own["auth"]);
         parts.add("db-terraform", &json!(tf_dbs));
         parts.add_hash("providers", &ctx.facts_hash);
         let mut what = Vec::new();
@@ -686,7 +706,7 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
         // nix:service-config
         let mut parts = Parts::new();
         parts.add_hash("base", &ctx.base_hash);
-        parts.add("self", &ctx.own(s));
+        parts.add_hash("self", &own_hash);
         parts.add_hash("providers", &ctx.facts_hash);
         let description = format!("deploy {} ({})", s.host.hostname, s.host.ip);
         let b = push(
@@ -735,7 +755,7 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
             "readiness": h.readiness.iter().map(config_out::check).collect::<Vec<_>>(),
             "timing": [h.timing.interval_ms, h.timing.timeout_ms, h.timing.retries, h.timing.start_period_ms],
         }));
-        parts.add("wiring", &ctx.own(s));
+        parts.add_hash("wiring", &own_hash);
         parts.add_hash("providers", &ctx.facts_hash);
         let checks = h.startup.len() + h.liveness.len() + h.readiness.len();
         let mut wiring = Vec::new();

@@ -17,7 +17,7 @@
 //! cost with a plan per workspace.
 //!
 //! Run: `cargo bench -p nixmox --bench engine` (`NIXMOX_BENCH_ONLY=scheduling` or `=noop` for
-//! one half). Without `--bench` (as under `cargo test --all-targets`) it only schedules a
+//! one half; `NIXMOX_BENCH_KEEP=1` keeps the prepared example in the temporary directory). Without `--bench` (as under `cargo test --all-targets`) it only schedules a
 //! small DAG once.
 
 use std::collections::BTreeSet;
@@ -493,7 +493,15 @@ fn noop_up() {
         return;
     }
     let tmp = tempfile::tempdir().expect("a temporary directory");
-    let root = tmp.path().join("homelab");
+    // NIXMOX_BENCH_KEEP=1 keeps the prepared example (e.g. to profile `nixmox up` on it).
+    let (tmp, _guard) = if std::env::var_os("NIXMOX_BENCH_KEEP").is_some() {
+        let kept = tmp.keep();
+        eprintln!("kept {}", kept.display());
+        (kept, None)
+    } else {
+        (tmp.path().to_path_buf(), Some(tmp))
+    };
+    let root = tmp.join("homelab");
     let (steps, workspaces) = match fabricate_state(&bin, &root) {
         Ok(x) => x,
         Err(e) => {
@@ -515,8 +523,8 @@ fn noop_up() {
         }
     };
     let nothing_ran = last_run_ran_nothing(&root);
-    let children = count_children(&bin, &root, tmp.path());
-    let reference = terraform_plan(&bin, tmp.path(), 5);
+    let children = count_children(&bin, &root, &tmp);
+    let reference = terraform_plan(&bin, &tmp, 5);
 
     println!();
     println!("| what | runs | median (ms) | best (ms) |");

@@ -201,6 +201,11 @@ pub fn write_tree(
     out: &Path,
     rendered: &nixmox_core::render::Rendered,
 ) -> Result<usize> {
+    // Reading is far cheaper than writing: when the tree on disk is already exactly what would
+    // be written (a no-op `up`), leave it alone.
+    if let Some(copied) = tree_matches(root, out, rendered) {
+        return Ok(copied);
+    }
     let parent = out.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(|source| Error::Write {
         path: parent.to_path_buf(),
@@ -295,5 +300,70 @@ fn copy_path(from: &Path, to: &Path) -> Result<usize> {
             source,
         })?;
         Ok(1)
+    }
+}
+
+/// `Some(number of copied files)` when `out` holds exactly the rendered files and copies, byte
+/// for byte, and nothing else.
+fn tree_matches(
+    root: &Path,
+    out: &Path,
+    rendered: &nixmox_core::render::Rendered,
+) -> Option<usize> {
+    let mut expected: std::collections::BTreeMap<PathBuf, Vec<u8>> =
+        std::collections::BTreeMap::new();
+    for f in &rendered.files {
+        expected.insert(PathBuf::from(&f.path), f.contents.as_bytes().to_vec());
+    }
+    let mut copied = 0;
+    for c in &rendered.copies {
+        let from = root.join(&c.from);
+        if !from.exists() {
+            continue;
+        }
+        let mut files = Vec::new();
+        list_files(&from, Path::new(""), &mut files);
+        for rel in files {
+            let bytes = fs::read(from.join(&rel)).ok()?;
+            let to = if rel.as_os_str().is_empty() {
+                PathBuf::from(&c.to)
+            } else {
+                Path::new(&c.to).join(&rel)
+            };
+            expected.insert(to, bytes);
+            copied += 1;
+        }
+    }
+    let mut present = Vec::new();
+    list_files(out, Path::new(""), &mut present);
+    if present.len() != expected.len() {
+        return None;
+    }
+    for rel in present {
+        let want = expected.get(&rel)?;
+        if fs::read(out.join(&rel)).ok()? != *want {
+            return None;
+        }
+    }
+    Some(copied)
+}
+
+/// Files under `path` (relative to it; `path` itself as "" when it is a file), skipping what
+/// copies skip.
+fn list_files(path: &Path, rel: &Path, out: &mut Vec<PathBuf>) {
+    if path.is_dir() {
+        let Ok(rd) = fs::read_dir(path) else { return };
+        for e in rd.filter_map(|e| e.ok()) {
+            let name = e.file_name();
+            if name
+                .to_str()
+                .is_some_and(|n| n == ".terraform" || n.starts_with("terraform.tfstate"))
+            {
+                continue;
+            }
+            list_files(&e.path(), &rel.join(&name), out);
+        }
+    } else if path.is_file() {
+        out.push(rel.to_path_buf());
     }
 }

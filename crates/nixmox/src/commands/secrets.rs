@@ -232,6 +232,8 @@ fn rotate(root: &Path, service: &str, name: Option<&str>, no_deploy: bool) -> Re
             fail_fast: false,
             timeout: "30m".into(),
             json: false,
+            no_rollback: false,
+            rollback_core: false,
         },
     )
 }
