@@ -95,6 +95,12 @@ pub enum Command {
         /// Progress as text (live on a terminal) or JSON lines
         #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
         format: PlanFormat,
+        /// Leave a service whose health gate fails as deployed (no rollback), to debug it
+        #[arg(long)]
+        no_rollback: bool,
+        /// Also roll back core hosts (`nix:core:*`) whose health gate fails
+        #[arg(long, conflicts_with = "no_rollback")]
+        rollback_core: bool,
     },
     /// List past runs, newest first
     History {
@@ -115,6 +121,25 @@ pub enum Command {
         /// Longest a single health check may take, like `5s` or `500ms`
         #[arg(long, value_name = "DURATION", default_value = "5s")]
         timeout: String,
+    },
+    /// Compare the Terraform state and the hosts' running systems with what NixMox last applied
+    /// (exit 2 when anything drifted)
+    Drift {
+        /// Output format
+        #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
+        format: PlanFormat,
+    },
+    /// Remove services (all if none named): their Terraform resources, their entries in the
+    /// providers' configurations, their containers
+    Down {
+        /// The services to remove (consumers must be removed with their providers)
+        services: Vec<String>,
+        /// Keep the containers
+        #[arg(long)]
+        keep_host: bool,
+        /// Print what to drop on the database host (NixMox never deletes data: docs/engine.md)
+        #[arg(long)]
+        purge_data: bool,
     },
     /// Print the last log of a step
     Logs {

@@ -500,3 +500,64 @@ fn a_configured_backend_keeps_each_workspace_state_where_it_says() {
         lab.invocations()
     );
 }
+
+#[test]
+fn an_unhealthy_deploy_is_rolled_back_and_the_run_fails() {
+    let lab = Lab::new();
+    let out = lab.run(&["up"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    // app: a changed variable (its Terraform step runs again) and a startup check that fails.
+    let manifest = lab.project.join("services/app/manifest.yaml");
+    let m = std::fs::read_to_string(&manifest).unwrap();
+    let changed = m.replace("size: 3", "size: 4").replace(
+        "startup: \"test -e /etc/hostname\"",
+        "startup: \"false\"\n    retries: 1\n    interval: 1s",
+    );
+    assert_ne!(m, changed);
+    std::fs::write(&manifest, changed).unwrap();
+
+    lab.clear();
+    let out = lab.run(&["up"], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let calls = lab.invocations();
+    let rollback = calls
+        .iter()
+        .position(|c| c.starts_with("rollback app "))
+        .unwrap_or_else(|| panic!("rollback-test not run for app: {calls:?}"));
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.starts_with("rollback ") && !c.starts_with("rollback app ")),
+        "only app is rolled back: {calls:?}"
+    );
+    assert!(
+        calls[rollback..].iter().any(|c| c == "terraform apply"),
+        "the app's Terraform step is re-applied from its recorded inputs: {calls:?}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ROLLED BACK nix:service-config:app") && err.contains("rolled back:"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(lab.history()["runs"][0]["result"], "rolled_back");
+    // The restored step is recorded at its previous inputs: the next run applies the new ones.
+    let dry = lab.run(&["up", "--dry-run"], &[]);
+    let plan = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        plan.lines()
+            .any(|l| l.contains("run") && l.contains("tf:service-infra:app")),
+        "{}",
+        text(&dry)
+    );
+
+    lab.clear();
+    let out = lab.run(&["up", "--no-rollback"], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let calls = lab.invocations();
+    assert!(
+        !calls.iter().any(|c| c.starts_with("rollback ")),
+        "--no-rollback: {calls:?}"
+    );
+    assert_eq!(lab.history()["runs"][0]["result"], "failed");
+}

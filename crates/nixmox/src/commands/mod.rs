@@ -1,6 +1,8 @@
 //! One module per command; `run` dispatches.
 
 mod config;
+mod down;
+mod drift;
 mod graph;
 mod history;
 mod init;
@@ -46,6 +48,8 @@ pub fn run(cli: Cli) -> Result<()> {
             fail_fast,
             timeout,
             format,
+            no_rollback,
+            rollback_core,
         } => up::run(
             root,
             up::Args {
@@ -58,6 +62,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 fail_fast,
                 timeout,
                 json: format == crate::cli::PlanFormat::Json,
+                no_rollback,
+                rollback_core,
             },
         ),
         Command::History { limit, format } => history::history(root, limit, format),
@@ -66,6 +72,19 @@ pub fn run(cli: Cli) -> Result<()> {
             format,
             timeout,
         } => ps::run(root, &services, format, &timeout),
+        Command::Drift { format } => drift::run(root, format),
+        Command::Down {
+            services,
+            keep_host,
+            purge_data,
+        } => down::run(
+            root,
+            down::Args {
+                services,
+                keep_host,
+                purge_data,
+            },
+        ),
         Command::Logs { step } => history::logs(root, &step),
         Command::Unlock => history::unlock(root),
         Command::Schema { kind, out } => schema::run(kind, out.as_deref()),

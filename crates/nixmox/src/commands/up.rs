@@ -25,6 +25,8 @@ pub struct Args {
     pub fail_fast: bool,
     pub timeout: String,
     pub json: bool,
+    pub no_rollback: bool,
+    pub rollback_core: bool,
 }
 
 pub fn run(root: &Path, args: Args) -> Result<()> {
@@ -55,6 +57,8 @@ pub fn run(root: &Path, args: Args) -> Result<()> {
         fail_fast: args.fail_fast,
         timeout,
         args: std::env::args().skip(1).collect(),
+        rollback: !args.no_rollback,
+        rollback_core: args.rollback_core && !args.no_rollback,
     };
     let paths = Paths::new(root, project);
     if args.dry_run {

@@ -46,6 +46,12 @@ pub enum Event {
         detail: String,
         error: Option<String>,
     },
+    /// A failed health gate was undone: the host back on its previous generation, the
+    /// service's Terraform steps re-applied from their last successful inputs.
+    RolledBack {
+        step: String,
+        detail: String,
+    },
     RunFinished {
         run: i64,
         result: String,
@@ -100,6 +106,7 @@ fn describe(e: &Event) -> String {
                 None => format!("done   {step} {status} in {secs:.1}s: {detail}"),
             }
         }
+        Event::RolledBack { step, detail } => format!("ROLLED BACK {step}: {detail}"),
         Event::RunFinished { run, result, succeeded, failed, skipped, duration_ms } => format!(
             "run {run} {result} in {:.1}s: {succeeded} succeeded, {failed} failed, {skipped} skipped",
             *duration_ms as f64 / 1000.0
@@ -227,7 +234,7 @@ impl Reporter for Live {
         }
         let text = describe(e);
         let text = if self.colour {
-            if text.starts_with("FAILED") {
+            if text.starts_with("FAILED") || text.starts_with("ROLLED BACK") {
                 format!("\x1b[31m{text}\x1b[0m")
             } else if text.starts_with("done") {
                 format!("\x1b[32m{text}\x1b[0m")

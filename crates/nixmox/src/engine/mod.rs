@@ -68,6 +68,10 @@ pub struct UpOptions {
     pub fail_fast: bool,
     pub timeout: Duration,
     pub args: Vec<String>,
+    /// Roll back a service whose health gate fails after its deploy (`--no-rollback` off).
+    pub rollback: bool,
+    /// Also roll back core hosts (`--rollback-core`).
+    pub rollback_core: bool,
 }
 
 /// What `up` ended with.
@@ -245,7 +249,10 @@ fn run_locked(
         parallel: opts.parallel,
     });
     let run_logs = paths.logs.join(run.to_string());
-    let exec = StepExec::new(project, &plan, paths, &run_logs, opts.timeout).with_secrets(vault);
+    let exec = StepExec::new(project, &plan, paths, &run_logs, opts.timeout)
+        .with_secrets(vault)
+        .with_rollback(rollback_settings(opts, &plan, &record, store)?);
+    let mut rolled_back = 0usize;
     let sched = scheduler::Options {
         parallel: opts.parallel.max(1),
         fail_fast: opts.fail_fast,
@@ -375,6 +382,36 @@ fn run_locked(
             if let Err(e) = store.step_finished(run, &fin) {
                 store_error.get_or_insert(Error::State(e));
             }
+            if let Some(rb) = exec.take_rolled_back(index) {
+                // The re-applied Terraform steps are recorded as they now are: at their
+                // previous inputs, so the next run applies the new ones again.
+                for r in rb.restored {
+                    let fin = StepFinish {
+                        step_id: r.step_id,
+                        input_hash: r.record.hash,
+                        parts: r.record.parts,
+                        status: StepStatus::Succeeded,
+                        duration_ms: r.record.duration_ms.unwrap_or(0),
+                        error: None,
+                        outputs: r.outputs,
+                        rendered: Some(r.rendered),
+                    };
+                    if let Err(e) = store.step_finished(run, &fin) {
+                        store_error.get_or_insert(Error::State(e));
+                    }
+                }
+                if rb.any {
+                    rolled_back += 1;
+                    reporter.event(&Event::RolledBack {
+                        step: step.id.clone(),
+                        detail: rb.detail,
+                    });
+                } else {
+                    reporter.event(&Event::Warning {
+                        message: format!("{}: rollback restored nothing: {}", step.id, rb.detail),
+                    });
+                }
+            }
             if matches!(outcome, Final::Succeeded { .. } | Final::Failed { .. }) {
                 reporter.event(&Event::StepFinished {
                     step: step.id.clone(),
@@ -405,6 +442,8 @@ fn run_locked(
     let skipped = finals.len() - succeeded - failed;
     let (result, word) = if interrupted {
         (RunResult::Interrupted, "interrupted")
+    } else if rolled_back > 0 {
+        (RunResult::RolledBack, "rolled back")
     } else if failed > 0 || finals.iter().any(|f| !f.ok()) {
         (RunResult::Failed, "failed")
     } else {
@@ -457,6 +496,38 @@ fn run_locked(
         }
     } else {
         UpResult::Success
+    })
+}
+
+/// What a rollback may restore: the record and rendered inputs of each of the plan's
+/// service Terraform steps as the store holds them before this run changes them.
+fn rollback_settings(
+    opts: &UpOptions,
+    plan: &Plan,
+    record: &nixmox_core::record::Record,
+    store: &Store,
+) -> Result<runner::Rollback> {
+    let mut previous = BTreeMap::new();
+    if opts.rollback || opts.rollback_core {
+        for step in &plan.steps {
+            if !matches!(
+                step.phase,
+                plan::Phase::TfServiceInfra | plan::Phase::TfServiceConfig
+            ) {
+                continue;
+            }
+            let Some(rec) = record.get(&step.id) else {
+                continue;
+            };
+            if let Some(files) = store.rendered_inputs(&step.id).map_err(Error::State)? {
+                previous.insert(step.id.clone(), (rec.clone(), files));
+            }
+        }
+    }
+    Ok(runner::Rollback {
+        services: opts.rollback,
+        core: opts.rollback_core,
+        previous,
     })
 }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 use nixmox_core::deploy;
 use nixmox_core::model::{Deployer, InfraBackend, SecretRef};
 use nixmox_core::plan::{Phase, Plan};
+use nixmox_core::record::StepRecord;
 use nixmox_core::Project;
 
 use super::scheduler::{Outcome, Runner};
@@ -39,6 +40,42 @@ pub struct StepExec<'a> {
     health: std::sync::OnceLock<Result<crate::health::Context, String>>,
     /// The secrets files (src/secrets), when the run manages them.
     secrets: Option<SecretsHook>,
+    /// When and to what a failed health gate is rolled back.
+    rollback: Option<Rollback>,
+    /// Steps whose Terraform apply succeeded in this run.
+    tf_ran: Mutex<std::collections::BTreeSet<usize>>,
+    /// What each rolled-back step restored, for the main thread to record.
+    rolled_back: Mutex<BTreeMap<usize, RolledBack>>,
+}
+
+/// Rollback settings of a run, with what the store recorded before it started.
+#[derive(Default)]
+pub struct Rollback {
+    /// Roll back `nix:service-config:*` steps whose health gate fails.
+    pub services: bool,
+    /// Also `nix:core:*` / `nix:core-auth:*` steps.
+    pub core: bool,
+    /// Per Terraform step id: its record and rendered inputs as of the last successful run
+    /// before this one.
+    pub previous: BTreeMap<String, (StepRecord, BTreeMap<String, Vec<u8>>)>,
+}
+
+/// What a rollback did.
+pub struct RolledBack {
+    /// For the user: what was restored (and what could not be).
+    pub detail: String,
+    /// Terraform steps re-applied from their previous inputs: the record to restore and the
+    /// outputs of the re-apply.
+    pub restored: Vec<Restored>,
+    /// Whether anything was actually restored.
+    pub any: bool,
+}
+
+pub struct Restored {
+    pub step_id: String,
+    pub record: StepRecord,
+    pub rendered: BTreeMap<String, Vec<u8>>,
+    pub outputs: Vec<OutputValue>,
 }
 
 /// The vault shared by the step threads, and the secrets-file hash each deploy used.
@@ -69,7 +106,24 @@ impl<'a> StepExec<'a> {
             redact: Mutex::new(redact),
             health: std::sync::OnceLock::new(),
             secrets: None,
+            rollback: None,
+            tf_ran: Mutex::new(Default::default()),
+            rolled_back: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Rolls back deploys whose health gate fails (see [`Rollback`]).
+    pub fn with_rollback(mut self, rollback: Rollback) -> Self {
+        self.rollback = Some(rollback);
+        self
+    }
+
+    /// What the rollback of a step did, if it was rolled back.
+    pub fn take_rolled_back(&self, index: usize) -> Option<RolledBack> {
+        self.rolled_back
+            .lock()
+            .ok()
+            .and_then(|mut r| r.remove(&index))
     }
 
     /// Lets the steps write the secrets files: Terraform's sensitive outputs after a `tf:*`
@@ -232,6 +286,9 @@ impl<'a> StepExec<'a> {
                         rendered: Some(super::read_inputs(&config_dir)),
                     },
                 );
+                if let Ok(mut ran) = self.tf_ran.lock() {
+                    ran.insert(index);
+                }
                 let detail = if applied.changed {
                     "applied"
                 } else {
@@ -608,7 +665,12 @@ impl Runner for StepExec<'_> {
                     // dependents run.
                     Some(s) => match self.deploy(index, s) {
                         Outcome::Done { changed, detail } => {
-                            self.health_gate(index, s, started, changed, detail)
+                            match self.health_gate(index, s, started, changed, detail) {
+                                Outcome::Failed { error, .. } if self.rolls_back(step.phase) => {
+                                    self.roll_back(index, s, error)
+                                }
+                                other => other,
+                            }
                         }
                         failed => failed,
                     },
@@ -627,6 +689,241 @@ impl Runner for StepExec<'_> {
             },
         }
     }
+}
+
+/// Rollback of a deploy whose health gate failed (docs/engine.md, "Rollback").
+impl StepExec<'_> {
+    fn rolls_back(&self, phase: Phase) -> bool {
+        match (&self.rollback, phase) {
+            (Some(r), Phase::NixServiceConfig) => r.services,
+            (Some(r), Phase::NixCore | Phase::NixCoreAuth) => r.core,
+            _ => false,
+        }
+    }
+
+    /// Switches the service's host back to its previous generation and re-applies the
+    /// service's Terraform steps that ran in this run from their previous inputs. The step
+    /// fails either way; the error says what was restored.
+    fn roll_back(&self, index: usize, service: &str, error: String) -> Outcome {
+        let mut done: Vec<String> = Vec::new();
+        let mut problems: Vec<String> = Vec::new();
+        let mut restored = Vec::new();
+        if let Some(s) = self.project.service(service) {
+            match self.switch_back(index, s) {
+                Ok(Some(what)) => done.push(what),
+                Ok(None) => problems.push(format!(
+                    "{} not switched back: the deployer has no rollback command",
+                    s.host.hostname
+                )),
+                Err(e) => problems.push(e),
+            }
+        }
+        let ran: Vec<usize> = self
+            .tf_ran
+            .lock()
+            .map(|r| r.iter().copied().collect())
+            .unwrap_or_default();
+        for j in ran {
+            let step = &self.plan.steps[j];
+            if step.service.as_deref() != Some(service)
+                || !matches!(step.phase, Phase::TfServiceInfra | Phase::TfServiceConfig)
+            {
+                continue;
+            }
+            let Some((record, files)) = self
+                .rollback
+                .as_ref()
+                .and_then(|r| r.previous.get(&step.id))
+            else {
+                problems.push(format!(
+                    "{} not restored: no earlier successful inputs recorded",
+                    step.id
+                ));
+                continue;
+            };
+            match self.reapply(index, j, service, files) {
+                Ok(outputs) => {
+                    done.push(format!("{} re-applied from its previous inputs", step.id));
+                    restored.push(Restored {
+                        step_id: step.id.clone(),
+                        record: record.clone(),
+                        rendered: files.clone(),
+                        outputs,
+                    });
+                }
+                Err(e) => problems.push(format!("{} not restored: {e}", step.id)),
+            }
+        }
+        let any = !done.is_empty();
+        let mut detail = if any {
+            done.join("; ")
+        } else {
+            "nothing restored".to_string()
+        };
+        if !problems.is_empty() {
+            detail = format!("{detail} (rollback incomplete: {})", problems.join("; "));
+        }
+        let detail = scrub(&detail, &self.redactions());
+        if let Ok(mut r) = self.rolled_back.lock() {
+            r.insert(
+                index,
+                RolledBack {
+                    detail: detail.clone(),
+                    restored,
+                    any,
+                },
+            );
+        }
+        Outcome::Failed {
+            error: format!("{error}; rolled back: {detail}"),
+            transient: false,
+        }
+    }
+
+    /// The host back to its previous generation. `Ok(None)`: the deployer has no way back.
+    fn switch_back(
+        &self,
+        index: usize,
+        s: &nixmox_core::model::Service,
+    ) -> Result<Option<String>, String> {
+        let flake = self.paths.build.join("nix");
+        let target = deploy::Target {
+            host: s.host.hostname.to_string(),
+            ip: s.host.ip.to_string(),
+            user: self.project.ssh.user.clone(),
+            flake: flake.to_string_lossy().into_owned(),
+        };
+        let Some(mut argv) = deploy::rollback_argv(&self.project.nix.deployer, &target) else {
+            return Ok(None);
+        };
+        let custom = matches!(self.project.nix.deployer, Deployer::Command { .. });
+        if !custom {
+            // `nixos-rebuild switch --rollback` runs on the host itself.
+            if target.user != "root" {
+                argv.insert(0, "sudo".into());
+            }
+            argv = deploy::ssh_argv(&self.ssh_options(), &target.user, &target.ip, &argv);
+        }
+        let mut cmd = Cmd::new(&argv[0]).args(&argv[1..]);
+        if flake.is_dir() {
+            cmd = cmd.cwd(&flake);
+        }
+        let opts = RunOpts {
+            timeout: Some(self.timeout),
+            log: Some(self.log_path(index)),
+            redact: self.redactions(),
+            ..RunOpts::default()
+        };
+        match exec::run(&cmd, &opts) {
+            Ok(fin) if fin.code == Some(0) => Ok(Some(format!(
+                "{} switched back to its previous generation",
+                s.host.hostname
+            ))),
+            Ok(fin) => Err(format!(
+                "switching {} back with `{}` exited with {}: {}",
+                s.host.hostname,
+                argv[0],
+                fin.code
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "a signal".into()),
+                fin.stderr.lines().last().unwrap_or("no output")
+            )),
+            Err(e) => Err(format!("switching {} back: {e}", s.host.hostname)),
+        }
+    }
+
+    /// Writes a Terraform step's previous inputs to `.nixmox/rollback/` (laid out like the
+    /// build tree, so `../modules` resolves to the service's rendered modules) and applies them
+    /// with the step's own data dir.
+    fn reapply(
+        &self,
+        index: usize,
+        tf_index: usize,
+        service: &str,
+        files: &BTreeMap<String, Vec<u8>>,
+    ) -> Result<Vec<OutputValue>, String> {
+        let step = &self.plan.steps[tf_index];
+        let dot = self.paths.build.parent().unwrap_or(Path::new(".nixmox"));
+        let base = dot.join("rollback/terraform/services").join(service);
+        let kind = if step.phase == Phase::TfServiceInfra {
+            "infra"
+        } else {
+            "config"
+        };
+        let config_dir = base.join(kind);
+        let io = |e: std::io::Error| format!("writing its previous inputs: {e}");
+        if config_dir.exists() {
+            std::fs::remove_dir_all(&config_dir).map_err(io)?;
+        }
+        std::fs::create_dir_all(&config_dir).map_err(io)?;
+        let modules = self
+            .paths
+            .build
+            .join(format!("terraform/services/{service}/modules"));
+        if modules.is_dir() {
+            let to = base.join("modules");
+            if to.exists() {
+                std::fs::remove_dir_all(&to).map_err(io)?;
+            }
+            for (rel, bytes) in super::read_inputs(&modules) {
+                write_under(&to, &rel, &bytes).map_err(io)?;
+            }
+        }
+        for (rel, bytes) in files {
+            write_under(&config_dir, rel, bytes).map_err(io)?;
+        }
+        let tf = Terraform {
+            binary: PathBuf::from(&self.project.terraform.binary),
+            env: Vec::new(),
+        };
+        let ws = Workspace {
+            config_dir,
+            data_dir: self
+                .paths
+                .terraform
+                .join(terraform::workspace_slug(&step.id)),
+        };
+        let opts = StepOpts {
+            apply_order: Vec::new(),
+            timeout: Some(self.timeout),
+            log: self.log_path(index),
+            cancel: None,
+            redact: self.redactions(),
+        };
+        let applied = tf
+            .apply_step(&ws, &opts)
+            .map_err(|e| scrub(&e.to_string(), &self.redactions()))?;
+        let outputs: Vec<OutputValue> = applied
+            .outputs
+            .into_iter()
+            .map(|o| OutputValue {
+                name: o.name,
+                value: o.value,
+                sensitive: o.sensitive,
+            })
+            .collect();
+        self.store_outputs(tf_index, step.phase, Some(service), &outputs)?;
+        Ok(outputs)
+    }
+}
+
+/// Writes `rel` (a relative path from the state store) under `dir`, refusing to leave it.
+fn write_under(dir: &Path, rel: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let rel = Path::new(rel);
+    if rel
+        .components()
+        .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("unexpected path {}", rel.display()),
+        ));
+    }
+    let path = dir.join(rel);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(path, bytes)
 }
 
 /// The Proxmox API token, read from where `proxmox.token` says, if it is there.

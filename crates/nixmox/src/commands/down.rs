@@ -1,0 +1,325 @@
+//! `nixmox down [SERVICE...]`: removes services, consumers before providers. For each: destroy
+//! its Terraform workspaces (from the rendered inputs of their last apply), then redeploy what
+//! is left (the project without the removed services, through the engine's `up`, so only the
+//! steps whose inputs changed run: the provider hosts' configurations and, with
+//! `infra.backend: terraform`, the infrastructure, which removes the containers), then destroy
+//! the containers (`proxmox-api`), then forget the removed services' recorded steps.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nixmox_core::model::InfraBackend;
+use nixmox_core::Project;
+
+use super::config::select;
+use super::drift::{recorded_workspace, scratch_build, step_service, temp_dir, terraform_for};
+use super::load_project;
+use crate::engine::events::Plain;
+use crate::engine::runner::proxmox_token;
+use crate::engine::{self, Paths, UpOptions, UpResult};
+use crate::error::{Error, Result};
+use crate::state::{LockOutcome, Store};
+use crate::terraform::StepOpts;
+use crate::{output, project_fs};
+
+pub struct Args {
+    pub services: Vec<String>,
+    pub keep_host: bool,
+    pub purge_data: bool,
+}
+
+/// Consumers before providers: the order in which `names` can be removed.
+fn removal_order(project: &Project, remove: &BTreeSet<usize>) -> Vec<usize> {
+    let mut left: BTreeSet<usize> = remove.clone();
+    let mut order = Vec::new();
+    while !left.is_empty() {
+        // A service none of the remaining ones depends on.
+        let next = left
+            .iter()
+            .copied()
+            .find(|&i| {
+                !project
+                    .edges
+                    .iter()
+                    .any(|e| e.to == i && e.from != i && left.contains(&e.from))
+            })
+            .unwrap_or_else(|| *left.iter().next().expect("not empty"));
+        left.remove(&next);
+        order.push(next);
+    }
+    order
+}
+
+pub fn run(root: &Path, args: Args) -> Result<()> {
+    let loaded = load_project(root)?;
+    let project = loaded
+        .project
+        .as_ref()
+        .expect("load_project returns a project");
+    let remove: BTreeSet<usize> = if args.services.is_empty() {
+        (0..project.services.len()).collect()
+    } else {
+        select(project, &args.services)?.into_iter().collect()
+    };
+    let name = |i: usize| project.services[i].name.as_str().to_string();
+
+    // Refuse to pull a provider out from under a service that stays deployed (one whose steps
+    // are recorded: a dependent already removed by an earlier `down` does not count).
+    let paths = Paths::new(root, project);
+    let deployed: BTreeSet<String> = if paths.state_db.exists() {
+        let store = Store::open(&paths.state_db).map_err(Error::State)?;
+        let record = store.record().map_err(Error::State)?;
+        record
+            .steps
+            .keys()
+            .filter_map(|id| step_service(id).map(str::to_string))
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
+    let mut refused = Vec::new();
+    for &i in &remove {
+        let mut dependents: Vec<String> = project
+            .edges
+            .iter()
+            .filter(|e| e.to == i && !remove.contains(&e.from) && deployed.contains(&name(e.from)))
+            .map(|e| name(e.from))
+            .collect();
+        dependents.sort();
+        dependents.dedup();
+        if !dependents.is_empty() {
+            refused.push(format!(
+                "`{}` is needed by {} (remove them too: `nixmox down {} {}`)",
+                name(i),
+                dependents
+                    .iter()
+                    .map(|d| format!("`{d}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                name(i),
+                dependents.join(" ")
+            ));
+        }
+    }
+    if !refused.is_empty() {
+        return Err(Error::Usage(format!(
+            "refusing to remove a service others depend on: {}",
+            refused.join("; ")
+        )));
+    }
+    let everything = remove.len() == project.services.len();
+    if args.keep_host && project.infra == InfraBackend::Terraform && !everything {
+        return Err(Error::Usage(
+            "--keep-host is not supported with infra.backend: terraform: re-applying the \
+             infrastructure without the removed services destroys their containers"
+                .into(),
+        ));
+    }
+    let order = removal_order(project, &remove);
+    let removed: Vec<String> = order.iter().map(|&i| name(i)).collect();
+    if !paths.state_db.exists() {
+        output::note("nothing recorded yet: nothing to remove");
+        return Ok(());
+    }
+    let timeout = Duration::from_secs(30 * 60);
+
+    // What stays: neither removed now nor already gone (never deployed, or removed by an
+    // earlier `down`: `down` deploys nothing new). Loaded before anything is destroyed.
+    let reduced = if everything {
+        None
+    } else {
+        let dropped: Vec<String> = project
+            .services
+            .iter()
+            .map(|s| s.name.as_str().to_string())
+            .filter(|n| removed.contains(n) || !deployed.contains(n))
+            .collect();
+        if dropped.len() == project.services.len() {
+            None
+        } else {
+            Some(reduced_project(root, &dropped)?)
+        }
+    };
+
+    // Nothing stays deployed: the project-wide workspaces go too.
+    let everything = everything || reduced.is_none();
+
+    // 1. Terraform: each service's workspaces, consumers first, config before infra.
+    {
+        let mut store = Store::open(&paths.state_db).map_err(Error::State)?;
+        match store.acquire_lock("down").map_err(Error::State)? {
+            LockOutcome::Acquired => {}
+            LockOutcome::TakenOver { previous } => output::note(&format!(
+                "took over a stale lock of pid {} on {}",
+                previous.pid, previous.hostname
+            )),
+        }
+        let result = destroy_workspaces(
+            root, project, &paths, &mut store, &removed, everything, &args, timeout,
+        );
+        let released = store.release_lock().map_err(Error::State);
+        result?;
+        released?;
+    }
+
+    // 2. What is left, redeployed without them (providers' configurations, infrastructure).
+    if let Some(reduced) = &reduced {
+        let opts = UpOptions {
+            services: Vec::new(),
+            with_deps: true,
+            parallel: project.deploy.parallel as usize,
+            force: false,
+            force_steps: Vec::new(),
+            fail_fast: false,
+            timeout,
+            args: std::env::args().skip(1).collect(),
+            rollback: true,
+            rollback_core: false,
+        };
+        output::note(&format!(
+            "redeploying the project without {}",
+            removed.join(", ")
+        ));
+        let cancel = Arc::new(AtomicBool::new(false));
+        match engine::up(root, reduced, &opts, &mut Plain, cancel)? {
+            UpResult::Success => {}
+            UpResult::Interrupted => return Err(Error::Interrupted),
+            UpResult::Failed { failed } => {
+                return Err(Error::RunFailed(format!(
+                    "redeploying without {} failed ({failed} step(s)); their Terraform resources \
+                     are destroyed, their records kept: fix it and run `nixmox down` again",
+                    removed.join(", ")
+                )))
+            }
+        }
+        // 3. The containers.
+        if !args.keep_host && project.infra == InfraBackend::ProxmoxApi {
+            destroy_containers(project, root, Some(reduced))?;
+        }
+    } else if !args.keep_host && project.infra == InfraBackend::ProxmoxApi {
+        destroy_containers(project, root, None)?;
+    }
+
+    // 4. Forget them.
+    let mut store = Store::open(&paths.state_db).map_err(Error::State)?;
+    let record = store.record().map_err(Error::State)?;
+    for id in record.steps.keys() {
+        let mine = match step_service(id) {
+            Some(s) => removed.iter().any(|r| r == s),
+            None => everything && !(args.keep_host && id == "tf:infra"),
+        };
+        if mine {
+            store.forget_step(id).map_err(Error::State)?;
+        }
+    }
+    if project
+        .providers
+        .iter()
+        .flatten()
+        .any(|&p| remove.contains(&p))
+        || args.purge_data
+    {
+        output::note(
+            "databases are kept: the database host's configuration no longer declares them, \
+             but NixOS never drops a database; with --purge-data drop the database and role \
+             yourself on the database host (`DROP DATABASE`, `DROP ROLE`)",
+        );
+    }
+    output::data(&format!("removed {}\n", removed.join(", ")))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn destroy_workspaces(
+    root: &Path,
+    project: &Project,
+    paths: &Paths,
+    store: &mut Store,
+    removed: &[String],
+    everything: bool,
+    args: &Args,
+    timeout: Duration,
+) -> Result<()> {
+    let record = store.record().map_err(Error::State)?;
+    let tmp = temp_dir(paths, "down")?;
+    let build = scratch_build(root, project, store, tmp.path())?;
+    let mut steps: Vec<String> = Vec::new();
+    for s in removed {
+        for phase in ["tf:service-config:", "tf:service-infra:"] {
+            let id = format!("{phase}{s}");
+            if record.steps.contains_key(&id) {
+                steps.push(id);
+            }
+        }
+    }
+    if everything {
+        steps.push("tf:auth-core".into());
+        if !args.keep_host {
+            steps.push("tf:infra".into());
+        }
+        steps.retain(|id| record.steps.contains_key(id));
+    }
+    for id in steps {
+        // No rendered inputs: no workspace was ever applied for it, nothing to destroy.
+        let Some(ws) = recorded_workspace(store, paths, &id, &build)? else {
+            store.forget_step(&id).map_err(Error::State)?;
+            continue;
+        };
+        output::note(&format!("destroying the resources of {id}"));
+        let opts = StepOpts {
+            timeout: Some(timeout),
+            log: paths
+                .logs
+                .join("down")
+                .join(format!("{}.log", id.replace(':', "_"))),
+            redact: proxmox_token(project).into_iter().collect(),
+            ..StepOpts::default()
+        };
+        terraform_for(project, &id)
+            .destroy(&ws, &opts)
+            .map_err(|e| Error::RunFailed(format!("{id}: {e}")))?;
+        store.forget_step(&id).map_err(Error::State)?;
+    }
+    Ok(())
+}
+
+/// The project as if the removed services' manifests were not there.
+fn reduced_project(root: &Path, removed: &[String]) -> Result<Project> {
+    let mut read = project_fs::read_project(root)?;
+    read.sources.manifests.retain(|m| {
+        !removed
+            .iter()
+            .any(|s| m.path.starts_with(&format!("services/{s}/")))
+    });
+    let exists = project_fs::exists_in(root);
+    let mut loaded = nixmox_core::load(&read.sources, &exists);
+    loaded.diagnostics.extend(read.diagnostics);
+    let errors: Vec<_> = loaded.errors().cloned().collect();
+    if !errors.is_empty() || loaded.project.is_none() {
+        output::diagnostics(&errors);
+        return Err(Error::RunFailed(format!(
+            "the project without {} does not load (see above)",
+            removed.join(", ")
+        )));
+    }
+    Ok(loaded.project.expect("checked"))
+}
+
+/// `proxmox-api`: the project's containers the reduced project no longer has (all of them when
+/// there is none).
+fn destroy_containers(project: &Project, root: &Path, reduced: Option<&Project>) -> Result<()> {
+    use crate::proxmox::{connect, lifecycle, ClientOptions, Settings};
+    let fail = |e: String| Error::RunFailed(format!("destroying the containers: {e}"));
+    let settings = Settings::from_project(project, root).map_err(|e| fail(e.to_string()))?;
+    let client = connect(&settings, ClientOptions::default()).map_err(|e| fail(e.to_string()))?;
+    let parallel = project.deploy.parallel as usize;
+    let report = match reduced {
+        Some(r) => lifecycle::remove_orphans(&client, r, parallel),
+        None => lifecycle::down(&client, project, parallel),
+    }
+    .map_err(|e| fail(e.to_string()))?;
+    output::note(&report.summary());
+    Ok(())
+}

@@ -1,0 +1,361 @@
+//! `nixmox drift`: what changed behind NixMox's back. Per recorded Terraform workspace a
+//! refresh-only plan (from the rendered inputs of its last successful apply) and the
+//! `resource_drift` it reports; per host deployed with a built-in deployer the running system
+//! against the generation NixMox last switched to.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nixmox_core::deploy;
+use nixmox_core::model::Deployer;
+use nixmox_core::Project;
+use serde_json::json;
+
+use super::load_project;
+use crate::cli::PlanFormat;
+use crate::engine::runner::proxmox_token;
+use crate::engine::Paths;
+use crate::error::{Error, Result};
+use crate::exec::{self, Cmd, RunOpts};
+use crate::output;
+use crate::state::Store;
+use crate::terraform::{self, StepOpts, Terraform, Workspace};
+
+/// Where a Terraform step's configuration is rendered, relative to the build directory.
+pub(crate) fn step_config_rel(step_id: &str) -> Option<String> {
+    match step_id {
+        "tf:infra" => Some("terraform/infra".into()),
+        "tf:auth-core" => Some("terraform/auth-core".into()),
+        _ => {
+            if let Some(s) = step_id.strip_prefix("tf:service-infra:") {
+                Some(format!("terraform/services/{s}/infra"))
+            } else {
+                step_id
+                    .strip_prefix("tf:service-config:")
+                    .map(|s| format!("terraform/services/{s}/config"))
+            }
+        }
+    }
+}
+
+/// Renders the project into `<scratch>/build` (never touching `.nixmox/build`), so the
+/// workspaces' local modules are there.
+pub(crate) fn scratch_build(
+    root: &Path,
+    project: &Project,
+    store: &Store,
+    scratch: &Path,
+) -> Result<PathBuf> {
+    let outputs = store.outputs().map_err(Error::State)?;
+    let rendered = nixmox_core::render::render(project, &outputs);
+    let build = scratch.join("build");
+    crate::project_fs::write_tree(root, &build, &rendered)?;
+    Ok(build)
+}
+
+/// A recorded Terraform step's workspace: its configuration as last applied (the recorded
+/// rendered inputs) in the scratch build, next to the modules rendered there.
+pub(crate) fn recorded_workspace(
+    store: &Store,
+    paths: &Paths,
+    step_id: &str,
+    build: &Path,
+) -> Result<Option<Workspace>> {
+    let Some(files) = store.rendered_inputs(step_id).map_err(Error::State)? else {
+        return Ok(None);
+    };
+    let Some(rel) = step_config_rel(step_id) else {
+        return Ok(None);
+    };
+    let config_dir = build.join(rel);
+    let _ = std::fs::remove_dir_all(&config_dir);
+    std::fs::create_dir_all(&config_dir).map_err(|source| Error::Write {
+        path: config_dir.clone(),
+        source,
+    })?;
+    for (rel, bytes) in &files {
+        let path = config_dir.join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| Error::Write {
+                path: parent.to_path_buf(),
+                source,
+            })?;
+        }
+        std::fs::write(&path, bytes).map_err(|source| Error::Write {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    Ok(Some(Workspace {
+        config_dir,
+        data_dir: paths.terraform.join(terraform::workspace_slug(step_id)),
+    }))
+}
+
+/// The Terraform binary with the environment the step gets (the Proxmox token for `tf:infra`).
+pub(crate) fn terraform_for(project: &Project, step_id: &str) -> Terraform {
+    let mut env: Vec<(OsString, OsString)> = Vec::new();
+    if step_id == "tf:infra" {
+        if let Some(token) = proxmox_token(project) {
+            env.push(("PROXMOX_VE_API_TOKEN".into(), token.into()));
+        }
+    }
+    Terraform {
+        binary: PathBuf::from(&project.terraform.binary),
+        env,
+    }
+}
+
+/// A scratch directory under `.nixmox/tmp/`, removed when dropped.
+pub(crate) struct Scratch(PathBuf);
+
+impl Scratch {
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub(crate) fn temp_dir(paths: &Paths, what: &str) -> Result<Scratch> {
+    let base = paths.build.parent().unwrap_or(&paths.build).join("tmp");
+    let dir = base.join(format!("{what}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|source| Error::Write {
+        path: dir.clone(),
+        source,
+    })?;
+    Ok(Scratch(dir))
+}
+
+pub fn run(root: &Path, format: PlanFormat) -> Result<()> {
+    let loaded = load_project(root)?;
+    let project = loaded
+        .project
+        .as_ref()
+        .expect("load_project returns a project");
+    let paths = Paths::new(root, project);
+    if !paths.state_db.exists() {
+        output::note("nothing recorded yet: run `nixmox up` first");
+        return finish(format, &[], &[], &[], &[]);
+    }
+    let store = Store::open(&paths.state_db).map_err(Error::State)?;
+    let record = store.record().map_err(Error::State)?;
+    let outputs = store.outputs().map_err(Error::State)?;
+    let tmp = temp_dir(&paths, "drift")?;
+    let build = scratch_build(root, project, &store, tmp.path())?;
+    let logs = paths.logs.join("drift");
+
+    let mut workspaces = Vec::new();
+    let mut errors = Vec::new();
+    for step_id in record.steps.keys().filter(|id| id.starts_with("tf:")) {
+        let ws = match recorded_workspace(&store, &paths, step_id, &build)? {
+            Some(ws) => ws,
+            // Never applied (no workspace was rendered for it): nothing to compare.
+            None => continue,
+        };
+        let opts = StepOpts {
+            timeout: Some(Duration::from_secs(600)),
+            log: logs.join(format!("{}.log", step_id.replace(':', "_"))),
+            redact: proxmox_token(project).into_iter().collect(),
+            ..StepOpts::default()
+        };
+        match terraform_for(project, step_id).drift(&ws, &opts) {
+            Ok(drift) => workspaces.push((step_id.clone(), drift)),
+            Err(e) => errors.push(format!("{step_id}: {e}")),
+        }
+    }
+
+    // Hosts: the running system against the generation of the last deploy.
+    let mut hosts = Vec::new();
+    let mut skipped = Vec::new();
+    let builtin = !matches!(project.nix.deployer, Deployer::Command { .. });
+    for s in &project.services {
+        let name = s.name.as_str();
+        let generation = outputs.iter().find_map(|(step, outs)| {
+            (step.starts_with("nix:") && step_service(step) == Some(name))
+                .then(|| outs.get("generation").and_then(|v| v.as_str()))
+                .flatten()
+                .map(str::to_string)
+        });
+        let deployed = record
+            .steps
+            .keys()
+            .any(|id| id.starts_with("nix:") && step_service(id) == Some(name));
+        if !deployed {
+            continue;
+        }
+        if !builtin {
+            skipped.push(format!(
+                "{}: deployed by a custom deployer; its running system is not checked",
+                s.host.hostname
+            ));
+            continue;
+        }
+        let Some(generation) = generation else {
+            skipped.push(format!(
+                "{}: no generation recorded at its last deploy",
+                s.host.hostname
+            ));
+            continue;
+        };
+        match running_system(project, &paths, &s.host.ip.to_string()) {
+            Ok((profile, current, profile_target)) => {
+                let mut why = Vec::new();
+                if profile != generation {
+                    why.push(format!(
+                        "system profile is `{profile}`, NixMox deployed `{generation}`"
+                    ));
+                }
+                if current != profile_target {
+                    why.push(format!(
+                        "/run/current-system is `{current}`, not the profile's `{profile_target}`"
+                    ));
+                }
+                if !why.is_empty() {
+                    hosts.push((s.host.hostname.to_string(), why.join("; ")));
+                }
+            }
+            Err(e) => errors.push(format!("{}: {e}", s.host.hostname)),
+        }
+    }
+    finish(format, &workspaces, &hosts, &skipped, &errors)
+}
+
+/// `(readlink profile, readlink -f /run/current-system, readlink -f profile)` on the host.
+fn running_system(
+    project: &Project,
+    paths: &Paths,
+    ip: &str,
+) -> std::result::Result<(String, String, String), String> {
+    let _ = std::fs::create_dir_all(&paths.ssh);
+    let options = deploy::ssh_options(
+        &paths.ssh.to_string_lossy(),
+        &paths.known_hosts.to_string_lossy(),
+        project.ssh.host_key_checking.as_str(),
+    );
+    let ssh = |remote: &[&str]| -> std::result::Result<String, String> {
+        let remote: Vec<String> = remote.iter().map(|s| s.to_string()).collect();
+        let argv = deploy::ssh_argv(&options, &project.ssh.user, ip, &remote);
+        let cmd = Cmd::new(&argv[0]).args(&argv[1..]);
+        let opts = RunOpts {
+            timeout: Some(Duration::from_secs(30)),
+            ..RunOpts::default()
+        };
+        match exec::run(&cmd, &opts) {
+            Ok(f) if f.code == Some(0) => Ok(f.stdout),
+            Ok(f) => Err(format!(
+                "reading the running system over SSH failed: {}",
+                f.stderr.trim()
+            )),
+            Err(e) => Err(format!("reading the running system over SSH: {e}")),
+        }
+    };
+    let profile = ssh(&["readlink", "/nix/var/nix/profiles/system"])?;
+    let both = ssh(&[
+        "readlink",
+        "-f",
+        "/run/current-system",
+        "/nix/var/nix/profiles/system",
+    ])?;
+    let mut lines = both.lines().map(str::trim);
+    let current = lines.next().unwrap_or("").to_string();
+    let target = lines.next().unwrap_or("").to_string();
+    Ok((profile.trim().to_string(), current, target))
+}
+
+type Drifts = [(String, Vec<terraform::DriftedResource>)];
+
+fn finish(
+    format: PlanFormat,
+    workspaces: &Drifts,
+    hosts: &[(String, String)],
+    skipped: &[String],
+    errors: &[String],
+) -> Result<()> {
+    let drifted = workspaces.iter().any(|(_, d)| !d.is_empty()) || !hosts.is_empty();
+    match format {
+        PlanFormat::Json => {
+            let ws: Vec<_> = workspaces
+                .iter()
+                .map(|(step, d)| {
+                    json!({
+                        "step": step,
+                        "drifted": d.iter().map(|r| json!({
+                            "address": r.address,
+                            "actions": r.actions,
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            let hs: Vec<_> = hosts
+                .iter()
+                .map(|(h, why)| json!({"host": h, "detail": why}))
+                .collect();
+            let doc = json!({
+                "drifted": drifted,
+                "workspaces": ws,
+                "hosts": hs,
+                "skipped": skipped,
+                "errors": errors,
+            });
+            output::data(&format!(
+                "{}\n",
+                serde_json::to_string_pretty(&doc).unwrap_or_default()
+            ))?;
+        }
+        PlanFormat::Text => {
+            let mut out = String::new();
+            for (step, d) in workspaces {
+                if d.is_empty() {
+                    out.push_str(&format!("{step}: no drift\n"));
+                }
+                for r in d {
+                    out.push_str(&format!(
+                        "{step}: {} drifted ({})\n",
+                        r.address,
+                        r.actions.join(", ")
+                    ));
+                }
+            }
+            for (h, why) in hosts {
+                out.push_str(&format!("host {h}: {why}\n"));
+            }
+            for s in skipped {
+                out.push_str(&format!("skipped {s}\n"));
+            }
+            out.push_str(if drifted {
+                "drift found\n"
+            } else {
+                "no drift\n"
+            });
+            output::data(&out)?;
+        }
+    }
+    if !errors.is_empty() {
+        return Err(Error::RunFailed(errors.join("\n")));
+    }
+    if drifted {
+        return Err(Error::Changes);
+    }
+    Ok(())
+}
+
+/// The service a step belongs to (`tf:service-infra:app` → `app`); `None` for project-wide
+/// steps like `tf:infra`.
+pub(crate) fn step_service(id: &str) -> Option<&str> {
+    const PREFIXES: [&str; 6] = [
+        "tf:service-infra:",
+        "tf:service-config:",
+        "nix:core:",
+        "nix:core-auth:",
+        "nix:service-config:",
+        "verify:",
+    ];
+    PREFIXES.iter().find_map(|p| id.strip_prefix(p))
+}
