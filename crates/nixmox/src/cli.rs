@@ -101,6 +101,10 @@ pub enum Command {
         /// Also roll back core hosts (`nix:core:*`) whose health gate fails
         #[arg(long, conflicts_with = "no_rollback")]
         rollback_core: bool,
+        /// With infra.backend proxmox-api: destroy the project's containers that are no
+        /// longer in the project (without it they are only reported)
+        #[arg(long)]
+        remove_orphans: bool,
     },
     /// List past runs, newest first
     History {
@@ -111,7 +115,7 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
         format: PlanFormat,
     },
-    /// One row per service: host, vmid, ip, last known state, live health, last deploy
+    /// One row per service: host, vmid, ip, state (live or last known), live health, last deploy
     Ps {
         /// Only these services
         services: Vec<String>,

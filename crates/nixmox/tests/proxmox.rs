@@ -423,7 +423,7 @@ fn lost_quorum_fails_with_pves_message_and_leaves_nothing_half_done() {
     lab.fake.call("lose_quorum", json!([]));
     let log = lab.root.path().join("tf_infra.log");
     let client = lab.client();
-    let outcome = proxmox::step::run_with(&client, &lab.project, &log, 4, None, &[]);
+    let outcome = proxmox::step::run_with(&client, &lab.project, &log, 4, false, None, &[]);
     let Outcome::Failed { error, transient } = outcome else {
         panic!("the step should fail")
     };
@@ -464,6 +464,7 @@ fn a_wrong_token_is_a_clear_authentication_error_without_the_token() {
         &proxmox::step::StepSettings {
             parallel: 4,
             timeout: Duration::from_secs(60),
+            remove_orphans: false,
         },
         &[],
     );
@@ -875,4 +876,163 @@ fn up_runs_tf_infra_through_the_api_and_template_commands_work() {
     assert_eq!(doc["version"], 1);
     assert_eq!(doc["templates"].as_array().unwrap().len(), 2);
     assert_eq!(doc["templates"][0]["configured"], true);
+}
+
+#[test]
+fn up_keeps_orphans_with_a_warning_and_remove_orphans_destroys_exactly_them() {
+    let mut fake = Fake::start("127.0.0.35", json!({}));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("homelab");
+    example_dir(&fake, &dir);
+    let out = nixmox(&dir, &["up", "dns", "--no-deps"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(": created 9, updated 0, started 9"),
+        "{stderr}"
+    );
+    let gone = vmid_of(&load_example(), "vaultwarden");
+    let vmids = |fake: &mut Fake| -> Vec<u64> {
+        let mut v: Vec<u64> = fake
+            .cts()
+            .iter()
+            .map(|c| c["vmid"].as_u64().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = vmids(&mut fake);
+    assert!(before.contains(&u64::from(gone)));
+
+    // Dropped from the project: `up` leaves its container alone and says so.
+    std::fs::remove_dir_all(dir.join("services/vaultwarden")).unwrap();
+    fake.clear_requests();
+    let out = nixmox(
+        &dir,
+        &["up", "dns", "--no-deps", "--force-step", "tf:infra"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no longer in the project, left alone")
+            && stderr.contains(&format!("CT {gone} (`vaultwarden`)")),
+        "{stderr}"
+    );
+    assert_eq!(fake.writes(), vec![]);
+    assert_eq!(vmids(&mut fake), before);
+
+    // `--remove-orphans` destroys exactly it (tf:infra runs without being forced).
+    let out = nixmox(&dir, &["up", "dns", "--no-deps", "--remove-orphans"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(": created 0, updated 0, started 0, destroyed 1"),
+        "{stderr}"
+    );
+    let destroys: Vec<String> = fake
+        .writes()
+        .into_iter()
+        .filter(|(m, _, _)| m == "DELETE")
+        .map(|(_, p, _)| p)
+        .collect();
+    assert_eq!(destroys.len(), 1, "{destroys:?}");
+    assert!(
+        destroys[0].contains(&format!("/lxc/{gone}")),
+        "{destroys:?}"
+    );
+    let after: Vec<u64> = before
+        .iter()
+        .copied()
+        .filter(|v| *v != u64::from(gone))
+        .collect();
+    assert_eq!(vmids(&mut fake), after);
+}
+
+#[test]
+fn ps_shows_live_state_and_drift_finds_config_changed_behind_our_back() {
+    let mut fake = Fake::start("127.0.0.36", json!({}));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("homelab");
+    example_dir(&fake, &dir);
+    let out = nixmox(&dir, &["up", "dns", "--no-deps"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(": created 9, updated 0, started 9"),
+        "{stderr}"
+    );
+    let project = load_example();
+    let (dns, caddy) = (vmid_of(&project, "dns"), vmid_of(&project, "caddy"));
+    let client = {
+        let mut p = project.clone();
+        p.proxmox.endpoint = Some(fake.url.clone());
+        p.proxmox.token = SecretRef::File("pve-token".into());
+        p.proxmox.tls.ca_file = Some(fake.ca.to_string_lossy().into_owned());
+        let settings = Settings::from_project(&p, &dir).unwrap();
+        proxmox::connect(&settings, quick()).unwrap()
+    };
+    let ps = |dir: &Path| -> Value {
+        let out = nixmox(dir, &["ps", "--format", "json", "--timeout", "200ms"]);
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)))
+    };
+    let row = |doc: &Value, vmid: u32| -> Value {
+        doc["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["vmid"] == vmid)
+            .unwrap()
+            .clone()
+    };
+
+    // ps: live from the API.
+    let doc = ps(&dir);
+    for s in doc["services"].as_array().unwrap() {
+        assert_eq!(s["state"], "running", "{s}");
+        assert_eq!(s["state_source"], "live", "{s}");
+    }
+    client.stop_ct("pve", caddy).unwrap();
+    let doc = ps(&dir);
+    assert_eq!(row(&doc, caddy)["state"], "stopped");
+    assert_eq!(row(&doc, dns)["state"], "running");
+    let out = nixmox(&dir, &["ps", "--timeout", "200ms"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("STATE (LIVE)"), "{text}");
+
+    // drift: nothing yet; memory changed behind NixMox's back is found, and nothing written.
+    let out = nixmox(&dir, &["drift"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    client
+        .update_ct("pve", dns, &[("memory".into(), "4096".into())], &[])
+        .unwrap();
+    fake.clear_requests();
+    let out = nixmox(&dir, &["drift"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!(
+            "container CT {dns} (`dns`): differs from the manifest: memory"
+        )),
+        "{stdout}"
+    );
+    assert_eq!(fake.writes(), vec![]);
+
+    // Unreachable API: last known state, with a note.
+    drop(fake);
+    let out = nixmox(&dir, &["ps", "--format", "json", "--timeout", "200ms"]);
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(row(&doc, dns)["state_source"], "last known");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("could not be reached"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

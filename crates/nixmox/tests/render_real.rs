@@ -135,7 +135,7 @@ fn nix_str(s: &str) -> String {
 }
 
 /// Binds the value of a host file as `m`, its own configuration standing in for `config`, with
-/// `config.sops.secrets.<name>.path` = `secretsDir/<name>` and a placeholder
+/// `config.sops.secrets.<name>.path` = `secretsDir/<name>`, sops-nix's template paths and placeholders, and a placeholder
 /// `config.services.postgresql.package`. Arguments come from `--argstr`.
 const HOST_PRELUDE: &str = r#"{ hostFile, secretsDir, ... }@args:
 let
@@ -143,6 +143,11 @@ let
   stub = m: m // {
     sops = (m.sops or { }) // {
       secrets = builtins.mapAttrs (n: v: v // { path = "${secretsDir}/${n}"; })
+        ((m.sops or { }).secrets or { });
+      templates = builtins.mapAttrs (n: v: v // { path = "${secretsDir}/rendered/${n}"; })
+        ((m.sops or { }).templates or { });
+      placeholder = builtins.mapAttrs
+        (n: _: "<SOPS:${builtins.hashString "sha256" n}:PLACEHOLDER>")
         ((m.sops or { }).secrets or { });
     };
     services = (m.services or { }) // {

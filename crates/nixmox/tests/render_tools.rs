@@ -86,6 +86,8 @@ fn eval_host(build: &Path, host: &str, attr: &str) -> serde_json::Value {
   m = f {{
     config = m // {{
       sops.secrets = builtins.mapAttrs (n: v: v // {{ path = "/run/secrets/" + n; }}) (m.sops.secrets or {{ }});
+      sops.templates = builtins.mapAttrs (n: v: v // {{ path = "/run/secrets/rendered/" + n; }}) (m.sops.templates or {{ }});
+      sops.placeholder = builtins.mapAttrs (n: _: "<SOPS:${{builtins.hashString "sha256" n}}:PLACEHOLDER>") (m.sops.secrets or {{ }});
       services = (m.services or {{ }}) // {{ postgresql = ((m.services or {{ }}).postgresql or {{ }}) // {{ package = "postgresql"; }}; }};
     }};
     lib = {{ }};
@@ -174,6 +176,36 @@ fn example_renders_parsable_nix_with_the_right_facts() {
         ),
         "{hba}"
     );
+
+    // authentik's environment file is a sops-nix template built from the generated secret key
+    // and its database password (sops-nix replaces the placeholders at activation).
+    let env = eval_host(&build, "authentik", "services.authentik.environmentFile");
+    assert_eq!(env, "/run/secrets/rendered/authentik.env");
+    let tpl = eval_host(&build, "authentik", "sops.templates.\"authentik.env\"");
+    let content = tpl["content"].as_str().unwrap();
+    let ph = |n: &str| {
+        format!(
+            "<SOPS:{}:PLACEHOLDER>",
+            nixmox::secrets::index::sha256_hex(n.as_bytes())
+        )
+    };
+    assert_eq!(
+        content,
+        format!(
+            "AUTHENTIK_SECRET_KEY={}\nAUTHENTIK_POSTGRESQL__PASSWORD={}\n",
+            ph("authentik/secret_key"),
+            ph("db/authentik")
+        ),
+        "{content}"
+    );
+    assert_eq!(
+        tpl["restartUnits"],
+        serde_json::json!(["authentik.service", "authentik-worker.service"])
+    );
+    let declared = eval_host(&build, "authentik", "sops.secrets");
+    assert!(declared.get("authentik/secret_key").is_some(), "{declared}");
+    assert!(declared.get("db/authentik").is_some(), "{declared}");
+    assert!(declared.get("authentik/env").is_none(), "{declared}");
 
     let vhosts = eval_host(&build, "caddy", "services.caddy.virtualHosts");
     let guac = vhosts["guac.nixmox.lan"]["extraConfig"].as_str().unwrap();

@@ -137,7 +137,7 @@ fn encrypt_for_a_host_and_an_admin_decrypt_with_each_reject_tampering() {
     let plain = Flat::from([
         ("db/app".to_string(), canary.clone()),
         (
-            "authentik/env".to_string(),
+            "app/env".to_string(),
             "A=1\nB=\"two words\" # not a comment\n".to_string(),
         ),
         ("true".to_string(), "yes".to_string()),
@@ -815,4 +815,96 @@ fn host_keys_are_read_over_ssh_recorded_and_followed() {
         Err(SopsError::NoKey { .. })
     ));
     lab.assert_nowhere(&password);
+}
+
+/// The identity provider's secret key is generated for its host only, stays stable, and its
+/// database password flows as every `db/<role>` does.
+#[test]
+fn the_identity_providers_secret_key_is_generated_for_its_host() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("project");
+    let keys = tmp.path().join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let (admin, admin_public) = age_key(&keys, "admin");
+    let (_, pg_key) = ssh_key(&keys, "pg");
+    let (_, idp_key) = ssh_key(&keys, "idp");
+    let files = [
+        (
+            "nixmox.yaml".to_string(),
+            format!(
+                "project: idproj\ndomain: id.lan\nnetwork: {{ cidr: 10.78.0.0/24, gateway: 10.78.0.1 }}\n\
+                 infra: {{ backend: none }}\nsecrets:\n  age_recipients: [{admin_public}]\n"
+            ),
+        ),
+        (
+            "services/pg/manifest.yaml".to_string(),
+            format!(
+                "name: pg\nprovides:\n  database: {{ type: postgresql }}\n\
+                 host: {{ ip: 10.78.0.13, vmid: 913, ssh_host_key: \"{pg_key}\" }}\n"
+            ),
+        ),
+        (
+            "services/idp/manifest.yaml".to_string(),
+            format!(
+                "name: idp\nprovides:\n  identity: {{ type: authentik }}\n\
+                 host: {{ ip: 10.78.0.14, vmid: 914, ssh_host_key: \"{idp_key}\" }}\n\
+                 interface:\n  db: {{ type: postgresql, database: authentik, role: authentik }}\n"
+            ),
+        ),
+    ];
+    for (path, text) in &files {
+        let p = root.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+    let loaded = nixmox::project_fs::read_project(&root).unwrap();
+    let exists = nixmox::project_fs::exists_in(&root);
+    let result = nixmox_core::load(&loaded.sources, &exists);
+    let project = result
+        .project
+        .unwrap_or_else(|| panic!("{:?}", result.diagnostics));
+
+    let needs = nixmox::secrets::generated_needs(&project);
+    assert_eq!(
+        needs["idp"].iter().map(String::as_str).collect::<Vec<_>>(),
+        ["authentik/secret_key", "db/authentik"]
+    );
+    assert_eq!(
+        needs["pg"].iter().map(String::as_str).collect::<Vec<_>>(),
+        ["db/authentik"]
+    );
+
+    std::fs::create_dir_all(root.join(".nixmox")).unwrap();
+    let mut vault =
+        nixmox::secrets::Vault::open(&root, &project, &root.join(".nixmox/state.db"), None)
+            .unwrap();
+    vault.sops = sops_with(&admin);
+    assert!(vault.ensure_host("idp").unwrap());
+    assert!(vault.ensure_host("pg").unwrap());
+    let idp = sops_with(&admin)
+        .decrypt(&root.join("secrets/idp.yaml"), None, &[])
+        .unwrap();
+    let pg = sops_with(&admin)
+        .decrypt(&root.join("secrets/pg.yaml"), None, &[])
+        .unwrap();
+    let key = idp["authentik/secret_key"].clone();
+    assert_eq!(key.len(), 43, "32 random bytes, base64url");
+    assert_ne!(key, idp["db/authentik"]);
+    assert_eq!(idp["db/authentik"], pg["db/authentik"]);
+    assert!(!pg.contains_key("authentik/secret_key"));
+    assert!(!idp.contains_key("authentik/env"));
+    let text = std::fs::read_to_string(root.join("secrets/idp.yaml")).unwrap();
+    assert!(!text.contains(&key), "the key is never in clear");
+
+    // Stable: a second pass (and a new process) keeps the value and rewrites nothing.
+    drop(vault);
+    let mut again =
+        nixmox::secrets::Vault::open(&root, &project, &root.join(".nixmox/state.db"), None)
+            .unwrap();
+    again.sops = sops_with(&admin);
+    assert!(!again.ensure_host("idp").unwrap());
+    let idp2 = sops_with(&admin)
+        .decrypt(&root.join("secrets/idp.yaml"), None, &[])
+        .unwrap();
+    assert_eq!(idp2["authentik/secret_key"], key);
 }

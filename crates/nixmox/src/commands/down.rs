@@ -178,6 +178,7 @@ pub fn run(root: &Path, args: Args) -> Result<()> {
             args: std::env::args().skip(1).collect(),
             rollback: true,
             rollback_core: false,
+            remove_orphans: false,
         };
         output::note(&format!(
             "redeploying the project without {}",

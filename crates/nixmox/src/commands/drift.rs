@@ -1,14 +1,15 @@
 //! `nixmox drift`: what changed behind NixMox's back. Per recorded Terraform workspace a
 //! refresh-only plan (from the rendered inputs of its last successful apply) and the
 //! `resource_drift` it reports; per host deployed with a built-in deployer the running system
-//! against the generation NixMox last switched to.
+//! against the generation NixMox last switched to; with `infra.backend: proxmox-api` the
+//! containers' config keys (read from the API) against the manifest.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nixmox_core::deploy;
-use nixmox_core::model::Deployer;
+use nixmox_core::model::{Deployer, InfraBackend};
 use nixmox_core::Project;
 use serde_json::json;
 
@@ -140,9 +141,20 @@ pub fn run(root: &Path, format: PlanFormat) -> Result<()> {
         .as_ref()
         .expect("load_project returns a project");
     let paths = Paths::new(root, project);
+    let mut errors = Vec::new();
+    let containers = match container_drift(project, root) {
+        Some(Ok(c)) => c,
+        Some(Err(e)) => {
+            errors.push(format!("containers (Proxmox API): {e}"));
+            Vec::new()
+        }
+        None => Vec::new(),
+    };
     if !paths.state_db.exists() {
-        output::note("nothing recorded yet: run `nixmox up` first");
-        return finish(format, &[], &[], &[], &[]);
+        if project.infra != InfraBackend::ProxmoxApi {
+            output::note("nothing recorded yet: run `nixmox up` first");
+        }
+        return finish(format, &containers, &[], &[], &[], &errors);
     }
     let store = Store::open(&paths.state_db).map_err(Error::State)?;
     let record = store.record().map_err(Error::State)?;
@@ -152,7 +164,6 @@ pub fn run(root: &Path, format: PlanFormat) -> Result<()> {
     let logs = paths.logs.join("drift");
 
     let mut workspaces = Vec::new();
-    let mut errors = Vec::new();
     for step_id in record.steps.keys().filter(|id| id.starts_with("tf:")) {
         let ws = match recorded_workspace(&store, &paths, step_id, &build)? {
             Some(ws) => ws,
@@ -224,7 +235,60 @@ pub fn run(root: &Path, format: PlanFormat) -> Result<()> {
             Err(e) => errors.push(format!("{}: {e}", s.host.hostname)),
         }
     }
-    finish(format, &workspaces, &hosts, &skipped, &errors)
+    finish(format, &containers, &workspaces, &hosts, &skipped, &errors)
+}
+
+/// A container whose config differs from the manifest: `CT vmid (`hostname`)` and the keys.
+type ContainerDrift = (String, Vec<String>);
+
+/// With `infra.backend: proxmox-api`: the project's containers whose config keys differ from
+/// what the model wants (the lifecycle's own diff; nothing is written), and hosts without a
+/// container. `None` with another backend.
+fn container_drift(
+    project: &Project,
+    root: &Path,
+) -> Option<std::result::Result<Vec<ContainerDrift>, String>> {
+    use crate::proxmox::{self, lifecycle, ClientOptions, Retry};
+    if project.infra != InfraBackend::ProxmoxApi {
+        return None;
+    }
+    let read = || -> std::result::Result<Vec<ContainerDrift>, String> {
+        let settings = proxmox::Settings::from_project(project, root).map_err(|e| e.to_string())?;
+        let scrub = |m: String| crate::engine::runner::scrub(&m, &settings.secrets());
+        let opts = ClientOptions {
+            retry: Retry {
+                attempts: 2,
+                ..Retry::default()
+            },
+            ..ClientOptions::default()
+        };
+        let client = proxmox::connect(&settings, opts).map_err(|e| scrub(e.to_string()))?;
+        let guests = client.guests().map_err(|e| scrub(e.to_string()))?;
+        let mut out = Vec::new();
+        for d in lifecycle::desired(project) {
+            let label = format!("CT {} (`{}`)", d.vmid, d.hostname);
+            let Some(g) = guests.iter().find(|g| {
+                g.vmid == d.vmid && g.kind == "lxc" && lifecycle::is_projects(&g.tags, project)
+            }) else {
+                out.push((label, vec!["absent".to_string()]));
+                continue;
+            };
+            match client
+                .ct_config(&g.node, d.vmid)
+                .map_err(|e| scrub(e.to_string()))?
+            {
+                Some(cfg) => {
+                    let keys = lifecycle::diff(&d, &cfg).keys();
+                    if !keys.is_empty() {
+                        out.push((label, keys));
+                    }
+                }
+                None => out.push((label, vec!["absent".to_string()])),
+            }
+        }
+        Ok(out)
+    };
+    Some(read())
 }
 
 /// `(readlink profile, readlink -f /run/current-system, readlink -f profile)` on the host.
@@ -273,12 +337,15 @@ type Drifts = [(String, Vec<terraform::DriftedResource>)];
 
 fn finish(
     format: PlanFormat,
+    containers: &[ContainerDrift],
     workspaces: &Drifts,
     hosts: &[(String, String)],
     skipped: &[String],
     errors: &[String],
 ) -> Result<()> {
-    let drifted = workspaces.iter().any(|(_, d)| !d.is_empty()) || !hosts.is_empty();
+    let drifted = workspaces.iter().any(|(_, d)| !d.is_empty())
+        || !hosts.is_empty()
+        || !containers.is_empty();
     match format {
         PlanFormat::Json => {
             let ws: Vec<_> = workspaces
@@ -297,8 +364,13 @@ fn finish(
                 .iter()
                 .map(|(h, why)| json!({"host": h, "detail": why}))
                 .collect();
+            let cs: Vec<_> = containers
+                .iter()
+                .map(|(c, keys)| json!({"container": c, "keys": keys}))
+                .collect();
             let doc = json!({
                 "drifted": drifted,
+                "containers": cs,
                 "workspaces": ws,
                 "hosts": hs,
                 "skipped": skipped,
@@ -311,6 +383,12 @@ fn finish(
         }
         PlanFormat::Text => {
             let mut out = String::new();
+            for (c, keys) in containers {
+                out.push_str(&format!(
+                    "container {c}: differs from the manifest: {}\n",
+                    keys.join(", ")
+                ));
+            }
             for (step, d) in workspaces {
                 if d.is_empty() {
                     out.push_str(&format!("{step}: no drift\n"));

@@ -50,6 +50,7 @@ pub fn run(cli: Cli) -> Result<()> {
             format,
             no_rollback,
             rollback_core,
+            remove_orphans,
         } => up::run(
             root,
             up::Args {
@@ -64,6 +65,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 json: format == crate::cli::PlanFormat::Json,
                 no_rollback,
                 rollback_core,
+                remove_orphans,
             },
         ),
         Command::History { limit, format } => history::history(root, limit, format),

@@ -1,5 +1,5 @@
-//! `nixmox ps`: one row per service: its host, vmid and address, the container's last known
-//! state, live health (every service's liveness and readiness checks at once, each bounded by
+//! `nixmox ps`: one row per service: its host, vmid and address, the container's state (live
+//! from the Proxmox API with `infra.backend: proxmox-api`, else last known), live health (every service's liveness and readiness checks at once, each bounded by
 //! `--timeout`), and its last deploy from the state store.
 
 use std::collections::BTreeMap;
@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use nixmox_core::decode::parse_duration_ms;
+use nixmox_core::model::InfraBackend;
 use nixmox_core::plan::Phase;
 use nixmox_core::Project;
 use serde_json::json;
@@ -65,10 +66,17 @@ pub fn run(root: &Path, services: &[String], format: PlanFormat, timeout: &str) 
     } else {
         BTreeMap::new()
     };
+    let live = live_states(project, root);
+    if let Some(Err(e)) = &live {
+        output::note(&format!(
+            "the Proxmox API could not be reached ({e}): showing the last known state"
+        ));
+    }
+    let live = live.and_then(|r| r.ok());
     let health = status::live(&ctx, project, services, timeout);
     let text = match format {
-        PlanFormat::Json => json_text(project, &health, &deploys),
-        PlanFormat::Text => table(project, &health, &deploys),
+        PlanFormat::Json => json_text(project, &health, &deploys, live.as_ref()),
+        PlanFormat::Text => table(project, &health, &deploys, live.as_ref()),
     };
     output::data(&text)
 }
@@ -112,6 +120,58 @@ pub fn last_deploys(store: &Store) -> Result<BTreeMap<String, LastDeploy>> {
     Ok(out)
 }
 
+/// Per vmid, the status of the project's containers from the Proxmox API (`running`,
+/// `stopped`; a host without one is `absent`), when `infra.backend` is `proxmox-api` and a
+/// token is available. Bounded by short timeouts and a single try.
+fn live_states(
+    project: &Project,
+    root: &Path,
+) -> Option<std::result::Result<BTreeMap<u32, String>, String>> {
+    use crate::proxmox::{self, lifecycle, Client, ClientOptions, HttpApi, HttpOptions, Retry};
+    if project.infra != InfraBackend::ProxmoxApi || proxmox::token(project, root).is_none() {
+        return None;
+    }
+    let read = || -> std::result::Result<BTreeMap<u32, String>, String> {
+        let settings = proxmox::Settings::from_project(project, root).map_err(|e| e.to_string())?;
+        let scrub = |m: String| crate::engine::runner::scrub(&m, &settings.secrets());
+        let http = HttpOptions {
+            connect_timeout: Duration::from_secs(3),
+            io_timeout: Duration::from_secs(5),
+        };
+        let api = HttpApi::new(
+            &settings.endpoint,
+            settings.credentials.clone(),
+            &settings.tls,
+            &http,
+        )
+        .map_err(|e| scrub(e.to_string()))?;
+        let opts = ClientOptions {
+            retry: Retry {
+                attempts: 1,
+                ..Retry::default()
+            },
+            ..ClientOptions::default()
+        };
+        let client = Client::new(std::sync::Arc::new(api), opts);
+        let guests = client.guests().map_err(|e| scrub(e.to_string()))?;
+        Ok(guests
+            .into_iter()
+            .filter(|g| g.kind == "lxc" && lifecycle::is_projects(&g.tags, project))
+            .map(|g| (g.vmid, g.status))
+            .collect())
+    };
+    Some(read())
+}
+
+/// The container's state: live from the API when there is one, else what its last deploy
+/// says about it.
+fn state_of(live: Option<&BTreeMap<u32, String>>, vmid: u32, d: Option<&LastDeploy>) -> String {
+    match live {
+        Some(l) => l.get(&vmid).cloned().unwrap_or_else(|| "absent".into()),
+        None => state(d).to_string(),
+    }
+}
+
 /// The container's last known state: what its last deploy says about it.
 fn state(d: Option<&LastDeploy>) -> &'static str {
     match d.map(|d| d.result.as_str()) {
@@ -133,13 +193,18 @@ fn table(
     project: &Project,
     health: &[ServiceHealth],
     deploys: &BTreeMap<String, LastDeploy>,
+    live: Option<&BTreeMap<u32, String>>,
 ) -> String {
     let headers = [
         "SERVICE",
         "HOST",
         "VMID",
         "IP",
-        "STATE (LAST KNOWN)",
+        if live.is_some() {
+            "STATE (LIVE)"
+        } else {
+            "STATE (LAST KNOWN)"
+        },
         "HEALTH",
         "LAST DEPLOY",
     ];
@@ -154,7 +219,7 @@ fn table(
             s.host.hostname.to_string(),
             s.host.vmid.to_string(),
             s.host.ip.to_string(),
-            state(d).to_string(),
+            state_of(live, s.host.vmid.get(), d),
             health_text(h),
             d.map(|d| format!("{} {} (run {})", d.started_at, d.result, d.run))
                 .unwrap_or_else(|| "-".into()),
@@ -201,6 +266,7 @@ fn json_text(
     project: &Project,
     health: &[ServiceHealth],
     deploys: &BTreeMap<String, LastDeploy>,
+    live: Option<&BTreeMap<u32, String>>,
 ) -> String {
     let services: Vec<serde_json::Value> = health
         .iter()
@@ -212,8 +278,8 @@ fn json_text(
                 "host": s.host.hostname.as_str(),
                 "vmid": s.host.vmid.get(),
                 "ip": s.host.ip.to_string(),
-                "state": state(d),
-                "state_source": "last known",
+                "state": state_of(live, s.host.vmid.get(), d),
+                "state_source": if live.is_some() { "live" } else { "last known" },
                 "health": h.health.as_str(),
                 "checks": h.checks.iter().map(|c| json!({
                     "check": c.check,

@@ -103,9 +103,12 @@ fn set(root: &Path, service: &str, name: &str) -> Result<()> {
         .expect("load_project returns a project");
     let host = host_of(project, service)?.to_string();
     tree::check_name(name).map_err(Error::Usage)?;
-    if name.starts_with("db/") || name.starts_with("tf/") {
+    if name.starts_with("db/")
+        || name.starts_with("tf/")
+        || name == nixmox_core::render::nixos::AUTHENTIK_SECRET_KEY
+    {
         return Err(Error::Usage(format!(
-            "`{name}` is managed by NixMox (generated passwords are `db/...`, Terraform outputs `tf/...`): use `nixmox secrets rotate` for a new password, or change the Terraform"
+            "`{name}` is managed by NixMox (generated secrets are `db/...` and `authentik/secret_key`, Terraform outputs `tf/...`): use `nixmox secrets rotate` for a new password, or change the Terraform"
         )));
     }
     let value = read_value(name)?;
@@ -155,6 +158,13 @@ fn rotate(root: &Path, service: &str, name: Option<&str>, no_deploy: bool) -> Re
                     s.dbs
                         .iter()
                         .map(|d| nixmox_core::render::nixos::db_secret(&d.role))
+                        .chain(
+                            s.provides
+                                .contains(&nixmox_core::model::Capability::Identity)
+                                .then(|| {
+                                    nixmox_core::render::nixos::AUTHENTIK_SECRET_KEY.to_string()
+                                }),
+                        )
                         .filter(|n| mine.contains(n))
                         .collect()
                 })
@@ -234,6 +244,7 @@ fn rotate(root: &Path, service: &str, name: Option<&str>, no_deploy: bool) -> Re
             json: false,
             no_rollback: false,
             rollback_core: false,
+            remove_orphans: false,
         },
     )
 }

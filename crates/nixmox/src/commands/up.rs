@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nixmox_core::decode::parse_duration_ms;
+use nixmox_core::model::InfraBackend;
 use nixmox_core::plan::Selection;
 
 use super::config::select;
@@ -27,6 +28,8 @@ pub struct Args {
     pub json: bool,
     pub no_rollback: bool,
     pub rollback_core: bool,
+    /// Destroy the project's containers no longer in it (`proxmox-api`).
+    pub remove_orphans: bool,
 }
 
 pub fn run(root: &Path, args: Args) -> Result<()> {
@@ -53,12 +56,20 @@ pub fn run(root: &Path, args: Args) -> Result<()> {
         with_deps: args.with_deps,
         parallel: args.parallel.unwrap_or(project.deploy.parallel as usize),
         force: args.force,
-        force_steps: args.force_steps.clone(),
+        force_steps: {
+            let mut f = args.force_steps.clone();
+            // Orphans are looked for by `tf:infra`: it runs even when nothing else changed.
+            if args.remove_orphans && project.infra == InfraBackend::ProxmoxApi {
+                f.push("tf:infra".into());
+            }
+            f
+        },
         fail_fast: args.fail_fast,
         timeout,
         args: std::env::args().skip(1).collect(),
         rollback: !args.no_rollback,
         rollback_core: args.rollback_core && !args.no_rollback,
+        remove_orphans: args.remove_orphans,
     };
     let paths = Paths::new(root, project);
     if args.dry_run {

@@ -46,6 +46,9 @@ pub struct StepExec<'a> {
     tf_ran: Mutex<std::collections::BTreeSet<usize>>,
     /// What each rolled-back step restored, for the main thread to record.
     rolled_back: Mutex<BTreeMap<usize, RolledBack>>,
+    /// `tf:infra` with `proxmox-api`: containers handled at once (`up --parallel`), and
+    /// whether orphans are destroyed (`up --remove-orphans`).
+    infra: (Option<usize>, bool),
 }
 
 /// Rollback settings of a run, with what the store recorded before it started.
@@ -109,7 +112,15 @@ impl<'a> StepExec<'a> {
             rollback: None,
             tf_ran: Mutex::new(Default::default()),
             rolled_back: Mutex::new(BTreeMap::new()),
+            infra: (None, false),
         }
+    }
+
+    /// How `tf:infra` runs with `proxmox-api`: `parallel` containers at once (the run's
+    /// `--parallel`), destroying orphans when asked.
+    pub fn with_infra(mut self, parallel: usize, remove_orphans: bool) -> Self {
+        self.infra = (Some(parallel), remove_orphans);
+        self
     }
 
     /// Rolls back deploys whose health gate fails (see [`Rollback`]).
@@ -614,6 +625,22 @@ impl StepExec<'_> {
                 Some(&log),
             )
         });
+        // Last, S's redirect URIs must be registered: read from the state of the workspace that
+        // applied its OIDC client (local backend only; a remote state is not read here).
+        let result = result.and_then(|detail| {
+            let state_file = self
+                .paths
+                .terraform
+                .join(terraform::workspace_slug(&format!(
+                    "tf:service-infra:{service}"
+                )))
+                .join("terraform.tfstate");
+            let state = std::fs::read_to_string(&state_file).ok();
+            match crate::health::verify::redirects_registered(state.as_deref(), s)? {
+                Some(note) => Ok(format!("{detail}; {note}")),
+                None => Ok(detail),
+            }
+        });
         match result {
             Ok(detail) => Outcome::Done {
                 changed: false,
@@ -645,8 +672,13 @@ impl Runner for StepExec<'_> {
                     .and_then(Path::parent)
                     .unwrap_or(Path::new("."));
                 let settings = crate::proxmox::step::StepSettings {
-                    parallel: self.project.deploy.parallel.max(1) as usize,
+                    parallel: self
+                        .infra
+                        .0
+                        .unwrap_or(self.project.deploy.parallel as usize)
+                        .max(1),
                     timeout: self.timeout,
+                    remove_orphans: self.infra.1,
                 };
                 crate::proxmox::step::run_infra(
                     self.project,

@@ -91,3 +91,141 @@ pub fn end_to_end(p: &Project, s: &Service) -> Vec<Probe> {
     }
     out
 }
+
+/// The `auth` end-to-end check's last part: S's redirect URIs are registered with the identity
+/// provider, read from the Terraform state of S's `tf:service-infra` workspace (the
+/// `authentik_provider_oauth2` it applied). `Ok(None)` when there is nothing to check (no OIDC
+/// client, or no local state to read, as with a remote backend).
+pub fn redirects_registered(state: Option<&str>, s: &Service) -> Result<Option<String>, String> {
+    let Some(oidc) = s.auth.as_ref().and_then(|a| a.oidc.as_ref()) else {
+        return Ok(None);
+    };
+    let Some(state) = state else {
+        return Ok(None);
+    };
+    let target = format!("the redirect URIs of OIDC client `{}`", oidc.client_id);
+    let doc: serde_json::Value = serde_json::from_str(state).map_err(|e| {
+        format!("auth check on {target}: expected readable Terraform state, got {e}")
+    })?;
+    let mut registered: Vec<String> = Vec::new();
+    let mut found = false;
+    for r in doc["resources"].as_array().into_iter().flatten() {
+        if r["type"] != "authentik_provider_oauth2" || r["mode"] != "managed" {
+            continue;
+        }
+        for inst in r["instances"].as_array().into_iter().flatten() {
+            let attrs = &inst["attributes"];
+            if attrs["client_id"].as_str() != Some(oidc.client_id.as_str()) {
+                continue;
+            }
+            found = true;
+            for u in attrs["allowed_redirect_uris"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                if let Some(url) = u["url"].as_str() {
+                    registered.push(url.to_string());
+                }
+            }
+        }
+    }
+    if !found {
+        return Err(format!(
+            "auth check on {target}: expected the client in the Terraform state, got no `authentik_provider_oauth2` with that client id"
+        ));
+    }
+    let missing: Vec<&String> = oidc
+        .redirect_uris
+        .iter()
+        .filter(|u| !registered.contains(u))
+        .collect();
+    if missing.is_empty() {
+        Ok(Some(format!(
+            "{} redirect URI(s) registered",
+            oidc.redirect_uris.len()
+        )))
+    } else {
+        Err(format!(
+            "auth check on {target}: expected {} registered, got {}",
+            missing
+                .iter()
+                .map(|m| m.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            if registered.is_empty() {
+                "none".to_string()
+            } else {
+                registered.join(", ")
+            }
+        ))
+    }
+}
+
+#[cfg(test)]
+mod redirect_tests {
+    use super::*;
+
+    fn service(uris: &[&str]) -> Service {
+        let mut s = test_service();
+        if let Some(o) = s.auth.as_mut().and_then(|a| a.oidc.as_mut()) {
+            o.redirect_uris = uris.iter().map(|u| u.to_string()).collect();
+        }
+        s
+    }
+
+    fn test_service() -> Service {
+        use nixmox_core::{SourceFile, Sources};
+        let file = |path: &str, text: &str| SourceFile {
+            path: path.into(),
+            bytes: text.as_bytes().to_vec(),
+        };
+        let sources = Sources {
+            config: Some(file(
+                "nixmox.yaml",
+                "project: p\ndomain: p.lan\nnetwork: { cidr: 10.0.0.0/24, gateway: 10.0.0.1 }\n",
+            )),
+            manifests: vec![
+                file(
+                    "services/idp/manifest.yaml",
+                    "name: idp\nprovides: { identity: { type: authentik } }\n",
+                ),
+                file(
+                    "services/app/manifest.yaml",
+                    "name: app\ninterface: { auth: { oidc: { client_id: app-c } } }\n",
+                ),
+            ],
+            lock: None,
+        };
+        let p = nixmox_core::load(&sources, &|_: &str| true)
+            .project
+            .expect("valid");
+        p.service("app").unwrap().clone()
+    }
+
+    const STATE: &str = r#"{"version": 4, "resources": [{"mode": "managed", "type": "authentik_provider_oauth2", "name": "app", "instances": [{"attributes": {"client_id": "app-c", "allowed_redirect_uris": [{"matching_mode": "strict", "url": "https://app.p.lan/cb"}]}}]}]}"#;
+
+    #[test]
+    fn registered_missing_and_unknown() {
+        assert_eq!(
+            redirects_registered(Some(STATE), &service(&["https://app.p.lan/cb"])),
+            Ok(Some("1 redirect URI(s) registered".into()))
+        );
+        let err =
+            redirects_registered(Some(STATE), &service(&["https://app.p.lan/other"])).unwrap_err();
+        assert!(
+            err.contains("expected https://app.p.lan/other registered, got https://app.p.lan/cb"),
+            "{err}"
+        );
+        assert_eq!(
+            redirects_registered(None, &service(&["https://x"])),
+            Ok(None)
+        );
+        let none = r#"{"resources": []}"#;
+        assert!(
+            redirects_registered(Some(none), &service(&["https://app.p.lan/cb"]))
+                .unwrap_err()
+                .contains("no `authentik_provider_oauth2`")
+        );
+    }
+}

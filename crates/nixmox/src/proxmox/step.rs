@@ -20,6 +20,9 @@ pub struct StepSettings {
     pub parallel: usize,
     /// The step's own timeout; no single task is waited for longer.
     pub timeout: Duration,
+    /// Destroy the project's containers no longer in it (`up --remove-orphans`); without it
+    /// they are reported as a warning.
+    pub remove_orphans: bool,
 }
 
 /// Runs the step: settings from the project and the environment, then `converge`.
@@ -60,6 +63,7 @@ pub fn run_infra(
         project,
         log,
         step.parallel,
+        step.remove_orphans,
         warning.as_deref(),
         &secrets,
     )
@@ -71,6 +75,7 @@ pub fn run_with(
     project: &Project,
     log: &Path,
     parallel: usize,
+    remove_orphans: bool,
     warning: Option<&str>,
     secrets: &[String],
 ) -> Outcome {
@@ -83,7 +88,27 @@ pub fn run_with(
     if let Some(w) = warning {
         lines.push(format!("warning: {w}"));
     }
-    let result = lifecycle::converge(client, project, parallel);
+    let mut result = lifecycle::converge(client, project, parallel);
+    // Orphans go only when asked (Compose's `--remove-orphans`), and only after the project's
+    // own containers converged.
+    if let Ok(r) = &mut result {
+        if remove_orphans && !r.orphans.is_empty() {
+            match lifecycle::remove_orphans(client, project, parallel) {
+                Ok(removed) => {
+                    r.destroyed = removed.destroyed;
+                    r.orphans.clear();
+                    r.writes += removed.writes;
+                }
+                Err(mut e) => {
+                    let mut report = r.clone();
+                    report.destroyed = e.report.destroyed.clone();
+                    report.writes += e.report.writes;
+                    e.report = Box::new(report);
+                    result = Err(e);
+                }
+            }
+        }
+    }
     lines.push(String::new());
     lines.extend(client.journal());
     lines.push(String::new());
@@ -96,6 +121,17 @@ pub fn run_with(
     }
     let outcome = match &result {
         Ok(r) => {
+            if !r.orphans.is_empty() {
+                let list: Vec<String> = r
+                    .orphans
+                    .iter()
+                    .map(|g| format!("CT {} (`{}`)", g.vmid, g.name))
+                    .collect();
+                lines.push(format!(
+                    "warning: no longer in the project, left alone: {} (destroy with `nixmox up --remove-orphans`)",
+                    list.join(", ")
+                ));
+            }
             lines.push(format!("result: {}", r.summary()));
             let mut detail = r.summary();
             if !r.notes.is_empty() {

@@ -7,6 +7,8 @@
 //! - `db/<role>`: database role passwords, generated here (32 random bytes, base64url) the first
 //!   time a host needs one, then kept; the database host and the consuming host get the same
 //!   value.
+//! - `authentik/secret_key`: the identity provider's secret key, generated the same way for
+//!   its host; the renderer builds authentik's environment file from it (a sops-nix template).
 //! - `oidc/<service>/client_secret` and `tf/<output>[/<key>...]`: the sensitive outputs of a
 //!   service's Terraform steps, right after the step ran.
 //! - anything `nixmox secrets set SERVICE NAME` is given.
@@ -70,9 +72,15 @@ pub enum SecretsError {
 }
 
 /// The secrets a host needs NixMox to generate, by hostname: `db/<role>` for each database
-/// it uses, and on the database host for each role it serves (as the renderer declares them).
+/// it uses, and on the database host for each role it serves, and `authentik/secret_key` on
+/// the identity provider's host (as the renderer declares them).
 pub fn generated_needs(p: &Project) -> BTreeMap<String, BTreeSet<String>> {
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    if let Some(idp) = p.provider(Capability::Identity) {
+        out.entry(idp.host.hostname.to_string())
+            .or_default()
+            .insert(nixmox_core::render::nixos::AUTHENTIK_SECRET_KEY.to_string());
+    }
     let Some(pg) = p.provider(Capability::Database) else {
         return out;
     };
