@@ -499,16 +499,65 @@ impl StepExec<'_> {
             .map_err(|_| "secrets: lock poisoned".to_string())?;
         vault.log = Some(self.log_path(index));
         let step_id = &self.plan.steps[index].id;
-        let result = vault.absorb_outputs(step_id, &host, service, outputs);
+        // `tf:auth-core` also makes the OIDC clients of core services that use auth: each
+        // `<service>_…` output belongs to that service's host (its `nix:core-auth` step ships
+        // it), the rest to the identity provider's host.
+        let mut outputs: Vec<OutputValue> = outputs.to_vec();
+        let mut notes = Vec::new();
+        if phase == Phase::TfAuthCore {
+            for core in self
+                .project
+                .services
+                .iter()
+                .filter(|c| c.is_core() && c.auth.as_ref().is_some_and(|a| a.oidc.is_some()))
+            {
+                let prefix = format!(
+                    "{}_",
+                    nixmox_core::render::terraform::tf_name(core.name.as_str())
+                );
+                let (mine, rest): (Vec<OutputValue>, Vec<OutputValue>) = outputs
+                    .into_iter()
+                    .partition(|o| o.name.starts_with(&prefix));
+                outputs = rest;
+                let mine: Vec<OutputValue> = mine
+                    .into_iter()
+                    .map(|o| OutputValue {
+                        name: o.name[prefix.len()..].to_string(),
+                        value: o.value,
+                        sensitive: o.sensitive,
+                    })
+                    .collect();
+                if !mine.iter().any(|o| o.sensitive) {
+                    continue;
+                }
+                let core_host = core.host.hostname.to_string();
+                match vault.absorb_outputs(step_id, &core_host, Some(core.name.as_str()), &mine) {
+                    Ok(Some(names)) if !names.is_empty() => notes.push(format!(
+                        "; {} secret(s) in {}",
+                        names.len(),
+                        crate::secrets::file_rel(&core_host)
+                    )),
+                    Ok(_) => {}
+                    Err(e) => {
+                        return Err(format!(
+                            "storing its sensitive outputs in {}: {e}",
+                            crate::secrets::file_rel(&core_host)
+                        ))
+                    }
+                }
+            }
+        }
+        let result = vault.absorb_outputs(step_id, &host, service, &outputs);
         if let Ok(mut r) = self.redact.lock() {
             r.extend(vault.known_values());
             r.sort();
             r.dedup();
         }
+        let notes = notes.concat();
         match result {
-            Ok(Some(names)) if names.is_empty() => Ok(String::new()),
+            Ok(Some(names)) if names.is_empty() => Ok(notes),
             Ok(Some(names)) => Ok(format!(
-                "; {} secret(s) in {}",
+                "{notes}; {} secret(s) in {}",
                 names.len(),
                 crate::secrets::file_rel(&host)
             )),
