@@ -109,3 +109,104 @@ fn down_removes_exactly_a_service_and_refuses_to_orphan_a_dependent() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(resources(&lab, "service-infra--app"), 0);
 }
+
+/// A stand-in for the reverse proxy's port 80 (reached through `NIXMOX_CONNECT_TO`): every
+/// request gets `200 OK`, so `verify:worker`'s proxy check passes without leaving loopback.
+fn fake_proxy() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = served.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = conn.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                );
+            });
+        }
+    });
+    (addr, served)
+}
+
+#[test]
+fn down_removes_a_service_from_the_provider_hosts_configurations() {
+    let lab = Lab::new();
+    // A core reverse proxy on its own host, and a route to worker on it.
+    let proxy_dir = lab.project.join("services/proxy");
+    std::fs::create_dir_all(&proxy_dir).unwrap();
+    std::fs::write(
+        proxy_dir.join("manifest.yaml"),
+        "name: proxy\nprovides: { reverse_proxy: { type: caddy } }\n\
+         host: { ip: 10.77.0.20, vmid: 920 }\n",
+    )
+    .unwrap();
+    let worker = lab.project.join("services/worker/manifest.yaml");
+    let manifest = std::fs::read_to_string(&worker).unwrap().replace(
+        "interface:\n",
+        "interface:\n  proxy: { domain: w.tf.lan, upstream: 8080, tls: false }\n",
+    );
+    assert!(manifest.contains("w.tf.lan"), "{manifest}");
+    std::fs::write(&worker, manifest).unwrap();
+
+    let (local, served) = fake_proxy();
+    let connect_to = format!("10.77.0.20:80={local}");
+    let env = [("NIXMOX_CONNECT_TO", connect_to.as_str())];
+    let proxy_host = lab.project.join(".nixmox/build/nix/hosts/proxy.nix");
+
+    let out = lab.run(&["up"], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    let rendered = std::fs::read_to_string(&proxy_host).unwrap();
+    assert!(
+        rendered.contains("w.tf.lan") && rendered.contains("10.77.0.11"),
+        "the proxy host does not route to worker:\n{rendered}"
+    );
+    assert!(
+        served.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "verify:worker's proxy check never reached the stand-in proxy"
+    );
+    assert!(
+        recorded_steps(&lab).iter().any(|s| s == "verify:worker"),
+        "{:?}",
+        recorded_steps(&lab)
+    );
+
+    lab.clear();
+    let out = lab.run(&["down", "worker"], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    let rendered = std::fs::read_to_string(&proxy_host).unwrap();
+    assert!(
+        !rendered.contains("w.tf.lan") && !rendered.contains("10.77.0.11"),
+        "the proxy host still routes to worker:\n{rendered}"
+    );
+    let log = lab.invocations();
+    assert!(
+        log.iter().any(|l| l.starts_with("start proxy 10.77.0.20 ")),
+        "the proxy host was not redeployed: {log:?}"
+    );
+    assert!(
+        !log.iter().any(|l| l.starts_with("start worker ")),
+        "worker was deployed by `down`: {log:?}"
+    );
+    let steps = recorded_steps(&lab);
+    assert!(
+        !steps.iter().any(|s| s.ends_with(":worker")),
+        "worker's steps still recorded: {steps:?}"
+    );
+    assert!(steps.iter().any(|s| s == "nix:core:proxy"), "{steps:?}");
+}

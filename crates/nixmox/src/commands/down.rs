@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nixmox_core::model::InfraBackend;
+use nixmox_core::model::{Capability, Deployer, InfraBackend};
 use nixmox_core::Project;
 
 use super::config::select;
@@ -216,17 +216,12 @@ pub fn run(root: &Path, args: Args) -> Result<()> {
             store.forget_step(id).map_err(Error::State)?;
         }
     }
-    if project
-        .providers
-        .iter()
-        .flatten()
-        .any(|&p| remove.contains(&p))
-        || args.purge_data
-    {
+    if args.purge_data {
+        purge_data(root, project, &paths, &order, timeout)?;
+    } else if order.iter().any(|&i| !project.services[i].dbs.is_empty()) {
         output::note(
             "databases are kept: the database host's configuration no longer declares them, \
-             but NixOS never drops a database; with --purge-data drop the database and role \
-             yourself on the database host (`DROP DATABASE`, `DROP ROLE`)",
+             but NixOS never drops a database (`nixmox down --purge-data` drops them)",
         );
     }
     output::data(&format!("removed {}\n", removed.join(", ")))
@@ -323,4 +318,114 @@ fn destroy_containers(project: &Project, root: &Path, reduced: Option<&Project>)
     .map_err(|e| fail(e.to_string()))?;
     output::note(&report.summary());
     Ok(())
+}
+
+/// `DROP DATABASE` and `DROP ROLE` for a database of a removed service (names are validated SQL
+/// identifiers, quoted all the same).
+fn drop_statements(database: &str, role: &str) -> [String; 2] {
+    let quote = |n: &str| format!("\"{}\"", n.replace('"', "\"\""));
+    [
+        format!("DROP DATABASE IF EXISTS {}", quote(database)),
+        format!("DROP ROLE IF EXISTS {}", quote(role)),
+    ]
+}
+
+/// `--purge-data`: drops the removed services' databases and roles on the database host, over
+/// SSH, with the built-in deployers; with a custom deployer (NixMox may not reach the hosts
+/// itself) prints the statements for the operator.
+fn purge_data(
+    root: &Path,
+    project: &Project,
+    paths: &Paths,
+    order: &[usize],
+    timeout: Duration,
+) -> Result<()> {
+    let dbs: Vec<(&str, &str)> = order
+        .iter()
+        .flat_map(|&i| project.services[i].dbs.iter())
+        .map(|d| (d.database.as_str(), d.role.as_str()))
+        .collect();
+    if dbs.is_empty() {
+        return Ok(());
+    }
+    let Some(pg) = project.provider(Capability::Database) else {
+        output::note("--purge-data: the project has no database provider: nothing to drop");
+        return Ok(());
+    };
+    if matches!(project.nix.deployer, Deployer::Command { .. }) {
+        let mut text = format!(
+            "--purge-data: with a custom deployer NixMox does not drop databases itself; run \
+             on the database host {} ({}) as postgres:\n",
+            pg.host.hostname, pg.host.ip
+        );
+        for (db, role) in &dbs {
+            for st in drop_statements(db, role) {
+                text.push_str(&format!("  {st};\n"));
+            }
+        }
+        output::note(text.trim_end());
+        return Ok(());
+    }
+    let ctx = crate::health::Context::for_project(
+        project,
+        &paths.ssh,
+        &paths.known_hosts,
+        &root.join(".nixmox/ca.pem"),
+    )
+    .map_err(Error::Usage)?;
+    let to = ctx.route(pg.host.ip, 22);
+    let mut options = ctx.ssh.options.clone();
+    if to.port() != 22 {
+        options.push("-p".into());
+        options.push(to.port().to_string());
+    }
+    for (db, role) in &dbs {
+        let mut remote: Vec<String> = ["sudo", "-u", "postgres", "psql", "-v", "ON_ERROR_STOP=1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for st in drop_statements(db, role) {
+            remote.push("-c".into());
+            remote.push(st);
+        }
+        let mut argv =
+            nixmox_core::deploy::ssh_argv(&options, &ctx.ssh.user, &to.ip().to_string(), &remote);
+        argv[0] = ctx.ssh.program.clone();
+        output::note(&format!(
+            "dropping database `{db}` and role `{role}` on {}",
+            pg.host.hostname
+        ));
+        let opts = crate::exec::RunOpts {
+            timeout: Some(timeout),
+            log: Some(paths.logs.join("down").join("purge-data.log")),
+            ..Default::default()
+        };
+        let fin = crate::exec::run(&crate::exec::Cmd::new(&argv[0]).args(&argv[1..]), &opts)
+            .map_err(|e| Error::RunFailed(format!("--purge-data: {e}")))?;
+        if !fin.success() {
+            return Err(Error::RunFailed(format!(
+                "--purge-data: dropping `{db}` on {} failed (exit {:?}): {}",
+                pg.host.hostname,
+                fin.code,
+                fin.stderr.trim()
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::drop_statements;
+
+    #[test]
+    fn drop_statements_quote_the_names() {
+        assert_eq!(
+            drop_statements("wiki", "wi\"ki"),
+            [
+                "DROP DATABASE IF EXISTS \"wiki\"".to_string(),
+                "DROP ROLE IF EXISTS \"wi\"\"ki\"".to_string()
+            ]
+        );
+    }
 }
