@@ -64,6 +64,19 @@ fn first_up_applies_second_skips_everything_and_a_change_reapplies_only_its_serv
         lab.invocations()
     );
     assert!(start.elapsed() < Duration::from_secs(5));
+    // (That run re-rendered with the outputs the first one recorded.) Another no-op run leaves
+    // the build tree as it is: nothing rewritten.
+    let host_file = lab.project.join(".nixmox/build/nix/hosts/app.nix");
+    let written = std::fs::metadata(&host_file).unwrap().modified().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let out = lab.run(&["up"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(lab.invocations().is_empty(), "{:?}", lab.invocations());
+    assert_eq!(
+        std::fs::metadata(&host_file).unwrap().modified().unwrap(),
+        written,
+        "a no-op up rewrote the build tree"
+    );
 
     // Change app's Terraform variable: app's Terraform re-applies and app's later steps run;
     // worker and solo stay untouched.
@@ -94,7 +107,7 @@ fn first_up_applies_second_skips_everything_and_a_change_reapplies_only_its_serv
 
     // History and logs.
     let h = lab.history();
-    assert_eq!(h["runs"].as_array().unwrap().len(), 3);
+    assert_eq!(h["runs"].as_array().unwrap().len(), 4);
     assert_eq!(h["runs"][0]["result"], "success");
     let logs = lab.run(&["logs", "tf:service-infra:app"], &[]);
     assert!(logs.status.success(), "{}", text(&logs));

@@ -12,13 +12,15 @@
 //! access. A missing tool fails the test with the `scripts/install-tools` argument that
 //! installs it; nothing is skipped.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -30,159 +32,17 @@ use nixmox_core::model::Check;
 use nixmox_core::Project;
 use tempfile::TempDir;
 
+use common::{check, free_port, repo, tcp_open, tool, Server};
+
 // ---------------------------------------------------------------------------------------------
 // Tools and processes
 // ---------------------------------------------------------------------------------------------
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-fn is_executable(p: &Path) -> bool {
-    fs::metadata(p)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
-}
-
-/// A program the tests need: on PATH, then in `$NIXMOX_TOOLS/bin`, the repository's
-/// `.tools/bin`, `/usr/sbin` and `/usr/bin`. Missing, it fails the test with the way to
-/// install it.
-fn tool(program: &str, install: &str) -> PathBuf {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    if let Some(t) = std::env::var_os("NIXMOX_TOOLS") {
-        dirs.push(PathBuf::from(t).join("bin"));
-    }
-    dirs.push(repo().join(".tools/bin"));
-    dirs.push("/usr/sbin".into());
-    dirs.push("/usr/bin".into());
-    for d in dirs {
-        let p = d.join(program);
-        if is_executable(&p) {
-            return p;
-        }
-    }
-    panic!(
-        "`{program}` is not installed, and this test needs it: run `scripts/install-tools {install}` \
-         (scripts/test puts .tools/bin on PATH and sets NIXMOX_TOOLS)"
-    );
-}
 
 fn tmp() -> TempDir {
     tempfile::Builder::new()
         .prefix("nixmox-health-")
         .tempdir()
         .expect("a temporary directory")
-}
-
-/// Runs a command to completion; panics with its output unless it succeeds. Returns stdout.
-fn check(cmd: &mut Command, what: &str) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: cannot run {cmd:?}: {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\ncommand: {cmd:?}\nstdout:\n{stdout}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-/// A child process, stopped (signal, then SIGKILL after a grace period) when dropped.
-struct Server {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-    signal: &'static str,
-}
-
-impl Server {
-    fn spawn(name: &'static str, cmd: &mut Command, log: &Path, signal: &'static str) -> Server {
-        let file = fs::File::create(log).unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
-        Server {
-            name,
-            child,
-            log: log.to_path_buf(),
-            signal,
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until `ready` returns true, failing if the server exits or 20 s pass.
-    fn wait_until(&mut self, mut ready: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("{} exited ({status}); its log:\n{}", self.name, self.log());
-            }
-            if ready() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not become ready within 20 s; its log:\n{}",
-                self.name,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
-        }
-        let _ = Command::new("kill")
-            .arg(format!("-{}", self.signal))
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// A port free for both TCP and UDP on `addr`.
-fn free_port(addr: Ipv4Addr) -> u16 {
-    for _ in 0..50 {
-        let tcp = TcpListener::bind((addr, 0)).expect("bind a loopback address");
-        let port = tcp.local_addr().unwrap().port();
-        if UdpSocket::bind((addr, port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port on {addr}");
-}
-
-fn tcp_open(addr: SocketAddr) -> bool {
-    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -15,63 +15,31 @@
 //! free port, so the tests can run in parallel, and a guard stops it even when the test panics.
 //! A missing tool fails the test, naming the `scripts/install-tools` argument that installs it.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use tempfile::TempDir;
+
+use common::{check, copy_dir, free_port, repo, tcp_open, tool, Server};
 
 // ---------------------------------------------------------------------------------------------
 // Shared helpers
 // ---------------------------------------------------------------------------------------------
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
 fn example() -> PathBuf {
     repo().join("examples/homelab")
-}
-
-fn is_executable(p: &Path) -> bool {
-    fs::metadata(p)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
-}
-
-/// A program the tests need: on PATH, then in `$NIXMOX_TOOLS/bin`, the repository's
-/// `.tools/bin` and `/usr/sbin`. Missing, it fails the test with the way to install it.
-fn tool(program: &str, install: &str) -> PathBuf {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    if let Some(t) = std::env::var_os("NIXMOX_TOOLS") {
-        dirs.push(PathBuf::from(t).join("bin"));
-    }
-    dirs.push(repo().join(".tools/bin"));
-    dirs.push("/usr/sbin".into());
-    for d in dirs {
-        let p = d.join(program);
-        if is_executable(&p) {
-            return p;
-        }
-    }
-    panic!(
-        "`{program}` is not installed, and this test needs it: run `scripts/install-tools {install}` \
-         (scripts/test puts .tools/bin on PATH and sets NIXMOX_TOOLS)"
-    );
 }
 
 fn tmp() -> TempDir {
@@ -79,21 +47,6 @@ fn tmp() -> TempDir {
         .prefix("nixmox-render-real-")
         .tempdir()
         .expect("a temporary directory")
-}
-
-/// Runs a command to completion; panics with its output unless it succeeds. Returns stdout.
-fn check(cmd: &mut Command, what: &str) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: cannot run {cmd:?}: {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\ncommand: {cmd:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        out.status
-    );
-    stdout
 }
 
 /// `nixmox -C PROJECT render --out OUT`.
@@ -107,20 +60,6 @@ fn render(project: &Path, out: &Path) {
             .env("NO_COLOR", "1"),
         "nixmox render",
     );
-}
-
-/// Copies a directory tree.
-fn copy_dir(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for e in fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            fs::copy(e.path(), &target).unwrap();
-        }
-    }
 }
 
 /// A Nix string literal.
@@ -197,99 +136,6 @@ fn eval_host(
     );
     serde_json::from_str(&out)
         .unwrap_or_else(|e| panic!("nix-instantiate printed no JSON ({e}): {out}"))
-}
-
-/// A child process, stopped (signal, then SIGKILL after a grace period) when dropped.
-struct Server {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-    /// Signal sent first (`INT` for PostgreSQL's fast shutdown).
-    signal: &'static str,
-}
-
-impl Server {
-    fn spawn(name: &'static str, cmd: &mut Command, log: &Path, signal: &'static str) -> Server {
-        let file = fs::File::create(log).unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
-        Server {
-            name,
-            child,
-            log: log.to_path_buf(),
-            signal,
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Panics (with the server's log) if it has exited.
-    fn assert_running(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("{} exited ({status}); its log:\n{}", self.name, self.log());
-        }
-    }
-
-    /// Waits until `ready` returns true, failing if the server exits or 20 s pass.
-    fn wait_until(&mut self, mut ready: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            self.assert_running();
-            if ready() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not become ready within 20 s; its log:\n{}",
-                self.name,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
-        }
-        let _ = Command::new("kill")
-            .arg(format!("-{}", self.signal))
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A port free for both TCP and UDP on `addr`.
-fn free_port(addr: Ipv4Addr) -> u16 {
-    for _ in 0..50 {
-        let tcp = TcpListener::bind((addr, 0)).expect("bind a loopback address");
-        let port = tcp.local_addr().unwrap().port();
-        if UdpSocket::bind((addr, port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port on {addr}");
-}
-
-fn tcp_open(addr: SocketAddr) -> bool {
-    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -4,33 +4,12 @@
 //! `validate` and `apply` offline. Missing tools fail the test with the command that installs
 //! them (`scripts/install-tools`).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-/// A tool from `.tools/bin` (installed by `scripts/install-tools`) or the PATH; a clear
-/// failure when it is missing.
-fn tool(name: &str, installer: &str) -> PathBuf {
-    let local = repo().join(".tools/bin").join(name);
-    if local.exists() {
-        return local;
-    }
-    if let Some(paths) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&paths) {
-            let p = dir.join(name);
-            if p.is_file() {
-                return p;
-            }
-        }
-    }
-    panic!("`{name}` is required by this test and is not installed: run `scripts/install-tools {installer}` (scripts/test does it)");
-}
+use common::{repo, tool};
 
 fn render(project: &Path, out: &Path) {
     let st = Command::new(env!("CARGO_BIN_EXE_nixmox"))
@@ -78,7 +57,6 @@ fn parse_all(build: &Path) -> usize {
 /// Evaluates an attribute of a host configuration with stand-ins for the module arguments
 /// (the pure data parts need nothing from nixpkgs).
 fn eval_host(build: &Path, host: &str, attr: &str) -> serde_json::Value {
-    let nix = tool("nix-instantiate", "nix");
     let file = build.join(format!("nix/hosts/{host}.nix"));
     let expr = format!(
         r#"let
@@ -98,15 +76,21 @@ fn eval_host(build: &Path, host: &str, attr: &str) -> serde_json::Value {
 in m.{attr}"#,
         file = file.display()
     );
+    nix_eval(&expr, &format!("{host}.{attr}"))
+}
+
+/// `nix-instantiate --eval --strict --json` of an expression (no store needed).
+fn nix_eval(expr: &str, what: &str) -> serde_json::Value {
+    let nix = tool("nix-instantiate", "nix");
     let out = Command::new(&nix)
         .args([
-            "--store", "dummy://", "--eval", "--strict", "--json", "-E", &expr,
+            "--store", "dummy://", "--eval", "--strict", "--json", "-E", expr,
         ])
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "eval of {host}.{attr} failed:\n{}",
+        "eval of {what} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
@@ -224,21 +208,10 @@ fn example_renders_parsable_nix_with_the_right_facts() {
     );
 
     // The flake pins nixpkgs from nixmox.yaml and lists every host for nixos-rebuild and colmena.
-    let nix = tool("nix-instantiate", "nix");
-    let out = Command::new(&nix)
-        .args(["--store", "dummy://", "--eval", "--strict", "--json", "-E"])
-        .arg(format!(
-            "(import {}).inputs",
-            build.join("nix/flake.nix").display()
-        ))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let inputs = nix_eval(
+        &format!("(import {}).inputs", build.join("nix/flake.nix").display()),
+        "the flake's inputs",
     );
-    let inputs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(inputs["nixpkgs"]["url"], "github:NixOS/nixpkgs/nixos-25.05");
     assert_eq!(
         inputs["authentik-nix"]["url"],
@@ -248,7 +221,6 @@ fn example_renders_parsable_nix_with_the_right_facts() {
 
 /// The flake's outputs with a stand-in for the few nixpkgs `lib` functions they use.
 fn eval_flake_outputs(build: &Path, attr: &str) -> serde_json::Value {
-    let nix = tool("nix-instantiate", "nix");
     let expr = format!(
         r#"let
   suffix = suf: s: let ls = builtins.stringLength s; lf = builtins.stringLength suf; in lf <= ls && builtins.substring (ls - lf) lf s == suf;
@@ -263,18 +235,7 @@ fn eval_flake_outputs(build: &Path, attr: &str) -> serde_json::Value {
 in out.{attr}"#,
         flake = build.join("nix/flake.nix").display()
     );
-    let out = Command::new(&nix)
-        .args([
-            "--store", "dummy://", "--eval", "--strict", "--json", "-E", &expr,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "eval of the flake's {attr} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    nix_eval(&expr, &format!("the flake's {attr}"))
 }
 
 #[test]

@@ -1,12 +1,17 @@
-//! The harness shared by the integration tests that run `nixmox` against the Terraform test
-//! project (Terraform 1.0.3 with the null provider, offline, from `.tools/`, and the test
-//! deployer `tests/fixtures/bin/deploy-test`).
+//! The harness shared by the integration tests: the `Lab` that runs `nixmox` against the
+//! Terraform test project (Terraform 1.0.3 with the null provider, offline, from `.tools/`, and
+//! the test deployer `tests/fixtures/bin/deploy-test`), and the helpers for tests that start
+//! real programs (finding a tool, running a command, a server stopped when dropped).
 
 // Each test binary uses a different part of this harness.
 #![allow(dead_code)]
 
+use std::fs;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -158,4 +163,155 @@ pub fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
+}
+
+// ---- tools and servers shared by the tests that run real programs ----
+
+pub fn is_executable(p: &Path) -> bool {
+    fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// A program the tests need: the project's own tools first (`$NIXMOX_TOOLS/bin`, the
+/// repository's `.tools/bin`, where `scripts/install-tools` puts the pinned versions; a machine
+/// may have another Terraform on its PATH), then the PATH, `/usr/sbin` and `/usr/bin`. Missing,
+/// it fails the test with the way to install it.
+pub fn tool(program: &str, install: &str) -> PathBuf {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Some(t) = std::env::var_os("NIXMOX_TOOLS") {
+        dirs.push(PathBuf::from(t).join("bin"));
+    }
+    dirs.push(repo().join(".tools/bin"));
+    if let Some(p) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&p));
+    }
+    dirs.push("/usr/sbin".into());
+    dirs.push("/usr/bin".into());
+    for d in dirs {
+        let p = d.join(program);
+        if is_executable(&p) {
+            return p;
+        }
+    }
+    panic!(
+        "`{program}` is not installed, and this test needs it: run `scripts/install-tools {install}` \
+         (scripts/test puts .tools/bin on PATH and sets NIXMOX_TOOLS)"
+    );
+}
+
+/// Runs a command to completion; panics with its output unless it succeeds. Returns stdout.
+pub fn check(cmd: &mut Command, what: &str) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run {cmd:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\ncommand: {cmd:?}\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// A child process, stopped (signal, then SIGKILL after a grace period) when dropped.
+pub struct Server {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+    signal: &'static str,
+}
+
+impl Server {
+    pub fn spawn(
+        name: &'static str,
+        cmd: &mut Command,
+        log: &Path,
+        signal: &'static str,
+    ) -> Server {
+        let file = fs::File::create(log).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        Server {
+            name,
+            child,
+            log: log.to_path_buf(),
+            signal,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Panics (with the server's log) if it has exited.
+    pub fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("{} exited ({status}); its log:\n{}", self.name, self.log());
+        }
+    }
+
+    /// Waits until `ready` returns true, failing if the server exits or 20 s pass.
+    pub fn wait_until(&mut self, mut ready: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            self.assert_running();
+            if ready() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not become ready within 20 s; its log:\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .arg(format!("-{}", self.signal))
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A port free for both TCP and UDP on `addr`.
+pub fn free_port(addr: Ipv4Addr) -> u16 {
+    for _ in 0..50 {
+        let tcp = TcpListener::bind((addr, 0)).expect("bind a loopback address");
+        let port = tcp.local_addr().unwrap().port();
+        if UdpSocket::bind((addr, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on {addr}");
+}
+
+pub fn tcp_open(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
 }
