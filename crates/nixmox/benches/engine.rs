@@ -297,6 +297,7 @@ fn fabricate_state(bin: &Path, root: &Path) -> Result<(usize, usize), String> {
         .project
         .as_ref()
         .expect("load_project returns a project");
+    let root = &nixmox::root::ProjectRoot::resolve(root).map_err(|e| e.to_string())?;
     let paths = Paths::new(root, project);
     let (plan, _) = plan_with_state(root, project, &Selection::default(), &paths)
         .map_err(|e| format!("planning the example: {e}"))?;
@@ -348,6 +349,7 @@ fn last_run_ran_nothing(root: &Path) -> Result<(), String> {
         .project
         .as_ref()
         .expect("load_project returns a project");
+    let root = &nixmox::root::ProjectRoot::resolve(root).map_err(|e| e.to_string())?;
     let store = Store::open(&Paths::new(root, project).state_db).map_err(|e| e.to_string())?;
     let runs = store.runs(1).map_err(|e| e.to_string())?;
     let last = runs.first().ok_or("no run recorded")?;

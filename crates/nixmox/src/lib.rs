@@ -11,6 +11,7 @@ pub mod exec;
 pub mod health;
 pub mod output;
 pub mod project_fs;
+pub mod root;
 pub mod proxmox;
 pub mod secrets;
 pub mod state;

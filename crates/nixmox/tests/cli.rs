@@ -46,8 +46,9 @@ impl Test {
     }
     fn run(self) -> Output {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixmox"));
+        // As a user works: from inside the project directory, no `-C` (issue 11).
         if let Some(p) = &self.project {
-            cmd.arg("-C").arg(p);
+            cmd.current_dir(p);
         }
         cmd.args(&self.args).env("NO_COLOR", "1");
         for (k, v) in &self.env {
@@ -192,8 +193,7 @@ mod validate {
     #[test]
     fn missing_project_dir_is_a_usage_error() {
         let out = Test::new()
-            .project("/nonexistent/nixmox")
-            .args(&["validate"])
+            .args(&["-C", "/nonexistent/nixmox", "validate"])
             .run()
             .code(2);
         assert!(out.stderr.contains("does not exist"), "{}", out.stderr);

@@ -528,7 +528,7 @@ impl Lab {
 
     fn nixmox(&self, args: &[&str]) -> Output {
         let mut c = Command::new(env!("CARGO_BIN_EXE_nixmox"));
-        c.arg("-C").arg(&self.project_dir).args(args);
+        c.current_dir(&self.project_dir).args(args);
         for (k, v) in self.env() {
             c.env(k, v);
         }

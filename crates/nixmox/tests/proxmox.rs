@@ -789,8 +789,7 @@ fn nixmox(dir: &Path, args: &[&str]) -> std::process::Output {
         std::env::var("PATH").unwrap_or_default()
     );
     Command::new(env!("CARGO_BIN_EXE_nixmox"))
-        .arg("-C")
-        .arg(dir)
+        .current_dir(dir)
         .args(args)
         .env("PATH", path)
         .env("NO_COLOR", "1")

@@ -339,7 +339,7 @@ impl Lab {
 
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_nixmox"));
-        c.arg("-C").arg(&self.project).args(args);
+        c.current_dir(&self.project).args(args);
         for (k, v) in &self.env {
             c.env(k, v);
         }

@@ -1,6 +1,5 @@
 //! `nixmox config`: the resolved project on stdout.
 
-use std::path::Path;
 
 use nixmox_core::config_out;
 use nixmox_core::diag::did_you_mean;
@@ -9,8 +8,9 @@ use super::load_project;
 use crate::cli::ConfigFormat;
 use crate::error::{Error, Result};
 use crate::output;
+use crate::root::ProjectRoot;
 
-pub fn run(root: &Path, format: ConfigFormat, services: &[String]) -> Result<()> {
+pub fn run(root: &ProjectRoot, format: ConfigFormat, services: &[String]) -> Result<()> {
     let loaded = load_project(root)?;
     let project = loaded
         .project

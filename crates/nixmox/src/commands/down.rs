@@ -6,7 +6,6 @@
 //! the containers (`proxmox-api`), then forget the removed services' recorded steps.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::state::{LockOutcome, Store};
 use crate::terraform::StepOpts;
 use crate::{output, project_fs};
+use crate::root::ProjectRoot;
 
 pub struct Args {
     pub services: Vec<String>,
@@ -53,7 +53,7 @@ fn removal_order(project: &Project, remove: &BTreeSet<usize>) -> Vec<usize> {
     order
 }
 
-pub fn run(root: &Path, args: Args) -> Result<()> {
+pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
     let loaded = load_project(root)?;
     let project = loaded
         .project
@@ -229,7 +229,7 @@ pub fn run(root: &Path, args: Args) -> Result<()> {
 
 #[allow(clippy::too_many_arguments)]
 fn destroy_workspaces(
-    root: &Path,
+    root: &ProjectRoot,
     project: &Project,
     paths: &Paths,
     store: &mut Store,
@@ -282,7 +282,7 @@ fn destroy_workspaces(
 }
 
 /// The project as if the removed services' manifests were not there.
-fn reduced_project(root: &Path, removed: &[String]) -> Result<Project> {
+fn reduced_project(root: &ProjectRoot, removed: &[String]) -> Result<Project> {
     let mut read = project_fs::read_project(root)?;
     read.sources.manifests.retain(|m| {
         !removed
@@ -305,7 +305,7 @@ fn reduced_project(root: &Path, removed: &[String]) -> Result<Project> {
 
 /// `proxmox-api`: the project's containers the reduced project no longer has (all of them when
 /// there is none).
-fn destroy_containers(project: &Project, root: &Path, reduced: Option<&Project>) -> Result<()> {
+fn destroy_containers(project: &Project, root: &ProjectRoot, reduced: Option<&Project>) -> Result<()> {
     use crate::proxmox::{connect, lifecycle, ClientOptions, Settings};
     let fail = |e: String| Error::RunFailed(format!("destroying the containers: {e}"));
     let settings = Settings::from_project(project, root).map_err(|e| fail(e.to_string()))?;
@@ -334,7 +334,7 @@ fn drop_statements(database: &str, role: &str) -> [String; 2] {
 /// SSH, with the built-in deployers; with a custom deployer (NixMox may not reach the hosts
 /// itself) prints the statements for the operator.
 fn purge_data(
-    root: &Path,
+    root: &ProjectRoot,
     project: &Project,
     paths: &Paths,
     order: &[usize],

@@ -22,6 +22,7 @@ use crate::exec::{self, Cmd, RunOpts};
 use crate::output;
 use crate::state::Store;
 use crate::terraform::{self, StepOpts, Terraform, Workspace};
+use crate::root::ProjectRoot;
 
 /// Where a Terraform step's configuration is rendered, relative to the build directory.
 pub(crate) fn step_config_rel(step_id: &str) -> Option<String> {
@@ -43,7 +44,7 @@ pub(crate) fn step_config_rel(step_id: &str) -> Option<String> {
 /// Renders the project into `<scratch>/build` (never touching `.nixmox/build`), so the
 /// workspaces' local modules are there.
 pub(crate) fn scratch_build(
-    root: &Path,
+    root: &ProjectRoot,
     project: &Project,
     store: &Store,
     scratch: &Path,
@@ -134,7 +135,7 @@ pub(crate) fn temp_dir(paths: &Paths, what: &str) -> Result<Scratch> {
     Ok(Scratch(dir))
 }
 
-pub fn run(root: &Path, format: PlanFormat) -> Result<()> {
+pub fn run(root: &ProjectRoot, format: PlanFormat) -> Result<()> {
     let loaded = load_project(root)?;
     let project = loaded
         .project
@@ -246,7 +247,7 @@ type ContainerDrift = (String, Vec<String>);
 /// container. `None` with another backend.
 fn container_drift(
     project: &Project,
-    root: &Path,
+    root: &ProjectRoot,
 ) -> Option<std::result::Result<Vec<ContainerDrift>, String>> {
     use crate::proxmox::{self, lifecycle, ClientOptions, Retry};
     if project.infra != InfraBackend::ProxmoxApi {

@@ -1,6 +1,5 @@
 //! `nixmox graph`: the service graph or the step graph as a picture.
 
-use std::path::Path;
 
 use nixmox_core::graph;
 use nixmox_core::plan::{self, PlanInput, Selection};
@@ -9,8 +8,9 @@ use super::load_project;
 use crate::cli::GraphFormat;
 use crate::error::Result;
 use crate::output;
+use crate::root::ProjectRoot;
 
-pub fn run(root: &Path, steps: bool, format: GraphFormat) -> Result<()> {
+pub fn run(root: &ProjectRoot, steps: bool, format: GraphFormat) -> Result<()> {
     let loaded = load_project(root)?;
     let project = loaded
         .project

@@ -1,6 +1,5 @@
 //! `nixmox history`, `nixmox logs STEP`, `nixmox unlock`: reading and repairing the state.
 
-use std::path::Path;
 
 use super::load_project;
 use crate::cli::PlanFormat;
@@ -8,8 +7,9 @@ use crate::engine::Paths;
 use crate::error::{Error, Result};
 use crate::output;
 use crate::state::Store;
+use crate::root::ProjectRoot;
 
-fn store(root: &Path) -> Result<Store> {
+fn store(root: &ProjectRoot) -> Result<Store> {
     let loaded = load_project(root)?;
     let project = loaded
         .project
@@ -19,7 +19,7 @@ fn store(root: &Path) -> Result<Store> {
     Ok(Store::open(&paths.state_db)?)
 }
 
-pub fn history(root: &Path, limit: usize, format: PlanFormat) -> Result<()> {
+pub fn history(root: &ProjectRoot, limit: usize, format: PlanFormat) -> Result<()> {
     let store = store(root)?;
     let runs = store.runs(limit)?;
     if format == PlanFormat::Json {
@@ -54,7 +54,7 @@ pub fn history(root: &Path, limit: usize, format: PlanFormat) -> Result<()> {
     output::data(&text)
 }
 
-pub fn logs(root: &Path, step: &str) -> Result<()> {
+pub fn logs(root: &ProjectRoot, step: &str) -> Result<()> {
     let store = store(root)?;
     match store.last_log(step)? {
         Some((run, path)) => {
@@ -66,7 +66,7 @@ pub fn logs(root: &Path, step: &str) -> Result<()> {
     }
 }
 
-pub fn unlock(root: &Path) -> Result<()> {
+pub fn unlock(root: &ProjectRoot) -> Result<()> {
     let mut store = store(root)?;
     match store.force_unlock()? {
         Some(h) => output::note(&format!(

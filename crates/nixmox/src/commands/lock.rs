@@ -1,14 +1,14 @@
 //! `nixmox lock`: writes the pool allocations to nixmox.lock.
 
-use std::path::Path;
 
 use nixmox_core::lock::LOCK_FILE;
 
 use super::load_project;
 use crate::error::Result;
 use crate::{output, project_fs};
+use crate::root::ProjectRoot;
 
-pub fn run(root: &Path) -> Result<()> {
+pub fn run(root: &ProjectRoot) -> Result<()> {
     let loaded = load_project(root)?;
     if !loaded.lock_changed {
         output::note(&format!("{LOCK_FILE} is up to date"));

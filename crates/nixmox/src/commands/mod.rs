@@ -22,11 +22,25 @@ use nixmox_core::Loaded;
 
 use crate::cli::{Cli, Command};
 use crate::error::{Error, Result};
+use crate::root::ProjectRoot;
 use crate::{output, project_fs};
 
 pub fn run(cli: Cli) -> Result<()> {
-    let root = cli.project.as_path();
-    match cli.command {
+    // Commands that need no existing project come first; every other command resolves the
+    // project directory once, to an absolute path, before anything else (see `root`).
+    let command = match cli.command {
+        Command::Schema { kind, out } => return schema::run(kind, out.as_deref()),
+        Command::Init { dir, name, domain } => {
+            return init::run(
+                dir.as_deref().unwrap_or(cli.project.as_path()),
+                name.as_deref(),
+                &domain,
+            )
+        }
+        other => other,
+    };
+    let root = &ProjectRoot::resolve(&cli.project)?;
+    match command {
         Command::Validate { locked } => validate::run(root, locked),
         Command::Config { format, services } => config::run(root, format, &services),
         Command::Lock => lock::run(root),
@@ -89,10 +103,7 @@ pub fn run(cli: Cli) -> Result<()> {
         ),
         Command::Logs { step } => history::logs(root, &step),
         Command::Unlock => history::unlock(root),
-        Command::Schema { kind, out } => schema::run(kind, out.as_deref()),
-        Command::Init { dir, name, domain } => {
-            init::run(dir.as_deref().unwrap_or(root), name.as_deref(), &domain)
-        }
+        Command::Schema { .. } | Command::Init { .. } => unreachable!("handled above"),
         Command::Template { action } => match action {
             crate::cli::TemplateAction::Upload {
                 file,

@@ -1,6 +1,5 @@
 //! `nixmox plan`: the step graph, what changes and why.
 
-use std::path::Path;
 
 use nixmox_core::plan::Selection;
 use nixmox_core::plan_out;
@@ -11,9 +10,10 @@ use crate::cli::PlanFormat;
 use crate::engine::{self, Paths};
 use crate::error::{Error, Result};
 use crate::output;
+use crate::root::ProjectRoot;
 
 pub fn run(
-    root: &Path,
+    root: &ProjectRoot,
     services: &[String],
     with_deps: bool,
     format: PlanFormat,

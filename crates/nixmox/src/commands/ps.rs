@@ -3,7 +3,6 @@
 //! `--timeout`), and its last deploy from the state store.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
 use nixmox_core::decode::parse_duration_ms;
@@ -21,6 +20,7 @@ use crate::health::status::{self, Health, ServiceHealth};
 use crate::health::Context;
 use crate::output;
 use crate::state::{RunId, Store};
+use crate::root::ProjectRoot;
 
 /// How many past runs are searched for each service's last deploy.
 const RUNS_SEARCHED: usize = 500;
@@ -37,7 +37,7 @@ pub struct LastDeploy {
     pub error: Option<String>,
 }
 
-pub fn run(root: &Path, services: &[String], format: PlanFormat, timeout: &str) -> Result<()> {
+pub fn run(root: &ProjectRoot, services: &[String], format: PlanFormat, timeout: &str) -> Result<()> {
     let timeout = parse_duration_ms(timeout)
         .filter(|ms| *ms > 0)
         .map(Duration::from_millis)
@@ -125,7 +125,7 @@ pub fn last_deploys(store: &Store) -> Result<BTreeMap<String, LastDeploy>> {
 /// token is available. Bounded by short timeouts and a single try.
 fn live_states(
     project: &Project,
-    root: &Path,
+    root: &ProjectRoot,
 ) -> Option<std::result::Result<BTreeMap<u32, String>, String>> {
     use crate::proxmox::{self, lifecycle, Client, ClientOptions, HttpApi, HttpOptions, Retry};
     if project.infra != InfraBackend::ProxmoxApi || proxmox::token(project, root).is_none() {

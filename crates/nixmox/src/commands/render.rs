@@ -7,8 +7,9 @@ use nixmox_core::render::{self, Outputs};
 use super::load_project;
 use crate::error::Result;
 use crate::{output, project_fs};
+use crate::root::ProjectRoot;
 
-pub fn run(root: &Path, out: &Path) -> Result<()> {
+pub fn run(root: &ProjectRoot, out: &Path) -> Result<()> {
     let loaded = load_project(root)?;
     let project = loaded
         .project

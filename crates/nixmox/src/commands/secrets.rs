@@ -1,7 +1,6 @@
 //! `nixmox secrets set|rotate|list`: the hosts' SOPS files (src/secrets, docs/secrets.md).
 
 use std::io::{IsTerminal, Read};
-use std::path::Path;
 
 use nixmox_core::Project;
 
@@ -13,8 +12,9 @@ use crate::error::{Error, Result};
 use crate::output;
 use crate::secrets::{self, tree, SecretsError, Vault};
 use crate::state::Store;
+use crate::root::ProjectRoot;
 
-pub fn run(root: &Path, action: SecretsAction) -> Result<()> {
+pub fn run(root: &ProjectRoot, action: SecretsAction) -> Result<()> {
     match action {
         SecretsAction::Set { service, name } => set(root, &service, &name),
         SecretsAction::Rotate {
@@ -42,7 +42,7 @@ fn host_of<'p>(project: &'p Project, service: &str) -> Result<&'p str> {
 }
 
 /// The store (created and migrated if needed), with the run lock held, and the vault.
-fn open(root: &Path, project: &Project, command: &str) -> Result<(Store, Vault)> {
+fn open(root: &ProjectRoot, project: &Project, command: &str) -> Result<(Store, Vault)> {
     let paths = Paths::new(root, project);
     let mut store = Store::open(&paths.state_db)?;
     store.acquire_lock(command)?;
@@ -95,7 +95,7 @@ fn prompt(label: &str) -> Result<String> {
     })
 }
 
-fn set(root: &Path, service: &str, name: &str) -> Result<()> {
+fn set(root: &ProjectRoot, service: &str, name: &str) -> Result<()> {
     let loaded = load_project(root)?;
     let project = loaded
         .project
@@ -128,7 +128,7 @@ fn set(root: &Path, service: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
-fn rotate(root: &Path, service: &str, name: Option<&str>, no_deploy: bool) -> Result<()> {
+fn rotate(root: &ProjectRoot, service: &str, name: Option<&str>, no_deploy: bool) -> Result<()> {
     let loaded = load_project(root)?;
     let project = loaded
         .project
@@ -249,7 +249,7 @@ fn rotate(root: &Path, service: &str, name: Option<&str>, no_deploy: bool) -> Re
     )
 }
 
-fn list(root: &Path, services: &[String], format: PlanFormat) -> Result<()> {
+fn list(root: &ProjectRoot, services: &[String], format: PlanFormat) -> Result<()> {
     let loaded = load_project(root)?;
     let project = loaded
         .project

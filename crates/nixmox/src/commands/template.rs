@@ -7,6 +7,7 @@ use crate::cli::PlanFormat;
 use crate::error::{Error, Result};
 use crate::output;
 use crate::proxmox::{self, template, Client, ClientOptions, PveError, Settings};
+use crate::root::ProjectRoot;
 
 fn failed(e: PveError) -> Error {
     match e {
@@ -15,7 +16,7 @@ fn failed(e: PveError) -> Error {
     }
 }
 
-fn client(root: &Path) -> Result<(nixmox_core::Project, Client)> {
+fn client(root: &ProjectRoot) -> Result<(nixmox_core::Project, Client)> {
     let loaded = super::load_project(root)?;
     let project = loaded.project.ok_or(Error::Reported { count: 0 })?;
     let settings = Settings::from_project(&project, root).map_err(failed)?;
@@ -36,7 +37,7 @@ fn size(bytes: u64) -> String {
     }
 }
 
-pub fn upload(root: &Path, file: &Path, storage: Option<&str>, force: bool) -> Result<()> {
+pub fn upload(root: &ProjectRoot, file: &Path, storage: Option<&str>, force: bool) -> Result<()> {
     let (project, client) = client(root)?;
     let (default_storage, _) = template::template_location(&project).map_err(failed)?;
     let storage = storage.map(str::to_string).unwrap_or(default_storage);
@@ -64,7 +65,7 @@ pub fn upload(root: &Path, file: &Path, storage: Option<&str>, force: bool) -> R
     }
 }
 
-pub fn list(root: &Path, storage: Option<&str>, format: PlanFormat) -> Result<()> {
+pub fn list(root: &ProjectRoot, storage: Option<&str>, format: PlanFormat) -> Result<()> {
     let (project, client) = client(root)?;
     let (default_storage, _) = template::template_location(&project).map_err(failed)?;
     let storage = storage.map(str::to_string).unwrap_or(default_storage);

@@ -1,6 +1,5 @@
 //! `nixmox up`: render, plan against the recorded state, execute.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +14,7 @@ use crate::engine::events::{JsonLines, Live, Plain, Reporter};
 use crate::engine::{self, Paths, UpOptions, UpResult};
 use crate::error::{Error, Result};
 use crate::output;
+use crate::root::ProjectRoot;
 
 pub struct Args {
     pub services: Vec<String>,
@@ -32,7 +32,7 @@ pub struct Args {
     pub remove_orphans: bool,
 }
 
-pub fn run(root: &Path, args: Args) -> Result<()> {
+pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
     let timeout = parse_duration_ms(&args.timeout)
         .filter(|ms| *ms > 0)
         .map(Duration::from_millis)

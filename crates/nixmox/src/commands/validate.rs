@@ -1,14 +1,14 @@
 //! `nixmox validate`: every problem, or a one-line summary.
 
-use std::path::Path;
 
 use nixmox_core::lock::LOCK_FILE;
 
 use super::{load_project, plural};
 use crate::error::{Error, Result};
 use crate::output;
+use crate::root::ProjectRoot;
 
-pub fn run(root: &Path, locked: bool) -> Result<()> {
+pub fn run(root: &ProjectRoot, locked: bool) -> Result<()> {
     let loaded = load_project(root)?;
     let project = loaded
         .project

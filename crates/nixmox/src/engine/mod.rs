@@ -22,6 +22,7 @@ use self::scheduler::{Final, Progress, Skip, Task};
 use crate::error::{Error, Result};
 use crate::project_fs;
 use crate::state::{self, RunResult, StepFinish, StepStatus, Store};
+use crate::root::ProjectRoot;
 
 /// Where NixMox keeps its working files, all under the project's `.nixmox/`.
 #[derive(Clone, Debug)]
@@ -37,7 +38,7 @@ pub struct Paths {
 }
 
 impl Paths {
-    pub fn new(root: &Path, project: &Project) -> Self {
+    pub fn new(root: &ProjectRoot, project: &Project) -> Self {
         let dot = root.join(".nixmox");
         let state_db = {
             let p = Path::new(&project.state.path);
@@ -87,7 +88,7 @@ pub enum UpResult {
 /// Plans against what the store recorded. Opens the store read-only in spirit: nothing is
 /// written besides creating the database when it does not exist yet.
 pub fn plan_with_state(
-    root: &Path,
+    root: &ProjectRoot,
     project: &Project,
     sel: &Selection,
     paths: &Paths,
@@ -164,7 +165,7 @@ pub fn dry_run(plan: &Plan, opts: &UpOptions) -> String {
 
 /// `nixmox up`.
 pub fn up(
-    root: &Path,
+    root: &ProjectRoot,
     project: &Project,
     opts: &UpOptions,
     reporter: &mut dyn Reporter,
@@ -199,7 +200,7 @@ pub fn up(
 
 #[allow(clippy::too_many_arguments)]
 fn run_locked(
-    root: &Path,
+    root: &ProjectRoot,
     project: &Project,
     opts: &UpOptions,
     reporter: &mut dyn Reporter,

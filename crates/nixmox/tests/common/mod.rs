@@ -111,7 +111,8 @@ impl Lab {
 
     pub fn cmd(&self, args: &[&str], extra: &[(&str, &str)]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_nixmox"));
-        c.arg("-C").arg(&self.project).args(args);
+        // As a user works: from inside the project directory, with relative paths (issue 11).
+        c.current_dir(&self.project).args(args);
         for (k, v) in &self.env {
             c.env(k, v);
         }

@@ -1,0 +1,88 @@
+//! The project directory, resolved once at startup to an absolute, canonical path.
+//!
+//! Every path NixMox hands to a child process (Terraform's `-state` and `TF_DATA_DIR`, sops'
+//! files, ssh's control sockets and known_hosts, the deployer's flake) is derived from this
+//! root. Children run in other working directories (Terraform in its workspace under
+//! `.nixmox/build`), so a relative path would resolve somewhere else: with `cd homelab && nixmox
+//! up` Terraform's state once landed inside the build directory and was wiped by the next
+//! render. A [`ProjectRoot`] can only be built by resolving the directory, so holding one is
+//! proof that paths joined onto it are absolute.
+
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// An absolute, canonical project directory that existed when it was resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProjectRoot(PathBuf);
+
+impl ProjectRoot {
+    /// Resolves `dir` (relative to the current directory, symlinks followed). A missing
+    /// directory is a usage error naming what was given.
+    pub fn resolve(dir: &Path) -> Result<ProjectRoot> {
+        match dir.canonicalize() {
+            Ok(p) if p.is_dir() => Ok(ProjectRoot(p)),
+            Ok(_) => Err(Error::Usage(format!(
+                "project directory `{}` is not a directory",
+                dir.display()
+            ))),
+            Err(_) => Err(Error::Usage(format!(
+                "project directory `{}` does not exist",
+                dir.display()
+            ))),
+        }
+    }
+
+    pub fn as_path(&self) -> &Path {
+        &self.0
+    }
+
+    /// A path the project names: relative ones are taken from the project directory,
+    /// absolute ones as they are.
+    pub fn resolve_path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.0.join(p)
+        }
+    }
+}
+
+impl Deref for ProjectRoot {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for ProjectRoot {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_is_absolute_and_canonical() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().canonicalize().unwrap();
+        std::fs::create_dir(real.join("p")).unwrap();
+        let dotted = real.join("p/../p/.");
+        let root = ProjectRoot::resolve(&dotted).unwrap();
+        assert_eq!(root.as_path(), real.join("p"));
+        assert!(root.is_absolute());
+        assert_eq!(root.resolve_path(Path::new("a/b")), real.join("p/a/b"));
+        assert_eq!(root.resolve_path(Path::new("/x")), Path::new("/x"));
+    }
+
+    #[test]
+    fn root_missing_is_a_usage_error() {
+        let err = ProjectRoot::resolve(Path::new("/no/such/project/dir")).unwrap_err();
+        assert!(matches!(err, Error::Usage(_)));
+        assert!(err.to_string().contains("/no/such/project/dir"));
+    }
+}
