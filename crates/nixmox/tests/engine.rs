@@ -22,6 +22,44 @@ fn wait_for(mut cond: impl FnMut() -> bool, secs: u64) {
     }
 }
 
+/// Issue 11: with a relative project directory (`cd project && nixmox up`, or `-C project`),
+/// Terraform's state once resolved inside the build directory and the next render wiped it, so
+/// an existing resource was created again under a new id.
+#[test]
+fn terraform_state_survives_a_render_when_run_from_inside_the_project_or_with_a_relative_dir() {
+    let lab = Lab::new();
+    let out = lab.run(&["up"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let before = lab.resource_ids();
+    let bucket = "module.bucket_0_0.null_resource.bucket[0]";
+    assert!(before.contains_key(bucket), "{before:?}");
+    assert!(
+        Lab::state_files(&lab.project.join(".nixmox/build")).is_empty(),
+        "Terraform state inside the build directory"
+    );
+
+    // Add one resource to the service's module, and run again with a relative `-C`.
+    let module = lab.project.join("services/app/terraform/bucket/main.tf");
+    let mut text_of_module = std::fs::read_to_string(&module).unwrap();
+    text_of_module.push_str("\nresource \"null_resource\" \"extra\" {}\n");
+    std::fs::write(&module, text_of_module).unwrap();
+    let out = lab.run_relative(&["up"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let after = lab.resource_ids();
+    assert!(
+        after.contains_key("module.bucket_0_0.null_resource.extra"),
+        "{after:?}"
+    );
+    assert_eq!(
+        before[bucket], after[bucket],
+        "the existing resource was created again"
+    );
+    for (addr, id) in &before {
+        assert_eq!(after.get(addr), Some(id), "{addr} changed id");
+    }
+    assert!(Lab::state_files(&lab.project.join(".nixmox/build")).is_empty());
+}
+
 #[test]
 fn first_up_applies_second_skips_everything_and_a_change_reapplies_only_its_service() {
     let lab = Lab::new();

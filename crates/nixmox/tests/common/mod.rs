@@ -126,6 +126,67 @@ impl Lab {
         self.cmd(args, extra).output().unwrap()
     }
 
+    /// `nixmox -C project ARGS` from the project's parent directory: a relative `-C`, as in
+    /// the README's `nixmox -C examples/homelab ...`.
+    pub fn run_relative(&self, args: &[&str], extra: &[(&str, &str)]) -> Output {
+        let mut c = self.cmd(&[], extra);
+        c.current_dir(self.project.parent().unwrap())
+            .arg("-C")
+            .arg(self.project.file_name().unwrap())
+            .args(args);
+        c.output().unwrap()
+    }
+
+    /// Every Terraform state file under `dir`, recursively.
+    pub fn state_files(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let Ok(entries) = fs::read_dir(dir) else {
+            return out;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(Lab::state_files(&p));
+            } else if p.file_name().is_some_and(|n| n == "terraform.tfstate") {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    /// The ids of the resources in the project's Terraform states, by address
+    /// (`module.bucket.null_resource.bucket[0]`).
+    pub fn resource_ids(&self) -> std::collections::BTreeMap<String, String> {
+        let mut ids = std::collections::BTreeMap::new();
+        for file in Lab::state_files(&self.project.join(".nixmox/terraform")) {
+            let state: serde_json::Value =
+                serde_json::from_slice(&fs::read(&file).unwrap()).unwrap();
+            for r in state["resources"].as_array().into_iter().flatten() {
+                let mut addr = String::new();
+                if let Some(m) = r["module"].as_str() {
+                    addr.push_str(m);
+                    addr.push('.');
+                }
+                addr.push_str(&format!(
+                    "{}.{}",
+                    r["type"].as_str().unwrap(),
+                    r["name"].as_str().unwrap()
+                ));
+                for inst in r["instances"].as_array().into_iter().flatten() {
+                    let key = match &inst["index_key"] {
+                        serde_json::Value::Null => String::new(),
+                        k => format!("[{k}]"),
+                    };
+                    ids.insert(
+                        format!("{addr}{key}"),
+                        inst["attributes"]["id"].as_str().unwrap_or("").to_string(),
+                    );
+                }
+            }
+        }
+        ids
+    }
+
     pub fn spawn(&self, args: &[&str], extra: &[(&str, &str)]) -> Child {
         self.cmd(args, extra)
             .stdout(Stdio::piped())
