@@ -50,6 +50,7 @@ fn time_plan(p: &Project, record: Option<&Record>, runs: usize) -> Stats {
     let input = PlanInput {
         record,
         files: None,
+        flake_lock: None,
     };
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
@@ -72,6 +73,7 @@ fn main() {
             &PlanInput {
                 record: Some(&record),
                 files: None,
+                flake_lock: None,
             },
         );
         assert!(!again.has_changes(), "planning twice is a no-op");
@@ -106,6 +108,7 @@ fn main() {
             &PlanInput {
                 record: Some(&record),
                 files: None,
+                flake_lock: None,
             },
         );
         assert_eq!(check.count(Change::Unchanged), steps, "a no-op plan");

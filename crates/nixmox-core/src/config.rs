@@ -33,7 +33,33 @@ pub const TOKEN_FIELDS: &[&str] = &["env", "file"];
 pub const TLS_FIELDS: &[&str] = &["ca_file", "fingerprint", "insecure"];
 pub const INFRA_FIELDS: &[&str] = &["backend"];
 pub const SSH_FIELDS: &[&str] = &["user", "authorized_keys", "host_key_checking"];
-pub const NIX_FIELDS: &[&str] = &["nixpkgs", "deployer"];
+pub const NIX_FIELDS: &[&str] = &["nixpkgs", "inputs", "deployer"];
+/// The rendered flake's inputs, each overridable under `nix.inputs`.
+pub const NIX_INPUTS: &[&str] = &["nixpkgs", "sops-nix", "authentik-nix"];
+/// The flake URL schemes Nix understands (`nix flake --help`, "URL-like syntax").
+const FLAKE_SCHEMES: &[&str] = &[
+    "github",
+    "gitlab",
+    "sourcehut",
+    "path",
+    "git+file",
+    "git+https",
+    "git+http",
+    "git+ssh",
+    "git",
+    "hg+https",
+    "hg+http",
+    "hg+file",
+    "tarball+https",
+    "tarball+http",
+    "tarball+file",
+    "file+https",
+    "file+http",
+    "file",
+    "https",
+    "http",
+    "flake",
+];
 pub const DEPLOYER_FIELDS: &[&str] = &["command", "rollback"];
 pub const TERRAFORM_FIELDS: &[&str] = &["binary", "backend"];
 pub const TF_BACKEND_FIELDS: &[&str] = &["type", "config"];
@@ -62,8 +88,11 @@ pub const DEFAULT_HEALTH: HealthTiming = HealthTiming {
     retries: 3,
     start_period_ms: 0,
 };
-pub const DEFAULT_NIXPKGS: &str = "github:NixOS/nixpkgs/nixos-25.05";
-pub const DEFAULT_TEMPLATE: &str = "local:vztmpl/nixos-25.05-x86_64-linux.tar.xz";
+/// A supported stable release (25.05 reached its end of life on 2025-12-31).
+pub const DEFAULT_NIXPKGS: &str = "github:NixOS/nixpkgs/nixos-26.05";
+pub const DEFAULT_SOPS_NIX: &str = "github:Mic92/sops-nix";
+pub const DEFAULT_AUTHENTIK_NIX: &str = "github:nix-community/authentik-nix";
+pub const DEFAULT_TEMPLATE: &str = "local:vztmpl/nixos-26.05-x86_64-linux.tar.xz";
 pub const DEFAULT_VMID_POOL: Range<u32> = Range {
     start: 900,
     end: 999,
@@ -643,12 +672,35 @@ fn decode_tf_backend(cx: &mut Cx, n: &Node) -> Option<Option<TfBackend>> {
 fn decode_nix(cx: &mut Cx, n: Option<&Node>) -> Option<Nix> {
     let mut nix = Nix {
         nixpkgs: DEFAULT_NIXPKGS.into(),
+        sops_nix: DEFAULT_SOPS_NIX.into(),
+        authentik_nix: DEFAULT_AUTHENTIK_NIX.into(),
         deployer: Deployer::NixosRebuild,
     };
     let Some(n) = n else { return Some(nix) };
     cx.map(n, "nix", NIX_FIELDS)?;
     if let Some(p) = field(n, "nixpkgs") {
-        nix.nixpkgs = cx.string(p, "nix.nixpkgs")?;
+        nix.nixpkgs = flake_url(cx, p, "nix.nixpkgs")?;
+    }
+    if let Some(inputs) = field(n, "inputs") {
+        cx.map(inputs, "nix.inputs", NIX_INPUTS)?;
+        for name in NIX_INPUTS {
+            let Some(v) = field(inputs, name) else {
+                continue;
+            };
+            let path = format!("nix.inputs.{name}");
+            if *name == "nixpkgs" && field(n, "nixpkgs").is_some() {
+                cx.error(
+                    v.span,
+                    &path,
+                    "nixpkgs is given twice, as `nix.nixpkgs` and `nix.inputs.nixpkgs`",
+                    Some("keep one: `nix.inputs.nixpkgs` is the newer spelling".into()),
+                );
+                continue;
+            }
+            if let (Some(url), Some(slot)) = (flake_url(cx, v, &path), nix.input_mut(name)) {
+                *slot = url;
+            }
+        }
     }
     if let Some(d) = field(n, "deployer") {
         nix.deployer = match &d.kind {
@@ -689,6 +741,40 @@ fn decode_nix(cx: &mut Cx, n: Option<&Node>) -> Option<Nix> {
         };
     }
     Some(nix)
+}
+
+/// A flake URL as Nix reads it: a known scheme, then no whitespace, quotes or control
+/// characters (it is written into `flake.nix` and handed to `nix`).
+fn flake_url(cx: &mut Cx, n: &Node, path: &str) -> Option<String> {
+    let url = cx.string(n, path)?;
+    let scheme = url.split_once(':').map(|(s, _)| s);
+    let bad_char = url
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '\'' | '\\' | '`'));
+    if let Some(c) = bad_char {
+        cx.error(
+            n.span,
+            path,
+            format!("a flake URL cannot contain {c:?}"),
+            Some("write it as `nix flake` takes it, like github:NixOS/nixpkgs/nixos-26.05".into()),
+        );
+        return None;
+    }
+    match scheme {
+        Some(s) if FLAKE_SCHEMES.contains(&s) && url.len() > s.len() + 1 => Some(url),
+        _ => {
+            cx.error(
+                n.span,
+                path,
+                format!("`{url}` is not a flake URL"),
+                Some(format!(
+                    "start it with one of {}: github:owner/repo/ref, path:./dir, git+file:///dir",
+                    FLAKE_SCHEMES.join(", ")
+                )),
+            );
+            None
+        }
+    }
 }
 
 fn decode_defaults(cx: &mut Cx, n: Option<&Node>) -> Option<Defaults> {

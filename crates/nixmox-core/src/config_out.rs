@@ -53,7 +53,11 @@ pub fn resolved(p: &Project, only: &[usize]) -> Value {
         "infra": { "backend": p.infra.as_str() },
         "ssh": { "user": p.ssh.user, "authorized_keys": p.ssh.authorized_keys, "host_key_checking": p.ssh.host_key_checking.as_str() },
         "nix": {
-            "nixpkgs": p.nix.nixpkgs,
+            "inputs": {
+                "nixpkgs": p.nix.nixpkgs,
+                "sops-nix": p.nix.sops_nix,
+                "authentik-nix": p.nix.authentik_nix,
+            },
             "deployer": match &p.nix.deployer {
                 Deployer::NixosRebuild => json!("nixos-rebuild"),
                 Deployer::Colmena => json!("colmena"),

@@ -10,8 +10,11 @@ pub struct Target {
     pub host: String,
     pub ip: String,
     pub user: String,
-    /// The rendered flake directory (`.nixmox/build/nix`), absolute.
+    /// The rendered flake as a flake reference: `path:<absolute .nixmox/build/nix>`. A bare
+    /// path would be read as the enclosing git repository, where `.nixmox/` is ignored.
     pub flake: String,
+    /// The rendered flake's directory, absolute (`{flake_dir}` for a custom deployer).
+    pub flake_dir: String,
 }
 
 /// The argv that switches a host to its rendered configuration.
@@ -34,8 +37,9 @@ pub fn switch_argv(deployer: &Deployer, t: &Target) -> Vec<String> {
         Deployer::Colmena => vec![
             "colmena".into(),
             "apply".into(),
+            // Colmena takes a flake reference here as well as a path (anything with a `:`).
             "--config".into(),
-            format!("{}/flake.nix", t.flake),
+            t.flake.clone(),
             "--on".into(),
             t.host.clone(),
         ],
@@ -58,7 +62,7 @@ pub fn rollback_argv(deployer: &Deployer, t: &Target) -> Option<Vec<String>> {
     }
 }
 
-/// Replaces `{host}`, `{ip}`, `{flake}` and `{user}` inside each argument. Substitution is
+/// Replaces `{host}`, `{ip}`, `{flake}`, `{flake_dir}` and `{user}` inside each argument. Substitution is
 /// textual within one argument: a value can never become two arguments.
 pub fn substitute(template: &[String], t: &Target) -> Vec<String> {
     template
@@ -66,6 +70,7 @@ pub fn substitute(template: &[String], t: &Target) -> Vec<String> {
         .map(|a| {
             a.replace("{host}", &t.host)
                 .replace("{ip}", &t.ip)
+                .replace("{flake_dir}", &t.flake_dir)
                 .replace("{flake}", &t.flake)
                 .replace("{user}", &t.user)
         })
@@ -126,7 +131,8 @@ mod tests {
             host: "web".into(),
             ip: "10.0.0.5".into(),
             user: "root".into(),
-            flake: "/p/.nixmox/build/nix".into(),
+            flake: "path:/p/.nixmox/build/nix".into(),
+            flake_dir: "/p/.nixmox/build/nix".into(),
         }
     }
 
@@ -138,7 +144,7 @@ mod tests {
                 "nixos-rebuild",
                 "switch",
                 "--flake",
-                "/p/.nixmox/build/nix#web",
+                "path:/p/.nixmox/build/nix#web",
                 "--target-host",
                 "root@10.0.0.5"
             ]
@@ -152,7 +158,7 @@ mod tests {
                 "colmena",
                 "apply",
                 "--config",
-                "/p/.nixmox/build/nix/flake.nix",
+                "path:/p/.nixmox/build/nix",
                 "--on",
                 "web"
             ]
@@ -167,6 +173,7 @@ mod tests {
                 "{host}".into(),
                 "--to={user}@{ip}".into(),
                 "{flake}".into(),
+                "{flake_dir}".into(),
             ],
             rollback: vec![],
         };
@@ -179,6 +186,7 @@ mod tests {
                 "deploy",
                 "web; rm -rf /",
                 "--to=root@10.0.0.5",
+                "path:/p/.nixmox/build/nix",
                 "/p/.nixmox/build/nix"
             ]
         );

@@ -8,6 +8,7 @@ pub mod config_out;
 pub mod decode;
 pub mod deploy;
 pub mod diag;
+pub mod flake_lock;
 pub mod graph;
 pub mod ids;
 pub mod load;

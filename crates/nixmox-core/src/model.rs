@@ -154,8 +154,34 @@ impl HostKeyChecking {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Nix {
+    /// The flake URLs of the rendered flake's inputs (defaults, or `nix.inputs` overrides).
+    /// A relative `path:`/`git+file:` URL is relative to the project directory; the shell
+    /// makes it absolute before rendering (the core knows no directories).
     pub nixpkgs: String,
+    pub sops_nix: String,
+    pub authentik_nix: String,
     pub deployer: Deployer,
+}
+
+impl Nix {
+    /// The flake inputs by the names the rendered flake gives them.
+    pub fn inputs(&self) -> [(&'static str, &str); 3] {
+        [
+            ("nixpkgs", self.nixpkgs.as_str()),
+            ("sops-nix", self.sops_nix.as_str()),
+            ("authentik-nix", self.authentik_nix.as_str()),
+        ]
+    }
+
+    /// The input of that name, for overriding it.
+    pub fn input_mut(&mut self, name: &str) -> Option<&mut String> {
+        match name {
+            "nixpkgs" => Some(&mut self.nixpkgs),
+            "sops-nix" => Some(&mut self.sops_nix),
+            "authentik-nix" => Some(&mut self.authentik_nix),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

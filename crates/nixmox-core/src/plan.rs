@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::config_out;
+use crate::flake_lock::FlakeLock;
 use crate::model::{Capability, EdgeKind, InfraBackend, Project, Service, TfPhase, Upstream};
 use crate::record::Record;
 
@@ -190,6 +191,9 @@ pub struct PlanInput<'a> {
     /// Content digests of files the project references (modules, migrations), by
     /// project-relative path, so editing a module changes its step.
     pub files: Option<&'a BTreeMap<String, String>>,
+    /// The project's `flake.lock`, when there is one: the revision of each flake input is part
+    /// of every `nix:*` step that builds from it.
+    pub flake_lock: Option<&'a FlakeLock>,
 }
 
 /// The services a selection stands for: the named ones plus, unless `--no-deps`, everything
@@ -319,9 +323,27 @@ impl Parts {
     }
 }
 
+impl Ctx<'_> {
+    /// The locked revision of every flake input the host builds from: nixpkgs and sops-nix
+    /// everywhere, authentik-nix on the identity provider's host only.
+    fn add_inputs(&self, parts: &mut Parts, s: &Service) {
+        for (name, _) in self.p.nix.inputs() {
+            if name == "authentik-nix" && !s.provides.contains(&Capability::Identity) {
+                continue;
+            }
+            let id = self
+                .flake_lock
+                .and_then(|l| l.inputs.get(name))
+                .map_or(UNLOCKED, |i| i.id.as_str());
+            parts.add_hash(format!("{INPUT_PART}{name}"), id);
+        }
+    }
+}
+
 struct Ctx<'a> {
     p: &'a Project,
     files: Option<&'a BTreeMap<String, String>>,
+    flake_lock: Option<&'a FlakeLock>,
     startup: Vec<u32>,
     /// Hash of `provider_facts()`, computed once: it is part of most steps.
     facts_hash: String,
@@ -399,6 +421,7 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
     let mut ctx = Ctx {
         p,
         files: input.files,
+        flake_lock: input.flake_lock,
         startup: startup_order(p),
         facts_hash: String::new(),
         base_hash: String::new(),
@@ -494,6 +517,7 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
         parts.add_hash("base", &ctx.base_hash);
         parts.add("self", &ctx.own(s));
         parts.add_hash("providers", &ctx.facts_hash);
+        ctx.add_inputs(&mut parts, s);
         let mut what: Vec<String> = Vec::new();
         for cap in &s.provides {
             let mut consumers = 0usize;
@@ -628,6 +652,7 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
         parts.add_hash("base", &ctx.base_hash);
         parts.add("self", &ctx.own(s));
         parts.add_hash("providers", &ctx.facts_hash);
+        ctx.add_inputs(&mut parts, s);
         let description = format!("redeploy {} with its OIDC client secret", s.host.hostname);
         let k = push(
             &mut steps,
@@ -708,6 +733,7 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
         parts.add_hash("base", &ctx.base_hash);
         parts.add_hash("self", &own_hash);
         parts.add_hash("providers", &ctx.facts_hash);
+        ctx.add_inputs(&mut parts, s);
         let description = format!("deploy {} ({})", s.host.hostname, s.host.ip);
         let b = push(
             &mut steps,
@@ -872,6 +898,18 @@ fn tf_json(ctx: &Ctx, uses: &[&crate::model::TerraformUse]) -> Value {
 }
 
 /// Words for a changed part key: `db:guacamole` → "db of `guacamole`".
+/// The part of a `nix:*` step that holds one flake input's locked revision (`input:nixpkgs`).
+const INPUT_PART: &str = "input:";
+/// The value of an input part while the project has no `flake.lock` yet.
+const UNLOCKED: &str = "unlocked";
+
+fn short_locked(id: &str) -> String {
+    if id == UNLOCKED {
+        return "(not locked)".into();
+    }
+    id.trim_start_matches("sha256-").chars().take(12).collect()
+}
+
 fn describe_part(key: &str) -> String {
     match key.split_once(':') {
         Some((kind, svc)) => {
@@ -903,6 +941,17 @@ fn describe_part(key: &str) -> String {
 pub fn explain(old: &BTreeMap<String, String>, new: &BTreeMap<String, String>) -> Vec<String> {
     let mut out = Vec::new();
     for (k, v) in new {
+        // A flake input's part is its locked revision itself, so the reason can name both.
+        if let (Some(name), Some(o)) = (k.strip_prefix(INPUT_PART), old.get(k)) {
+            if o != v {
+                out.push(format!(
+                    "{name} updated {} → {}",
+                    short_locked(o),
+                    short_locked(v)
+                ));
+            }
+            continue;
+        }
         match old.get(k) {
             None => out.push(format!("added: {}", describe_part(k))),
             Some(o) if o != v => out.push(format!("changed: {}", describe_part(k))),

@@ -58,7 +58,7 @@ proxmox:
   endpoint: https://pve.{d}:8006
   node: pve
   storage: local-lvm
-  template: local:vztmpl/nixos-25.05-x86_64-linux.tar.xz
+  template: local:vztmpl/nixos-26.05-x86_64-linux.tar.xz
   token: {{ env: PROXMOX_API_TOKEN }}   # never the secret itself
 infra:
   backend: terraform                   # or proxmox-api, or none (hosts exist already)

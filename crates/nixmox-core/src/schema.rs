@@ -19,8 +19,8 @@
 use serde_json::{json, Map, Value};
 
 use crate::config::{
-    CORES, DEFAULT_HEALTH, DEFAULT_NIXPKGS, DEFAULT_RESOURCES, DEFAULT_TEMPLATE, DEFAULT_VMID_POOL,
-    DISK_GB, MEMORY_MIB, SWAP_MIB,
+    CORES, DEFAULT_AUTHENTIK_NIX, DEFAULT_HEALTH, DEFAULT_NIXPKGS, DEFAULT_RESOURCES,
+    DEFAULT_SOPS_NIX, DEFAULT_TEMPLATE, DEFAULT_VMID_POOL, DISK_GB, MEMORY_MIB, SWAP_MIB,
 };
 use crate::decode::format_duration_ms;
 use crate::ids::VmId;
@@ -214,7 +214,15 @@ fn project_inner() -> Value {
         )
         .build();
     let nix = Obj::new("How NixOS configurations are built and deployed.")
-        .opt("nixpkgs", dflt(text("The nixpkgs flake reference the hosts are built from."), json!(DEFAULT_NIXPKGS)))
+        .opt("nixpkgs", dflt(text("The nixpkgs flake reference the hosts are built from (the older spelling of `inputs.nixpkgs`)."), json!(DEFAULT_NIXPKGS)))
+        .opt(
+            "inputs",
+            Obj::new("Overrides of the flake's input URLs: a fork, a local checkout (`path:./nixpkgs`, relative to the project), `git+file:`. The revisions are pinned in `flake.lock`.")
+                .opt("nixpkgs", dflt(text("nixpkgs."), json!(DEFAULT_NIXPKGS)))
+                .opt("sops-nix", dflt(text("sops-nix."), json!(DEFAULT_SOPS_NIX)))
+                .opt("authentik-nix", dflt(text("authentik-nix (only when the project has an identity provider)."), json!(DEFAULT_AUTHENTIK_NIX)))
+                .build(),
+        )
         .opt(
             "deployer",
             dflt(
@@ -1129,6 +1137,7 @@ mod tests {
             ("ssh", SSH_FIELDS),
             ("nix", NIX_FIELDS),
             ("nix/deployer", DEPLOYER_FIELDS),
+            ("nix/inputs", crate::config::NIX_INPUTS),
             ("terraform", TERRAFORM_FIELDS),
             ("terraform/backend", crate::config::TF_BACKEND_FIELDS),
             ("defaults", DEFAULTS_FIELDS),

@@ -18,6 +18,7 @@ fn full(p: &nixmox_core::Project, record: Option<&Record>) -> nixmox_core::plan:
         &PlanInput {
             record,
             files: None,
+            flake_lock: None,
         },
     )
 }

@@ -288,7 +288,10 @@ fn fabricate_state(bin: &Path, root: &Path) -> Result<(usize, usize), String> {
     copy_dir(&repo().join("examples/homelab"), root);
     // A real project has its pool allocations locked.
     run_ok(
-        Command::new(bin).arg("-C").arg(root).arg("lock"),
+        Command::new(bin)
+            .arg("-C")
+            .arg(root)
+            .args(["lock", "--allocations-only"]),
         "nixmox lock",
     )?;
     let loaded =

@@ -56,7 +56,7 @@ impl Fake {
             "dir": dir.path(),
             "tokens": {"root@pam!nixmox": "bench-secret-0000"},
             "nodes": ["pve"],
-            "templates": [{"name": "nixos-25.05-x86_64-linux.tar.xz"}],
+            "templates": [{"name": "nixos-26.05-x86_64-linux.tar.xz"}],
             "time_scale": 1,
             "latency": latency,
             "ct_secs": {"create": task_secs},

@@ -152,8 +152,19 @@ pub enum Command {
     },
     /// Remove the run lock left by a process on another host or a crashed run
     Unlock,
-    /// Write nixmox.lock with the addresses and VM ids allocated from the pools
-    Lock,
+    /// Write nixmox.lock (addresses and VM ids allocated from the pools) and flake.lock (the
+    /// revisions of the flake's inputs, with `nix flake lock`); commit both
+    Lock {
+        /// Write only nixmox.lock; leave flake.lock as it is
+        #[arg(long)]
+        allocations_only: bool,
+    },
+    /// Move the flake's inputs (all, or the named ones) to their newest revisions in
+    /// flake.lock, as `nix flake update` does, and print old → new
+    Update {
+        /// Inputs to update: nixpkgs, sops-nix, authentik-nix (default: all)
+        inputs: Vec<String>,
+    },
     /// Print the JSON Schema of nixmox.yaml or of a service manifest
     Schema {
         /// Which file's schema

@@ -33,6 +33,8 @@ pub enum Error {
     /// Ctrl-C: running steps were allowed to finish and everything was recorded.
     #[error("interrupted; running steps finished and the state is recorded")]
     Interrupted,
+    #[error(transparent)]
+    Flake(#[from] crate::flake::FlakeError),
     /// `plan --detailed-exitcode` found changes: not a failure, exit code 2.
     #[error("the plan has changes")]
     Changes,
@@ -45,6 +47,11 @@ impl Error {
             Error::Read { .. } | Error::Write { .. } | Error::State(_) | Error::RunFailed(_) => {
                 EXIT_RUNTIME
             }
+            Error::Flake(
+                crate::flake::FlakeError::InvalidLock { .. }
+                | crate::flake::FlakeError::UnknownInput(..),
+            ) => EXIT_INVALID,
+            Error::Flake(_) => EXIT_RUNTIME,
             Error::Interrupted => 130,
             Error::BrokenPipe => 0,
             Error::Changes => 2,

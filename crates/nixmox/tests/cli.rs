@@ -172,7 +172,7 @@ mod validate {
         assert!(!dir.path().join("nixmox.lock").exists());
         Test::new()
             .project(dir.path())
-            .args(&["lock"])
+            .args(&["lock", "--allocations-only"])
             .run()
             .code(0);
         let lock = std::fs::read_to_string(dir.path().join("nixmox.lock")).unwrap();
@@ -184,7 +184,7 @@ mod validate {
             .code(0);
         let again = Test::new()
             .project(dir.path())
-            .args(&["lock"])
+            .args(&["lock", "--allocations-only"])
             .run()
             .code(0);
         assert!(again.stderr.contains("up to date"));

@@ -209,6 +209,7 @@ fn write_project(dir: &Path, net: Net, full: bool, marker: &Path) {
             whoami()
         ),
     );
+    common::use_nix_stubs(dir);
     w(
         "services/dns/manifest.yaml",
         format!(

@@ -4,12 +4,15 @@
 //! `tests/fixtures/fakepve/launch.py`, which registers an API token and lets the test inject
 //! faults. A missing fakepve fails the test with the command that installs it.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::use_nix_stubs;
 use nixmox::engine::scheduler::Outcome;
 use nixmox::proxmox::{
     self, lifecycle, template, Api, Client, ClientOptions, Credentials, HttpApi, HttpOptions,
@@ -21,7 +24,7 @@ use serde_json::{json, Value};
 
 const TOKEN_ID: &str = "root@pam!nixmox";
 const TOKEN_SECRET: &str = "9f3c1a52-6b0e-4c1d-b7a8-0d2e6f4a8c11";
-const TEMPLATE: &str = "nixos-25.05-x86_64-linux.tar.xz";
+const TEMPLATE: &str = "nixos-26.05-x86_64-linux.tar.xz";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -719,7 +722,7 @@ fn template_upload_and_list() {
     assert_eq!(
         ids,
         vec![
-            "local:vztmpl/nixos-25.05-x86_64-linux.tar.xz",
+            "local:vztmpl/nixos-26.05-x86_64-linux.tar.xz",
             "local:vztmpl/nixos-test-x86_64-linux.tar.xz"
         ]
     );
@@ -775,6 +778,7 @@ fn example_dir(fake: &Fake, dir: &Path) {
         r#"deployer: { command: ["deploy-test", "{host}", "{ip}", "{flake}"], rollback: ["rollback-test", "{host}"] }"#,
     );
     std::fs::write(&path, text).unwrap();
+    use_nix_stubs(dir);
     std::fs::write(
         dir.join("pve-token"),
         format!("{TOKEN_ID}={TOKEN_SECRET}\n"),
@@ -858,7 +862,7 @@ fn up_runs_tf_infra_through_the_api_and_template_commands_work() {
         stdout.contains(&format!("* local:vztmpl/{TEMPLATE}")),
         "{stdout}"
     );
-    let file = tmp.path().join("nixos-26.05-x86_64-linux.tar.xz");
+    let file = tmp.path().join("nixos-25.11-x86_64-linux.tar.xz");
     std::fs::write(&file, b"not really a template").unwrap();
     let out = nixmox(&dir, &["template", "upload", file.to_str().unwrap()]);
     assert!(
@@ -868,13 +872,20 @@ fn up_runs_tf_infra_through_the_api_and_template_commands_work() {
     );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "local:vztmpl/nixos-26.05-x86_64-linux.tar.xz\n"
+        "local:vztmpl/nixos-25.11-x86_64-linux.tar.xz\n"
     );
     let out = nixmox(&dir, &["template", "list", "--format", "json"]);
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["version"], 1);
     assert_eq!(doc["templates"].as_array().unwrap().len(), 2);
-    assert_eq!(doc["templates"][0]["configured"], true);
+    let configured: Vec<&Value> = doc["templates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["configured"] == true)
+        .collect();
+    assert_eq!(configured.len(), 1, "{doc}");
+    assert!(configured[0].to_string().contains(TEMPLATE), "{doc}");
 }
 
 #[test]

@@ -212,7 +212,7 @@ fn example_renders_parsable_nix_with_the_right_facts() {
         &format!("(import {}).inputs", build.join("nix/flake.nix").display()),
         "the flake's inputs",
     );
-    assert_eq!(inputs["nixpkgs"]["url"], "github:NixOS/nixpkgs/nixos-25.05");
+    assert_eq!(inputs["nixpkgs"]["url"], "github:NixOS/nixpkgs/nixos-26.05");
     assert_eq!(
         inputs["authentik-nix"]["url"],
         "github:nix-community/authentik-nix"

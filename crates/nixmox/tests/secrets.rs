@@ -7,10 +7,13 @@
 //! sensitive Terraform output, a person's secret), and the state database, the logs, the build
 //! directory and every command's stdout and stderr are then searched for it.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use common::use_nix_stubs;
 use nixmox::secrets::age::{ssh_private_to_age, ssh_to_age};
 use nixmox::secrets::sops::{Sops, SopsError};
 use nixmox::secrets::tree::Flat;
@@ -278,6 +281,7 @@ impl Lab {
         let mut config = std::fs::read_to_string(&yaml).unwrap();
         config.push_str(&format!("secrets:\n  age_recipients: [{admin_public}]\n"));
         std::fs::write(&yaml, config).unwrap();
+        use_nix_stubs(&project);
 
         let bin = tmp.path().join("bin");
         std::fs::create_dir_all(&bin).unwrap();

@@ -55,7 +55,7 @@ proxmox:
   endpoint: https://pve.{DOMAIN}:8006
   node: pve
   storage: local-lvm
-  template: local:vztmpl/nixos-25.05-x86_64-linux.tar.xz
+  template: local:vztmpl/nixos-26.05-x86_64-linux.tar.xz
   token: {{ env: PROXMOX_API_TOKEN }}
 infra:
   backend: terraform
@@ -64,7 +64,7 @@ ssh:
   authorized_keys:
     - ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICuQjspG5gjBSzsjaKipmtipCl8QImE9el0sat+5iYHX admin@bench
 nix:
-  nixpkgs: github:NixOS/nixpkgs/nixos-25.05
+  nixpkgs: github:NixOS/nixpkgs/nixos-26.05
   deployer: nixos-rebuild
 defaults:
   resources: {{ cores: 1, memory: 1024, swap: 512, disk_gb: 8 }}

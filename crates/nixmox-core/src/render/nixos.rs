@@ -39,6 +39,12 @@ pub fn render(p: &Project, out: &mut Rendered) {
         });
         copies_for(s, out);
     }
+    // The project's lock of the flake's inputs (`flake.lock` at the project root, committed)
+    // travels with the flake when it exists, so every host builds from the same revisions.
+    out.copies.push(Copy {
+        from: "flake.lock".into(),
+        to: "nix/flake.lock".into(),
+    });
     // Secrets files (made by the secrets commands) travel with the flake when they exist.
     for s in &p.services {
         out.copies.push(Copy {
@@ -57,19 +63,16 @@ pub fn state_version(p: &Project) -> String {
     if ok {
         tail.to_string()
     } else {
-        "25.05".into()
+        "26.05".into()
     }
 }
 
-fn flake(p: &Project) -> String {
+/// The build flake's `flake.nix`: its inputs and the outputs that find the hosts.
+pub fn flake(p: &Project) -> String {
     let has_idp = p.provider(Capability::Identity).is_some();
     let mut inputs = BTreeMap::new();
     set(&mut inputs, &["nixpkgs", "url"], Nix::str(&p.nix.nixpkgs));
-    set(
-        &mut inputs,
-        &["sops-nix", "url"],
-        Nix::str("github:Mic92/sops-nix"),
-    );
+    set(&mut inputs, &["sops-nix", "url"], Nix::str(&p.nix.sops_nix));
     set(
         &mut inputs,
         &["sops-nix", "inputs", "nixpkgs", "follows"],
@@ -79,7 +82,7 @@ fn flake(p: &Project) -> String {
         set(
             &mut inputs,
             &["authentik-nix", "url"],
-            Nix::str("github:nix-community/authentik-nix"),
+            Nix::str(&p.nix.authentik_nix),
         );
     }
     let mut top = BTreeMap::new();

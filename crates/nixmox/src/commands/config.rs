@@ -1,6 +1,5 @@
 //! `nixmox config`: the resolved project on stdout.
 
-
 use nixmox_core::config_out;
 use nixmox_core::diag::did_you_mean;
 

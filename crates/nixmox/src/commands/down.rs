@@ -20,10 +20,10 @@ use crate::engine::events::Plain;
 use crate::engine::runner::proxmox_token;
 use crate::engine::{self, Paths, UpOptions, UpResult};
 use crate::error::{Error, Result};
+use crate::root::ProjectRoot;
 use crate::state::{LockOutcome, Store};
 use crate::terraform::StepOpts;
 use crate::{output, project_fs};
-use crate::root::ProjectRoot;
 
 pub struct Args {
     pub services: Vec<String>,
@@ -289,8 +289,7 @@ fn reduced_project(root: &ProjectRoot, removed: &[String]) -> Result<Project> {
             .iter()
             .any(|s| m.path.starts_with(&format!("services/{s}/")))
     });
-    let exists = project_fs::exists_in(root);
-    let mut loaded = nixmox_core::load(&read.sources, &exists);
+    let mut loaded = super::load_sources(root, &read.sources);
     loaded.diagnostics.extend(read.diagnostics);
     let errors: Vec<_> = loaded.errors().cloned().collect();
     if !errors.is_empty() || loaded.project.is_none() {
@@ -305,7 +304,11 @@ fn reduced_project(root: &ProjectRoot, removed: &[String]) -> Result<Project> {
 
 /// `proxmox-api`: the project's containers the reduced project no longer has (all of them when
 /// there is none).
-fn destroy_containers(project: &Project, root: &ProjectRoot, reduced: Option<&Project>) -> Result<()> {
+fn destroy_containers(
+    project: &Project,
+    root: &ProjectRoot,
+    reduced: Option<&Project>,
+) -> Result<()> {
     use crate::proxmox::{connect, lifecycle, ClientOptions, Settings};
     let fail = |e: String| Error::RunFailed(format!("destroying the containers: {e}"));
     let settings = Settings::from_project(project, root).map_err(|e| fail(e.to_string()))?;

@@ -20,9 +20,9 @@ use crate::engine::Paths;
 use crate::error::{Error, Result};
 use crate::exec::{self, Cmd, RunOpts};
 use crate::output;
+use crate::root::ProjectRoot;
 use crate::state::Store;
 use crate::terraform::{self, StepOpts, Terraform, Workspace};
-use crate::root::ProjectRoot;
 
 /// Where a Terraform step's configuration is rendered, relative to the build directory.
 pub(crate) fn step_config_rel(step_id: &str) -> Option<String> {

@@ -1,6 +1,5 @@
 //! `nixmox graph`: the service graph or the step graph as a picture.
 
-
 use nixmox_core::graph;
 use nixmox_core::plan::{self, PlanInput, Selection};
 

@@ -1,13 +1,12 @@
 //! `nixmox history`, `nixmox logs STEP`, `nixmox unlock`: reading and repairing the state.
 
-
 use super::load_project;
 use crate::cli::PlanFormat;
 use crate::engine::Paths;
 use crate::error::{Error, Result};
 use crate::output;
-use crate::state::Store;
 use crate::root::ProjectRoot;
+use crate::state::Store;
 
 fn store(root: &ProjectRoot) -> Result<Store> {
     let loaded = load_project(root)?;

@@ -43,7 +43,8 @@ pub fn run(cli: Cli) -> Result<()> {
     match command {
         Command::Validate { locked } => validate::run(root, locked),
         Command::Config { format, services } => config::run(root, format, &services),
-        Command::Lock => lock::run(root),
+        Command::Lock { allocations_only } => lock::run(root, allocations_only),
+        Command::Update { inputs } => lock::update(root, &inputs),
         Command::Plan {
             services,
             no_deps,
@@ -122,8 +123,7 @@ pub fn run(cli: Cli) -> Result<()> {
 /// exit code 2; warnings are printed and the project is returned.
 pub fn load_project(root: &Path) -> Result<Loaded> {
     let read = project_fs::read_project(root)?;
-    let exists = project_fs::exists_in(root);
-    let mut loaded = nixmox_core::load(&read.sources, &exists);
+    let mut loaded = load_sources(root, &read.sources);
     loaded.diagnostics.extend(read.diagnostics);
     output::diagnostics(&loaded.diagnostics);
     let errors = loaded.errors().count();
@@ -136,6 +136,18 @@ pub fn load_project(root: &Path) -> Result<Loaded> {
         return Err(Error::Reported { count: errors });
     }
     Ok(loaded)
+}
+
+/// The core's `load` over sources read from `root`, with what only the shell can settle:
+/// relative flake input paths made absolute (they are relative to the project, and Nix runs
+/// elsewhere). Every command loads through here.
+pub fn load_sources(root: &Path, sources: &nixmox_core::Sources) -> Loaded {
+    let exists = project_fs::exists_in(root);
+    let mut loaded = nixmox_core::load(sources, &exists);
+    if let Some(p) = loaded.project.as_mut() {
+        crate::flake::absolutize_inputs(p, root);
+    }
+    loaded
 }
 
 pub fn plural(n: usize, word: &str) -> String {

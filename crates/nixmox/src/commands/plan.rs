@@ -1,6 +1,5 @@
 //! `nixmox plan`: the step graph, what changes and why.
 
-
 use nixmox_core::plan::Selection;
 use nixmox_core::plan_out;
 

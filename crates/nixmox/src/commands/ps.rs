@@ -19,8 +19,8 @@ use crate::error::{Error, Result};
 use crate::health::status::{self, Health, ServiceHealth};
 use crate::health::Context;
 use crate::output;
-use crate::state::{RunId, Store};
 use crate::root::ProjectRoot;
+use crate::state::{RunId, Store};
 
 /// How many past runs are searched for each service's last deploy.
 const RUNS_SEARCHED: usize = 500;
@@ -37,7 +37,12 @@ pub struct LastDeploy {
     pub error: Option<String>,
 }
 
-pub fn run(root: &ProjectRoot, services: &[String], format: PlanFormat, timeout: &str) -> Result<()> {
+pub fn run(
+    root: &ProjectRoot,
+    services: &[String],
+    format: PlanFormat,
+    timeout: &str,
+) -> Result<()> {
     let timeout = parse_duration_ms(timeout)
         .filter(|ms| *ms > 0)
         .map(Duration::from_millis)

@@ -6,8 +6,8 @@ use nixmox_core::render::{self, Outputs};
 
 use super::load_project;
 use crate::error::Result;
-use crate::{output, project_fs};
 use crate::root::ProjectRoot;
+use crate::{output, project_fs};
 
 pub fn run(root: &ProjectRoot, out: &Path) -> Result<()> {
     let loaded = load_project(root)?;

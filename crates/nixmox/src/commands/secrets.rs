@@ -10,9 +10,9 @@ use crate::cli::{PlanFormat, SecretsAction};
 use crate::engine::Paths;
 use crate::error::{Error, Result};
 use crate::output;
+use crate::root::ProjectRoot;
 use crate::secrets::{self, tree, SecretsError, Vault};
 use crate::state::Store;
-use crate::root::ProjectRoot;
 
 pub fn run(root: &ProjectRoot, action: SecretsAction) -> Result<()> {
     match action {

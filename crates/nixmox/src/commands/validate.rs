@@ -1,6 +1,5 @@
 //! `nixmox validate`: every problem, or a one-line summary.
 
-
 use nixmox_core::lock::LOCK_FILE;
 
 use super::{load_project, plural};

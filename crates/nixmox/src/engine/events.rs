@@ -24,6 +24,10 @@ pub enum Event {
     Warning {
         message: String,
     },
+    /// `flake.lock` was created or followed a changed input URL: `input: old → new` each.
+    InputsLocked {
+        changes: Vec<String>,
+    },
     StepSkipped {
         step: String,
         reason: String,
@@ -92,6 +96,7 @@ fn describe(e: &Event) -> String {
             format!("run {run} of `{project}`: {steps} steps, {to_run} to run, up to {parallel} at once")
         }
         Event::Warning { message } => format!("warning: {message}"),
+        Event::InputsLocked { changes } => format!("locked flake inputs into flake.lock (commit it): {}", changes.join(", ")),
         Event::StepSkipped { step, reason } => format!("skip   {step} ({reason})"),
         Event::StepStarted { step, attempt } if *attempt > 1 => format!("start  {step} (attempt {attempt})"),
         Event::StepStarted { step, .. } => format!("start  {step}"),

@@ -21,8 +21,8 @@ use self::runner::StepExec;
 use self::scheduler::{Final, Progress, Skip, Task};
 use crate::error::{Error, Result};
 use crate::project_fs;
-use crate::state::{self, RunResult, StepFinish, StepStatus, Store};
 use crate::root::ProjectRoot;
+use crate::state::{self, RunResult, StepFinish, StepStatus, Store};
 
 /// Where NixMox keeps its working files, all under the project's `.nixmox/`.
 #[derive(Clone, Debug)]
@@ -104,12 +104,14 @@ pub fn plan_with_state(
         Default::default()
     };
     let files = project_fs::digests(root, project);
+    let flake_lock = crate::flake::read(root)?;
     let mut plan = plan::plan(
         project,
         sel,
         &PlanInput {
             record: Some(&record),
             files: Some(&files),
+            flake_lock: flake_lock.as_ref(),
         },
     );
     crate::secrets::augment_plan(root, project, &mut plan, Some(&record));
@@ -217,6 +219,9 @@ fn run_locked(
     let secrets_error = |e: crate::secrets::SecretsError| Error::RunFailed(format!("secrets: {e}"));
     let mut vault = crate::secrets::for_run(root, project, paths).map_err(secrets_error)?;
     vault.prepare().map_err(secrets_error)?;
+    // The flake's inputs are locked before rendering (the build flake gets the project's lock)
+    // and before planning (their revisions are part of every `nix:*` step's input).
+    let locked = crate::flake::ensure_locked(root, paths, project)?;
     let rendered = render::render(project, &outputs);
     project_fs::write_tree(root, &paths.build, &rendered)?;
     let files = project_fs::digests(root, project);
@@ -226,6 +231,7 @@ fn run_locked(
         &PlanInput {
             record: Some(&record),
             files: Some(&files),
+            flake_lock: Some(&locked.lock),
         },
     );
     crate::secrets::augment_plan(root, project, &mut plan, Some(&record));
@@ -251,6 +257,11 @@ fn run_locked(
         to_run,
         parallel: opts.parallel,
     });
+    if !locked.changes.is_empty() {
+        reporter.event(&Event::InputsLocked {
+            changes: locked.changes.clone(),
+        });
+    }
     let run_logs = paths.logs.join(run.to_string());
     let exec = StepExec::new(project, &plan, paths, &run_logs, opts.timeout)
         .with_infra(opts.parallel.max(1), opts.remove_orphans)

@@ -345,7 +345,8 @@ impl<'a> StepExec<'a> {
             host: s.host.hostname.to_string(),
             ip: s.host.ip.to_string(),
             user: self.project.ssh.user.clone(),
-            flake: flake.to_string_lossy().into_owned(),
+            flake: crate::flake::reference(&flake),
+            flake_dir: flake.to_string_lossy().into_owned(),
         };
         let argv = deploy::switch_argv(&self.project.nix.deployer, &target);
         let mut cmd = Cmd::new(&argv[0]).args(&argv[1..]).cwd(&flake);
@@ -872,7 +873,8 @@ impl StepExec<'_> {
             host: s.host.hostname.to_string(),
             ip: s.host.ip.to_string(),
             user: self.project.ssh.user.clone(),
-            flake: flake.to_string_lossy().into_owned(),
+            flake: crate::flake::reference(&flake),
+            flake_dir: flake.to_string_lossy().into_owned(),
         };
         let Some(mut argv) = deploy::rollback_argv(&self.project.nix.deployer, &target) else {
             return Ok(None);

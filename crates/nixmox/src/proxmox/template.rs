@@ -18,7 +18,7 @@ pub fn template_location(project: &Project) -> Result<(String, String), PveError
             Ok((storage.to_string(), name.to_string()))
         }
         _ => Err(PveError::Config(format!(
-            "proxmox.template `{t}` does not name a storage: write it as `STORAGE:vztmpl/FILE`, like `local:vztmpl/nixos-25.05-x86_64-linux.tar.xz`"
+            "proxmox.template `{t}` does not name a storage: write it as `STORAGE:vztmpl/FILE`, like `local:vztmpl/nixos-26.05-x86_64-linux.tar.xz`"
         ))),
     }
 }

@@ -1021,6 +1021,7 @@ mod tests {
             &plan::PlanInput {
                 record: Some(&record2),
                 files: None,
+                flake_lock: None,
             },
         );
         augment_plan(tmp.path(), &project, &mut p3, Some(&record2));

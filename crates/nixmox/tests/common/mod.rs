@@ -46,6 +46,36 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// Gives a test project the stand-ins for the flake's inputs (`tests/fixtures/nix-stubs`,
+/// copied into the project) as `nix.inputs` overrides, so `up` locks them offline with the real
+/// `nix flake lock`.
+pub fn use_nix_stubs(project: &Path) {
+    copy_dir(
+        &repo().join("tests/fixtures/nix-stubs"),
+        &project.join("nix-stubs"),
+    );
+    let inputs = "  inputs: { nixpkgs: \"path:./nix-stubs/nixpkgs\", sops-nix: \"path:./nix-stubs/sops-nix\", authentik-nix: \"path:./nix-stubs/authentik-nix\" }\n";
+    let yaml = project.join("nixmox.yaml");
+    let text = fs::read_to_string(&yaml).unwrap();
+    // `nix.nixpkgs` (the older spelling) gives way to the stand-in.
+    let text: String = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("nixpkgs:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let text = if let Some(at) = text.find("\nnix:\n") {
+        let at = at + "\nnix:\n".len();
+        format!("{}{inputs}{}", &text[..at], &text[at..])
+    } else {
+        assert!(
+            !text.contains("\nnix:"),
+            "use_nix_stubs: write `nix:` in block style"
+        );
+        format!("{text}\nnix:\n{inputs}")
+    };
+    fs::write(&yaml, text).unwrap();
+}
+
 /// A copy of the Terraform test project with its own bin dir, log and environment.
 pub struct Lab {
     _tmp: tempfile::TempDir,
@@ -59,6 +89,7 @@ impl Lab {
         let tmp = tempfile::tempdir().unwrap();
         let project = tmp.path().join("project");
         copy_dir(&repo().join("tests/fixtures/tf-project"), &project);
+        use_nix_stubs(&project);
         let bin = tmp.path().join("bin");
         std::fs::create_dir_all(&bin).unwrap();
         let log = tmp.path().join("invocations.log");
@@ -76,6 +107,22 @@ impl Lab {
         Command::new("chmod")
             .arg("+x")
             .arg(&wrapper)
+            .status()
+            .unwrap();
+        // Nix wrapped the same way (`nix flake lock` when the flake's inputs are locked).
+        let nix = tool("nix", "nix");
+        let nix_wrapper = bin.join("nix");
+        std::fs::write(
+            &nix_wrapper,
+            format!(
+                "#!/bin/sh\necho \"nix $3 $4\" >> \"$NIXMOX_TEST_LOG\"\nexec {} \"$@\"\n",
+                nix.display()
+            ),
+        )
+        .unwrap();
+        Command::new("chmod")
+            .arg("+x")
+            .arg(&nix_wrapper)
             .status()
             .unwrap();
         let path = format!(
