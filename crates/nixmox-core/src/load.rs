@@ -492,21 +492,8 @@ fn check_duplicates(cxs: &mut [Cx], specs: &[ServiceSpec], cfg: Option<&ProjectC
             } else {
                 vmids.insert(vmid.value, s);
             }
-            if let Some(cfg) = cfg {
-                let pool = cfg.pools.vmid;
-                if vmid.value.get() < pool.start || vmid.value.get() > pool.end {
-                    let help = format!("use an id in {}-{}, widen `pools.vmid` in nixmox.yaml, or leave `vmid` out to allocate one", pool.start, pool.end);
-                    cxs[s.file].error(
-                        vmid.span,
-                        "host.vmid",
-                        format!(
-                            "vmid {} is outside the pool {}-{}",
-                            vmid.value, pool.start, pool.end
-                        ),
-                        Some(help),
-                    );
-                }
-            }
+            // An explicit vmid need not lie in `pools.vmid`: the pool only says where
+            // omitted ids come from, and Proxmox users have numbering schemes of their own.
         }
     }
 }

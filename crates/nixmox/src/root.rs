@@ -49,6 +49,19 @@ impl ProjectRoot {
     }
 }
 
+/// A program named in the project (`terraform.binary`, a custom deployer's first word): a
+/// relative path with a `/` is taken from the project directory (children run in other
+/// directories, where `./deploy.sh` would name something else); a bare name is looked up on
+/// `PATH`.
+pub fn program_path(root: &Path, program: &str) -> PathBuf {
+    let p = Path::new(program);
+    if p.is_relative() && program.contains('/') {
+        root.join(p)
+    } else {
+        p.to_path_buf()
+    }
+}
+
 impl Deref for ProjectRoot {
     type Target = Path;
     fn deref(&self) -> &Path {
@@ -77,6 +90,18 @@ mod tests {
         assert!(root.is_absolute());
         assert_eq!(root.resolve_path(Path::new("a/b")), real.join("p/a/b"));
         assert_eq!(root.resolve_path(Path::new("/x")), Path::new("/x"));
+    }
+
+    #[test]
+    fn programs_with_a_relative_path_come_from_the_project() {
+        let root = Path::new("/p");
+        assert_eq!(
+            program_path(root, "./deploy.sh"),
+            Path::new("/p/./deploy.sh")
+        );
+        assert_eq!(program_path(root, "bin/tf"), Path::new("/p/bin/tf"));
+        assert_eq!(program_path(root, "terraform"), Path::new("terraform"));
+        assert_eq!(program_path(root, "/usr/bin/tf"), Path::new("/usr/bin/tf"));
     }
 
     #[test]

@@ -91,6 +91,31 @@ fn copy_dir(from: &Path, to: &Path) {
 mod validate {
     use super::*;
 
+    /// Issue 11: pools say where omitted vmids come from; an explicit one outside the pool
+    /// (a numbering scheme of the user's own) is accepted without a word.
+    #[test]
+    fn an_explicit_vmid_outside_the_pool_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(&example(), dir.path());
+        let manifest = dir.path().join("services/vaultwarden/manifest.yaml");
+        let text = std::fs::read_to_string(&manifest).unwrap();
+        let text = text.replacen("host:\n", "host:\n  vmid: 4242\n", 1);
+        assert!(text.contains("vmid: 4242"), "{text}");
+        std::fs::write(&manifest, text).unwrap();
+        let out = Test::new()
+            .project(dir.path())
+            .args(&["validate"])
+            .run()
+            .code(0);
+        assert!(!out.stderr.contains("warning"), "{}", out.stderr);
+        let config = Test::new()
+            .project(dir.path())
+            .args(&["config", "--format", "json", "vaultwarden"])
+            .run()
+            .code(0);
+        assert!(config.stdout.contains("4242"), "{}", config.stdout);
+    }
+
     #[test]
     fn example_prints_only_a_summary() {
         let out = Test::new()

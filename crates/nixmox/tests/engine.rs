@@ -463,3 +463,163 @@ fn an_unhealthy_deploy_is_rolled_back_and_the_run_fails() {
     );
     assert_eq!(lab.history()["runs"][0]["result"], "failed");
 }
+
+fn git(dir: &std::path::Path, args: &[&str]) -> String {
+    common::check(
+        Command::new("git")
+            .current_dir(dir)
+            .args(["-c", "user.email=test@nixmox", "-c", "user.name=test"])
+            .args(args),
+        "git",
+    )
+}
+
+fn nix_eval(reference: &str) -> std::process::Output {
+    Command::new(common::tool("nix", "nix"))
+        .args([
+            "--extra-experimental-features",
+            "nix-command flakes",
+            "eval",
+            "--raw",
+        ])
+        .arg(reference)
+        .output()
+        .unwrap()
+}
+
+/// Issue 11: most projects live in git with `.nixmox/` ignored (as `nixmox init` writes it).
+/// A bare path to the build flake is read by Nix as the enclosing git repository, which does
+/// not have the ignored build; the deployers get a `path:` reference, which works. The
+/// deployer here evaluates each host with the real Nix from that reference (activation cannot
+/// run on this machine).
+#[test]
+fn a_git_project_with_the_build_ignored_deploys_from_a_path_flake_reference() {
+    let lab = Lab::new();
+    let yaml = lab.project.join("nixmox.yaml");
+    let config = std::fs::read_to_string(&yaml).unwrap().replace(
+        r#"command: ["deploy-test", "{host}", "{ip}", "{flake}"]"#,
+        r#"command: ["deploy-nix-eval", "{host}", "{flake}"]"#,
+    );
+    assert!(config.contains("deploy-nix-eval"));
+    std::fs::write(&yaml, config).unwrap();
+    git(&lab.project, &["init", "-q"]);
+    std::fs::write(lab.project.join(".gitignore"), ".nixmox/\n").unwrap();
+    git(&lab.project, &["add", "-A"]);
+    git(&lab.project, &["commit", "-q", "-m", "project"]);
+
+    let out = lab.run(&["up"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let calls = lab.invocations();
+    for host in ["app", "worker", "solo"] {
+        assert!(
+            calls.contains(&format!("eval {host} stub-toplevel-{host}")),
+            "{host} was not evaluated from the flake reference: {calls:?}"
+        );
+    }
+    // The lock is the project's, to commit: not ignored, not inside the build.
+    let status = git(&lab.project, &["status", "--porcelain"]);
+    assert!(status.contains("?? flake.lock"), "{status}");
+
+    // What the fix is about: the bare path does not evaluate in a git repository.
+    let build = lab.project.join(".nixmox/build/nix");
+    let bare = nix_eval(&format!(
+        "{}#nixosConfigurations.app.config.networking.hostName",
+        build.display()
+    ));
+    assert!(
+        !bare.status.success(),
+        "a bare path evaluated in a git repo"
+    );
+    let reference = nix_eval(&format!(
+        "path:{}#nixosConfigurations.app.config.networking.hostName",
+        build.display()
+    ));
+    assert_eq!(String::from_utf8_lossy(&reference.stdout), "app");
+}
+
+/// Issue 11: the flake's inputs are pinned in the project's `flake.lock`: created by the first
+/// `up`, never touched by a no-op one, moved by `nixmox update` (old → new printed; the hosts
+/// built from the input redeploy with that reason) and following a changed `nix.inputs` URL.
+#[test]
+fn flake_lock_is_created_once_updated_on_request_and_follows_overrides() {
+    let lab = Lab::new();
+    let out = lab.run(&["up"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        lab.invocations().iter().any(|c| c == "nix flake lock"),
+        "{:?}",
+        lab.invocations()
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("locked flake inputs"));
+    let lock = std::fs::read_to_string(lab.project.join("flake.lock")).unwrap();
+    assert!(lock.contains("nix-stubs/nixpkgs"), "{lock}");
+    assert_eq!(
+        std::fs::read_to_string(lab.project.join(".nixmox/build/nix/flake.lock")).unwrap(),
+        lock,
+        "the build flake builds from the project's lock"
+    );
+
+    lab.clear();
+    let out = lab.run(&["up"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(lab.invocations().is_empty(), "{:?}", lab.invocations());
+
+    // nixpkgs moves on (the stand-in changes); only `update` takes it into the lock.
+    std::fs::write(
+        lab.project.join("nix-stubs/nixpkgs/NEWS"),
+        "a new revision\n",
+    )
+    .unwrap();
+    let out = lab.run(&["update", "sops-nix-typo"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(
+        std::fs::read_to_string(lab.project.join("flake.lock")).unwrap(),
+        lock
+    );
+    let out = lab.run(&["update", "nixpkgs"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (old, new) = printed
+        .trim()
+        .strip_prefix("nixpkgs: ")
+        .and_then(|r| r.split_once(" → "))
+        .unwrap_or_else(|| panic!("no `nixpkgs: old → new` line: {printed}"));
+    assert_ne!(old, new);
+    let plan = lab.run(&["plan"], &[]);
+    let plan_text = String::from_utf8_lossy(&plan.stdout);
+    let reason = format!("nixpkgs updated {old} → {new}");
+    assert_eq!(
+        plan_text.matches(&reason).count(),
+        3,
+        "every host's nix step, and nothing else: {plan_text}"
+    );
+    lab.clear();
+    let out = lab.run(&["up"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let calls = lab.invocations();
+    for host in ["app", "worker", "solo"] {
+        assert!(calls
+            .iter()
+            .any(|c| c.starts_with(&format!("start {host} "))));
+    }
+    // Later steps of a redeployed service re-run (and find nothing to apply).
+    assert!(!calls.iter().any(|c| c == "terraform apply"), "{calls:?}");
+
+    // A fork of nixpkgs given in nixmox.yaml follows into the lock on the next up.
+    common::copy_dir(
+        &lab.project.join("nix-stubs/nixpkgs"),
+        &lab.project.join("nix-stubs/nixpkgs-fork"),
+    );
+    let yaml = lab.project.join("nixmox.yaml");
+    let text_of_yaml = std::fs::read_to_string(&yaml).unwrap().replace(
+        "path:./nix-stubs/nixpkgs\"",
+        "path:./nix-stubs/nixpkgs-fork\"",
+    );
+    std::fs::write(&yaml, text_of_yaml).unwrap();
+    lab.clear();
+    let out = lab.run(&["up"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(lab.invocations().iter().any(|c| c == "nix flake lock"));
+    let lock = std::fs::read_to_string(lab.project.join("flake.lock")).unwrap();
+    assert!(lock.contains("nix-stubs/nixpkgs-fork"), "{lock}");
+}

@@ -270,10 +270,10 @@ fn destroy_workspaces(
                 .logs
                 .join("down")
                 .join(format!("{}.log", id.replace(':', "_"))),
-            redact: proxmox_token(project).into_iter().collect(),
+            redact: proxmox_token(project, root).into_iter().collect(),
             ..StepOpts::default()
         };
-        terraform_for(project, &id)
+        terraform_for(project, root, &id)
             .destroy(&ws, &opts)
             .map_err(|e| Error::RunFailed(format!("{id}: {e}")))?;
         store.forget_step(&id).map_err(Error::State)?;

@@ -96,15 +96,15 @@ pub(crate) fn recorded_workspace(
 }
 
 /// The Terraform binary with the environment the step gets (the Proxmox token for `tf:infra`).
-pub(crate) fn terraform_for(project: &Project, step_id: &str) -> Terraform {
+pub(crate) fn terraform_for(project: &Project, root: &Path, step_id: &str) -> Terraform {
     let mut env: Vec<(OsString, OsString)> = Vec::new();
     if step_id == "tf:infra" {
-        if let Some(token) = proxmox_token(project) {
+        if let Some(token) = proxmox_token(project, root) {
             env.push(("PROXMOX_VE_API_TOKEN".into(), token.into()));
         }
     }
     Terraform {
-        binary: PathBuf::from(&project.terraform.binary),
+        binary: crate::root::program_path(root, &project.terraform.binary),
         env,
     }
 }
@@ -174,10 +174,10 @@ pub fn run(root: &ProjectRoot, format: PlanFormat) -> Result<()> {
         let opts = StepOpts {
             timeout: Some(Duration::from_secs(600)),
             log: logs.join(format!("{}.log", step_id.replace(':', "_"))),
-            redact: proxmox_token(project).into_iter().collect(),
+            redact: proxmox_token(project, root).into_iter().collect(),
             ..StepOpts::default()
         };
-        match terraform_for(project, step_id).drift(&ws, &opts) {
+        match terraform_for(project, root, step_id).drift(&ws, &opts) {
             Ok(drift) => workspaces.push((step_id.clone(), drift)),
             Err(e) => errors.push(format!("{step_id}: {e}")),
         }

@@ -27,6 +27,8 @@ use crate::state::{self, RunResult, StepFinish, StepStatus, Store};
 /// Where NixMox keeps its working files, all under the project's `.nixmox/`.
 #[derive(Clone, Debug)]
 pub struct Paths {
+    /// The project directory, absolute.
+    pub root: PathBuf,
     pub state_db: PathBuf,
     pub build: PathBuf,
     pub logs: PathBuf,
@@ -49,6 +51,7 @@ impl Paths {
             }
         };
         Paths {
+            root: root.to_path_buf(),
             state_db,
             build: dot.join("build"),
             logs: dot.join("logs"),

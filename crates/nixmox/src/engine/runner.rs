@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use nixmox_core::deploy;
-use nixmox_core::model::{Deployer, InfraBackend, SecretRef};
+use nixmox_core::model::{Deployer, InfraBackend};
 use nixmox_core::plan::{Phase, Plan};
 use nixmox_core::record::StepRecord;
 use nixmox_core::Project;
@@ -96,7 +96,7 @@ impl<'a> StepExec<'a> {
         timeout: Duration,
     ) -> Self {
         let mut redact = Vec::new();
-        if let Some(token) = proxmox_token(project) {
+        if let Some(token) = proxmox_token(project, &paths.root) {
             redact.push(token);
         }
         StepExec {
@@ -223,12 +223,12 @@ impl<'a> StepExec<'a> {
         }
         let mut env: Vec<(OsString, OsString)> = Vec::new();
         if phase == Phase::TfInfra {
-            if let Some(token) = proxmox_token(self.project) {
+            if let Some(token) = proxmox_token(self.project, &self.paths.root) {
                 env.push(("PROXMOX_VE_API_TOKEN".into(), token.into()));
             }
         }
         let tf = Terraform {
-            binary: PathBuf::from(&self.project.terraform.binary),
+            binary: crate::root::program_path(&self.paths.root, &self.project.terraform.binary),
             env,
         };
         let ws = Workspace {
@@ -349,7 +349,8 @@ impl<'a> StepExec<'a> {
             flake_dir: flake.to_string_lossy().into_owned(),
         };
         let argv = deploy::switch_argv(&self.project.nix.deployer, &target);
-        let mut cmd = Cmd::new(&argv[0]).args(&argv[1..]).cwd(&flake);
+        let program = crate::root::program_path(&self.paths.root, &argv[0]);
+        let mut cmd = Cmd::new(program).args(&argv[1..]).cwd(&flake);
         let builtin = !matches!(self.project.nix.deployer, Deployer::Command { .. });
         if builtin {
             cmd.env
@@ -887,7 +888,8 @@ impl StepExec<'_> {
             }
             argv = deploy::ssh_argv(&self.ssh_options(), &target.user, &target.ip, &argv);
         }
-        let mut cmd = Cmd::new(&argv[0]).args(&argv[1..]);
+        let program = crate::root::program_path(&self.paths.root, &argv[0]);
+        let mut cmd = Cmd::new(program).args(&argv[1..]);
         if flake.is_dir() {
             cmd = cmd.cwd(&flake);
         }
@@ -956,7 +958,7 @@ impl StepExec<'_> {
             write_under(&config_dir, rel, bytes).map_err(io)?;
         }
         let tf = Terraform {
-            binary: PathBuf::from(&self.project.terraform.binary),
+            binary: crate::root::program_path(&self.paths.root, &self.project.terraform.binary),
             env: Vec::new(),
         };
         let ws = Workspace {
@@ -1010,14 +1012,10 @@ fn write_under(dir: &Path, rel: &str, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// The Proxmox API token, read from where `proxmox.token` says, if it is there.
-pub fn proxmox_token(project: &Project) -> Option<String> {
-    match &project.proxmox.token {
-        SecretRef::Env(var) => std::env::var(var).ok().filter(|v| !v.is_empty()),
-        SecretRef::File(path) => std::fs::read_to_string(path)
-            .ok()
-            .map(|s| s.trim().to_string())
-            .filter(|v| !v.is_empty()),
-    }
+/// The Proxmox API token in clear, for Terraform's environment and for redaction. A relative
+/// `proxmox.token.file` is taken from the project directory, never the current one.
+pub fn proxmox_token(project: &Project, root: &Path) -> Option<String> {
+    crate::proxmox::token(project, root).map(|(t, _)| t.expose().to_string())
 }
 
 fn collect_strings(v: &serde_json::Value, out: &mut Vec<String>) {
