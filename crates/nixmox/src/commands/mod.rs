@@ -51,6 +51,7 @@ pub fn run(cli: Cli) -> Result<()> {
             no_rollback,
             rollback_core,
             remove_orphans,
+            allow_destroy,
         } => up::run(
             root,
             up::Args {
@@ -66,6 +67,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 no_rollback,
                 rollback_core,
                 remove_orphans,
+                allow_destroy,
             },
         ),
         Command::History { limit, format } => history::history(root, limit, format),
