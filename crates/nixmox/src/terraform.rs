@@ -1148,6 +1148,33 @@ mod tests {
     }
 
     #[test]
+    fn terraform_destroys_are_read_from_show_json() {
+        let json = serde_json::json!({"resource_changes": [
+            {"address": "a.x", "mode": "managed", "type": "a", "change": {"actions": ["update"]}},
+            {"address": "a.y", "mode": "managed", "type": "a", "change": {"actions": ["delete"]}},
+            {"address": "module.m.b.z[0]", "mode": "managed", "type": "b",
+             "change": {"actions": ["delete", "create"], "replace_paths": [["disk", 0, "datastore_id"], ["unprivileged"]]}},
+            {"address": "c.w", "mode": "managed", "type": "c", "change": {"actions": ["create", "delete"]}},
+            {"address": "data.d.v", "mode": "data", "type": "d", "change": {"actions": ["delete"]}},
+        ]})
+        .to_string();
+        let got: Vec<String> = parse_destroys(&json)
+            .unwrap()
+            .into_iter()
+            .map(|(c, t)| format!("{t}: {c}"))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "a: a.y (delete)",
+                "b: module.m.b.z[0] (replace, forced by disk[0].datastore_id, unprivileged)",
+                "c: c.w (replace)"
+            ]
+        );
+        assert!(parse_destroys("{}").unwrap().is_empty());
+    }
+
+    #[test]
     fn terraform_apply_changed_counts() {
         assert!(!apply_changed(
             "x\nApply complete! Resources: 0 added, 0 changed, 0 destroyed.\n"

@@ -661,3 +661,44 @@ fn service(
         body,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protect_entries_parse_and_protection_covers_instances() {
+        assert_eq!(
+            Protect::parse("null_resource"),
+            Ok(Protect::Type("null_resource".into()))
+        );
+        for ok in [
+            "null_resource.keep",
+            "null_resource.keep[0]",
+            "null_resource.keep[\"a\"]",
+            "module.inner.null_resource.keep",
+        ] {
+            assert_eq!(Protect::parse(ok), Ok(Protect::Address(ok.into())), "{ok}");
+        }
+        for bad in [
+            "",
+            "data.x.y",
+            "bad type",
+            "a.b.c",
+            "x.y[",
+            "x.y[\"a.b\"]",
+            "mod-x",
+        ] {
+            assert!(Protect::parse(bad).is_err(), "{bad}");
+        }
+        let p = Protection {
+            types: BTreeSet::from(["postgresql_database".to_string()]),
+            addresses: vec!["module.keep_0_0.null_resource.keep".into()],
+        };
+        assert!(p.covers("module.keep_0_0.null_resource.keep", "null_resource"));
+        assert!(p.covers("module.keep_0_0.null_resource.keep[1]", "null_resource"));
+        assert!(!p.covers("module.keep_0_0.null_resource.keeper", "null_resource"));
+        assert!(!p.covers("module.other_0_1.null_resource.keep", "null_resource"));
+        assert!(p.covers("postgresql_database.wiki", "postgresql_database"));
+    }
+}
