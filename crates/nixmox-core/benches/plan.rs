@@ -42,6 +42,7 @@ fn record_of(plan: &Plan) -> Record {
                 )
             })
             .collect(),
+        ..Record::default()
     }
 }
 

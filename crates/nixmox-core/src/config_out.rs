@@ -231,7 +231,7 @@ fn service(p: &Project, i: usize, s: &Service) -> Value {
             Value::Array(
                 s.terraform
                     .iter()
-                    .map(|t| json!({"phase": t.phase.as_str(), "modules": t.modules, "variables": t.variables, "targets": t.targets, "apply_order": t.apply_order}))
+                    .map(|t| json!({"phase": t.phase.as_str(), "modules": t.modules, "variables": t.variables, "targets": t.targets, "apply_order": t.apply_order, "protect": t.protect.iter().map(|p| p.as_str()).collect::<Vec<_>>()}))
                     .collect(),
             ),
         );

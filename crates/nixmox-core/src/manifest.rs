@@ -11,7 +11,7 @@ use crate::config::{choice, domain, ip, resources, timing, HEALTH_TIMING_FIELDS}
 use crate::decode::{field, index, join, Cx};
 use crate::ids::{Hostname, ServiceName, VmId};
 use crate::model::{
-    Auth, Capability, Check, ClientType, Db, DbMode, HealthTiming, Oidc, Proxy, Resources,
+    Auth, Capability, Check, ClientType, Db, DbMode, HealthTiming, Oidc, Protect, Proxy, Resources,
     TerraformUse, TfPhase, Upstream,
 };
 use crate::syntax::{Kind, Node, Span};
@@ -64,8 +64,14 @@ pub const HEALTH_FIELDS: &[&str] = &[
     "start_period",
 ];
 pub const CHECK_FIELDS: &[&str] = &["command", "http", "status", "body", "tcp", "dns", "expect"];
-pub const TERRAFORM_USE_FIELDS: &[&str] =
-    &["phase", "modules", "variables", "targets", "apply_order"];
+pub const TERRAFORM_USE_FIELDS: &[&str] = &[
+    "phase",
+    "modules",
+    "variables",
+    "targets",
+    "apply_order",
+    "protect",
+];
 pub const REQUIREMENTS_FIELDS: &[&str] = &["database", "reverse_proxy", "oidc"];
 pub const REQ_DATABASE_FIELDS: &[&str] = &["type", "name", "user", "host"];
 pub const REQ_PROXY_FIELDS: &[&str] = &["type", "domain", "backend", "auth"];
@@ -1056,12 +1062,28 @@ fn decode_terraform(
     };
     let targets = list(cx, "targets");
     let apply_order = list(cx, "apply_order");
+    let mut protect = Vec::new();
+    if let Some(v) = field(n, "protect") {
+        let ppath = join(path, "protect");
+        for (i, (entry, span)) in cx.strings(v, &ppath).into_iter().enumerate() {
+            match Protect::parse(&entry) {
+                Ok(p) => protect.push(p),
+                Err(problem) => cx.error(
+                    span,
+                    &index(&ppath, i),
+                    format!("invalid protected resource: {problem}"),
+                    Some("write a resource address as it appears in the module (`null_resource.keep`) or a resource type (`null_resource`)".into()),
+                ),
+            }
+        }
+    }
     (cx.errors() == before).then_some(TerraformUse {
         phase,
         modules,
         variables,
         targets,
         apply_order,
+        protect,
     })
 }
 

@@ -468,6 +468,86 @@ pub struct TerraformUse {
     pub variables: BTreeMap<String, serde_json::Value>,
     pub targets: Vec<String>,
     pub apply_order: Vec<String>,
+    /// Resources of these modules that a saved plan may not delete or replace without
+    /// `up --allow-destroy` (`interface.terraform.protect`).
+    pub protect: Vec<Protect>,
+}
+
+/// One `interface.terraform.protect` entry, checked when the manifest is read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Protect {
+    /// Every resource of this type (`null_resource`).
+    Type(String),
+    /// A resource address as written inside the module (`null_resource.keep`, `aws_s3_bucket.b[0]`,
+    /// `module.inner.null_resource.keep`); without an index it covers every instance.
+    Address(String),
+}
+
+impl Protect {
+    /// Reads one entry: a resource type, or a managed resource's address (optionally inside
+    /// nested modules, optionally with an instance key). The error says what is wrong.
+    pub fn parse(s: &str) -> Result<Protect, String> {
+        fn ident(w: &str) -> bool {
+            w.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && w.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        }
+        /// `name` or `name[0]` or `name["key"]`.
+        fn instance(w: &str) -> bool {
+            match w.split_once('[') {
+                None => ident(w),
+                Some((name, key)) => {
+                    let Some(key) = key.strip_suffix(']') else {
+                        return false;
+                    };
+                    ident(name)
+                        && (key.chars().all(|c| c.is_ascii_digit()) && !key.is_empty()
+                            || key.len() >= 2
+                                && key.starts_with('"')
+                                && key.ends_with('"')
+                                && !key[1..key.len() - 1].contains(['"', ']']))
+                }
+            }
+        }
+        if s.is_empty() {
+            return Err("an empty entry".into());
+        }
+        if !s.contains('.') {
+            return if ident(s) && !s.contains('-') {
+                Ok(Protect::Type(s.to_string()))
+            } else {
+                Err(format!("`{s}` is not a resource type"))
+            };
+        }
+        // Instance keys are numbers or simple strings here, so splitting on `.` is safe once
+        // quoted keys containing dots are refused.
+        let words: Vec<&str> = s.split('.').collect();
+        if words.iter().any(|w| w.matches('"').count() % 2 == 1) {
+            return Err(format!("`{s}`: an instance key may not contain `.`"));
+        }
+        let mut rest = &words[..];
+        while rest.len() > 2 && rest[0] == "module" {
+            if !instance(rest[1]) {
+                return Err(format!("`{s}`: `{}` is not a module name", rest[1]));
+            }
+            rest = &rest[2..];
+        }
+        match rest {
+            ["data", ..] => Err(format!(
+                "`{s}` is a data source; data sources are never destroyed"
+            )),
+            [ty, name] if ident(ty) && !ty.contains('-') && instance(name) => {
+                Ok(Protect::Address(s.to_string()))
+            }
+            _ => Err(format!("`{s}` is not a resource address")),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Protect::Type(s) | Protect::Address(s) => s,
+        }
+    }
 }
 
 /// Why one service depends on another.

@@ -150,6 +150,9 @@ pub struct Step {
     /// Weight for the critical path: the recorded duration in ms, else 1000 for a step that
     /// runs and 0 for a no-op.
     pub weight: u64,
+    /// Known to need `up --allow-destroy`: the destroy guard refused this step's plan last
+    /// time, which would have deleted or replaced these resources.
+    pub needs_allow_destroy: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -473,6 +476,7 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
             hash: parts.hash(),
             parts: parts.0,
             weight: 0,
+            needs_allow_destroy: Vec::new(),
         });
         steps.len() - 1
     };
@@ -841,6 +845,13 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
                 step.reasons = explain(&r.parts, &step.parts);
             }
         }
+        // A refusal matters while the step still has something to apply; an input back at
+        // its last success has nothing to destroy.
+        if let Some(refused) = record.and_then(|r| r.refused.get(&step.id)) {
+            if step.change != Change::Unchanged {
+                step.needs_allow_destroy = refused.clone();
+            }
+        }
     }
     // Orphans: recorded steps of services no longer in the project.
     if sel.services.is_empty() {
@@ -862,6 +873,7 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
                         hash: String::new(),
                         parts: BTreeMap::new(),
                         weight: 0,
+                        needs_allow_destroy: Vec::new(),
                     });
                 }
             }

@@ -41,6 +41,9 @@ struct JsonStep<'a> {
     description: &'a str,
     reasons: &'a [String],
     hash: &'a str,
+    /// Only when known: the destroy guard refused the step's last plan.
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    needs_allow_destroy: &'a [String],
 }
 
 fn summary(plan: &Plan) -> JsonSummary {
@@ -82,6 +85,7 @@ pub fn to_json(plan: &Plan) -> String {
                 description: &s.description,
                 reasons: &s.reasons,
                 hash: &s.hash,
+                needs_allow_destroy: &s.needs_allow_destroy,
             })
             .collect(),
         critical_path: plan
@@ -93,6 +97,16 @@ pub fn to_json(plan: &Plan) -> String {
     let mut s = serde_json::to_string_pretty(&out).expect("plan JSON always serializes");
     s.push('\n');
     s
+}
+
+/// The line a step refused by the destroy guard gets in the text plan and the dry run.
+pub fn allow_destroy_note(refused: &[String]) -> Option<String> {
+    (!refused.is_empty()).then(|| {
+        format!(
+            "needs --allow-destroy: its last run was refused because the plan would delete or replace {}",
+            refused.join(", ")
+        )
+    })
 }
 
 /// The plan as text: phases in order, each step with what it does and what it waits for.
@@ -167,6 +181,9 @@ pub fn to_text(plan: &Plan) -> String {
         }
         for r in &s.reasons {
             let _ = writeln!(out, "{indent}  {:width$}  because {r}", "");
+        }
+        if let Some(note) = allow_destroy_note(&s.needs_allow_destroy) {
+            let _ = writeln!(out, "{indent}  {:width$}  {note}", "");
         }
     }
     let path: Vec<&str> = plan

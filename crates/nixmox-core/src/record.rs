@@ -22,6 +22,9 @@ pub struct StepRecord {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Record {
     pub steps: BTreeMap<String, StepRecord>,
+    /// Steps the destroy guard refused since their last success, with what their plan would
+    /// have deleted or replaced (`module.x.null_resource.keep (replace)`).
+    pub refused: BTreeMap<String, Vec<String>>,
 }
 
 impl Record {

@@ -587,6 +587,7 @@ fn manifest_inner() -> Value {
         )
         .opt("targets", dflt(list("Resource addresses passed as `-target`.", json!({"type": ["string", "number"]})), json!([])))
         .opt("apply_order", dflt(list("Modules in the order they are applied.", json!({"type": ["string", "number"]})), json!([])))
+        .opt("protect", dflt(list("Resources of these modules that a plan may not delete or replace unless `nixmox up --allow-destroy`: addresses as written in the module (`null_resource.keep`, `module.inner.null_resource.keep`, `null_resource.keep[0]`) or resource types (`null_resource`).", json!({"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_-]*(\\.[^.]+)*$"})), json!([])))
         .build();
 
     let mut root = Obj::new("")

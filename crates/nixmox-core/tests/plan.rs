@@ -39,6 +39,7 @@ fn record_of(pl: &nixmox_core::plan::Plan) -> Record {
                 )
             })
             .collect(),
+        ..Record::default()
     }
 }
 
@@ -369,4 +370,48 @@ proptest! {
             prop_assert!(pl.index_of(&s.id) < pl.index_of("tf:auth-core"));
         }
     }
+}
+
+/// Issue 11: a step the destroy guard refused says so in the plan while it still has
+/// something to apply, and not once its input is back at its last success.
+#[test]
+fn a_refused_step_needs_allow_destroy_until_its_input_is_unchanged() {
+    let p = common::example();
+    let first = full(&p, None);
+    let mut record = record_of(&first);
+    let refused =
+        vec!["proxmox_virtual_environment_container.dns (replace, forced by vm_id)".to_string()];
+    record.refused.insert("tf:infra".into(), refused.clone());
+
+    // Unchanged since its last success: nothing to destroy, no note.
+    let pl = full(&p, Some(&record));
+    let infra = &pl.steps[pl.index_of("tf:infra").unwrap()];
+    assert!(infra.needs_allow_destroy.is_empty());
+    assert!(!plan_out::to_text(&pl).contains("needs --allow-destroy"));
+    assert!(!plan_out::to_json(&pl).contains("needs_allow_destroy"));
+
+    // Changed: the note, in text and JSON, on that step only.
+    record.steps.get_mut("tf:infra").unwrap().hash = "older".into();
+    let pl = full(&p, Some(&record));
+    let infra = &pl.steps[pl.index_of("tf:infra").unwrap()];
+    assert_eq!(infra.needs_allow_destroy, refused);
+    let text = plan_out::to_text(&pl);
+    assert!(
+        text.contains("needs --allow-destroy: its last run was refused because the plan would delete or replace proxmox_virtual_environment_container.dns (replace, forced by vm_id)"),
+        "{text}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&plan_out::to_json(&pl)).unwrap();
+    assert_eq!(v["version"], 1);
+    let with: Vec<&str> = v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s.get("needs_allow_destroy").is_some())
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(with, ["tf:infra"]);
+    assert_eq!(
+        v["steps"][0]["needs_allow_destroy"],
+        serde_json::json!(refused)
+    );
 }

@@ -321,6 +321,7 @@ fn fabricate_state(bin: &Path, root: &Path) -> Result<(usize, usize), String> {
                     error: None,
                     outputs: Vec::new(),
                     rendered: None,
+                    refused: None,
                 },
             )
             .map_err(|e| e.to_string())?;

@@ -105,6 +105,11 @@ pub enum Command {
         /// longer in the project (without it they are only reported)
         #[arg(long)]
         remove_orphans: bool,
+        /// Apply Terraform plans that delete or replace protected resources (containers,
+        /// databases, `interface.terraform.protect`); without it such a step fails and applies
+        /// nothing
+        #[arg(long)]
+        allow_destroy: bool,
     },
     /// List past runs, newest first
     History {

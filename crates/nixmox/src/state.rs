@@ -110,6 +110,15 @@ CREATE TABLE lock (
     command    TEXT NOT NULL
 );
 "#,
+    // 2: steps the destroy guard refused, until they next succeed.
+    r#"
+CREATE TABLE guard_refusals (
+    step_id    TEXT PRIMARY KEY,
+    run_id     INTEGER NOT NULL REFERENCES runs (id),
+    changes    TEXT NOT NULL,
+    refused_at TEXT NOT NULL
+);
+"#,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -267,6 +276,9 @@ pub struct StepFinish {
     /// On success, `Some` replaces all the step's recorded rendered files (`Some(empty)`
     /// clears them); `None` keeps what was recorded.
     pub rendered: Option<BTreeMap<String, Vec<u8>>>,
+    /// The destroy guard refused the step: what its plan would have deleted or replaced. Kept
+    /// until the step next succeeds.
+    pub refused: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -553,6 +565,24 @@ impl Store {
         )
         .map_err(sql(path, "record the end of a step"))?;
         if fin.status.is_success() {
+            tx.execute(
+                "DELETE FROM guard_refusals WHERE step_id = ?1",
+                [&fin.step_id],
+            )
+            .map_err(sql(path, "clear a destroy-guard refusal"))?;
+        } else if let Some(changes) = &fin.refused {
+            let changes = serde_json::to_string(changes).unwrap_or_else(|_| "[]".to_string());
+            tx.execute(
+                "INSERT INTO guard_refusals (step_id, run_id, changes, refused_at)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (step_id) DO UPDATE SET
+                     run_id = excluded.run_id, changes = excluded.changes,
+                     refused_at = excluded.refused_at",
+                params![fin.step_id, run, changes, at],
+            )
+            .map_err(sql(path, "record a destroy-guard refusal"))?;
+        }
+        if fin.status.is_success() {
             let parts = serde_json::to_string(&fin.parts).unwrap_or_else(|_| "{}".to_string());
             tx.execute(
                 "INSERT INTO step_records
@@ -649,6 +679,22 @@ impl Store {
                     duration_ms: duration.map(to_u64),
                 },
             );
+        }
+        let mut stmt = self
+            .conn
+            .prepare("SELECT step_id, changes FROM guard_refusals")
+            .map_err(sql(path, "read the destroy-guard refusals"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(sql(path, "read the destroy-guard refusals"))?;
+        for row in rows {
+            let (id, changes) = row.map_err(sql(path, "read the destroy-guard refusals"))?;
+            let changes: Vec<String> =
+                serde_json::from_str(&changes).map_err(|e| StateError::Corrupt {
+                    path: path.clone(),
+                    detail: format!("the refusal of step `{id}` is not a JSON list: {e}"),
+                })?;
+            record.refused.insert(id, changes);
         }
         Ok(record)
     }
@@ -848,7 +894,12 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql(path, "begin a transaction to forget a step"))?;
-        for table in ["outputs", "rendered_inputs", "step_records"] {
+        for table in [
+            "outputs",
+            "rendered_inputs",
+            "step_records",
+            "guard_refusals",
+        ] {
             tx.execute(
                 &format!("DELETE FROM {table} WHERE step_id = ?1"),
                 [step_id],
@@ -1207,6 +1258,7 @@ mod tests {
             error: (!status.is_success()).then(|| "boom".to_string()),
             outputs: Vec::new(),
             rendered: None,
+            refused: None,
         }
     }
 
@@ -1280,6 +1332,7 @@ mod tests {
             assert_eq!(
                 tables,
                 [
+                    "guard_refusals",
                     "lock",
                     "outputs",
                     "rendered_inputs",
@@ -1584,6 +1637,7 @@ mod tests {
                     },
                 ),
             ]),
+            ..Record::default()
         };
         assert_eq!(s.record().unwrap(), want);
 
@@ -1730,6 +1784,31 @@ mod tests {
         empty.rendered = Some(BTreeMap::new());
         s.step_finished(run, &empty).unwrap();
         assert_eq!(s.rendered_inputs("tf:web").unwrap(), Some(BTreeMap::new()));
+    }
+
+    /// Issue 11: a refusal by the destroy guard is kept until the step next succeeds.
+    #[test]
+    fn destroy_guard_refusals_last_until_the_step_succeeds() {
+        let (_dir, path) = fresh();
+        let mut s = Store::open(&path).unwrap();
+        let run = s.start_run(&["up".into()]).unwrap();
+        let mut failed = finish("tf:infra", "h1", StepStatus::Failed);
+        failed.refused = Some(vec!["a.b (replace)".into()]);
+        s.step_finished(run, &failed).unwrap();
+        assert_eq!(
+            s.record().unwrap().refused,
+            BTreeMap::from([("tf:infra".to_string(), vec!["a.b (replace)".to_string()])])
+        );
+        // Another failure without a refusal keeps it; a success clears it.
+        s.step_finished(run, &finish("tf:infra", "h1", StepStatus::Failed))
+            .unwrap();
+        assert_eq!(s.record().unwrap().refused.len(), 1);
+        s.step_finished(run, &finish("tf:infra", "h1", StepStatus::Succeeded))
+            .unwrap();
+        assert!(s.record().unwrap().refused.is_empty());
+        s.step_finished(run, &failed).unwrap();
+        s.forget_step("tf:infra").unwrap();
+        assert!(s.record().unwrap().refused.is_empty());
     }
 
     #[test]

@@ -33,6 +33,7 @@
 //! Terraform ask for `terraform init`; the runner then runs `init` and retries the command once.
 
 use std::ffi::OsString;
+use std::fmt;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -40,6 +41,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nixmox_core::render::terraform::Protection;
 use sha2::{Digest, Sha256};
 
 use crate::exec::{self, Cmd, ExecError, Finished, RunOpts};
@@ -82,6 +84,41 @@ pub struct StepOpts {
     pub cancel: Option<Arc<AtomicBool>>,
     /// Secret values kept out of the log and of error messages.
     pub redact: Vec<String>,
+    /// The destroy guard; `None` applies whatever Terraform plans (rollback re-applies and the
+    /// runner's own tests).
+    pub guard: Option<Guard>,
+}
+
+/// The destroy guard of one step (docs/engine.md, "Destroy guard"): a saved plan that deletes
+/// or replaces a protected resource is not applied unless the run allows it.
+#[derive(Debug, Clone, Default)]
+pub struct Guard {
+    pub protection: Protection,
+    /// `up --allow-destroy`: every planned change is applied.
+    pub allow_destroy: bool,
+    /// Plain deletes (the resource left the configuration) are applied, replacements are not:
+    /// `tf:infra` under `up --remove-orphans` and `down`'s redeploy.
+    pub allow_deletes: bool,
+}
+
+/// A planned change the guard stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuardedChange {
+    pub address: String,
+    /// `delete` or `replace`.
+    pub action: String,
+    /// The attributes that force a replacement (`replace_paths`), when Terraform says.
+    pub because: Vec<String>,
+}
+
+impl fmt::Display for GuardedChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}", self.address, self.action)?;
+        if !self.because.is_empty() {
+            write!(f, ", forced by {}", self.because.join(", "))?;
+        }
+        write!(f, ")")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -124,6 +161,12 @@ pub enum TfError {
         /// Worth retrying: state lock contention, network trouble.
         transient: bool,
     },
+    #[error(
+        "the plan would {} protected resource(s), so nothing was applied: {}; run `nixmox up --allow-destroy` to apply it (data in them is lost)",
+        verbs(changes),
+        changes.iter().map(|c| c.to_string()).collect::<Vec<_>>().join("; ")
+    )]
+    DestroyRefused { changes: Vec<GuardedChange> },
     #[error("`{command}` printed output NixMox cannot read: {message}")]
     BadOutput { command: String, message: String },
     #[error("the rendered Terraform configuration `{}` does not exist (render first)", .0.display())]
@@ -137,6 +180,17 @@ pub enum TfError {
     },
     #[error(transparent)]
     Exec(ExecError),
+}
+
+/// "delete", "replace" or "delete or replace", as the changes need.
+fn verbs(changes: &[GuardedChange]) -> &'static str {
+    let delete = changes.iter().any(|c| c.action == "delete");
+    let replace = changes.iter().any(|c| c.action == "replace");
+    match (delete, replace) {
+        (true, true) => "delete or replace",
+        (true, false) => "delete",
+        _ => "replace",
+    }
 }
 
 impl TfError {
@@ -185,6 +239,26 @@ impl Terraform {
         run.ensure_init(false)?;
         let state = run.state_args();
         let mut changed = false;
+        let plan_file = ws.data_dir.join(PLAN_FILE);
+
+        // Targeted applies are not saved plans: check the whole plan first, which includes
+        // everything they would do.
+        if opts.guard.is_some() && !opts.apply_order.is_empty() {
+            let mut args = vec![
+                "plan".to_string(),
+                "-no-color".into(),
+                "-input=false".into(),
+                "-detailed-exitcode".into(),
+                format!("-out={}", plan_file.display()),
+            ];
+            args.extend(state.iter().cloned());
+            let checked = run.tf(&args, &[0, 2], false).and_then(|f| match f.code {
+                Some(2) => run.guard(&plan_file),
+                _ => Ok(()),
+            });
+            let _ = fs::remove_file(&plan_file);
+            checked?;
+        }
 
         for target in &opts.apply_order {
             let mut args = vec![
@@ -199,7 +273,6 @@ impl Terraform {
             changed |= apply_changed(&f.stdout);
         }
 
-        let plan_file = ws.data_dir.join(PLAN_FILE);
         let mut args = vec![
             "plan".to_string(),
             "-no-color".into(),
@@ -211,6 +284,7 @@ impl Terraform {
         let planned = run.tf(&args, &[0, 2], false);
         let result = planned.and_then(|f| {
             if f.code == Some(2) {
+                run.guard(&plan_file)?;
                 let mut args = vec![
                     "apply".to_string(),
                     "-no-color".into(),
@@ -539,6 +613,53 @@ impl<'a> Runner<'a> {
         Ok(format!("{:x}", h.finalize()))
     }
 
+    /// The destroy guard: reads the saved plan (`show -json`) and refuses it when it deletes
+    /// or replaces a protected resource the run does not allow to go. No guard, no command.
+    fn guard(&mut self, plan_file: &Path) -> Result<(), TfError> {
+        let Some(guard) = &self.opts.guard else {
+            return Ok(());
+        };
+        let show = vec![
+            "show".to_string(),
+            "-no-color".into(),
+            "-json".into(),
+            plan_file.display().to_string(),
+        ];
+        let f = self.tf(&show, &[0], true)?;
+        let planned = parse_destroys(&f.stdout).map_err(|message| TfError::BadOutput {
+            command: self.command_name("show"),
+            message,
+        })?;
+        let mut refused = Vec::new();
+        let mut summary = format!(
+            "# destroy guard: {} delete(s) or replacement(s) planned",
+            planned.len()
+        );
+        for (change, rtype) in planned {
+            let protected = guard.protection.covers(&change.address, &rtype);
+            let allowed = !protected
+                || guard.allow_destroy
+                || (guard.allow_deletes && change.action == "delete");
+            summary.push_str(&format!(
+                "\n#   {change}: {}",
+                match (protected, allowed) {
+                    (false, _) => "not protected",
+                    (true, true) => "protected, allowed by this run",
+                    (true, false) => "protected, refused",
+                }
+            ));
+            if !allowed {
+                refused.push(change);
+            }
+        }
+        self.note(&summary)?;
+        if refused.is_empty() {
+            Ok(())
+        } else {
+            Err(TfError::DestroyRefused { changes: refused })
+        }
+    }
+
     /// `output -json`, never logged in full: the log gets one line per output, sensitive values
     /// hidden.
     fn outputs(&mut self) -> Result<Vec<TfOutput>, TfError> {
@@ -665,6 +786,74 @@ fn parse_outputs(json: &str) -> Result<Vec<TfOutput>, String> {
     }
     outputs.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(outputs)
+}
+
+/// The deletes and replacements of a saved plan's `show -json`, with each resource's type.
+fn parse_destroys(json: &str) -> Result<Vec<(GuardedChange, String)>, String> {
+    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    let Some(items) = v.get("resource_changes").and_then(|d| d.as_array()) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for item in items {
+        if item.get("mode").and_then(|m| m.as_str()) == Some("data") {
+            continue;
+        }
+        let actions: Vec<&str> = item
+            .pointer("/change/actions")
+            .and_then(|a| a.as_array())
+            .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+            .unwrap_or_default();
+        let action = match actions.as_slice() {
+            ["delete"] => "delete",
+            ["delete", "create"] | ["create", "delete"] => "replace",
+            _ => continue,
+        };
+        let address = item
+            .get("address")
+            .and_then(|a| a.as_str())
+            .ok_or_else(|| "resource_changes entry without an address".to_string())?;
+        let rtype = item
+            .get("type")
+            .and_then(|a| a.as_str())
+            .unwrap_or_default();
+        // `replace_paths`: lists of steps, `["disk", 0, "datastore_id"]` → `disk[0].datastore_id`.
+        let because = item
+            .pointer("/change/replace_paths")
+            .and_then(|p| p.as_array())
+            .map(|paths| {
+                paths
+                    .iter()
+                    .filter_map(|p| p.as_array())
+                    .map(|steps| {
+                        let mut s = String::new();
+                        for step in steps {
+                            match step {
+                                serde_json::Value::Number(n) => s.push_str(&format!("[{n}]")),
+                                serde_json::Value::String(k) if !s.is_empty() => {
+                                    s.push('.');
+                                    s.push_str(k);
+                                }
+                                serde_json::Value::String(k) => s.push_str(k),
+                                _ => {}
+                            }
+                        }
+                        s
+                    })
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push((
+            GuardedChange {
+                address: address.to_string(),
+                action: action.to_string(),
+                because,
+            },
+            rtype.to_string(),
+        ));
+    }
+    Ok(out)
 }
 
 fn parse_drift(json: &str) -> Result<Vec<DriftedResource>, String> {
@@ -956,6 +1145,33 @@ mod tests {
         let err = failure("terraform plan".into(), &f);
         assert!(err.is_transient(), "{err:?}");
         assert!(err.to_string().contains("ID:        451a"), "{err}");
+    }
+
+    #[test]
+    fn terraform_destroys_are_read_from_show_json() {
+        let json = serde_json::json!({"resource_changes": [
+            {"address": "a.x", "mode": "managed", "type": "a", "change": {"actions": ["update"]}},
+            {"address": "a.y", "mode": "managed", "type": "a", "change": {"actions": ["delete"]}},
+            {"address": "module.m.b.z[0]", "mode": "managed", "type": "b",
+             "change": {"actions": ["delete", "create"], "replace_paths": [["disk", 0, "datastore_id"], ["unprivileged"]]}},
+            {"address": "c.w", "mode": "managed", "type": "c", "change": {"actions": ["create", "delete"]}},
+            {"address": "data.d.v", "mode": "data", "type": "d", "change": {"actions": ["delete"]}},
+        ]})
+        .to_string();
+        let got: Vec<String> = parse_destroys(&json)
+            .unwrap()
+            .into_iter()
+            .map(|(c, t)| format!("{t}: {c}"))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "a: a.y (delete)",
+                "b: module.m.b.z[0] (replace, forced by disk[0].datastore_id, unprivileged)",
+                "c: c.w (replace)"
+            ]
+        );
+        assert!(parse_destroys("{}").unwrap().is_empty());
     }
 
     #[test]

@@ -1046,3 +1046,85 @@ fn ps_shows_live_state_and_drift_finds_config_changed_behind_our_back() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Replaces the value of the project's `proxmox.<key>:` line.
+fn set_proxmox_key(dir: &Path, key: &str, value: &str) {
+    let path = dir.join("nixmox.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let prefix = format!("  {key}: ");
+    assert!(text.lines().any(|l| l.starts_with(&prefix)), "no {key}");
+    let text: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if l.starts_with(&prefix) {
+                format!("{prefix}{value}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    std::fs::write(&path, text.join("\n") + "\n").unwrap();
+}
+
+/// Issue 11: with `proxmox-api`, converging never destroys a container. The template is taken
+/// only at creation (a change writes nothing); a storage change, which only re-creating could
+/// make, fails the step naming each container and the key, even with `--allow-destroy`, and
+/// leaves every container as it was.
+#[test]
+fn issue_11_a_change_needing_re_creation_is_refused_without_destroying() {
+    let mut fake = Fake::start("127.0.0.37", json!({}));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("homelab");
+    example_dir(&fake, &dir);
+    let out = nixmox(&dir, &["up", "dns", "--no-deps"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(": created 9, updated 0, started 9"),
+        "{stderr}"
+    );
+    let before = fake.cts();
+
+    // A new template is for new containers only.
+    set_proxmox_key(
+        &dir,
+        "template",
+        "local:vztmpl/nixos-newer-x86_64-linux.tar.xz",
+    );
+    fake.clear_requests();
+    let out = nixmox(
+        &dir,
+        &["up", "dns", "--no-deps", "--force-step", "tf:infra"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("done   tf:infra unchanged in")
+            && stderr.contains(": created 0, updated 0, started 0"),
+        "{stderr}"
+    );
+    assert_eq!(fake.writes(), vec![]);
+
+    // Another storage: refused, with and without --allow-destroy.
+    set_proxmox_key(&dir, "storage", "local-zfs");
+    let dns = vmid_of(&load_example(), "dns");
+    for extra in [&[][..], &["--allow-destroy"][..]] {
+        fake.clear_requests();
+        let mut args = vec!["up", "dns", "--no-deps"];
+        args.extend_from_slice(extra);
+        let out = nixmox(&dir, &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "CT {dns} (`dns`) on node pve: refused: changing rootfs needs the container re-created (its root volume is on storage `local-lvm`, the project says `local-zfs`"
+            )),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("not even with --allow-destroy")
+                && stderr.contains("`nixmox down dns` then `nixmox up dns`"),
+            "{stderr}"
+        );
+        assert_eq!(fake.writes(), vec![], "{extra:?}");
+        assert_eq!(fake.cts(), before);
+    }
+}

@@ -5,7 +5,11 @@
 use serde_json::{json, Map, Value};
 
 use super::{app_slug, base_name, idp_domain, safe_name, Copy, Outputs, Rendered, HEADER};
-use crate::model::{Capability, ClientType, DbMode, InfraBackend, Project, Service, TfPhase};
+use std::collections::BTreeSet;
+
+use crate::model::{
+    Capability, ClientType, DbMode, InfraBackend, Project, Protect, Service, TfPhase,
+};
 use crate::plan::startup_order;
 use crate::RenderedFile;
 
@@ -13,6 +17,83 @@ pub const PROXMOX_PROVIDER: (&str, &str) = ("bpg/proxmox", "~> 0.82");
 /// The provider's version follows authentik's own; authentik-nix packages 2025.10.
 pub const AUTHENTIK_PROVIDER: (&str, &str) = ("goauthentik/authentik", "~> 2025.10");
 pub const POSTGRESQL_PROVIDER: (&str, &str) = ("cyrilgdn/postgresql", "~> 1.22");
+
+/// The resource types NixMox renders that hold data: a container's disk, a database and the
+/// role that owns it. A saved plan that deletes or replaces one is applied only with
+/// `up --allow-destroy` (docs/engine.md, "Destroy guard").
+pub const PROTECTED_TYPES: &[&str] = &[
+    "proxmox_virtual_environment_container",
+    "postgresql_database",
+    "postgresql_role",
+];
+
+/// What a Terraform step's saved plan may not delete or replace without `--allow-destroy`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Protection {
+    /// Protected wherever they are in the workspace: [`PROTECTED_TYPES`] and the types a
+    /// manifest lists.
+    pub types: BTreeSet<String>,
+    /// Full addresses of the workspace (`module.keep_0_0.null_resource.keep`); one without an
+    /// instance key covers every instance.
+    pub addresses: Vec<String>,
+}
+
+impl Protection {
+    /// Whether the resource at `address` (as Terraform's plan names it), of type `rtype`, is
+    /// protected.
+    pub fn covers(&self, address: &str, rtype: &str) -> bool {
+        self.types.contains(rtype)
+            || self.addresses.iter().any(|a| {
+                address
+                    .strip_prefix(a.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('['))
+            })
+    }
+}
+
+/// The protection of one Terraform workspace: `None` for the project-wide ones (`tf:infra`,
+/// `tf:auth-core`), else the service and phase. Addresses of `interface.terraform.protect` are
+/// prefixed with the module they belong to, as the workspace names it.
+pub fn protection(service: Option<(&Service, TfPhase)>) -> Protection {
+    let mut out = Protection {
+        types: PROTECTED_TYPES.iter().map(|t| t.to_string()).collect(),
+        addresses: Vec::new(),
+    };
+    if let Some((s, phase)) = service {
+        for (k, t) in s.terraform.iter().filter(|t| t.phase == phase).enumerate() {
+            let modules: Vec<String> = (0..t.modules.len())
+                .map(|j| module_name(&t.modules[j], k, j))
+                .collect();
+            for p in &t.protect {
+                match p {
+                    Protect::Type(ty) => {
+                        out.types.insert(ty.clone());
+                    }
+                    Protect::Address(a) => {
+                        for m in &modules {
+                            out.addresses.push(format!("module.{m}.{a}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The name a service's module gets in its workspace (`module.<name>`): the `j`th module of
+/// the `k`th `interface.terraform` entry of the phase.
+fn module_name(path: &str, k: usize, j: usize) -> String {
+    tf_name(&format!(
+        "{}_{k}_{j}",
+        safe_name(base_name(path)).trim_end_matches(".tf")
+    ))
+}
+
+/// What a container takes only when it is created: the SSH keys (NixOS manages
+/// `authorized_keys` afterwards) and the template (NixOS manages the system). With bpg/proxmox
+/// both force a replacement, so later edits are ignored rather than destroying the container.
+pub const CONTAINER_CREATE_ONLY: &[&str] = &["initialization[0].user_account", "operating_system"];
 
 /// The scope mappings authentik ships for the standard OIDC scopes.
 fn scope_mapping(scope: &str) -> Option<String> {
@@ -201,6 +282,7 @@ fn infra(p: &Project) -> RenderedFile {
                 "cpu": {"cores": h.resources.cores},
                 "memory": {"dedicated": h.resources.memory, "swap": h.resources.swap},
                 "features": {"nesting": h.nesting},
+                "lifecycle": {"ignore_changes": CONTAINER_CREATE_ONLY},
             }),
         );
     }
@@ -527,10 +609,7 @@ fn service(
     let mut modules = Map::new();
     for (k, t) in s.terraform.iter().filter(|t| t.phase == phase).enumerate() {
         for (j, m) in t.modules.iter().enumerate() {
-            let name = tf_name(&format!(
-                "{}_{k}_{j}",
-                safe_name(base_name(m)).trim_end_matches(".tf")
-            ));
+            let name = module_name(m, k, j);
             let to = format!("terraform/services/{}/modules/{name}", s.name);
             out.copies.push(Copy {
                 from: m.clone(),
@@ -581,4 +660,45 @@ fn service(
         format!("terraform/services/{}/{dir}/main.tf.json", s.name),
         body,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protect_entries_parse_and_protection_covers_instances() {
+        assert_eq!(
+            Protect::parse("null_resource"),
+            Ok(Protect::Type("null_resource".into()))
+        );
+        for ok in [
+            "null_resource.keep",
+            "null_resource.keep[0]",
+            "null_resource.keep[\"a\"]",
+            "module.inner.null_resource.keep",
+        ] {
+            assert_eq!(Protect::parse(ok), Ok(Protect::Address(ok.into())), "{ok}");
+        }
+        for bad in [
+            "",
+            "data.x.y",
+            "bad type",
+            "a.b.c",
+            "x.y[",
+            "x.y[\"a.b\"]",
+            "mod-x",
+        ] {
+            assert!(Protect::parse(bad).is_err(), "{bad}");
+        }
+        let p = Protection {
+            types: BTreeSet::from(["postgresql_database".to_string()]),
+            addresses: vec!["module.keep_0_0.null_resource.keep".into()],
+        };
+        assert!(p.covers("module.keep_0_0.null_resource.keep", "null_resource"));
+        assert!(p.covers("module.keep_0_0.null_resource.keep[1]", "null_resource"));
+        assert!(!p.covers("module.keep_0_0.null_resource.keeper", "null_resource"));
+        assert!(!p.covers("module.other_0_1.null_resource.keep", "null_resource"));
+        assert!(p.covers("postgresql_database.wiki", "postgresql_database"));
+    }
 }

@@ -179,6 +179,10 @@ pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
             rollback: true,
             rollback_core: false,
             remove_orphans: false,
+            allow_destroy: false,
+            // With infra.backend terraform, this redeploy is what destroys the removed
+            // services' containers (step 3 of docs/engine.md, "Removing services").
+            delete_orphans: true,
         };
         output::note(&format!(
             "redeploying the project without {}",

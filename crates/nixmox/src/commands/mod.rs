@@ -66,6 +66,7 @@ pub fn run(cli: Cli) -> Result<()> {
             no_rollback,
             rollback_core,
             remove_orphans,
+            allow_destroy,
         } => up::run(
             root,
             up::Args {
@@ -81,6 +82,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 no_rollback,
                 rollback_core,
                 remove_orphans,
+                allow_destroy,
             },
         ),
         Command::History { limit, format } => history::history(root, limit, format),

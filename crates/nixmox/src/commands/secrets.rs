@@ -245,6 +245,7 @@ fn rotate(root: &ProjectRoot, service: &str, name: Option<&str>, no_deploy: bool
             no_rollback: false,
             rollback_core: false,
             remove_orphans: false,
+            allow_destroy: false,
         },
     )
 }

@@ -30,6 +30,8 @@ pub struct Args {
     pub rollback_core: bool,
     /// Destroy the project's containers no longer in it (`proxmox-api`).
     pub remove_orphans: bool,
+    /// Let the destroy guard pass deletes and replacements of protected resources.
+    pub allow_destroy: bool,
 }
 
 pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
@@ -70,6 +72,8 @@ pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
         rollback: !args.no_rollback,
         rollback_core: args.rollback_core && !args.no_rollback,
         remove_orphans: args.remove_orphans,
+        allow_destroy: args.allow_destroy,
+        delete_orphans: args.remove_orphans,
     };
     let paths = Paths::new(root, project);
     if args.dry_run {

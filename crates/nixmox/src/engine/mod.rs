@@ -78,6 +78,11 @@ pub struct UpOptions {
     pub rollback_core: bool,
     /// `tf:infra` with `proxmox-api` destroys the project's containers no longer in it.
     pub remove_orphans: bool,
+    /// The destroy guard lets every delete and replacement through (`--allow-destroy`).
+    pub allow_destroy: bool,
+    /// The guard lets `tf:infra` delete containers whose services left the project (`up
+    /// --remove-orphans`, `down`); replacements still need `allow_destroy`.
+    pub delete_orphans: bool,
 }
 
 /// What `up` ended with.
@@ -163,6 +168,11 @@ pub fn dry_run(plan: &Plan, opts: &UpOptions) -> String {
             }
         };
         out.push_str(&format!("  {verdict:<6} {:<width$}  {why}\n", s.id));
+        if let Some(note) = nixmox_core::plan_out::allow_destroy_note(&s.needs_allow_destroy) {
+            if verdict == "run" && !opts.allow_destroy {
+                out.push_str(&format!("         {:<width$}  {note}\n", ""));
+            }
+        }
     }
     out.push_str(&format!("{runs} step(s) would run.\n"));
     out
@@ -268,6 +278,7 @@ fn run_locked(
     let run_logs = paths.logs.join(run.to_string());
     let exec = StepExec::new(project, &plan, paths, &run_logs, opts.timeout)
         .with_infra(opts.parallel.max(1), opts.remove_orphans)
+        .with_guard(opts.allow_destroy, opts.delete_orphans)
         .with_secrets(vault)
         .with_rollback(rollback_settings(opts, &plan, &record, store)?);
     let mut rolled_back = 0usize;
@@ -396,6 +407,7 @@ fn run_locked(
                 error: error.clone(),
                 outputs: artifacts.outputs,
                 rendered: artifacts.rendered,
+                refused: artifacts.refused,
             };
             if let Err(e) = store.step_finished(run, &fin) {
                 store_error.get_or_insert(Error::State(e));
@@ -413,6 +425,7 @@ fn run_locked(
                         error: None,
                         outputs: r.outputs,
                         rendered: Some(r.rendered),
+                        refused: None,
                     };
                     if let Err(e) = store.step_finished(run, &fin) {
                         store_error.get_or_insert(Error::State(e));

@@ -25,6 +25,8 @@ use crate::terraform::{self, StepOpts, Terraform, TfError, Workspace};
 pub struct Artifacts {
     pub outputs: Vec<OutputValue>,
     pub rendered: Option<BTreeMap<String, Vec<u8>>>,
+    /// The destroy guard refused the step: what it would have deleted or replaced.
+    pub refused: Option<Vec<String>>,
 }
 
 pub struct StepExec<'a> {
@@ -49,6 +51,9 @@ pub struct StepExec<'a> {
     /// `tf:infra` with `proxmox-api`: containers handled at once (`up --parallel`), and
     /// whether orphans are destroyed (`up --remove-orphans`).
     infra: (Option<usize>, bool),
+    /// The destroy guard's allowances: `--allow-destroy`, and deletes of orphaned containers
+    /// in `tf:infra`.
+    allow: (bool, bool),
 }
 
 /// Rollback settings of a run, with what the store recorded before it started.
@@ -113,6 +118,30 @@ impl<'a> StepExec<'a> {
             tf_ran: Mutex::new(Default::default()),
             rolled_back: Mutex::new(BTreeMap::new()),
             infra: (None, false),
+            allow: (false, false),
+        }
+    }
+
+    /// What the destroy guard lets through: everything (`allow_destroy`), or in `tf:infra`
+    /// the deletes of containers no longer in the project (`delete_orphans`).
+    pub fn with_guard(mut self, allow_destroy: bool, delete_orphans: bool) -> Self {
+        self.allow = (allow_destroy, delete_orphans);
+        self
+    }
+
+    /// The destroy guard of a Terraform step.
+    fn guard(&self, phase: Phase, service: Option<&str>) -> terraform::Guard {
+        use nixmox_core::model::TfPhase;
+        let tf_phase = match phase {
+            Phase::TfServiceInfra => Some(TfPhase::ServiceInfra),
+            Phase::TfServiceConfig => Some(TfPhase::ServiceConfig),
+            _ => None,
+        };
+        let service = service.and_then(|s| self.project.service(s));
+        terraform::Guard {
+            protection: nixmox_core::render::terraform::protection(service.zip(tf_phase)),
+            allow_destroy: self.allow.0,
+            allow_deletes: phase == Phase::TfInfra && self.allow.1,
         }
     }
 
@@ -260,6 +289,7 @@ impl<'a> StepExec<'a> {
             // Ctrl-C lets a running Terraform finish (it holds a state lock).
             cancel: None,
             redact: self.redactions(),
+            guard: Some(self.guard(phase, service)),
         };
         match tf.apply_step(&ws, &opts) {
             Ok(applied) => {
@@ -295,6 +325,7 @@ impl<'a> StepExec<'a> {
                     Artifacts {
                         outputs,
                         rendered: Some(super::read_inputs(&config_dir)),
+                        refused: None,
                     },
                 );
                 if let Ok(mut ran) = self.tf_ran.lock() {
@@ -311,6 +342,15 @@ impl<'a> StepExec<'a> {
                 }
             }
             Err(e) => {
+                if let TfError::DestroyRefused { changes } = &e {
+                    self.keep(
+                        index,
+                        Artifacts {
+                            refused: Some(changes.iter().map(|c| c.to_string()).collect()),
+                            ..Artifacts::default()
+                        },
+                    );
+                }
                 let transient = matches!(
                     &e,
                     TfError::Failed {
@@ -393,6 +433,7 @@ impl<'a> StepExec<'a> {
                     Artifacts {
                         outputs,
                         rendered: Some(rendered),
+                        refused: None,
                     },
                 );
                 Outcome::Done {
@@ -974,6 +1015,8 @@ impl StepExec<'_> {
             log: self.log_path(index),
             cancel: None,
             redact: self.redactions(),
+            // Going back is held to the same rule as going forward.
+            guard: Some(self.guard(step.phase, Some(service))),
         };
         let applied = tf
             .apply_step(&ws, &opts)

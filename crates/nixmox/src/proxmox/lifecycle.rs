@@ -8,6 +8,9 @@
 //!   changed sends no write at all.
 //! - Containers of the project that the manifests no longer mention are reported, never
 //!   destroyed here: `remove_orphans` and `down` do that when asked.
+//! - A change only re-creating a container could make (storage, `unprivileged`) fails that
+//!   container, naming it and the key: converging never destroys one, whatever the flags.
+//!   What a container takes only at creation (template, SSH keys) is never compared.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -168,11 +171,17 @@ pub struct Diff {
     pub resize: Option<String>,
     /// Differences NixMox leaves alone, worded for the operator.
     pub notes: Vec<String>,
+    /// Differences only re-creating the container would remove: the key and what differs.
+    /// Converging refuses the container when there is any.
+    pub recreate: Vec<(String, String)>,
 }
 
 impl Diff {
     pub fn is_empty(&self) -> bool {
-        self.set.is_empty() && self.delete.is_empty() && self.resize.is_none()
+        self.set.is_empty()
+            && self.delete.is_empty()
+            && self.resize.is_none()
+            && self.recreate.is_empty()
     }
     /// The keys this diff changes.
     pub fn keys(&self) -> Vec<String> {
@@ -181,7 +190,9 @@ impl Diff {
         if self.resize.is_some() {
             k.push("rootfs".into());
         }
+        k.extend(self.recreate.iter().map(|(key, _)| key.clone()));
         k.sort();
+        k.dedup();
         k
     }
 }
@@ -333,13 +344,13 @@ pub fn diff(d: &Desired, cfg: &Map<String, Value>) -> Diff {
     }
 
     if cur("unprivileged").is_some_and(|v| truthy(&v)) != d.unprivileged {
-        out.notes.push(format!(
-            "CT {} (`{}`) is {}privileged but the project wants it {}privileged: that is fixed at creation; \
-             destroy and recreate it to change it",
-            d.vmid,
-            d.hostname,
-            if d.unprivileged { "" } else { "un" },
-            if d.unprivileged { "un" } else { "" },
+        out.recreate.push((
+            "unprivileged".into(),
+            format!(
+                "it is {}privileged, the project wants it {}privileged",
+                if d.unprivileged { "" } else { "un" },
+                if d.unprivileged { "un" } else { "" },
+            ),
         ));
     }
 
@@ -347,9 +358,12 @@ pub fn diff(d: &Desired, cfg: &Map<String, Value>) -> Diff {
     if let Some(volume) = volume {
         let storage = volume.split(':').next().unwrap_or_default();
         if storage != d.storage {
-            out.notes.push(format!(
-                "CT {} (`{}`) has its root volume on storage `{storage}`, the project says `{}`: NixMox does not move volumes (`pct move-volume` does)",
-                d.vmid, d.hostname, d.storage
+            out.recreate.push((
+                "rootfs".into(),
+                format!(
+                    "its root volume is on storage `{storage}`, the project says `{}` (NixMox does not move volumes; `pct move-volume` does)",
+                    d.storage
+                ),
             ));
         }
         let want = u64::from(d.disk_gb) << 30;
@@ -559,6 +573,21 @@ fn ct_error(d: &Desired, node: &str, action: &str, error: PveError) -> Box<CtErr
     })
 }
 
+/// Why a container is left as it is when only re-creating it would converge it.
+fn recreate_refusal(d: &Desired, change: &Diff) -> PveError {
+    let keys: Vec<&str> = change.recreate.iter().map(|(k, _)| k.as_str()).collect();
+    let what: Vec<&str> = change.recreate.iter().map(|(_, w)| w.as_str()).collect();
+    PveError::Config(format!(
+        "changing {} needs the container re-created ({}), and NixMox never destroys a container \
+         to converge, not even with --allow-destroy (through the API its data cannot be kept); \
+         nothing was changed: put the manifest back, or re-create it yourself with \
+         `nixmox down {svc}` then `nixmox up {svc}` (its data is lost)",
+        keys.join(", "),
+        what.join("; "),
+        svc = d.service,
+    ))
+}
+
 fn run_host(
     client: &Client,
     project: &Project,
@@ -602,6 +631,9 @@ fn run_host(
                     )
                 })?;
             let change = diff(d, &cfg);
+            if !change.recreate.is_empty() {
+                return Err(ct_error(d, node, "refused", recreate_refusal(d, &change)));
+            }
             done.notes.extend(change.notes.iter().cloned());
             if !change.set.is_empty() || !change.delete.is_empty() {
                 client
@@ -871,7 +903,7 @@ mod tests {
     }
 
     #[test]
-    fn fixed_things_are_noted_and_disks_only_grow() {
+    fn fixed_things_need_re_creation_and_disks_only_grow() {
         let mut cfg = as_created();
         cfg.insert("unprivileged".into(), json!(0));
         cfg.insert(
@@ -880,7 +912,9 @@ mod tests {
         );
         let change = diff(&want(), &cfg);
         assert_eq!(change.resize.as_deref(), Some("8G"));
-        assert_eq!(change.notes.len(), 2, "{:?}", change.notes);
+        let keys: Vec<&str> = change.recreate.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["unprivileged", "rootfs"], "{:?}", change.recreate);
+        assert!(change.notes.is_empty(), "{:?}", change.notes);
         cfg.insert("rootfs".into(), json!("local-lvm:vm-901-disk-0,size=16G"));
         let change = diff(&want(), &cfg);
         assert!(change.resize.is_none());

@@ -982,6 +982,7 @@ mod tests {
                     )
                 })
                 .collect(),
+            ..Record::default()
         };
         augment_plan(tmp.path(), &project, &mut p2, Some(&record));
         let changed: Vec<&str> = p2
@@ -1014,6 +1015,7 @@ mod tests {
                     )
                 })
                 .collect(),
+            ..Record::default()
         };
         let mut p3 = plan::plan(
             &project,
