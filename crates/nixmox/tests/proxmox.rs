@@ -423,7 +423,7 @@ fn lost_quorum_fails_with_pves_message_and_leaves_nothing_half_done() {
     lab.fake.call("lose_quorum", json!([]));
     let log = lab.root.path().join("tf_infra.log");
     let client = lab.client();
-    let outcome = proxmox::step::run_with(&client, &lab.project, &log, 4, false, None, &[]);
+    let outcome = proxmox::step::run_with(&client, &lab.project, &log, 4, &[], None, &[]);
     let Outcome::Failed { error, transient } = outcome else {
         panic!("the step should fail")
     };
@@ -464,7 +464,7 @@ fn a_wrong_token_is_a_clear_authentication_error_without_the_token() {
         &proxmox::step::StepSettings {
             parallel: 4,
             timeout: Duration::from_secs(60),
-            remove_orphans: false,
+            remove_orphans: Vec::new(),
         },
         &[],
     );

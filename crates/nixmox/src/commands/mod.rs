@@ -25,7 +25,10 @@ use crate::error::{Error, Result};
 use crate::{output, project_fs};
 
 pub fn run(cli: Cli) -> Result<()> {
-    let root = cli.project.as_path();
+    // Absolute once, here: Terraform runs in the build directory, where a relative state path
+    // would name another file (`cd project && nixmox down` must find the state `up` wrote).
+    let root = std::path::absolute(&cli.project).unwrap_or_else(|_| cli.project.clone());
+    let root = root.as_path();
     match cli.command {
         Command::Validate { locked } => validate::run(root, locked),
         Command::Config { format, services } => config::run(root, format, &services),
@@ -51,6 +54,7 @@ pub fn run(cli: Cli) -> Result<()> {
             no_rollback,
             rollback_core,
             remove_orphans,
+            yes,
         } => up::run(
             root,
             up::Args {
@@ -66,6 +70,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 no_rollback,
                 rollback_core,
                 remove_orphans,
+                yes,
             },
         ),
         Command::History { limit, format } => history::history(root, limit, format),
@@ -79,12 +84,18 @@ pub fn run(cli: Cli) -> Result<()> {
             services,
             keep_host,
             purge_data,
+            yes,
+            dry_run,
+            no_backup,
         } => down::run(
             root,
             down::Args {
                 services,
                 keep_host,
                 purge_data,
+                yes,
+                dry_run,
+                no_backup,
             },
         ),
         Command::Logs { step } => history::logs(root, &step),

@@ -245,6 +245,7 @@ fn rotate(root: &Path, service: &str, name: Option<&str>, no_deploy: bool) -> Re
             no_rollback: false,
             rollback_core: false,
             remove_orphans: false,
+            yes: false,
         },
     )
 }
