@@ -138,9 +138,12 @@ pub enum Command {
         format: PlanFormat,
     },
     /// Remove services (all if none named): their Terraform resources, their entries in the
-    /// providers' configurations, their containers. Lists what it destroys first, then asks on
-    /// a terminal (the project's name when every service goes, `y` for some); without a
-    /// terminal it destroys nothing unless --yes
+    /// providers' configurations, their containers; lists them and asks first
+    ///
+    /// Before destroying anything, lists on stderr exactly what goes (containers with vmid and
+    /// node, Terraform resources per workspace, databases with --purge-data), then asks on a
+    /// terminal: the project's name when every service goes, `y` for some. Without a terminal
+    /// it destroys nothing and exits 2 unless --yes.
     Down {
         /// The services to remove (consumers must be removed with their providers)
         services: Vec<String>,
