@@ -23,6 +23,7 @@ pub mod render;
 pub mod scaffold;
 pub mod schema;
 pub mod syntax;
+pub mod teardown;
 pub mod url;
 pub mod yaml_out;
 

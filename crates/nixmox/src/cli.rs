@@ -102,7 +102,8 @@ pub enum Command {
         #[arg(long, conflicts_with = "no_rollback")]
         rollback_core: bool,
         /// With infra.backend proxmox-api: destroy the project's containers that are no
-        /// longer in the project (without it they are only reported)
+        /// longer in the project (without it they are only reported). They are listed first
+        /// and confirmed on a terminal (`y`); without a terminal, --yes is needed
         #[arg(long)]
         remove_orphans: bool,
         /// Apply Terraform plans that delete or replace protected resources (containers,
@@ -110,6 +111,9 @@ pub enum Command {
         /// nothing
         #[arg(long)]
         allow_destroy: bool,
+        /// Destroy the orphans --remove-orphans lists without asking (needed without a terminal)
+        #[arg(long, requires = "remove_orphans")]
+        yes: bool,
     },
     /// List past runs, newest first
     History {
@@ -139,16 +143,32 @@ pub enum Command {
         format: PlanFormat,
     },
     /// Remove services (all if none named): their Terraform resources, their entries in the
-    /// providers' configurations, their containers
+    /// providers' configurations, their containers; lists them and asks first
+    ///
+    /// Before destroying anything, lists on stderr exactly what goes (containers with vmid and
+    /// node, Terraform resources per workspace, databases with --purge-data), then asks on a
+    /// terminal: the project's name when every service goes, `y` for some. Without a terminal
+    /// it destroys nothing and exits 2 unless --yes.
     Down {
         /// The services to remove (consumers must be removed with their providers)
         services: Vec<String>,
         /// Keep the containers
         #[arg(long)]
         keep_host: bool,
-        /// Print what to drop on the database host (NixMox never deletes data: docs/engine.md)
+        /// Also drop the removed services' databases and roles (with the built-in deployers;
+        /// with a custom one, print the statements: docs/engine.md)
         #[arg(long)]
         purge_data: bool,
+        /// Destroy what is listed without asking (needed without a terminal)
+        #[arg(long, short = 'y')]
+        yes: bool,
+        /// Only list what would be destroyed; change nothing
+        #[arg(long, conflicts_with = "yes")]
+        dry_run: bool,
+        /// Destroy containers without the backup taken before a destroy (applies once backups
+        /// are configured; none can be yet: the list says "no backup configured")
+        #[arg(long)]
+        no_backup: bool,
     },
     /// Print the last log of a step
     Logs {

@@ -343,6 +343,28 @@ impl Terraform {
         result
     }
 
+    /// The resource addresses the workspace's state holds (`terraform state list`), what
+    /// `destroy` would destroy. Without a state file (local state) there are none and no command
+    /// runs; `state list` on a local state needs neither `init` nor the providers.
+    pub fn state_list(&self, ws: &Workspace, opts: &StepOpts) -> Result<Vec<String>, TfError> {
+        let mut run = Runner::new(self, ws, opts)?;
+        if run.local_state && !ws.data_dir.join(STATE_FILE).exists() {
+            return Ok(Vec::new());
+        }
+        if !run.local_state {
+            run.ensure_init(false)?;
+        }
+        let mut args = vec!["state".to_string(), "list".into()];
+        args.extend(run.state_args());
+        let f = run.tf(&args, &[0], true)?;
+        Ok(f.stdout
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect())
+    }
+
     /// Destroys everything the workspace's state holds. Without a state file (local state) there
     /// is nothing to destroy and no command runs. The data directory is kept.
     pub fn destroy(&self, ws: &Workspace, opts: &StepOpts) -> Result<(), TfError> {
@@ -1398,8 +1420,18 @@ mod tests {
         }
         assert!(fx.log("1").contains("token = <sensitive>"));
 
-        // Destroy empties the state.
+        // `state list` names what a destroy takes; destroy empties the state.
+        let listed = tf.state_list(&fx.ws, &fx.opts("list")).unwrap();
+        assert_eq!(listed.len(), 2, "{listed:?}");
+        assert!(
+            listed.iter().all(|a| a.starts_with("null_resource.")),
+            "{listed:?}"
+        );
         tf.destroy(&fx.ws, &fx.opts("destroy")).unwrap();
+        assert_eq!(
+            tf.state_list(&fx.ws, &fx.opts("list")).unwrap(),
+            Vec::<String>::new()
+        );
         let state = fs::read_to_string(fx.ws.data_dir.join("terraform.tfstate")).unwrap();
         let state: serde_json::Value = serde_json::from_str(&state).unwrap();
         assert_eq!(state["resources"], serde_json::json!([]), "{state}");

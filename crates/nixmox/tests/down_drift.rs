@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::collections::BTreeMap;
+
 use common::{text, Lab};
 
 fn state(lab: &Lab, step_slug: &str) -> serde_json::Value {
@@ -81,7 +83,7 @@ fn down_removes_exactly_a_service_and_refuses_to_orphan_a_dependent() {
     assert!(resources(&lab, "service-infra--app") > 0);
 
     // app alone: worker depends on it.
-    let out = lab.run(&["down", "app"], &[]);
+    let out = lab.run(&["down", "app", "--yes"], &[]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -91,7 +93,7 @@ fn down_removes_exactly_a_service_and_refuses_to_orphan_a_dependent() {
     );
     assert!(resources(&lab, "service-infra--app") > 0);
 
-    let out = lab.run(&["down", "worker"], &[]);
+    let out = lab.run(&["down", "worker", "--yes"], &[]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(resources(&lab, "service-config--worker"), 0);
     assert!(resources(&lab, "service-infra--app") > 0);
@@ -105,7 +107,7 @@ fn down_removes_exactly_a_service_and_refuses_to_orphan_a_dependent() {
         "{steps:?}"
     );
     // Now app may go.
-    let out = lab.run(&["down", "app"], &[]);
+    let out = lab.run(&["down", "app", "--yes"], &[]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(resources(&lab, "service-infra--app"), 0);
 }
@@ -187,7 +189,7 @@ fn down_removes_a_service_from_the_provider_hosts_configurations() {
     );
 
     lab.clear();
-    let out = lab.run(&["down", "worker"], &env);
+    let out = lab.run(&["down", "worker", "--yes"], &env);
     assert!(out.status.success(), "{}", text(&out));
     let rendered = std::fs::read_to_string(&proxy_host).unwrap();
     assert!(
@@ -209,4 +211,216 @@ fn down_removes_a_service_from_the_provider_hosts_configurations() {
         "worker's steps still recorded: {steps:?}"
     );
     assert!(steps.iter().any(|s| s == "nix:core:proxy"), "{steps:?}");
+}
+
+/// Every workspace's Terraform state resources (by data directory), as they are on disk.
+fn all_states(lab: &Lab) -> BTreeMap<String, serde_json::Value> {
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(lab.project.join(".nixmox/terraform")).unwrap() {
+        let dir = e.unwrap().path();
+        let file = dir.join("terraform.tfstate");
+        if file.is_file() {
+            let st: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+            out.insert(
+                dir.file_name().unwrap().to_string_lossy().into_owned(),
+                st["resources"].clone(),
+            );
+        }
+    }
+    out
+}
+
+/// The resource instance addresses a workspace's state holds, as `terraform state list` prints
+/// them (read from the state file here, independently of nixmox).
+fn addresses(lab: &Lab, step_slug: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for r in state(lab, step_slug)["resources"].as_array().unwrap() {
+        if r["mode"] != "managed" {
+            continue;
+        }
+        let m = r["module"]
+            .as_str()
+            .map(|m| format!("{m}."))
+            .unwrap_or_default();
+        let base = format!(
+            "{m}{}.{}",
+            r["type"].as_str().unwrap(),
+            r["name"].as_str().unwrap()
+        );
+        for i in r["instances"].as_array().unwrap() {
+            out.push(match &i["index_key"] {
+                serde_json::Value::Null => base.clone(),
+                serde_json::Value::String(k) => format!("{base}[\"{k}\"]"),
+                k => format!("{base}[{k}]"),
+            });
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The list `down` printed: step → the resource addresses under it.
+fn listed(stderr: &str) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in stderr.lines() {
+        if let Some(rest) = line.strip_prefix("  Terraform resources of ") {
+            let step = rest.split(' ').next().unwrap().to_string();
+            out.entry(step.clone()).or_default();
+            current = Some(step);
+        } else if let (Some(step), Some(addr)) = (&current, line.strip_prefix("    ")) {
+            out.get_mut(step).unwrap().push(addr.trim().to_string());
+        } else {
+            current = None;
+        }
+    }
+    for v in out.values_mut() {
+        v.sort();
+    }
+    out
+}
+
+fn destroys(lab: &Lab) -> Vec<String> {
+    lab.invocations()
+        .into_iter()
+        .filter(|l| l == "terraform destroy")
+        .collect()
+}
+
+/// Issue 18: without a terminal and without `--yes`, `down` lists what it would destroy,
+/// destroys nothing, changes no state, and exits 2 naming `--yes`; `--dry-run` lists and keeps
+/// everything; `--yes` destroys exactly what was listed. Run from inside the project.
+#[test]
+fn down_without_a_terminal_refuses_dry_run_lists_and_yes_destroys_exactly_the_list() {
+    let lab = Lab::new();
+    let out = lab.here(&["up"], &[]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let states = all_states(&lab);
+    let steps = recorded_steps(&lab);
+    let expected: BTreeMap<String, Vec<String>> = [
+        ("tf:service-config:worker", "service-config--worker"),
+        ("tf:service-infra:app", "service-infra--app"),
+    ]
+    .into_iter()
+    .map(|(step, slug)| (step.to_string(), addresses(&lab, slug)))
+    .collect();
+    assert!(
+        expected.values().all(|a| !a.is_empty()),
+        "the fixture's workspaces hold resources: {expected:?}"
+    );
+
+    lab.clear();
+    let out = lab.here(&["down"], &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("this destroys, in project `tfproj`"),
+        "{stderr}"
+    );
+    assert_eq!(listed(&stderr), expected, "{stderr}");
+    assert!(
+        stderr.contains("not a terminal") && stderr.contains("--yes"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "{}", text(&out));
+    assert_eq!(destroys(&lab), Vec::<String>::new());
+    assert_eq!(all_states(&lab), states);
+    assert_eq!(recorded_steps(&lab), steps);
+
+    // A subset too: `y` would confirm it, and without a terminal nothing goes.
+    let out = lab.here(&["down", "worker"], &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        listed(&stderr),
+        expected
+            .iter()
+            .filter(|(k, _)| k.ends_with(":worker"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        "{stderr}"
+    );
+    assert_eq!(all_states(&lab), states);
+    assert_eq!(recorded_steps(&lab), steps);
+
+    let out = lab.here(&["down", "--dry-run"], &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(listed(&stderr), expected, "{stderr}");
+    assert!(
+        stderr.contains("dry run: nothing was destroyed"),
+        "{stderr}"
+    );
+    assert_eq!(destroys(&lab), Vec::<String>::new());
+    assert_eq!(all_states(&lab), states);
+    assert_eq!(recorded_steps(&lab), steps);
+
+    let out = lab.here(&["down", "--yes"], &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(listed(&stderr), expected, "{stderr}");
+    assert_eq!(
+        destroys(&lab).len(),
+        expected.len(),
+        "{:?}",
+        lab.invocations()
+    );
+    for slug in ["service-config--worker", "service-infra--app"] {
+        assert_eq!(addresses(&lab, slug), Vec::<String>::new(), "{slug}");
+    }
+    // Workspaces that were not listed kept their state.
+    for (slug, resources) in &states {
+        if !["service-config--worker", "service-infra--app"].contains(&slug.as_str()) {
+            assert_eq!(all_states(&lab).get(slug), Some(resources), "{slug}");
+        }
+    }
+    assert_eq!(recorded_steps(&lab), Vec::<String>::new());
+}
+
+/// Issue 18: on a terminal `down` asks. A wrong answer keeps everything (exit 2); `y` confirms
+/// a subset; everything needs the project's name typed, and `y` is not enough for it.
+#[test]
+fn down_on_a_terminal_keeps_everything_on_a_wrong_answer_and_proceeds_on_the_right_one() {
+    let lab = Lab::new();
+    let out = lab.here(&["up"], &[]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let states = all_states(&lab);
+    let steps = recorded_steps(&lab);
+
+    lab.clear();
+    let out = lab.on_terminal(&["down", "worker"], "n\n");
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{screen}");
+    assert!(
+        screen.contains("null_resource.hook") && screen.contains("destroy the above? [y/N]"),
+        "{screen}"
+    );
+    assert!(screen.contains("not confirmed"), "{screen}");
+    assert_eq!(destroys(&lab), Vec::<String>::new());
+    assert_eq!(all_states(&lab), states);
+    assert_eq!(recorded_steps(&lab), steps);
+
+    let out = lab.on_terminal(&["down"], "y\n");
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{screen}");
+    assert!(
+        screen.contains("type the project's name (`tfproj`)"),
+        "{screen}"
+    );
+    assert_eq!(destroys(&lab), Vec::<String>::new());
+    assert_eq!(all_states(&lab), states);
+    assert_eq!(recorded_steps(&lab), steps);
+
+    let out = lab.on_terminal(&["down", "worker"], "y\n");
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{screen}");
+    assert_eq!(resources(&lab, "service-config--worker"), 0);
+    assert!(resources(&lab, "service-infra--app") > 0);
+
+    let out = lab.on_terminal(&["down"], "tfproj\n");
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{screen}");
+    assert_eq!(resources(&lab, "service-infra--app"), 0);
+    assert_eq!(recorded_steps(&lab), Vec::<String>::new());
 }

@@ -426,7 +426,7 @@ fn lost_quorum_fails_with_pves_message_and_leaves_nothing_half_done() {
     lab.fake.call("lose_quorum", json!([]));
     let log = lab.root.path().join("tf_infra.log");
     let client = lab.client();
-    let outcome = proxmox::step::run_with(&client, &lab.project, &log, 4, false, None, &[]);
+    let outcome = proxmox::step::run_with(&client, &lab.project, &log, 4, &[], None, &[]);
     let Outcome::Failed { error, transient } = outcome else {
         panic!("the step should fail")
     };
@@ -467,7 +467,7 @@ fn a_wrong_token_is_a_clear_authentication_error_without_the_token() {
         &proxmox::step::StepSettings {
             parallel: 4,
             timeout: Duration::from_secs(60),
-            remove_orphans: false,
+            remove_orphans: Vec::new(),
         },
         &[],
     );
@@ -787,6 +787,13 @@ fn example_dir(fake: &Fake, dir: &Path) {
 }
 
 fn nixmox(dir: &Path, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["-C", dir.to_str().unwrap()];
+    all.extend(args);
+    nixmox_in(dir, &all)
+}
+
+/// `nixmox ARGS` run from inside the project directory, as people do.
+fn nixmox_in(dir: &Path, args: &[&str]) -> std::process::Output {
     let path = format!(
         "{}:{}",
         repo().join("tests/fixtures/bin").display(),
@@ -929,8 +936,26 @@ fn up_keeps_orphans_with_a_warning_and_remove_orphans_destroys_exactly_them() {
     assert_eq!(fake.writes(), vec![]);
     assert_eq!(vmids(&mut fake), before);
 
-    // `--remove-orphans` destroys exactly it (tf:infra runs without being forced).
-    let out = nixmox(&dir, &["up", "dns", "--no-deps", "--remove-orphans"]);
+    // `--remove-orphans` lists it first; without a terminal and without --yes it refuses
+    // (exit 2) and nothing is written (issue 18).
+    fake.clear_requests();
+    let out = nixmox_in(&dir, &["up", "dns", "--no-deps", "--remove-orphans"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "CT {gone} (`vaultwarden`) on node pve: through the Proxmox API; no backup configured"
+        )) && stderr.contains("--yes"),
+        "{stderr}"
+    );
+    assert_eq!(fake.writes(), vec![]);
+    assert_eq!(vmids(&mut fake), before);
+
+    // With --yes it destroys exactly it (tf:infra runs without being forced).
+    let out = nixmox_in(
+        &dir,
+        &["up", "dns", "--no-deps", "--remove-orphans", "--yes"],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains(": created 0, updated 0, started 0, destroyed 1"),
@@ -1127,4 +1152,108 @@ fn issue_11_a_change_needing_re_creation_is_refused_without_destroying() {
         assert_eq!(fake.writes(), vec![], "{extra:?}");
         assert_eq!(fake.cts(), before);
     }
+}
+
+/// Issue 18: `down` with `infra.backend: proxmox-api` lists every container with its vmid and
+/// node; without a terminal and without `--yes` it destroys nothing and changes no state (exit
+/// 2); `--dry-run` lists and keeps everything; `--keep-host` lists none; `--yes` destroys
+/// exactly the listed ones. Run from inside the project.
+#[test]
+fn down_lists_the_containers_and_destroys_exactly_them_only_when_confirmed() {
+    let mut fake = Fake::start("127.0.0.37", json!({}));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("homelab");
+    example_dir(&fake, &dir);
+    let out = nixmox_in(&dir, &["up", "dns", "--no-deps"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(": created 9, updated 0, started 9"),
+        "{stderr}"
+    );
+    // Someone else's container is never listed nor touched.
+    fake.call_kw(
+        "add_ct",
+        json!([990, "unrelated"]),
+        json!({"node": "pve", "config": {"tags": "homelab"}}),
+    );
+    let project = load_example();
+    let vmids = |fake: &mut Fake| -> Vec<u64> {
+        let mut v: Vec<u64> = fake
+            .cts()
+            .iter()
+            .map(|c| c["vmid"].as_u64().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = vmids(&mut fake);
+    let state_db = dir.join(".nixmox/state.db");
+    let record = || -> Vec<String> {
+        let store = nixmox::state::Store::open(&state_db).unwrap();
+        store.record().unwrap().steps.into_keys().collect()
+    };
+    let steps = record();
+    let listed = |stderr: &str| -> Vec<u32> {
+        let mut v: Vec<u32> = stderr
+            .lines()
+            .filter_map(|l| l.trim_start().strip_prefix("CT "))
+            .filter(|l| l.contains(") on node pve: through the Proxmox API; no backup configured"))
+            .map(|l| l.split(' ').next().unwrap().parse().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    let mut all: Vec<u32> = project.services.iter().map(|s| s.host.vmid.get()).collect();
+    all.sort();
+
+    fake.clear_requests();
+    let out = nixmox_in(&dir, &["down"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(listed(&stderr), all, "{stderr}");
+    assert!(!stderr.contains("CT 990"), "{stderr}");
+    assert!(stderr.contains("--yes"), "{stderr}");
+    assert_eq!(fake.writes(), vec![]);
+    assert_eq!(vmids(&mut fake), before);
+    assert_eq!(record(), steps);
+
+    let out = nixmox_in(&dir, &["down", "--dry-run"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(listed(&stderr), all, "{stderr}");
+    let out = nixmox_in(&dir, &["down", "--dry-run", "--keep-host"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(listed(&stderr), Vec::<u32>::new(), "{stderr}");
+    assert!(
+        stderr.contains("kept: the containers (--keep-host)"),
+        "{stderr}"
+    );
+    assert_eq!(fake.writes(), vec![]);
+    assert_eq!(vmids(&mut fake), before);
+    assert_eq!(record(), steps);
+
+    let out = nixmox_in(&dir, &["down", "--yes"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(listed(&stderr), all, "{stderr}");
+    let mut destroyed: Vec<u32> = fake
+        .writes()
+        .into_iter()
+        .filter(|(m, _, _)| m == "DELETE")
+        .map(|(_, p, _)| {
+            p.rsplit("/lxc/")
+                .next()
+                .unwrap()
+                .split(['/', '?'])
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    destroyed.sort();
+    assert_eq!(destroyed, all);
+    assert_eq!(vmids(&mut fake), vec![990]);
+    assert_eq!(record(), Vec::<String>::new());
 }

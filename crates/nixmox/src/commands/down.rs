@@ -4,17 +4,28 @@
 //! steps whose inputs changed run: the provider hosts' configurations and, with
 //! `infra.backend: terraform`, the infrastructure, which removes the containers), then destroy
 //! the containers (`proxmox-api`), then forget the removed services' recorded steps.
+//!
+//! Before any of it, what goes is listed (`nixmox_core::teardown`): the Terraform resources of
+//! each workspace from its state, the containers (from the Proxmox API, or the `tf:infra`
+//! state), the databases of `--purge-data`; then confirmed (`confirm`), and only what was listed
+//! is destroyed. `--dry-run` stops after the list.
 
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
 use nixmox_core::model::{Capability, Deployer, InfraBackend};
+use nixmox_core::teardown::{
+    self, backup_for, Backup, Container, Database, Teardown, Via, Workspace, WorkspaceAction,
+};
 use nixmox_core::Project;
 
 use super::config::select;
-use super::drift::{recorded_workspace, scratch_build, step_service, temp_dir, terraform_for};
+use super::drift::{
+    recorded_workspace, scratch_build, step_config_rel, step_service, temp_dir, terraform_for,
+};
 use super::load_project;
 use crate::engine::events::Plain;
 use crate::engine::runner::proxmox_token;
@@ -23,12 +34,18 @@ use crate::error::{Error, Result};
 use crate::root::ProjectRoot;
 use crate::state::{LockOutcome, Store};
 use crate::terraform::StepOpts;
-use crate::{output, project_fs};
+use crate::{confirm, output, project_fs};
 
 pub struct Args {
     pub services: Vec<String>,
     pub keep_host: bool,
     pub purge_data: bool,
+    /// Destroy what is listed without asking (`--yes`).
+    pub yes: bool,
+    /// Only list what would be destroyed (`--dry-run`).
+    pub dry_run: bool,
+    /// No backup before a container is destroyed (`--no-backup`; see `teardown::Backup`).
+    pub no_backup: bool,
 }
 
 /// Consumers before providers: the order in which `names` can be removed.
@@ -111,6 +128,8 @@ pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
         )));
     }
     let everything = remove.len() == project.services.len();
+    // Confirmed with the project's name: every service named (or none).
+    let all_named = everything;
     if args.keep_host && project.infra == InfraBackend::Terraform && !everything {
         return Err(Error::Usage(
             "--keep-host is not supported with infra.backend: terraform: re-applying the \
@@ -147,9 +166,31 @@ pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
     // Nothing stays deployed: the project-wide workspaces go too.
     let everything = everything || reduced.is_none();
 
+    // 0. What goes, listed before anything does, and confirmed.
+    let mut store = Store::open(&paths.state_db).map_err(Error::State)?;
+    let tmp = temp_dir(&paths, "down")?;
+    let build = scratch_build(root, project, &store, tmp.path())?;
+    let steps = workspace_steps(&store, &removed, everything, args.keep_host)?;
+    let list = Listing {
+        root,
+        project,
+        reduced: reduced.as_ref(),
+        paths: &paths,
+        store: &store,
+        build: &build,
+        timeout,
+    }
+    .list(&steps, &order, all_named, &args)?;
+    if args.dry_run {
+        output::note(list.render().trim_end());
+        output::note("dry run: nothing was destroyed or changed");
+        return Ok(());
+    }
+    confirm::destroy(&list, args.yes)?;
+    take_backups(&list)?;
+
     // 1. Terraform: each service's workspaces, consumers first, config before infra.
     {
-        let mut store = Store::open(&paths.state_db).map_err(Error::State)?;
         match store.acquire_lock("down").map_err(Error::State)? {
             LockOutcome::Acquired => {}
             LockOutcome::TakenOver { previous } => output::note(&format!(
@@ -157,13 +198,20 @@ pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
                 previous.pid, previous.hostname
             )),
         }
-        let result = destroy_workspaces(
-            root, project, &paths, &mut store, &removed, everything, &args, timeout,
-        );
+        let result = destroy_workspaces(project, &paths, &mut store, &build, &steps, timeout);
         let released = store.release_lock().map_err(Error::State);
+        drop(store);
+        drop(tmp);
         result?;
         released?;
     }
+    // Only the containers listed (and confirmed) go through the API.
+    let containers: BTreeSet<u32> = list
+        .containers
+        .iter()
+        .filter(|c| c.via == Via::ProxmoxApi)
+        .map(|c| c.vmid)
+        .collect();
 
     // 2. What is left, redeployed without them (providers' configurations, infrastructure).
     if let Some(reduced) = &reduced {
@@ -178,7 +226,7 @@ pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
             args: std::env::args().skip(1).collect(),
             rollback: true,
             rollback_core: false,
-            remove_orphans: false,
+            remove_orphans: Vec::new(),
             allow_destroy: false,
             // With infra.backend terraform, this redeploy is what destroys the removed
             // services' containers (step 3 of docs/engine.md, "Removing services").
@@ -200,12 +248,10 @@ pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
                 )))
             }
         }
-        // 3. The containers.
-        if !args.keep_host && project.infra == InfraBackend::ProxmoxApi {
-            destroy_containers(project, root, Some(reduced))?;
-        }
-    } else if !args.keep_host && project.infra == InfraBackend::ProxmoxApi {
-        destroy_containers(project, root, None)?;
+    }
+    // 3. The containers.
+    if !containers.is_empty() {
+        destroy_containers(project, root, &containers)?;
     }
 
     // 4. Forget them.
@@ -231,40 +277,231 @@ pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
     output::data(&format!("removed {}\n", removed.join(", ")))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn destroy_workspaces(
-    root: &ProjectRoot,
-    project: &Project,
-    paths: &Paths,
-    store: &mut Store,
+/// The Terraform workspaces `down` destroys: each removed service's, consumers first, config
+/// before infra; when nothing stays, also `tf:auth-core` and (unless `--keep-host`) `tf:infra`.
+/// Only recorded steps.
+fn workspace_steps(
+    store: &Store,
     removed: &[String],
     everything: bool,
-    args: &Args,
-    timeout: Duration,
-) -> Result<()> {
+    keep_host: bool,
+) -> Result<Vec<String>> {
     let record = store.record().map_err(Error::State)?;
-    let tmp = temp_dir(paths, "down")?;
-    let build = scratch_build(root, project, store, tmp.path())?;
     let mut steps: Vec<String> = Vec::new();
     for s in removed {
         for phase in ["tf:service-config:", "tf:service-infra:"] {
-            let id = format!("{phase}{s}");
-            if record.steps.contains_key(&id) {
-                steps.push(id);
-            }
+            steps.push(format!("{phase}{s}"));
         }
     }
     if everything {
         steps.push("tf:auth-core".into());
-        if !args.keep_host {
+        if !keep_host {
             steps.push("tf:infra".into());
         }
-        steps.retain(|id| record.steps.contains_key(id));
     }
+    steps.retain(|id| record.steps.contains_key(id));
+    Ok(steps)
+}
+
+/// What `down` reads to list what it would destroy; nothing is written but the scratch build.
+struct Listing<'a> {
+    root: &'a Path,
+    project: &'a Project,
+    /// The project that stays (`None`: nothing does).
+    reduced: Option<&'a Project>,
+    paths: &'a Paths,
+    store: &'a Store,
+    build: &'a Path,
+    timeout: Duration,
+}
+
+impl Listing<'_> {
+    fn list(
+        &self,
+        steps: &[String],
+        order: &[usize],
+        all_named: bool,
+        args: &Args,
+    ) -> Result<Teardown> {
+        let project = self.project;
+        let mut list = Teardown::new(project, all_named);
+        // Workspaces destroyed: everything in their state.
+        for id in steps {
+            if let Some(addresses) = self.state_list(id)? {
+                list.workspaces.push(Workspace {
+                    step: id.clone(),
+                    action: WorkspaceAction::Destroy,
+                    addresses: teardown::managed_only(addresses),
+                });
+            }
+        }
+        // Project-wide workspaces the redeploy re-applies without the removed services: what
+        // their state has and the reduced project's configuration no longer declares.
+        if let Some(reduced) = self.reduced {
+            let outputs = self.store.outputs().map_err(Error::State)?;
+            let rendered = nixmox_core::render::render(reduced, &outputs);
+            for id in ["tf:infra", "tf:auth-core"] {
+                let Some(rel) = step_config_rel(id) else {
+                    continue;
+                };
+                let Some(state) = self.state_list(id)? else {
+                    continue;
+                };
+                let config = teardown::resource_addresses(&rendered.files, &rel);
+                let gone = teardown::gone_on_reapply(&state, &config);
+                if !gone.is_empty() {
+                    list.workspaces.push(Workspace {
+                        step: id.to_string(),
+                        action: WorkspaceAction::Reapply,
+                        addresses: gone,
+                    });
+                }
+            }
+        }
+        // Containers.
+        match project.infra {
+            InfraBackend::ProxmoxApi if !args.keep_host => {
+                list.containers = self.api_containers(args.no_backup)?;
+            }
+            InfraBackend::Terraform => {
+                for w in list.workspaces.iter().filter(|w| w.step == "tf:infra") {
+                    list.containers.extend(teardown::terraform_containers(
+                        project,
+                        &w.step,
+                        &w.addresses,
+                        args.no_backup,
+                    ));
+                }
+            }
+            _ => {}
+        }
+        if args.keep_host && project.infra != InfraBackend::None {
+            list.kept.push("the containers (--keep-host)".into());
+        }
+        // Databases.
+        let dbs: Vec<&nixmox_core::model::Db> = order
+            .iter()
+            .flat_map(|&i| project.services[i].dbs.iter())
+            .collect();
+        match project.provider(Capability::Database) {
+            Some(pg) if !dbs.is_empty() && args.purge_data => {
+                if matches!(project.nix.deployer, Deployer::Command { .. }) {
+                    list.kept.push(format!(
+                        "the databases: with a custom deployer --purge-data prints the statements \
+                         that drop them on {}, it does not run them",
+                        pg.host.hostname
+                    ));
+                } else {
+                    list.databases = dbs
+                        .iter()
+                        .map(|d| Database {
+                            database: d.database.clone(),
+                            role: d.role.clone(),
+                            host: pg.host.hostname.as_str().to_string(),
+                        })
+                        .collect();
+                }
+            }
+            Some(pg) if !dbs.is_empty() => list.kept.push(format!(
+                "the databases {} on {} (--purge-data drops them)",
+                dbs.iter()
+                    .map(|d| format!("`{}`", d.database))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                pg.host.hostname
+            )),
+            _ => {}
+        }
+        Ok(list)
+    }
+
+    /// A recorded workspace's resource addresses (`terraform state list`); `None` when no
+    /// workspace was ever applied for the step.
+    fn state_list(&self, id: &str) -> Result<Option<Vec<String>>> {
+        let Some(ws) = recorded_workspace(self.store, self.paths, id, self.build)? else {
+            return Ok(None);
+        };
+        let opts = StepOpts {
+            timeout: Some(self.timeout),
+            log: self
+                .paths
+                .logs
+                .join("down")
+                .join(format!("{}-list.log", id.replace(':', "_"))),
+            redact: proxmox_token(self.project, &self.paths.root)
+                .into_iter()
+                .collect(),
+            ..StepOpts::default()
+        };
+        terraform_for(self.project, &self.paths.root, id)
+            .state_list(&ws, &opts)
+            .map(Some)
+            .map_err(|e| Error::RunFailed(format!("listing the resources of {id}: {e}")))
+    }
+
+    /// `proxmox-api`: the project's containers the reduced project no longer has (all of them
+    /// when nothing stays), as PVE lists them.
+    fn api_containers(&self, no_backup: bool) -> Result<Vec<Container>> {
+        use crate::proxmox::{connect, lifecycle, ClientOptions, Settings};
+        let project = self.project;
+        let fail = |e: String| Error::RunFailed(format!("listing the containers: {e}"));
+        let settings =
+            Settings::from_project(project, self.root).map_err(|e| fail(e.to_string()))?;
+        let client =
+            connect(&settings, ClientOptions::default()).map_err(|e| fail(e.to_string()))?;
+        let stays: BTreeSet<u32> = self
+            .reduced
+            .map(|r| lifecycle::desired(r).iter().map(|d| d.vmid).collect())
+            .unwrap_or_default();
+        let guests = client.guests().map_err(|e| fail(e.to_string()))?;
+        Ok(guests
+            .into_iter()
+            .filter(|g| {
+                g.kind == "lxc"
+                    && lifecycle::is_projects(&g.tags, project)
+                    && !stays.contains(&g.vmid)
+            })
+            .map(|g| Container {
+                backup: project
+                    .services
+                    .iter()
+                    .find(|s| s.host.vmid.get() == g.vmid)
+                    .map_or(Backup::NotConfigured, |s| backup_for(&s.host, no_backup)),
+                vmid: g.vmid,
+                node: g.node,
+                name: g.name,
+                via: Via::ProxmoxApi,
+            })
+            .collect())
+    }
+}
+
+/// The hook where a backup (or snapshot) of each listed container is taken before anything is
+/// destroyed, its volume id printed and kept in the history. No backup can be configured yet
+/// (issue 14: `proxmox.snapshots`, `host.backup`), so every container is
+/// `Backup::NotConfigured` and nothing is taken; the list says so. The exhaustive match is the
+/// point: the variant that takes a backup cannot be added without handling it here.
+fn take_backups(list: &Teardown) -> Result<()> {
+    for c in &list.containers {
+        match c.backup {
+            Backup::NotConfigured | Backup::Skipped => {}
+        }
+    }
+    Ok(())
+}
+
+fn destroy_workspaces(
+    project: &Project,
+    paths: &Paths,
+    store: &mut Store,
+    build: &Path,
+    steps: &[String],
+    timeout: Duration,
+) -> Result<()> {
     for id in steps {
         // No rendered inputs: no workspace was ever applied for it, nothing to destroy.
-        let Some(ws) = recorded_workspace(store, paths, &id, &build)? else {
-            store.forget_step(&id).map_err(Error::State)?;
+        let Some(ws) = recorded_workspace(store, paths, id, build)? else {
+            store.forget_step(id).map_err(Error::State)?;
             continue;
         };
         output::note(&format!("destroying the resources of {id}"));
@@ -274,13 +511,13 @@ fn destroy_workspaces(
                 .logs
                 .join("down")
                 .join(format!("{}.log", id.replace(':', "_"))),
-            redact: proxmox_token(project, root).into_iter().collect(),
+            redact: proxmox_token(project, &paths.root).into_iter().collect(),
             ..StepOpts::default()
         };
-        terraform_for(project, root, &id)
+        terraform_for(project, &paths.root, id)
             .destroy(&ws, &opts)
             .map_err(|e| Error::RunFailed(format!("{id}: {e}")))?;
-        store.forget_step(&id).map_err(Error::State)?;
+        store.forget_step(id).map_err(Error::State)?;
     }
     Ok(())
 }
@@ -306,23 +543,16 @@ fn reduced_project(root: &ProjectRoot, removed: &[String]) -> Result<Project> {
     Ok(loaded.project.expect("checked"))
 }
 
-/// `proxmox-api`: the project's containers the reduced project no longer has (all of them when
-/// there is none).
-fn destroy_containers(
-    project: &Project,
-    root: &ProjectRoot,
-    reduced: Option<&Project>,
-) -> Result<()> {
+/// `proxmox-api`: destroys the listed (and confirmed) containers, only those, and only while
+/// they carry the project's tags.
+fn destroy_containers(project: &Project, root: &Path, vmids: &BTreeSet<u32>) -> Result<()> {
     use crate::proxmox::{connect, lifecycle, ClientOptions, Settings};
     let fail = |e: String| Error::RunFailed(format!("destroying the containers: {e}"));
     let settings = Settings::from_project(project, root).map_err(|e| fail(e.to_string()))?;
     let client = connect(&settings, ClientOptions::default()).map_err(|e| fail(e.to_string()))?;
     let parallel = project.deploy.parallel as usize;
-    let report = match reduced {
-        Some(r) => lifecycle::remove_orphans(&client, r, parallel),
-        None => lifecycle::down(&client, project, parallel),
-    }
-    .map_err(|e| fail(e.to_string()))?;
+    let report = lifecycle::destroy_listed(&client, project, parallel, vmids)
+        .map_err(|e| fail(e.to_string()))?;
     output::note(&report.summary());
     Ok(())
 }
@@ -341,7 +571,7 @@ fn drop_statements(database: &str, role: &str) -> [String; 2] {
 /// SSH, with the built-in deployers; with a custom deployer (NixMox may not reach the hosts
 /// itself) prints the statements for the operator.
 fn purge_data(
-    root: &ProjectRoot,
+    root: &Path,
     project: &Project,
     paths: &Paths,
     order: &[usize],

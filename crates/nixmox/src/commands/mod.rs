@@ -67,6 +67,7 @@ pub fn run(cli: Cli) -> Result<()> {
             rollback_core,
             remove_orphans,
             allow_destroy,
+            yes,
         } => up::run(
             root,
             up::Args {
@@ -83,6 +84,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 rollback_core,
                 remove_orphans,
                 allow_destroy,
+                yes,
             },
         ),
         Command::History { limit, format } => history::history(root, limit, format),
@@ -96,12 +98,18 @@ pub fn run(cli: Cli) -> Result<()> {
             services,
             keep_host,
             purge_data,
+            yes,
+            dry_run,
+            no_backup,
         } => down::run(
             root,
             down::Args {
                 services,
                 keep_host,
                 purge_data,
+                yes,
+                dry_run,
+                no_backup,
             },
         ),
         Command::Logs { step } => history::logs(root, &step),

@@ -246,6 +246,7 @@ fn rotate(root: &ProjectRoot, service: &str, name: Option<&str>, no_deploy: bool
             rollback_core: false,
             remove_orphans: false,
             allow_destroy: false,
+            yes: false,
         },
     )
 }

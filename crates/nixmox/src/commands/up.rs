@@ -7,14 +7,15 @@ use std::time::Duration;
 use nixmox_core::decode::parse_duration_ms;
 use nixmox_core::model::InfraBackend;
 use nixmox_core::plan::Selection;
+use nixmox_core::teardown::{Backup, Container, Teardown, Via};
 
 use super::config::select;
 use super::load_project;
 use crate::engine::events::{JsonLines, Live, Plain, Reporter};
 use crate::engine::{self, Paths, UpOptions, UpResult};
 use crate::error::{Error, Result};
-use crate::output;
 use crate::root::ProjectRoot;
+use crate::{confirm, output};
 
 pub struct Args {
     pub services: Vec<String>,
@@ -28,10 +29,13 @@ pub struct Args {
     pub json: bool,
     pub no_rollback: bool,
     pub rollback_core: bool,
-    /// Destroy the project's containers no longer in it (`proxmox-api`).
+    /// Destroy the project's containers no longer in it (`proxmox-api`), once listed and
+    /// confirmed.
     pub remove_orphans: bool,
     /// Let the destroy guard pass deletes and replacements of protected resources.
     pub allow_destroy: bool,
+    /// Confirmed without asking (`--yes`).
+    pub yes: bool,
 }
 
 pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
@@ -53,7 +57,7 @@ pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
         .as_ref()
         .expect("load_project returns a project");
     select(project, &args.services)?;
-    let opts = UpOptions {
+    let mut opts = UpOptions {
         services: args.services.clone(),
         with_deps: args.with_deps,
         parallel: args.parallel.unwrap_or(project.deploy.parallel as usize),
@@ -71,10 +75,20 @@ pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
         args: std::env::args().skip(1).collect(),
         rollback: !args.no_rollback,
         rollback_core: args.rollback_core && !args.no_rollback,
-        remove_orphans: args.remove_orphans,
+        remove_orphans: Vec::new(),
         allow_destroy: args.allow_destroy,
         delete_orphans: args.remove_orphans,
     };
+    // The orphans are listed, and confirmed, before anything runs; only those may go.
+    if args.remove_orphans && project.infra == InfraBackend::ProxmoxApi {
+        let list = orphans(root, project)?;
+        if args.dry_run {
+            output::note(list.render().trim_end());
+        } else {
+            confirm::destroy(&list, args.yes)?;
+            opts.remove_orphans = list.containers.iter().map(|c| c.vmid).collect();
+        }
+    }
     let paths = Paths::new(root, project);
     if args.dry_run {
         let sel = Selection {
@@ -110,4 +124,28 @@ pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
             "{failed} step(s) failed; see `nixmox logs STEP` and `nixmox history`"
         ))),
     }
+}
+
+/// The project's containers no longer in it (`proxmox-api`), as the list `--remove-orphans`
+/// confirms: read from the Proxmox API, nothing written.
+fn orphans(root: &std::path::Path, project: &nixmox_core::Project) -> Result<Teardown> {
+    use crate::proxmox::{connect, lifecycle, ClientOptions, Settings};
+    let fail = |e: String| Error::RunFailed(format!("listing the orphaned containers: {e}"));
+    let settings = Settings::from_project(project, root).map_err(|e| fail(e.to_string()))?;
+    let client = connect(&settings, ClientOptions::default()).map_err(|e| fail(e.to_string()))?;
+    let found = lifecycle::orphans(&client, project).map_err(|e| fail(e.to_string()))?;
+    let mut list = Teardown::new(project, false);
+    list.containers = found
+        .into_iter()
+        .map(|g| Container {
+            vmid: g.vmid,
+            node: g.node,
+            name: g.name,
+            via: Via::ProxmoxApi,
+            // An orphan has no host in the project any more, so nothing can configure its
+            // backup (issue 14 will say what applies to orphans).
+            backup: Backup::NotConfigured,
+        })
+        .collect();
+    Ok(list)
 }

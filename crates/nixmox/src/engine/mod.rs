@@ -76,8 +76,9 @@ pub struct UpOptions {
     pub rollback: bool,
     /// Also roll back core hosts (`--rollback-core`).
     pub rollback_core: bool,
-    /// `tf:infra` with `proxmox-api` destroys the project's containers no longer in it.
-    pub remove_orphans: bool,
+    /// `tf:infra` with `proxmox-api` destroys these of the project's containers no longer in
+    /// it (vmids the operator confirmed, `up --remove-orphans`); other orphans are reported.
+    pub remove_orphans: Vec<u32>,
     /// The destroy guard lets every delete and replacement through (`--allow-destroy`).
     pub allow_destroy: bool,
     /// The guard lets `tf:infra` delete containers whose services left the project (`up
@@ -277,7 +278,7 @@ fn run_locked(
     }
     let run_logs = paths.logs.join(run.to_string());
     let exec = StepExec::new(project, &plan, paths, &run_logs, opts.timeout)
-        .with_infra(opts.parallel.max(1), opts.remove_orphans)
+        .with_infra(opts.parallel.max(1), opts.remove_orphans.clone())
         .with_guard(opts.allow_destroy, opts.delete_orphans)
         .with_secrets(vault)
         .with_rollback(rollback_settings(opts, &plan, &record, store)?);

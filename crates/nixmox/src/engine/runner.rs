@@ -49,8 +49,8 @@ pub struct StepExec<'a> {
     /// What each rolled-back step restored, for the main thread to record.
     rolled_back: Mutex<BTreeMap<usize, RolledBack>>,
     /// `tf:infra` with `proxmox-api`: containers handled at once (`up --parallel`), and
-    /// whether orphans are destroyed (`up --remove-orphans`).
-    infra: (Option<usize>, bool),
+    /// the orphans confirmed for destruction (`up --remove-orphans`).
+    infra: (Option<usize>, Vec<u32>),
     /// The destroy guard's allowances: `--allow-destroy`, and deletes of orphaned containers
     /// in `tf:infra`.
     allow: (bool, bool),
@@ -117,7 +117,7 @@ impl<'a> StepExec<'a> {
             rollback: None,
             tf_ran: Mutex::new(Default::default()),
             rolled_back: Mutex::new(BTreeMap::new()),
-            infra: (None, false),
+            infra: (None, Vec::new()),
             allow: (false, false),
         }
     }
@@ -146,8 +146,8 @@ impl<'a> StepExec<'a> {
     }
 
     /// How `tf:infra` runs with `proxmox-api`: `parallel` containers at once (the run's
-    /// `--parallel`), destroying orphans when asked.
-    pub fn with_infra(mut self, parallel: usize, remove_orphans: bool) -> Self {
+    /// `--parallel`), destroying the orphans the operator confirmed (their vmids).
+    pub fn with_infra(mut self, parallel: usize, remove_orphans: Vec<u32>) -> Self {
         self.infra = (Some(parallel), remove_orphans);
         self
     }
@@ -770,7 +770,7 @@ impl Runner for StepExec<'_> {
                         .unwrap_or(self.project.deploy.parallel as usize)
                         .max(1),
                     timeout: self.timeout,
-                    remove_orphans: self.infra.1,
+                    remove_orphans: self.infra.1.clone(),
                 };
                 crate::proxmox::step::run_infra(
                     self.project,

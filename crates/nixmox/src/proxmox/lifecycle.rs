@@ -823,6 +823,28 @@ pub fn down(client: &Client, project: &Project, parallel: usize) -> Result<Repor
     destroy(client, project, parallel, |_| true)
 }
 
+/// The project's containers `remove_orphans` would destroy, without destroying them: what
+/// `up --remove-orphans` lists for confirmation.
+pub fn orphans(client: &Client, project: &Project) -> Result<Vec<Guest>, PveError> {
+    let wanted: BTreeSet<u32> = desired(project).iter().map(|d| d.vmid).collect();
+    Ok(client
+        .guests()?
+        .into_iter()
+        .filter(|g| g.kind == "lxc" && is_projects(&g.tags, project) && !wanted.contains(&g.vmid))
+        .collect())
+}
+
+/// Destroys the project's containers whose vmid is in `vmids` (the ones an operator confirmed),
+/// and only those: a listed vmid whose container is gone, or no longer the project's, is left.
+pub fn destroy_listed(
+    client: &Client,
+    project: &Project,
+    parallel: usize,
+    vmids: &BTreeSet<u32>,
+) -> Result<Report, LifecycleError> {
+    destroy(client, project, parallel, |g| vmids.contains(&g.vmid))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,6 +2,7 @@
 //! the API, write what was done to the step's log, and tell the engine whether anything
 //! changed.
 
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
@@ -20,9 +21,9 @@ pub struct StepSettings {
     pub parallel: usize,
     /// The step's own timeout; no single task is waited for longer.
     pub timeout: Duration,
-    /// Destroy the project's containers no longer in it (`up --remove-orphans`); without it
-    /// they are reported as a warning.
-    pub remove_orphans: bool,
+    /// The project's containers no longer in it that may be destroyed (vmids listed and
+    /// confirmed by `up --remove-orphans`); the others are reported as a warning.
+    pub remove_orphans: Vec<u32>,
 }
 
 /// Runs the step: settings from the project and the environment, then `converge`.
@@ -63,7 +64,7 @@ pub fn run_infra(
         project,
         log,
         step.parallel,
-        step.remove_orphans,
+        &step.remove_orphans,
         warning.as_deref(),
         &secrets,
     )
@@ -75,7 +76,7 @@ pub fn run_with(
     project: &Project,
     log: &Path,
     parallel: usize,
-    remove_orphans: bool,
+    remove_orphans: &[u32],
     warning: Option<&str>,
     secrets: &[String],
 ) -> Outcome {
@@ -92,11 +93,17 @@ pub fn run_with(
     // Orphans go only when asked (Compose's `--remove-orphans`), and only after the project's
     // own containers converged.
     if let Ok(r) = &mut result {
-        if remove_orphans && !r.orphans.is_empty() {
-            match lifecycle::remove_orphans(client, project, parallel) {
+        let confirmed: BTreeSet<u32> = r
+            .orphans
+            .iter()
+            .map(|g| g.vmid)
+            .filter(|v| remove_orphans.contains(v))
+            .collect();
+        if !confirmed.is_empty() {
+            match lifecycle::destroy_listed(client, project, parallel, &confirmed) {
                 Ok(removed) => {
                     r.destroyed = removed.destroyed;
-                    r.orphans.clear();
+                    r.orphans.retain(|g| !confirmed.contains(&g.vmid));
                     r.writes += removed.writes;
                 }
                 Err(mut e) => {

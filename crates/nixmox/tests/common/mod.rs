@@ -234,6 +234,50 @@ impl Lab {
         ids
     }
 
+    /// `nixmox` run as people do: from inside the project directory, without `-C`.
+    pub fn here(&self, args: &[&str], extra: &[(&str, &str)]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_nixmox"));
+        c.current_dir(&self.project).args(args);
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        for (k, v) in extra {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// `nixmox ARGS` from inside the project on a terminal: a pseudo-terminal made by
+    /// `script(1)` (util-linux), whose input is `typed`. The terminal's output (stdout and
+    /// stderr together) comes back as stdout; the exit code is nixmox's (`script -e`).
+    pub fn on_terminal(&self, args: &[&str], typed: &str) -> Output {
+        use std::io::Write;
+        let quote = |w: &str| format!("'{}'", w.replace('\'', r"'\''"));
+        let mut line = quote(env!("CARGO_BIN_EXE_nixmox"));
+        for a in args {
+            line.push(' ');
+            line.push_str(&quote(a));
+        }
+        let script = tool("script", "util-linux");
+        let mut c = Command::new(script);
+        c.current_dir(&self.project)
+            .args(["-q", "-e", "-c", &line, "/dev/null"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        let mut child = c.spawn().expect("script(1) from util-linux runs");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(typed.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
     pub fn spawn(&self, args: &[&str], extra: &[(&str, &str)]) -> Child {
         self.cmd(args, extra)
             .stdout(Stdio::piped())
