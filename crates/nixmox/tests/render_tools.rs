@@ -198,7 +198,7 @@ fn example_renders_parsable_nix_with_the_right_facts() {
         "{guac}"
     );
     assert!(
-        guac.contains("header X-Frame-Options \"SAMEORIGIN\""),
+        guac.contains("header X-Frame-Options `SAMEORIGIN`"),
         "{guac}"
     );
     let sonarr = vhosts["sonarr.nixmox.lan"]["extraConfig"].as_str().unwrap();
@@ -299,9 +299,10 @@ fn awkward_strings_reach_nix_exactly() {
     assert_eq!(keys[0], "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0zZ1example0key0material0here \"quoted\" ${x} comment");
     let vhosts = eval_host(&build, "caddy", "services.caddy.virtualHosts");
     let conf = vhosts["app.safe.lan"]["extraConfig"].as_str().unwrap();
-    // Caddyfile quoting on top of Nix escaping: the header value arrives as one quoted token.
+    // Caddyfile quoting on top of Nix escaping: the header value arrives as one backtick-quoted
+    // token, which Caddy takes literally (no backslash doubled; issue 13).
     assert!(
-        conf.contains(r#"header X-Quote "say \"hi\" \\ ${x} '' ü""#),
+        conf.contains(r#"header X-Quote `say "hi" \ $x '' ü`"#),
         "{conf}"
     );
     // Terraform JSON: the application name survives with `${` escaped for Terraform.

@@ -135,7 +135,7 @@ const FLAKE_OUTPUTS: &str = r#"{ self, nixpkgs, ... }@inputs:
 fn colmena_deployment(p: &Project, s: &Service) -> String {
     let body = Nix::attrs([
         ("targetHost", Nix::str(s.host.ip.to_string())),
-        ("targetUser", Nix::str(&p.ssh.user)),
+        ("targetUser", Nix::str(p.ssh.user.as_str())),
         (
             "tags",
             Nix::strs([
@@ -378,7 +378,7 @@ fn host(p: &Project, i: usize) -> String {
     set(
         &mut c,
         &["services", "openssh", "settings", "PermitRootLogin"],
-        Nix::str(if p.ssh.user == "root" {
+        Nix::str(if p.ssh.user.as_str() == "root" {
             "prohibit-password"
         } else {
             "no"
@@ -771,9 +771,16 @@ SQL
 }
 "#;
 
-/// A Caddyfile token: quoted, with `"` and `\` escaped.
-fn caddy_quote(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+/// A Caddyfile token taken literally: Caddy reads a backtick-quoted token without escapes, so
+/// quotes and backslashes arrive as written (in a `"`-quoted token `\\` stays two backslashes).
+/// Values are checked by `manifest::check_header_value` (no backtick, no `{}` placeholders); a
+/// backtick that got here anyway falls back to a `"`-quoted token.
+pub fn caddy_quote(s: &str) -> String {
+    if s.contains('`') {
+        format!("\"{}\"", s.replace('"', "\\\""))
+    } else {
+        format!("`{s}`")
+    }
 }
 
 fn caddy(p: &Project, c: &mut BTreeMap<String, Nix>) {

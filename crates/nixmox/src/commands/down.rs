@@ -388,8 +388,7 @@ fn purge_data(
             remote.push("-c".into());
             remote.push(st);
         }
-        let mut argv =
-            nixmox_core::deploy::ssh_argv(&options, &ctx.ssh.user, &to.ip().to_string(), &remote);
+        let mut argv = nixmox_core::deploy::ssh_argv(&options, &ctx.ssh.user, *to.ip(), &remote);
         argv[0] = ctx.ssh.program.clone();
         output::note(&format!(
             "dropping database `{db}` and role `{role}` on {}",
