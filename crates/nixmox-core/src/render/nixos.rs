@@ -601,21 +601,10 @@ fn postgresql(
 ) {
     let mut databases = BTreeSet::new();
     let mut users: BTreeMap<String, bool> = BTreeMap::new();
-    let mut hba = String::new();
+    let hba = pg_hba(p, me);
     let mut setup: Vec<Part> = vec![Part::Lit(SETUP_PRELUDE.to_string())];
-    for (j, s) in p.services.iter().enumerate() {
+    for s in &p.services {
         for db in &s.dbs {
-            let source = if j == me {
-                "127.0.0.1/32".to_string()
-            } else {
-                format!("{}/32", s.host.ip)
-            };
-            hba.push_str(&format!(
-                "host  {:<20} {:<20} {:<18} scram-sha-256\n",
-                pg_hba_name(&db.database),
-                pg_hba_name(&db.role),
-                source
-            ));
             if db.mode == DbMode::Terraform {
                 // Created by the service's own Terraform (the postgresql provider).
                 continue;
@@ -729,6 +718,28 @@ fn postgresql(
     set(c, &["systemd", "services", SETUP_UNIT], Nix::Attrs(unit));
 }
 
+/// The database host's `pg_hba.conf` lines (`services.postgresql.authentication`): each
+/// consumer's database and role, from its own address only (`me` is the database host).
+pub fn pg_hba(p: &Project, me: usize) -> String {
+    let mut hba = String::new();
+    for (j, s) in p.services.iter().enumerate() {
+        for db in &s.dbs {
+            let source = if j == me {
+                "127.0.0.1/32".to_string()
+            } else {
+                format!("{}/32", s.host.ip)
+            };
+            hba.push_str(&format!(
+                "host  {:<20} {:<20} {:<18} scram-sha-256\n",
+                pg_hba_name(&db.database),
+                pg_hba_name(&db.role),
+                source
+            ));
+        }
+    }
+    hba
+}
+
 /// A pg_hba field: names with characters beyond `[a-z0-9_]` are double-quoted.
 fn pg_hba_name(s: &str) -> String {
     if s.chars()
@@ -784,6 +795,16 @@ pub fn caddy_quote(s: &str) -> String {
 }
 
 fn caddy(p: &Project, c: &mut BTreeMap<String, Nix>) {
+    let hosts: BTreeMap<String, Nix> = caddy_sites(p)
+        .into_iter()
+        .map(|(site, conf)| (site, Nix::attrs([("extraConfig", Nix::Str(conf))])))
+        .collect();
+    set(c, &["services", "caddy", "enable"], Nix::Bool(true));
+    set(c, &["services", "caddy", "virtualHosts"], Nix::Attrs(hosts));
+}
+
+/// The reverse proxy's sites: site address → Caddyfile text of its routes.
+pub fn caddy_sites(p: &Project) -> BTreeMap<String, String> {
     // Group routes by site (domain and scheme).
     let mut sites: BTreeMap<String, Vec<(&Service, &crate::model::Proxy)>> = BTreeMap::new();
     for s in &p.services {
@@ -839,10 +860,9 @@ fn caddy(p: &Project, c: &mut BTreeMap<String, Nix>) {
             }
             conf.push_str(&format!("  reverse_proxy {upstream}\n}}\n"));
         }
-        hosts.insert(site, Nix::attrs([("extraConfig", Nix::Str(conf))]));
+        hosts.insert(site, conf);
     }
-    set(c, &["services", "caddy", "enable"], Nix::Bool(true));
-    set(c, &["services", "caddy", "virtualHosts"], Nix::Attrs(hosts));
+    hosts
 }
 
 fn unbound(p: &Project, c: &mut BTreeMap<String, Nix>) {

@@ -9,6 +9,39 @@
 
 use serde_json::Value;
 
+use crate::model::{Capability, Project};
+use crate::render::{nixos, Rendered};
+
+/// Every check here that applies to a project's rendered output: its Terraform JSON files,
+/// the database host's pg_hba lines and the reverse proxy's sites. Empty when all is well.
+pub fn rendered(p: &Project, r: &Rendered) -> Vec<String> {
+    let mut out = Vec::new();
+    for f in r.files.iter().filter(|f| f.path.ends_with(".tf.json")) {
+        out.extend(
+            terraform_json(&f.contents)
+                .into_iter()
+                .map(|e| format!("{}: {e}", f.path)),
+        );
+    }
+    if let Some(pg) = p.provider_index(Capability::Database) {
+        out.extend(
+            pg_hba(&nixos::pg_hba(p, pg))
+                .into_iter()
+                .map(|e| format!("pg_hba: {e}")),
+        );
+    }
+    if p.provider(Capability::ReverseProxy).is_some() {
+        for (site, conf) in nixos::caddy_sites(p) {
+            out.extend(
+                caddyfile(&conf)
+                    .into_iter()
+                    .map(|e| format!("Caddy site {site}: {e}")),
+            );
+        }
+    }
+    out
+}
+
 /// Problems with one `*.tf.json` file: it must be JSON, and every `${`/`%{` left live (not
 /// doubled) must be a whole string that is one of NixMox's own references
 /// (`${data.x.y.id}`, `${var.x}`, `${module.x}`, `${<resource type>.x.y}`).
