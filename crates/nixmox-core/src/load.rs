@@ -599,38 +599,34 @@ fn check_databases(cxs: &mut [Cx], specs: &[ServiceSpec]) {
 /// every other in `share_role_with`: otherwise a manifest could name another service's role
 /// and receive its password.
 fn check_roles(cxs: &mut [Cx], specs: &[ServiceSpec]) {
-    // role -> [(spec index, db span, share list)]
-    type Users<'a> = Vec<(usize, Span, &'a [Sp<crate::ids::ServiceName>])>;
-    let mut users: BTreeMap<&str, Users> = BTreeMap::new();
+    // role -> every use: (spec index, the use)
+    let mut users: BTreeMap<&str, Vec<(usize, &manifest::RoleUse)>> = BTreeMap::new();
     for (i, s) in specs.iter().enumerate() {
-        for (k, (role, share)) in s.role_sharing.iter().enumerate() {
-            let span = s.dbs.get(k).map(|d| d.span).unwrap_or(s.root_span);
-            users
-                .entry(role.as_str())
-                .or_default()
-                .push((i, span, share));
+        for u in &s.role_sharing {
+            users.entry(u.role.as_str()).or_default().push((i, u));
         }
     }
     for (role, list) in users {
-        for &(i, span, share) in &list {
+        for &(i, u) in &list {
             let s = &specs[i];
-            // Every other service using this role, once each.
-            let mut others: Vec<usize> = list.iter().map(|u| u.0).filter(|&j| j != i).collect();
-            others.sort_unstable();
-            others.dedup();
-            for j in others {
+            // Every other service using this role, once each, with its first use.
+            let mut others: Vec<(usize, &manifest::RoleUse)> = Vec::new();
+            for &(j, v) in &list {
+                if j != i && !others.iter().any(|(k, _)| *k == j) {
+                    others.push((j, v));
+                }
+            }
+            for (j, v) in others {
                 let other = &specs[j];
-                if share.iter().any(|n| n.value == other.name.value) {
+                if u.share_role_with
+                    .iter()
+                    .any(|n| n.value == other.name.value)
+                {
                     continue;
                 }
-                let first = list
-                    .iter()
-                    .find(|u| u.0 == j)
-                    .map(|u| u.1)
-                    .unwrap_or(other.root_span);
                 cxs[s.file].error(
-                    span,
-                    "interface.db.role",
+                    u.span,
+                    &u.field,
                     format!(
                         "role `{role}` is also used by `{}`; a role belongs to one service",
                         other.name.value
@@ -638,7 +634,7 @@ fn check_roles(cxs: &mut [Cx], specs: &[ServiceSpec]) {
                     Some(format!(
                         "`{}` uses it at {}; to share it on purpose, both services name each other in `share_role_with` (here: `share_role_with: [{}]`)",
                         other.name.value,
-                        at(cxs, other.file, first),
+                        at(cxs, other.file, v.span),
                         other.name.value
                     )),
                 );

@@ -120,9 +120,18 @@ pub struct ServiceSpec {
     pub paths: Vec<(String, Span, String)>,
     /// Every redirect URI with where it was written: (uri, span, field).
     pub redirects: Vec<(String, Span, String)>,
-    /// Per `interface.db` entry (same order as `dbs` when all decoded): the role and the
-    /// services it agrees to share that role with (`share_role_with`).
-    pub role_sharing: Vec<(String, Vec<Sp<ServiceName>>)>,
+    /// Per `interface.db` entry: the role, where it is written, and the services it agrees to
+    /// share that role with (`share_role_with`).
+    pub role_sharing: Vec<RoleUse>,
+}
+
+/// One `interface.db` entry's role, for the project-wide "a role belongs to one service" check.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoleUse {
+    pub role: String,
+    pub span: Span,
+    pub field: String,
+    pub share_role_with: Vec<Sp<ServiceName>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Default)]
@@ -578,7 +587,12 @@ fn decode_db(cx: &mut Cx, n: &Node, path: &str, spec: &mut ServiceSpec) -> Optio
             }
         }
     }
-    spec.role_sharing.push((role.clone(), share_role_with));
+    spec.role_sharing.push(RoleUse {
+        role: role.clone(),
+        span: field(n, "role").map(|r| r.span).unwrap_or(n.span),
+        field: join(path, "role"),
+        share_role_with,
+    });
     (cx.errors() == before).then_some(Db {
         database,
         role,

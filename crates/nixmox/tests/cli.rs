@@ -587,14 +587,14 @@ mod hostile {
         let err = refused(
             "postgres",
             &[
-                ("services/app/manifest.yaml:4:9", "interface.db.role"),
+                ("services/app/manifest.yaml:4:30", "interface.db[0].role"),
                 (
                     "services/app/manifest.yaml:5:19",
                     "interface.db[1].database",
                 ),
                 ("services/app/manifest.yaml:6:31", "interface.db[2].role"),
                 ("services/app/manifest.yaml:7:31", "interface.db[3].role"),
-                ("services/other/manifest.yaml:3:9", "interface.db.role"),
+                ("services/other/manifest.yaml:3:32", "interface.db.role"),
             ],
         );
         assert!(err.contains("share_role_with"), "{err}");
