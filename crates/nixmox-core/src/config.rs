@@ -642,7 +642,10 @@ fn decode_tf_backend(cx: &mut Cx, n: &Node) -> Option<Option<TfBackend>> {
         match &c.kind {
             Kind::Map(entries) => {
                 for e in entries {
-                    config.insert(e.key.clone(), crate::manifest::to_json(&e.value));
+                    let path = join("terraform.backend.config", &e.key);
+                    if let Some(v) = crate::manifest::tf_value(cx, &e.value, &path) {
+                        config.insert(e.key.clone(), v);
+                    }
                 }
             }
             other => {

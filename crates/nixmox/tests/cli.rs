@@ -558,6 +558,7 @@ mod hostile {
         refused(
             "terraform",
             &[
+                ("nixmox.yaml:12:18", "terraform.backend.config.retry_max"),
                 (
                     "services/app/manifest.yaml:6:7",
                     "interface.terraform.variables.source",
