@@ -1,6 +1,9 @@
-//! Fuzzes parse + validate: the input is split on NUL bytes into `nixmox.yaml`, one or two
-//! manifests and, when there is a fourth part, `nixmox.lock`; `load` must never panic and
-//! every diagnostic must be well formed.
+//! Fuzzes parse + validate + render: the input is split on NUL bytes into `nixmox.yaml`, one
+//! or two manifests and, when there is a fourth part, `nixmox.lock`; `load` must never panic
+//! and every diagnostic must be well formed. When the input is a valid project, it is rendered
+//! and every file must keep its language's grammar (issue 13): each `.nix` file parses (rnix),
+//! and `render::verify` finds no live Terraform template, no pg_hba line outside its grammar and
+//! no Caddy token holding a placeholder.
 //!
 //! Run with `cargo fuzz run parse_validate` from the repository root (see docs/fuzzing.md).
 #![no_main]
@@ -73,7 +76,23 @@ fuzz_target!(|data: &[u8]| {
         }
         let _ = d.render();
     }
-    if loaded.project.is_some() {
+    if let Some(project) = &loaded.project {
         assert_eq!(loaded.errors().count(), 0, "a project despite errors");
+        let rendered = nixmox_core::render::render(project, &Default::default());
+        let problems = nixmox_core::render::verify::rendered(project, &rendered);
+        assert!(
+            problems.is_empty(),
+            "rendered output broke its grammar: {problems:?}"
+        );
+        for f in rendered.files.iter().filter(|f| f.path.ends_with(".nix")) {
+            let parsed = rnix::Root::parse(&f.contents);
+            assert!(
+                parsed.errors().is_empty(),
+                "{} does not parse: {:?}\n{}",
+                f.path,
+                parsed.errors(),
+                f.contents
+            );
+        }
     }
 });

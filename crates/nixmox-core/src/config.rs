@@ -4,7 +4,7 @@ use core::net::Ipv4Addr;
 use std::collections::BTreeMap;
 
 use crate::decode::{field, join, Cx};
-use crate::ids::{parse_ip, Cidr, DomainName, ProjectName, Range};
+use crate::ids::{self, parse_ip, Cidr, DomainName, ProjectName, Range, SshUser};
 use crate::model::{
     Defaults, Deploy, Deployer, HealthTiming, HostKeyChecking, InfraBackend, Network, Nix, Pools,
     Proxmox, Resources, SecretRef, Secrets, Ssh, StateConfig, Terraform, TfBackend, Tls,
@@ -205,7 +205,7 @@ pub fn decode(cx: &mut Cx, root: &Node) -> Option<ProjectConfig> {
                 .map(|r| cx.strings(r, "secrets.age_recipients"))
                 .unwrap_or_default();
             for (r, span) in &recipients {
-                if !(r.starts_with("age1") && r.len() == 62) {
+                if ids::check_age_recipient(r).is_err() {
                     cx.error(*span, "secrets.age_recipients", format!("`{r}` is not an age public key"), Some("an age recipient looks like `age1` followed by 58 characters (see `age-keygen -y`)".into()));
                 }
             }
@@ -329,9 +329,10 @@ fn decode_network(cx: &mut Cx, n: &Node) -> Option<Network> {
     }
     let vlan =
         field(n, "vlan").and_then(|v| cx.int(v, "network.vlan", 1, 4094, "").map(|v| v as u16));
-    let bridge = field(n, "bridge")
-        .and_then(|b| cx.string(b, "network.bridge"))
-        .unwrap_or_else(|| "vmbr0".into());
+    let bridge = match field(n, "bridge") {
+        None => "vmbr0".to_string(),
+        Some(b) => checked(cx, b, "network.bridge", "bridge", ids::check_bridge)?,
+    };
     let nameservers = match field(n, "nameservers") {
         None => Vec::new(),
         Some(list) => {
@@ -490,23 +491,15 @@ fn decode_proxmox(cx: &mut Cx, n: Option<&Node>) -> Option<Proxmox> {
             None => ok = false,
         }
     }
-    for (key, slot) in [
-        ("node", &mut p.node),
-        ("storage", &mut p.storage),
-        ("template", &mut p.template),
-    ] {
+    let grammars: [(&str, &mut String, ids::Grammar); 3] = [
+        ("node", &mut p.node, ids::check_node),
+        ("storage", &mut p.storage, ids::check_storage_id),
+        ("template", &mut p.template, ids::check_volume_id),
+    ];
+    for (key, slot, check) in grammars {
         if let Some(v) = field(n, key) {
-            match cx.string(v, &join("proxmox", key)) {
-                Some(s) if !s.is_empty() => *slot = s,
-                Some(_) => {
-                    cx.error(
-                        v.span,
-                        &join("proxmox", key),
-                        format!("`proxmox.{key}` must not be empty"),
-                        None,
-                    );
-                    ok = false;
-                }
+            match checked(cx, v, &join("proxmox", key), key, check) {
+                Some(s) => *slot = s,
                 None => ok = false,
             }
         }
@@ -541,6 +534,29 @@ fn decode_proxmox(cx: &mut Cx, n: Option<&Node>) -> Option<Proxmox> {
     ok.then_some(p)
 }
 
+/// A string that must match a grammar (an `ids::check_*` function); the error names it.
+pub fn checked(
+    cx: &mut Cx,
+    n: &Node,
+    path: &str,
+    what: &str,
+    check: ids::Grammar,
+) -> Option<String> {
+    let s = cx.string(n, path)?;
+    match check(&s) {
+        Ok(()) => Some(s),
+        Err(why) => {
+            cx.error(
+                n.span,
+                path,
+                format!("invalid {what} `{}`: {why}", s.escape_debug()),
+                None,
+            );
+            None
+        }
+    }
+}
+
 /// `{ env: NAME }` or `{ file: path }`. A bare string is refused: it is most likely the secret.
 pub fn secret_ref(cx: &mut Cx, n: &Node, path: &str) -> Option<SecretRef> {
     if let Kind::Str(_) = n.kind {
@@ -566,30 +582,41 @@ pub fn secret_ref(cx: &mut Cx, n: &Node, path: &str) -> Option<SecretRef> {
 fn decode_ssh(cx: &mut Cx, n: Option<&Node>) -> Option<Ssh> {
     let Some(n) = n else {
         return Some(Ssh {
-            user: "root".into(),
+            user: SshUser::new("root").expect("literal is a valid login name"),
             authorized_keys: Vec::new(),
             host_key_checking: HostKeyChecking::AcceptNew,
         });
     };
     cx.map(n, "ssh", SSH_FIELDS)?;
-    let user = field(n, "user")
-        .and_then(|u| cx.string(u, "ssh.user"))
-        .unwrap_or_else(|| "root".into());
+    let mut ok = true;
+    let user = match field(n, "user") {
+        None => SshUser::new("root").ok(),
+        Some(u) => cx
+            .string(u, "ssh.user")
+            .and_then(|s| match SshUser::new(&s) {
+                Ok(v) => Some(v),
+                Err(why) => {
+                    cx.error(
+                        u.span,
+                        "ssh.user",
+                        format!("invalid login name `{}`: {why}", s.escape_debug()),
+                        Some(
+                            "the user NixMox logs in as on every host, like `root` or `ops`".into(),
+                        ),
+                    );
+                    None
+                }
+            }),
+    };
     let keys = field(n, "authorized_keys")
         .map(|k| cx.strings(k, "ssh.authorized_keys"))
         .unwrap_or_default();
-    let mut ok = true;
-    for (k, span) in &keys {
-        let mut parts = k.split_whitespace();
-        let kind = parts.next().unwrap_or("");
-        let valid =
-            (kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-"))
-                && parts.next().is_some_and(|b| b.len() > 20);
-        if !valid {
+    for (i, (k, span)) in keys.iter().enumerate() {
+        if let Err(why) = ids::check_ssh_public_key(k, ids::SSH_KEY_TYPES) {
             cx.error(
                 *span,
-                "ssh.authorized_keys",
-                "not an SSH public key",
+                &crate::decode::index("ssh.authorized_keys", i),
+                format!("not an SSH public key: {why}"),
                 Some(
                     "give the whole public key line, like `ssh-ed25519 AAAAC3Nz... you@laptop`"
                         .into(),
@@ -611,6 +638,7 @@ fn decode_ssh(cx: &mut Cx, n: Option<&Node>) -> Option<Ssh> {
             ],
         )?,
     };
+    let user = user?;
     ok.then(|| Ssh {
         user,
         authorized_keys: keys.into_iter().map(|(k, _)| k).collect(),
@@ -643,7 +671,10 @@ fn decode_tf_backend(cx: &mut Cx, n: &Node) -> Option<Option<TfBackend>> {
         match &c.kind {
             Kind::Map(entries) => {
                 for e in entries {
-                    config.insert(e.key.clone(), crate::manifest::to_json(&e.value));
+                    let path = join("terraform.backend.config", &e.key);
+                    if let Some(v) = crate::manifest::tf_value(cx, &e.value, &path) {
+                        config.insert(e.key.clone(), v);
+                    }
                 }
             }
             other => {

@@ -51,7 +51,7 @@ pub fn resolved(p: &Project, only: &[usize]) -> Value {
             },
         },
         "infra": { "backend": p.infra.as_str() },
-        "ssh": { "user": p.ssh.user, "authorized_keys": p.ssh.authorized_keys, "host_key_checking": p.ssh.host_key_checking.as_str() },
+        "ssh": { "user": p.ssh.user.as_str(), "authorized_keys": p.ssh.authorized_keys, "host_key_checking": p.ssh.host_key_checking.as_str() },
         "nix": {
             "inputs": {
                 "nixpkgs": p.nix.nixpkgs,

@@ -27,34 +27,71 @@ pub struct Diagnostic {
     pub help: Option<String>,
 }
 
+/// Text that came from a user's file, made safe for a terminal: every control character
+/// (newline, carriage return, ESC, DEL, the C1 range, bidi overrides and other invisible
+/// format characters) is shown as a visible escape like `\u{1b}`, so a name cannot forge
+/// output lines or send terminal escape sequences.
+pub fn visible(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(needs_escape) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if needs_escape(c) {
+            let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Like [`visible`], but keeps line breaks: for multi-line text NixMox writes itself.
+pub fn visible_lines(s: &str) -> String {
+    s.split('\n')
+        .map(|l| visible(l).into_owned())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+}
+
 impl Diagnostic {
     pub fn is_error(&self) -> bool {
         self.severity == Severity::Error
     }
 
-    /// Renders the diagnostic the way rustc and miette do, readable without colour.
+    /// Renders the diagnostic the way rustc and miette do, readable without colour. Every
+    /// part that can hold a user's text goes through [`visible`].
     pub fn render(&self) -> String {
         let mut out = String::new();
         let label = match self.severity {
             Severity::Error => "error",
             Severity::Warning => "warning",
         };
-        let _ = writeln!(out, "{label}: {}", self.message);
+        let _ = writeln!(out, "{label}: {}", visible(&self.message));
+        let file = visible(&self.file);
+        let field = self.field.as_deref().map(visible);
         match self.span {
             Some(span) => {
-                let _ = writeln!(out, "  --> {}:{}:{}", self.file, span.line, span.col);
+                let _ = writeln!(out, "  --> {file}:{}:{}", span.line, span.col);
                 if let Some(snippet) = &self.snippet {
                     let num = span.line.to_string();
                     let pad = " ".repeat(num.len());
                     let _ = writeln!(out, " {pad} |");
-                    let _ = writeln!(out, " {num} | {}", snippet.replace('\t', " "));
-                    let lead: String = snippet
+                    let snippet = snippet.replace('\t', " ");
+                    let _ = writeln!(out, " {num} | {}", visible(&snippet));
+                    // The caret lines up under the escaped text.
+                    let before: String = snippet
                         .chars()
                         .take(span.col.saturating_sub(1) as usize)
-                        .map(|_| ' ')
                         .collect();
+                    let lead: String = visible(&before).chars().map(|_| ' ').collect();
                     let carets = "^".repeat(self.width.max(1) as usize);
-                    match &self.field {
+                    match &field {
                         Some(field) => {
                             let _ = writeln!(out, " {pad} | {lead}{carets} {field}");
                         }
@@ -62,18 +99,19 @@ impl Diagnostic {
                             let _ = writeln!(out, " {pad} | {lead}{carets}");
                         }
                     }
-                } else if let Some(field) = &self.field {
+                } else if let Some(field) = &field {
                     let _ = writeln!(out, "  = field: {field}");
                 }
             }
             None => {
-                let _ = writeln!(out, "  --> {}", self.file);
-                if let Some(field) = &self.field {
+                let _ = writeln!(out, "  --> {file}");
+                if let Some(field) = &field {
                     let _ = writeln!(out, "  = field: {field}");
                 }
             }
         }
         if let Some(help) = &self.help {
+            let help = visible_lines(help);
             let pad = " ".repeat(self.span.map(|s| s.line.to_string().len()).unwrap_or(1));
             for (i, line) in help.lines().enumerate() {
                 if i == 0 {
@@ -155,6 +193,27 @@ mod tests {
         );
         assert_eq!(did_you_mean("zzz", ["cidr", "gateway"]), None);
         assert_eq!(did_you_mean("dsn", ["dns", "app"]), Some("dns"));
+    }
+
+    /// Issue 13: control characters from a user's file never reach the terminal raw.
+    #[test]
+    fn control_characters_are_shown_escaped() {
+        let d = Diagnostic {
+            severity: Severity::Error,
+            file: "services/a/manifest.yaml".into(),
+            span: Some(Span::new(1, 10)),
+            field: Some("depends_on[0]".into()),
+            message: "`\u{1b}[2Jx\nerror: forged` is not a service".into(),
+            snippet: Some("a: \"\u{1b}[2J\", b: c".into()),
+            width: 1,
+            help: Some("did you mean `b`?\nsecond line \u{7}".into()),
+        };
+        let r = d.render();
+        assert!(!r.contains('\u{1b}') && !r.contains('\u{7}'), "{r}");
+        assert!(r.contains("\\u{1b}[2Jx\\u{a}error: forged"), "{r}");
+        assert!(r.contains("\n           second line \\u{7}\n"), "{r}");
+        assert_eq!(visible("plain"), "plain");
+        assert_eq!(visible("a\u{202e}b"), "a\\u{202e}b");
     }
 
     #[test]

@@ -9,6 +9,9 @@ use core::net::Ipv4Addr;
 /// Why an identifier was rejected, in words that follow "invalid X `value`: ".
 pub type Reason = String;
 
+/// A grammar check of one kind of string (`check_bridge`, `check_node`, …).
+pub type Grammar = fn(&str) -> Result<(), Reason>;
+
 macro_rules! string_id {
     ($(#[$doc:meta])* $name:ident, $check:path) => {
         $(#[$doc])*
@@ -58,6 +61,204 @@ string_id!(
     DomainName,
     check_domain
 );
+
+string_id!(
+    /// The login name NixMox uses on every host (`ssh.user`): a POSIX portable user name,
+    /// `[a-z_][a-z0-9_-]*`, at most 32 characters. It can never start with `-`, so no tool
+    /// reads it as an option.
+    SshUser,
+    check_user
+);
+
+fn check_user(s: &str) -> Result<(), Reason> {
+    let mut chars = s.chars();
+    match chars.next() {
+        None => return Err("it is empty".into()),
+        Some(c) if !(c.is_ascii_lowercase() || c == '_') => {
+            return Err(format!(
+                "it starts with `{}`; a login name starts with a lowercase letter or `_`",
+                c.escape_default()
+            ))
+        }
+        _ => {}
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_' || *c == '-'))
+    {
+        return Err(format!(
+            "`{}` is not allowed; use lowercase letters, digits, `_` and `-`",
+            c.escape_default()
+        ));
+    }
+    if s.len() > 32 {
+        return Err(format!(
+            "it is {} characters long; the limit is 32",
+            s.len()
+        ));
+    }
+    Ok(())
+}
+
+/// The key types OpenSSH accepts in `authorized_keys`.
+pub const SSH_KEY_TYPES: &[&str] = &[
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+];
+
+/// One OpenSSH public key line: `type base64 [comment]`, on one line. A newline, carriage
+/// return or any other control character would make it two keys (or an option line) in
+/// `authorized_keys`, so none is allowed anywhere in it.
+pub fn check_ssh_public_key(s: &str, types: &[&str]) -> Result<(), Reason> {
+    if let Some(c) = s.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "it contains the control character `{}`; a key is one line",
+            c.escape_default()
+        ));
+    }
+    let mut parts = s.splitn(3, ' ');
+    let kind = parts.next().unwrap_or("");
+    if !types.contains(&kind) {
+        return Err(format!(
+            "`{kind}` is not a key type (expected one of: {})",
+            types.join(", ")
+        ));
+    }
+    let blob = parts.next().unwrap_or("");
+    let b64 = blob.len() >= 20
+        && blob
+            .trim_end_matches('=')
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/');
+    if !b64 {
+        return Err("the key's second word is not base64 key data".into());
+    }
+    Ok(())
+}
+
+/// An age X25519 recipient: `age1` and 58 bech32 characters. Checked character by character
+/// so a value can never carry a `,` (sops's recipient separator) or anything else.
+pub fn check_age_recipient(s: &str) -> Result<(), Reason> {
+    let ok = s.len() == 62
+        && s.starts_with("age1")
+        && s[4..]
+            .bytes()
+            .all(|b| b"qpzry9x8gf2tvdw0s3jn54khce6mua7l".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err("an age recipient is `age1` followed by 58 bech32 characters".into())
+    }
+}
+
+/// A Proxmox storage id (PVE's `pve-storage-id`): a letter, then letters, digits, `-`, `_`
+/// and `.`, ending in a letter or digit.
+pub fn check_storage_id(s: &str) -> Result<(), Reason> {
+    let b = s.as_bytes();
+    let ok = !b.is_empty()
+        && b[0].is_ascii_alphabetic()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err("a storage id starts with a letter and uses letters, digits, `-`, `_` and `.`".into())
+    }
+}
+
+/// A Proxmox node name: one DNS label (letters in either case, digits, `-`).
+pub fn check_node(s: &str) -> Result<(), Reason> {
+    check_label(&s.to_ascii_lowercase())
+}
+
+/// A Linux network interface name usable as a Proxmox bridge: 1 to 15 characters, a letter
+/// first, then letters, digits, `_`, `.` and `-`.
+pub fn check_bridge(s: &str) -> Result<(), Reason> {
+    let b = s.as_bytes();
+    let ok = (1..=15).contains(&b.len())
+        && b[0].is_ascii_alphabetic()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err("a bridge is a Linux interface name: a letter, then letters, digits, `_`, `.` or `-`, at most 15 characters".into())
+    }
+}
+
+/// A Proxmox volume id for a container template (`local:vztmpl/nixos.tar.xz`): `storage:`,
+/// then a path of letters, digits and `._-+/`.
+pub fn check_volume_id(s: &str) -> Result<(), Reason> {
+    let Some((storage, path)) = s.split_once(':') else {
+        return Err("a volume id is `storage:path`, like local:vztmpl/nixos.tar.xz".into());
+    };
+    check_storage_id(storage)?;
+    let ok = !path.is_empty()
+        && !path.starts_with('-')
+        && !path.split('/').any(|seg| seg == "..")
+        && path
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-' | b'+' | b'/'));
+    if ok {
+        Ok(())
+    } else {
+        Err("the path after `storage:` uses letters, digits and `._-+/`".into())
+    }
+}
+
+/// A Terraform resource address (`authentik_provider_oauth2.app`,
+/// `module.db.postgresql_role.r["x"]`): dot-separated names, each optionally indexed.
+pub fn check_tf_address(s: &str) -> Result<(), Reason> {
+    let bad = || {
+        Err(format!(
+            "`{}` is not a Terraform resource address (like `module.db.postgresql_role.app`)",
+            s.escape_default()
+        ))
+    };
+    if s.is_empty() || s.len() > 512 {
+        return bad();
+    }
+    let mut parts = 0;
+    for seg in s.split('.') {
+        let (name, index) = match seg.split_once('[') {
+            Some((n, rest)) => (n, Some(rest)),
+            None => (seg, None),
+        };
+        let name_ok = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        let index_ok = match index {
+            None => true,
+            Some(i) => {
+                let Some(inner) = i.strip_suffix(']') else {
+                    return bad();
+                };
+                inner.bytes().all(|b| b.is_ascii_digit()) && !inner.is_empty()
+                    || (inner.len() >= 2
+                        && inner.starts_with('"')
+                        && inner.ends_with('"')
+                        && inner[1..inner.len() - 1]
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "_-./:".contains(c)))
+            }
+        };
+        if !(name_ok && index_ok) {
+            return bad();
+        }
+        parts += 1;
+    }
+    if parts < 2 {
+        return bad();
+    }
+    Ok(())
+}
 
 fn check_name(s: &str) -> Result<(), Reason> {
     let mut chars = s.chars();
@@ -265,6 +466,44 @@ mod tests {
         assert!(DomainName::new("guac..lan").is_err());
         assert!(DomainName::new("bad_name.lan").is_err());
         assert!(DomainName::new("1.2.3.4").is_err());
+    }
+
+    #[test]
+    fn hostile_identifiers() {
+        assert!(SshUser::new("ops").is_ok());
+        assert!(SshUser::new("_svc-1").is_ok());
+        assert!(SshUser::new("-oProxyCommand=touch /tmp/x").is_err());
+        assert!(SshUser::new("root@evil").is_err());
+        assert!(SshUser::new("a\nb").is_err());
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0wmN/Cr3JXqmLW7u+g9pTh+wyqDHpSQEIQczXkVx9q me@x";
+        assert!(check_ssh_public_key(key, SSH_KEY_TYPES).is_ok());
+        assert!(
+            check_ssh_public_key(&format!("{key}\nssh-ed25519 AAAAevil"), SSH_KEY_TYPES).is_err()
+        );
+        assert!(check_ssh_public_key(&format!("{key}\r"), SSH_KEY_TYPES).is_err());
+        assert!(check_ssh_public_key("command=\"sh\" ssh-ed25519 AAAA", SSH_KEY_TYPES).is_err());
+        assert!(check_age_recipient(
+            "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"
+        )
+        .is_ok());
+        assert!(check_age_recipient(
+            "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmc,c8p"
+        )
+        .is_err());
+        assert!(check_bridge("vmbr0").is_ok());
+        assert!(check_bridge("vmbr0\"}").is_err());
+        assert!(check_bridge("${x}").is_err());
+        assert!(check_storage_id("local-lvm").is_ok());
+        assert!(check_storage_id("../x").is_err());
+        assert!(check_volume_id("local:vztmpl/nixos-25.05-x86_64-linux.tar.xz").is_ok());
+        assert!(check_volume_id("local:../../etc").is_err());
+        assert!(check_node("pve1").is_ok());
+        assert!(check_node("pve/../x").is_err());
+        assert!(check_tf_address("authentik_provider_oauth2.app").is_ok());
+        assert!(check_tf_address("module.db.postgresql_role.r[\"x\"]").is_ok());
+        assert!(check_tf_address("-destroy").is_err());
+        assert!(check_tf_address("a.b c").is_err());
     }
 
     #[test]

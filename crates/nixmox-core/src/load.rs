@@ -205,7 +205,9 @@ pub fn load(sources: &Sources, exists: &dyn Fn(&str) -> bool) -> Loaded {
     check_providers(&mut cxs, &specs);
     check_duplicates(&mut cxs, &specs, cfg.as_ref());
     check_routes(&mut cxs, &specs);
+    check_dns_names(&mut cxs, &specs, cfg.as_ref());
     check_databases(&mut cxs, &specs);
+    check_roles(&mut cxs, &specs);
     check_redirects(&mut cxs, &specs);
 
     let mut new_lock = Lock::default();
@@ -260,7 +262,12 @@ pub fn load(sources: &Sources, exists: &dyn Fn(&str) -> bool) -> Loaded {
 
 fn parse_file(cx: &mut Cx, text: &str, path: &str) -> Option<syntax::Node> {
     match syntax::parse(text, Format::from_path(path)) {
-        Ok(Some(node)) => Some(node),
+        Ok(Some(node)) => {
+            // Reported, and decoding goes on so the file's other problems show too; any
+            // error keeps the project from being built.
+            check_nul(cx, &node, "");
+            Some(node)
+        }
         Ok(None) => {
             cx.diags.push(Diagnostic {
                 severity: Severity::Error,
@@ -284,6 +291,41 @@ fn parse_file(cx: &mut Cx, text: &str, path: &str) -> Option<syntax::Node> {
             cx.error(e.span, "", e.message, None);
             None
         }
+    }
+}
+
+/// No string or key may hold a NUL character (YAML's `"\0"` escape, JSON's `\u0000`): Nix
+/// strings end at the first NUL, so `guac\0amole` would be `guac` on the host while
+/// Terraform and PostgreSQL saw the whole name. Rejected everywhere, before decoding.
+fn check_nul(cx: &mut Cx, n: &syntax::Node, path: &str) {
+    use syntax::Kind;
+    match &n.kind {
+        Kind::Str(s) if s.contains('\0') => cx.error(
+            n.span,
+            path,
+            "the string contains a NUL character (`\\0`)",
+            Some("NUL cannot be part of any name or value NixMox passes on; remove it".into()),
+        ),
+        Kind::Seq(items) => {
+            for (i, item) in items.iter().enumerate() {
+                check_nul(cx, item, &crate::decode::index(path, i));
+            }
+        }
+        Kind::Map(entries) => {
+            for e in entries {
+                let p = crate::decode::join(path, &e.key.replace('\0', "\\0"));
+                if e.key.contains('\0') {
+                    cx.error(
+                        e.key_span,
+                        &p,
+                        "the key contains a NUL character (`\\0`)",
+                        None,
+                    );
+                }
+                check_nul(cx, &e.value, &p);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -535,6 +577,87 @@ fn check_databases(cxs: &mut [Cx], specs: &[ServiceSpec]) {
                         ),
                     );
                 }
+            }
+        }
+    }
+}
+
+/// A role belongs to one service. Several services may share one only when each of them names
+/// every other in `share_role_with`: otherwise a manifest could name another service's role
+/// and receive its password.
+fn check_roles(cxs: &mut [Cx], specs: &[ServiceSpec]) {
+    // role -> every use: (spec index, the use)
+    let mut users: BTreeMap<&str, Vec<(usize, &manifest::RoleUse)>> = BTreeMap::new();
+    for (i, s) in specs.iter().enumerate() {
+        for u in &s.role_sharing {
+            users.entry(u.role.as_str()).or_default().push((i, u));
+        }
+    }
+    for (role, list) in users {
+        for &(i, u) in &list {
+            let s = &specs[i];
+            // Every other service using this role, once each, with its first use.
+            let mut others: Vec<(usize, &manifest::RoleUse)> = Vec::new();
+            for &(j, v) in &list {
+                if j != i && !others.iter().any(|(k, _)| *k == j) {
+                    others.push((j, v));
+                }
+            }
+            for (j, v) in others {
+                let other = &specs[j];
+                if u.share_role_with
+                    .iter()
+                    .any(|n| n.value == other.name.value)
+                {
+                    continue;
+                }
+                cxs[s.file].error(
+                    u.span,
+                    &u.field,
+                    format!(
+                        "role `{role}` is also used by `{}`; a role belongs to one service",
+                        other.name.value
+                    ),
+                    Some(format!(
+                        "`{}` uses it at {}; to share it on purpose, both services name each other in `share_role_with` (here: `share_role_with: [{}]`)",
+                        other.name.value,
+                        at(cxs, other.file, v.span),
+                        other.name.value
+                    )),
+                );
+            }
+        }
+    }
+}
+
+/// Every name the DNS provider serves: a proxy domain may not be another service's host name
+/// (that host's A record would be replaced by the proxy's; a service may route its own), and it must be inside the project's domain
+/// (otherwise the resolver would override a real name like `google.com` for every host).
+fn check_dns_names(cxs: &mut [Cx], specs: &[ServiceSpec], cfg: Option<&ProjectConfig>) {
+    let Some(cfg) = cfg else { return };
+    let domain = cfg.domain.as_str();
+    let hosts: HashMap<String, &ServiceSpec> = specs
+        .iter()
+        .map(|s| (format!("{}.{domain}", hostname_of(s)), s))
+        .collect();
+    for s in specs {
+        for (k, p) in s.proxies.iter().enumerate() {
+            let d = p.value.domain.as_str();
+            let field = format!("interface.proxy[{k}].domain");
+            if let Some(owner) = hosts.get(d).filter(|o| o.name.value != s.name.value) {
+                cxs[s.file].error(
+                    p.span,
+                    &field,
+                    format!("proxy domain `{d}` is the host name of `{}`", owner.name.value),
+                    Some(format!("`{d}` resolves to `{}`'s own address; pick another name for the route, like `{}-web.{domain}`", owner.name.value, hostname_of(owner))),
+                );
+            } else if !(d == domain || d.ends_with(&format!(".{domain}"))) {
+                cxs[s.file].error(
+                    p.span,
+                    &field,
+                    format!("proxy domain `{d}` is outside the project's domain `{domain}`"),
+                    Some(format!("the project's resolver answers for `{domain}` only; use a name ending in `.{domain}`")),
+                );
             }
         }
     }

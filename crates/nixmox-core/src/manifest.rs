@@ -43,7 +43,14 @@ pub const HOST_FIELDS: &[&str] = &[
 pub const FEATURES_FIELDS: &[&str] = &["nesting"];
 pub const NIXOS_FIELDS: &[&str] = &["modules"];
 pub const INTERFACE_FIELDS: &[&str] = &["db", "proxy", "auth", "health", "terraform"];
-pub const DB_FIELDS: &[&str] = &["type", "database", "role", "mode", "migrations"];
+pub const DB_FIELDS: &[&str] = &[
+    "type",
+    "database",
+    "role",
+    "mode",
+    "migrations",
+    "share_role_with",
+];
 pub const PROXY_FIELDS: &[&str] = &["domain", "path", "upstream", "tls", "authz", "headers"];
 pub const AUTH_FIELDS: &[&str] = &["provider", "name", "oidc"];
 pub const OIDC_FIELDS: &[&str] = &[
@@ -119,6 +126,18 @@ pub struct ServiceSpec {
     pub paths: Vec<(String, Span, String)>,
     /// Every redirect URI with where it was written: (uri, span, field).
     pub redirects: Vec<(String, Span, String)>,
+    /// Per `interface.db` entry: the role, where it is written, and the services it agrees to
+    /// share that role with (`share_role_with`).
+    pub role_sharing: Vec<RoleUse>,
+}
+
+/// One `interface.db` entry's role, for the project-wide "a role belongs to one service" check.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoleUse {
+    pub role: String,
+    pub span: Span,
+    pub field: String,
+    pub share_role_with: Vec<Sp<ServiceName>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Default)]
@@ -249,6 +268,7 @@ pub fn decode(
         terraform: Vec::new(),
         paths: Vec::new(),
         redirects: Vec::new(),
+        role_sharing: Vec::new(),
     };
     if let Some(h) = field(root, "host") {
         decode_host(cx, h, &mut spec);
@@ -357,7 +377,15 @@ fn decode_host(cx: &mut Cx, h: &Node, spec: &mut ServiceSpec) {
             }
         }
     }
-    spec.node = field(h, "node").and_then(|n| cx.string(n, "host.node"));
+    spec.node = field(h, "node").and_then(|n| {
+        crate::config::checked(
+            cx,
+            n,
+            "host.node",
+            "Proxmox node name",
+            crate::ids::check_node,
+        )
+    });
     if let Some(r) = field(h, "resources") {
         // Checked now for located errors; the project defaults are applied later.
         if resources(cx, r, "host.resources", crate::config::DEFAULT_RESOURCES).is_some() {
@@ -386,9 +414,7 @@ fn decode_host(cx: &mut Cx, h: &Node, spec: &mut ServiceSpec) {
     }
     if let Some(k) = field(h, "ssh_host_key") {
         if let Some(s) = cx.string(k, "host.ssh_host_key") {
-            if s.starts_with("ssh-ed25519 ")
-                && s.split_whitespace().nth(1).is_some_and(|b| b.len() > 20)
-            {
+            if crate::ids::check_ssh_public_key(&s, &["ssh-ed25519"]).is_ok() {
                 spec.ssh_host_key = Some(s);
             } else {
                 cx.error(k.span, "host.ssh_host_key", "not an SSH ed25519 public key", Some("give the host's `/etc/ssh/ssh_host_ed25519_key.pub` line: `ssh-ed25519 AAAA...`".into()));
@@ -472,10 +498,48 @@ fn sql_ident(cx: &mut Cx, n: &Node, path: &str) -> Option<String> {
         && s.chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
     if !ok {
-        cx.error(n.span, path, format!("invalid PostgreSQL name `{s}`"), Some("use lowercase letters, digits, `_` and `-`, starting with a letter or `_`, at most 63 characters".into()));
+        cx.error(n.span, path, format!("invalid PostgreSQL name `{}`", s.escape_debug()), Some("use lowercase letters, digits, `_` and `-`, starting with a letter or `_`, at most 63 characters".into()));
+        return None;
+    }
+    if let Err(why) = pg_reserved(&s) {
+        cx.error(
+            n.span,
+            path,
+            format!("`{s}` cannot be a service's database or role: {why}"),
+            Some("pick a name of the service's own, like its name".into()),
+        );
         return None;
     }
     Some(s)
+}
+
+/// Names PostgreSQL gives a meaning of their own: pg_hba's keywords (a database or role named
+/// so would become a wildcard there), the superuser and the bootstrap databases, and the
+/// `pg_` prefix PostgreSQL reserves for its predefined roles.
+pub fn pg_reserved(s: &str) -> Result<(), String> {
+    match s {
+        "all" | "sameuser" | "samerole" | "samegroup" | "replication" => {
+            Err("it is a pg_hba.conf keyword".into())
+        }
+        "postgres" => Err("it is the superuser and the maintenance database".into()),
+        "template0" | "template1" => Err("it is a template database".into()),
+        "public" | "current_user" | "current_role" | "session_user" | "none" => {
+            Err("it is a reserved role name".into())
+        }
+        _ if s.starts_with("pg_") => {
+            Err("PostgreSQL reserves the `pg_` prefix for its predefined roles".into())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The database name derived from the service's name, which must not be reserved either (a
+/// service named `postgres` or `all`).
+fn default_pg_name(cx: &mut Cx, name: &str, span: Span, path: &str) -> String {
+    if let Err(why) = pg_reserved(name) {
+        cx.error(span, &join(path, "database"), format!("the default database name `{name}` (from the service's name) cannot be used: {why}"), Some("give `database:` (and `role:`) explicitly".into()));
+    }
+    name.to_string()
 }
 
 fn decode_db(cx: &mut Cx, n: &Node, path: &str, spec: &mut ServiceSpec) -> Option<Db> {
@@ -485,9 +549,10 @@ fn decode_db(cx: &mut Cx, n: &Node, path: &str, spec: &mut ServiceSpec) -> Optio
         choice(cx, t, &join(path, "type"), &[("postgresql", ())]);
     }
     let default_name = spec.name.value.as_str().replace('-', "_");
-    let database = field(n, "database")
-        .and_then(|d| sql_ident(cx, d, &join(path, "database")))
-        .unwrap_or_else(|| default_name.clone());
+    let database = match field(n, "database") {
+        Some(d) => sql_ident(cx, d, &join(path, "database")).unwrap_or_default(),
+        None => default_pg_name(cx, &default_name, n.span, path),
+    };
     let role = field(n, "role")
         .and_then(|d| sql_ident(cx, d, &join(path, "role")))
         .unwrap_or_else(|| database.clone());
@@ -513,6 +578,27 @@ fn decode_db(cx: &mut Cx, n: &Node, path: &str, spec: &mut ServiceSpec) -> Optio
             migrations.push(resolved);
         }
     }
+    let mut share_role_with = Vec::new();
+    if let Some(v) = field(n, "share_role_with") {
+        let spath = join(path, "share_role_with");
+        for (i, (name, span)) in cx.strings(v, &spath).into_iter().enumerate() {
+            match ServiceName::new(&name) {
+                Ok(s) => share_role_with.push(Sp { value: s, span }),
+                Err(why) => cx.error(
+                    span,
+                    &index(&spath, i),
+                    format!("invalid service name `{}`: {why}", name.escape_debug()),
+                    None,
+                ),
+            }
+        }
+    }
+    spec.role_sharing.push(RoleUse {
+        role: role.clone(),
+        span: field(n, "role").map(|r| r.span).unwrap_or(n.span),
+        field: join(path, "role"),
+        share_role_with,
+    });
     (cx.errors() == before).then_some(Db {
         database,
         role,
@@ -530,8 +616,8 @@ fn decode_proxy(cx: &mut Cx, n: &Node, path: &str) -> Option<Proxy> {
     let route = match field(n, "path") {
         None => Some("/".to_string()),
         Some(p) => cx.string(p, &join(path, "path")).and_then(|s| {
-            if !s.starts_with('/') || s.chars().any(|c| c.is_whitespace() || c == '"' || c == '\\') {
-                cx.error(p.span, &join(path, "path"), format!("invalid route path `{s}`"), Some("a route path starts with `/` and has no spaces, quotes or backslashes, like /guacamole".into()));
+            if let Err(why) = check_route_path(&s) {
+                cx.error(p.span, &join(path, "path"), format!("invalid route path `{}`: {why}", s.escape_debug()), Some("a route path is a URL path like /guacamole: letters, digits and `-._~!$&'()*+,;=:@%/`".into()));
                 None
             } else {
                 Some(s)
@@ -566,8 +652,8 @@ fn decode_proxy(cx: &mut Cx, n: &Node, path: &str) -> Option<Proxy> {
                     continue;
                 }
                 if let Some(v) = cx.string(&e.value, &join(&hpath, &e.key)) {
-                    if v.chars().any(char::is_control) {
-                        cx.error(e.value.span, &join(&hpath, &e.key), format!("the value of header `{}` contains a control character (a newline or tab, say)", e.key), Some("HTTP header values are one line of text".into()));
+                    if let Err(why) = check_header_value(&v) {
+                        cx.error(e.value.span, &join(&hpath, &e.key), format!("invalid value of header `{}`: {why}", e.key), Some("HTTP header values are one line of text; Caddy placeholders (`{...}`) are not passed through".into()));
                         continue;
                     }
                     headers.insert(e.key.clone(), v);
@@ -593,6 +679,51 @@ fn decode_proxy(cx: &mut Cx, n: &Node, path: &str) -> Option<Proxy> {
         authz,
         headers,
     })
+}
+
+/// A route path: an absolute URL path (RFC 3986 `pchar`s and `/`). Braces are left out because
+/// Caddy reads `{...}` as a placeholder (`{env.X}`, `{file./etc/hostname}`, `{$HOME}`),
+/// whitespace and quotes because they end a Caddyfile token, `#`/`?` because they are not path.
+pub fn check_route_path(s: &str) -> Result<(), String> {
+    if !s.starts_with('/') {
+        return Err("it must start with `/`".into());
+    }
+    if s.len() > 1024 {
+        return Err("it is longer than 1024 characters".into());
+    }
+    match s
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@%/".contains(*c)))
+    {
+        Some(c) => Err(format!(
+            "`{}` is not allowed in a route path",
+            c.escape_default()
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A header value for the Caddyfile: one line of printable text without Caddy's placeholder
+/// braces (both the run-time `{env.X}` and the parse-time `{$X}` forms, which Caddy expands
+/// inside quotes too) and without a backtick, the quote NixMox prints it in (Caddy takes a
+/// backtick-quoted token literally: no escapes, so backslashes reach the header as written).
+pub fn check_header_value(v: &str) -> Result<(), String> {
+    if let Some(c) = v.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "it contains the control character `{}`",
+            c.escape_default()
+        ));
+    }
+    if v.contains(['{', '}']) {
+        return Err("`{` and `}` would be read by Caddy as a placeholder".into());
+    }
+    if v.contains('`') {
+        return Err("a backtick is not allowed".into());
+    }
+    if v.len() > 4096 {
+        return Err("it is longer than 4096 characters".into());
+    }
+    Ok(())
 }
 
 fn upstream(cx: &mut Cx, n: &Node, path: &str) -> Option<Upstream> {
@@ -1036,10 +1167,27 @@ fn decode_terraform(
                         .chars()
                         .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
                 if !ident_ok {
-                    cx.error(e.key_span, &join(&vpath, &e.key), format!("invalid Terraform variable name `{}`", e.key), Some("variable names start with a letter or `_` and use letters, digits, `_` and `-`".into()));
+                    cx.error(e.key_span, &join(&vpath, &e.key), format!("invalid Terraform variable name `{}`", e.key.escape_debug()), Some("variable names start with a letter or `_` and use letters, digits, `_` and `-`".into()));
                     continue;
                 }
-                variables.insert(e.key.clone(), to_json(&e.value));
+                if TF_MODULE_META.contains(&e.key.as_str()) {
+                    cx.error(
+                        e.key_span,
+                        &join(&vpath, &e.key),
+                        format!(
+                            "`{}` is a Terraform meta-argument of a module block, not a variable",
+                            e.key
+                        ),
+                        Some(format!(
+                            "NixMox writes the module block; a variable cannot be named {}",
+                            TF_MODULE_META.join(", ")
+                        )),
+                    );
+                    continue;
+                }
+                if let Some(v) = tf_value(cx, &e.value, &join(&vpath, &e.key)) {
+                    variables.insert(e.key.clone(), v);
+                }
             }
         } else {
             cx.error(
@@ -1077,6 +1225,29 @@ fn decode_terraform(
             }
         }
     }
+    for key in ["targets", "apply_order"] {
+        if let Some(v) = field(n, key) {
+            let kpath = join(path, key);
+            if let Kind::Seq(items) = &v.kind {
+                for (i, item) in items.iter().enumerate() {
+                    if let Some(s) = item.as_str() {
+                        if let Err(why) = crate::ids::check_tf_address(s) {
+                            cx.error(
+                                item.span,
+                                &index(&kpath, i),
+                                why,
+                                Some("Terraform gets it as `-target=ADDRESS`".into()),
+                            );
+                        }
+                    }
+                }
+            } else if let Some(s) = v.as_str() {
+                if let Err(why) = crate::ids::check_tf_address(s) {
+                    cx.error(v.span, &kpath, why, None);
+                }
+            }
+        }
+    }
     (cx.errors() == before).then_some(TerraformUse {
         phase,
         modules,
@@ -1085,6 +1256,64 @@ fn decode_terraform(
         apply_order,
         protect,
     })
+}
+
+/// The arguments Terraform gives a meaning of its own in a `module` block; a variable of that
+/// name would replace NixMox's `source` or change how the module is instantiated.
+pub const TF_MODULE_META: &[&str] = &[
+    "source",
+    "version",
+    "count",
+    "for_each",
+    "providers",
+    "provider",
+    "depends_on",
+    "lifecycle",
+];
+
+/// The largest integer every consumer (JSON readers using f64, Terraform, Nix) holds exactly.
+pub const EXACT_INT: i64 = 1 << 53;
+
+/// A value passed to Terraform as it is written, checked first: numbers must be exact (an
+/// integer too large for YAML's 64 bits was read as a float and would be rounded), and
+/// `.nan`/`.inf` have no JSON form. Keys and strings are escaped later, by the renderer.
+pub fn tf_value(cx: &mut Cx, n: &Node, path: &str) -> Option<serde_json::Value> {
+    let before = cx.errors();
+    check_tf_numbers(cx, n, path);
+    (cx.errors() == before).then(|| to_json(n))
+}
+
+fn check_tf_numbers(cx: &mut Cx, n: &Node, path: &str) {
+    match &n.kind {
+        Kind::Int(i) if i.unsigned_abs() > EXACT_INT as u64 => cx.error(
+            n.span,
+            path,
+            format!("the integer {i} is too large to pass on exactly"),
+            Some(format!(
+                "integers up to ±{EXACT_INT} are exact everywhere; write larger values as a string"
+            )),
+        ),
+        Kind::Float(f) if !f.is_finite() || (f.fract() == 0.0 && f.abs() > EXACT_INT as f64) => cx
+            .error(
+                n.span,
+                path,
+                "this number cannot be passed on exactly (too large, infinite or not a number)",
+                Some(format!(
+                "integers up to ±{EXACT_INT} are exact everywhere; write larger values as a string"
+            )),
+            ),
+        Kind::Seq(items) => {
+            for (i, item) in items.iter().enumerate() {
+                check_tf_numbers(cx, item, &index(path, i));
+            }
+        }
+        Kind::Map(entries) => {
+            for e in entries {
+                check_tf_numbers(cx, &e.value, &join(path, &e.key));
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Converts a syntax node to JSON, for values passed through untouched (Terraform variables).
@@ -1118,9 +1347,10 @@ fn decode_requirements(cx: &mut Cx, r: &Node, spec: &mut ServiceSpec) {
                 choice(cx, t, &join(path, "type"), &[("postgresql", ())]);
             }
             let default_name = spec.name.value.as_str().replace('-', "_");
-            let database = field(d, "name")
-                .and_then(|v| sql_ident(cx, v, &join(path, "name")))
-                .unwrap_or(default_name);
+            let database = match field(d, "name") {
+                Some(v) => sql_ident(cx, v, &join(path, "name")).unwrap_or_default(),
+                None => default_pg_name(cx, &default_name, d.span, path),
+            };
             let role = field(d, "user")
                 .and_then(|v| sql_ident(cx, v, &join(path, "user")))
                 .unwrap_or_else(|| database.clone());

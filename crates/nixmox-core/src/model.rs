@@ -8,7 +8,7 @@
 use core::net::Ipv4Addr;
 use std::collections::BTreeMap;
 
-use crate::ids::{Cidr, DomainName, Hostname, ProjectName, Range, ServiceName, VmId};
+use crate::ids::{Cidr, DomainName, Hostname, ProjectName, Range, ServiceName, SshUser, VmId};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Project {
@@ -125,7 +125,7 @@ impl InfraBackend {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Ssh {
-    pub user: String,
+    pub user: SshUser,
     pub authorized_keys: Vec<String>,
     pub host_key_checking: HostKeyChecking,
 }

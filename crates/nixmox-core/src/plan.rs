@@ -377,7 +377,7 @@ impl Ctx<'_> {
             "project": p.name.as_str(), "domain": p.domain.as_str(),
             "cidr": p.network.cidr.to_string(), "gateway": p.network.gateway.to_string(),
             "nameservers": config_out::effective_nameservers(p),
-            "ssh": [p.ssh.user, p.ssh.authorized_keys], "nixpkgs": p.nix.nixpkgs,
+            "ssh": [json!(p.ssh.user.as_str()), json!(p.ssh.authorized_keys)], "nixpkgs": p.nix.nixpkgs,
         })
     }
     /// A service's own NixOS-relevant configuration.

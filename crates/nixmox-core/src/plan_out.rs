@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::diag::visible;
 use crate::plan::{Action, Change, Phase, Plan};
 
 /// Version of the plan's JSON format.
@@ -116,7 +117,7 @@ pub fn to_text(plan: &Plan) -> String {
     let _ = writeln!(
         out,
         "Plan for project `{}`: {} steps ({} run, {} no-op): {} to create, {} to update, {} unchanged{}",
-        plan.project,
+        visible(&plan.project),
         sum.steps,
         sum.run,
         sum.noop,
@@ -125,11 +126,13 @@ pub fn to_text(plan: &Plan) -> String {
         sum.unchanged,
         if sum.delete > 0 { format!(", {} orphaned", sum.delete) } else { String::new() }
     );
+    // Names and reasons can come from recorded state as well as from validated manifests;
+    // every one goes through `visible` so none can forge a line or drive the terminal.
     if let Some(sel) = &plan.selection {
         let _ = writeln!(
             out,
             "Selected services (with their dependencies): {}",
-            sel.join(", ")
+            visible(&sel.join(", "))
         );
     }
     let width = plan.steps.iter().map(|s| s.id.len()).max().unwrap_or(0);
@@ -154,7 +157,7 @@ pub fn to_text(plan: &Plan) -> String {
             last_service = None;
         }
         if group.starts_with("services") && last_service != s.service.as_deref() {
-            let _ = writeln!(out, "  [{}]", s.service.as_deref().unwrap_or(""));
+            let _ = writeln!(out, "  [{}]", visible(s.service.as_deref().unwrap_or("")));
             last_service = s.service.as_deref();
         }
         let indent = if group.starts_with("services") {
@@ -166,9 +169,9 @@ pub fn to_text(plan: &Plan) -> String {
             out,
             "{indent}{} {:<width$}  {:<4}  {}",
             s.change.symbol(),
-            s.id,
+            visible(&s.id),
             s.action.as_str(),
-            s.description,
+            visible(&s.description),
         );
         if !s.after.is_empty() {
             let after: Vec<&str> = s.after.iter().map(|&a| plan.steps[a].id.as_str()).collect();
@@ -176,11 +179,11 @@ pub fn to_text(plan: &Plan) -> String {
                 out,
                 "{indent}  {:width$}  waits for: {}",
                 "",
-                after.join(", ")
+                visible(&after.join(", "))
             );
         }
         for r in &s.reasons {
-            let _ = writeln!(out, "{indent}  {:width$}  because {r}", "");
+            let _ = writeln!(out, "{indent}  {:width$}  because {}", "", visible(r));
         }
         if let Some(note) = allow_destroy_note(&s.needs_allow_destroy) {
             let _ = writeln!(out, "{indent}  {:width$}  {note}", "");
@@ -195,7 +198,7 @@ pub fn to_text(plan: &Plan) -> String {
         out,
         "\nCritical path ({} steps): {}",
         path.len(),
-        path.join(" -> ")
+        visible(&path.join(" -> "))
     );
     let _ = writeln!(out, "Legend: + create, ~ update, = unchanged, - orphaned; `noop` steps have nothing to do and are skipped at once.");
     out

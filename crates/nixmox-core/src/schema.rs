@@ -53,7 +53,13 @@ const INT_STRING: &str = "^\\s*[+-]?[0-9]+\\s*$";
 /// Not empty and not only whitespace.
 const NON_BLANK: &str = "\\S";
 /// A PostgreSQL name that needs no quoting.
-const SQL_NAME: &str = "^[a-z_][a-z0-9_-]{0,62}$";
+/// Lowercase SQL names, without PostgreSQL's reserved ones (pg_hba keywords, the superuser,
+/// template databases, the `pg_` prefix of predefined roles).
+const SQL_NAME: &str = "^(?!(all|sameuser|samerole|samegroup|replication|postgres|template0|template1|public|current_user|current_role|session_user|none)$)(?!pg_)[a-z_][a-z0-9_-]{0,62}$";
+const NODE: &str = "^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$";
+const SSH_KEY: &str = "^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp256|ecdsa-sha2-nistp384|ecdsa-sha2-nistp521|sk-ssh-ed25519@openssh\\.com|sk-ecdsa-sha2-nistp256@openssh\\.com) [A-Za-z0-9+/]{20,}=*( [^\\u0000-\\u001f\\u007f]*)?$";
+const TF_ADDRESS: &str =
+    "^[A-Za-z_][A-Za-z0-9_-]*(\\[[^\\]]*\\])?(\\.[A-Za-z_][A-Za-z0-9_-]*(\\[[^\\]]*\\])?)+$";
 
 /// The schema of `nixmox.yaml`.
 pub fn project() -> Value {
@@ -93,7 +99,7 @@ fn project_inner() -> Value {
             ),
         )
         .opt("vlan", int("VLAN tag of the containers' interface. Default: none (untagged).", 1, 4094))
-        .opt("bridge", dflt(text("The Proxmox bridge the containers' interface is attached to."), json!("vmbr0")))
+        .opt("bridge", dflt(json!({"description": "The Proxmox bridge the containers' interface is attached to: a Linux interface name (a letter, then letters, digits, `_`, `.` or `-`, at most 15 characters).", "type": ["string", "number"], "pattern": "^[A-Za-z][A-Za-z0-9_.-]{0,14}$"}), json!("vmbr0")))
         .opt(
             "nameservers",
             dflt(
@@ -158,9 +164,9 @@ fn project_inner() -> Value {
         .build();
     let proxmox = Obj::new("The Proxmox VE node the containers run on.")
         .opt("endpoint", reference("The Proxmox VE API URL, like `https://pve.nixmox.lan:8006`. Default: none.", "url"))
-        .opt("node", dflt(non_empty("The Proxmox node containers are created on (a manifest's `host.node` overrides it)."), json!("pve")))
-        .opt("storage", dflt(non_empty("The storage the containers' root disks are created on."), json!("local-lvm")))
-        .opt("template", dflt(non_empty("The NixOS LXC template containers are created from."), json!(DEFAULT_TEMPLATE)))
+        .opt("node", dflt(pattern("The Proxmox node containers are created on (a manifest's `host.node` overrides it): one DNS label.", NODE), json!("pve")))
+        .opt("storage", dflt(pattern("The storage the containers' root disks are created on: a Proxmox storage id.", "^[A-Za-z][A-Za-z0-9._-]*[A-Za-z0-9]$"), json!("local-lvm")))
+        .opt("template", dflt(pattern("The NixOS LXC template containers are created from: a volume id `storage:path`.", "^[A-Za-z][A-Za-z0-9._-]*[A-Za-z0-9]:[A-Za-z0-9._+/][A-Za-z0-9._+/-]*$"), json!(DEFAULT_TEMPLATE)))
         .opt("token", token)
         .opt("tls", tls)
         .build();
@@ -177,13 +183,13 @@ fn project_inner() -> Value {
         .build();
 
     let ssh = Obj::new("How NixMox logs in to the hosts.")
-        .opt("user", dflt(text("The user NixMox connects as."), json!("root")))
+        .opt("user", dflt(pattern("The user NixMox connects as: a POSIX login name (lowercase letters, digits, `_` and `-`, starting with a letter or `_`, at most 32 characters).", "^[a-z_][a-z0-9_-]{0,31}$"), json!("root")))
         .opt(
             "authorized_keys",
             dflt(
                 list(
                     "SSH public keys installed for that user on every host: whole lines like `ssh-ed25519 AAAA... you@laptop`.",
-                    json!({"type": ["string", "number"], "pattern": "^\\s*(ssh-|ecdsa-|sk-)\\S*\\s+\\S{21}"}),
+                    json!({"type": "string", "pattern": SSH_KEY}),
                 ),
                 json!([]),
             ),
@@ -393,7 +399,7 @@ fn manifest_inner() -> Value {
                 "maximum": VmId::MAX,
             }),
         )
-        .opt("node", text("The Proxmox node the container runs on. Default: `proxmox.node` from nixmox.yaml."))
+        .opt("node", pattern("The Proxmox node the container runs on: one DNS label. Default: `proxmox.node` from nixmox.yaml.", NODE))
         .opt(
             "resources",
             reference("Container resources; each field left out takes its value from `defaults.resources` in nixmox.yaml.", "resources"),
@@ -522,7 +528,14 @@ fn manifest_inner() -> Value {
     let db = Obj::new("A PostgreSQL database and role for this service, created on the service that provides `database`.")
         .opt("type", constant("The database engine.", "postgresql"))
         .opt("database", sql_name("The database's name. Default: the service's `name` with `-` replaced by `_`."))
-        .opt("role", sql_name("The role owning the database. Default: the database's name."))
+        .opt("role", sql_name("The role owning the database. Default: the database's name. A role belongs to one service: another service may use it only when both name each other in `share_role_with`."))
+        .opt(
+            "share_role_with",
+            dflt(
+                list("Services allowed to use this entry's `role` too. Sharing needs both sides: each service using the role names every other one here.", json!({"type": "string", "pattern": NAME})),
+                json!([]),
+            ),
+        )
         .opt(
             "mode",
             enumeration(
@@ -543,7 +556,7 @@ fn manifest_inner() -> Value {
         "A route on the reverse proxy. The pair (`domain`, `path`) must be unique in the project (a trailing `/` does not count).",
     )
     .req("domain", reference("The domain the route answers on. Required.", "domain"))
-    .opt("path", dflt(pattern("The route's path prefix: starts with `/`, no whitespace, quotes or backslashes.", "^/[^\\s\"\\\\]*$"), json!("/")))
+    .opt("path", dflt(pattern("The route's path prefix: an absolute URL path of letters, digits and `-._~!$&'()*+,;=:@%/` (no braces: Caddy would read them as placeholders).", "^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$"), json!("/")))
     .req("upstream", reference("Where requests go: a port on this service's host, or `host:port`. Required.", "upstream"))
     .opt("tls", boolean("Serve the route over https.", true))
     .opt("authz", boolean("Forward-auth through the identity provider before requests reach the service.", false))
@@ -551,9 +564,9 @@ fn manifest_inner() -> Value {
         "headers",
         dflt(
             json!({
-                "description": "Response headers to set, like `{ X-Frame-Options: SAMEORIGIN }`. Names use letters, digits, `-` and `_`.",
+                "description": "Response headers to set, like `{ X-Frame-Options: SAMEORIGIN }`. Names use letters, digits, `-` and `_`; values are one line without `{`, `}` (Caddy placeholders) or backticks.",
                 "type": "object",
-                "patternProperties": {"^[A-Za-z0-9_-]+$": {"type": ["string", "number"]}},
+                "patternProperties": {"^[A-Za-z0-9_-]+$": {"type": ["string", "number"], "pattern": "^[^\\u0000-\\u001f\\u007f{}`]*$"}},
                 "additionalProperties": false,
             }),
             json!({}),
@@ -577,16 +590,16 @@ fn manifest_inner() -> Value {
             "variables",
             dflt(
                 json!({
-                    "description": "Input variables passed to the modules as they are written (any JSON value). Names start with a letter or `_` and use letters, digits, `_` and `-`.",
+                    "description": "Input variables passed to the modules as they are written (any JSON value). Names start with a letter or `_` and use letters, digits, `_` and `-`; Terraform's module meta-arguments (`source`, `version`, `count`, `for_each`, `providers`, `provider`, `depends_on`, `lifecycle`) are not variables. Integers must lie within ±2^53.",
                     "type": "object",
-                    "patternProperties": {"^[A-Za-z_][A-Za-z0-9_-]*$": true},
+                    "patternProperties": {"^(?!(source|version|count|for_each|providers|provider|depends_on|lifecycle)$)[A-Za-z_][A-Za-z0-9_-]*$": true},
                     "additionalProperties": false,
                 }),
                 json!({}),
             ),
         )
-        .opt("targets", dflt(list("Resource addresses passed as `-target`.", json!({"type": ["string", "number"]})), json!([])))
-        .opt("apply_order", dflt(list("Modules in the order they are applied.", json!({"type": ["string", "number"]})), json!([])))
+        .opt("targets", dflt(list("Resource addresses passed as `-target`.", json!({"type": "string", "pattern": TF_ADDRESS})), json!([])))
+        .opt("apply_order", dflt(list("Resource addresses applied one by one (`-target`), in this order, before the full apply.", json!({"type": "string", "pattern": TF_ADDRESS})), json!([])))
         .opt("protect", dflt(list("Resources of these modules that a plan may not delete or replace unless `nixmox up --allow-destroy`: addresses as written in the module (`null_resource.keep`, `module.inner.null_resource.keep`, `null_resource.keep[0]`) or resource types (`null_resource`).", json!({"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_-]*(\\.[^.]+)*$"})), json!([])))
         .build();
 

@@ -1,6 +1,7 @@
 //! Data-driven validation tests: every project under tests/fixtures/invalid must fail with
 //! the diagnostics in its snapshot; every one under tests/fixtures/warnings must pass with
-//! warnings; the seed's verbatim guacamole manifest and the example must validate.
+//! warnings; the seed's verbatim guacamole manifest and the example must validate; the hostile
+//! projects under tests/fixtures/hostile are refused (issue 13).
 
 mod common;
 
@@ -42,6 +43,73 @@ fn invalid_fixtures_fail_with_located_diagnostics() {
         insta::assert_snapshot!(format!("invalid__{name}"), rendered, &expect);
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Issue 13: the hostile projects (one per class) are refused with every problem located; the
+/// diagnostics are snapshots. `render-escapes` is the one that validates (its rendering is
+/// checked by the CLI tests).
+#[test]
+fn hostile_fixtures_are_refused_with_located_diagnostics() {
+    for dir in dirs("hostile") {
+        let name = dir.file_name().unwrap().to_str().unwrap().to_string();
+        let loaded = load_dir(&dir);
+        if name == "render-escapes" {
+            assert!(
+                loaded.project.is_some(),
+                "{}",
+                render_all(&loaded.diagnostics)
+            );
+            continue;
+        }
+        assert!(loaded.project.is_none(), "{name}: expected errors");
+        assert!(
+            loaded
+                .errors()
+                .all(|d| d.span.is_some() && d.field.is_some()),
+            "{name}: every error has a location and a field"
+        );
+        insta::assert_snapshot!(format!("hostile__{name}"), render_all(&loaded.diagnostics));
+    }
+}
+
+/// Issue 13: a role is shared only when every service using it names the others.
+#[test]
+fn a_role_is_shared_only_both_ways() {
+    let file = |path: &str, text: &str| nixmox_core::SourceFile {
+        path: path.into(),
+        bytes: text.as_bytes().to_vec(),
+    };
+    let load = |app: &str, worker: &str| {
+        let sources = nixmox_core::Sources {
+            config: Some(file(
+                "nixmox.yaml",
+                "project: p\ndomain: p.lan\nnetwork: { cidr: 10.1.0.0/24, gateway: 10.1.0.1 }\n",
+            )),
+            manifests: vec![
+                file(
+                    "services/pg/manifest.yaml",
+                    "name: pg\nprovides: { database: { type: postgresql } }\n",
+                ),
+                file("services/app/manifest.yaml", app),
+                file("services/worker/manifest.yaml", worker),
+            ],
+            lock: None,
+        };
+        nixmox_core::load(&sources, &|_| true)
+    };
+    let both = load(
+        "name: app\ninterface:\n  db: { database: app, role: app, share_role_with: [worker] }\n",
+        "name: worker\ninterface:\n  db: { database: jobs, role: app, share_role_with: [app] }\n",
+    );
+    assert!(both.project.is_some(), "{}", render_all(&both.diagnostics));
+    let one = load(
+        "name: app\ninterface:\n  db: { database: app, role: app }\n",
+        "name: worker\ninterface:\n  db: { database: jobs, role: app, share_role_with: [app] }\n",
+    );
+    let errors: Vec<_> = one.errors().collect();
+    assert_eq!(errors.len(), 1, "{}", render_all(&one.diagnostics));
+    assert_eq!(errors[0].file, "services/app/manifest.yaml");
+    assert!(errors[0].message.contains("also used by `worker`"));
 }
 
 #[test]

@@ -415,3 +415,26 @@ fn a_refused_step_needs_allow_destroy_until_its_input_is_unchanged() {
         serde_json::json!(refused)
     );
 }
+
+/// Issue 13: step ids come from the state store too (orphans); a recorded id with an ESC
+/// sequence or a newline is shown escaped in the plan's text, never raw.
+#[test]
+fn orphan_ids_with_control_characters_are_shown_escaped() {
+    let p = common::example();
+    let mut record = record_of(&full(&p, None));
+    record.steps.insert(
+        "nix:service-config:x\u{1b}[2J\nerror: forged".into(),
+        StepRecord {
+            hash: "0".into(),
+            parts: Default::default(),
+            duration_ms: None,
+        },
+    );
+    let text = plan_out::to_text(&full(&p, Some(&record)));
+    assert!(!text.contains('\u{1b}'), "{text}");
+    assert!(text.contains("x\\u{1b}[2J\\u{a}error: forged"), "{text}");
+    assert!(
+        !text.lines().any(|l| l.starts_with("error: forged")),
+        "{text}"
+    );
+}

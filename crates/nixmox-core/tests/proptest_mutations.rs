@@ -370,8 +370,13 @@ fn unmutated_example_loads_without_errors() {
         "the example has errors:\n{}",
         errors.join("\n")
     );
-    assert!(loaded.project.is_some());
+    let project = loaded.project.as_ref().expect("the example loads");
     check_diagnostics(&sources, &loaded.diagnostics).unwrap();
+    let rendered = nixmox_core::render::render(project, &Default::default());
+    assert_eq!(
+        nixmox_core::render::verify::rendered(project, &rendered),
+        Vec::<String>::new()
+    );
 }
 
 /// The first case the mutation property found: a manifest cut off in the middle of a key, with
@@ -418,8 +423,13 @@ proptest! {
         }
         let loaded = load(&sources, &exists);
         check_diagnostics(&sources, &loaded.diagnostics)?;
-        if loaded.project.is_some() {
+        if let Some(project) = &loaded.project {
             prop_assert_eq!(loaded.errors().count(), 0);
+            // Whatever the mutation kept valid renders into files that keep their grammar
+            // (issue 13; the tools-based check is in crates/nixmox/tests/render_tools.rs).
+            let rendered = nixmox_core::render::render(project, &Default::default());
+            let problems = nixmox_core::render::verify::rendered(project, &rendered);
+            prop_assert!(problems.is_empty(), "{:?}", problems);
         }
     }
 }

@@ -141,7 +141,7 @@ fn main() {
         Ssh {
             program: ssh_test.display().to_string(),
             options: Vec::new(),
-            user: "root".into(),
+            user: nixmox_core::ids::SshUser::new("root").expect("a valid login name"),
         },
         None,
         BTreeMap::new(),

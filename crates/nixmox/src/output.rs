@@ -22,12 +22,15 @@ pub fn colour() -> bool {
     std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal()
 }
 
-/// A line of human-facing text on stderr.
+/// A line of human-facing text on stderr. Text from a user's files or from a tool's output may
+/// hold control characters; they are shown as visible escapes, line breaks kept (issue 13).
 pub fn note(text: &str) {
+    let text = nixmox_core::diag::visible_lines(text);
     let _ = writeln!(std::io::stderr().lock(), "{text}");
 }
 
 pub fn error_line(text: &str) {
+    let text = nixmox_core::diag::visible_lines(text);
     let prefix = if colour() {
         "\x1b[1;31merror\x1b[0m"
     } else {

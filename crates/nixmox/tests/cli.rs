@@ -19,6 +19,7 @@ fn example() -> PathBuf {
 struct Test {
     args: Vec<String>,
     project: Option<PathBuf>,
+    cwd: Option<PathBuf>,
     env: Vec<(String, String)>,
 }
 
@@ -33,8 +34,14 @@ impl Test {
         Test {
             args: Vec::new(),
             project: None,
+            cwd: None,
             env: Vec::new(),
         }
+    }
+    /// Runs from inside a directory, as a user in their project would (no `-C`).
+    fn cwd(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cwd = Some(dir.into());
+        self
     }
     fn project(mut self, p: impl Into<PathBuf>) -> Self {
         self.project = Some(p.into());
@@ -49,6 +56,9 @@ impl Test {
         // As a user works: from inside the project directory, no `-C` (issue 11).
         if let Some(p) = &self.project {
             cmd.current_dir(p);
+        }
+        if let Some(d) = &self.cwd {
+            cmd.current_dir(d);
         }
         cmd.args(&self.args).env("NO_COLOR", "1");
         for (k, v) in &self.env {
@@ -495,5 +505,252 @@ mod layout {
         drop(child.stdout.take());
         let out = child.wait_with_output().unwrap();
         assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+    }
+}
+
+/// Issue 13, hostile manifests: one project per class under `tests/fixtures/hostile/`, run from
+/// inside the project as a user would. Each is refused with every problem located
+/// (file:line:col and field), exit 2 and nothing on stdout, or renders with every string
+/// escaped for its language.
+mod hostile {
+    use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        repo().join("tests/fixtures/hostile").join(name)
+    }
+
+    /// `validate` in the project directory: exit 2, and each `(location, field)` reported.
+    fn refused(name: &str, expected: &[(&str, &str)]) -> String {
+        let out = Test::new()
+            .cwd(fixture(name))
+            .args(&["validate"])
+            .run()
+            .code(2);
+        assert_eq!(out.stdout, "", "{name}: nothing on stdout");
+        for (at, field) in expected {
+            let loc = format!("  --> {at}\n");
+            let i = out
+                .stderr
+                .find(&loc)
+                .unwrap_or_else(|| panic!("{name}: no error at {at}:\n{}", out.stderr));
+            // The caret line under the snippet names the field.
+            let block: String = out.stderr[i..]
+                .lines()
+                .take(4)
+                .collect::<Vec<_>>()
+                .join("\n");
+            assert!(
+                block.ends_with(&format!(" {field}")),
+                "{name}: the error at {at} should name `{field}`:\n{block}"
+            );
+        }
+        assert!(
+            !out.stderr.contains('\u{1b}') && !out.stderr.contains('\r'),
+            "{name}: raw control characters on the terminal:\n{}",
+            out.stderr
+        );
+        out.stderr
+    }
+
+    #[test]
+    fn command_line_values_have_a_grammar() {
+        let err = refused(
+            "command-lines",
+            &[
+                ("nixmox.yaml:4:60", "network.bridge"),
+                ("nixmox.yaml:5:18", "proxmox.node"),
+                ("nixmox.yaml:5:33", "proxmox.storage"),
+                ("nixmox.yaml:5:53", "proxmox.template"),
+                ("nixmox.yaml:7:9", "ssh.user"),
+                ("nixmox.yaml:9:20", "secrets.age_recipients"),
+                ("services/app/manifest.yaml:2:15", "host.node"),
+                (
+                    "services/app/manifest.yaml:6:15",
+                    "interface.terraform.targets[0]",
+                ),
+                (
+                    "services/app/manifest.yaml:7:19",
+                    "interface.terraform.apply_order[0]",
+                ),
+            ],
+        );
+        assert!(err.contains("invalid login name `-oProxyCommand"), "{err}");
+        assert!(!Path::new("/tmp/nixmox-pwned").exists());
+    }
+
+    #[test]
+    fn terraform_meta_arguments_and_inexact_numbers_are_refused() {
+        refused(
+            "terraform",
+            &[
+                ("nixmox.yaml:12:18", "terraform.backend.config.retry_max"),
+                (
+                    "services/app/manifest.yaml:6:7",
+                    "interface.terraform.variables.source",
+                ),
+                (
+                    "services/app/manifest.yaml:7:7",
+                    "interface.terraform.variables.count",
+                ),
+                (
+                    "services/app/manifest.yaml:8:7",
+                    "interface.terraform.variables.depends_on",
+                ),
+                (
+                    "services/app/manifest.yaml:9:12",
+                    "interface.terraform.variables.big",
+                ),
+                (
+                    "services/app/manifest.yaml:10:13",
+                    "interface.terraform.variables.huge",
+                ),
+            ],
+        );
+    }
+
+    #[test]
+    fn postgres_reserved_names_and_other_services_roles_are_refused() {
+        let err = refused(
+            "postgres",
+            &[
+                ("services/app/manifest.yaml:4:30", "interface.db[0].role"),
+                (
+                    "services/app/manifest.yaml:5:19",
+                    "interface.db[1].database",
+                ),
+                ("services/app/manifest.yaml:6:31", "interface.db[2].role"),
+                ("services/app/manifest.yaml:7:31", "interface.db[3].role"),
+                ("services/other/manifest.yaml:3:32", "interface.db.role"),
+            ],
+        );
+        assert!(err.contains("share_role_with"), "{err}");
+    }
+
+    #[test]
+    fn caddy_placeholders_are_refused() {
+        refused(
+            "caddy",
+            &[
+                (
+                    "services/app/manifest.yaml:7:18",
+                    "interface.proxy[0].headers.X-Token",
+                ),
+                (
+                    "services/app/manifest.yaml:8:17",
+                    "interface.proxy[0].headers.X-Home",
+                ),
+                (
+                    "services/app/manifest.yaml:10:13",
+                    "interface.proxy[1].path",
+                ),
+            ],
+        );
+    }
+
+    #[test]
+    fn dns_names_of_other_hosts_and_outside_the_domain_are_refused() {
+        let err = refused(
+            "dns",
+            &[
+                (
+                    "services/app/manifest.yaml:4:9",
+                    "interface.proxy[0].domain",
+                ),
+                (
+                    "services/app/manifest.yaml:5:9",
+                    "interface.proxy[1].domain",
+                ),
+            ],
+        );
+        assert!(err.contains("is the host name of `web`"), "{err}");
+        assert!(err.contains("outside the project's domain"), "{err}");
+    }
+
+    #[test]
+    fn authorized_keys_are_one_line_each() {
+        refused(
+            "authorized-keys",
+            &[
+                ("nixmox.yaml:7:7", "ssh.authorized_keys[0]"),
+                ("nixmox.yaml:8:7", "ssh.authorized_keys[1]"),
+            ],
+        );
+    }
+
+    #[test]
+    fn nul_characters_are_refused_everywhere() {
+        refused(
+            "nix-nul",
+            &[
+                ("services/app/manifest.yaml:2:14", "description"),
+                (
+                    "services/app/manifest.yaml:5:41",
+                    "interface.health.liveness.command[2]",
+                ),
+            ],
+        );
+    }
+
+    #[test]
+    fn control_characters_never_reach_the_terminal_raw() {
+        let err = refused(
+            "terminal",
+            &[
+                ("services/app/manifest.yaml:2:14", "depends_on"),
+                ("services/app/manifest.yaml:3:19", "host.hostname"),
+            ],
+        );
+        // The forged line is shown as one escaped line, not as a line of its own.
+        assert!(
+            err.contains("\\u{1b}[2J\\u{1b}[31mfake\\u{a}error: forged line"),
+            "{err}"
+        );
+        assert!(
+            !err.lines().any(|l| l.starts_with("error: forged")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn valid_hostile_strings_render_escaped_for_each_language() {
+        let tmp = tempfile::tempdir().unwrap();
+        let project = tmp.path().join("p");
+        copy_dir(&fixture("render-escapes"), &project);
+        Test::new()
+            .cwd(&project)
+            .args(&["render", "--out", "build"])
+            .run()
+            .code(0);
+        let build = project.join("build");
+        // Terraform JSON: every user string and key has `${`/`%{` doubled, none is left live.
+        let ws = "terraform/services/app/infra/main.tf.json";
+        let text = std::fs::read_to_string(build.join(ws)).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let module = &json["module"]["tf_0_0"];
+        assert_eq!(module["source"], "../modules/tf_0_0");
+        assert_eq!(
+            module["settings"]["$${file(\"/etc/shadow\")}"],
+            "%%{ if true }x%%{ endif } $${path.cwd}"
+        );
+        assert_eq!(module["settings"]["plain"], 9007199254740992u64);
+        let backend = &json["terraform"]["backend"]["http"];
+        assert_eq!(
+            backend["address"],
+            "https://state.lan/$${path.cwd}/app-infra"
+        );
+        assert_eq!(
+            backend["$${file(\"/etc/shadow\")}"],
+            "%%{ for x in [1] }x%%{ endfor }"
+        );
+        // Caddy: the header value is one literal token; backslashes are not doubled.
+        let caddy = std::fs::read_to_string(build.join("nix/hosts/caddy.nix")).unwrap();
+        assert!(
+            caddy.contains(r#"header X-Path `C:\dir\ "quoted" $HOME \\ end\`"#),
+            "{caddy}"
+        );
+        assert!(
+            caddy.contains("@route0 path /a$b'c(d) /a$b'c(d)/*"),
+            "{caddy}"
+        );
     }
 }

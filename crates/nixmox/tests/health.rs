@@ -448,7 +448,8 @@ impl Lab {
         Ssh {
             program: tool("ssh", "sshd").display().to_string(),
             options,
-            user: whoami(),
+            user: nixmox_core::ids::SshUser::new(&whoami())
+                .expect("the test user is a valid login name"),
         }
     }
 

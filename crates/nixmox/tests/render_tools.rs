@@ -198,7 +198,7 @@ fn example_renders_parsable_nix_with_the_right_facts() {
         "{guac}"
     );
     assert!(
-        guac.contains("header X-Frame-Options \"SAMEORIGIN\""),
+        guac.contains("header X-Frame-Options `SAMEORIGIN`"),
         "{guac}"
     );
     let sonarr = vhosts["sonarr.nixmox.lan"]["extraConfig"].as_str().unwrap();
@@ -299,9 +299,10 @@ fn awkward_strings_reach_nix_exactly() {
     assert_eq!(keys[0], "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0zZ1example0key0material0here \"quoted\" ${x} comment");
     let vhosts = eval_host(&build, "caddy", "services.caddy.virtualHosts");
     let conf = vhosts["app.safe.lan"]["extraConfig"].as_str().unwrap();
-    // Caddyfile quoting on top of Nix escaping: the header value arrives as one quoted token.
+    // Caddyfile quoting on top of Nix escaping: the header value arrives as one backtick-quoted
+    // token, which Caddy takes literally (no backslash doubled; issue 13).
     assert!(
-        conf.contains(r#"header X-Quote "say \"hi\" \\ ${x} '' ü""#),
+        conf.contains(r#"header X-Quote `say "hi" \ $x '' ü`"#),
         "{conf}"
     );
     // Terraform JSON: the application name survives with `${` escaped for Terraform.
@@ -355,4 +356,459 @@ fn user_terraform_modules_init_validate_and_apply_offline() {
         "hello \"world\" ${var.nope} %{ if x } \\ ''\nsecond line ü"
     );
     assert_eq!(outputs["bucket_0_0"]["sensitive"], true);
+}
+
+/// Issue 13: hostile strings, one field at a time, through load and render. Either the project
+/// is refused with located errors, or every rendered file parses in its own language with the
+/// real tools (`nix-instantiate --parse`, `caddy adapt`, `unbound-checkconf`; Terraform JSON and
+/// pg_hba by `render::verify`), no string left its context (the hosts' attribute structure is
+/// that of a harmless project; no live Terraform template; no Caddy placeholder), and the
+/// values arrive exactly as written.
+mod hostile_strings {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+    use std::process::Command;
+
+    use nixmox_core::render::{self, verify, Outputs};
+    use nixmox_core::{load, SourceFile, Sources};
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    use super::common::{check, tool};
+
+    /// Where the hostile string goes.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Slot {
+        Description,
+        Header,
+        Path,
+        AuthName,
+        ClientId,
+        Scope,
+        UsernameClaim,
+        Redirect,
+        TfKey,
+        TfValue,
+        BackendKey,
+        BackendValue,
+        KeyComment,
+        Nixpkgs,
+    }
+
+    const SLOTS: [Slot; 14] = [
+        Slot::Description,
+        Slot::Header,
+        Slot::Path,
+        Slot::AuthName,
+        Slot::ClientId,
+        Slot::Scope,
+        Slot::UsernameClaim,
+        Slot::Redirect,
+        Slot::TfKey,
+        Slot::TfValue,
+        Slot::BackendKey,
+        Slot::BackendValue,
+        Slot::KeyComment,
+        Slot::Nixpkgs,
+    ];
+
+    /// Pieces that mean something in one of the generated languages or on a terminal.
+    const PIECES: &[&str] = &[
+        "${",
+        "%{",
+        "}",
+        "{",
+        "$${",
+        "''",
+        "'''",
+        "\"",
+        "\\",
+        "\\\"",
+        "`",
+        "'",
+        "\n",
+        "\r",
+        "\t",
+        "\u{0}",
+        "\u{1b}[2J",
+        "{env.PROXMOX_API_TOKEN}",
+        "{$HOME}",
+        "{file./etc/hostname}",
+        "#",
+        ";",
+        " ",
+        "//",
+        "/*",
+        "*/",
+        "all",
+        "@",
+        "+",
+        ",",
+        "ü",
+        "\u{2028}",
+        "\u{feff}",
+        "x",
+        "readFile /etc/shadow",
+        "\"; networking.hostName = \"pwned\"; x = \"",
+        "} import ./x {",
+        "\nhandle {\n respond pwned\n}\n",
+    ];
+
+    fn hostile() -> impl Strategy<Value = String> {
+        prop::collection::vec(prop::sample::select(PIECES), 1..6).prop_map(|v| v.concat())
+    }
+
+    fn q(s: &str) -> String {
+        serde_json::to_string(s).unwrap()
+    }
+
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0wmN/Cr3JXqmLW7u+g9pTh+wyqDHpSQEIQczXkVx9q";
+
+    fn sources(slot: Slot, s: &str) -> Sources {
+        let v = |this: Slot, benign: &str| -> String {
+            if this == slot {
+                q(s)
+            } else {
+                q(benign)
+            }
+        };
+        let key_line = if slot == Slot::KeyComment {
+            q(&format!("{KEY} {s}"))
+        } else {
+            q(&format!("{KEY} me@laptop"))
+        };
+        let redirect = if slot == Slot::Redirect {
+            q(&format!("https://app.prop.lan/cb?x={s}"))
+        } else {
+            q("https://app.prop.lan/cb")
+        };
+        let config = format!(
+            "project: prop\ndomain: prop.lan\nnetwork: {{ cidr: 10.66.0.0/24, gateway: 10.66.0.1 }}\n\
+             nix: {{ nixpkgs: {} }}\nssh: {{ user: ops, authorized_keys: [{key_line}] }}\n\
+             terraform: {{ backend: {{ type: http, config: {{ address: {}, {}: \"{{workspace}}\" }} }} }}\n",
+            v(Slot::Nixpkgs, "github:NixOS/nixpkgs/nixos-25.05"),
+            v(Slot::BackendValue, "https://state.lan/{workspace}"),
+            v(Slot::BackendKey, "lock_address"),
+        );
+        let app = format!(
+            "name: app\ndescription: {}\ninterface:\n\
+             \x20 db: {{ database: app, role: app }}\n\
+             \x20 proxy: {{ domain: app.prop.lan, path: {}, upstream: 8080, headers: {{ X-A: {} }} }}\n\
+             \x20 auth: {{ name: {}, oidc: {{ client_id: {}, redirect_uris: [{redirect}], scopes: [openid, {}], username_claim: {} }} }}\n\
+             \x20 terraform: {{ modules: [tf], variables: {{ settings: {{ {}: {} }} }} }}\n",
+            v(Slot::Description, "An app"),
+            v(Slot::Path, "/app"),
+            v(Slot::Header, "SAMEORIGIN"),
+            v(Slot::AuthName, "App"),
+            v(Slot::ClientId, "app"),
+            v(Slot::Scope, "email"),
+            v(Slot::UsernameClaim, "preferred_username"),
+            v(Slot::TfKey, "k"),
+            v(Slot::TfValue, "v"),
+        );
+        let file = |path: &str, text: String| SourceFile {
+            path: path.into(),
+            bytes: text.into_bytes(),
+        };
+        Sources {
+            config: Some(file("nixmox.yaml", config)),
+            manifests: vec![
+                file("services/dns/manifest.yaml", "name: dns\nprovides: { dns: { type: unbound } }\n".into()),
+                file("services/caddy/manifest.yaml", "name: caddy\nprovides: { reverse_proxy: { type: caddy } }\n".into()),
+                file("services/pg/manifest.yaml", "name: pg\nprovides: { database: { type: postgresql } }\n".into()),
+                file("services/idp/manifest.yaml", "name: idp\nprovides: { identity: { type: authentik } }\ninterface:\n  proxy: { domain: auth.prop.lan, upstream: 9000 }\n".into()),
+                file("services/app/manifest.yaml", app),
+            ],
+            lock: None,
+        }
+    }
+
+    /// Everything the checks read from the hosts, in one evaluation.
+    fn facts(build: &Path) -> Value {
+        let hosts = ["app", "caddy", "dns", "idp", "pg"];
+        let mut attrs = String::new();
+        for h in hosts {
+            attrs.push_str(&format!(
+                "  {h} = host {};\n",
+                build.join(format!("nix/hosts/{h}.nix")).display()
+            ));
+        }
+        let expr = format!(
+            r#"let
+  keys = depth: v: if depth == 0 || !(builtins.isAttrs v) then null else builtins.mapAttrs (n: x: keys (depth - 1) x) v;
+  host = file: let
+    f = import file;
+    m = f {{
+      config = m // {{
+        sops.secrets = builtins.mapAttrs (n: v: v // {{ path = "/run/secrets/" + n; }}) (m.sops.secrets or {{ }});
+        sops.templates = builtins.mapAttrs (n: v: v // {{ path = "/run/secrets/rendered/" + n; }}) (m.sops.templates or {{ }});
+        sops.placeholder = builtins.mapAttrs (n: _: "<SOPS:" + n + ">") (m.sops.secrets or {{ }});
+        services = (m.services or {{ }}) // {{ postgresql = ((m.services or {{ }}).postgresql or {{ }}) // {{ package = "postgresql"; }}; }};
+      }};
+      lib = {{ }}; pkgs = {{ }}; modulesPath = "/modules";
+      inputs = {{ sops-nix.nixosModules.sops = {{ }}; authentik-nix.nixosModules.default = {{ }}; }};
+    }};
+  in {{
+    keys = keys 6 (removeAttrs m [ "imports" ]);
+    caddy = (m.services.caddy or {{ }}).virtualHosts or {{ }};
+    unbound = (m.services.unbound or {{ }}).settings or {{ }};
+    hba = (m.services.postgresql or {{ }}).authentication or "";
+    oidc = (m.nixmox or {{ }}).oidc or {{ }};
+    keysOfUser = m.users.users.ops.openssh.authorizedKeys.keys;
+  }};
+in {{
+{attrs}}}"#
+        );
+        let out = check(
+            Command::new(tool("nix-instantiate", "nix")).args([
+                "--store", "dummy://", "--eval", "--strict", "--json", "-E", &expr,
+            ]),
+            "evaluating the hosts",
+        );
+        serde_json::from_str(&out).unwrap()
+    }
+
+    fn write_all(dir: &Path, files: &[nixmox_core::RenderedFile]) {
+        for f in files {
+            let p = dir.join(&f.path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, &f.contents).unwrap();
+        }
+    }
+
+    fn unescape_tf(s: &str) -> String {
+        s.replace("$${", "${").replace("%%{", "%{")
+    }
+
+    /// Renders, runs every check; returns the facts for comparison with the baseline.
+    fn render_and_check(slot: Slot, s: &str, dir: &Path) -> Option<Value> {
+        let loaded = load(&sources(slot, s), &|_| true);
+        let Some(project) = loaded.project else {
+            for d in loaded.errors() {
+                assert!(
+                    d.span.is_some(),
+                    "an unlocated error for {slot:?} {s:?}: {d:?}"
+                );
+                assert!(
+                    !d.render().contains('\u{1b}'),
+                    "a raw ESC in a diagnostic: {}",
+                    d.render()
+                );
+            }
+            return None;
+        };
+        let rendered = render::render(&project, &Outputs::new());
+        let build = dir.join("build");
+        let _ = std::fs::remove_dir_all(&build);
+        write_all(&build, &rendered.files);
+
+        // Nix: every file parses.
+        let nix: Vec<String> = rendered
+            .files
+            .iter()
+            .filter(|f| f.path.ends_with(".nix"))
+            .map(|f| build.join(&f.path).display().to_string())
+            .collect();
+        let mut parse = Command::new(tool("nix-instantiate", "nix"));
+        parse.args(["--store", "dummy://", "--parse"]).args(&nix);
+        check(
+            &mut parse,
+            &format!("parsing the Nix files for {slot:?} {s:?}"),
+        );
+
+        // Terraform JSON: JSON, no live template but NixMox's own references.
+        let mut tf: BTreeMap<String, Value> = BTreeMap::new();
+        for f in rendered
+            .files
+            .iter()
+            .filter(|f| f.path.ends_with(".tf.json"))
+        {
+            let problems = verify::terraform_json(&f.contents);
+            assert!(
+                problems.is_empty(),
+                "{} for {slot:?} {s:?}: {problems:?}",
+                f.path
+            );
+            tf.insert(f.path.clone(), serde_json::from_str(&f.contents).unwrap());
+        }
+
+        let facts = facts(&build);
+
+        // pg_hba: every line in its grammar.
+        let hba = facts["pg"]["hba"].as_str().unwrap();
+        let problems = verify::pg_hba(hba);
+        assert!(
+            problems.is_empty(),
+            "pg_hba for {slot:?} {s:?}: {problems:?}\n{hba}"
+        );
+
+        // Caddy: each site's tokens are NixMox's, and `caddy adapt` reads the whole file.
+        let mut caddyfile = String::new();
+        for (site, v) in facts["caddy"]["caddy"].as_object().unwrap() {
+            let conf = v["extraConfig"].as_str().unwrap();
+            let problems = verify::caddyfile(conf);
+            assert!(
+                problems.is_empty(),
+                "{site} for {slot:?} {s:?}: {problems:?}\n{conf}"
+            );
+            caddyfile.push_str(&format!("{site} {{\n{conf}\n}}\n"));
+        }
+        let cf = dir.join("Caddyfile");
+        std::fs::write(&cf, &caddyfile).unwrap();
+        let adapted = check(
+            Command::new(tool("caddy", "caddy"))
+                .args(["adapt", "--adapter", "caddyfile", "--config"])
+                .arg(&cf),
+            &format!("caddy adapt for {slot:?} {s:?}:\n{caddyfile}"),
+        );
+        let adapted: Value = serde_json::from_str(&adapted).unwrap();
+        let header = find_header(&adapted, "X-A").expect("the X-A header is served");
+        if slot == Slot::Header {
+            assert_eq!(header, s, "the header value arrives exactly as written");
+        }
+
+        // Unbound: its settings as a configuration file pass unbound-checkconf.
+        let conf = unbound_conf(&facts["dns"]["unbound"], dir);
+        let uc = dir.join("unbound.conf");
+        std::fs::write(&uc, &conf).unwrap();
+        check(
+            Command::new(tool("unbound-checkconf", "unbound")).arg(&uc),
+            &format!("unbound-checkconf for {slot:?} {s:?}:\n{conf}"),
+        );
+
+        // The values arrive exactly.
+        let oidc = &facts["app"]["oidc"];
+        let app_tf = &tf["terraform/services/app/infra/main.tf.json"];
+        let provider = &app_tf["resource"]["authentik_provider_oauth2"]["app"];
+        let module = &app_tf["module"];
+        match slot {
+            Slot::ClientId => {
+                assert_eq!(oidc["clientId"], s);
+                assert_eq!(unescape_tf(provider["client_id"].as_str().unwrap()), s);
+            }
+            Slot::Scope => assert_eq!(oidc["scopes"][1], s),
+            Slot::UsernameClaim => assert_eq!(oidc["usernameClaim"], s),
+            Slot::AuthName => assert_eq!(unescape_tf(provider["name"].as_str().unwrap()), s),
+            Slot::KeyComment => {
+                assert_eq!(facts["app"]["keysOfUser"][0], format!("{KEY} {s}"))
+            }
+            Slot::TfKey | Slot::TfValue => {
+                let settings = module
+                    .as_object()
+                    .and_then(|m| m.values().next())
+                    .map(|m| &m["settings"])
+                    .unwrap();
+                let (k, v) = settings.as_object().unwrap().iter().next().unwrap();
+                let want = if slot == Slot::TfKey {
+                    unescape_tf(k)
+                } else {
+                    unescape_tf(v.as_str().unwrap())
+                };
+                assert_eq!(want, s);
+            }
+            _ => {}
+        }
+        Some(facts)
+    }
+
+    fn find_header<'a>(v: &'a Value, name: &str) -> Option<&'a str> {
+        match v {
+            Value::Object(m) => {
+                if let Some(set) = m.get("set").and_then(|s| s.get(name)) {
+                    return set[0].as_str();
+                }
+                m.values().find_map(|x| find_header(x, name))
+            }
+            Value::Array(a) => a.iter().find_map(|x| find_header(x, name)),
+            _ => None,
+        }
+    }
+
+    /// The NixOS unbound module's rendering of `settings`: `name: value` lines under each
+    /// section, lists repeated; plus what a test machine needs (no chroot, no user switch).
+    fn unbound_conf(settings: &Value, dir: &Path) -> String {
+        let mut out = format!(
+            "server:\n  chroot: \"\"\n  username: \"\"\n  pidfile: \"\"\n  directory: \"{}\"\n",
+            dir.display()
+        );
+        let line = |out: &mut String, k: &str, v: &Value| match v {
+            Value::Array(items) => {
+                for i in items {
+                    out.push_str(&format!("  {k}: {}\n", scalar(i)));
+                }
+            }
+            other => out.push_str(&format!("  {k}: {}\n", scalar(other))),
+        };
+        for (k, v) in settings["server"].as_object().unwrap() {
+            line(&mut out, k, v);
+        }
+        for zone in settings["forward-zone"].as_array().unwrap() {
+            out.push_str("forward-zone:\n");
+            for (k, v) in zone.as_object().unwrap() {
+                line(&mut out, k, v);
+            }
+        }
+        out
+    }
+
+    fn scalar(v: &Value) -> String {
+        match v {
+            Value::String(s) => s.clone(),
+            Value::Bool(b) => {
+                if *b {
+                    "yes".into()
+                } else {
+                    "no".into()
+                }
+            }
+            other => other.to_string(),
+        }
+    }
+
+    #[test]
+    fn hostile_strings_stay_in_their_context_in_every_language() {
+        let tmp = tempfile::tempdir().unwrap();
+        // The structure of a harmless project's hosts: a string that broke out of its
+        // context would add, remove or rename attributes.
+        let baseline = render_and_check(Slot::Description, "An app", tmp.path())
+            .expect("the harmless project loads");
+        let keys = |f: &Value| -> Vec<Value> {
+            ["app", "caddy", "dns", "idp", "pg"]
+                .iter()
+                .map(|h| f[*h]["keys"].clone())
+                .collect()
+        };
+        let want = keys(&baseline);
+        let cases = std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(48);
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+            cases,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        });
+        runner
+            .run(
+                &(prop::sample::select(&SLOTS[..]), hostile()),
+                |(slot, s)| {
+                    if let Some(f) = render_and_check(slot, &s, tmp.path()) {
+                        prop_assert_eq!(
+                            keys(&f),
+                            want.clone(),
+                            "{:?} {:?} changed the hosts' structure",
+                            slot,
+                            s
+                        );
+                    }
+                    Ok(())
+                },
+            )
+            .unwrap();
+        // And each slot at least once with the nastiest string that can be valid there.
+        for slot in SLOTS {
+            render_and_check(slot, "a ${x} %{y} '' \\ \" $HOME ' ü", tmp.path());
+        }
+    }
 }

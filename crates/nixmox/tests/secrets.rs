@@ -772,7 +772,7 @@ fn host_keys_are_read_over_ssh_recorded_and_followed() {
     std::fs::write(
         bin.join("ssh"),
         format!(
-            "#!/bin/sh\ndest=''\nwhile [ $# -gt 0 ]; do case \"$1\" in --) shift; break ;; -o|-p) shift 2 ;; -*) shift ;; *) dest=\"$1\"; shift ;; esac; done\necho \"ssh $dest $*\" >> \"$NIXMOX_TEST_LOG.ssh\"\ncase \"$*\" in\n  *ssh_host_ed25519_key.pub*) cat \"{}/${{dest#*@}}.pub\" ;;\n  readlink*) echo /nix/store/0000-nixos-system ;;\n  *) echo 1 ;;\nesac\n",
+            "#!/bin/sh\ndest=''; user=''\nwhile [ $# -gt 0 ]; do case \"$1\" in --) shift; dest=\"$user@$1\"; shift; break ;; -l) user=\"$2\"; shift 2 ;; -o|-p) shift 2 ;; -*) shift ;; *) dest=\"$1\"; shift ;; esac; done\necho \"ssh $dest $*\" >> \"$NIXMOX_TEST_LOG.ssh\"\ncase \"$*\" in\n  *ssh_host_ed25519_key.pub*) cat \"{}/${{dest#*@}}.pub\" ;;\n  readlink*) echo /nix/store/0000-nixos-system ;;\n  *) echo 1 ;;\nesac\n",
             served.display()
         ),
     )

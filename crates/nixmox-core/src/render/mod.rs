@@ -7,6 +7,7 @@
 
 pub mod nixos;
 pub mod terraform;
+pub mod verify;
 
 use std::collections::BTreeMap;
 

@@ -138,7 +138,7 @@ const FLAKE_OUTPUTS: &str = r#"{ self, nixpkgs, ... }@inputs:
 fn colmena_deployment(p: &Project, s: &Service) -> String {
     let body = Nix::attrs([
         ("targetHost", Nix::str(s.host.ip.to_string())),
-        ("targetUser", Nix::str(&p.ssh.user)),
+        ("targetUser", Nix::str(p.ssh.user.as_str())),
         (
             "tags",
             Nix::strs([
@@ -381,7 +381,7 @@ fn host(p: &Project, i: usize) -> String {
     set(
         &mut c,
         &["services", "openssh", "settings", "PermitRootLogin"],
-        Nix::str(if p.ssh.user == "root" {
+        Nix::str(if p.ssh.user.as_str() == "root" {
             "prohibit-password"
         } else {
             "no"
@@ -604,21 +604,10 @@ fn postgresql(
 ) {
     let mut databases = BTreeSet::new();
     let mut users: BTreeMap<String, bool> = BTreeMap::new();
-    let mut hba = String::new();
+    let hba = pg_hba(p, me);
     let mut setup: Vec<Part> = vec![Part::Lit(SETUP_PRELUDE.to_string())];
-    for (j, s) in p.services.iter().enumerate() {
+    for s in &p.services {
         for db in &s.dbs {
-            let source = if j == me {
-                "127.0.0.1/32".to_string()
-            } else {
-                format!("{}/32", s.host.ip)
-            };
-            hba.push_str(&format!(
-                "host  {:<20} {:<20} {:<18} scram-sha-256\n",
-                pg_hba_name(&db.database),
-                pg_hba_name(&db.role),
-                source
-            ));
             if db.mode == DbMode::Terraform {
                 // Created by the service's own Terraform (the postgresql provider).
                 continue;
@@ -732,6 +721,28 @@ fn postgresql(
     set(c, &["systemd", "services", SETUP_UNIT], Nix::Attrs(unit));
 }
 
+/// The database host's `pg_hba.conf` lines (`services.postgresql.authentication`): each
+/// consumer's database and role, from its own address only (`me` is the database host).
+pub fn pg_hba(p: &Project, me: usize) -> String {
+    let mut hba = String::new();
+    for (j, s) in p.services.iter().enumerate() {
+        for db in &s.dbs {
+            let source = if j == me {
+                "127.0.0.1/32".to_string()
+            } else {
+                format!("{}/32", s.host.ip)
+            };
+            hba.push_str(&format!(
+                "host  {:<20} {:<20} {:<18} scram-sha-256\n",
+                pg_hba_name(&db.database),
+                pg_hba_name(&db.role),
+                source
+            ));
+        }
+    }
+    hba
+}
+
 /// A pg_hba field: names with characters beyond `[a-z0-9_]` are double-quoted.
 fn pg_hba_name(s: &str) -> String {
     if s.chars()
@@ -774,12 +785,29 @@ SQL
 }
 "#;
 
-/// A Caddyfile token: quoted, with `"` and `\` escaped.
-fn caddy_quote(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+/// A Caddyfile token taken literally: Caddy reads a backtick-quoted token without escapes, so
+/// quotes and backslashes arrive as written (in a `"`-quoted token `\\` stays two backslashes).
+/// Values are checked by `manifest::check_header_value` (no backtick, no `{}` placeholders); a
+/// backtick that got here anyway falls back to a `"`-quoted token.
+pub fn caddy_quote(s: &str) -> String {
+    if s.contains('`') {
+        format!("\"{}\"", s.replace('"', "\\\""))
+    } else {
+        format!("`{s}`")
+    }
 }
 
 fn caddy(p: &Project, c: &mut BTreeMap<String, Nix>) {
+    let hosts: BTreeMap<String, Nix> = caddy_sites(p)
+        .into_iter()
+        .map(|(site, conf)| (site, Nix::attrs([("extraConfig", Nix::Str(conf))])))
+        .collect();
+    set(c, &["services", "caddy", "enable"], Nix::Bool(true));
+    set(c, &["services", "caddy", "virtualHosts"], Nix::Attrs(hosts));
+}
+
+/// The reverse proxy's sites: site address → Caddyfile text of its routes.
+pub fn caddy_sites(p: &Project) -> BTreeMap<String, String> {
     // Group routes by site (domain and scheme).
     let mut sites: BTreeMap<String, Vec<(&Service, &crate::model::Proxy)>> = BTreeMap::new();
     for s in &p.services {
@@ -835,10 +863,9 @@ fn caddy(p: &Project, c: &mut BTreeMap<String, Nix>) {
             }
             conf.push_str(&format!("  reverse_proxy {upstream}\n}}\n"));
         }
-        hosts.insert(site, Nix::attrs([("extraConfig", Nix::Str(conf))]));
+        hosts.insert(site, conf);
     }
-    set(c, &["services", "caddy", "enable"], Nix::Bool(true));
-    set(c, &["services", "caddy", "virtualHosts"], Nix::Attrs(hosts));
+    hosts
 }
 
 fn unbound(p: &Project, c: &mut BTreeMap<String, Nix>) {

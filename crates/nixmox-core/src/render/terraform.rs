@@ -108,16 +108,23 @@ fn scope_mapping(scope: &str) -> Option<String> {
 /// A literal string for Terraform: `${` and `%{` would start an interpolation or a template
 /// directive, so they are doubled.
 pub fn lit(s: &str) -> Value {
-    Value::String(s.replace("${", "$${").replace("%{", "%%{"))
+    Value::String(escape(s))
 }
 
-fn escape_value(v: &serde_json::Value) -> Value {
+/// The one escaping function for text in Terraform's JSON syntax, where every string and every
+/// object key of an expression is read as a template.
+pub fn escape(s: &str) -> String {
+    s.replace("${", "$${").replace("%{", "%%{")
+}
+
+/// A user's value, escaped throughout: strings and object keys alike.
+pub fn escape_value(v: &serde_json::Value) -> Value {
     match v {
         Value::String(s) => lit(s),
         Value::Array(a) => Value::Array(a.iter().map(escape_value).collect()),
         Value::Object(m) => Value::Object(
             m.iter()
-                .map(|(k, v)| (k.clone(), escape_value(v)))
+                .map(|(k, v)| (escape(k), escape_value(v)))
                 .collect(),
         ),
         other => other.clone(),
@@ -168,7 +175,7 @@ fn tf_file(p: &Project, path: String, mut body: Map<String, Value>) -> RenderedF
         let config: Map<String, Value> = backend
             .config
             .iter()
-            .map(|(k, v)| (k.clone(), with_workspace(v, &name)))
+            .map(|(k, v)| (escape(k), escape_value(&with_workspace(v, &name))))
             .collect();
         let tf = body.entry("terraform").or_insert_with(|| json!({}));
         if let Some(t) = tf.as_object_mut() {
@@ -251,7 +258,7 @@ fn infra(p: &Project) -> RenderedFile {
         let mut tags = vec!["nixmox", p.name.as_str(), role];
         tags.sort_unstable();
         tags.dedup();
-        let mut net = json!({"name": "eth0", "bridge": p.network.bridge});
+        let mut net = json!({"name": "eth0", "bridge": lit(&p.network.bridge)});
         if let Some(vlan) = p.network.vlan {
             net["vlan_id"] = json!(vlan);
         }

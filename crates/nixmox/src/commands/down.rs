@@ -559,12 +559,15 @@ fn destroy_containers(project: &Project, root: &Path, vmids: &BTreeSet<u32>) -> 
 
 /// `DROP DATABASE` and `DROP ROLE` for a database of a removed service (names are validated SQL
 /// identifiers, quoted all the same).
-fn drop_statements(database: &str, role: &str) -> [String; 2] {
+/// The statements that drop a database and, unless a remaining service shares it
+/// (`share_role_with`), its role.
+fn drop_statements(database: &str, role: Option<&str>) -> Vec<String> {
     let quote = |n: &str| format!("\"{}\"", n.replace('"', "\"\""));
-    [
-        format!("DROP DATABASE IF EXISTS {}", quote(database)),
-        format!("DROP ROLE IF EXISTS {}", quote(role)),
-    ]
+    let mut out = vec![format!("DROP DATABASE IF EXISTS {}", quote(database))];
+    if let Some(role) = role {
+        out.push(format!("DROP ROLE IF EXISTS {}", quote(role)));
+    }
+    out
 }
 
 /// `--purge-data`: drops the removed services' databases and roles on the database host, over
@@ -577,10 +580,22 @@ fn purge_data(
     order: &[usize],
     timeout: Duration,
 ) -> Result<()> {
-    let dbs: Vec<(&str, &str)> = order
+    // A role another, remaining service shares is kept (issue 13: roles are shared only on
+    // purpose, and dropping one would lock the other service out).
+    let kept: std::collections::HashSet<&str> = project
+        .services
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !order.contains(i))
+        .flat_map(|(_, s)| s.dbs.iter().map(|d| d.role.as_str()))
+        .collect();
+    let dbs: Vec<(&str, Option<&str>)> = order
         .iter()
         .flat_map(|&i| project.services[i].dbs.iter())
-        .map(|d| (d.database.as_str(), d.role.as_str()))
+        .map(|d| {
+            let role = d.role.as_str();
+            (d.database.as_str(), (!kept.contains(role)).then_some(role))
+        })
         .collect();
     if dbs.is_empty() {
         return Ok(());
@@ -596,7 +611,7 @@ fn purge_data(
             pg.host.hostname, pg.host.ip
         );
         for (db, role) in &dbs {
-            for st in drop_statements(db, role) {
+            for st in drop_statements(db, *role) {
                 text.push_str(&format!("  {st};\n"));
             }
         }
@@ -621,17 +636,17 @@ fn purge_data(
             .iter()
             .map(|s| s.to_string())
             .collect();
-        for st in drop_statements(db, role) {
+        for st in drop_statements(db, *role) {
             remote.push("-c".into());
             remote.push(st);
         }
-        let mut argv =
-            nixmox_core::deploy::ssh_argv(&options, &ctx.ssh.user, &to.ip().to_string(), &remote);
+        let mut argv = nixmox_core::deploy::ssh_argv(&options, &ctx.ssh.user, *to.ip(), &remote);
         argv[0] = ctx.ssh.program.clone();
-        output::note(&format!(
-            "dropping database `{db}` and role `{role}` on {}",
-            pg.host.hostname
-        ));
+        let what = match role {
+            Some(role) => format!("database `{db}` and role `{role}`"),
+            None => format!("database `{db}` (its role is shared with a remaining service)"),
+        };
+        output::note(&format!("dropping {what} on {}", pg.host.hostname));
         let opts = crate::exec::RunOpts {
             timeout: Some(timeout),
             log: Some(paths.logs.join("down").join("purge-data.log")),
@@ -658,11 +673,16 @@ mod tests {
     #[test]
     fn drop_statements_quote_the_names() {
         assert_eq!(
-            drop_statements("wiki", "wi\"ki"),
+            drop_statements("wiki", Some("wi\"ki")),
             [
                 "DROP DATABASE IF EXISTS \"wiki\"".to_string(),
                 "DROP ROLE IF EXISTS \"wi\"\"ki\"".to_string()
             ]
+        );
+        // A role a remaining service shares is not dropped.
+        assert_eq!(
+            drop_statements("wiki", None),
+            ["DROP DATABASE IF EXISTS \"wiki\"".to_string()]
         );
     }
 }

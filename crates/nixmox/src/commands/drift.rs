@@ -216,7 +216,7 @@ pub fn run(root: &ProjectRoot, format: PlanFormat) -> Result<()> {
             ));
             continue;
         };
-        match running_system(project, &paths, &s.host.ip.to_string()) {
+        match running_system(project, &paths, s.host.ip) {
             Ok((profile, current, profile_target)) => {
                 let mut why = Vec::new();
                 if profile != generation {
@@ -296,7 +296,7 @@ fn container_drift(
 fn running_system(
     project: &Project,
     paths: &Paths,
-    ip: &str,
+    ip: core::net::Ipv4Addr,
 ) -> std::result::Result<(String, String, String), String> {
     let _ = std::fs::create_dir_all(&paths.ssh);
     let options = deploy::ssh_options(

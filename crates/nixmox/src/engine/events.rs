@@ -90,7 +90,14 @@ fn timestamp() -> String {
     format!("{h:02}:{m:02}:{s:02}")
 }
 
+/// One event as one line. Step names, details and errors can carry text from manifests and
+/// from tools' output: control characters (newlines included) are shown as visible escapes,
+/// so an event is always exactly one line and cannot drive the terminal (issue 13).
 fn describe(e: &Event) -> String {
+    nixmox_core::diag::visible(&describe_raw(e)).into_owned()
+}
+
+fn describe_raw(e: &Event) -> String {
     match e {
         Event::RunStarted { run, project, steps, to_run, parallel } => {
             format!("run {run} of `{project}`: {steps} steps, {to_run} to run, up to {parallel} at once")
@@ -127,7 +134,11 @@ fn table(rows: &[SummaryRow]) -> String {
             .duration_ms
             .map(|d| format!("{:.1}s", d as f64 / 1000.0))
             .unwrap_or_else(|| "-".into());
-        out.push_str(&format!("{:<w$}  {:<18}  {d}\n", r.step, r.result));
+        out.push_str(&format!(
+            "{:<w$}  {:<18}  {d}\n",
+            nixmox_core::diag::visible(&r.step),
+            nixmox_core::diag::visible(&r.result)
+        ));
     }
     out
 }
@@ -199,7 +210,13 @@ impl Live {
         let parts: Vec<String> = self
             .running
             .iter()
-            .map(|(s, t)| format!("{s} {}s", now.duration_since(*t).as_secs()))
+            .map(|(s, t)| {
+                format!(
+                    "{} {}s",
+                    nixmox_core::diag::visible(s),
+                    now.duration_since(*t).as_secs()
+                )
+            })
             .collect();
         let mut line = format!("running: {}", parts.join(" · "));
         let width = terminal_width();

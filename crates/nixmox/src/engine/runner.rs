@@ -382,8 +382,8 @@ impl<'a> StepExec<'a> {
         }
         let flake = self.paths.build.join("nix");
         let target = deploy::Target {
-            host: s.host.hostname.to_string(),
-            ip: s.host.ip.to_string(),
+            host: s.host.hostname.clone(),
+            ip: s.host.ip,
             user: self.project.ssh.user.clone(),
             flake: crate::flake::reference(&flake),
             flake_dir: flake.to_string_lossy().into_owned(),
@@ -415,7 +415,7 @@ impl<'a> StepExec<'a> {
                 let mut outputs = Vec::new();
                 let mut detail = format!("{} switched", s.host.hostname);
                 if builtin {
-                    match self.current_generation(&s.host.ip.to_string(), index) {
+                    match self.current_generation(s.host.ip, index) {
                         Some(generation) => {
                             detail = format!("{} switched to {generation}", s.host.hostname);
                             outputs.push(OutputValue {
@@ -495,7 +495,7 @@ impl StepExec<'_> {
     }
 
     /// `readlink /nix/var/nix/profiles/system` on the host: the generation now active.
-    fn current_generation(&self, ip: &str, index: usize) -> Option<String> {
+    fn current_generation(&self, ip: core::net::Ipv4Addr, index: usize) -> Option<String> {
         let remote = [
             "readlink".to_string(),
             "/nix/var/nix/profiles/system".to_string(),
@@ -912,8 +912,8 @@ impl StepExec<'_> {
     ) -> Result<Option<String>, String> {
         let flake = self.paths.build.join("nix");
         let target = deploy::Target {
-            host: s.host.hostname.to_string(),
-            ip: s.host.ip.to_string(),
+            host: s.host.hostname.clone(),
+            ip: s.host.ip,
             user: self.project.ssh.user.clone(),
             flake: crate::flake::reference(&flake),
             flake_dir: flake.to_string_lossy().into_owned(),
@@ -924,10 +924,10 @@ impl StepExec<'_> {
         let custom = matches!(self.project.nix.deployer, Deployer::Command { .. });
         if !custom {
             // `nixos-rebuild switch --rollback` runs on the host itself.
-            if target.user != "root" {
+            if target.user.as_str() != "root" {
                 argv.insert(0, "sudo".into());
             }
-            argv = deploy::ssh_argv(&self.ssh_options(), &target.user, &target.ip, &argv);
+            argv = deploy::ssh_argv(&self.ssh_options(), &target.user, target.ip, &argv);
         }
         let program = crate::root::program_path(&self.paths.root, &argv[0]);
         let mut cmd = Cmd::new(program).args(&argv[1..]);

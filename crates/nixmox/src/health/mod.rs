@@ -79,7 +79,7 @@ pub struct Ssh {
     /// OpenSSH options (the engine's: BatchMode, a shared connection, the project's
     /// known_hosts), without `ConnectTimeout`, which each probe sets from its timeout.
     pub options: Vec<String>,
-    pub user: String,
+    pub user: nixmox_core::ids::SshUser,
 }
 
 /// Everything a probe needs besides the check itself. Cheap to clone (the TLS configuration is

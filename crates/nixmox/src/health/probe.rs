@@ -556,7 +556,7 @@ fn ssh_run(
         options.push("-p".into());
         options.push(to.port().to_string());
     }
-    let mut argv = deploy::ssh_argv(&options, &ctx.ssh.user, &to.ip().to_string(), remote);
+    let mut argv = deploy::ssh_argv(&options, &ctx.ssh.user, *to.ip(), remote);
     argv[0] = ctx.ssh.program.clone();
     let cmd = Cmd::new(&argv[0]).args(&argv[1..]);
     let opts = RunOpts {

@@ -286,7 +286,7 @@ pub fn for_run(
 #[derive(Clone, Debug)]
 pub struct SshAccess {
     pub options: Vec<String>,
-    pub user: String,
+    pub user: nixmox_core::ids::SshUser,
 }
 
 /// One change to a secrets file.
@@ -305,7 +305,7 @@ pub enum Edit {
 #[derive(Clone, Debug)]
 struct HostInfo {
     service: String,
-    ip: String,
+    ip: core::net::Ipv4Addr,
     manifest_key: Option<String>,
 }
 
@@ -345,7 +345,7 @@ impl Vault {
                     s.host.hostname.to_string(),
                     HostInfo {
                         service: s.name.to_string(),
-                        ip: s.host.ip.to_string(),
+                        ip: s.host.ip,
                         manifest_key: s.host.ssh_host_key.clone(),
                     },
                 )
@@ -429,7 +429,7 @@ impl Vault {
         let argv = nixmox_core::deploy::ssh_argv(
             &ssh.options,
             &ssh.user,
-            &info.ip,
+            info.ip,
             &["cat".to_string(), HOST_KEY_PATH.to_string()],
         );
         let cmd = Cmd::new(&argv[0]).args(&argv[1..]);
