@@ -63,13 +63,13 @@ pub fn load(sources: &Sources, exists: &dyn Fn(&str) -> bool) -> Loaded {
             Ok(s) => {
                 texts.push((
                     f.path.clone(),
-                    s.strip_prefix('\u{feff}').unwrap_or(s).to_string(),
+                    normalize_breaks(s.strip_prefix('\u{feff}').unwrap_or(s)),
                 ));
                 Some(texts.len() - 1)
             }
             Err(e) => {
                 let good = &f.bytes[..e.valid_up_to()];
-                let good = std::str::from_utf8(good).unwrap_or("");
+                let good = normalize_breaks(std::str::from_utf8(good).unwrap_or(""));
                 let line = good.matches('\n').count() + 1;
                 let col = good
                     .rsplit('\n')
@@ -258,10 +258,35 @@ pub fn load(sources: &Sources, exists: &dyn Fn(&str) -> bool) -> Loaded {
     }
 }
 
+/// A lone `\r` ends a line in YAML (and is whitespace in JSON) but not for serde_json's or a
+/// reader's line count: make it a `\n`, which means the same and keeps every byte offset, so
+/// every position reported agrees with the lines a reader sees.
+fn normalize_breaks(text: &str) -> String {
+    if !text.contains('\r') {
+        return text.to_string();
+    }
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    for (i, c) in text.char_indices() {
+        if c == '\r' && bytes.get(i + 1) != Some(&b'\n') {
+            out.push('\n');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn parse_file(cx: &mut Cx, text: &str, path: &str) -> Option<syntax::Node> {
-    match syntax::parse(text, Format::from_path(path)) {
-        Ok(Some(node)) => Some(node),
-        Ok(None) => {
+    let parsed = syntax::parse_all(text, Format::from_path(path));
+    let fatal = !parsed.errors.is_empty() && parsed.root.is_none();
+    for e in parsed.errors {
+        cx.error(e.span, "", e.message, None);
+    }
+    match parsed.root {
+        Some(node) => Some(node),
+        None if fatal => None,
+        None => {
             cx.diags.push(Diagnostic {
                 severity: Severity::Error,
                 file: path.to_string(),
@@ -278,10 +303,6 @@ fn parse_file(cx: &mut Cx, text: &str, path: &str) -> Option<syntax::Node> {
                     "a manifest needs at least `name:`".into()
                 }),
             });
-            None
-        }
-        Err(e) => {
-            cx.error(e.span, "", e.message, None);
             None
         }
     }
