@@ -289,8 +289,8 @@ fn reduced_project(root: &Path, removed: &[String]) -> Result<Project> {
             .iter()
             .any(|s| m.path.starts_with(&format!("services/{s}/")))
     });
-    let exists = project_fs::exists_in(root);
-    let mut loaded = nixmox_core::load(&read.sources, &exists);
+    let probe = project_fs::probe_in(root);
+    let mut loaded = nixmox_core::load_probed(&read.sources, &probe);
     loaded.diagnostics.extend(read.diagnostics);
     let errors: Vec<_> = loaded.errors().cloned().collect();
     if !errors.is_empty() || loaded.project.is_none() {

@@ -111,9 +111,16 @@ pub fn run(cli: Cli) -> Result<()> {
 /// exit code 2; warnings are printed and the project is returned.
 pub fn load_project(root: &Path) -> Result<Loaded> {
     let read = project_fs::read_project(root)?;
-    let exists = project_fs::exists_in(root);
-    let mut loaded = nixmox_core::load(&read.sources, &exists);
+    let probe = project_fs::probe_in(root);
+    let mut loaded = nixmox_core::load_probed(&read.sources, &probe);
     loaded.diagnostics.extend(read.diagnostics);
+    if let Some(project) = &loaded.project {
+        let unsafe_paths = project_fs::check_written_paths(root, project);
+        if !unsafe_paths.is_empty() {
+            loaded.diagnostics.extend(unsafe_paths);
+            loaded.project = None;
+        }
+    }
     output::diagnostics(&loaded.diagnostics);
     let errors = loaded.errors().count();
     if errors > 0 || loaded.project.is_none() {
