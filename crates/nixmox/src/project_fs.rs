@@ -623,7 +623,13 @@ fn tree_matches(
         let mut files = Vec::new();
         list_files(&from, Path::new(""), &mut files);
         for rel in files {
-            let bytes = fs::read(from.join(&rel)).ok()?;
+            // `from.join("")` would end in a slash, which a file is not.
+            let source = if rel.as_os_str().is_empty() {
+                from.clone()
+            } else {
+                from.join(&rel)
+            };
+            let bytes = fs::read(source).ok()?;
             let to = if rel.as_os_str().is_empty() {
                 PathBuf::from(&c.to)
             } else {

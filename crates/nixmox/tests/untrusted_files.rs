@@ -547,6 +547,27 @@ mod parsing {
         "0.",
         ".5",
         "12:30:00",
+        "-1",
+        "--",
+        "---",
+        "--- x",
+        ".Inf",
+        "-.5",
+        "10s",
+        "1m30s",
+        "10.0.0.1/24",
+        "1.2",
+        "1.2.3",
+        "Sonarr, Radarr",
+        "f(x)",
+        "-fsS",
+        "--quiet",
+        ".nixmox/state.db",
+        "0",
+        "-0",
+        "12e",
+        "1_0s",
+        "2001-01-01 10:00:00",
     ];
 
     #[test]
@@ -627,7 +648,7 @@ mod parsing {
     fn graph_of_a_huge_project_is_refused_with_a_message() {
         let s = Sandbox::of("tests/fixtures/tf-project");
         std::fs::remove_dir_all(s.path("services")).unwrap();
-        let n = 400;
+        let n = 160;
         for i in 0..n {
             let deps: Vec<String> = (0..i).map(|j| format!("s{j}")).collect();
             s.write(
@@ -643,7 +664,10 @@ mod parsing {
         }
         let config = std::fs::read_to_string(s.path("nixmox.yaml"))
             .unwrap()
-            .replace("10.77.0.0/24", "10.77.0.0/16");
+            .replace(
+                "network: { cidr: 10.77.0.0/24, gateway: 10.77.0.1 }",
+                "network: { cidr: 10.77.0.0/16, gateway: 10.77.0.1 }\npools: { vmid: 1000-1999, ip: 10.77.9.1-10.77.9.99 }",
+            );
         s.write("nixmox.yaml", &config);
         for format in ["svg", "dot", "mermaid"] {
             let out = s.run(&["graph", "--format", format]);
