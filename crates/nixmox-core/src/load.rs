@@ -333,8 +333,8 @@ fn path_problem(
         )),
         PathKind::File | PathKind::Dir => None,
         PathKind::Special { at, what } => Some((
-            format!("`{at}` is {what}, not a regular file or directory"),
-            format!("NixMox never opens such a file; `{path}` must be {want}"),
+            format!("`{at}` is {what}"),
+            format!("NixMox opens only regular files and directories; `{path}` must be {want}"),
         )),
         PathKind::Escapes { at } => Some((
             format!("`{at}` is a symbolic link that leads outside the project directory"),

@@ -336,11 +336,14 @@ fn first_escape(root: &Path, rel: &Path) -> Option<String> {
 }
 
 /// Checks every entry under the directory `real` (shown as `rel`): regular files, directories
-/// and links staying inside `root` only. `seen` holds the directories on the way (a link loop
-/// is walked once).
+/// and links staying inside `root` only, and no link back to a directory on the way (copying
+/// or hashing the tree would never end). `seen` holds the directories on the way.
 fn walk(root: &Path, real: &Path, rel: &Path, seen: &mut Vec<PathBuf>) -> Option<PathKind> {
     if seen.iter().any(|s| s == real) {
-        return None;
+        return Some(PathKind::Special {
+            at: rel.to_string_lossy().into_owned(),
+            what: "a symbolic link to a directory that contains it (a loop)",
+        });
     }
     seen.push(real.to_path_buf());
     let mut entries: Vec<fs::DirEntry> = fs::read_dir(real).ok()?.filter_map(|e| e.ok()).collect();

@@ -296,7 +296,7 @@ mod files {
         s.fifo("services/guacamole/migrations/002-oidc-admins.sql");
         let needles = [
             "services/guacamole/manifest.yaml:16:9",
-            "is a FIFO (named pipe), not a regular file or directory",
+            "`services/guacamole/migrations/002-oidc-admins.sql` is a FIFO (named pipe)",
         ];
         s.refused(&["validate"], &needles);
         s.refused(&["render"], &needles);
@@ -307,6 +307,14 @@ mod files {
         s.refused(
             &["render"],
             &["`services/app/terraform/bucket/pipe.tf` is a FIFO"],
+        );
+
+        // A link loop inside a Terraform module (copying it would never end).
+        let s = Sandbox::of("tests/fixtures/tf-project");
+        s.link("services/app/terraform/bucket/loop", Path::new("."));
+        s.refused(
+            &["render"],
+            &["`services/app/terraform/bucket/loop` is a symbolic link to a directory that contains it"],
         );
 
         // The manifest itself.
