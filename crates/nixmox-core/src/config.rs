@@ -190,7 +190,7 @@ pub fn decode(cx: &mut Cx, root: &Node) -> Option<ProjectConfig> {
             }
             StateConfig {
                 path: field(n, "path")
-                    .and_then(|p| cx.string(p, "state.path"))
+                    .and_then(|p| project_path(cx, p, "state.path"))
                     .unwrap_or_else(|| ".nixmox/state.db".into()),
             }
         }),
@@ -512,7 +512,8 @@ fn decode_proxmox(cx: &mut Cx, n: Option<&Node>) -> Option<Proxmox> {
     }
     if let Some(t) = field(n, "tls") {
         if cx.map(t, "proxmox.tls", TLS_FIELDS).is_some() {
-            p.tls.ca_file = field(t, "ca_file").and_then(|v| cx.string(v, "proxmox.tls.ca_file"));
+            p.tls.ca_file =
+                field(t, "ca_file").and_then(|v| project_path(cx, v, "proxmox.tls.ca_file"));
             if let Some(f) = field(t, "fingerprint") {
                 if let Some(s) = cx.string(f, "proxmox.tls.fingerprint") {
                     let hex: String = s.chars().filter(|c| *c != ':').collect();
@@ -557,6 +558,31 @@ pub fn checked(
     }
 }
 
+/// A path in `nixmox.yaml`: relative to the project root and staying inside it, or absolute.
+/// An absolute path is the operator's explicit choice of a place outside the project (a token
+/// in `~/.config`, a shared state database); a relative one may not climb out with `..`, so a
+/// project from someone else cannot quietly read or write next to it.
+pub fn project_path(cx: &mut Cx, n: &Node, path: &str) -> Option<String> {
+    let s = cx.string(n, path)?;
+    if s.trim().is_empty() {
+        cx.error(
+            n.span,
+            path,
+            format!("`{path}` is empty"),
+            Some("give a path relative to the project directory".into()),
+        );
+        return None;
+    }
+    if !s.starts_with('/') && {
+        let r = crate::manifest::resolve_path("", &s);
+        r == ".." || r.starts_with("../")
+    } {
+        cx.error(n.span, path, format!("`{s}` climbs out of the project directory"), Some("a relative path stays inside the project; write an absolute path to choose a place outside it".into()));
+        return None;
+    }
+    Some(s)
+}
+
 /// `{ env: NAME }` or `{ file: path }`. A bare string is refused: it is most likely the secret.
 pub fn secret_ref(cx: &mut Cx, n: &Node, path: &str) -> Option<SecretRef> {
     if let Kind::Str(_) = n.kind {
@@ -566,7 +592,7 @@ pub fn secret_ref(cx: &mut Cx, n: &Node, path: &str) -> Option<SecretRef> {
     cx.map(n, path, TOKEN_FIELDS)?;
     match (field(n, "env"), field(n, "file")) {
         (Some(e), None) => cx.string(e, &join(path, "env")).map(SecretRef::Env),
-        (None, Some(f)) => cx.string(f, &join(path, "file")).map(SecretRef::File),
+        (None, Some(f)) => project_path(cx, f, &join(path, "file")).map(SecretRef::File),
         _ => {
             cx.error(
                 n.span,

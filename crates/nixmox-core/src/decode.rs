@@ -22,6 +22,114 @@ pub fn join(path: &str, key: &str) -> String {
     }
 }
 
+/// Parts of key names that mark a value as a secret, or as one that may hold one: Proxmox's
+/// token, and what Terraform backends call their credentials (`password`, `access_key`,
+/// `secret_key`, `sas_token`, `client_secret`, `credentials`, `conn_str`, `http_auth`, ...).
+/// Matched case-insensitively anywhere in the key.
+pub const SECRET_KEY_PARTS: &[&str] = &[
+    "token",
+    "password",
+    "passwd",
+    "secret",
+    "credential",
+    "access_key",
+    "private_key",
+    "encryption_key",
+    "api_key",
+    "apikey",
+    "conn_str",
+    "http_auth",
+];
+
+/// The replacement of a secret value in a snippet.
+pub const REDACTED: &str = "<redacted>";
+
+/// True when a key name looks like it holds a secret.
+pub fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    SECRET_KEY_PARTS.iter().any(|p| key.contains(p))
+}
+
+/// True when the last key of a field path (`proxmox.token`, `terraform.backend.config.password`,
+/// `x.tokens[2]`) looks like it holds a secret.
+pub fn is_secret_field(path: &str) -> bool {
+    path.split('.')
+        .next_back()
+        .map(|k| k.split('[').next().unwrap_or(k))
+        .is_some_and(is_secret_key)
+}
+
+/// The line with the scalar value of every secret-named key (`token: abc`, `"password": "x"`,
+/// `{token: abc, ...}`) replaced by `<redacted>`; `None` when the line has none. A value that
+/// opens a mapping or a list (`token: { env: X }`) is left alone: its own keys are checked.
+pub fn redact_line(line: &str) -> Option<String> {
+    let chars: Vec<char> = line.chars().collect();
+    let mut out = String::new();
+    let mut changed = false;
+    let mut flow = 0usize;
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        out.push(c);
+        i += 1;
+        match c {
+            '{' | '[' => flow += 1,
+            '}' | ']' => flow = flow.saturating_sub(1),
+            ':' if chars.get(i).is_none_or(|n| n.is_whitespace())
+                || (i >= 2 && matches!(chars[i - 2], '"' | '\'')) =>
+            {
+                // The key is the word before the colon, without its quotes.
+                let before: String = out[..out.len() - 1]
+                    .trim_end()
+                    .trim_end_matches(['"', '\''])
+                    .chars()
+                    .rev()
+                    .take_while(|k| k.is_alphanumeric() || matches!(k, '_' | '-' | '.'))
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                if !is_secret_key(&before) {
+                    continue;
+                }
+                while chars.get(i).is_some_and(|n| n.is_whitespace()) {
+                    out.push(chars[i]);
+                    i += 1;
+                }
+                let Some(&first) = chars.get(i) else { continue };
+                if matches!(first, '{' | '[' | '#' | '&' | '*' | '|' | '>') {
+                    continue;
+                }
+                // The value runs to its closing quote, or (plain) to the end of the line, a
+                // comment, or in a flow collection the next `,`, `}` or `]`.
+                let mut j = i;
+                if first == '"' || first == '\'' {
+                    j += 1;
+                    while j < chars.len() && chars[j] != first {
+                        if first == '"' && chars[j] == '\\' {
+                            j += 1;
+                        }
+                        j += 1;
+                    }
+                    j = (j + 1).min(chars.len());
+                } else {
+                    while j < chars.len()
+                        && !(flow > 0 && matches!(chars[j], ',' | '}' | ']'))
+                        && !(chars[j] == '#' && chars[j - 1].is_whitespace())
+                    {
+                        j += 1;
+                    }
+                }
+                out.push_str(REDACTED);
+                i = j;
+                changed = true;
+            }
+            _ => {}
+        }
+    }
+    changed.then_some(out)
+}
+
 /// `index("interface.proxy", 1) == "interface.proxy[1]"`.
 pub fn index(path: &str, i: usize) -> String {
     format!("{path}[{i}]")
@@ -31,7 +139,7 @@ impl<'s> Cx<'s> {
     pub fn new(file: &str, text: &'s str) -> Self {
         Cx {
             file: file.to_string(),
-            lines: text.lines().collect(),
+            lines: crate::syntax::lines(text).collect(),
             diags: Vec::new(),
         }
     }
@@ -58,10 +166,15 @@ impl<'s> Cx<'s> {
             ),
             _ => span,
         };
-        let snippet = self
-            .lines
-            .get(span.line.saturating_sub(1) as usize)
-            .map(|l| l.to_string());
+        let line = self.lines.get(span.line.saturating_sub(1) as usize);
+        // Never echo a secret: a secret-named key's value is blanked in the snippet; when the
+        // problem is in a secret field whose value is not on that key's line (a block scalar),
+        // the snippet is left out.
+        let snippet = line.and_then(|l| match redact_line(l) {
+            Some(redacted) => Some(redacted),
+            None if is_secret_field(field) => None,
+            None => Some(l.to_string()),
+        });
         let width = snippet
             .as_deref()
             .map(|l| token_width(l, span.col))
@@ -102,6 +215,8 @@ impl<'s> Cx<'s> {
 
     fn type_error(&mut self, node: &Node, path: &str, expected: &str) {
         let found = match &node.kind {
+            // A secret field's value is never repeated, whatever its type.
+            other if is_secret_field(path) => other.describe().to_string(),
             Kind::Str(s) if s.chars().count() <= 40 => format!("the string `{s}`"),
             Kind::Int(i) => format!("the integer {i}"),
             Kind::Bool(b) => format!("the boolean {b}"),
@@ -413,6 +528,29 @@ mod tests {
         assert_eq!(format_duration_ms(90_000), "1m30s");
         assert_eq!(format_duration_ms(500), "500ms");
         assert_eq!(format_duration_ms(3_600_000), "1h");
+    }
+
+    #[test]
+    fn secrets_are_redacted_from_snippets() {
+        let r = |l: &str| redact_line(l);
+        assert_eq!(r("  token: abc123").as_deref(), Some("  token: <redacted>"));
+        assert_eq!(
+            r("proxmox: {token: 'a,b', node: pve1}").as_deref(),
+            Some("proxmox: {token: <redacted>, node: pve1}")
+        );
+        assert_eq!(
+            r(r#"{"password":"p\"w", "secret_key": "x"}"#).as_deref(),
+            Some(r#"{"password":<redacted>, "secret_key": <redacted>}"#)
+        );
+        assert_eq!(r("  token: { env: PROXMOX_API_TOKEN }"), None);
+        assert_eq!(
+            r("  Access_Key: x # the key").as_deref(),
+            Some("  Access_Key: <redacted># the key")
+        );
+        assert_eq!(r("  endpoint: https://pve:8006"), None);
+        assert!(is_secret_field("proxmox.token"));
+        assert!(is_secret_field("terraform.backend.config.sas_token"));
+        assert!(!is_secret_field("ssh.authorized_keys[0]"));
     }
 
     #[test]

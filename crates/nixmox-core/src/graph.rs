@@ -33,6 +33,27 @@ pub enum NodeClass {
     StepNoop,
 }
 
+/// The most nodes a picture may have: beyond this no drawing is readable, and the SVG layout's
+/// cost grows faster than the graph.
+pub const MAX_NODES: usize = 1_000;
+/// The most edges a picture may have (a 10,000-edge SVG is a few megabytes; 2,000 services all
+/// depending on each other would be two million edges and hundreds of megabytes).
+pub const MAX_EDGES: usize = 10_000;
+
+impl Picture {
+    /// `Err(message)` when the picture is too large to draw in any format.
+    pub fn check_size(&self) -> Result<(), String> {
+        if self.nodes.len() <= MAX_NODES && self.edges.len() <= MAX_EDGES {
+            return Ok(());
+        }
+        Err(format!(
+            "the graph has {} nodes and {} edges, too large to draw (at most {MAX_NODES} nodes and {MAX_EDGES} edges)",
+            self.nodes.len(),
+            self.edges.len()
+        ))
+    }
+}
+
 /// The service graph: an edge from each provider to its consumer, labelled by kind.
 pub fn services(p: &Project) -> Picture {
     let nodes = p

@@ -28,7 +28,7 @@ pub mod url;
 pub mod yaml_out;
 
 pub use diag::{Diagnostic, Severity};
-pub use load::{load, Loaded, SourceFile, Sources};
+pub use load::{load, load_probed, Loaded, PathKind, SourceFile, Sources};
 pub use model::Project;
 
 /// A file produced by the core (rendered configuration, scaffolding); the shell writes it.

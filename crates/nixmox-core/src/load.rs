@@ -54,8 +54,47 @@ impl Loaded {
     }
 }
 
-/// Loads and validates a project. `exists` answers whether a project-relative path exists.
+/// What the shell found at a project-relative path a manifest references.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathKind {
+    Missing,
+    /// A regular file (a symbolic link to one inside the project counts).
+    File,
+    /// A directory whose every entry is a regular file, a directory or a symbolic link that
+    /// stays inside the project.
+    Dir,
+    /// It exists; the caller did not look at what it is (see [`load`]).
+    Exists,
+    /// Not a regular file or a directory (a FIFO, a socket, a device), at `at` (the path
+    /// itself, or an entry inside the referenced directory). `what` names the kind.
+    Special {
+        at: String,
+        what: &'static str,
+    },
+    /// A symbolic link, at `at` (the path, a directory on the way to it, or an entry inside
+    /// the referenced directory), that leads outside the project.
+    Escapes {
+        at: String,
+    },
+}
+
+/// Loads and validates a project. `exists` answers whether a project-relative path exists;
+/// what kind of file it is goes unchecked (tests and benchmarks that only know that). The
+/// shell uses [`load_probed`].
 pub fn load(sources: &Sources, exists: &dyn Fn(&str) -> bool) -> Loaded {
+    load_probed(sources, &|rel: &str| {
+        if exists(rel) {
+            PathKind::Exists
+        } else {
+            PathKind::Missing
+        }
+    })
+}
+
+/// Loads and validates a project. `probe` says what is at a project-relative path a manifest
+/// references, so that each reference is checked for what it must be (a migration a file, a
+/// Terraform module a directory, nothing a FIFO, nothing leading out of the project).
+pub fn load_probed(sources: &Sources, probe: &dyn Fn(&str) -> PathKind) -> Loaded {
     let mut texts: Vec<(String, String)> = Vec::new();
     let mut diags: Vec<Diagnostic> = Vec::new();
     let mut decode_text = |f: &SourceFile, diags: &mut Vec<Diagnostic>| -> Option<usize> {
@@ -63,13 +102,13 @@ pub fn load(sources: &Sources, exists: &dyn Fn(&str) -> bool) -> Loaded {
             Ok(s) => {
                 texts.push((
                     f.path.clone(),
-                    s.strip_prefix('\u{feff}').unwrap_or(s).to_string(),
+                    normalize_breaks(s.strip_prefix('\u{feff}').unwrap_or(s)),
                 ));
                 Some(texts.len() - 1)
             }
             Err(e) => {
                 let good = &f.bytes[..e.valid_up_to()];
-                let good = std::str::from_utf8(good).unwrap_or("");
+                let good = normalize_breaks(std::str::from_utf8(good).unwrap_or(""));
                 let line = good.matches('\n').count() + 1;
                 let col = good
                     .rsplit('\n')
@@ -171,25 +210,9 @@ pub fn load(sources: &Sources, exists: &dyn Fn(&str) -> bool) -> Loaded {
 
     // Paths the manifests reference.
     for s in &specs {
-        for (path, span, field) in &s.paths {
-            if path.starts_with("..") || path.starts_with('/') {
-                // The build copies referenced files; anything outside the project would make
-                // it depend on the machine it was rendered on.
-                cxs[s.file].error(
-                    *span,
-                    field,
-                    format!("`{path}` is outside the project directory"),
-                    Some("keep modules, migrations and Terraform modules inside the project (a shared directory next to `services/` works)".into()),
-                );
-                continue;
-            }
-            if !exists(path) {
-                cxs[s.file].error(
-                    *span,
-                    field,
-                    format!("`{path}` does not exist"),
-                    Some("paths are relative to the manifest's directory".into()),
-                );
+        for (path, span, field, use_) in &s.paths {
+            if let Some((message, help)) = path_problem(path, &s.dir, *use_, probe) {
+                cxs[s.file].error(*span, field, message, Some(help));
             }
         }
     }
@@ -260,15 +283,102 @@ pub fn load(sources: &Sources, exists: &dyn Fn(&str) -> bool) -> Loaded {
     }
 }
 
+/// What is wrong with a referenced path, if anything: (message, help).
+fn path_problem(
+    path: &str,
+    service_dir: &str,
+    use_: manifest::PathUse,
+    probe: &dyn Fn(&str) -> PathKind,
+) -> Option<(String, String)> {
+    use manifest::PathUse;
+    if path.starts_with("..") || path.starts_with('/') {
+        // The build copies referenced files; anything outside the project would make it
+        // depend on the machine it was rendered on, and would let a manifest read any file.
+        return Some((
+            format!("`{path}` is outside the project directory"),
+            "keep modules, migrations and Terraform modules inside the project (a shared directory next to `services/` works)".into(),
+        ));
+    }
+    if path.is_empty() || path == service_dir || service_dir.starts_with(&format!("{path}/")) {
+        return Some((
+            format!(
+                "`{}` names the service's directory (or one above it), not a file in it",
+                if path.is_empty() { "." } else { path }
+            ),
+            "name the file itself, like `./configuration.nix`; only referenced files are copied into the build".into(),
+        ));
+    }
+    if path == ".nixmox" || path.starts_with(".nixmox/") {
+        return Some((
+            format!("`{path}` is inside `.nixmox/`, NixMox's own build and state directory"),
+            "keep modules, migrations and Terraform modules in the service's directory".into(),
+        ));
+    }
+    let want = match use_ {
+        PathUse::NixModule => "a `.nix` file or a directory with `default.nix`",
+        PathUse::Migration => "a SQL file",
+        PathUse::TerraformModule => "a directory of Terraform files",
+    };
+    match probe(path) {
+        PathKind::Missing => Some((
+            format!("`{path}` does not exist"),
+            "paths are relative to the manifest's directory".into(),
+        )),
+        PathKind::Exists => None,
+        PathKind::File if use_ == PathUse::TerraformModule => Some((
+            format!("`{path}` is a file; a Terraform module is a directory"),
+            format!("name {want}"),
+        )),
+        PathKind::Dir if use_ == PathUse::Migration => Some((
+            format!("`{path}` is a directory; a migration is a file"),
+            "list each migration file".into(),
+        )),
+        PathKind::File | PathKind::Dir => None,
+        PathKind::Special { at, what } => Some((
+            format!("`{at}` is {what}"),
+            format!("NixMox opens only regular files and directories; `{path}` must be {want}"),
+        )),
+        PathKind::Escapes { at } => Some((
+            format!("`{at}` is a symbolic link that leads outside the project directory"),
+            "a link may point elsewhere inside the project, never out of it: copy the file in instead".into(),
+        )),
+    }
+}
+
+/// A lone `\r` ends a line in YAML (and is whitespace in JSON) but not for serde_json's or a
+/// reader's line count: make it a `\n`, which means the same and keeps every byte offset, so
+/// every position reported agrees with the lines a reader sees.
+fn normalize_breaks(text: &str) -> String {
+    if !text.contains('\r') {
+        return text.to_string();
+    }
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    for (i, c) in text.char_indices() {
+        if c == '\r' && bytes.get(i + 1) != Some(&b'\n') {
+            out.push('\n');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn parse_file(cx: &mut Cx, text: &str, path: &str) -> Option<syntax::Node> {
-    match syntax::parse(text, Format::from_path(path)) {
-        Ok(Some(node)) => {
+    let parsed = syntax::parse_all(text, Format::from_path(path));
+    let fatal = !parsed.errors.is_empty() && parsed.root.is_none();
+    for e in parsed.errors {
+        cx.error(e.span, "", e.message, None);
+    }
+    match parsed.root {
+        Some(node) => {
             // Reported, and decoding goes on so the file's other problems show too; any
             // error keeps the project from being built.
             check_nul(cx, &node, "");
             Some(node)
         }
-        Ok(None) => {
+        None if fatal => None,
+        None => {
             cx.diags.push(Diagnostic {
                 severity: Severity::Error,
                 file: path.to_string(),
@@ -285,10 +395,6 @@ fn parse_file(cx: &mut Cx, text: &str, path: &str) -> Option<syntax::Node> {
                     "a manifest needs at least `name:`".into()
                 }),
             });
-            None
-        }
-        Err(e) => {
-            cx.error(e.span, "", e.message, None);
             None
         }
     }

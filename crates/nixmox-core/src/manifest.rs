@@ -122,8 +122,9 @@ pub struct ServiceSpec {
     pub auth: Option<Sp<Auth>>,
     pub health: HealthSpec,
     pub terraform: Vec<Sp<TerraformUse>>,
-    /// Paths the manifest references that must exist: (project-relative path, span, field).
-    pub paths: Vec<(String, Span, String)>,
+    /// Paths the manifest references that must exist: (project-relative path, span, field,
+    /// what it is used as).
+    pub paths: Vec<(String, Span, String, PathUse)>,
     /// Every redirect URI with where it was written: (uri, span, field).
     pub redirects: Vec<(String, Span, String)>,
     /// Per `interface.db` entry: the role, where it is written, and the services it agrees to
@@ -278,8 +279,12 @@ pub fn decode(
             if let Some(m) = field(n, "modules") {
                 for (i, (p, span)) in cx.strings(m, "nixos.modules").into_iter().enumerate() {
                     let path = resolve_path(dir, &p);
-                    spec.paths
-                        .push((path.clone(), span, index("nixos.modules", i)));
+                    spec.paths.push((
+                        path.clone(),
+                        span,
+                        index("nixos.modules", i),
+                        PathUse::NixModule,
+                    ));
                     spec.nixos_modules.push(Sp { value: path, span });
                 }
             }
@@ -296,6 +301,17 @@ pub fn decode(
         }
     }
     name.map(|_| spec)
+}
+
+/// What a referenced path is used as, which decides what it must be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathUse {
+    /// A NixOS module: a `.nix` file, or a directory holding `default.nix`.
+    NixModule,
+    /// A SQL migration: a file.
+    Migration,
+    /// A Terraform module: a directory.
+    TerraformModule,
 }
 
 /// Joins a manifest-relative path onto the manifest's directory, resolving `.` and `..`.
@@ -574,7 +590,8 @@ fn decode_db(cx: &mut Cx, n: &Node, path: &str, spec: &mut ServiceSpec) -> Optio
         let mpath = join(path, "migrations");
         for (i, (p, span)) in cx.strings(m, &mpath).into_iter().enumerate() {
             let resolved = resolve_path(&spec.dir, &p);
-            spec.paths.push((resolved.clone(), span, index(&mpath, i)));
+            spec.paths
+                .push((resolved.clone(), span, index(&mpath, i), PathUse::Migration));
             migrations.push(resolved);
         }
     }
@@ -1151,7 +1168,12 @@ fn decode_terraform(
         let mpath = join(path, "modules");
         for (i, (p, span)) in cx.strings(m, &mpath).into_iter().enumerate() {
             let resolved = resolve_path(&spec.dir, &p);
-            spec.paths.push((resolved.clone(), span, index(&mpath, i)));
+            spec.paths.push((
+                resolved.clone(),
+                span,
+                index(&mpath, i),
+                PathUse::TerraformModule,
+            ));
             modules.push(resolved);
         }
     }

@@ -141,7 +141,7 @@ fn project_inner() -> Value {
                 "Where the Proxmox API token is read from: exactly one of `env` or `file`. Never the token itself (a plain string is refused). The token is `user@realm!tokenid=secret`.",
             )
             .opt("env", text("The name of an environment variable holding the token."))
-            .opt("file", text("The path of a file holding the token."))
+            .opt("file", text("The path of a file holding the token: relative to the project directory (and inside it), or absolute."))
             .build(),
             json!({"env": "PROXMOX_API_TOKEN"}),
         );
@@ -288,7 +288,7 @@ fn project_inner() -> Value {
         .opt(
             "path",
             dflt(
-                text("The state database, relative to the project directory."),
+                text("The state database: relative to the project directory (and inside it), or absolute."),
                 json!(".nixmox/state.db"),
             ),
         )
@@ -422,7 +422,7 @@ fn manifest_inner() -> Value {
             "modules",
             dflt(
                 list(
-                    "NixOS modules, relative to the manifest's directory; they must exist.",
+                    "NixOS modules (files, or directories with default.nix), relative to the manifest's directory, inside the project; they must exist. Only listed files are copied into the build.",
                     json!({"type": ["string", "number"]}),
                 ),
                 json!([]),
@@ -547,7 +547,7 @@ fn manifest_inner() -> Value {
         .opt(
             "migrations",
             dflt(
-                list("SQL files applied in order, relative to the manifest's directory; they must exist.", json!({"type": ["string", "number"]})),
+                list("SQL files applied in order, relative to the manifest's directory, inside the project; they must exist.", json!({"type": ["string", "number"]})),
                 json!([]),
             ),
         )

@@ -107,8 +107,40 @@ impl Format {
     }
 }
 
-/// Parses one document. An empty document (only whitespace and comments) is `Ok(None)`.
+/// At most this many aliases (`*name`) are expanded in one file.
+pub const MAX_ALIASES: usize = 10_000;
+/// At most this much is copied by alias expansion in one file, counted as nodes plus bytes of
+/// scalar text: a megabyte or so, far beyond any real project file and far below what a nested
+/// "billion laughs" alias bomb asks for.
+pub const MAX_ALIAS_WEIGHT: usize = 1 << 20;
+/// At most this many nested lists and mappings. Deeper trees are never a real manifest, and
+/// later stages walk the tree recursively.
+pub const MAX_DEPTH: usize = 128;
+
+/// A parsed file: its one document (if the text holds one) and every problem found. A problem
+/// in `errors` does not stop the reading (a duplicate key, a second document, a NUL byte, an
+/// alias beyond the bounds), so the rest of the file is still checked; only a fatal syntax
+/// error leaves `root` empty.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Parsed {
+    pub root: Option<Node>,
+    pub errors: Vec<SyntaxError>,
+}
+
+/// Parses one document. An empty document (only whitespace and comments) is `Ok(None)`. The
+/// first problem of any kind is the error; [`parse_all`] reports them all.
 pub fn parse(text: &str, format: Format) -> Result<Option<Node>, SyntaxError> {
+    let mut parsed = parse_all(text, format);
+    if parsed.errors.is_empty() {
+        Ok(parsed.root)
+    } else {
+        Err(parsed.errors.swap_remove(0))
+    }
+}
+
+/// Parses a file holding one document and reports every problem with its position.
+pub fn parse_all(text: &str, format: Format) -> Parsed {
+    let mut errors = Vec::new();
     if format == Format::Json {
         // serde_json words JSON errors the way JSON users expect; the tree itself is built by
         // the YAML parser below because JSON is YAML's flow syntax and that keeps positions.
@@ -119,16 +151,38 @@ pub fn parse(text: &str, format: Format) -> Result<Option<Node>, SyntaxError> {
                     Some(i) => msg[..i].to_string(),
                     None => msg,
                 };
-                return Err(SyntaxError {
+                errors.push(SyntaxError {
                     span: Span::new(
                         u32::try_from(e.line()).unwrap_or(1).max(1),
                         u32::try_from(e.column()).unwrap_or(1).max(1),
                     ),
                     message: format!("invalid JSON: {msg}"),
                 });
+                return Parsed { root: None, errors };
             }
         }
     }
+    // The YAML scanner takes a NUL for the end of the input, so everything after one would go
+    // unread. Report each, then read on with a space in its place (same length, so every
+    // position after it stays right).
+    let owned_nul;
+    let text = if text.contains('\0') {
+        for (i, line) in lines(text).enumerate() {
+            if let Some(byte) = line.find('\0') {
+                errors.push(SyntaxError {
+                    span: Span::new(
+                        u32::try_from(i + 1).unwrap_or(u32::MAX),
+                        u32::try_from(line[..byte].chars().count() + 1).unwrap_or(u32::MAX),
+                    ),
+                    message: "the file contains a NUL byte".into(),
+                });
+            }
+        }
+        owned_nul = text.replace('\0', " ");
+        owned_nul.as_str()
+    } else {
+        text
+    };
     // Tabs are legal whitespace in JSON but not YAML indentation; JSON strings cannot hold raw
     // tabs, so replacing them keeps every character position and the meaning.
     let owned;
@@ -140,21 +194,49 @@ pub fn parse(text: &str, format: Format) -> Result<Option<Node>, SyntaxError> {
     };
     let mut builder = Builder::default();
     let mut parser = Parser::new_from_str(text);
-    if let Err(e) = parser.load(&mut builder, false) {
+    // Read every document, so that a second one is reported rather than silently ignored.
+    if let Err(e) = parser.load(&mut builder, true) {
         let m = e.marker();
         let mut info = e.info().to_string();
         if let Some(i) = info.find(" at byte ") {
             info.truncate(i);
         }
-        return Err(SyntaxError {
+        errors.extend(builder.errors);
+        errors.push(SyntaxError {
             span: Span::from_marker(*m),
             message: format!("invalid YAML: {info}"),
         });
+        return Parsed { root: None, errors };
     }
-    if let Some(err) = builder.error {
-        return Err(err);
+    errors.extend(builder.errors);
+    errors.sort_by_key(|e| e.span);
+    Parsed {
+        root: builder.root,
+        errors,
     }
-    Ok(builder.root)
+}
+
+/// The lines of `text` as YAML counts them: `\n`, `\r\n` and a lone `\r` each end one.
+pub fn lines(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(text);
+    std::iter::from_fn(move || {
+        let s = rest?;
+        match s.find(['\n', '\r']) {
+            Some(i) => {
+                let next = if s[i..].starts_with("\r\n") {
+                    i + 2
+                } else {
+                    i + 1
+                };
+                rest = (next < s.len()).then(|| &s[next..]);
+                Some(&s[..i])
+            }
+            None => {
+                rest = None;
+                (!s.is_empty()).then_some(s)
+            }
+        }
+    })
 }
 
 enum Frame {
@@ -162,20 +244,40 @@ enum Frame {
     Map(Vec<Entry>, Option<(String, Span)>, Span, usize, Vec<String>),
 }
 
+/// A collection being built, with the weight (nodes plus scalar bytes) of what it holds so far.
+struct Open {
+    frame: Frame,
+    weight: usize,
+}
+
 #[derive(Default)]
 struct Builder {
-    stack: Vec<Frame>,
+    stack: Vec<Open>,
     root: Option<Node>,
-    anchors: HashMap<usize, Node>,
-    error: Option<SyntaxError>,
+    /// Anchored nodes with their weight.
+    anchors: HashMap<usize, (Node, usize)>,
+    errors: Vec<SyntaxError>,
+    /// Documents started so far.
+    documents: usize,
+    aliases: usize,
+    alias_weight: usize,
+    /// Set after a fatal problem (an alias bound, the depth bound): later events are skipped.
+    stopped: bool,
 }
 
 impl Builder {
-    fn push_value(&mut self, node: Node, anchor: usize) {
+    fn error(&mut self, span: Span, message: String) {
+        self.errors.push(SyntaxError { span, message });
+    }
+
+    fn push_value(&mut self, node: Node, anchor: usize, weight: usize) {
         if anchor > 0 {
-            self.anchors.insert(anchor, node.clone());
+            self.anchors.insert(anchor, (node.clone(), weight));
         }
-        match self.stack.last_mut() {
+        if let Some(open) = self.stack.last_mut() {
+            open.weight = open.weight.saturating_add(weight);
+        }
+        match self.stack.last_mut().map(|o| &mut o.frame) {
             None => {
                 if self.root.is_none() {
                     self.root = Some(node);
@@ -192,12 +294,12 @@ impl Builder {
                             Kind::Float(f) => f.to_string(),
                             Kind::Null => String::new(),
                             Kind::Seq(_) | Kind::Map(_) => {
-                                if self.error.is_none() {
-                                    self.error = Some(SyntaxError {
+                                self.errors.push(SyntaxError {
                                     span: node.span,
-                                    message: "a mapping key must be a plain value, not a list or mapping".into(),
+                                    message:
+                                        "a mapping key must be a plain value, not a list or mapping"
+                                            .into(),
                                 });
-                                }
                                 String::new()
                             }
                         };
@@ -214,15 +316,15 @@ impl Builder {
                                 e.key_span = key_span;
                             }
                         } else if let Some(first) = entries.iter().find(|e| e.key == key) {
-                            if self.error.is_none() {
-                                self.error = Some(SyntaxError {
-                                    span: key_span,
-                                    message: format!(
-                                        "duplicate key `{key}` (first defined on line {})",
-                                        first.key_span.line
-                                    ),
-                                });
-                            }
+                            // Reported, and the first value kept, so the rest of the file is
+                            // still checked.
+                            self.errors.push(SyntaxError {
+                                span: key_span,
+                                message: format!(
+                                    "duplicate key `{key}` (first defined on line {})",
+                                    first.key_span.line
+                                ),
+                            });
                         } else {
                             entries.push(Entry {
                                 key,
@@ -260,6 +362,9 @@ fn merge_into(entries: &mut Vec<Entry>, merged: &mut Vec<String>, node: Node) {
     }
 }
 
+/// Types a scalar by the YAML 1.2 core schema: quoted scalars are strings; plain ones are null,
+/// booleans, integers (decimal, `0o` octal, `0x` hexadecimal) and floats (including `.inf` and
+/// `.nan`) by the schema's patterns, and strings otherwise.
 fn scalar(value: String, style: TScalarStyle) -> Kind {
     if style != TScalarStyle::Plain {
         return Kind::Str(value);
@@ -268,25 +373,33 @@ fn scalar(value: String, style: TScalarStyle) -> Kind {
         "" | "~" | "null" | "Null" | "NULL" => return Kind::Null,
         "true" | "True" | "TRUE" => return Kind::Bool(true),
         "false" | "False" | "FALSE" => return Kind::Bool(false),
+        ".inf" | ".Inf" | ".INF" | "+.inf" | "+.Inf" | "+.INF" => {
+            return Kind::Float(f64::INFINITY)
+        }
+        "-.inf" | "-.Inf" | "-.INF" => return Kind::Float(f64::NEG_INFINITY),
+        ".nan" | ".NaN" | ".NAN" => return Kind::Float(f64::NAN),
         _ => {}
     }
     let digits = value.strip_prefix(['-', '+']).unwrap_or(&value);
     if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
-        if let Ok(i) = value.parse::<i64>() {
-            return Kind::Int(i);
+        return match value.parse::<i64>() {
+            Ok(i) => Kind::Int(i),
+            // Beyond 64 bits: still a number by the schema, read as the nearest float.
+            Err(_) => value.parse::<f64>().map_or(Kind::Str(value), Kind::Float),
+        };
+    }
+    for (prefix, radix) in [("0o", 8), ("0x", 16)] {
+        if let Some(rest) = value.strip_prefix(prefix) {
+            if !rest.is_empty() && rest.chars().all(|c| c.is_digit(radix)) {
+                return match i64::from_str_radix(rest, radix) {
+                    Ok(i) => Kind::Int(i),
+                    Err(_) => u128::from_str_radix(rest, radix)
+                        .map_or(Kind::Str(value.clone()), |i| Kind::Float(i as f64)),
+                };
+            }
         }
     }
-    if let Some(hex) = value.strip_prefix("0x") {
-        if let Ok(i) = i64::from_str_radix(hex, 16) {
-            return Kind::Int(i);
-        }
-    }
-    let looks_numeric = value
-        .bytes()
-        .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'+' | b'e' | b'E'))
-        && value.bytes().any(|b| b.is_ascii_digit())
-        && value.matches('.').count() <= 1;
-    if looks_numeric {
+    if is_core_float(&value) {
         if let Ok(f) = value.parse::<f64>() {
             return Kind::Float(f);
         }
@@ -294,50 +407,119 @@ fn scalar(value: String, style: TScalarStyle) -> Kind {
     Kind::Str(value)
 }
 
+/// The core schema's float pattern: `[-+]? ( \. [0-9]+ | [0-9]+ ( \. [0-9]* )? ) ( [eE] [-+]? [0-9]+ )?`.
+fn is_core_float(s: &str) -> bool {
+    let b = s.as_bytes();
+    let mut i = usize::from(matches!(b.first(), Some(b'-' | b'+')));
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while b.get(*i).is_some_and(u8::is_ascii_digit) {
+            *i += 1;
+        }
+        *i - start
+    };
+    let int_part = digits(&mut i);
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        let frac = digits(&mut i);
+        if int_part == 0 && frac == 0 {
+            return false;
+        }
+    } else if int_part == 0 {
+        return false;
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(b.get(i), Some(b'-' | b'+')) {
+            i += 1;
+        }
+        if digits(&mut i) == 0 {
+            return false;
+        }
+    }
+    i == b.len()
+}
+
+/// Nodes plus scalar bytes of a scalar: what copying it costs.
+fn scalar_weight(kind: &Kind) -> usize {
+    match kind {
+        Kind::Str(s) => 1 + s.len(),
+        _ => 1,
+    }
+}
+
 impl MarkedEventReceiver for Builder {
     fn on_event(&mut self, ev: Event, mark: Marker) {
         let span = Span::from_marker(mark);
+        if self.stopped {
+            return;
+        }
         match ev {
             Event::Scalar(value, style, anchor, _tag) => {
-                let node = Node {
-                    kind: scalar(value, style),
-                    span,
-                };
-                self.push_value(node, anchor);
+                let kind = scalar(value, style);
+                let weight = scalar_weight(&kind);
+                self.push_value(Node { kind, span }, anchor, weight);
             }
             Event::Alias(id) => {
-                let node = match self.anchors.get(&id) {
-                    Some(n) => Node {
-                        kind: n.kind.clone(),
+                let weight = self.anchors.get(&id).map_or(1, |(_, w)| *w);
+                self.aliases += 1;
+                self.alias_weight = self.alias_weight.saturating_add(weight);
+                if self.aliases > MAX_ALIASES || self.alias_weight > MAX_ALIAS_WEIGHT {
+                    let why = if self.aliases > MAX_ALIASES {
+                        format!("more than {MAX_ALIASES} aliases")
+                    } else {
+                        format!("aliases expanding to more than {MAX_ALIAS_WEIGHT} nodes and bytes")
+                    };
+                    self.error(
                         span,
-                    },
-                    None => Node {
-                        kind: Kind::Null,
-                        span,
-                    },
-                };
-                self.push_value(node, 0);
+                        format!("the file uses too many aliases: {why} (an alias bomb?)"),
+                    );
+                    self.stopped = true;
+                    return;
+                }
+                let kind = self
+                    .anchors
+                    .get(&id)
+                    .map_or(Kind::Null, |(n, _)| n.kind.clone());
+                self.push_value(Node { kind, span }, 0, weight);
             }
-            Event::SequenceStart(anchor, _) => {
-                self.stack.push(Frame::Seq(Vec::new(), span, anchor))
+            Event::SequenceStart(..) | Event::MappingStart(..) if self.stack.len() >= MAX_DEPTH => {
+                self.error(
+                    span,
+                    format!("lists and mappings are nested more than {MAX_DEPTH} deep"),
+                );
+                self.stopped = true;
             }
-            Event::MappingStart(anchor, _) => {
-                self.stack
-                    .push(Frame::Map(Vec::new(), None, span, anchor, Vec::new()))
-            }
+            Event::SequenceStart(anchor, _) => self.stack.push(Open {
+                frame: Frame::Seq(Vec::new(), span, anchor),
+                weight: 0,
+            }),
+            Event::MappingStart(anchor, _) => self.stack.push(Open {
+                frame: Frame::Map(Vec::new(), None, span, anchor, Vec::new()),
+                weight: 0,
+            }),
             Event::SequenceEnd => {
-                if let Some(Frame::Seq(items, start, anchor)) = self.stack.pop() {
+                if let Some(Open {
+                    frame: Frame::Seq(items, start, anchor),
+                    weight,
+                }) = self.stack.pop()
+                {
                     self.push_value(
                         Node {
                             kind: Kind::Seq(items),
                             span: start,
                         },
                         anchor,
+                        weight.saturating_add(1),
                     );
                 }
             }
             Event::MappingEnd => {
-                if let Some(Frame::Map(entries, _, start, anchor, _)) = self.stack.pop() {
+                if let Some(Open {
+                    frame: Frame::Map(entries, _, start, anchor, _),
+                    weight,
+                }) = self.stack.pop()
+                {
                     // A block mapping's start mark points past its first key; the first key is
                     // where a reader looks for the mapping.
                     let span = entries.first().map(|e| e.key_span).unwrap_or(start);
@@ -347,14 +529,21 @@ impl MarkedEventReceiver for Builder {
                             span,
                         },
                         anchor,
+                        weight.saturating_add(1),
                     );
                 }
             }
-            Event::Nothing
-            | Event::StreamStart
-            | Event::StreamEnd
-            | Event::DocumentStart
-            | Event::DocumentEnd => {}
+            Event::DocumentStart => {
+                self.documents += 1;
+                if self.documents == 2 {
+                    self.error(
+                        span,
+                        "the file holds more than one YAML document (a second `---`)".into(),
+                    );
+                    self.stopped = true;
+                }
+            }
+            Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentEnd => {}
         }
     }
 }
@@ -420,5 +609,95 @@ mod tests {
     #[test]
     fn empty_document_is_none() {
         assert_eq!(parse("# only a comment\n", Format::Yaml).unwrap(), None);
+    }
+
+    #[test]
+    fn duplicate_keys_do_not_hide_the_rest_of_the_file() {
+        let p = parse_all("a: 1\na: 2\nb: 3\n", Format::Yaml);
+        assert_eq!(p.errors.len(), 1);
+        let root = p.root.unwrap();
+        assert_eq!(root.get("a").unwrap().kind, Kind::Int(1));
+        assert_eq!(root.get("b").unwrap().kind, Kind::Int(3));
+    }
+
+    #[test]
+    fn core_schema_numbers() {
+        let n = parse(
+            "a: 0o2000\nb: 0x2\nc: .inf\nd: -.Inf\ne: .nan\nf: 1e3\ng: 1_000\nh: 0o9\ni: .5\nj: 1.\nk: 2001-01-01\n",
+            Format::Yaml,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(n.get("a").unwrap().kind, Kind::Int(0o2000));
+        assert_eq!(n.get("b").unwrap().kind, Kind::Int(2));
+        assert_eq!(n.get("c").unwrap().kind, Kind::Float(f64::INFINITY));
+        assert_eq!(n.get("d").unwrap().kind, Kind::Float(f64::NEG_INFINITY));
+        assert!(matches!(n.get("e").unwrap().kind, Kind::Float(f) if f.is_nan()));
+        assert_eq!(n.get("f").unwrap().kind, Kind::Float(1000.0));
+        assert_eq!(n.get("g").unwrap().kind, Kind::Str("1_000".into()));
+        assert_eq!(n.get("h").unwrap().kind, Kind::Str("0o9".into()));
+        assert_eq!(n.get("i").unwrap().kind, Kind::Float(0.5));
+        assert_eq!(n.get("j").unwrap().kind, Kind::Float(1.0));
+        assert_eq!(n.get("k").unwrap().kind, Kind::Str("2001-01-01".into()));
+    }
+
+    #[test]
+    fn alias_bombs_are_bounded() {
+        let mut text = String::from("x-a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+        for i in 1..10 {
+            let refs = vec![format!("*a{}", i - 1); 9].join(", ");
+            text.push_str(&format!("x-a{i}: &a{i} [{refs}]\n"));
+        }
+        let p = parse_all(&text, Format::Yaml);
+        assert!(
+            p.errors[0].message.contains("too many aliases"),
+            "{:?}",
+            p.errors
+        );
+        assert!(p.errors[0].span.line > 1);
+        let many = "a: &a x\nb: [".to_string() + &vec!["*a"; MAX_ALIASES + 1].join(", ") + "]\n";
+        let p = parse_all(&many, Format::Yaml);
+        assert!(
+            p.errors[0].message.contains("more than 10000 aliases"),
+            "{:?}",
+            p.errors
+        );
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        let text = "[".repeat(MAX_DEPTH + 1) + &"]".repeat(MAX_DEPTH + 1);
+        let p = parse_all(&text, Format::Yaml);
+        assert!(
+            p.errors
+                .iter()
+                .any(|e| e.message.contains("nested more than")),
+            "{:?}",
+            p.errors
+        );
+    }
+
+    #[test]
+    fn nul_bytes_and_second_documents_are_errors() {
+        let p = parse_all("a: 1\nb: x\0y\nc: [\n", Format::Yaml);
+        assert_eq!(p.errors[0].span, Span::new(2, 5));
+        assert!(p.errors[0].message.contains("NUL"));
+        // The rest was read: the unclosed list on line 3 is found too.
+        assert!(p.errors.len() >= 2, "{:?}", p.errors);
+        let p = parse_all("a: 1\n---\nb: 2\n", Format::Yaml);
+        assert_eq!(p.errors.len(), 1, "{:?}", p.errors);
+        assert_eq!(p.errors[0].span.line, 2);
+        assert!(p.errors[0].message.contains("more than one YAML document"));
+        assert!(parse_all("---\na: 1\n...\n", Format::Yaml)
+            .errors
+            .is_empty());
+    }
+
+    #[test]
+    fn lines_are_counted_as_yaml_counts_them() {
+        let v: Vec<&str> = lines("a\rb\r\nc\n\nd").collect();
+        assert_eq!(v, ["a", "b", "c", "", "d"]);
+        let n = parse("a: 1\rb: x\r", Format::Yaml).unwrap().unwrap();
+        assert_eq!(n.get("b").unwrap().span, Span::new(2, 4));
     }
 }

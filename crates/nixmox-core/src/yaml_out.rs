@@ -108,40 +108,101 @@ fn scalar(v: &Value) -> String {
     }
 }
 
+/// A double-quoted scalar in which every character a YAML reader might take for something
+/// else is escaped: control characters, the line breaks YAML 1.1 readers know besides `\n`
+/// (U+0085, U+2028, U+2029), DEL and the C1 controls, the byte-order mark and any other
+/// non-printable character. Everything else is written as itself.
 fn quote(s: &str) -> String {
-    // A JSON string is a valid YAML double-quoted scalar.
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            '\0' => out.push_str("\\0"),
+            c if printable(c) => out.push(c),
+            c if (c as u32) <= 0xff => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if (c as u32) <= 0xffff => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push_str(&format!("\\U{:08x}", c as u32)),
+        }
+    }
+    out.push('"');
+    out
 }
 
-/// True when `s` reads back as the same string when written unquoted.
+/// YAML's printable set (`c-printable`) without the line breaks and the byte-order mark.
+fn printable(c: char) -> bool {
+    matches!(c as u32, 0x20..=0x7e | 0xa0..=0x2027 | 0x202a..=0xd7ff | 0xe000..=0xfefe | 0xff00..=0xfffd | 0x10000..=0x10ffff)
+}
+
+/// True when `s` reads back as the same string when written unquoted, in YAML 1.2 and 1.1
+/// readers alike (PyYAML, libyaml, yaml-rust2, go-yaml, SnakeYAML). Deliberately narrow: a
+/// plain scalar holds only ASCII letters, digits, single spaces and `-_./:@+=%,()`; `:` is
+/// never followed by a space or last; it is not one of the words readers turn into booleans
+/// or null; and it starts with a letter or `/`, or is one of a few shapes no reader takes for
+/// a number or a date: an option (`-x`, `--quiet`), a dotted name (`.nixmox/x`), a dotted
+/// quad or CIDR (`10.0.0.1/24`), a duration (`10s`, `1m30s`). Anything else is quoted.
 fn is_plain_safe(s: &str) -> bool {
-    if s.is_empty() || s.trim() != s {
+    let b = s.as_bytes();
+    let Some(&first) = b.first() else {
+        return false;
+    };
+    if s.ends_with(' ') || s.ends_with(':') || s.contains(": ") || s.contains("  ") {
         return false;
     }
-    let lower = s.to_ascii_lowercase();
-    if matches!(
-        lower.as_str(),
-        "null" | "~" | "true" | "false" | "yes" | "no" | "on" | "off" | "y" | "n"
-    ) {
+    let allowed = |c: char| {
+        c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                ' ' | '-' | '_' | '.' | '/' | ':' | '@' | '+' | '=' | '%' | ',' | '(' | ')'
+            )
+    };
+    if !s.chars().all(allowed) {
         return false;
     }
-    if s.parse::<f64>().is_ok() || s.starts_with("0x") || s.starts_with("0o") {
-        return false;
+    let alpha_at = |i: usize| b.get(i).is_some_and(u8::is_ascii_alphabetic);
+    let starts_well = match first {
+        b'/' => true,
+        c if c.is_ascii_alphabetic() => true,
+        b'-' => alpha_at(1) || (b.get(1) == Some(&b'-') && alpha_at(2)),
+        b'.' => alpha_at(1) && !matches!(s.to_ascii_lowercase().as_str(), ".inf" | ".nan"),
+        c if c.is_ascii_digit() => {
+            (s.matches('.').count() >= 2
+                && s.chars()
+                    .all(|c| c.is_ascii_digit() || matches!(c, '.' | '/')))
+                || is_duration(s)
+        }
+        _ => false,
+    };
+    // YAML 1.1's booleans and null, in any case (readers differ on which cases count).
+    starts_well
+        && !matches!(
+            s.to_ascii_lowercase().as_str(),
+            "null" | "true" | "false" | "yes" | "no" | "on" | "off" | "y" | "n"
+        )
+}
+
+/// `10s`, `500ms`, `1m30s`, `2h`: digits and unit letters, alternating.
+fn is_duration(s: &str) -> bool {
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        if digits == 0 {
+            return false;
+        }
+        rest = &rest[digits..];
+        let unit = ["ms", "s", "m", "h", "d"]
+            .into_iter()
+            .find(|u| rest.starts_with(u));
+        match unit {
+            Some(u) => rest = &rest[u.len()..],
+            None => return false,
+        }
     }
-    let first = s.chars().next().unwrap_or(' ');
-    if "-?:,[]{}#&*!|>'\"%@`".contains(first)
-        && !(first == '-' && s.len() > 1 && !s[1..].starts_with(' ') && s != "-")
-    {
-        return false;
-    }
-    if s.starts_with("- ") || s == "-" {
-        return false;
-    }
-    !(s.contains(": ")
-        || s.contains(" #")
-        || s.ends_with(':')
-        || s.chars()
-            .any(|c| c.is_control() || matches!(c, '{' | '}' | '[' | ']' | ',' | '"' | '\'')))
+    true
 }
 
 #[cfg(test)]

@@ -23,6 +23,11 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A project file NixMox refuses to open or copy: a symbolic link leading out of the
+    /// project, a FIFO, socket or device. Validation reports these with their manifest line;
+    /// this is the last line of defence when the tree changed in between.
+    #[error("refusing `{}`: {why}", path.display())]
+    Unsafe { path: PathBuf, why: String },
     #[error("output closed")]
     BrokenPipe,
     #[error(transparent)]
@@ -43,7 +48,7 @@ pub enum Error {
 impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Reported { .. } | Error::Usage(_) => EXIT_INVALID,
+            Error::Reported { .. } | Error::Usage(_) | Error::Unsafe { .. } => EXIT_INVALID,
             Error::Read { .. } | Error::Write { .. } | Error::State(_) | Error::RunFailed(_) => {
                 EXIT_RUNTIME
             }

@@ -161,25 +161,19 @@ fn options_module() -> String {
     nixexpr::file(HEADER, Some(&["lib"]), &body)
 }
 
-/// Copies a service's own files into the build so the flake is self-contained.
+/// Copies the files a service's manifest references into the build so the flake is
+/// self-contained: each module, migration and Terraform module it names, and nothing else of
+/// its directory (a module importing a sibling file must list it, or be a directory module).
 fn copies_for(s: &Service, out: &mut Rendered) {
-    let dir = &s.dir;
-    let mut whole_dir = false;
+    let prefix = format!("{}/", s.dir);
     for m in &s.nixos_modules {
-        if m.starts_with(&format!("{dir}/")) {
-            whole_dir = true;
-        } else {
-            out.copies.push(Copy {
-                from: m.clone(),
-                to: format!("nix/external/{m}"),
-            });
-        }
-    }
-    if whole_dir {
-        // The whole directory, so a module's imports of its siblings keep working.
+        let to = match m.strip_prefix(&prefix) {
+            Some(rel) => format!("nix/services/{}/{rel}", s.name),
+            None => format!("nix/external/{m}"),
+        };
         out.copies.push(Copy {
-            from: dir.clone(),
-            to: format!("nix/services/{}", s.name),
+            from: m.clone(),
+            to,
         });
     }
     for db in &s.dbs {

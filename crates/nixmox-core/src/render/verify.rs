@@ -85,11 +85,28 @@ fn walk_tf(v: &Value, path: &str, out: &mut Vec<String>) {
 
 /// Why a string has a live template that is not one of NixMox's references, if it has one.
 fn live_template(s: &str) -> Option<&'static str> {
-    let rest = s.replace("$${", "").replace("%%{", "");
-    if rest.contains("%{") {
+    // Scanned left to right as HCL's template scanner does: `$${` and `%%{` are escapes
+    // (`$$${` is a literal `$` then the escape `$${`). Deleting the escapes first would join
+    // what is left into new sequences (`$$${{` would become `${`).
+    let (mut interpolation, mut directive) = (false, false);
+    let mut rest = s;
+    while let Some(c) = rest.chars().next() {
+        if rest.starts_with("$${") || rest.starts_with("%%{") {
+            rest = &rest[3..];
+        } else if rest.starts_with("${") {
+            interpolation = true;
+            rest = &rest[2..];
+        } else if rest.starts_with("%{") {
+            directive = true;
+            rest = &rest[2..];
+        } else {
+            rest = &rest[c.len_utf8()..];
+        }
+    }
+    if directive {
         return Some("a live template directive");
     }
-    if !rest.contains("${") {
+    if !interpolation {
         return None;
     }
     let reference = s
@@ -278,6 +295,18 @@ pub fn caddyfile(text: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escapes_are_read_left_to_right_as_hcl_does() {
+        assert_eq!(live_template("$$${{env.X}"), None);
+        assert_eq!(live_template("$$${*/$$${{env.X}'"), None);
+        assert_eq!(live_template("a $${b} %%{c}"), None);
+        assert_eq!(live_template("$${x} ${y}"), Some("a live interpolation"));
+        assert_eq!(
+            live_template("%{ if x }"),
+            Some("a live template directive")
+        );
+    }
 
     #[test]
     fn terraform_templates() {

@@ -5,7 +5,7 @@ use nixmox_core::plan::{self, PlanInput, Selection};
 
 use super::load_project;
 use crate::cli::GraphFormat;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::output;
 use crate::root::ProjectRoot;
 
@@ -21,6 +21,12 @@ pub fn run(root: &ProjectRoot, steps: bool, format: GraphFormat) -> Result<()> {
     } else {
         graph::services(project)
     };
+    // Checked before any layout is computed: both the work and the output are bounded.
+    picture.check_size().map_err(|why| {
+        Error::Usage(format!(
+            "{why}; `nixmox plan` and `nixmox config SERVICE` show large projects in text"
+        ))
+    })?;
     let text = match format {
         GraphFormat::Dot => graph::to_dot(&picture),
         GraphFormat::Mermaid => graph::to_mermaid(&picture),

@@ -135,6 +135,13 @@ pub fn load_project(root: &Path) -> Result<Loaded> {
     let read = project_fs::read_project(root)?;
     let mut loaded = load_sources(root, &read.sources);
     loaded.diagnostics.extend(read.diagnostics);
+    if let Some(project) = &loaded.project {
+        let unsafe_paths = project_fs::check_written_paths(root, project);
+        if !unsafe_paths.is_empty() {
+            loaded.diagnostics.extend(unsafe_paths);
+            loaded.project = None;
+        }
+    }
     output::diagnostics(&loaded.diagnostics);
     let errors = loaded.errors().count();
     if errors > 0 || loaded.project.is_none() {
@@ -152,8 +159,8 @@ pub fn load_project(root: &Path) -> Result<Loaded> {
 /// relative flake input paths made absolute (they are relative to the project, and Nix runs
 /// elsewhere). Every command loads through here.
 pub fn load_sources(root: &Path, sources: &nixmox_core::Sources) -> Loaded {
-    let exists = project_fs::exists_in(root);
-    let mut loaded = nixmox_core::load(sources, &exists);
+    let probe = project_fs::probe_in(root);
+    let mut loaded = nixmox_core::load_probed(sources, &probe);
     if let Some(p) = loaded.project.as_mut() {
         crate::flake::absolutize_inputs(p, root);
     }
