@@ -8,22 +8,13 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::{text, Lab};
 
-/// `nixmox ARGS` run from inside the project directory. The `-C` with the absolute path stays
-/// until relative project roots reach the deployer as absolute paths (issue 11, section 1).
+/// `nixmox ARGS` run from inside the project directory, as people do (the `Lab`'s default).
 fn in_project(lab: &Lab, args: &[&str]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_nixmox"));
-    c.current_dir(&lab.project)
-        .arg("-C")
-        .arg(&lab.project)
-        .args(args);
-    for (k, v) in &lab.env {
-        c.env(k, v);
-    }
-    c.output().unwrap()
+    lab.run(args, &[])
 }
 
 /// The ids of the resources of a workspace's Terraform state, by address (`module.m.type.name`

@@ -236,15 +236,7 @@ impl Lab {
 
     /// `nixmox` run as people do: from inside the project directory, without `-C`.
     pub fn here(&self, args: &[&str], extra: &[(&str, &str)]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_nixmox"));
-        c.current_dir(&self.project).args(args);
-        for (k, v) in &self.env {
-            c.env(k, v);
-        }
-        for (k, v) in extra {
-            c.env(k, v);
-        }
-        c
+        self.cmd(args, extra)
     }
 
     /// `nixmox ARGS` from inside the project on a terminal: a pseudo-terminal made by
