@@ -818,6 +818,29 @@ fn flake_url(cx: &mut Cx, n: &Node, path: &str) -> Option<String> {
         return None;
     }
     match scheme {
+        Some(s @ ("path" | "git+file")) => {
+            // A local input, like every project path: relative ones stay inside the project
+            // (a project from someone else cannot point Nix at `../../home/you`); an
+            // absolute one is the operator's explicit choice.
+            let rest = &url[s.len() + 1..];
+            let rest = rest.strip_prefix("//").unwrap_or(rest);
+            let local = rest.split('?').next().unwrap_or("");
+            let resolved = crate::manifest::resolve_path("", local);
+            if local.is_empty() {
+                cx.error(
+                    n.span,
+                    path,
+                    format!("`{url}` names no directory"),
+                    Some("write path:./dir (relative to the project) or path:/abs/dir".into()),
+                );
+                None
+            } else if !local.starts_with('/') && (resolved == ".." || resolved.starts_with("../")) {
+                cx.error(n.span, path, format!("`{url}` climbs out of the project directory"), Some("a relative path stays inside the project; write an absolute path to choose a place outside it".into()));
+                None
+            } else {
+                Some(url)
+            }
+        }
         Some(s) if FLAKE_SCHEMES.contains(&s) && url.len() > s.len() + 1 => Some(url),
         _ => {
             cx.error(

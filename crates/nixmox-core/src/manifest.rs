@@ -324,11 +324,13 @@ pub fn resolve_path(dir: &str, p: &str) -> String {
     for seg in p.split('/') {
         match seg {
             "" | "." => {}
-            ".." => {
-                if parts.pop().is_none() {
-                    parts.push("..");
+            // `..` cancels a name, never another `..`: `../../x` climbs two levels.
+            ".." => match parts.last() {
+                Some(&last) if last != ".." => {
+                    parts.pop();
                 }
-            }
+                _ => parts.push(".."),
+            },
             s => parts.push(s),
         }
     }
@@ -337,6 +339,20 @@ pub fn resolve_path(dir: &str, p: &str) -> String {
         format!("/{joined}")
     } else {
         joined
+    }
+}
+
+#[cfg(test)]
+mod resolve_path_tests {
+    use super::resolve_path;
+
+    #[test]
+    fn parent_segments_accumulate() {
+        assert_eq!(resolve_path("", "../../etc"), "../../etc");
+        assert_eq!(resolve_path("services/a", "../../../x"), "../x");
+        assert_eq!(resolve_path("services/a", "./m.nix"), "services/a/m.nix");
+        assert_eq!(resolve_path("services/a", "../b/m.nix"), "services/b/m.nix");
+        assert_eq!(resolve_path("", "/abs/../x"), "/x");
     }
 }
 
