@@ -101,16 +101,6 @@ fn module_name(path: &str, k: usize, j: usize) -> String {
 /// both force a replacement, so later edits are ignored rather than destroying the container.
 pub const CONTAINER_CREATE_ONLY: &[&str] = &["initialization[0].user_account", "operating_system"];
 
-/// The scope mappings authentik ships for the standard OIDC scopes.
-fn scope_mapping(scope: &str) -> Option<String> {
-    match scope {
-        "openid" | "email" | "profile" | "offline_access" | "entitlements" => {
-            Some(format!("goauthentik.io/providers/oauth2/scope-{scope}"))
-        }
-        _ => None,
-    }
-}
-
 /// A literal string for Terraform: `${` and `%{` would start an interpolation or a template
 /// directive, so they are doubled.
 pub fn lit(s: &str) -> Value {
@@ -363,7 +353,11 @@ fn oauth2(p: &Project, s: &Service, out_name: &str) -> Option<Blocks> {
     let name = tf_name(s.name.as_str());
     let mut resources = Map::new();
     let mut data = Map::new();
-    let mappings: Vec<String> = o.scopes.iter().filter_map(|sc| scope_mapping(sc)).collect();
+    let mappings: Vec<String> = o
+        .scopes
+        .iter()
+        .filter_map(|sc| crate::model::oidc_scope_mapping(sc))
+        .collect();
     data.insert(
         "authentik_property_mapping_provider_scope".into(),
         json!({ format!("{name}_scopes"): {"managed_list": mappings} }),
