@@ -585,6 +585,19 @@ fn decode_db(cx: &mut Cx, n: &Node, path: &str, spec: &mut ServiceSpec) -> Optio
         )
         .unwrap_or(DbMode::NativeMigration),
     };
+    if mode == DbMode::Terraform {
+        // Issue 12, item 5: cyrilgdn/postgresql would connect from the operator's machine as
+        // `postgres`, which the rendered pg_hba does not admit and which has no password. Until
+        // NixMox renders an admin role and a way in for it, the mode is refused.
+        if let Some(m) = field(n, "mode") {
+            cx.error(
+                m.span,
+                &join(path, "mode"),
+                "`mode: terraform` is not supported yet: the PostgreSQL provider could not reach the database host",
+                Some("leave `mode` out (`native-migration`): the database host creates the database and its role and runs the migrations; see docs/secrets.md".into()),
+            );
+        }
+    }
     let mut migrations = Vec::new();
     if let Some(m) = field(n, "migrations") {
         let mpath = join(path, "migrations");

@@ -101,6 +101,12 @@ fn module_name(path: &str, k: usize, j: usize) -> String {
 /// both force a replacement, so later edits are ignored rather than destroying the container.
 pub const CONTAINER_CREATE_ONLY: &[&str] = &["initialization[0].user_account", "operating_system"];
 
+/// The workspace variable that carries a `mode: terraform` role's password. The runner sets it
+/// as `TF_VAR_<name>` from the secrets file (`db/<role>`), never on a command line or in a file.
+pub fn db_password_variable(role: &str) -> String {
+    format!("{}_password", tf_name(role))
+}
+
 /// A literal string for Terraform: `${` and `%{` would start an interpolation or a template
 /// directive, so they are doubled.
 pub fn lit(s: &str) -> Value {
@@ -618,8 +624,8 @@ fn service(
             let mut dbs = Map::new();
             for d in tf_dbs {
                 let role = tf_name(&d.role);
-                vars.insert(format!("{role}_password"), json!({"type": "string", "sensitive": true, "description": format!("password of role {} (from the secrets file)", d.role)}));
-                roles.insert(role.clone(), json!({"name": lit(&d.role), "login": true, "password": format!("${{var.{role}_password}}")}));
+                vars.insert(db_password_variable(&d.role), json!({"type": "string", "sensitive": true, "description": format!("password of role {} (from the secrets file)", d.role)}));
+                roles.insert(role.clone(), json!({"name": lit(&d.role), "login": true, "password": format!("${{var.{}}}", db_password_variable(&d.role))}));
                 dbs.insert(tf_name(&d.database), json!({"name": lit(&d.database), "owner": format!("${{postgresql_role.{role}.name}}")}));
             }
             body.insert("variable".into(), Value::Object(vars));
