@@ -158,6 +158,21 @@ pub fn decode(cx: &mut Cx, root: &Node) -> Option<ProjectConfig> {
                 ),
             }),
     };
+    // Issue 12, item 6: bpg/proxmox verifies the API's certificate against the system's
+    // roots (or not at all with `insecure`); it has no way to pin a fingerprint.
+    if infra == Some(InfraBackend::Terraform) {
+        if let Some(f) = field(root, "proxmox")
+            .and_then(|p| field(p, "tls"))
+            .and_then(|t| field(t, "fingerprint"))
+        {
+            cx.warning(
+                f.span,
+                "proxmox.tls.fingerprint",
+                "the Terraform backend cannot honour a fingerprint pin: only `infra.backend: proxmox-api` checks it",
+                Some("Terraform checks the certificate against the system's trust store: add the PVE CA there, or use `infra.backend: proxmox-api`".into()),
+            );
+        }
+    }
     let ssh = decode_ssh(cx, field(root, "ssh"));
     let nix = decode_nix(cx, field(root, "nix"));
     let terraform = match field(root, "terraform") {

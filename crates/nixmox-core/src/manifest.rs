@@ -601,6 +601,19 @@ fn decode_db(cx: &mut Cx, n: &Node, path: &str, spec: &mut ServiceSpec) -> Optio
         )
         .unwrap_or(DbMode::NativeMigration),
     };
+    if mode == DbMode::Terraform {
+        // Issue 12, item 5: cyrilgdn/postgresql would connect from the operator's machine as
+        // `postgres`, which the rendered pg_hba does not admit and which has no password. Until
+        // NixMox renders an admin role and a way in for it, the mode is refused.
+        if let Some(m) = field(n, "mode") {
+            cx.error(
+                m.span,
+                &join(path, "mode"),
+                "`mode: terraform` is not supported yet: the PostgreSQL provider could not reach the database host",
+                Some("leave `mode` out (`native-migration`): the database host creates the database and its role and runs the migrations; see docs/secrets.md".into()),
+            );
+        }
+    }
     let mut migrations = Vec::new();
     if let Some(m) = field(n, "migrations") {
         let mpath = join(path, "migrations");
@@ -881,14 +894,40 @@ fn decode_oidc(
             redirect_uris.push(u);
         }
     }
-    let scopes = field(n, "scopes")
-        .map(|s| {
-            cx.strings(s, &join(path, "scopes"))
-                .into_iter()
-                .map(|(s, _)| s)
-                .collect()
-        })
-        .unwrap_or_else(|| vec!["openid".into(), "email".into(), "profile".into()]);
+    let scopes = match field(n, "scopes") {
+        None => vec!["openid".into(), "email".into(), "profile".into()],
+        Some(s) => {
+            let spath = join(path, "scopes");
+            let listed = cx.strings(s, &spath);
+            // The identity provider gets a property mapping per scope; a scope that matches
+            // none would be dropped without a word (issue 12).
+            for (i, (scope, span)) in listed.iter().enumerate() {
+                if crate::model::oidc_scope_mapping(scope).is_none() {
+                    cx.warning(
+                        *span,
+                        &index(&spath, i),
+                        format!("scope `{scope}` matches no scope mapping of the identity provider and is not granted"),
+                        Some(format!(
+                            "the mapped scopes are {}; other claims (such as groups) come with `profile`",
+                            crate::model::OIDC_SCOPES.join(", ")
+                        )),
+                    );
+                }
+            }
+            if !listed.iter().any(|(s, _)| s == "openid") && cx.errors() == before {
+                cx.error(
+                    s.span,
+                    &spath,
+                    "scopes must include `openid`",
+                    Some(
+                        "an OpenID Connect client without the `openid` scope gets no ID token"
+                            .into(),
+                    ),
+                );
+            }
+            listed.into_iter().map(|(s, _)| s).collect()
+        }
+    };
     let username_claim = field(n, "username_claim")
         .and_then(|v| cx.string(v, &join(path, "username_claim")))
         .unwrap_or_else(|| "preferred_username".into());

@@ -579,3 +579,19 @@ pub struct Edge {
     pub to: usize,
     pub kind: EdgeKind,
 }
+
+/// The OIDC scopes authentik ships a scope mapping for (`goauthentik.io/providers/oauth2/scope-*`).
+pub const OIDC_SCOPES: &[&str] = &[
+    "openid",
+    "email",
+    "profile",
+    "offline_access",
+    "entitlements",
+];
+
+/// The managed name of the scope mapping authentik ships for `scope`, if any.
+pub fn oidc_scope_mapping(scope: &str) -> Option<String> {
+    OIDC_SCOPES
+        .contains(&scope)
+        .then(|| format!("goauthentik.io/providers/oauth2/scope-{scope}"))
+}

@@ -98,3 +98,126 @@ fn terraform_strings_escape_interpolation() {
     use nixmox_core::render::terraform::lit;
     assert_eq!(lit("a ${b} %{c}"), serde_json::json!("a $${b} %%{c}"));
 }
+
+/// Loads a project from in-memory files (`nixmox.yaml` first, then manifests).
+fn project_of(config: &str, manifests: &[(&str, &str)]) -> nixmox_core::Project {
+    let file = |path: &str, text: &str| SourceFile {
+        path: path.into(),
+        bytes: text.as_bytes().to_vec(),
+    };
+    let sources = nixmox_core::Sources {
+        config: Some(file("nixmox.yaml", config)),
+        manifests: manifests.iter().map(|(p, t)| file(p, t)).collect(),
+        lock: None,
+    };
+    let loaded = nixmox_core::load(&sources, &|_: &str| true);
+    assert!(
+        loaded.errors().next().is_none(),
+        "{}",
+        nixmox_core::diag::render_all(&loaded.diagnostics)
+    );
+    loaded.project.unwrap()
+}
+
+fn json_of(tree: &BTreeMap<String, String>, path: &str) -> serde_json::Value {
+    serde_json::from_str(&tree[path]).unwrap()
+}
+
+const SMALL: &str =
+    "project: small\ndomain: s.lan\nnetwork: { cidr: 10.9.0.0/24, gateway: 10.9.0.1 }\n";
+
+/// Issue 12, item 2: bpg/proxmox requires at least one DNS server when `servers` is given, so
+/// a project without a DNS service or `network.nameservers` leaves the argument out.
+#[test]
+fn issue_12_empty_dns_servers_are_left_out() {
+    let p = project_of(SMALL, &[("services/app/manifest.yaml", "name: app\n")]);
+    let tf = json_of(&tree(&p), "terraform/infra/main.tf.json");
+    let dns =
+        &tf["resource"]["proxmox_virtual_environment_container"]["app"]["initialization"]["dns"];
+    assert_eq!(dns, &serde_json::json!({"domain": "s.lan"}));
+    let with = project_of(
+        &SMALL.replace(
+            "gateway: 10.9.0.1 }",
+            "gateway: 10.9.0.1, nameservers: [10.9.0.53] }",
+        ),
+        &[("services/app/manifest.yaml", "name: app\n")],
+    );
+    let tf = json_of(&tree(&with), "terraform/infra/main.tf.json");
+    assert_eq!(
+        tf["resource"]["proxmox_virtual_environment_container"]["app"]["initialization"]["dns"]
+            ["servers"],
+        serde_json::json!(["10.9.0.53"])
+    );
+}
+
+/// Issue 12, item 4: forward-auth attachments are named after their proxy provider (so
+/// reordering services replaces nothing) and made one after another (`depends_on` chain).
+#[test]
+fn issue_12_outpost_attachments_are_serialized_and_named_by_provider() {
+    let idp = (
+        "services/idp/manifest.yaml",
+        "name: idp\nprovides: { identity: { type: authentik } }\ninterface:\n  proxy: { domain: auth.s.lan, upstream: 9000 }\n",
+    );
+    let caddy = (
+        "services/caddy/manifest.yaml",
+        "name: caddy\nprovides: { reverse_proxy: { type: caddy } }\n",
+    );
+    let a = (
+        "services/a/manifest.yaml",
+        "name: a\ninterface:\n  proxy: { domain: a.s.lan, upstream: 80, authz: true }\n",
+    );
+    let b = (
+        "services/b/manifest.yaml",
+        "name: b\ninterface:\n  proxy: { domain: b.s.lan, upstream: 80, authz: true }\n",
+    );
+    let c = (
+        "services/c/manifest.yaml",
+        "name: c\ninterface:\n  proxy: { domain: c.s.lan, upstream: 80, authz: true }\n",
+    );
+    let one = tree(&project_of(SMALL, &[idp, caddy, a, b, c]));
+    let other = tree(&project_of(SMALL, &[c, b, idp, a, caddy]));
+    let att = |t: &BTreeMap<String, String>| {
+        json_of(t, "terraform/auth-core/main.tf.json")["resource"]
+            ["authentik_outpost_provider_attachment"]
+            .clone()
+    };
+    assert_eq!(att(&one), att(&other));
+    let att = att(&one);
+    let names: Vec<&String> = att.as_object().unwrap().keys().collect();
+    assert_eq!(names, ["a_a_s_lan", "b_b_s_lan", "c_c_s_lan"]);
+    assert_eq!(att["a_a_s_lan"].get("depends_on"), None);
+    assert_eq!(
+        att["b_b_s_lan"]["depends_on"],
+        serde_json::json!(["authentik_outpost_provider_attachment.a_a_s_lan"])
+    );
+    assert_eq!(
+        att["c_c_s_lan"]["depends_on"],
+        serde_json::json!(["authentik_outpost_provider_attachment.b_b_s_lan"])
+    );
+    assert_eq!(
+        att["c_c_s_lan"]["protocol_provider"],
+        "${authentik_provider_proxy.c_c_s_lan.id}"
+    );
+}
+
+/// Issue 12, item 7: the signing key pair is looked up by name only; its private key and
+/// certificate stay out of every workspace's state.
+#[test]
+fn issue_12_signing_key_pair_fetches_neither_key_nor_certificate() {
+    let t = tree(&common::example());
+    let mut seen = 0;
+    for (path, text) in t.iter().filter(|(p, _)| p.ends_with(".tf.json")) {
+        let v: serde_json::Value = serde_json::from_str(text).unwrap();
+        if let Some(kp) = v["data"]["authentik_certificate_key_pair"].as_object() {
+            for (name, block) in kp {
+                assert_eq!(block["fetch_key"], false, "{path}: {name}");
+                assert_eq!(block["fetch_certificate"], false, "{path}: {name}");
+                seen += 1;
+            }
+        }
+    }
+    assert!(
+        seen >= 2,
+        "the example renders the key pair in several workspaces"
+    );
+}
