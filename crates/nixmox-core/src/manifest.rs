@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 
 use crate::config::{choice, domain, ip, resources, timing, HEALTH_TIMING_FIELDS};
 use crate::decode::{field, index, join, Cx};
-use crate::ids::{Hostname, ServiceName, VmId};
+use crate::ids::{Hostname, ServiceName, UnixName, VmId};
 use crate::model::{
     Auth, Capability, Check, ClientType, Db, DbMode, HealthTiming, Oidc, Protect, Proxy, Resources,
-    TerraformUse, TfPhase, Upstream,
+    SecretAccess, TerraformUse, TfPhase, Upstream,
 };
 use crate::syntax::{Kind, Node, Span};
 
@@ -50,7 +50,10 @@ pub const DB_FIELDS: &[&str] = &[
     "mode",
     "migrations",
     "share_role_with",
+    "sops",
 ];
+/// `interface.db.sops` and `interface.auth.oidc.sops`: how sops-nix installs the secret file.
+pub const SOPS_ACCESS_FIELDS: &[&str] = &["owner", "group", "mode"];
 pub const PROXY_FIELDS: &[&str] = &["domain", "path", "upstream", "tls", "authz", "headers"];
 pub const AUTH_FIELDS: &[&str] = &["provider", "name", "oidc"];
 pub const OIDC_FIELDS: &[&str] = &[
@@ -60,6 +63,7 @@ pub const OIDC_FIELDS: &[&str] = &[
     "scopes",
     "username_claim",
     "groups_claim",
+    "sops",
 ];
 pub const HEALTH_FIELDS: &[&str] = &[
     "startup",
@@ -624,6 +628,7 @@ fn decode_db(cx: &mut Cx, n: &Node, path: &str, spec: &mut ServiceSpec) -> Optio
             migrations.push(resolved);
         }
     }
+    let access = decode_access(cx, field(n, "sops"), &join(path, "sops"));
     let mut share_role_with = Vec::new();
     if let Some(v) = field(n, "share_role_with") {
         let spath = join(path, "share_role_with");
@@ -650,7 +655,88 @@ fn decode_db(cx: &mut Cx, n: &Node, path: &str, spec: &mut ServiceSpec) -> Optio
         role,
         mode,
         migrations,
+        access,
     })
+}
+
+/// `sops: { owner, group, mode }`: who may read a secret file on the service's host, as
+/// sops-nix takes it. Without it the file is root's, mode 0400.
+fn decode_access(cx: &mut Cx, n: Option<&Node>, path: &str) -> SecretAccess {
+    let mut access = SecretAccess::default();
+    let Some(n) = n else {
+        return access;
+    };
+    if cx.map(n, path, SOPS_ACCESS_FIELDS).is_none() {
+        return access;
+    }
+    let name = |cx: &mut Cx, key: &str, what: &str| -> Option<UnixName> {
+        let v = field(n, key)?;
+        let fpath = join(path, key);
+        let s = cx.string(v, &fpath)?;
+        match UnixName::new(&s) {
+            Ok(u) => Some(u),
+            Err(why) => {
+                cx.error(
+                    v.span,
+                    &fpath,
+                    format!("invalid {what} name `{}`: {why}", s.escape_debug()),
+                    Some(format!(
+                        "the {what} the reading service runs as on its host, like `nextcloud`"
+                    )),
+                );
+                None
+            }
+        }
+    };
+    access.owner = name(cx, "owner", "user");
+    access.group = name(cx, "group", "group");
+    access.mode = match field(n, "mode") {
+        None if access.group.is_some() => "0440".into(),
+        None => "0400".into(),
+        Some(m) => {
+            let mpath = join(path, "mode");
+            match &m.kind {
+                Kind::Str(s) => match check_secret_mode(s) {
+                    Ok(mode) => mode,
+                    Err(why) => {
+                        cx.error(
+                            m.span,
+                            &mpath,
+                            format!("invalid file mode `{}`: {why}", s.escape_debug()),
+                            Some("an octal mode like \"0440\" (owner and group read)".into()),
+                        );
+                        "0400".into()
+                    }
+                },
+                _ => {
+                    cx.error(
+                        m.span,
+                        &mpath,
+                        "a file mode must be a quoted string",
+                        Some("write it in quotes, like \"0440\": YAML reads 0440 as the decimal number 440".into()),
+                    );
+                    "0400".into()
+                }
+            }
+        }
+    };
+    access
+}
+
+/// An octal mode for a secret file: three or four octal digits, no special bits, nothing for
+/// others. Returns it as four digits.
+pub fn check_secret_mode(s: &str) -> Result<String, String> {
+    if !(3..=4).contains(&s.len()) || !s.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        return Err("it is not three or four octal digits".into());
+    }
+    let mode = format!("{s:0>4}");
+    if !mode.starts_with('0') {
+        return Err("setuid, setgid and sticky bits make no sense on a secret file".into());
+    }
+    if !mode.ends_with('0') {
+        return Err("it lets every user on the host read the secret".into());
+    }
+    Ok(mode)
 }
 
 fn decode_proxy(cx: &mut Cx, n: &Node, path: &str) -> Option<Proxy> {
@@ -934,6 +1020,17 @@ fn decode_oidc(
     let groups_claim = field(n, "groups_claim")
         .and_then(|v| cx.string(v, &join(path, "groups_claim")))
         .unwrap_or_else(|| "groups".into());
+    let access = decode_access(cx, field(n, "sops"), &join(path, "sops"));
+    if client_type == ClientType::Public {
+        if let Some(a) = field(n, "sops") {
+            cx.warning(
+                a.span,
+                &join(path, "sops"),
+                "a public client has no client secret, so `sops` has nothing to apply to",
+                Some("remove it, or make the client `confidential`".into()),
+            );
+        }
+    }
     (cx.errors() == before).then_some(Oidc {
         client_id,
         client_type,
@@ -941,6 +1038,7 @@ fn decode_oidc(
         scopes,
         username_claim,
         groups_claim,
+        access,
     })
 }
 
@@ -1446,6 +1544,7 @@ fn decode_requirements(cx: &mut Cx, r: &Node, spec: &mut ServiceSpec) {
                         role,
                         mode: DbMode::NativeMigration,
                         migrations: Vec::new(),
+                        access: SecretAccess::default(),
                     },
                     span: d.span,
                 });
@@ -1535,6 +1634,7 @@ fn decode_requirements(cx: &mut Cx, r: &Node, spec: &mut ServiceSpec) {
                                 scopes: vec!["openid".into(), "email".into(), "profile".into()],
                                 username_claim: "preferred_username".into(),
                                 groups_claim: "groups".into(),
+                                access: SecretAccess::default(),
                             }),
                         },
                         span: o.span,

@@ -8,7 +8,9 @@
 use core::net::Ipv4Addr;
 use std::collections::BTreeMap;
 
-use crate::ids::{Cidr, DomainName, Hostname, ProjectName, Range, ServiceName, SshUser, VmId};
+use crate::ids::{
+    Cidr, DomainName, Hostname, ProjectName, Range, ServiceName, SshUser, UnixName, VmId,
+};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Project {
@@ -365,6 +367,30 @@ pub struct Db {
     pub mode: DbMode,
     /// Paths relative to the project root, in the order they apply.
     pub migrations: Vec<String>,
+    /// Who may read the role's password file (`db/<role>`) on the service's host.
+    pub access: SecretAccess,
+}
+
+/// How sops-nix installs one decrypted secret file on a host (`sops.secrets.<name>.owner`,
+/// `group`, `mode`): who the services that read it run as.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SecretAccess {
+    /// `None`: root.
+    pub owner: Option<UnixName>,
+    /// `None`: the owner's primary group (sops-nix's default), or root without an owner.
+    pub group: Option<UnixName>,
+    /// Octal, four digits: `0400`, or `0440` when a group is given.
+    pub mode: String,
+}
+
+impl Default for SecretAccess {
+    fn default() -> Self {
+        SecretAccess {
+            owner: None,
+            group: None,
+            mode: "0400".into(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -415,6 +441,8 @@ pub struct Oidc {
     pub scopes: Vec<String>,
     pub username_claim: String,
     pub groups_claim: String,
+    /// Who may read the client secret file (`oidc/<service>/client_secret`) on the host.
+    pub access: SecretAccess,
 }
 
 #[derive(Clone, Debug, PartialEq)]

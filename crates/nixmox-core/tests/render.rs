@@ -221,3 +221,105 @@ fn issue_12_signing_key_pair_fetches_neither_key_nor_certificate() {
         "the example renders the key pair in several workspaces"
     );
 }
+
+/// A small project: a database host and an app whose database and OIDC client secrets name
+/// the user and group that read them, on the nixpkgs release `nixpkgs`.
+fn secrets_project(nixpkgs: &str) -> nixmox_core::Project {
+    let file = |path: &str, text: String| SourceFile {
+        path: path.into(),
+        bytes: text.into_bytes(),
+    };
+    let sources = nixmox_core::Sources {
+        config: Some(file(
+            "nixmox.yaml",
+            format!("project: mini\ndomain: nixmox.lan\nnetwork: {{ cidr: 192.168.99.0/24, gateway: 192.168.99.1, nameservers: [192.168.99.1] }}\npools: {{ vmid: 900-999, ip: 192.168.99.100-192.168.99.199 }}\nnix: {{ nixpkgs: \"{nixpkgs}\" }}\n"),
+        )),
+        manifests: vec![
+            file("services/pg/manifest.yaml", "name: pg\nprovides: { database: { type: postgresql } }\n".into()),
+            file("services/idp/manifest.yaml", "name: idp\nprovides: { identity: { type: authentik } }\ninterface:\n  proxy: { domain: auth.nixmox.lan, upstream: 9000 }\n".into()),
+            file("services/rp/manifest.yaml", "name: rp\nprovides: { reverse_proxy: { type: caddy } }\n".into()),
+            file(
+                "services/app/manifest.yaml",
+                "name: app\ninterface:\n  db:\n    - { database: app, sops: { owner: app } }\n    - { database: app_jobs, sops: { owner: app, group: workers } }\n    - { database: app_logs }\n  proxy: { domain: app.nixmox.lan, upstream: 8080 }\n  auth:\n    oidc: { redirect_uris: [https://app.nixmox.lan/cb], sops: { group: grafana, mode: \"0440\" } }\n".into(),
+            ),
+        ],
+        lock: None,
+    };
+    let loaded = nixmox_core::load(&sources, &|_: &str| true);
+    loaded
+        .project
+        .unwrap_or_else(|| panic!("{}", nixmox_core::diag::render_all(&loaded.diagnostics)))
+}
+
+/// The `sops.secrets` attribute set of a rendered host, as text.
+fn sops_secrets(host: &str) -> String {
+    let start = host.find("  sops = {").expect("the host declares sops");
+    host[start..].to_string()
+}
+
+/// Issue 12, item 9: the manifest says who reads each secret on the application host
+/// (sops-nix's owner, group, mode); without it the file stays root's, 0400. The database
+/// host's copy of a role password stays postgres's, whatever the app says.
+#[test]
+fn secret_files_are_owned_as_the_manifest_says() {
+    let files = tree(&secrets_project("github:NixOS/nixpkgs/nixos-26.05"));
+    insta::assert_snapshot!(
+        "secret_access__app_sops",
+        sops_secrets(&files["nix/hosts/app.nix"])
+    );
+    let pg = &files["nix/hosts/pg.nix"];
+    assert!(
+        pg.contains("\"db/app\" = {\n        mode = \"0400\";\n        owner = \"postgres\";"),
+        "{pg}"
+    );
+}
+
+/// Issue 12, item 11: the setup unit orders after (and requires) the units that have run
+/// `ensureUsers` in the pinned release: `postgresql-setup.service` exists only from 25.11.
+#[test]
+fn the_setup_unit_waits_for_what_the_release_has() {
+    use nixmox_core::render::nixos::{postgresql_ready_units, release_of, Release};
+    let r = |y, m| Release { year: y, month: m };
+    for (url, want) in [
+        ("github:NixOS/nixpkgs/nixos-26.05", r(26, 5)),
+        ("github:NixOS/nixpkgs/nixos-25.05", r(25, 5)),
+        ("github:NixOS/nixpkgs/release-24.11", r(24, 11)),
+        (
+            "git+https://github.com/NixOS/nixpkgs?ref=nixos-25.11",
+            r(25, 11),
+        ),
+        ("github:NixOS/nixpkgs/nixpkgs-25.05-darwin", r(25, 5)),
+        ("github:NixOS/nixpkgs/nixos-unstable", Release::NEWEST),
+        (
+            "github:NixOS/nixpkgs/0123456789abcdef0123456789abcdef01234567",
+            Release::NEWEST,
+        ),
+        ("path:/srv/nixos-25.055", Release::NEWEST),
+        ("github:me/nixos-25.05-fork/nixos-25.11", r(25, 11)),
+    ] {
+        assert_eq!(release_of(url), want, "{url}");
+    }
+    assert_eq!(postgresql_ready_units(r(25, 5)), ["postgresql.service"]);
+    assert_eq!(
+        postgresql_ready_units(r(25, 11)),
+        ["postgresql.service", "postgresql-setup.service"]
+    );
+
+    let unit = |nixpkgs: &str| {
+        let host = tree(&secrets_project(nixpkgs))["nix/hosts/pg.nix"].clone();
+        let start = host.find("nixmox-postgresql-setup = {").unwrap();
+        let end = start + host[start..].find("script =").unwrap();
+        host[start..end].to_string()
+    };
+    insta::assert_snapshot!(
+        "setup_unit__25_05",
+        unit("github:NixOS/nixpkgs/nixos-25.05")
+    );
+    insta::assert_snapshot!(
+        "setup_unit__26_05",
+        unit("github:NixOS/nixpkgs/nixos-26.05")
+    );
+    let old = tree(&secrets_project("github:NixOS/nixpkgs/nixos-25.05"));
+    assert!(!old["nix/hosts/pg.nix"].contains("\"postgresql-setup.service\""));
+    assert!(old["nix/hosts/pg.nix"].contains("stateVersion = \"25.05\""));
+}

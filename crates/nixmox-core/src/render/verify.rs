@@ -70,10 +70,8 @@ fn walk_tf(v: &Value, path: &str, out: &mut Vec<String>) {
         Value::Object(m) => {
             for (k, x) in m {
                 // Keys are templates too; NixMox's own keys never hold a reference.
-                if k.contains("${") || k.contains("%{") {
-                    if live_sequences(k) != (false, false) {
-                        out.push(format!("{path}: a live template in the key {k:?}"));
-                    }
+                if live_sequences(k) != (false, false) {
+                    out.push(format!("{path}: a live template in the key {k:?}"));
                 }
                 walk_tf(x, &format!("{path}.{k}"), out);
             }
