@@ -436,6 +436,95 @@ mod graph {
     }
 }
 
+/// Issue 16: completion scripts and manual pages.
+mod completion {
+    use super::*;
+
+    #[test]
+    fn every_shell_gets_a_script_on_stdout() {
+        for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+            for extra in [&[][..], &["--static"][..]] {
+                let mut args = vec!["completion", shell];
+                args.extend(extra);
+                let out = Test::new().args(&args).run().code(0);
+                assert!(out.stdout.contains("nixmox"), "{shell} {extra:?}");
+                assert!(out.stderr.is_empty(), "{}", out.stderr);
+            }
+        }
+        Test::new().args(&["completion", "tcsh"]).run().code(2);
+    }
+
+    /// The registration script, loaded by a real bash, asks the binary for candidates: service
+    /// names and step ids come from the project named with `-C`.
+    #[test]
+    fn bash_completes_services_and_steps_from_the_project() {
+        let script = Test::new()
+            .args(&["completion", "bash"])
+            .run()
+            .code(0)
+            .stdout;
+        let bin_dir = Path::new(env!("CARGO_BIN_EXE_nixmox")).parent().unwrap();
+        let complete = |words: &str| {
+            let line = format!(
+                "{script}\nCOMP_WORDS=({words}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); COMP_LINE=\"${{COMP_WORDS[*]}}\"; COMP_POINT=${{#COMP_LINE}}; COMP_TYPE=9; _clap_complete_nixmox nixmox \"${{COMP_WORDS[COMP_CWORD]}}\"; printf '%s\\n' \"${{COMPREPLY[@]}}\""
+            );
+            let out = Command::new("bash")
+                .args(["-c", &line])
+                .env(
+                    "PATH",
+                    format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap()),
+                )
+                .output()
+                .expect("bash runs");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let mut got: Vec<String> = String::from_utf8(out.stdout)
+                .unwrap()
+                .lines()
+                .map(|l| l.trim().to_string())
+                .filter(|l| !l.is_empty())
+                .collect();
+            got.sort();
+            got
+        };
+        let ex = example().display().to_string();
+        assert_eq!(
+            complete(&format!("nixmox -C {ex} up m")),
+            ["media", "monitoring"]
+        );
+        assert_eq!(
+            complete(&format!("nixmox -C {ex} logs nix:core:p")),
+            ["nix:core:postgresql"]
+        );
+        assert!(complete("nixmox gr").contains(&"graph".to_string()));
+    }
+
+    #[test]
+    fn man_pages_for_every_command() {
+        let page = Test::new().args(&["man"]).run().code(0).stdout;
+        assert!(page.contains(".TH nixmox 1"), "{page}");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("man");
+        let out = Test::new()
+            .args(&["man", "--out", dir.to_str().unwrap()])
+            .run()
+            .code(0);
+        assert!(out.stdout.is_empty());
+        for page in [
+            "nixmox.1",
+            "nixmox-up.1",
+            "nixmox-secrets-set.1",
+            "nixmox-completion.1",
+        ] {
+            let text = std::fs::read_to_string(dir.join(page)).unwrap();
+            assert!(text.contains(".SH NAME"), "{page}");
+        }
+    }
+}
+
 mod init {
     use super::*;
 
