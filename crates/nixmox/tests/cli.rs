@@ -161,7 +161,7 @@ mod validate {
                 out.stderr
             );
             assert!(
-                out.stderr.contains("  --> "),
+                out.stderr.contains("--> "),
                 "{}: every error names its file: {}",
                 dir.display(),
                 out.stderr
@@ -617,7 +617,7 @@ mod hostile {
             .code(2);
         assert_eq!(out.stdout, "", "{name}: nothing on stdout");
         for (at, field) in expected {
-            let loc = format!("  --> {at}\n");
+            let loc = format!("--> {at}\n");
             let i = out
                 .stderr
                 .find(&loc)

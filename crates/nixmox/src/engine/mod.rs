@@ -266,6 +266,7 @@ fn run_locked(
             reporter.event(&Event::StepStarted {
                 step: step.id.clone(),
                 attempt,
+                expected_ms: record.get(&step.id).and_then(|r| r.duration_ms),
             });
         }
         Progress::Retrying {
