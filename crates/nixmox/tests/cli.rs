@@ -47,6 +47,10 @@ impl Test {
         self.project = Some(p.into());
         self
     }
+    fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
     fn args(mut self, args: &[&str]) -> Self {
         self.args.extend(args.iter().map(|s| s.to_string()));
         self
@@ -433,6 +437,36 @@ mod graph {
             steps.contains("\"tf:infra\" -> \"nix:core:dns\""),
             "{steps}"
         );
+    }
+}
+
+/// Issue 16: colour through anstream: styles only when asked, and the same text without them.
+mod colour {
+    use super::*;
+
+    #[test]
+    fn styles_are_stripped_unless_colour_is_forced() {
+        let dir = repo().join("tests/fixtures/invalid/03-duplicate-yaml-key");
+        let plain = Test::new().project(&dir).args(&["validate"]).run().code(2);
+        assert!(!plain.stderr.contains('\u{1b}'), "{}", plain.stderr);
+        // `NO_COLOR` empty counts as unset; `CLICOLOR_FORCE` asks for colour without a terminal.
+        let forced = Test::new()
+            .project(&dir)
+            .env("NO_COLOR", "")
+            .env("CLICOLOR_FORCE", "1")
+            .args(&["validate"])
+            .run()
+            .code(2);
+        assert!(forced.stderr.contains("\u{1b}["), "{}", forced.stderr);
+        let mut stripped = String::new();
+        let mut rest = forced.stderr.as_str();
+        while let Some(i) = rest.find('\u{1b}') {
+            stripped.push_str(&rest[..i]);
+            let end = rest[i..].find('m').expect("an SGR sequence ends with m");
+            rest = &rest[i + end + 1..];
+        }
+        stripped.push_str(rest);
+        assert_eq!(stripped, plain.stderr);
     }
 }
 
