@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use clap_complete::engine::ArgValueCompleter;
 use clap_complete::Shell;
 
-use crate::commands::completion;
+use crate::complete as completion;
 
 /// Docker Compose for Proxmox, with NixOS LXC containers.
 #[derive(Debug, Parser)]

@@ -9,7 +9,7 @@ fn main() -> ExitCode {
     // A shell asking for completions (`COMPLETE=bash nixmox -- nixmox up …`, set by the script
     // `nixmox completion SHELL` prints) is answered here, and the process exits.
     clap_complete::CompleteEnv::with_factory(<cli::Cli as clap::CommandFactory>::command)
-        .var(commands::completion::COMPLETE_VAR)
+        .var(nixmox::complete::COMPLETE_VAR)
         .complete();
     let args = match cli::Cli::try_parse() {
         Ok(a) => a,

@@ -3,25 +3,19 @@
 //!
 //! Completion is dynamic: the script the shell loads calls `nixmox` back (`COMPLETE=SHELL
 //! nixmox -- ARGS`) and `main` answers through `clap_complete::CompleteEnv`, so service names
-//! and step ids come from the project named by `-C` (or the current directory) at the moment
-//! of completion. All five shells clap_complete knows support it. `--static` prints a script
-//! that needs no callback (subcommands and options only).
+//! and step ids come from the project at the moment of completion (`crate::complete`). All
+//! five shells clap_complete knows support it. `--static` prints a script that needs no
+//! callback (subcommands and options only).
 
-use std::ffi::{OsStr, OsString};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use clap::CommandFactory;
-use clap_complete::engine::CompletionCandidate;
 use clap_complete::env::EnvCompleter;
 use clap_complete::Shell;
-use nixmox_core::plan::{self, PlanInput, Selection};
 
 use crate::cli::Cli;
 use crate::error::{Error, Result};
 use crate::{output, project_fs};
-
-/// The environment variable the registration scripts set when they call `nixmox` back.
-pub const COMPLETE_VAR: &str = "COMPLETE";
 
 pub fn run(shell: Shell, static_script: bool) -> Result<()> {
     let mut buf = Vec::new();
@@ -42,7 +36,13 @@ pub fn run(shell: Shell, static_script: bool) -> Result<()> {
                 )))
             }
         };
-        completer.write_registration(COMPLETE_VAR, "nixmox", "nixmox", "nixmox", &mut buf)
+        completer.write_registration(
+            crate::complete::COMPLETE_VAR,
+            "nixmox",
+            "nixmox",
+            "nixmox",
+            &mut buf,
+        )
     };
     written.map_err(|source| Error::Write {
         path: "<completion script>".into(),
@@ -90,90 +90,4 @@ fn collect_pages(mut cmd: clap::Command, pages: &mut Vec<(String, Vec<u8>)>) {
     // Rendering into memory cannot fail.
     let _ = man.render(&mut page);
     pages.push((man.get_filename(), page));
-}
-
-/// Service names of the project being completed, starting with `current`.
-pub fn services(current: &OsStr) -> Vec<CompletionCandidate> {
-    let Some(project) = completion_project() else {
-        return Vec::new();
-    };
-    let names = project.services.iter().map(|s| s.name.to_string());
-    candidates(names, current)
-}
-
-/// Step ids of the project's full plan, starting with `current`.
-pub fn steps(current: &OsStr) -> Vec<CompletionCandidate> {
-    let Some(project) = completion_project() else {
-        return Vec::new();
-    };
-    let plan = plan::plan(&project, &Selection::default(), &PlanInput::default());
-    candidates(plan.steps.into_iter().map(|s| s.id), current)
-}
-
-fn candidates(words: impl Iterator<Item = String>, current: &OsStr) -> Vec<CompletionCandidate> {
-    let current = current.to_string_lossy();
-    words
-        .filter(|w| w.starts_with(current.as_ref()))
-        .map(CompletionCandidate::new)
-        .collect()
-}
-
-/// The project a completion is for: loaded quietly (a shell's prompt is no place for
-/// diagnostics); nothing when it does not load.
-fn completion_project() -> Option<nixmox_core::Project> {
-    let dir = project_dir(std::env::args_os());
-    let root = dir.canonicalize().ok()?;
-    let read = project_fs::read_project(&root).ok()?;
-    super::load_sources(&root, &read.sources).project
-}
-
-/// The `-C DIR` / `--project DIR` / `--project=DIR` of the command line being completed (the
-/// words after `--` in `nixmox -- nixmox -C DIR up …`), or the current directory.
-pub fn project_dir(args: impl IntoIterator<Item = OsString>) -> PathBuf {
-    let args: Vec<OsString> = args.into_iter().collect();
-    let words = match args.iter().position(|a| a == "--") {
-        Some(i) => &args[i + 1..],
-        None => &args[..],
-    };
-    let mut dir = PathBuf::from(".");
-    let mut it = words.iter();
-    while let Some(w) = it.next() {
-        let text = w.to_string_lossy();
-        if text == "-C" || text == "--project" {
-            if let Some(next) = it.next() {
-                dir = PathBuf::from(next);
-            }
-        } else if let Some(rest) = text.strip_prefix("--project=") {
-            dir = PathBuf::from(rest);
-        } else if let Some(rest) = text.strip_prefix("-C").filter(|r| !r.is_empty()) {
-            dir = PathBuf::from(rest);
-        }
-    }
-    dir
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_project_of_the_line_being_completed() {
-        let os = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
-        assert_eq!(
-            project_dir(os(&["nixmox", "--", "nixmox", "-C", "lab", "up", ""])),
-            PathBuf::from("lab")
-        );
-        assert_eq!(
-            project_dir(os(&["nixmox", "--", "nixmox", "--project=x/y", "logs"])),
-            PathBuf::from("x/y")
-        );
-        assert_eq!(
-            project_dir(os(&["nixmox", "--", "nixmox", "-Cz", "plan"])),
-            PathBuf::from("z")
-        );
-        assert_eq!(
-            project_dir(os(&["nixmox", "--", "nixmox", "up"])),
-            PathBuf::from(".")
-        );
-    }
 }

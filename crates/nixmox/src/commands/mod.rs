@@ -1,6 +1,6 @@
 //! One module per command; `run` dispatches.
 
-pub mod completion;
+mod completion;
 mod config;
 mod down;
 mod drift;
