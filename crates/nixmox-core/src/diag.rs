@@ -2,6 +2,8 @@
 
 use std::fmt::Write as _;
 
+use annotate_snippets::{Level, Renderer, Snippet};
+
 use crate::syntax::Span;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -64,74 +66,99 @@ impl Diagnostic {
         self.severity == Severity::Error
     }
 
-    /// Renders the diagnostic the way rustc and miette do, readable without colour. Every
-    /// part that can hold a user's text goes through [`visible`].
+    /// Renders the diagnostic as rustc does (annotate-snippets, rustc's own renderer), plain
+    /// text. Every part that can hold a user's text goes through [`visible`].
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        let label = match self.severity {
-            Severity::Error => "error",
-            Severity::Warning => "warning",
+        self.render_with(&Renderer::plain())
+    }
+
+    /// Like [`render`](Self::render), with ANSI styles for a terminal that takes colour.
+    pub fn render_styled(&self) -> String {
+        self.render_with(&Renderer::styled())
+    }
+
+    fn render_with(&self, renderer: &Renderer) -> String {
+        let level = match self.severity {
+            Severity::Error => Level::Error,
+            Severity::Warning => Level::Warning,
         };
-        let _ = writeln!(out, "{label}: {}", visible(&self.message));
-        let file = visible(&self.file);
+        let message = visible(&self.message);
         let field = self.field.as_deref().map(visible);
-        match self.span {
-            Some(span) => {
-                let _ = writeln!(out, "  --> {file}:{}:{}", span.line, span.col);
-                if let Some(snippet) = &self.snippet {
-                    let num = span.line.to_string();
-                    let pad = " ".repeat(num.len());
-                    let _ = writeln!(out, " {pad} |");
-                    let snippet = snippet.replace('\t', " ");
-                    let _ = writeln!(out, " {num} | {}", visible(&snippet));
-                    // The caret lines up under the escaped text.
-                    let before: String = snippet
-                        .chars()
-                        .take(span.col.saturating_sub(1) as usize)
-                        .collect();
-                    let lead: String = visible(&before).chars().map(|_| ' ').collect();
-                    let carets = "^".repeat(self.width.max(1) as usize);
-                    match &field {
-                        Some(field) => {
-                            let _ = writeln!(out, " {pad} | {lead}{carets} {field}");
-                        }
-                        None => {
-                            let _ = writeln!(out, " {pad} | {lead}{carets}");
-                        }
-                    }
-                } else if let Some(field) = &field {
-                    let _ = writeln!(out, "  = field: {field}");
-                }
+        let help = self.help.as_deref().map(visible_lines);
+        // Tabs would be drawn as four columns and the caret would drift: one space each.
+        let raw = self.snippet.as_deref().map(|s| s.replace('\t', " "));
+        let source = raw.as_deref().map(visible);
+        let field_note = field.as_deref().map(|f| format!("field: {f}"));
+        let mut msg = level.title(&message);
+        if let (Some(span), Some(raw), Some(source)) = (self.span, &raw, &source) {
+            // The underline covers the escaped text of the span's characters.
+            let start =
+                visible_prefix_len(raw, span.col.saturating_sub(1) as usize).min(source.len());
+            let end = visible_prefix_len(
+                raw,
+                (span.col.saturating_sub(1) + self.width.max(1)) as usize,
+            )
+            .clamp(start, source.len());
+            let mut annotation = level.span(start..end);
+            if let Some(field) = &field {
+                annotation = annotation.label(field);
             }
-            None => {
-                let _ = writeln!(out, "  --> {file}");
-                if let Some(field) = &field {
-                    let _ = writeln!(out, "  = field: {field}");
-                }
-            }
+            msg = msg.snippet(
+                Snippet::source(source)
+                    .line_start(span.line as usize)
+                    .annotation(annotation),
+            );
+        } else if let Some(note) = &field_note {
+            msg = msg.footer(Level::Note.title(note));
         }
-        if let Some(help) = &self.help {
-            let help = visible_lines(help);
-            let pad = " ".repeat(self.span.map(|s| s.line.to_string().len()).unwrap_or(1));
-            for (i, line) in help.lines().enumerate() {
-                if i == 0 {
-                    let _ = writeln!(out, " {pad} = help: {line}");
-                } else {
-                    let _ = writeln!(out, " {pad}         {line}");
-                }
-            }
+        if let Some(help) = &help {
+            msg = msg.footer(Level::Help.title(help));
+        }
+        let rendered = renderer.render(msg).to_string();
+        // The location line is the file's own `line:col` (annotate-snippets would count the
+        // columns of the escaped snippet), in the gutter rustc gives it.
+        let file = visible(&self.file);
+        let location = match self.span {
+            Some(span) => format!("{file}:{}:{}", span.line, span.col),
+            None => file.into_owned(),
+        };
+        let gutter = match (self.span, &source) {
+            (Some(span), Some(_)) => span.line.to_string().len(),
+            _ => 1,
+        };
+        let (title, rest) = rendered.split_once('\n').unwrap_or((&rendered, ""));
+        let mut out = format!("{title}\n{:gutter$}--> {location}\n", "");
+        if !rest.is_empty() {
+            out.push_str(rest);
+            out.push('\n');
         }
         out
     }
 }
 
+/// The length in bytes of the first `chars` characters of `raw` once made [`visible`].
+fn visible_prefix_len(raw: &str, chars: usize) -> usize {
+    let prefix: String = raw.chars().take(chars).collect();
+    let extra = chars.saturating_sub(raw.chars().count());
+    visible(&prefix).len() + extra
+}
+
 /// Renders a list of diagnostics separated by blank lines, errors first in file order.
 pub fn render_all(diags: &[Diagnostic]) -> String {
+    render_sorted(diags, Diagnostic::render)
+}
+
+/// Like [`render_all`], with ANSI styles for a terminal that takes colour.
+pub fn render_all_styled(diags: &[Diagnostic]) -> String {
+    render_sorted(diags, Diagnostic::render_styled)
+}
+
+fn render_sorted(diags: &[Diagnostic], render: fn(&Diagnostic) -> String) -> String {
     let mut sorted: Vec<&Diagnostic> = diags.iter().collect();
     sorted.sort_by(|a, b| (a.severity, &a.file, a.span).cmp(&(b.severity, &b.file, b.span)));
     sorted
         .iter()
-        .map(|d| d.render())
+        .map(|d| render(d))
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -143,41 +170,15 @@ pub fn did_you_mean<'a>(
 ) -> Option<&'a str> {
     let mut best: Option<(usize, &str)> = None;
     for c in candidates {
-        let d = levenshtein(&word.to_ascii_lowercase(), &c.to_ascii_lowercase());
+        // Optimal string alignment: an adjacent transposition is one edit, so `dsn` is one
+        // typo away from `dns`.
+        let d = strsim::osa_distance(&word.to_ascii_lowercase(), &c.to_ascii_lowercase());
         let limit = (c.len().max(word.len()) / 3).max(1);
         if d <= limit && best.is_none_or(|(bd, _)| d < bd) {
             best = Some((d, c));
         }
     }
     best.map(|(_, c)| c)
-}
-
-/// Edit distance counting an adjacent transposition as one edit (optimal string alignment),
-/// so `dsn` is one typo away from `dns`.
-fn levenshtein(a: &str, b: &str) -> usize {
-    let a: Vec<char> = a.chars().collect();
-    let b: Vec<char> = b.chars().collect();
-    let w = b.len() + 1;
-    let mut d = vec![0usize; (a.len() + 1) * w];
-    for i in 0..=a.len() {
-        d[i * w] = i;
-    }
-    for (j, cell) in d.iter_mut().enumerate().take(w) {
-        *cell = j;
-    }
-    for i in 1..=a.len() {
-        for j in 1..=b.len() {
-            let cost = usize::from(a[i - 1] != b[j - 1]);
-            let mut v = (d[(i - 1) * w + j] + 1)
-                .min(d[i * w + j - 1] + 1)
-                .min(d[(i - 1) * w + j - 1] + cost);
-            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
-                v = v.min(d[(i - 2) * w + j - 2] + 1);
-            }
-            d[i * w + j] = v;
-        }
-    }
-    d[a.len() * w + b.len()]
 }
 
 #[cfg(test)]
@@ -211,7 +212,15 @@ mod tests {
         let r = d.render();
         assert!(!r.contains('\u{1b}') && !r.contains('\u{7}'), "{r}");
         assert!(r.contains("\\u{1b}[2Jx\\u{a}error: forged"), "{r}");
-        assert!(r.contains("\n           second line \\u{7}\n"), "{r}");
+        assert!(r.contains("\n          second line \\u{7}\n"), "{r}");
+        // Issue 16: the location is the file's column (10), not the column in the escaped
+        // snippet that annotate-snippets would count (15); the caret sits under the escaped
+        // text.
+        assert!(r.contains(" --> services/a/manifest.yaml:1:10\n"), "{r}");
+        assert!(
+            r.contains("1 | a: \"\\u{1b}[2J\", b: c\n  |               ^ depends_on[0]\n"),
+            "{r}"
+        );
         assert_eq!(visible("plain"), "plain");
         assert_eq!(visible("a\u{202e}b"), "a\\u{202e}b");
     }
@@ -230,7 +239,32 @@ mod tests {
         };
         assert_eq!(
             d.render(),
-            "error: unknown field `cidrr`\n  --> nixmox.yaml:4:3\n   |\n 4 |   cidrr: 10.0.0.0/24\n   |   ^^^^^ network.cidrr\n   = help: did you mean `cidr`?\n"
+            "error: unknown field `cidrr`\n --> nixmox.yaml:4:3\n  |\n4 |   cidrr: 10.0.0.0/24\n  |   ^^^^^ network.cidrr\n  |\n  = help: did you mean `cidr`?\n"
+        );
+    }
+
+    /// Issue 16: a diagnostic without a snippet, or without a position, is still located.
+    #[test]
+    fn located_without_a_snippet_or_a_position() {
+        let mut d = Diagnostic {
+            severity: Severity::Warning,
+            file: "services/app/manifest.yaml".into(),
+            span: Some(Span::new(12, 5)),
+            field: Some("interface.db".into()),
+            message: "unused".into(),
+            snippet: None,
+            width: 1,
+            help: None,
+        };
+        assert_eq!(
+            d.render(),
+            "warning: unused\n --> services/app/manifest.yaml:12:5\n = note: field: interface.db\n"
+        );
+        d.span = None;
+        d.help = Some("remove it".into());
+        assert_eq!(
+            d.render(),
+            "warning: unused\n --> services/app/manifest.yaml\n = note: field: interface.db\n = help: remove it\n"
         );
     }
 }

@@ -211,14 +211,27 @@ fn xml_escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// Draws the picture: nodes in layers by longest path from the sources, ordered within a
-/// layer by the average position of their predecessors to keep edges short.
-pub fn to_svg(pic: &Picture) -> String {
+/// Where the SVG puts things: each node's box, and each edge as the points it passes
+/// through. Public so tests can check the geometry without parsing SVG.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub width: f64,
+    pub height: f64,
+    pub box_w: f64,
+    pub box_h: f64,
+    /// Top-left corner of each node's box, by node index.
+    pub xy: Vec<(f64, f64)>,
+    /// Per edge: its source port, then a (top, bottom) pair of points for each layer it
+    /// crosses, then its target port.
+    pub routes: Vec<Vec<(f64, f64)>>,
+}
+
+/// Lays the picture out: nodes in layers by longest path from the sources; an edge that spans
+/// several layers gets a dummy node in each layer between (Sugiyama's method), so it runs
+/// through a slot of its own in those layers instead of through the boxes there. Nodes and
+/// dummies are ordered within a layer by the average position of their predecessors.
+pub fn layout(pic: &Picture) -> Layout {
     let n = pic.nodes.len();
-    let mut preds: Vec<Vec<usize>> = vec![Vec::new(); n];
-    for (a, b, _) in &pic.edges {
-        preds[*b].push(*a);
-    }
     // Longest-path layering (nodes are acyclic; fall back to iteration order otherwise).
     let mut layer = vec![0usize; n];
     for _ in 0..n.min(64) {
@@ -233,12 +246,33 @@ pub fn to_svg(pic: &Picture) -> String {
             break;
         }
     }
-    let layers = layer.iter().copied().max().map(|m| m + 1).unwrap_or(0);
+    // Vertices: the nodes, then the dummies. `chains[k]` is edge k's vertices, source first.
+    let mut vlayer = layer.clone();
+    let mut chains: Vec<Vec<usize>> = Vec::with_capacity(pic.edges.len());
+    for (a, b, _) in &pic.edges {
+        let mut chain = vec![*a];
+        if layer[*b] > layer[*a] {
+            for l in layer[*a] + 1..layer[*b] {
+                chain.push(vlayer.len());
+                vlayer.push(l);
+            }
+        }
+        chain.push(*b);
+        chains.push(chain);
+    }
+    let v = vlayer.len();
+    let mut preds: Vec<Vec<usize>> = vec![Vec::new(); v];
+    for chain in &chains {
+        for w in chain.windows(2) {
+            preds[w[1]].push(w[0]);
+        }
+    }
+    let layers = vlayer.iter().copied().max().map(|m| m + 1).unwrap_or(0);
     let mut rows: Vec<Vec<usize>> = vec![Vec::new(); layers];
-    for (i, &l) in layer.iter().enumerate() {
+    for (i, &l) in vlayer.iter().enumerate() {
         rows[l].push(i);
     }
-    let mut pos = vec![0f64; n];
+    let mut pos = vec![0f64; v];
     for row in &rows {
         for (k, &i) in row.iter().enumerate() {
             pos[i] = k as f64;
@@ -268,22 +302,106 @@ pub fn to_svg(pic: &Picture) -> String {
         .map(|nd| nd.label.chars().count().max(nd.sublabel.chars().count()) as f64 * char_w + 24.0)
         .fold(120.0, f64::max);
     let (box_h, gap_x, gap_y, margin) = (46.0, 28.0, 80.0, 30.0);
-    let widest = rows.iter().map(Vec::len).max().unwrap_or(1).max(1) as f64;
+    // A dummy's slot: narrow, with room on both sides to pass the boxes beside it.
+    let dummy_w = 12.0;
+    let slot_w = |i: usize| if i < n { box_w } else { dummy_w };
+    let row_width = |row: &[usize]| -> f64 {
+        row.iter().map(|&i| slot_w(i)).sum::<f64>() + row.len().saturating_sub(1) as f64 * gap_x
+    };
+    let widest = rows.iter().map(|r| row_width(r)).fold(box_w, f64::max);
     // At least as wide as the legend.
-    let width = (margin * 2.0 + widest * box_w + (widest - 1.0) * gap_x).max(720.0);
+    let width = (margin * 2.0 + widest).max(720.0);
     let height =
         margin * 2.0 + 30.0 + layers as f64 * box_h + (layers.max(1) - 1) as f64 * gap_y + 40.0;
-    let mut xy = vec![(0f64, 0f64); n];
+    let mut vxy = vec![(0f64, 0f64); v];
     for (l, row) in rows.iter().enumerate() {
-        let row_w = row.len() as f64 * box_w + (row.len().max(1) - 1) as f64 * gap_x;
-        let x0 = (width - row_w) / 2.0;
-        for (k, &i) in row.iter().enumerate() {
-            xy[i] = (
-                x0 + k as f64 * (box_w + gap_x),
-                margin + 30.0 + l as f64 * (box_h + gap_y),
-            );
+        let mut x = (width - row_width(row)) / 2.0;
+        for &i in row {
+            vxy[i] = (x, margin + 30.0 + l as f64 * (box_h + gap_y));
+            x += slot_w(i) + gap_x;
         }
     }
+    // Ports: spread each node's outgoing edges along its bottom and incoming along its top,
+    // ordered by the x of the next point on the edge, so parallel edges do not share a line.
+    let centre = |i: usize| vxy[i].0 + slot_w(i) / 2.0;
+    let mut out_ports: Vec<Vec<(f64, usize)>> = vec![Vec::new(); n];
+    let mut in_ports: Vec<Vec<(f64, usize)>> = vec![Vec::new(); n];
+    for (k, chain) in chains.iter().enumerate() {
+        out_ports[chain[0]].push((centre(chain[1]), k));
+        in_ports[chain[chain.len() - 1]].push((centre(chain[chain.len() - 2]), k));
+    }
+    let mut src_x = vec![0f64; chains.len()];
+    let mut dst_x = vec![0f64; chains.len()];
+    for (ports, xs) in [(&mut out_ports, &mut src_x), (&mut in_ports, &mut dst_x)] {
+        for (i, list) in ports.iter_mut().enumerate() {
+            list.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            let k = list.len() as f64;
+            let spacing = (box_w * 0.8 / k.max(1.0)).min(14.0);
+            for (j, (_, e)) in list.iter().enumerate() {
+                xs[*e] = vxy[i].0 + box_w / 2.0 + (j as f64 - (k - 1.0) / 2.0) * spacing;
+            }
+        }
+    }
+    let routes = chains
+        .iter()
+        .enumerate()
+        .map(|(k, chain)| {
+            let (a, b) = (chain[0], chain[chain.len() - 1]);
+            let mut points = vec![(src_x[k], vxy[a].1 + box_h)];
+            for &d in &chain[1..chain.len() - 1] {
+                points.push((centre(d), vxy[d].1));
+                points.push((centre(d), vxy[d].1 + box_h));
+            }
+            points.push((dst_x[k], vxy[b].1));
+            points
+        })
+        .collect();
+    vxy.truncate(n);
+    Layout {
+        width,
+        height,
+        box_w,
+        box_h,
+        xy: vxy,
+        routes,
+    }
+}
+
+/// An edge's route as SVG path data: a curve across each gap between layers (its control
+/// points keep it inside the gap, where there are no boxes) and a straight line through each
+/// layer it crosses, in its dummy's slot.
+fn route_path(points: &[(f64, f64)]) -> String {
+    let mut d = String::new();
+    let (x0, y0) = points[0];
+    let _ = write!(d, "M {x0:.1} {y0:.1}");
+    for (i, pair) in points.windows(2).enumerate() {
+        let ((x1, y1), (x2, y2)) = (pair[0], pair[1]);
+        if i % 2 == 0 {
+            let dy = (y2 - y1) / 2.0;
+            let _ = write!(
+                d,
+                " C {x1:.1} {:.1}, {x2:.1} {:.1}, {x2:.1} {y2:.1}",
+                y1 + dy,
+                y2 - dy
+            );
+        } else {
+            let _ = write!(d, " L {x2:.1} {y2:.1}");
+        }
+    }
+    d
+}
+
+/// Draws the picture with [`layout`].
+pub fn to_svg(pic: &Picture) -> String {
+    let Layout {
+        width,
+        height,
+        box_w,
+        box_h,
+        xy,
+        routes,
+    } = layout(pic);
+    let margin = 30.0;
     let mut out = String::new();
     let _ = writeln!(out, "<?xml version=\"1.0\" encoding=\"UTF-8\"?>");
     let _ = writeln!(out, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{height:.0}\" viewBox=\"0 0 {width:.0} {height:.0}\" font-family=\"sans-serif\">");
@@ -294,26 +412,6 @@ pub fn to_svg(pic: &Picture) -> String {
         "  <rect width=\"100%\" height=\"100%\" fill=\"#ffffff\"/>"
     );
     let _ = writeln!(out, "  <text x=\"{margin}\" y=\"{}\" font-size=\"16\" font-weight=\"bold\" fill=\"#111827\">{}</text>", margin + 4.0, xml_escape(&pic.title));
-    // Ports: spread each node's outgoing edges along its bottom and incoming along its top,
-    // ordered by the other end's x, so parallel edges do not share one line.
-    let mut out_ports: Vec<Vec<(f64, usize)>> = vec![Vec::new(); n];
-    let mut in_ports: Vec<Vec<(f64, usize)>> = vec![Vec::new(); n];
-    for (k, (a, b, _)) in pic.edges.iter().enumerate() {
-        out_ports[*a].push((xy[*b].0, k));
-        in_ports[*b].push((xy[*a].0, k));
-    }
-    let mut src_x = vec![0f64; pic.edges.len()];
-    let mut dst_x = vec![0f64; pic.edges.len()];
-    for (ports, xs) in [(&mut out_ports, &mut src_x), (&mut in_ports, &mut dst_x)] {
-        for (i, list) in ports.iter_mut().enumerate() {
-            list.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-            let k = list.len() as f64;
-            let spacing = (box_w * 0.8 / k.max(1.0)).min(14.0);
-            for (j, (_, e)) in list.iter().enumerate() {
-                xs[*e] = xy[i].0 + box_w / 2.0 + (j as f64 - (k - 1.0) / 2.0) * spacing;
-            }
-        }
-    }
     let style = |label: &str| -> (&'static str, &'static str, f64) {
         match label.split(',').next().unwrap_or("").trim() {
             "db" => ("#b45309", "", 1.6),
@@ -324,19 +422,12 @@ pub fn to_svg(pic: &Picture) -> String {
             _ => ("#6b7280", "", 1.4),
         }
     };
-    let curve = |k: usize| -> [(f64, f64); 4] {
-        let (a, b, _) = &pic.edges[k];
-        let (x1, y1) = (src_x[k], xy[*a].1 + box_h);
-        let (x2, y2) = (dst_x[k], xy[*b].1);
-        let dy = ((y2 - y1) / 2.0).max(30.0);
-        [(x1, y1), (x1, y1 + dy), (x2, y2 - dy), (x2, y2)]
-    };
     let _ = writeln!(out, "  <g id=\"edges\" fill=\"none\">");
     for (k, (_, _, label)) in pic.edges.iter().enumerate() {
-        let [(x1, y1), (cx1, cy1), (cx2, cy2), (x2, y2)] = curve(k);
         let (colour, dash, width) = style(label);
         let kind_class = label.split(',').next().unwrap_or("").trim();
-        let _ = writeln!(out, "    <path class=\"edge {kind_class}\" d=\"M {x1:.1} {y1:.1} C {cx1:.1} {cy1:.1}, {cx2:.1} {cy2:.1}, {x2:.1} {y2:.1}\" stroke=\"{colour}\" stroke-width=\"{width}\"{dash} marker-end=\"url(#arrow)\"/>");
+        let d = route_path(&routes[k]);
+        let _ = writeln!(out, "    <path class=\"edge {kind_class}\" d=\"{d}\" stroke=\"{colour}\" stroke-width=\"{width}\"{dash} marker-end=\"url(#arrow)\"/>");
     }
     let _ = writeln!(out, "  </g>");
     let _ = writeln!(
@@ -347,9 +438,13 @@ pub fn to_svg(pic: &Picture) -> String {
         if label.is_empty() {
             continue;
         }
-        // Labels sit near the arrow's head, where edges have fanned out to their targets.
+        // Labels sit near the arrow's head, where edges have fanned out to their targets: on
+        // the last curve, into the target.
         let t = 0.78f64;
-        let pts = curve(k);
+        let route = &routes[k];
+        let ((x1, y1), (x2, y2)) = (route[route.len() - 2], route[route.len() - 1]);
+        let dy = (y2 - y1) / 2.0;
+        let pts = [(x1, y1), (x1, y1 + dy), (x2, y2 - dy), (x2, y2)];
         let c = [
             (1.0 - t).powi(3),
             3.0 * (1.0 - t).powi(2) * t,

@@ -27,8 +27,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nixmox::engine::plan_with_state;
 use nixmox::engine::scheduler::{self, execute, Final, Options, Outcome, Runner, Task};
-use nixmox::engine::{plan_with_state, Paths};
+use nixmox::root::Paths;
 use nixmox::state::{RunResult, StepFinish, StepStatus, Store};
 use nixmox_core::plan::{Change, Selection};
 use nixmox_core::render::{render, Outputs};

@@ -3,6 +3,10 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use clap_complete::engine::ArgValueCompleter;
+use clap_complete::Shell;
+
+use crate::complete as completion;
 
 /// Docker Compose for Proxmox, with NixOS LXC containers.
 #[derive(Debug, Parser)]
@@ -36,11 +40,13 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = ConfigFormat::Yaml)]
         format: ConfigFormat,
         /// Only these services
+        #[arg(add = ArgValueCompleter::new(completion::services))]
         services: Vec<String>,
     },
     /// Show the deployment plan: steps in phase order, what changes and why
     Plan {
         /// Only these services (with their dependencies unless --no-deps)
+        #[arg(add = ArgValueCompleter::new(completion::services))]
         services: Vec<String>,
         /// Do not add the named services' dependencies
         #[arg(long)]
@@ -70,6 +76,7 @@ pub enum Command {
     /// Render, plan against the recorded state, and execute: only what changed
     Up {
         /// Only these services (with their dependencies unless --no-deps)
+        #[arg(add = ArgValueCompleter::new(completion::services))]
         services: Vec<String>,
         /// Do not add the named services' dependencies
         #[arg(long)]
@@ -85,6 +92,7 @@ pub enum Command {
         force: bool,
         /// Run this step even if unchanged (repeatable)
         #[arg(long, value_name = "STEP")]
+        #[arg(add = ArgValueCompleter::new(completion::steps))]
         force_step: Vec<String>,
         /// Stop everything at the first failure (default: only its dependents stop)
         #[arg(long)]
@@ -127,6 +135,7 @@ pub enum Command {
     /// One row per service: host, vmid, ip, state (live or last known), live health, last deploy
     Ps {
         /// Only these services
+        #[arg(add = ArgValueCompleter::new(completion::services))]
         services: Vec<String>,
         /// Output format
         #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
@@ -151,6 +160,7 @@ pub enum Command {
     /// it destroys nothing and exits 2 unless --yes.
     Down {
         /// The services to remove (consumers must be removed with their providers)
+        #[arg(add = ArgValueCompleter::new(completion::services))]
         services: Vec<String>,
         /// Keep the containers
         #[arg(long)]
@@ -170,9 +180,30 @@ pub enum Command {
         #[arg(long)]
         no_backup: bool,
     },
+    /// Print a shell completion script (service names and step ids completed from the project)
+    ///
+    /// Load it from the shell's start-up file: bash `source <(nixmox completion bash)`, zsh
+    /// `source <(nixmox completion zsh)`, fish `nixmox completion fish | source`, elvish `eval
+    /// (nixmox completion elvish | slurp)`, PowerShell `nixmox completion powershell |
+    /// Out-String | Invoke-Expression`. The script calls `nixmox` back for each completion.
+    Completion {
+        /// The shell
+        #[arg(value_enum)]
+        shell: Shell,
+        /// A script that completes subcommands and options only, without calling nixmox back
+        #[arg(long = "static")]
+        static_script: bool,
+    },
+    /// Print the manual page, or write one page per command into a directory
+    Man {
+        /// Write `nixmox.1`, `nixmox-up.1`, … into this directory
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
     /// Print the last log of a step
     Logs {
         /// The step id, like `tf:service-infra:app`
+        #[arg(add = ArgValueCompleter::new(completion::steps))]
         step: String,
     },
     /// Remove the run lock left by a process on another host or a crashed run
@@ -244,6 +275,7 @@ pub enum SecretsAction {
     /// List each host's secrets: names and where they came from, never values
     List {
         /// Only these services
+        #[arg(add = ArgValueCompleter::new(completion::services))]
         services: Vec<String>,
         /// Output format
         #[arg(long, value_enum, default_value_t = PlanFormat::Text)]

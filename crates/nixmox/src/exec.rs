@@ -223,6 +223,17 @@ impl Redactor {
     }
 }
 
+/// Replaces known secret values in a message.
+pub fn scrub(text: &str, secrets: &[String]) -> String {
+    let mut out = text.to_string();
+    for s in secrets {
+        if !s.is_empty() {
+            out = out.replace(s.as_str(), "<redacted>");
+        }
+    }
+    out
+}
+
 /// Appends `text` (redacted) to a log file, creating it and its parent directories.
 pub fn append_log(path: &Path, text: &str, redact: &[String]) -> Result<(), ExecError> {
     let mut f = open_log(path)?;

@@ -25,9 +25,9 @@ use nixmox_core::model::{Capability, Project};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::engine::Paths;
 use crate::exec::{self, Cmd, RunOpts};
 use crate::project_fs;
+use crate::root::Paths;
 use crate::root::ProjectRoot;
 
 /// Where the flake is rendered inside the build directory.

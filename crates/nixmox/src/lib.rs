@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod commands;
+pub mod complete;
 pub mod confirm;
 pub mod engine;
 pub mod error;

@@ -6,6 +6,11 @@ use clap::Parser;
 use nixmox::{cli, commands, error, output};
 
 fn main() -> ExitCode {
+    // A shell asking for completions (`COMPLETE=bash nixmox -- nixmox up …`, set by the script
+    // `nixmox completion SHELL` prints) is answered here, and the process exits.
+    clap_complete::CompleteEnv::with_factory(<cli::Cli as clap::CommandFactory>::command)
+        .var(nixmox::complete::COMPLETE_VAR)
+        .complete();
     let args = match cli::Cli::try_parse() {
         Ok(a) => a,
         Err(e) => {

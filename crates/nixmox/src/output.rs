@@ -1,8 +1,19 @@
 //! Writing to stdout (data only) and stderr (diagnostics, hints, summaries).
+//!
+//! Colour goes through `anstream`: styles are written as ANSI and stripped on the way out
+//! unless stderr is a terminal that takes colour (`NO_COLOR` unset, `TERM` not `dumb`;
+//! `CLICOLOR_FORCE` forces it), the same rules clap applies to its own messages.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
+
+use anstyle::{AnsiColor, Style};
 
 use crate::error::{Error, Result};
+
+/// The style of `error` and failures.
+pub const ERROR: Style = AnsiColor::Red.on_default().bold();
+/// The style of `warning`.
+pub const WARNING: Style = AnsiColor::Yellow.on_default().bold();
 
 /// Writes data to stdout; a closed pipe (`nixmox config | head`) ends the program quietly.
 pub fn data(text: &str) -> Result<()> {
@@ -17,9 +28,14 @@ pub fn data(text: &str) -> Result<()> {
     }
 }
 
-/// Whether stderr may carry colour: a terminal, and `NO_COLOR` unset.
+/// Whether stderr takes colour: a terminal, `NO_COLOR` unset (anstream's rules).
 pub fn colour() -> bool {
-    std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal()
+    anstream::AutoStream::choice(&std::io::stderr()) != anstream::ColorChoice::Never
+}
+
+/// stderr, with styles kept or stripped as [`colour`] says.
+pub fn stderr() -> anstream::Stderr {
+    anstream::stderr()
 }
 
 /// A line of human-facing text on stderr. Text from a user's files or from a tool's output may
@@ -30,13 +46,10 @@ pub fn note(text: &str) {
 }
 
 pub fn error_line(text: &str) {
+    // The text is made visible before any style is added, so only NixMox's own escape
+    // sequences reach the terminal.
     let text = nixmox_core::diag::visible_lines(text);
-    let prefix = if colour() {
-        "\x1b[1;31merror\x1b[0m"
-    } else {
-        "error"
-    };
-    let _ = writeln!(std::io::stderr().lock(), "{prefix}: {text}");
+    let _ = writeln!(stderr().lock(), "{ERROR}error{ERROR:#}: {text}");
 }
 
 /// Prints diagnostics to stderr, errors first.
@@ -44,23 +57,6 @@ pub fn diagnostics(diags: &[nixmox_core::Diagnostic]) {
     if diags.is_empty() {
         return;
     }
-    let text = nixmox_core::diag::render_all(diags);
-    let text = if colour() {
-        text.lines()
-            .map(|l| {
-                if let Some(rest) = l.strip_prefix("error:") {
-                    format!("\x1b[1;31merror\x1b[0m:{rest}")
-                } else if let Some(rest) = l.strip_prefix("warning:") {
-                    format!("\x1b[1;33mwarning\x1b[0m:{rest}")
-                } else {
-                    l.to_string()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-            + "\n"
-    } else {
-        text
-    };
-    let _ = std::io::stderr().lock().write_all(text.as_bytes());
+    let text = nixmox_core::diag::render_all_styled(diags);
+    let _ = stderr().lock().write_all(text.as_bytes());
 }

@@ -11,6 +11,8 @@
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 
+use nixmox_core::Project;
+
 use crate::error::{Error, Result};
 
 /// An absolute, canonical project directory that existed when it was resolved.
@@ -109,5 +111,43 @@ mod tests {
         let err = ProjectRoot::resolve(Path::new("/no/such/project/dir")).unwrap_err();
         assert!(matches!(err, Error::Usage(_)));
         assert!(err.to_string().contains("/no/such/project/dir"));
+    }
+}
+
+/// Where NixMox keeps its working files, all under the project's `.nixmox/`.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    /// The project directory, absolute.
+    pub root: PathBuf,
+    pub state_db: PathBuf,
+    pub build: PathBuf,
+    pub logs: PathBuf,
+    pub terraform: PathBuf,
+    /// OpenSSH's shared-connection sockets.
+    pub ssh: PathBuf,
+    /// The hosts' SSH keys, as OpenSSH records them.
+    pub known_hosts: PathBuf,
+}
+
+impl Paths {
+    pub fn new(root: &ProjectRoot, project: &Project) -> Self {
+        let dot = root.join(".nixmox");
+        let state_db = {
+            let p = Path::new(&project.state.path);
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                root.join(p)
+            }
+        };
+        Paths {
+            root: root.to_path_buf(),
+            state_db,
+            build: dot.join("build"),
+            logs: dot.join("logs"),
+            terraform: dot.join("terraform"),
+            ssh: dot.join("ssh"),
+            known_hosts: dot.join("known_hosts"),
+        }
     }
 }

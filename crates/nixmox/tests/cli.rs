@@ -47,6 +47,10 @@ impl Test {
         self.project = Some(p.into());
         self
     }
+    fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
     fn args(mut self, args: &[&str]) -> Self {
         self.args.extend(args.iter().map(|s| s.to_string()));
         self
@@ -161,7 +165,7 @@ mod validate {
                 out.stderr
             );
             assert!(
-                out.stderr.contains("  --> "),
+                out.stderr.contains("--> "),
                 "{}: every error names its file: {}",
                 dir.display(),
                 out.stderr
@@ -436,6 +440,125 @@ mod graph {
     }
 }
 
+/// Issue 16: colour through anstream: styles only when asked, and the same text without them.
+mod colour {
+    use super::*;
+
+    #[test]
+    fn styles_are_stripped_unless_colour_is_forced() {
+        let dir = repo().join("tests/fixtures/invalid/03-duplicate-yaml-key");
+        let plain = Test::new().project(&dir).args(&["validate"]).run().code(2);
+        assert!(!plain.stderr.contains('\u{1b}'), "{}", plain.stderr);
+        // `NO_COLOR` empty counts as unset; `CLICOLOR_FORCE` asks for colour without a terminal.
+        let forced = Test::new()
+            .project(&dir)
+            .env("NO_COLOR", "")
+            .env("CLICOLOR_FORCE", "1")
+            .args(&["validate"])
+            .run()
+            .code(2);
+        assert!(forced.stderr.contains("\u{1b}["), "{}", forced.stderr);
+        let mut stripped = String::new();
+        let mut rest = forced.stderr.as_str();
+        while let Some(i) = rest.find('\u{1b}') {
+            stripped.push_str(&rest[..i]);
+            let end = rest[i..].find('m').expect("an SGR sequence ends with m");
+            rest = &rest[i + end + 1..];
+        }
+        stripped.push_str(rest);
+        assert_eq!(stripped, plain.stderr);
+    }
+}
+
+/// Issue 16: completion scripts and manual pages.
+mod completion {
+    use super::*;
+
+    #[test]
+    fn every_shell_gets_a_script_on_stdout() {
+        for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+            for extra in [&[][..], &["--static"][..]] {
+                let mut args = vec!["completion", shell];
+                args.extend(extra);
+                let out = Test::new().args(&args).run().code(0);
+                assert!(out.stdout.contains("nixmox"), "{shell} {extra:?}");
+                assert!(out.stderr.is_empty(), "{}", out.stderr);
+            }
+        }
+        Test::new().args(&["completion", "tcsh"]).run().code(2);
+    }
+
+    /// The registration script, loaded by a real bash, asks the binary for candidates: service
+    /// names and step ids come from the project named with `-C`.
+    #[test]
+    fn bash_completes_services_and_steps_from_the_project() {
+        let script = Test::new()
+            .args(&["completion", "bash"])
+            .run()
+            .code(0)
+            .stdout;
+        let bin_dir = Path::new(env!("CARGO_BIN_EXE_nixmox")).parent().unwrap();
+        let complete = |words: &str| {
+            let line = format!(
+                "{script}\nCOMP_WORDS=({words}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); COMP_LINE=\"${{COMP_WORDS[*]}}\"; COMP_POINT=${{#COMP_LINE}}; COMP_TYPE=9; _clap_complete_nixmox nixmox \"${{COMP_WORDS[COMP_CWORD]}}\"; printf '%s\\n' \"${{COMPREPLY[@]}}\""
+            );
+            let out = Command::new("bash")
+                .args(["-c", &line])
+                .env(
+                    "PATH",
+                    format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap()),
+                )
+                .output()
+                .expect("bash runs");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let mut got: Vec<String> = String::from_utf8(out.stdout)
+                .unwrap()
+                .lines()
+                .map(|l| l.trim().to_string())
+                .filter(|l| !l.is_empty())
+                .collect();
+            got.sort();
+            got
+        };
+        let ex = example().display().to_string();
+        assert_eq!(
+            complete(&format!("nixmox -C {ex} up m")),
+            ["media", "monitoring"]
+        );
+        assert_eq!(
+            complete(&format!("nixmox -C {ex} logs nix:core:p")),
+            ["nix:core:postgresql"]
+        );
+        assert!(complete("nixmox gr").contains(&"graph".to_string()));
+    }
+
+    #[test]
+    fn man_pages_for_every_command() {
+        let page = Test::new().args(&["man"]).run().code(0).stdout;
+        assert!(page.contains(".TH nixmox 1"), "{page}");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("man");
+        let out = Test::new()
+            .args(&["man", "--out", dir.to_str().unwrap()])
+            .run()
+            .code(0);
+        assert!(out.stdout.is_empty());
+        for page in [
+            "nixmox.1",
+            "nixmox-up.1",
+            "nixmox-secrets-set.1",
+            "nixmox-completion.1",
+        ] {
+            let text = std::fs::read_to_string(dir.join(page)).unwrap();
+            assert!(text.contains(".SH NAME"), "{page}");
+        }
+    }
+}
+
 mod init {
     use super::*;
 
@@ -528,7 +651,7 @@ mod hostile {
             .code(2);
         assert_eq!(out.stdout, "", "{name}: nothing on stdout");
         for (at, field) in expected {
-            let loc = format!("  --> {at}\n");
+            let loc = format!("--> {at}\n");
             let i = out
                 .stderr
                 .find(&loc)

@@ -29,8 +29,9 @@ use super::drift::{
 use super::load_project;
 use crate::engine::events::Plain;
 use crate::engine::runner::proxmox_token;
-use crate::engine::{self, Paths, UpOptions, UpResult};
+use crate::engine::{self, UpOptions, UpResult};
 use crate::error::{Error, Result};
+use crate::root::Paths;
 use crate::root::ProjectRoot;
 use crate::state::{LockOutcome, Store};
 use crate::terraform::StepOpts;

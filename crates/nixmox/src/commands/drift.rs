@@ -16,10 +16,10 @@ use serde_json::json;
 use super::load_project;
 use crate::cli::PlanFormat;
 use crate::engine::runner::proxmox_token;
-use crate::engine::Paths;
 use crate::error::{Error, Result};
 use crate::exec::{self, Cmd, RunOpts};
 use crate::output;
+use crate::root::Paths;
 use crate::root::ProjectRoot;
 use crate::state::Store;
 use crate::terraform::{self, StepOpts, Terraform, Workspace};
@@ -255,7 +255,7 @@ fn container_drift(
     }
     let read = || -> std::result::Result<Vec<ContainerDrift>, String> {
         let settings = proxmox::Settings::from_project(project, root).map_err(|e| e.to_string())?;
-        let scrub = |m: String| crate::engine::runner::scrub(&m, &settings.secrets());
+        let scrub = |m: String| crate::exec::scrub(&m, &settings.secrets());
         let opts = ClientOptions {
             retry: Retry {
                 attempts: 2,

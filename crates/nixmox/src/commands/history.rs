@@ -2,9 +2,9 @@
 
 use super::load_project;
 use crate::cli::PlanFormat;
-use crate::engine::Paths;
 use crate::error::{Error, Result};
 use crate::output;
+use crate::root::Paths;
 use crate::root::ProjectRoot;
 use crate::state::Store;
 

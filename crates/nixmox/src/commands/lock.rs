@@ -5,8 +5,8 @@ use nixmox_core::flake_lock::FLAKE_LOCK;
 use nixmox_core::lock::LOCK_FILE;
 
 use super::load_project;
-use crate::engine::Paths;
 use crate::error::Result;
+use crate::root::Paths;
 use crate::root::ProjectRoot;
 use crate::{flake, output, project_fs};
 

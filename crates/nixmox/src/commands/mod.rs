@@ -1,5 +1,6 @@
 //! One module per command; `run` dispatches.
 
+mod completion;
 mod config;
 mod down;
 mod drift;
@@ -30,6 +31,11 @@ pub fn run(cli: Cli) -> Result<()> {
     // project directory once, to an absolute path, before anything else (see `root`).
     let command = match cli.command {
         Command::Schema { kind, out } => return schema::run(kind, out.as_deref()),
+        Command::Completion {
+            shell,
+            static_script,
+        } => return completion::run(shell, static_script),
+        Command::Man { out } => return completion::man(out.as_deref()),
         Command::Init { dir, name, domain } => {
             return init::run(
                 dir.as_deref().unwrap_or(cli.project.as_path()),
@@ -114,7 +120,10 @@ pub fn run(cli: Cli) -> Result<()> {
         ),
         Command::Logs { step } => history::logs(root, &step),
         Command::Unlock => history::unlock(root),
-        Command::Schema { .. } | Command::Init { .. } => unreachable!("handled above"),
+        Command::Schema { .. }
+        | Command::Init { .. }
+        | Command::Completion { .. }
+        | Command::Man { .. } => unreachable!("handled above"),
         Command::Template { action } => match action {
             crate::cli::TemplateAction::Upload {
                 file,

@@ -6,9 +6,10 @@ use nixmox_core::plan_out;
 use super::config::select;
 use super::load_project;
 use crate::cli::PlanFormat;
-use crate::engine::{self, Paths};
+use crate::engine;
 use crate::error::{Error, Result};
 use crate::output;
+use crate::root::Paths;
 use crate::root::ProjectRoot;
 
 pub fn run(

@@ -14,11 +14,11 @@ use serde_json::json;
 use super::config::select;
 use super::load_project;
 use crate::cli::PlanFormat;
-use crate::engine::Paths;
 use crate::error::{Error, Result};
 use crate::health::status::{self, Health, ServiceHealth};
 use crate::health::Context;
 use crate::output;
+use crate::root::Paths;
 use crate::root::ProjectRoot;
 use crate::state::{RunId, Store};
 
@@ -138,7 +138,7 @@ fn live_states(
     }
     let read = || -> std::result::Result<BTreeMap<u32, String>, String> {
         let settings = proxmox::Settings::from_project(project, root).map_err(|e| e.to_string())?;
-        let scrub = |m: String| crate::engine::runner::scrub(&m, &settings.secrets());
+        let scrub = |m: String| crate::exec::scrub(&m, &settings.secrets());
         let http = HttpOptions {
             connect_timeout: Duration::from_secs(3),
             io_timeout: Duration::from_secs(5),

@@ -12,8 +12,9 @@ use nixmox_core::teardown::{Backup, Container, Teardown, Via};
 use super::config::select;
 use super::load_project;
 use crate::engine::events::{JsonLines, Live, Plain, Reporter};
-use crate::engine::{self, Paths, UpOptions, UpResult};
+use crate::engine::{self, UpOptions, UpResult};
 use crate::error::{Error, Result};
+use crate::root::Paths;
 use crate::root::ProjectRoot;
 use crate::{confirm, output};
 

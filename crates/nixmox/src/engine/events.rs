@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use anstyle::{AnsiColor, Style};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 /// Version of the JSON-lines event format.
@@ -35,6 +37,10 @@ pub enum Event {
     StepStarted {
         step: String,
         attempt: u32,
+        /// How long the step's last successful run took, when it is recorded: the live view's
+        /// estimate of time left.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expected_ms: Option<u64>,
     },
     StepRetrying {
         step: String,
@@ -105,7 +111,7 @@ fn describe_raw(e: &Event) -> String {
         Event::Warning { message } => format!("warning: {message}"),
         Event::InputsLocked { changes } => format!("locked flake inputs into flake.lock (commit it): {}", changes.join(", ")),
         Event::StepSkipped { step, reason } => format!("skip   {step} ({reason})"),
-        Event::StepStarted { step, attempt } if *attempt > 1 => format!("start  {step} (attempt {attempt})"),
+        Event::StepStarted { step, attempt, .. } if *attempt > 1 => format!("start  {step} (attempt {attempt})"),
         Event::StepStarted { step, .. } => format!("start  {step}"),
         Event::StepRetrying { step, attempt, delay_ms, error } => {
             format!("retry  {step} after attempt {attempt} in {:.1}s: {error}", *delay_ms as f64 / 1000.0)
@@ -180,109 +186,224 @@ impl Reporter for JsonLines {
     }
 }
 
-/// On a terminal: finished steps scroll by, and one status line shows every running step with
-/// its elapsed time, redrawn in place.
+/// On a terminal: finished steps scroll by, and below them indicatif draws one line per
+/// running step: a spinner, its elapsed time, and when the step's last run was recorded a bar
+/// and the time left by that duration.
 pub struct Live {
-    running: BTreeMap<String, Instant>,
+    multi: MultiProgress,
+    running: BTreeMap<String, Running>,
     colour: bool,
-    drawn: bool,
+}
+
+struct Running {
+    bar: ProgressBar,
+    started: Instant,
+    expected: Option<Duration>,
 }
 
 impl Live {
     pub fn new(colour: bool) -> Self {
+        Live::with_target(colour, ProgressDrawTarget::stderr())
+    }
+
+    /// A live view drawn elsewhere than stderr (tests draw into memory).
+    pub fn with_target(colour: bool, target: ProgressDrawTarget) -> Self {
         Live {
+            multi: MultiProgress::with_draw_target(target),
             running: BTreeMap::new(),
             colour,
-            drawn: false,
         }
     }
-    fn clear(&mut self, err: &mut impl Write) {
-        if self.drawn {
-            let _ = write!(err, "\r\x1b[2K");
-            self.drawn = false;
-        }
-    }
-    fn draw(&mut self, err: &mut impl Write) {
-        if self.running.is_empty() {
-            return;
-        }
-        let now = Instant::now();
-        let parts: Vec<String> = self
-            .running
-            .iter()
-            .map(|(s, t)| {
-                format!(
-                    "{} {}s",
-                    nixmox_core::diag::visible(s),
-                    now.duration_since(*t).as_secs()
-                )
-            })
-            .collect();
-        let mut line = format!("running: {}", parts.join(" · "));
-        let width = terminal_width();
-        if line.chars().count() > width.saturating_sub(1) {
-            line = line
-                .chars()
-                .take(width.saturating_sub(2))
-                .collect::<String>()
-                + "…";
-        }
-        let _ = write!(err, "{line}");
-        self.drawn = true;
-    }
-}
 
-fn terminal_width() -> usize {
-    std::env::var("COLUMNS")
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(100)
+    fn start(&mut self, step: &str, expected: Option<Duration>) {
+        if let Some(old) = self.running.remove(step) {
+            old.bar.finish_and_clear();
+            self.multi.remove(&old.bar);
+        }
+        let (bar, template) = match expected {
+            Some(d) => (
+                ProgressBar::new(ms(d).max(1)),
+                "{spinner} {prefix} [{bar:20}] {elapsed} of ~{msg}",
+            ),
+            None => (ProgressBar::new_spinner(), "{spinner} {prefix} {elapsed}"),
+        };
+        let style = ProgressStyle::with_template(template)
+            .expect("a valid template")
+            .progress_chars("=> ");
+        let bar = bar
+            .with_style(style)
+            .with_prefix(nixmox_core::diag::visible(step).into_owned())
+            .with_message(
+                expected
+                    .map(crate::exec::human_duration)
+                    .unwrap_or_default(),
+            );
+        let bar = self.multi.add(bar);
+        bar.tick();
+        self.running.insert(
+            step.to_string(),
+            Running {
+                bar,
+                started: Instant::now(),
+                expected,
+            },
+        );
+    }
+
+    fn update(&self) {
+        for r in self.running.values() {
+            if let Some(expected) = r.expected {
+                let elapsed = r.started.elapsed();
+                // Past the recorded duration the bar stays full; the elapsed time still runs.
+                r.bar.set_position(ms(elapsed.min(expected)));
+            }
+            r.bar.tick();
+        }
+    }
+
+    fn line(&self, text: String) {
+        let text = if self.colour {
+            let style = if text.starts_with("FAILED") || text.starts_with("ROLLED BACK") {
+                AnsiColor::Red.on_default()
+            } else if text.starts_with("done") {
+                AnsiColor::Green.on_default()
+            } else if text.starts_with("skip") {
+                Style::new().dimmed()
+            } else {
+                Style::new()
+            };
+            format!("{style}{text}{style:#}")
+        } else {
+            text
+        };
+        if self.multi.is_hidden() {
+            let _ = writeln!(std::io::stderr().lock(), "{text}");
+        } else {
+            let _ = self.multi.println(text);
+        }
+    }
 }
 
 impl Reporter for Live {
     fn event(&mut self, e: &Event) {
-        let mut err = std::io::stderr().lock();
-        self.clear(&mut err);
         match e {
-            Event::StepStarted { step, .. } => {
-                self.running
-                    .entry(step.clone())
-                    .or_insert_with(Instant::now);
+            Event::StepStarted {
+                step, expected_ms, ..
+            } => {
+                self.start(step, expected_ms.map(Duration::from_millis));
             }
             Event::StepFinished { step, .. } => {
-                self.running.remove(step);
+                if let Some(r) = self.running.remove(step) {
+                    r.bar.finish_and_clear();
+                    self.multi.remove(&r.bar);
+                }
             }
             _ => {}
         }
-        let text = describe(e);
-        let text = if self.colour {
-            if text.starts_with("FAILED") || text.starts_with("ROLLED BACK") {
-                format!("\x1b[31m{text}\x1b[0m")
-            } else if text.starts_with("done") {
-                format!("\x1b[32m{text}\x1b[0m")
-            } else if text.starts_with("skip") {
-                format!("\x1b[2m{text}\x1b[0m")
-            } else {
-                text
-            }
-        } else {
-            text
-        };
-        let _ = writeln!(err, "{text}");
-        self.draw(&mut err);
+        self.line(describe(e));
     }
     fn tick(&mut self) {
-        let mut err = std::io::stderr().lock();
-        self.clear(&mut err);
-        self.draw(&mut err);
+        self.update();
     }
     fn summary(&mut self, rows: &[SummaryRow]) {
-        let mut err = std::io::stderr().lock();
-        self.clear(&mut err);
-        let _ = write!(err, "\n{}", table(rows));
+        for (_, r) in std::mem::take(&mut self.running) {
+            r.bar.finish_and_clear();
+            self.multi.remove(&r.bar);
+        }
+        let _ = self.multi.clear();
+        let _ = write!(std::io::stderr().lock(), "\n{}", table(rows));
     }
 }
 
 pub fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use indicatif::TermLike;
+
+    use super::*;
+
+    /// A terminal that keeps what is written to it (indicatif's own trait for draw targets).
+    #[derive(Debug, Clone, Default)]
+    struct Screen(Arc<Mutex<String>>);
+
+    impl TermLike for Screen {
+        fn width(&self) -> u16 {
+            100
+        }
+        fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_line(&self, s: &str) -> std::io::Result<()> {
+            self.write_str(&format!("{s}\n"))
+        }
+        fn write_str(&self, s: &str) -> std::io::Result<()> {
+            self.0.lock().unwrap().push_str(s);
+            Ok(())
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Issue 16: a line per running step, with a bar and the recorded duration when there is
+    /// one; finished steps scroll by as the plain reporter words them.
+    #[test]
+    fn live_view_draws_a_line_per_running_step() {
+        let screen = Screen::default();
+        let target = ProgressDrawTarget::term_like_with_hz(Box::new(screen.clone()), 200);
+        let mut live = Live::with_target(false, target);
+        live.event(&Event::StepStarted {
+            step: "tf:infra".into(),
+            attempt: 1,
+            expected_ms: Some(90_000),
+        });
+        live.event(&Event::StepStarted {
+            step: "nix:core:dns\u{1b}[2J".into(),
+            attempt: 1,
+            expected_ms: None,
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        live.tick();
+        assert_eq!(live.running.len(), 2);
+        live.event(&Event::StepFinished {
+            step: "tf:infra".into(),
+            status: "succeeded".into(),
+            changed: true,
+            duration_ms: 1200,
+            detail: String::new(),
+            error: None,
+        });
+        assert_eq!(live.running.len(), 1);
+        let shown = screen.0.lock().unwrap().clone();
+        assert!(
+            shown.contains("tf:infra [") && shown.contains("of ~1m 30s"),
+            "{shown}"
+        );
+        assert!(shown.contains("nix:core:dns\\u{1b}[2J"), "{shown}");
+        assert!(
+            !shown.contains('\u{1b}'),
+            "no colour asked, no escapes: {shown:?}"
+        );
+        assert!(
+            shown.contains("done   tf:infra succeeded in 1.2s"),
+            "{shown}"
+        );
+    }
 }

@@ -21,46 +21,8 @@ use self::runner::StepExec;
 use self::scheduler::{Final, Progress, Skip, Task};
 use crate::error::{Error, Result};
 use crate::project_fs;
-use crate::root::ProjectRoot;
+use crate::root::{Paths, ProjectRoot};
 use crate::state::{self, RunResult, StepFinish, StepStatus, Store};
-
-/// Where NixMox keeps its working files, all under the project's `.nixmox/`.
-#[derive(Clone, Debug)]
-pub struct Paths {
-    /// The project directory, absolute.
-    pub root: PathBuf,
-    pub state_db: PathBuf,
-    pub build: PathBuf,
-    pub logs: PathBuf,
-    pub terraform: PathBuf,
-    /// OpenSSH's shared-connection sockets.
-    pub ssh: PathBuf,
-    /// The hosts' SSH keys, as OpenSSH records them.
-    pub known_hosts: PathBuf,
-}
-
-impl Paths {
-    pub fn new(root: &ProjectRoot, project: &Project) -> Self {
-        let dot = root.join(".nixmox");
-        let state_db = {
-            let p = Path::new(&project.state.path);
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                root.join(p)
-            }
-        };
-        Paths {
-            root: root.to_path_buf(),
-            state_db,
-            build: dot.join("build"),
-            logs: dot.join("logs"),
-            terraform: dot.join("terraform"),
-            ssh: dot.join("ssh"),
-            known_hosts: dot.join("known_hosts"),
-        }
-    }
-}
 
 #[derive(Clone, Debug)]
 pub struct UpOptions {
@@ -304,6 +266,7 @@ fn run_locked(
             reporter.event(&Event::StepStarted {
                 step: step.id.clone(),
                 attempt,
+                expected_ms: record.get(&step.id).and_then(|r| r.duration_ms),
             });
         }
         Progress::Retrying {

@@ -15,8 +15,9 @@ use nixmox_core::record::StepRecord;
 use nixmox_core::Project;
 
 use super::scheduler::{Outcome, Runner};
-use super::Paths;
+use crate::exec::scrub;
 use crate::exec::{self, Cmd, RunOpts};
+use crate::root::Paths;
 use crate::state::OutputValue;
 use crate::terraform::{self, StepOpts, Terraform, TfError, Workspace};
 
@@ -1126,17 +1127,6 @@ fn collect_strings(v: &serde_json::Value, out: &mut Vec<String>) {
         serde_json::Value::Object(m) => m.values().for_each(|x| collect_strings(x, out)),
         _ => {}
     }
-}
-
-/// Replaces known secret values in a message.
-pub fn scrub(text: &str, secrets: &[String]) -> String {
-    let mut out = text.to_string();
-    for s in secrets {
-        if !s.is_empty() {
-            out = out.replace(s.as_str(), "<redacted>");
-        }
-    }
-    out
 }
 
 #[cfg(test)]

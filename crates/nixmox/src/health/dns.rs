@@ -1,8 +1,12 @@
-//! A tiny DNS client: one A query over UDP to one server, answered or not within a deadline.
+//! A DNS check: one A query over UDP to one server, answered or not within a deadline.
+//! hickory-proto writes the query and reads the answer; the exchange (one socket, resent every
+//! second, bounded by the check's deadline) is here, with no async runtime.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::sync::atomic::{AtomicU16, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Message, MessageType, OpCode, Query};
+use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
 
 /// What the server said.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,75 +46,49 @@ pub fn rcode_name(rcode: u8) -> String {
     }
 }
 
-static NEXT_ID: AtomicU16 = AtomicU16::new(0);
-
-fn query_id() -> u16 {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    (nanos as u16) ^ NEXT_ID.fetch_add(0x9e37, Ordering::Relaxed)
-}
-
 /// The query message for `name`'s A records, recursion desired.
 pub fn encode_query(id: u16, name: &str) -> Result<Vec<u8>, String> {
-    let mut q = Vec::with_capacity(32 + name.len());
-    q.extend_from_slice(&id.to_be_bytes());
-    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.trim_end_matches('.').split('.') {
-        if label.is_empty() || label.len() > 63 {
-            return Err(format!("`{name}` is not a DNS name"));
-        }
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
+    let not_a_name = || format!("`{name}` is not a DNS name");
+    // hickory accepts an empty label in the middle (`a..b`); a query for one would only fail
+    // at the server, so it is refused here.
+    if name.trim_end_matches('.').split('.').any(str::is_empty) {
+        return Err(not_a_name());
     }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    Ok(q)
+    let name = Name::from_ascii(name).map_err(|_| not_a_name())?;
+    let mut message = Message::new(id, MessageType::Query, OpCode::Query);
+    message.metadata.recursion_desired = true;
+    message.add_query(Query::query(name, RecordType::A));
+    message
+        .to_vec()
+        .map_err(|e| format!("cannot encode the query: {e}"))
 }
 
-/// Parses a response to query `id`; `None` when it is not one (another id, too short).
+/// Parses a response to query `id`; `None` when it is not one (another id, not a response,
+/// not a DNS message).
 pub fn decode_answer(id: u16, r: &[u8]) -> Option<Answer> {
-    if r.len() < 12 || r[0..2] != id.to_be_bytes() || r[2] & 0x80 == 0 {
+    let message = Message::from_vec(r).ok()?;
+    if message.metadata.id != id || message.metadata.message_type != MessageType::Response {
         return None;
     }
-    let rcode = r[3] & 0x0f;
-    let qd = u16::from_be_bytes([r[4], r[5]]);
-    let an = u16::from_be_bytes([r[6], r[7]]);
-    let skip_name = |mut i: usize| -> Option<usize> {
-        loop {
-            let len = *r.get(i)? as usize;
-            if len == 0 {
-                return Some(i + 1);
-            }
-            if len & 0xc0 == 0xc0 {
-                return Some(i + 2);
-            }
-            i += len + 1;
-        }
-    };
-    let mut i = 12;
-    for _ in 0..qd {
-        i = skip_name(i)? + 4;
-    }
-    let mut addrs = Vec::new();
-    for _ in 0..an {
-        i = skip_name(i)?;
-        let rr = r.get(i..i + 10)?;
-        let ty = u16::from_be_bytes([rr[0], rr[1]]);
-        let class = u16::from_be_bytes([rr[2], rr[3]]);
-        let len = u16::from_be_bytes([rr[8], rr[9]]) as usize;
-        let data = r.get(i + 10..i + 10 + len)?;
-        if ty == 1 && class == 1 && len == 4 {
-            addrs.push(Ipv4Addr::new(data[0], data[1], data[2], data[3]));
-        }
-        i += 10 + len;
-    }
-    Some(Answer { rcode, addrs })
+    let addrs = message
+        .answers
+        .iter()
+        .filter(|rr| rr.dns_class == DNSClass::IN)
+        .filter_map(|rr| match &rr.data {
+            RData::A(a) => Some(a.0),
+            _ => None,
+        })
+        .collect();
+    Some(Answer {
+        rcode: message.metadata.response_code.low(),
+        addrs,
+    })
 }
 
 /// Asks `server` for `name`'s A records, resending every second until `deadline`.
 pub fn query(server: SocketAddrV4, name: &str, deadline: Instant) -> Result<Answer, String> {
-    let id = query_id();
+    // A random id (hickory's), so an answer to someone else's query is not taken for ours.
+    let id = Message::query().metadata.id;
     let msg = encode_query(id, name)?;
     let bind: SocketAddr = if server.ip().is_loopback() {
         (Ipv4Addr::LOCALHOST, 0).into()
@@ -187,5 +165,8 @@ mod tests {
             "NXDOMAIN (no such name)"
         );
         assert!(encode_query(1, "a..b").is_err());
+        assert!(decode_answer(0x1234, b"not dns").is_none());
+        // The query itself is not an answer.
+        assert!(decode_answer(0x1234, &q).is_none());
     }
 }

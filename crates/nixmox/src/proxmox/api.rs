@@ -5,8 +5,9 @@
 use std::fmt;
 use std::io::Read;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
@@ -427,7 +428,7 @@ impl Api for HttpApi {
                 .metadata()
                 .map_err(|e| PveError::Config(format!("cannot read `{}`: {e}", file.display())))?
                 .len();
-            let boundary = format!("nixmox-{:016x}", super::client::random_u64());
+            let boundary = format!("nixmox-{:016x}", random_u64());
             let mut head = String::new();
             for (k, v) in fields {
                 head.push_str(&format!(
@@ -497,6 +498,20 @@ impl<T: Api + ?Sized> Api for Arc<T> {
     fn endpoint(&self) -> &str {
         (**self).endpoint()
     }
+}
+
+/// A random number for jitter and multipart boundaries (not for anything secret).
+pub fn random_u64() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0x9E37_79B9_7F4A_7C15);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut x = nanos ^ COUNTER.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+    // splitmix64
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
 }
 
 #[cfg(test)]

@@ -3,13 +3,13 @@
 //! whether the first attempt went through after all, and counts the writes it sends.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
-use super::api::{encode_segment, Api, Method};
+use super::api::{encode_segment, random_u64, Api, Method};
 use super::error::PveError;
 
 /// How transient failures are retried.
@@ -94,20 +94,6 @@ impl std::fmt::Debug for Client {
             .field("writes", &self.writes())
             .finish_non_exhaustive()
     }
-}
-
-/// A random number for jitter and multipart boundaries (not for anything secret).
-pub fn random_u64() -> u64 {
-    static COUNTER: AtomicU64 = AtomicU64::new(0x9E37_79B9_7F4A_7C15);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    let mut x = nanos ^ COUNTER.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
-    // splitmix64
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
 }
 
 fn num(v: &Value) -> Option<u64> {

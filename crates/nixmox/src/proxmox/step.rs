@@ -11,8 +11,8 @@ use nixmox_core::Project;
 
 use super::client::{Client, ClientOptions};
 use super::{connect, lifecycle, Settings};
-use crate::engine::runner::scrub;
 use crate::engine::scheduler::Outcome;
+use crate::exec::scrub;
 
 /// How `tf:infra` runs the lifecycle.
 #[derive(Clone, Debug)]

@@ -264,7 +264,7 @@ pub fn output_secrets(outputs: &[OutputValue], service: Option<&str>) -> Flat {
 pub fn for_run(
     root: &Path,
     project: &Project,
-    paths: &crate::engine::Paths,
+    paths: &crate::root::Paths,
 ) -> Result<Vault, SecretsError> {
     let mut vault = Vault::open(root, project, &paths.state_db, Some(&paths.build))?;
     if !matches!(project.nix.deployer, Deployer::Command { .. }) {
