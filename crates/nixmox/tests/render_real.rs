@@ -215,7 +215,32 @@ fn caddy_validates_the_rendered_virtual_hosts() {
     ] {
         assert!(sites.contains_key(d), "no virtual host for {d}: {sites:?}");
     }
-    let global = "\tadmin off\n\tlocal_certs\n\tskip_install_trust\n";
+    // The host's own global options (issue 12, item 6): the project CA as Caddy's `nixmox`
+    // authority, its certificate where the host's /etc has it and its key where sops-nix puts
+    // it. Here: a CA made as `nixmox up` makes it, the certificate path moved into the test.
+    let rendered_global = eval_host(
+        &build.join("nix/hosts/caddy.nix"),
+        &t.path().join("secrets"),
+        "",
+        "m.services.caddy.globalConfig",
+        &[],
+    );
+    let rendered_global = rendered_global.as_str().expect("globalConfig is a string");
+    let ca = nixmox::pki::generate("nixmox.lan").unwrap();
+    let key_path = t.path().join("secrets/pki/ca_key");
+    fs::create_dir_all(key_path.parent().unwrap()).unwrap();
+    fs::write(&key_path, &ca.key_pem).unwrap();
+    let cert_path = t.path().join("ca.crt");
+    fs::write(&cert_path, &ca.cert_pem).unwrap();
+    assert!(
+        rendered_global.contains(&format!("key {}\n", key_path.display())),
+        "{rendered_global}"
+    );
+    let global = format!(
+        "\tadmin off\n{}",
+        rendered_global.replace("/etc/nixmox/ca.crt", &cert_path.display().to_string())
+    );
+    let global = global.as_str();
 
     let file = t.path().join("Caddyfile");
     let text = caddyfile(global, &sites);
@@ -226,6 +251,19 @@ fn caddy_validates_the_rendered_virtual_hosts() {
         "caddy validate rejects the rendered virtual hosts:\n{log}\nCaddyfile:\n{}",
         numbered(&text)
     );
+
+    // Caddy really loads the project CA: without its certificate the same file fails.
+    let missing = t.path().join("Caddyfile.no-ca");
+    fs::write(
+        &missing,
+        caddyfile(
+            &global.replace(&cert_path.display().to_string(), "/nonexistent/ca.crt"),
+            &sites,
+        ),
+    )
+    .unwrap();
+    let (ok, log) = caddy_validate(t.path(), &missing);
+    assert!(!ok && log.contains("/nonexistent/ca.crt"), "{log}");
 
     // The check is real: one unknown directive in one site makes the same file fail.
     let mut broken = sites.clone();
@@ -424,14 +462,21 @@ fn caddy_routes_each_path_to_its_upstream() {
     let (_backends, addrs) = Backends::start(&names, CADDY_ADDR);
     let port = free_port(CADDY_ADDR);
 
-    // The rendered sites, served over plain HTTP on loopback: `tls internal` dropped, the site
+    // The rendered sites, served over plain HTTP on loopback: the `tls` block dropped, the site
     // address given the test's port, each upstream replaced by its fake. Routing is untouched.
     let mut local = BTreeMap::new();
     for (site, conf) in &sites {
         let domain = site.strip_prefix("http://").unwrap_or(site);
         let mut out = String::new();
+        let mut in_tls = 0usize;
         for line in conf.lines() {
+            // The `tls { issuer internal { ca nixmox } }` block.
             if line.trim() == "tls internal" {
+                continue;
+            }
+            if in_tls > 0 || line.trim() == "tls {" {
+                in_tls += line.matches('{').count();
+                in_tls -= line.matches('}').count();
                 continue;
             }
             let indent = &line[..line.len() - line.trim_start().len()];

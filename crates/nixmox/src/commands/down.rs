@@ -618,13 +618,8 @@ fn purge_data(
         output::note(text.trim_end());
         return Ok(());
     }
-    let ctx = crate::health::Context::for_project(
-        project,
-        &paths.ssh,
-        &paths.known_hosts,
-        &root.join(".nixmox/ca.pem"),
-    )
-    .map_err(Error::Usage)?;
+    let ctx = crate::health::Context::for_project(project, root, &paths.ssh, &paths.known_hosts)
+        .map_err(Error::Usage)?;
     let to = ctx.route(pg.host.ip, 22);
     let mut options = ctx.ssh.options.clone();
     if to.port() != 22 {
