@@ -182,6 +182,18 @@ pub fn write_bundle(
     Ok(path)
 }
 
+/// `SSL_CERT_FILE` for a Terraform process of the project at `root`: the bundle of its trust
+/// set, written to `.nixmox/ca-bundle.pem`. Made again for every process, because the project
+/// CA can appear during a run.
+pub fn terraform_env(
+    root: &Path,
+    project: &Project,
+) -> Result<(std::ffi::OsString, std::ffi::OsString), String> {
+    let files = trust_files(root, project);
+    let bundle = write_bundle(&root.join(".nixmox"), system_roots().as_deref(), &files)?;
+    Ok(("SSL_CERT_FILE".into(), bundle.into_os_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -434,7 +434,7 @@ impl Listing<'_> {
             ..StepOpts::default()
         };
         terraform_for(self.project, &self.paths.root, id)
-            .state_list(&ws, &opts)
+            .and_then(|tf| tf.state_list(&ws, &opts).map_err(|e| e.to_string()))
             .map(Some)
             .map_err(|e| Error::RunFailed(format!("listing the resources of {id}: {e}")))
     }
@@ -515,7 +515,7 @@ fn destroy_workspaces(
             ..StepOpts::default()
         };
         terraform_for(project, &paths.root, id)
-            .destroy(&ws, &opts)
+            .and_then(|tf| tf.destroy(&ws, &opts).map_err(|e| e.to_string()))
             .map_err(|e| Error::RunFailed(format!("{id}: {e}")))?;
         store.forget_step(id).map_err(Error::State)?;
     }

@@ -248,11 +248,7 @@ impl<'a> StepExec<'a> {
     /// system's roots, the project CA, `proxmox.tls.ca_file`; src/pki.rs), rebuilt for each
     /// step because the project CA can appear during a run.
     fn trust_env(&self) -> Result<(OsString, OsString), String> {
-        let files = crate::pki::trust_files(&self.paths.root, self.project);
-        let system = crate::pki::system_roots();
-        let bundle =
-            crate::pki::write_bundle(&self.paths.root.join(".nixmox"), system.as_deref(), &files)?;
-        Ok(("SSL_CERT_FILE".into(), bundle.into_os_string()))
+        crate::pki::terraform_env(&self.paths.root, self.project)
     }
 
     fn terraform(&self, index: usize, phase: Phase, service: Option<&str>) -> Outcome {
