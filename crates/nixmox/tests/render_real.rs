@@ -1,7 +1,9 @@
 //! What `nixmox render` generates, checked with the real programs that consume it:
 //!
 //! - Caddy validates the reverse proxy's virtual hosts, and serves them (on loopback, upstreams
-//!   replaced by small fake backends) routing each path where it belongs;
+//!   replaced by small fake backends) routing each path where it belongs; with the project CA
+//!   as its authority, its sites are trusted by a Go client (Terraform) exactly when
+//!   `SSL_CERT_FILE` names NixMox's bundle;
 //! - Unbound checks the resolver's settings, written the way the NixOS module writes them, then
 //!   answers queries from them;
 //! - PostgreSQL runs the database host's setup script (ownership, passwords, migrations).
@@ -1423,5 +1425,95 @@ fn postgresql_setup_hands_the_database_to_a_differently_named_role() {
     assert_eq!(
         pg.sql("vaultwarden", "SELECT count(*) FROM nixmox_migrations"),
         "1"
+    );
+}
+
+/// Issue 12, item 6: a Go client trusts what Caddy signs with the project CA exactly when
+/// `SSL_CERT_FILE` names NixMox's bundle. The Go client is Terraform itself (its `http` backend:
+/// Go's net/http and crypto/x509, as in every provider), reading its state from a Caddy site
+/// configured with the global options NixMox renders; the site answers 404 (no state yet).
+#[test]
+fn go_trusts_caddys_project_ca_sites_through_the_bundle_and_only_then() {
+    let terraform = tool("terraform", "terraform");
+    let t = tmp();
+    let dir = t.path();
+    let ca = nixmox::pki::generate("lab.lan").unwrap();
+    let (cert, key) = (dir.join("ca.crt"), dir.join("ca.key"));
+    fs::write(&cert, &ca.cert_pem).unwrap();
+    fs::write(&key, &ca.key_pem).unwrap();
+    let (head, tail) = nixmox_core::render::nixos::caddy_pki_global();
+    let pki = format!("{head}{}{tail}", key.display()).replace(
+        &format!("/etc/{}", nixmox_core::render::nixos::CA_CERT_ETC),
+        &cert.display().to_string(),
+    );
+    let (https, http) = (free_port(CADDY_ADDR), free_port(CADDY_ADDR));
+    let site = format!("https://{CADDY_ADDR}:{https}");
+    let mut sites = BTreeMap::new();
+    sites.insert(
+        site.clone(),
+        format!(
+            "tls {{\n  issuer internal {{\n    ca {}\n  }}\n}}\nrespond 404\n",
+            nixmox_core::render::nixos::CADDY_CA_ID
+        ),
+    );
+    let global = format!("\tadmin off\n{pki}\thttp_port {http}\n\tdefault_bind {CADDY_ADDR}\n");
+    let file = dir.join("Caddyfile");
+    fs::write(&file, caddyfile(&global, &sites)).unwrap();
+    let mut caddy = Server::spawn(
+        "caddy",
+        caddy_cmd(dir)
+            .args(["run", "--adapter", "caddyfile", "--config"])
+            .arg(&file),
+        &dir.join("caddy.log"),
+        "TERM",
+    );
+    caddy.wait_until(|| tcp_open(SocketAddr::from((CADDY_ADDR, https))));
+
+    let ws = dir.join("ws");
+    fs::create_dir_all(&ws).unwrap();
+    fs::write(
+        ws.join("main.tf.json"),
+        serde_json::json!({"terraform": {"backend": {"http": {"address": format!("{site}/state")}}}})
+            .to_string(),
+    )
+    .unwrap();
+    let system = nixmox::pki::system_roots();
+    let init = |bundle: &Path| {
+        let _ = fs::remove_dir_all(ws.join(".terraform"));
+        Command::new(&terraform)
+            .current_dir(&ws)
+            .args(["init", "-input=false", "-no-color"])
+            .env("SSL_CERT_FILE", bundle)
+            .env("HOME", dir)
+            .env("CHECKPOINT_DISABLE", "1")
+            .env("TF_CLI_CONFIG_FILE", repo().join(".tools/terraformrc"))
+            .output()
+            .expect("terraform runs")
+    };
+    // NixMox's bundle: the system's roots and the project CA.
+    let bundle = nixmox::pki::write_bundle(
+        &dir.join("with"),
+        system.as_deref(),
+        std::slice::from_ref(&cert),
+    )
+    .unwrap();
+    let out = init(&bundle);
+    assert!(
+        out.status.success(),
+        "Go rejects the project CA's site:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The system's roots alone: the certificate Go rejected before issue 12.
+    let plain = nixmox::pki::write_bundle(&dir.join("without"), system.as_deref(), &[]).unwrap();
+    let out = init(&plain);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success() && text.contains("x509: certificate signed by unknown authority"),
+        "{text}"
     );
 }
