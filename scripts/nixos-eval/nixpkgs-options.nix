@@ -168,6 +168,8 @@ in
       };
     }))) { };
 
+    # nixos/modules/security/ca.nix (issue 12, item 6: every host trusts the project CA)
+    security.pki.certificateFiles = opt (types.listOf types.path) [ ];
     # nixos/modules/security/sudo.nix
     security.sudo.wheelNeedsPassword = bool true;
     # LOOSE: nixos/modules/security/acme/default.nix

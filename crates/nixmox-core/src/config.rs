@@ -158,8 +158,9 @@ pub fn decode(cx: &mut Cx, root: &Node) -> Option<ProjectConfig> {
                 ),
             }),
     };
-    // Issue 12, item 6: bpg/proxmox verifies the API's certificate against the system's
-    // roots (or not at all with `insecure`); it has no way to pin a fingerprint.
+    // Issue 12, item 6: bpg/proxmox verifies the API's certificate against the roots Go
+    // trusts, which NixMox sets (`SSL_CERT_FILE`: the system's roots, the project CA and
+    // `proxmox.tls.ca_file`), or not at all with `insecure`; it has no way to pin a fingerprint.
     if infra == Some(InfraBackend::Terraform) {
         if let Some(f) = field(root, "proxmox")
             .and_then(|p| field(p, "tls"))
@@ -169,7 +170,7 @@ pub fn decode(cx: &mut Cx, root: &Node) -> Option<ProjectConfig> {
                 f.span,
                 "proxmox.tls.fingerprint",
                 "the Terraform backend cannot honour a fingerprint pin: only `infra.backend: proxmox-api` checks it",
-                Some("Terraform checks the certificate against the system's trust store: add the PVE CA there, or use `infra.backend: proxmox-api`".into()),
+                Some("Terraform checks the certificate against the system's roots plus `proxmox.tls.ca_file`: give the PVE CA there, or use `infra.backend: proxmox-api`".into()),
             );
         }
     }

@@ -143,7 +143,7 @@ fn main() {
             options: Vec::new(),
             user: nixmox_core::ids::SshUser::new("root").expect("a valid login name"),
         },
-        None,
+        Vec::new(),
         BTreeMap::new(),
         "/run/secrets".into(),
     )

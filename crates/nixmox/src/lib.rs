@@ -13,6 +13,7 @@ pub mod exec;
 pub mod flake;
 pub mod health;
 pub mod output;
+pub mod pki;
 pub mod project_fs;
 pub mod proxmox;
 pub mod root;

@@ -457,7 +457,7 @@ impl Lab {
         Context::new(
             &self.project,
             self.ssh(),
-            ca.map(Path::to_path_buf),
+            ca.map(Path::to_path_buf).into_iter().collect(),
             self.connect_to.clone(),
             self.secrets.display().to_string(),
         )
@@ -777,9 +777,11 @@ fn test_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (p("ca.crt"), p("other.crt"), p("other.key"))
 }
 
-/// Caddy on the proxy host: `tls internal` sites for web, auth and secure (forward-auth to the
-/// authentik stand-in, with the outpost's own paths routed to it), and `wrong.lab.lan` serving
-/// a certificate for another name. Returns the CA bundle checks trust.
+/// Caddy on the proxy host, as NixMox renders it: its `nixmox` authority rooted in a project CA
+/// made as `nixmox up` makes it (issue 12, item 6), signing the sites web, auth and secure
+/// (forward-auth to the authentik stand-in, with the outpost's own paths routed to it), and
+/// `wrong.lab.lan` serving a certificate for another name. Returns the CA bundle checks trust:
+/// the project CA's certificate and the test CA of `wrong.lab.lan`.
 fn start_caddy(
     root: &Path,
     net: Net,
@@ -795,14 +797,25 @@ fn start_caddy(
     let https = free_port(net.caddy());
     let http = free_port(net.caddy());
     let ip = net.caddy();
+    let project_ca = nixmox::pki::generate("lab.lan").unwrap();
+    let ca_crt = dir.join("project-ca.crt");
+    let ca_key = dir.join("project-ca.key");
+    fs::write(&ca_crt, &project_ca.cert_pem).unwrap();
+    fs::write(&ca_key, &project_ca.key_pem).unwrap();
+    let (head, tail) = nixmox_core::render::nixos::caddy_pki_global();
+    let pki = format!("{head}{}{tail}", ca_key.display()).replace(
+        &format!("/etc/{}", nixmox_core::render::nixos::CA_CERT_ETC),
+        &ca_crt.display().to_string(),
+    );
+    let tls = "tls {\n\t\tissuer internal {\n\t\t\tca nixmox\n\t\t}\n\t}";
     let file = dir.join("Caddyfile");
     fs::write(
         &file,
         format!(
-            "{{\n\tadmin off\n\tlocal_certs\n\tskip_install_trust\n\thttp_port {http}\n\thttps_port {https}\n\tdefault_bind {ip}\n}}\n\n\
-             web.lab.lan {{\n\ttls internal\n\treverse_proxy {app_ip}:{app}\n}}\n\n\
-             auth.lab.lan {{\n\ttls internal\n\treverse_proxy {auth_ip}:{auth}\n}}\n\n\
-             secure.lab.lan {{\n\ttls internal\n\troute {{\n\t\treverse_proxy /outpost.goauthentik.io/* {auth_ip}:{auth}\n\
+            "{{\n\tadmin off\n\tlocal_certs\n{pki}\thttp_port {http}\n\thttps_port {https}\n\tdefault_bind {ip}\n}}\n\n\
+             web.lab.lan {{\n\t{tls}\n\treverse_proxy {app_ip}:{app}\n}}\n\n\
+             auth.lab.lan {{\n\t{tls}\n\treverse_proxy {auth_ip}:{auth}\n}}\n\n\
+             secure.lab.lan {{\n\t{tls}\n\troute {{\n\t\treverse_proxy /outpost.goauthentik.io/* {auth_ip}:{auth}\n\
              \t\tforward_auth {auth_ip}:{auth} {{\n\t\t\turi /outpost.goauthentik.io/auth/caddy\n\t\t}}\n\
              \t\treverse_proxy {sec_ip}:{secure}\n\t}}\n}}\n\n\
              wrong.lab.lan {{\n\ttls {crt} {key}\n\trespond \"wrong\" 200\n}}\n",
@@ -825,10 +838,12 @@ fn start_caddy(
         &dir.join("caddy.log"),
         "TERM",
     );
-    let root_crt = dir.join("data/caddy/pki/authorities/local/root.crt");
-    server.wait_until(|| tcp_open(SocketAddr::from((ip, https))) && root_crt.is_file());
+    // Caddy makes its intermediate under the root it was given; the https checks, which
+    // trust no other CA of Caddy's, show that its sites' certificates chain to that root.
+    let intermediate = dir.join("data/caddy/pki/authorities/nixmox/intermediate.crt");
+    server.wait_until(|| tcp_open(SocketAddr::from((ip, https))) && intermediate.is_file());
     let bundle = dir.join("ca-bundle.pem");
-    let mut pem = fs::read_to_string(&root_crt).unwrap();
+    let mut pem = fs::read_to_string(&ca_crt).unwrap();
     pem.push_str(&fs::read_to_string(&test_ca).unwrap());
     fs::write(&bundle, pem).unwrap();
     connect_to.insert(SocketAddrV4::new(ip, 443), SocketAddrV4::new(ip, https));

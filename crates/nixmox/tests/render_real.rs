@@ -1,7 +1,9 @@
 //! What `nixmox render` generates, checked with the real programs that consume it:
 //!
 //! - Caddy validates the reverse proxy's virtual hosts, and serves them (on loopback, upstreams
-//!   replaced by small fake backends) routing each path where it belongs;
+//!   replaced by small fake backends) routing each path where it belongs; with the project CA
+//!   as its authority, its sites are trusted by a Go client (Terraform) exactly when
+//!   `SSL_CERT_FILE` names NixMox's bundle;
 //! - Unbound checks the resolver's settings, written the way the NixOS module writes them, then
 //!   answers queries from them;
 //! - PostgreSQL runs the database host's setup script (ownership, passwords, migrations).
@@ -215,7 +217,32 @@ fn caddy_validates_the_rendered_virtual_hosts() {
     ] {
         assert!(sites.contains_key(d), "no virtual host for {d}: {sites:?}");
     }
-    let global = "\tadmin off\n\tlocal_certs\n\tskip_install_trust\n";
+    // The host's own global options (issue 12, item 6): the project CA as Caddy's `nixmox`
+    // authority, its certificate where the host's /etc has it and its key where sops-nix puts
+    // it. Here: a CA made as `nixmox up` makes it, the certificate path moved into the test.
+    let rendered_global = eval_host(
+        &build.join("nix/hosts/caddy.nix"),
+        &t.path().join("secrets"),
+        "",
+        "m.services.caddy.globalConfig",
+        &[],
+    );
+    let rendered_global = rendered_global.as_str().expect("globalConfig is a string");
+    let ca = nixmox::pki::generate("nixmox.lan").unwrap();
+    let key_path = t.path().join("secrets/pki/ca_key");
+    fs::create_dir_all(key_path.parent().unwrap()).unwrap();
+    fs::write(&key_path, &ca.key_pem).unwrap();
+    let cert_path = t.path().join("ca.crt");
+    fs::write(&cert_path, &ca.cert_pem).unwrap();
+    assert!(
+        rendered_global.contains(&format!("key {}\n", key_path.display())),
+        "{rendered_global}"
+    );
+    let global = format!(
+        "\tadmin off\n{}",
+        rendered_global.replace("/etc/nixmox/ca.crt", &cert_path.display().to_string())
+    );
+    let global = global.as_str();
 
     let file = t.path().join("Caddyfile");
     let text = caddyfile(global, &sites);
@@ -226,6 +253,19 @@ fn caddy_validates_the_rendered_virtual_hosts() {
         "caddy validate rejects the rendered virtual hosts:\n{log}\nCaddyfile:\n{}",
         numbered(&text)
     );
+
+    // Caddy really loads the project CA: without its certificate the same file fails.
+    let missing = t.path().join("Caddyfile.no-ca");
+    fs::write(
+        &missing,
+        caddyfile(
+            &global.replace(&cert_path.display().to_string(), "/nonexistent/ca.crt"),
+            &sites,
+        ),
+    )
+    .unwrap();
+    let (ok, log) = caddy_validate(t.path(), &missing);
+    assert!(!ok && log.contains("/nonexistent/ca.crt"), "{log}");
 
     // The check is real: one unknown directive in one site makes the same file fail.
     let mut broken = sites.clone();
@@ -424,14 +464,21 @@ fn caddy_routes_each_path_to_its_upstream() {
     let (_backends, addrs) = Backends::start(&names, CADDY_ADDR);
     let port = free_port(CADDY_ADDR);
 
-    // The rendered sites, served over plain HTTP on loopback: `tls internal` dropped, the site
+    // The rendered sites, served over plain HTTP on loopback: the `tls` block dropped, the site
     // address given the test's port, each upstream replaced by its fake. Routing is untouched.
     let mut local = BTreeMap::new();
     for (site, conf) in &sites {
         let domain = site.strip_prefix("http://").unwrap_or(site);
         let mut out = String::new();
+        let mut in_tls = 0usize;
         for line in conf.lines() {
+            // The `tls { issuer internal { ca nixmox } }` block.
             if line.trim() == "tls internal" {
+                continue;
+            }
+            if in_tls > 0 || line.trim() == "tls {" {
+                in_tls += line.matches('{').count();
+                in_tls -= line.matches('}').count();
                 continue;
             }
             let indent = &line[..line.len() - line.trim_start().len()];
@@ -1378,5 +1425,95 @@ fn postgresql_setup_hands_the_database_to_a_differently_named_role() {
     assert_eq!(
         pg.sql("vaultwarden", "SELECT count(*) FROM nixmox_migrations"),
         "1"
+    );
+}
+
+/// Issue 12, item 6: a Go client trusts what Caddy signs with the project CA exactly when
+/// `SSL_CERT_FILE` names NixMox's bundle. The Go client is Terraform itself (its `http` backend:
+/// Go's net/http and crypto/x509, as in every provider), reading its state from a Caddy site
+/// configured with the global options NixMox renders; the site answers 404 (no state yet).
+#[test]
+fn go_trusts_caddys_project_ca_sites_through_the_bundle_and_only_then() {
+    let terraform = tool("terraform", "terraform");
+    let t = tmp();
+    let dir = t.path();
+    let ca = nixmox::pki::generate("lab.lan").unwrap();
+    let (cert, key) = (dir.join("ca.crt"), dir.join("ca.key"));
+    fs::write(&cert, &ca.cert_pem).unwrap();
+    fs::write(&key, &ca.key_pem).unwrap();
+    let (head, tail) = nixmox_core::render::nixos::caddy_pki_global();
+    let pki = format!("{head}{}{tail}", key.display()).replace(
+        &format!("/etc/{}", nixmox_core::render::nixos::CA_CERT_ETC),
+        &cert.display().to_string(),
+    );
+    let (https, http) = (free_port(CADDY_ADDR), free_port(CADDY_ADDR));
+    let site = format!("https://{CADDY_ADDR}:{https}");
+    let mut sites = BTreeMap::new();
+    sites.insert(
+        site.clone(),
+        format!(
+            "tls {{\n  issuer internal {{\n    ca {}\n  }}\n}}\nrespond 404\n",
+            nixmox_core::render::nixos::CADDY_CA_ID
+        ),
+    );
+    let global = format!("\tadmin off\n{pki}\thttp_port {http}\n\tdefault_bind {CADDY_ADDR}\n");
+    let file = dir.join("Caddyfile");
+    fs::write(&file, caddyfile(&global, &sites)).unwrap();
+    let mut caddy = Server::spawn(
+        "caddy",
+        caddy_cmd(dir)
+            .args(["run", "--adapter", "caddyfile", "--config"])
+            .arg(&file),
+        &dir.join("caddy.log"),
+        "TERM",
+    );
+    caddy.wait_until(|| tcp_open(SocketAddr::from((CADDY_ADDR, https))));
+
+    let ws = dir.join("ws");
+    fs::create_dir_all(&ws).unwrap();
+    fs::write(
+        ws.join("main.tf.json"),
+        serde_json::json!({"terraform": {"backend": {"http": {"address": format!("{site}/state")}}}})
+            .to_string(),
+    )
+    .unwrap();
+    let system = nixmox::pki::system_roots();
+    let init = |bundle: &Path| {
+        let _ = fs::remove_dir_all(ws.join(".terraform"));
+        Command::new(&terraform)
+            .current_dir(&ws)
+            .args(["init", "-input=false", "-no-color"])
+            .env("SSL_CERT_FILE", bundle)
+            .env("HOME", dir)
+            .env("CHECKPOINT_DISABLE", "1")
+            .env("TF_CLI_CONFIG_FILE", repo().join(".tools/terraformrc"))
+            .output()
+            .expect("terraform runs")
+    };
+    // NixMox's bundle: the system's roots and the project CA.
+    let bundle = nixmox::pki::write_bundle(
+        &dir.join("with"),
+        system.as_deref(),
+        std::slice::from_ref(&cert),
+    )
+    .unwrap();
+    let out = init(&bundle);
+    assert!(
+        out.status.success(),
+        "Go rejects the project CA's site:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The system's roots alone: the certificate Go rejected before issue 12.
+    let plain = nixmox::pki::write_bundle(&dir.join("without"), system.as_deref(), &[]).unwrap();
+    let out = init(&plain);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success() && text.contains("x509: certificate signed by unknown authority"),
+        "{text}"
     );
 }

@@ -912,3 +912,135 @@ fn the_identity_providers_secret_key_is_generated_for_its_host() {
         .unwrap();
     assert_eq!(idp2["authentik/secret_key"], key);
 }
+
+/// Issue 12, item 6: the project CA. `up` makes it once for the reverse proxy's host: its key
+/// only in that host's SOPS file (nowhere in clear), its certificate in the project and in the
+/// build every host trusts it from; every Terraform step runs with `SSL_CERT_FILE` naming a
+/// bundle of the system's roots, the project CA and `proxmox.tls.ca_file`.
+#[test]
+fn the_project_ca_is_made_once_its_key_only_in_sops_and_terraform_trusts_it() {
+    let lab = Lab::new();
+    let keys = lab.tmp.path().join("keys");
+    let (_, proxy_key) = ssh_key(&keys, "proxy");
+    std::fs::create_dir_all(lab.project.join("services/proxy")).unwrap();
+    std::fs::write(
+        lab.project.join("services/proxy/manifest.yaml"),
+        format!(
+            "name: proxy\nprovides:\n  reverse_proxy: {{ type: caddy }}\nhost: {{ ip: 10.77.0.14, vmid: 914, ssh_host_key: \"{proxy_key}\" }}\n"
+        ),
+    )
+    .unwrap();
+    // A CA of the Proxmox host (any certificate will do: the bundle only carries it).
+    let pve = nixmox::pki::generate("pve.example").unwrap().cert_pem;
+    std::fs::write(lab.project.join("pve-ca.pem"), &pve).unwrap();
+    let yaml = lab.project.join("nixmox.yaml");
+    let mut config = std::fs::read_to_string(&yaml).unwrap();
+    config.push_str(
+        "proxmox:\n  endpoint: https://pve.example:8006\n  tls: { ca_file: pve-ca.pem }\n",
+    );
+    std::fs::write(&yaml, config).unwrap();
+    // The Terraform wrapper records the trust its providers get.
+    let wrapper = lab.tmp.path().join("bin/terraform");
+    let script = std::fs::read_to_string(&wrapper).unwrap().replace(
+        "exec ",
+        "echo \"$SSL_CERT_FILE\" >> \"$NIXMOX_TEST_LOG.tls\"\nexec ",
+    );
+    std::fs::write(&wrapper, script).unwrap();
+
+    lab.up();
+    let cert_path = lab.project.join("secrets/ca.crt");
+    let cert = std::fs::read_to_string(&cert_path).expect("up writes secrets/ca.crt");
+    assert!(cert.starts_with("-----BEGIN CERTIFICATE-----") && !cert.contains("PRIVATE"));
+    let proxy = lab.decrypt("proxy");
+    let key = proxy["pki/ca_key"].clone();
+    assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"), "a PEM key");
+    // The certificate is the key's: its DER holds the key's public point.
+    let der = |pem: &str| {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .to_vec()
+    };
+    let key_pub = rcgen_public_key(&key);
+    assert!(
+        contains(&der(&cert), &key_pub),
+        "secrets/ca.crt is not the key's certificate"
+    );
+    // No other host holds the key.
+    for h in ["app", "pg", "worker"] {
+        assert!(
+            !lab.decrypt(h).contains_key("pki/ca_key"),
+            "{h} holds the CA key"
+        );
+    }
+    // Every host's configuration trusts it, from the build.
+    assert_eq!(
+        std::fs::read_to_string(lab.project.join(".nixmox/build/nix/secrets/ca.crt")).unwrap(),
+        cert
+    );
+    for h in ["app", "pg", "proxy", "solo", "worker"] {
+        let nix =
+            std::fs::read_to_string(lab.project.join(format!(".nixmox/build/nix/hosts/{h}.nix")))
+                .unwrap();
+        assert!(
+            nix.contains("security.pki.certificateFiles = [\n    ../secrets/ca.crt\n  ];"),
+            "{h}: {nix}"
+        );
+    }
+    // Terraform ran with SSL_CERT_FILE: an absolute bundle holding the system's roots, the
+    // project CA and proxmox.tls.ca_file.
+    let tls_log = std::fs::read_to_string(format!("{}.tls", lab.log.display())).unwrap();
+    let bundles: Vec<&str> = tls_log.lines().collect();
+    assert!(!bundles.is_empty(), "no Terraform step ran");
+    for b in &bundles {
+        assert!(
+            Path::new(b).is_absolute(),
+            "SSL_CERT_FILE `{b}` is relative"
+        );
+        assert_eq!(
+            *b,
+            lab.project.join(".nixmox/ca-bundle.pem").to_str().unwrap()
+        );
+    }
+    let bundle = std::fs::read_to_string(bundles[0]).unwrap();
+    assert!(bundle.contains(&cert) && bundle.contains(&pve), "{bundle}");
+    if let Some(system) = nixmox::pki::system_roots() {
+        let roots = std::fs::read_to_string(system).unwrap();
+        assert!(bundle.starts_with(&roots));
+    }
+
+    // A second `up` keeps the CA: same certificate, same key.
+    lab.clear();
+    lab.up();
+    assert_eq!(std::fs::read_to_string(&cert_path).unwrap(), cert);
+    assert_eq!(lab.decrypt("proxy")["pki/ca_key"], key);
+    // A lost certificate is made again from the kept key.
+    std::fs::remove_file(&cert_path).unwrap();
+    lab.clear();
+    lab.up();
+    let again = std::fs::read_to_string(&cert_path).unwrap();
+    assert!(contains(&der(&again), &key_pub));
+    assert_eq!(lab.decrypt("proxy")["pki/ca_key"], key);
+
+    // The key is nowhere in clear (state, logs, build, project files, output): the PEM, its
+    // body, and its first line (which holds the start of the private scalar; the last lines
+    // hold the public point, which the certificate carries too).
+    let lines: Vec<&str> = key.lines().filter(|l| !l.starts_with("-----")).collect();
+    assert!(lines.len() >= 2);
+    for needle in [key.as_str(), &lines.concat(), lines[0]] {
+        lab.assert_nowhere(needle);
+    }
+    // And it cannot be set or rotated by hand.
+    let out = lab.run_with_stdin(&["secrets", "set", "proxy", "pki/ca_key"], "x\n");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let out = lab.run(&["secrets", "rotate", "proxy", "pki/ca_key"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}
+
+/// The public key (SubjectPublicKeyInfo's key bits) of a PEM private key.
+fn rcgen_public_key(key_pem: &str) -> Vec<u8> {
+    rcgen::KeyPair::from_pem(key_pem)
+        .unwrap()
+        .public_key_raw()
+        .to_vec()
+}

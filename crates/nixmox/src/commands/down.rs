@@ -435,7 +435,7 @@ impl Listing<'_> {
             ..StepOpts::default()
         };
         terraform_for(self.project, &self.paths.root, id)
-            .state_list(&ws, &opts)
+            .and_then(|tf| tf.state_list(&ws, &opts).map_err(|e| e.to_string()))
             .map(Some)
             .map_err(|e| Error::RunFailed(format!("listing the resources of {id}: {e}")))
     }
@@ -516,7 +516,7 @@ fn destroy_workspaces(
             ..StepOpts::default()
         };
         terraform_for(project, &paths.root, id)
-            .destroy(&ws, &opts)
+            .and_then(|tf| tf.destroy(&ws, &opts).map_err(|e| e.to_string()))
             .map_err(|e| Error::RunFailed(format!("{id}: {e}")))?;
         store.forget_step(id).map_err(Error::State)?;
     }
@@ -619,13 +619,8 @@ fn purge_data(
         output::note(text.trim_end());
         return Ok(());
     }
-    let ctx = crate::health::Context::for_project(
-        project,
-        &paths.ssh,
-        &paths.known_hosts,
-        &root.join(".nixmox/ca.pem"),
-    )
-    .map_err(Error::Usage)?;
+    let ctx = crate::health::Context::for_project(project, root, &paths.ssh, &paths.known_hosts)
+        .map_err(Error::Usage)?;
     let to = ctx.route(pg.host.ip, 22);
     let mut options = ctx.ssh.options.clone();
     if to.port() != 22 {

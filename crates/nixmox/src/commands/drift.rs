@@ -95,18 +95,23 @@ pub(crate) fn recorded_workspace(
     }))
 }
 
-/// The Terraform binary with the environment the step gets (the Proxmox token for `tf:infra`).
-pub(crate) fn terraform_for(project: &Project, root: &Path, step_id: &str) -> Terraform {
-    let mut env: Vec<(OsString, OsString)> = Vec::new();
+/// The Terraform binary with the environment the step gets (`SSL_CERT_FILE`, src/pki.rs; the
+/// Proxmox token for `tf:infra`).
+pub(crate) fn terraform_for(
+    project: &Project,
+    root: &Path,
+    step_id: &str,
+) -> Result<Terraform, String> {
+    let mut env: Vec<(OsString, OsString)> = vec![crate::pki::terraform_env(root, project)?];
     if step_id == "tf:infra" {
         if let Some(token) = proxmox_token(project, root) {
             env.push(("PROXMOX_VE_API_TOKEN".into(), token.into()));
         }
     }
-    Terraform {
+    Ok(Terraform {
         binary: crate::root::program_path(root, &project.terraform.binary),
         env,
-    }
+    })
 }
 
 /// A scratch directory under `.nixmox/tmp/`, removed when dropped.
@@ -177,7 +182,9 @@ pub fn run(root: &ProjectRoot, format: PlanFormat) -> Result<()> {
             redact: proxmox_token(project, root).into_iter().collect(),
             ..StepOpts::default()
         };
-        match terraform_for(project, root, step_id).drift(&ws, &opts) {
+        let drift = terraform_for(project, root, step_id)
+            .and_then(|tf| tf.drift(&ws, &opts).map_err(|e| e.to_string()));
+        match drift {
             Ok(drift) => workspaces.push((step_id.clone(), drift)),
             Err(e) => errors.push(format!("{step_id}: {e}")),
         }

@@ -58,13 +58,8 @@ pub fn run(
         .expect("load_project returns a project");
     select(project, services)?;
     let paths = Paths::new(root, project);
-    let ctx = Context::for_project(
-        project,
-        &paths.ssh,
-        &paths.known_hosts,
-        &root.join(".nixmox/ca.pem"),
-    )
-    .map_err(Error::Usage)?;
+    let ctx = Context::for_project(project, &paths.root, &paths.ssh, &paths.known_hosts)
+        .map_err(Error::Usage)?;
     // `ps` never creates the state database: none means nothing deployed yet.
     let deploys = if paths.state_db.exists() {
         last_deploys(&Store::open(&paths.state_db)?)?

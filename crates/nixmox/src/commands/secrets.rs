@@ -106,9 +106,10 @@ fn set(root: &ProjectRoot, service: &str, name: &str) -> Result<()> {
     if name.starts_with("db/")
         || name.starts_with("tf/")
         || name == nixmox_core::render::nixos::AUTHENTIK_SECRET_KEY
+        || name == nixmox_core::render::nixos::CA_KEY_SECRET
     {
         return Err(Error::Usage(format!(
-            "`{name}` is managed by NixMox (generated secrets are `db/...` and `authentik/secret_key`, Terraform outputs `tf/...`): use `nixmox secrets rotate` for a new password, or change the Terraform"
+            "`{name}` is managed by NixMox (generated secrets are `db/...`, `authentik/secret_key` and `pki/ca_key`, Terraform outputs `tf/...`): use `nixmox secrets rotate` for a new password, or change the Terraform"
         )));
     }
     let value = read_value(name)?;
@@ -139,6 +140,14 @@ fn rotate(root: &ProjectRoot, service: &str, name: Option<&str>, no_deploy: bool
     let mine = needs.get(&host).cloned().unwrap_or_default();
     let names: Vec<String> = match name {
         Some(n) => {
+            if n == nixmox_core::render::nixos::CA_KEY_SECRET {
+                // A new root must reach every host's trust store before Caddy signs with it;
+                // `rotate` redeploys only the holders of a secret.
+                return Err(Error::Usage(format!(
+                    "cannot rotate `{n}`: a new project CA must be trusted by every host first, which `secrets rotate` does not do yet; remove `{}` and `{n}` and run `nixmox up` for all hosts instead",
+                    nixmox_core::render::nixos::PROJECT_CA_CERT
+                )));
+            }
             if !mine.contains(n) {
                 let why = if n.starts_with("oidc/") || n.starts_with("tf/") {
                     "it comes from a Terraform output: replace the resource in Terraform (for example `terraform apply -replace`) and run `nixmox up`".to_string()

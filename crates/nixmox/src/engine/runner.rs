@@ -245,6 +245,13 @@ impl<'a> StepExec<'a> {
         Ok(out)
     }
 
+    /// `SSL_CERT_FILE` for a Terraform process: the bundle of the project's trust set (the
+    /// system's roots, the project CA, `proxmox.tls.ca_file`; src/pki.rs), rebuilt for each
+    /// step because the project CA can appear during a run.
+    fn trust_env(&self) -> Result<(OsString, OsString), String> {
+        crate::pki::terraform_env(&self.paths.root, self.project)
+    }
+
     fn terraform(&self, index: usize, phase: Phase, service: Option<&str>) -> Outcome {
         let step = &self.plan.steps[index];
         let config_dir = match (phase, service) {
@@ -281,6 +288,15 @@ impl<'a> StepExec<'a> {
             };
         }
         let mut env: Vec<(OsString, OsString)> = Vec::new();
+        match self.trust_env() {
+            Ok(v) => env.push(v),
+            Err(e) => {
+                return Outcome::Failed {
+                    error: format!("{}: {e}", step.id),
+                    transient: false,
+                }
+            }
+        }
         if phase == Phase::TfInfra {
             if let Some(token) = proxmox_token(self.project, &self.paths.root) {
                 env.push(("PROXMOX_VE_API_TOKEN".into(), token.into()));
@@ -685,12 +701,11 @@ impl StepExec<'_> {
     fn health_context(&self) -> Result<&crate::health::Context, String> {
         self.health
             .get_or_init(|| {
-                let dot = self.paths.build.parent().unwrap_or(Path::new(".nixmox"));
                 crate::health::Context::for_project(
                     self.project,
+                    &self.paths.root,
                     &self.paths.ssh,
                     &self.paths.known_hosts,
-                    &dot.join("ca.pem"),
                 )
             })
             .as_ref()
@@ -1041,7 +1056,7 @@ impl StepExec<'_> {
         }
         let tf = Terraform {
             binary: crate::root::program_path(&self.paths.root, &self.project.terraform.binary),
-            env: Vec::new(),
+            env: vec![self.trust_env()?],
         };
         let ws = Workspace {
             config_dir,

@@ -5,7 +5,7 @@
 
 use std::io::{self, Read};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,14 +19,14 @@ use super::Context;
 /// How much of a body is kept (enough for any health page or discovery document).
 pub const BODY_LIMIT: usize = 1024 * 1024;
 
-/// The rustls configuration checks use: webpki's public roots plus every certificate in
-/// `ca_file`.
-pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
+/// The rustls configuration checks use: webpki's public roots plus every certificate in each of
+/// `ca_files` (the project's trust set, `crate::pki::trust_files`).
+pub fn tls_config(ca_files: &[PathBuf]) -> Result<Arc<ClientConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
-    if let Some(path) = ca_file {
+    for path in ca_files {
         let bad = |why: String| format!("the CA file `{}`: {why}", path.display());
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
             .map_err(|e| bad(e.to_string()))?

@@ -37,8 +37,9 @@ use nixmox_core::Project;
 
 /// The SSH program checks use instead of `ssh` (a wrapper adding `-i KEY`, say).
 pub const ENV_SSH: &str = "NIXMOX_SSH";
-/// A PEM file of CA certificates https checks trust, besides the public roots (default: the
-/// project's `.nixmox/ca.pem` when it exists).
+/// A PEM file of CA certificates https checks and Terraform trust, besides the public roots, the
+/// project CA and `proxmox.tls.ca_file` (default: the project's `.nixmox/ca.pem` when it
+/// exists).
 pub const ENV_CA_FILE: &str = "NIXMOX_CA_FILE";
 /// `IP:PORT=IP:PORT[,…]`: connect to the second address whenever a check would connect to the
 /// first (TCP, UDP and SSH alike), like curl's `--connect-to`. For tests, tunnels and port
@@ -94,10 +95,10 @@ pub struct Context {
     /// Connection redirects ([`ENV_CONNECT_TO`]).
     pub connect_to: BTreeMap<SocketAddrV4, SocketAddrV4>,
     pub ssh: Ssh,
-    /// rustls' client configuration: the public roots plus the project CA.
+    /// rustls' client configuration: the public roots plus the project's trust set.
     pub tls: Arc<rustls::ClientConfig>,
-    /// The CA file trusted, for messages.
-    pub ca_file: Option<PathBuf>,
+    /// The CA files trusted besides the public roots, for messages.
+    pub ca_files: Vec<PathBuf>,
     pub remote_secrets_dir: String,
 }
 
@@ -108,7 +109,7 @@ impl fmt::Debug for Context {
             .field("dns_server", &self.dns_server)
             .field("connect_to", &self.connect_to)
             .field("ssh", &self.ssh)
-            .field("ca_file", &self.ca_file)
+            .field("ca_files", &self.ca_files)
             .field("remote_secrets_dir", &self.remote_secrets_dir)
             .finish()
     }
@@ -116,14 +117,15 @@ impl fmt::Debug for Context {
 
 impl Context {
     /// The context for a project: names and the DNS server from the manifests; SSH options
-    /// as the engine uses them (`ssh_dir` for shared connections, `known_hosts`); the CA file,
-    /// SSH program, redirects and remote secrets directory from the environment (see the
-    /// `ENV_*` constants), the CA defaulting to `default_ca` when that file exists.
+    /// as the engine uses them (`ssh_dir` for shared connections, `known_hosts`); the CA files
+    /// of the project's trust set (`crate::pki::trust_files` of the project at `root`: the
+    /// project CA, `proxmox.tls.ca_file`, [`ENV_CA_FILE`] or `.nixmox/ca.pem`); the SSH program,
+    /// redirects and remote secrets directory from the environment (see the `ENV_*` constants).
     pub fn for_project(
         project: &Project,
+        root: &Path,
         ssh_dir: &Path,
         known_hosts: &Path,
-        default_ca: &Path,
     ) -> Result<Context, String> {
         let _ = std::fs::create_dir_all(ssh_dir);
         let options = nixmox_core::deploy::ssh_options(
@@ -131,10 +133,7 @@ impl Context {
             &known_hosts.to_string_lossy(),
             project.ssh.host_key_checking.as_str(),
         );
-        let ca_file = match std::env::var_os(ENV_CA_FILE).filter(|v| !v.is_empty()) {
-            Some(p) => Some(PathBuf::from(p)),
-            None => default_ca.is_file().then(|| default_ca.to_path_buf()),
-        };
+        let ca_files = crate::pki::trust_files(root, project);
         let connect_to = match std::env::var(ENV_CONNECT_TO) {
             Ok(v) => parse_connect_to(&v).map_err(|e| format!("{ENV_CONNECT_TO}: {e}"))?,
             Err(_) => BTreeMap::new(),
@@ -151,18 +150,18 @@ impl Context {
             .ok()
             .filter(|v| !v.is_empty())
             .unwrap_or_else(|| DEFAULT_REMOTE_SECRETS_DIR.into());
-        Context::new(project, ssh, ca_file, connect_to, remote_secrets_dir)
+        Context::new(project, ssh, ca_files, connect_to, remote_secrets_dir)
     }
 
     /// The context with everything given (tests and benchmarks use this).
     pub fn new(
         project: &Project,
         ssh: Ssh,
-        ca_file: Option<PathBuf>,
+        ca_files: Vec<PathBuf>,
         connect_to: BTreeMap<SocketAddrV4, SocketAddrV4>,
         remote_secrets_dir: String,
     ) -> Result<Context, String> {
-        let tls = http::tls_config(ca_file.as_deref())?;
+        let tls = http::tls_config(&ca_files)?;
         Ok(Context {
             names: project_names(project),
             dns_server: project
@@ -171,7 +170,7 @@ impl Context {
             connect_to,
             ssh,
             tls,
-            ca_file,
+            ca_files,
             remote_secrets_dir,
         })
     }

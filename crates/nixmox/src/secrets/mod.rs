@@ -9,6 +9,8 @@
 //!   value.
 //! - `authentik/secret_key`: the identity provider's secret key, generated the same way for
 //!   its host; the renderer builds authentik's environment file from it (a sops-nix template).
+//! - `pki/ca_key`: the project CA's private key (PEM), made with its certificate
+//!   (`secrets/ca.crt`, public) for the reverse proxy's host (src/pki.rs).
 //! - `oidc/<service>/client_secret` and `tf/<output>[/<key>...]`: the sensitive outputs of a
 //!   service's Terraform steps, right after the step ran.
 //! - anything `nixmox secrets set SERVICE NAME` is given.
@@ -76,6 +78,14 @@ pub enum SecretsError {
 /// the identity provider's host (as the renderer declares them).
 pub fn generated_needs(p: &Project) -> BTreeMap<String, BTreeSet<String>> {
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    if let (true, Some(proxy)) = (
+        nixmox_core::render::nixos::has_project_ca(p),
+        p.provider(Capability::ReverseProxy),
+    ) {
+        out.entry(proxy.host.hostname.to_string())
+            .or_default()
+            .insert(nixmox_core::render::nixos::CA_KEY_SECRET.to_string());
+    }
     if let Some(idp) = p.provider(Capability::Identity) {
         out.entry(idp.host.hostname.to_string())
             .or_default()
@@ -327,6 +337,10 @@ pub struct Vault {
     known: BTreeSet<String>,
     /// Where sops's command lines and stderr are logged.
     pub log: Option<PathBuf>,
+    /// The project's domain, named in its CA's certificate.
+    domain: String,
+    /// The host whose file holds the project CA's key (the reverse proxy's), if it has one.
+    ca_host: Option<String>,
 }
 
 impl Vault {
@@ -367,6 +381,11 @@ impl Vault {
             fresh: BTreeMap::new(),
             known: BTreeSet::new(),
             log: None,
+            domain: project.domain.to_string(),
+            ca_host: project
+                .provider(Capability::ReverseProxy)
+                .filter(|_| nixmox_core::render::nixos::has_project_ca(project))
+                .map(|s| s.host.hostname.to_string()),
         })
     }
 
@@ -715,11 +734,73 @@ impl Vault {
             // It exists but cannot be read here: never replace it silently.
             return Err(e);
         }
-        let v = generate()?;
+        let v = self.new_value(name)?;
         self.remember(&v);
         self.index.set_generated(name, &value_hash(name, &v))?;
         self.fresh.insert(name.to_string(), v.clone());
         Ok(v)
+    }
+
+    /// A new value for a generated secret. For the project CA's key that is a new CA: its
+    /// certificate is written to the project (and the build) at once, so it always matches
+    /// the newest key.
+    fn new_value(&mut self, name: &str) -> Result<String, SecretsError> {
+        if name != nixmox_core::render::nixos::CA_KEY_SECRET {
+            return generate();
+        }
+        let ca = crate::pki::generate(&self.domain).map_err(SecretsError::Io)?;
+        self.remember(&ca.key_pem);
+        self.write_ca_cert(&ca.cert_pem)?;
+        Ok(ca.key_pem)
+    }
+
+    fn write_ca_cert(&self, pem: &str) -> Result<(), SecretsError> {
+        let rel = nixmox_core::render::nixos::PROJECT_CA_CERT;
+        let mut targets = vec![self.root.join(rel)];
+        if let Some(build) = &self.build {
+            if build.join("nix").is_dir() {
+                targets.push(build.join("nix").join(rel));
+            }
+        }
+        for t in targets {
+            crate::project_fs::write_atomic(&t, pem.as_bytes())
+                .map_err(|e| SecretsError::Io(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Makes sure the project CA exists before any host that trusts it is deployed: its key in
+    /// the proxy host's file (read over SSH for the host's key when allowed) and its
+    /// certificate in the project. A certificate lost while its key is kept is made again from
+    /// the key.
+    pub fn ensure_ca(&mut self) -> Result<(), SecretsError> {
+        let Some(host) = self.ca_host.clone() else {
+            return Ok(());
+        };
+        if crate::pki::ca_cert_path(&self.root).is_file()
+            && self
+                .index
+                .generated(nixmox_core::render::nixos::CA_KEY_SECRET)?
+                .is_some()
+        {
+            return Ok(());
+        }
+        if self.host_key(&host)?.is_none() && self.ssh.is_some() {
+            self.fetch_host_key(&host)?;
+        }
+        if self.admins.is_empty() {
+            return Err(SecretsError::NoAdmins {
+                what: "the project CA's key".into(),
+            });
+        }
+        self.ensure_host(&host)?;
+        if !crate::pki::ca_cert_path(&self.root).is_file() {
+            let key = self.generated(nixmox_core::render::nixos::CA_KEY_SECRET)?;
+            let pem =
+                crate::pki::certificate_for_key(&key, &self.domain).map_err(SecretsError::Io)?;
+            self.write_ca_cert(&pem)?;
+        }
+        Ok(())
     }
 
     /// Makes a host's file hold every generated secret it needs, at its current value, and
@@ -788,12 +869,20 @@ impl Vault {
                 written.push(host);
             }
         }
+        // The project CA when its host's key is known (else before the first deploy).
+        if let Some(host) = self.ca_host.clone() {
+            if self.host_key(&host)?.is_some() {
+                self.ensure_ca()?;
+            }
+        }
         Ok(written)
     }
 
     /// Before a host's deploy: its key (read over SSH when allowed and not in its manifest),
     /// then its generated secrets. Returns the SHA-256 of its file afterwards, if it has one.
     pub fn before_deploy(&mut self, host: &str) -> Result<Option<String>, SecretsError> {
+        // Every host trusts the project CA: its certificate must exist before any deploy.
+        self.ensure_ca()?;
         let needs = self.needs.get(host).is_some_and(|n| !n.is_empty());
         let exists = self.path_of(host).exists();
         if needs || exists {
@@ -870,7 +959,7 @@ impl Vault {
     /// A new value for a generated secret, written to every host that needs it and whose key
     /// is known (the others get it before their deploy). Returns the hosts written.
     pub fn rotate(&mut self, name: &str) -> Result<Vec<String>, SecretsError> {
-        let v = generate()?;
+        let v = self.new_value(name)?;
         self.remember(&v);
         self.index.set_generated(name, &value_hash(name, &v))?;
         self.fresh.insert(name.to_string(), v);
