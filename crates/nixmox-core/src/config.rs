@@ -469,6 +469,7 @@ fn decode_proxmox(cx: &mut Cx, n: Option<&Node>) -> Option<Proxmox> {
     let mut p = Proxmox {
         endpoint: None,
         node: "pve".into(),
+        node_given: false,
         nodes: Vec::new(),
         storage: "local-lvm".into(),
         template: DEFAULT_TEMPLATE.into(),
@@ -508,6 +509,7 @@ fn decode_proxmox(cx: &mut Cx, n: Option<&Node>) -> Option<Proxmox> {
             }
         }
     }
+    p.node_given = field(n, "node").is_some();
     if let Some(list) = field(n, "nodes") {
         match decode_nodes(cx, list, &p) {
             Some(nodes) => p.nodes = nodes,

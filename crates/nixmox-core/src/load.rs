@@ -270,7 +270,8 @@ pub fn load_in(sources: &Sources, probe: &dyn Fn(&str) -> PathKind, cluster: &Cl
         // In a cluster every placement is recorded. A single-node project records only a node
         // other than `proxmox.node`: an entry without a node means `proxmox.node` (as every
         // lock written before placement existed does), so its lock does not change.
-        let cluster_mode = !cfg.proxmox.nodes.is_empty() || cluster.nodes.is_some();
+        let cluster_mode =
+            !cfg.proxmox.nodes.is_empty() || (cluster.nodes.is_some() && !cfg.proxmox.node_given);
         for (s, p) in specs.iter().zip(&placed) {
             if let Some(p) = p.as_ref().filter(|p| p.origin != Origin::Manifest) {
                 if cluster_mode || p.node != cfg.proxmox.node {
@@ -1012,16 +1013,20 @@ fn place_services(
             })
             .collect();
         (c, true)
-    } else if let Some(nodes) = &cluster.nodes {
+    } else if let Some(nodes) = cluster.nodes.as_ref().filter(|_| !px.node_given) {
         let mut c: Vec<Candidate> = nodes
             .iter()
             .map(|n| Candidate {
                 name: n.name.clone(),
                 online: n.online,
                 placeable: true,
-                memory: n.memory,
+                // PVE overcommits containers' memory, so a node's RAM ranks it but does not
+                // limit it; its core count does limit one container.
+                memory: None,
                 cores: n.cores,
-                weight: 1,
+                weight: n
+                    .memory
+                    .map_or(1, |m| u32::try_from((m / 8192).max(1)).unwrap_or(u32::MAX)),
             })
             .collect();
         c.sort_by(|a, b| a.name.cmp(&b.name));

@@ -87,6 +87,9 @@ pub struct Proxmox {
     pub endpoint: Option<String>,
     /// The one node of a single-node project, and the default of `nodes`.
     pub node: String,
+    /// `proxmox.node` is written in nixmox.yaml: without `nodes`, the project is that one
+    /// node, and the API is not asked for others.
+    pub node_given: bool,
     /// `proxmox.nodes` as written: the nodes NixMox may place containers on. Empty when the
     /// project leaves it out (then the cluster is what the API reports, or `node` alone).
     pub nodes: Vec<PveNode>,

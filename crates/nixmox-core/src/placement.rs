@@ -7,7 +7,7 @@
 //! 2. A node recorded in `nixmox.lock` is kept while the cluster still has that node (even when
 //!    it is offline: a service is never moved by an outage), so adding a service never moves
 //!    another.
-//! 3. Every other service, in name order, goes to the online node with room for it that holds
+//! 3. Every other service, largest first (then in name order), goes to the online node with room for it that holds
 //!    the fewest services of its spread group, then has the most free memory, then the most
 //!    free cores, then the smallest name. Free means the node's size minus what the services
 //!    already placed there take.
@@ -156,11 +156,14 @@ pub fn place(nodes: &[Candidate], wants: &[Want<'_>], strict: bool, fresh: bool)
         }
     }
 
-    // 3. The rest, in name order (the wants come sorted by name).
-    for (w, want) in wants.iter().enumerate() {
-        if out.nodes[w].is_some() || want.pin.is_some() {
-            continue;
-        }
+    // 3. The rest, largest first (fewer clusters left without room by fragmentation), then
+    // by name (the wants come sorted by name).
+    let mut rest: Vec<usize> = (0..wants.len())
+        .filter(|&w| out.nodes[w].is_none() && wants[w].pin.is_none())
+        .collect();
+    rest.sort_by_key(|&w| (std::cmp::Reverse((wants[w].memory, wants[w].cores)), w));
+    for w in rest {
+        let want = &wants[w];
         let group = want.spread.and_then(|g| u.counts.get(g)).cloned();
         let mut best: Option<(usize, (u32, u64, u64))> = None;
         for (n, node) in nodes.iter().enumerate() {

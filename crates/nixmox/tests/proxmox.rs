@@ -1257,3 +1257,196 @@ fn down_lists_the_containers_and_destroys_exactly_them_only_when_confirmed() {
     assert_eq!(vmids(&mut fake), vec![990]);
     assert_eq!(record(), Vec::<String>::new());
 }
+
+/// Issue 15: a three-node cluster through the binary, run from inside the project: placement
+/// across the nodes, recorded in nixmox.lock; a service added moves nobody; a new pin migrates
+/// the container (same vmid, no create, no destroy); a migration PVE refuses is reported and
+/// leaves the container where it was; an offline node fails only its containers, and `ps`
+/// shows them unreachable.
+#[test]
+fn issue_15_cluster_placement_migration_and_an_offline_node() {
+    let mut fake = Fake::start("127.0.0.40", json!({"nodes": ["pve2", "pve3"]}));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("homelab");
+    example_dir(&fake, &dir);
+    let cfg = dir.join("nixmox.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        // The fake's nodes report 8 GiB each, which the example fills: the project gives
+        // their size.
+        text.replace(
+            "  node: pve\n",
+            "  nodes:\n    - { name: pve1, memory: 16384 }\n    - { name: pve2, memory: 16384 }\n    - { name: pve3, memory: 16384 }\n",
+        ),
+    )
+    .unwrap();
+    let placed = |fake: &mut Fake| -> std::collections::BTreeMap<u64, String> {
+        fake.cts()
+            .iter()
+            .map(|c| {
+                (
+                    c["vmid"].as_u64().unwrap(),
+                    c["node"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+
+    // Placement: every node gets containers, and the lock records where.
+    let out = nixmox_in(&dir, &["up", "dns", "--no-deps"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(": created 9, updated 0, started 9"),
+        "{stderr}"
+    );
+    let first = placed(&mut fake);
+    for node in ["pve1", "pve2", "pve3"] {
+        assert!(
+            first.values().any(|n| n == node),
+            "{node} unused: {first:?}"
+        );
+    }
+    let lock = std::fs::read_to_string(dir.join("nixmox.lock")).unwrap();
+    assert_eq!(lock.matches("    node: pve").count(), 9, "{lock}");
+    let config = nixmox_in(&dir, &["config", "--format", "json"]);
+    let doc: Value = serde_json::from_slice(&config.stdout).unwrap();
+    for (name, s) in doc["services"].as_object().unwrap() {
+        let vmid = s["host"]["vmid"].as_u64().unwrap();
+        assert_eq!(
+            s["host"]["node"].as_str(),
+            Some(first[&vmid].as_str()),
+            "{name}"
+        );
+    }
+
+    // Two services in one spread group, one sorting first: nobody moves.
+    for (name, ip) in [("aaa", "10"), ("zzz", "11")] {
+        let svc = dir.join("services").join(name);
+        std::fs::create_dir_all(&svc).unwrap();
+        std::fs::write(
+            svc.join("manifest.yaml"),
+            format!("name: {name}\nhost:\n  spread: pair\n  resources: {{ memory: 512 }}\n"),
+        )
+        .unwrap();
+        let _ = ip;
+    }
+    fake.clear_requests();
+    let out = nixmox_in(&dir, &["up", "dns", "--no-deps"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(": created 2, updated 0, started 2"),
+        "{stderr}"
+    );
+    let second = placed(&mut fake);
+    for (vmid, node) in &first {
+        assert_eq!(&second[vmid], node, "CT {vmid} moved");
+    }
+    let project_vmid = |dir: &Path, name: &str| -> u64 {
+        let out = nixmox_in(dir, &["config", "--format", "json"]);
+        let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+        doc["services"][name]["host"]["vmid"].as_u64().unwrap()
+    };
+    let (aaa, zzz) = (project_vmid(&dir, "aaa"), project_vmid(&dir, "zzz"));
+    assert_ne!(second[&aaa], second[&zzz], "spread group on one node");
+    assert!(
+        !fake
+            .writes()
+            .iter()
+            .any(|(_, p, _)| p.ends_with("/migrate")),
+        "nothing migrates when a service is added"
+    );
+
+    // A new pin migrates the container: same vmid, no create, no destroy.
+    let vw = project_vmid(&dir, "vaultwarden");
+    let from = second[&vw].clone();
+    let to = ["pve1", "pve2", "pve3"]
+        .into_iter()
+        .find(|n| *n != from)
+        .unwrap();
+    let manifest = dir.join("services/vaultwarden/manifest.yaml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(
+        &manifest,
+        text.replace("host:\n", &format!("host:\n  node: {to}\n")),
+    )
+    .unwrap();
+    let plan = nixmox_in(&dir, &["config", "vaultwarden", "--format", "json"]);
+    let doc: Value = serde_json::from_slice(&plan.stdout).unwrap();
+    assert_eq!(doc["services"]["vaultwarden"]["host"]["node"], to);
+    fake.clear_requests();
+    let out = nixmox_in(&dir, &["up", "dns", "--no-deps"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("migrated 1 (CT {vw} {from} → {to})")),
+        "{stderr}"
+    );
+    let third = placed(&mut fake);
+    assert_eq!(third[&vw], to);
+    assert_eq!(third.len(), second.len());
+    let writes = fake.writes();
+    assert!(
+        writes.iter().any(|(m, p, b)| m == "POST"
+            && p == &format!("/api2/json/nodes/{from}/lxc/{vw}/migrate")
+            && b.contains(&format!("target={to}"))
+            && b.contains("restart=1")),
+        "{writes:?}"
+    );
+    assert!(
+        !writes
+            .iter()
+            .any(|(m, p, _)| m == "DELETE" || (m == "POST" && p.ends_with("/lxc"))),
+        "{writes:?}"
+    );
+
+    // A migration PVE refuses (the container is locked by a backup): the error names the
+    // container, both nodes and PVE's reason; the container stays where it was.
+    fake.cmd(json!({"cmd": "ct_set", "vmid": vw, "attr": "lock", "value": "backup"}));
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(
+        &manifest,
+        text.replace(&format!("node: {to}"), &format!("node: {from}")),
+    )
+    .unwrap();
+    let out = nixmox_in(&dir, &["up", "dns", "--no-deps"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("CT {vw}"))
+            && stderr.contains(&format!("migrate to node {from}"))
+            && stderr.contains("locked"),
+        "{stderr}"
+    );
+    assert_eq!(
+        placed(&mut fake)[&vw],
+        to,
+        "a refused migration leaves it in place"
+    );
+    fake.cmd(json!({"cmd": "ct_set", "vmid": vw, "attr": "lock", "value": null}));
+    std::fs::write(&manifest, text).unwrap();
+
+    // An offline node: its containers are unreachable in `ps`, fail naming the node in `up`,
+    // and the others go on.
+    let down = first.values().find(|n| **n != to).unwrap().clone();
+    fake.call("set_node_offline", json!([down]));
+    let out = nixmox_in(&dir, &["ps"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("NODE"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("unreachable (node {down} offline)")),
+        "{stdout}"
+    );
+    let out = nixmox_in(
+        &dir,
+        &["up", "dns", "--no-deps", "--force-step", "tf:infra"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("node {down} is offline")),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("created 1"),
+        "nothing is placed on an offline node: {stderr}"
+    );
+}

@@ -225,7 +225,9 @@ pub fn cluster_nodes(
     project: &nixmox_core::Project,
     root: &Path,
 ) -> Option<std::result::Result<Vec<nixmox_core::ClusterNode>, String>> {
+    // A project that names its one node (`proxmox.node`, no `nodes`) is that node.
     if project.infra == nixmox_core::model::InfraBackend::None
+        || (project.proxmox.node_given && project.proxmox.nodes.is_empty())
         || project.proxmox.endpoint.is_none()
         || crate::proxmox::token(project, root).is_none()
     {
