@@ -161,6 +161,21 @@ pub fn decode(cx: &mut Cx, root: &Node) -> Option<ProjectConfig> {
                 ),
             }),
     };
+    // Issue 12, item 6: bpg/proxmox verifies the API's certificate against the system's
+    // roots (or not at all with `insecure`); it has no way to pin a fingerprint.
+    if infra == Some(InfraBackend::Terraform) {
+        if let Some(f) = field(root, "proxmox")
+            .and_then(|p| field(p, "tls"))
+            .and_then(|t| field(t, "fingerprint"))
+        {
+            cx.warning(
+                f.span,
+                "proxmox.tls.fingerprint",
+                "the Terraform backend cannot honour a fingerprint pin: only `infra.backend: proxmox-api` checks it",
+                Some("Terraform checks the certificate against the system's trust store: add the PVE CA there, or use `infra.backend: proxmox-api`".into()),
+            );
+        }
+    }
     let ssh = decode_ssh(cx, field(root, "ssh"));
     let nix = decode_nix(cx, field(root, "nix"));
     let terraform = match field(root, "terraform") {
@@ -915,6 +930,29 @@ fn flake_url(cx: &mut Cx, n: &Node, path: &str) -> Option<String> {
         return None;
     }
     match scheme {
+        Some(s @ ("path" | "git+file")) => {
+            // A local input, like every project path: relative ones stay inside the project
+            // (a project from someone else cannot point Nix at `../../home/you`); an
+            // absolute one is the operator's explicit choice.
+            let rest = &url[s.len() + 1..];
+            let rest = rest.strip_prefix("//").unwrap_or(rest);
+            let local = rest.split('?').next().unwrap_or("");
+            let resolved = crate::manifest::resolve_path("", local);
+            if local.is_empty() {
+                cx.error(
+                    n.span,
+                    path,
+                    format!("`{url}` names no directory"),
+                    Some("write path:./dir (relative to the project) or path:/abs/dir".into()),
+                );
+                None
+            } else if !local.starts_with('/') && (resolved == ".." || resolved.starts_with("../")) {
+                cx.error(n.span, path, format!("`{url}` climbs out of the project directory"), Some("a relative path stays inside the project; write an absolute path to choose a place outside it".into()));
+                None
+            } else {
+                Some(url)
+            }
+        }
         Some(s) if FLAKE_SCHEMES.contains(&s) && url.len() > s.len() + 1 => Some(url),
         _ => {
             cx.error(

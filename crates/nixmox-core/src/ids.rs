@@ -70,6 +70,13 @@ string_id!(
     check_user
 );
 
+string_id!(
+    /// A user or group on a host (`interface.db.sops.owner`, `…group`): the same POSIX portable
+    /// name grammar as a login name.
+    UnixName,
+    check_user
+);
+
 fn check_user(s: &str) -> Result<(), Reason> {
     let mut chars = s.chars();
     match chars.next() {

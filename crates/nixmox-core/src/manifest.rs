@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 
 use crate::config::{choice, domain, ip, resources, timing, HEALTH_TIMING_FIELDS};
 use crate::decode::{field, index, join, Cx};
-use crate::ids::{Hostname, ServiceName, VmId};
+use crate::ids::{Hostname, ServiceName, UnixName, VmId};
 use crate::model::{
     Auth, Capability, Check, ClientType, Db, DbMode, HealthTiming, Oidc, Protect, Proxy, Resources,
-    TerraformUse, TfPhase, Upstream,
+    SecretAccess, TerraformUse, TfPhase, Upstream,
 };
 use crate::syntax::{Kind, Node, Span};
 
@@ -51,7 +51,10 @@ pub const DB_FIELDS: &[&str] = &[
     "mode",
     "migrations",
     "share_role_with",
+    "sops",
 ];
+/// `interface.db.sops` and `interface.auth.oidc.sops`: how sops-nix installs the secret file.
+pub const SOPS_ACCESS_FIELDS: &[&str] = &["owner", "group", "mode"];
 pub const PROXY_FIELDS: &[&str] = &["domain", "path", "upstream", "tls", "authz", "headers"];
 pub const AUTH_FIELDS: &[&str] = &["provider", "name", "oidc"];
 pub const OIDC_FIELDS: &[&str] = &[
@@ -61,6 +64,7 @@ pub const OIDC_FIELDS: &[&str] = &[
     "scopes",
     "username_claim",
     "groups_claim",
+    "sops",
 ];
 pub const HEALTH_FIELDS: &[&str] = &[
     "startup",
@@ -329,11 +333,13 @@ pub fn resolve_path(dir: &str, p: &str) -> String {
     for seg in p.split('/') {
         match seg {
             "" | "." => {}
-            ".." => {
-                if parts.pop().is_none() {
-                    parts.push("..");
+            // `..` cancels a name, never another `..`: `../../x` climbs two levels.
+            ".." => match parts.last() {
+                Some(&last) if last != ".." => {
+                    parts.pop();
                 }
-            }
+                _ => parts.push(".."),
+            },
             s => parts.push(s),
         }
     }
@@ -342,6 +348,20 @@ pub fn resolve_path(dir: &str, p: &str) -> String {
         format!("/{joined}")
     } else {
         joined
+    }
+}
+
+#[cfg(test)]
+mod resolve_path_tests {
+    use super::resolve_path;
+
+    #[test]
+    fn parent_segments_accumulate() {
+        assert_eq!(resolve_path("", "../../etc"), "../../etc");
+        assert_eq!(resolve_path("services/a", "../../../x"), "../x");
+        assert_eq!(resolve_path("services/a", "./m.nix"), "services/a/m.nix");
+        assert_eq!(resolve_path("services/a", "../b/m.nix"), "services/b/m.nix");
+        assert_eq!(resolve_path("", "/abs/../x"), "/x");
     }
 }
 
@@ -602,6 +622,19 @@ fn decode_db(cx: &mut Cx, n: &Node, path: &str, spec: &mut ServiceSpec) -> Optio
         )
         .unwrap_or(DbMode::NativeMigration),
     };
+    if mode == DbMode::Terraform {
+        // Issue 12, item 5: cyrilgdn/postgresql would connect from the operator's machine as
+        // `postgres`, which the rendered pg_hba does not admit and which has no password. Until
+        // NixMox renders an admin role and a way in for it, the mode is refused.
+        if let Some(m) = field(n, "mode") {
+            cx.error(
+                m.span,
+                &join(path, "mode"),
+                "`mode: terraform` is not supported yet: the PostgreSQL provider could not reach the database host",
+                Some("leave `mode` out (`native-migration`): the database host creates the database and its role and runs the migrations; see docs/secrets.md".into()),
+            );
+        }
+    }
     let mut migrations = Vec::new();
     if let Some(m) = field(n, "migrations") {
         let mpath = join(path, "migrations");
@@ -612,6 +645,7 @@ fn decode_db(cx: &mut Cx, n: &Node, path: &str, spec: &mut ServiceSpec) -> Optio
             migrations.push(resolved);
         }
     }
+    let access = decode_access(cx, field(n, "sops"), &join(path, "sops"));
     let mut share_role_with = Vec::new();
     if let Some(v) = field(n, "share_role_with") {
         let spath = join(path, "share_role_with");
@@ -638,7 +672,88 @@ fn decode_db(cx: &mut Cx, n: &Node, path: &str, spec: &mut ServiceSpec) -> Optio
         role,
         mode,
         migrations,
+        access,
     })
+}
+
+/// `sops: { owner, group, mode }`: who may read a secret file on the service's host, as
+/// sops-nix takes it. Without it the file is root's, mode 0400.
+fn decode_access(cx: &mut Cx, n: Option<&Node>, path: &str) -> SecretAccess {
+    let mut access = SecretAccess::default();
+    let Some(n) = n else {
+        return access;
+    };
+    if cx.map(n, path, SOPS_ACCESS_FIELDS).is_none() {
+        return access;
+    }
+    let name = |cx: &mut Cx, key: &str, what: &str| -> Option<UnixName> {
+        let v = field(n, key)?;
+        let fpath = join(path, key);
+        let s = cx.string(v, &fpath)?;
+        match UnixName::new(&s) {
+            Ok(u) => Some(u),
+            Err(why) => {
+                cx.error(
+                    v.span,
+                    &fpath,
+                    format!("invalid {what} name `{}`: {why}", s.escape_debug()),
+                    Some(format!(
+                        "the {what} the reading service runs as on its host, like `nextcloud`"
+                    )),
+                );
+                None
+            }
+        }
+    };
+    access.owner = name(cx, "owner", "user");
+    access.group = name(cx, "group", "group");
+    access.mode = match field(n, "mode") {
+        None if access.group.is_some() => "0440".into(),
+        None => "0400".into(),
+        Some(m) => {
+            let mpath = join(path, "mode");
+            match &m.kind {
+                Kind::Str(s) => match check_secret_mode(s) {
+                    Ok(mode) => mode,
+                    Err(why) => {
+                        cx.error(
+                            m.span,
+                            &mpath,
+                            format!("invalid file mode `{}`: {why}", s.escape_debug()),
+                            Some("an octal mode like \"0440\" (owner and group read)".into()),
+                        );
+                        "0400".into()
+                    }
+                },
+                _ => {
+                    cx.error(
+                        m.span,
+                        &mpath,
+                        "a file mode must be a quoted string",
+                        Some("write it in quotes, like \"0440\": YAML reads 0440 as the decimal number 440".into()),
+                    );
+                    "0400".into()
+                }
+            }
+        }
+    };
+    access
+}
+
+/// An octal mode for a secret file: three or four octal digits, no special bits, nothing for
+/// others. Returns it as four digits.
+pub fn check_secret_mode(s: &str) -> Result<String, String> {
+    if !(3..=4).contains(&s.len()) || !s.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        return Err("it is not three or four octal digits".into());
+    }
+    let mode = format!("{s:0>4}");
+    if !mode.starts_with('0') {
+        return Err("setuid, setgid and sticky bits make no sense on a secret file".into());
+    }
+    if !mode.ends_with('0') {
+        return Err("it lets every user on the host read the secret".into());
+    }
+    Ok(mode)
 }
 
 fn decode_proxy(cx: &mut Cx, n: &Node, path: &str) -> Option<Proxy> {
@@ -882,20 +997,57 @@ fn decode_oidc(
             redirect_uris.push(u);
         }
     }
-    let scopes = field(n, "scopes")
-        .map(|s| {
-            cx.strings(s, &join(path, "scopes"))
-                .into_iter()
-                .map(|(s, _)| s)
-                .collect()
-        })
-        .unwrap_or_else(|| vec!["openid".into(), "email".into(), "profile".into()]);
+    let scopes = match field(n, "scopes") {
+        None => vec!["openid".into(), "email".into(), "profile".into()],
+        Some(s) => {
+            let spath = join(path, "scopes");
+            let listed = cx.strings(s, &spath);
+            // The identity provider gets a property mapping per scope; a scope that matches
+            // none would be dropped without a word (issue 12).
+            for (i, (scope, span)) in listed.iter().enumerate() {
+                if crate::model::oidc_scope_mapping(scope).is_none() {
+                    cx.warning(
+                        *span,
+                        &index(&spath, i),
+                        format!("scope `{scope}` matches no scope mapping of the identity provider and is not granted"),
+                        Some(format!(
+                            "the mapped scopes are {}; other claims (such as groups) come with `profile`",
+                            crate::model::OIDC_SCOPES.join(", ")
+                        )),
+                    );
+                }
+            }
+            if !listed.iter().any(|(s, _)| s == "openid") && cx.errors() == before {
+                cx.error(
+                    s.span,
+                    &spath,
+                    "scopes must include `openid`",
+                    Some(
+                        "an OpenID Connect client without the `openid` scope gets no ID token"
+                            .into(),
+                    ),
+                );
+            }
+            listed.into_iter().map(|(s, _)| s).collect()
+        }
+    };
     let username_claim = field(n, "username_claim")
         .and_then(|v| cx.string(v, &join(path, "username_claim")))
         .unwrap_or_else(|| "preferred_username".into());
     let groups_claim = field(n, "groups_claim")
         .and_then(|v| cx.string(v, &join(path, "groups_claim")))
         .unwrap_or_else(|| "groups".into());
+    let access = decode_access(cx, field(n, "sops"), &join(path, "sops"));
+    if client_type == ClientType::Public {
+        if let Some(a) = field(n, "sops") {
+            cx.warning(
+                a.span,
+                &join(path, "sops"),
+                "a public client has no client secret, so `sops` has nothing to apply to",
+                Some("remove it, or make the client `confidential`".into()),
+            );
+        }
+    }
     (cx.errors() == before).then_some(Oidc {
         client_id,
         client_type,
@@ -903,6 +1055,7 @@ fn decode_oidc(
         scopes,
         username_claim,
         groups_claim,
+        access,
     })
 }
 
@@ -1408,6 +1561,7 @@ fn decode_requirements(cx: &mut Cx, r: &Node, spec: &mut ServiceSpec) {
                         role,
                         mode: DbMode::NativeMigration,
                         migrations: Vec::new(),
+                        access: SecretAccess::default(),
                     },
                     span: d.span,
                 });
@@ -1497,6 +1651,7 @@ fn decode_requirements(cx: &mut Cx, r: &Node, spec: &mut ServiceSpec) {
                                 scopes: vec!["openid".into(), "email".into(), "profile".into()],
                                 username_claim: "preferred_username".into(),
                                 groups_claim: "groups".into(),
+                                access: SecretAccess::default(),
                             }),
                         },
                         span: o.span,

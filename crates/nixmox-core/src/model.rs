@@ -8,7 +8,9 @@
 use core::net::Ipv4Addr;
 use std::collections::BTreeMap;
 
-use crate::ids::{Cidr, DomainName, Hostname, ProjectName, Range, ServiceName, SshUser, VmId};
+use crate::ids::{
+    Cidr, DomainName, Hostname, ProjectName, Range, ServiceName, SshUser, UnixName, VmId,
+};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Project {
@@ -396,6 +398,30 @@ pub struct Db {
     pub mode: DbMode,
     /// Paths relative to the project root, in the order they apply.
     pub migrations: Vec<String>,
+    /// Who may read the role's password file (`db/<role>`) on the service's host.
+    pub access: SecretAccess,
+}
+
+/// How sops-nix installs one decrypted secret file on a host (`sops.secrets.<name>.owner`,
+/// `group`, `mode`): who the services that read it run as.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SecretAccess {
+    /// `None`: root.
+    pub owner: Option<UnixName>,
+    /// `None`: the owner's primary group (sops-nix's default), or root without an owner.
+    pub group: Option<UnixName>,
+    /// Octal, four digits: `0400`, or `0440` when a group is given.
+    pub mode: String,
+}
+
+impl Default for SecretAccess {
+    fn default() -> Self {
+        SecretAccess {
+            owner: None,
+            group: None,
+            mode: "0400".into(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -446,6 +472,8 @@ pub struct Oidc {
     pub scopes: Vec<String>,
     pub username_claim: String,
     pub groups_claim: String,
+    /// Who may read the client secret file (`oidc/<service>/client_secret`) on the host.
+    pub access: SecretAccess,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -609,4 +637,20 @@ pub struct Edge {
     pub from: usize,
     pub to: usize,
     pub kind: EdgeKind,
+}
+
+/// The OIDC scopes authentik ships a scope mapping for (`goauthentik.io/providers/oauth2/scope-*`).
+pub const OIDC_SCOPES: &[&str] = &[
+    "openid",
+    "email",
+    "profile",
+    "offline_access",
+    "entitlements",
+];
+
+/// The managed name of the scope mapping authentik ships for `scope`, if any.
+pub fn oidc_scope_mapping(scope: &str) -> Option<String> {
+    OIDC_SCOPES
+        .contains(&scope)
+        .then(|| format!("goauthentik.io/providers/oauth2/scope-{scope}"))
 }

@@ -33,6 +33,8 @@ const BASE: &str = "https://nixmox.dev/schema/";
 pub const PROJECT_FILE: &str = "nixmox.schema.json";
 pub const MANIFEST_FILE: &str = "manifest.schema.json";
 
+/// A POSIX portable user or group name (`ids::UnixName`).
+const UNIX_NAME: &str = "^[a-z_][a-z0-9_-]{0,31}$";
 /// A name: `[a-z][a-z0-9-]*`, not ending in `-`, at most 63 characters.
 const NAME: &str = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$";
 /// One DNS label (RFC 1123), lowercase.
@@ -447,6 +449,13 @@ fn manifest_inner() -> Value {
         )
         .build();
 
+    let sops_access = |what: &str| {
+        Obj::new(&format!("How sops-nix installs {what} on the service's host (`sops.secrets.<name>.owner`, `group`, `mode`): give the user or group the reading service runs as. Without it the file is root's, mode 0400."))
+            .opt("owner", pattern("The user owning the file. Default: root.", UNIX_NAME))
+            .opt("group", pattern("The file's group. Default: the owner's primary group (root without an owner).", UNIX_NAME))
+            .opt("mode", pattern("The file's mode, quoted octal; nothing for others. Default: \"0440\" when `group` is given, else \"0400\".", "^0?[0-7][0-7]0$"))
+            .build()
+    };
     let oidc = Obj::new("An OpenID Connect client for this service in the identity provider.")
         .opt("client_id", non_empty("The OIDC client id. Default: the service's `name`."))
         .opt("client_type", enumeration("`confidential` (has a client secret) or `public`.", &["confidential", "public"], Some("confidential")))
@@ -463,6 +472,7 @@ fn manifest_inner() -> Value {
         .opt("scopes", dflt(list("Scopes the client may request.", json!({"type": ["string", "number"]})), json!(["openid", "email", "profile"])))
         .opt("username_claim", dflt(text("The claim holding the user name."), json!("preferred_username")))
         .opt("groups_claim", dflt(text("The claim holding the user's groups."), json!("groups")))
+        .opt("sops", sops_access("the client secret file (`config.nixmox.oidc.clientSecretFile`) of a confidential client"))
         .build();
     let auth = Obj::new("Sign-in through the identity provider. Implies a dependency on the service that provides `identity`.")
         .opt("provider", constant("The identity provider.", "authentik"))
@@ -568,6 +578,7 @@ fn manifest_inner() -> Value {
                 json!([]),
             ),
         )
+        .opt("sops", sops_access("the role's password file (`config.nixmox.db.<database>.passwordFile`)"))
         .build();
     let proxy = Obj::new(
         "A route on the reverse proxy. The pair (`domain`, `path`) must be unique in the project (a trailing `/` does not count).",

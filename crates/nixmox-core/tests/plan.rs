@@ -316,6 +316,22 @@ fn closure(p: &nixmox_core::Project, names: &[String]) -> BTreeSet<String> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
 
+    /// Issue 12: every workspace rendered for a random project keeps the providers'
+    /// contracts (tests/terraform_contract.rs has the example, the fixtures and planted
+    /// mistakes). Without the DNS service the containers get no DNS servers at all.
+    #[test]
+    fn random_projects_keep_the_terraform_contracts((with_db, with_idp, apps) in arb_project(), with_dns in any::<bool>()) {
+        let mut sources = sources_for(with_db, with_idp, &apps);
+        if !with_dns {
+            sources.manifests.retain(|m| m.path != "services/dns/manifest.yaml");
+        }
+        let loaded = nixmox_core::load(&sources, &|_: &str| true);
+        prop_assert!(loaded.errors().next().is_none(), "{}", nixmox_core::diag::render_all(&loaded.diagnostics));
+        let rendered = nixmox_core::render::render(&loaded.project.unwrap(), &nixmox_core::render::Outputs::default());
+        let errors = common::contract::check_rendered(&rendered.files);
+        prop_assert!(errors.is_empty(), "{}", errors.join("\n"));
+    }
+
     #[test]
     fn plans_respect_order_and_selection((with_db, with_idp, apps) in arb_project(), pick in proptest::collection::vec(0usize..25, 0..3), no_deps in any::<bool>()) {
         let sources = sources_for(with_db, with_idp, &apps);

@@ -98,3 +98,228 @@ fn terraform_strings_escape_interpolation() {
     use nixmox_core::render::terraform::lit;
     assert_eq!(lit("a ${b} %{c}"), serde_json::json!("a $${b} %%{c}"));
 }
+
+/// Loads a project from in-memory files (`nixmox.yaml` first, then manifests).
+fn project_of(config: &str, manifests: &[(&str, &str)]) -> nixmox_core::Project {
+    let file = |path: &str, text: &str| SourceFile {
+        path: path.into(),
+        bytes: text.as_bytes().to_vec(),
+    };
+    let sources = nixmox_core::Sources {
+        config: Some(file("nixmox.yaml", config)),
+        manifests: manifests.iter().map(|(p, t)| file(p, t)).collect(),
+        lock: None,
+    };
+    let loaded = nixmox_core::load(&sources, &|_: &str| true);
+    assert!(
+        loaded.errors().next().is_none(),
+        "{}",
+        nixmox_core::diag::render_all(&loaded.diagnostics)
+    );
+    loaded.project.unwrap()
+}
+
+fn json_of(tree: &BTreeMap<String, String>, path: &str) -> serde_json::Value {
+    serde_json::from_str(&tree[path]).unwrap()
+}
+
+const SMALL: &str =
+    "project: small\ndomain: s.lan\nnetwork: { cidr: 10.9.0.0/24, gateway: 10.9.0.1 }\n";
+
+/// Issue 12, item 2: bpg/proxmox requires at least one DNS server when `servers` is given, so
+/// a project without a DNS service or `network.nameservers` leaves the argument out.
+#[test]
+fn issue_12_empty_dns_servers_are_left_out() {
+    let p = project_of(SMALL, &[("services/app/manifest.yaml", "name: app\n")]);
+    let tf = json_of(&tree(&p), "terraform/infra/main.tf.json");
+    let dns =
+        &tf["resource"]["proxmox_virtual_environment_container"]["app"]["initialization"]["dns"];
+    assert_eq!(dns, &serde_json::json!({"domain": "s.lan"}));
+    let with = project_of(
+        &SMALL.replace(
+            "gateway: 10.9.0.1 }",
+            "gateway: 10.9.0.1, nameservers: [10.9.0.53] }",
+        ),
+        &[("services/app/manifest.yaml", "name: app\n")],
+    );
+    let tf = json_of(&tree(&with), "terraform/infra/main.tf.json");
+    assert_eq!(
+        tf["resource"]["proxmox_virtual_environment_container"]["app"]["initialization"]["dns"]
+            ["servers"],
+        serde_json::json!(["10.9.0.53"])
+    );
+}
+
+/// Issue 12, item 4: forward-auth attachments are named after their proxy provider (so
+/// reordering services replaces nothing) and made one after another (`depends_on` chain).
+#[test]
+fn issue_12_outpost_attachments_are_serialized_and_named_by_provider() {
+    let idp = (
+        "services/idp/manifest.yaml",
+        "name: idp\nprovides: { identity: { type: authentik } }\ninterface:\n  proxy: { domain: auth.s.lan, upstream: 9000 }\n",
+    );
+    let caddy = (
+        "services/caddy/manifest.yaml",
+        "name: caddy\nprovides: { reverse_proxy: { type: caddy } }\n",
+    );
+    let a = (
+        "services/a/manifest.yaml",
+        "name: a\ninterface:\n  proxy: { domain: a.s.lan, upstream: 80, authz: true }\n",
+    );
+    let b = (
+        "services/b/manifest.yaml",
+        "name: b\ninterface:\n  proxy: { domain: b.s.lan, upstream: 80, authz: true }\n",
+    );
+    let c = (
+        "services/c/manifest.yaml",
+        "name: c\ninterface:\n  proxy: { domain: c.s.lan, upstream: 80, authz: true }\n",
+    );
+    let one = tree(&project_of(SMALL, &[idp, caddy, a, b, c]));
+    let other = tree(&project_of(SMALL, &[c, b, idp, a, caddy]));
+    let att = |t: &BTreeMap<String, String>| {
+        json_of(t, "terraform/auth-core/main.tf.json")["resource"]
+            ["authentik_outpost_provider_attachment"]
+            .clone()
+    };
+    assert_eq!(att(&one), att(&other));
+    let att = att(&one);
+    let names: Vec<&String> = att.as_object().unwrap().keys().collect();
+    assert_eq!(names, ["a_a_s_lan", "b_b_s_lan", "c_c_s_lan"]);
+    assert_eq!(att["a_a_s_lan"].get("depends_on"), None);
+    assert_eq!(
+        att["b_b_s_lan"]["depends_on"],
+        serde_json::json!(["authentik_outpost_provider_attachment.a_a_s_lan"])
+    );
+    assert_eq!(
+        att["c_c_s_lan"]["depends_on"],
+        serde_json::json!(["authentik_outpost_provider_attachment.b_b_s_lan"])
+    );
+    assert_eq!(
+        att["c_c_s_lan"]["protocol_provider"],
+        "${authentik_provider_proxy.c_c_s_lan.id}"
+    );
+}
+
+/// Issue 12, item 7: the signing key pair is looked up by name only; its private key and
+/// certificate stay out of every workspace's state.
+#[test]
+fn issue_12_signing_key_pair_fetches_neither_key_nor_certificate() {
+    let t = tree(&common::example());
+    let mut seen = 0;
+    for (path, text) in t.iter().filter(|(p, _)| p.ends_with(".tf.json")) {
+        let v: serde_json::Value = serde_json::from_str(text).unwrap();
+        if let Some(kp) = v["data"]["authentik_certificate_key_pair"].as_object() {
+            for (name, block) in kp {
+                assert_eq!(block["fetch_key"], false, "{path}: {name}");
+                assert_eq!(block["fetch_certificate"], false, "{path}: {name}");
+                seen += 1;
+            }
+        }
+    }
+    assert!(
+        seen >= 2,
+        "the example renders the key pair in several workspaces"
+    );
+}
+
+/// A small project: a database host and an app whose database and OIDC client secrets name
+/// the user and group that read them, on the nixpkgs release `nixpkgs`.
+fn secrets_project(nixpkgs: &str) -> nixmox_core::Project {
+    let file = |path: &str, text: String| SourceFile {
+        path: path.into(),
+        bytes: text.into_bytes(),
+    };
+    let sources = nixmox_core::Sources {
+        config: Some(file(
+            "nixmox.yaml",
+            format!("project: mini\ndomain: nixmox.lan\nnetwork: {{ cidr: 192.168.99.0/24, gateway: 192.168.99.1, nameservers: [192.168.99.1] }}\npools: {{ vmid: 900-999, ip: 192.168.99.100-192.168.99.199 }}\nnix: {{ nixpkgs: \"{nixpkgs}\" }}\n"),
+        )),
+        manifests: vec![
+            file("services/pg/manifest.yaml", "name: pg\nprovides: { database: { type: postgresql } }\n".into()),
+            file("services/idp/manifest.yaml", "name: idp\nprovides: { identity: { type: authentik } }\ninterface:\n  proxy: { domain: auth.nixmox.lan, upstream: 9000 }\n".into()),
+            file("services/rp/manifest.yaml", "name: rp\nprovides: { reverse_proxy: { type: caddy } }\n".into()),
+            file(
+                "services/app/manifest.yaml",
+                "name: app\ninterface:\n  db:\n    - { database: app, sops: { owner: app } }\n    - { database: app_jobs, sops: { owner: app, group: workers } }\n    - { database: app_logs }\n  proxy: { domain: app.nixmox.lan, upstream: 8080 }\n  auth:\n    oidc: { redirect_uris: [https://app.nixmox.lan/cb], sops: { group: grafana, mode: \"0440\" } }\n".into(),
+            ),
+        ],
+        lock: None,
+    };
+    let loaded = nixmox_core::load(&sources, &|_: &str| true);
+    loaded
+        .project
+        .unwrap_or_else(|| panic!("{}", nixmox_core::diag::render_all(&loaded.diagnostics)))
+}
+
+/// The `sops.secrets` attribute set of a rendered host, as text.
+fn sops_secrets(host: &str) -> String {
+    let start = host.find("  sops = {").expect("the host declares sops");
+    host[start..].to_string()
+}
+
+/// Issue 12, item 9: the manifest says who reads each secret on the application host
+/// (sops-nix's owner, group, mode); without it the file stays root's, 0400. The database
+/// host's copy of a role password stays postgres's, whatever the app says.
+#[test]
+fn secret_files_are_owned_as_the_manifest_says() {
+    let files = tree(&secrets_project("github:NixOS/nixpkgs/nixos-26.05"));
+    insta::assert_snapshot!(
+        "secret_access__app_sops",
+        sops_secrets(&files["nix/hosts/app.nix"])
+    );
+    let pg = &files["nix/hosts/pg.nix"];
+    assert!(
+        pg.contains("\"db/app\" = {\n        mode = \"0400\";\n        owner = \"postgres\";"),
+        "{pg}"
+    );
+}
+
+/// Issue 12, item 11: the setup unit orders after (and requires) the units that have run
+/// `ensureUsers` in the pinned release: `postgresql-setup.service` exists only from 25.11.
+#[test]
+fn the_setup_unit_waits_for_what_the_release_has() {
+    use nixmox_core::render::nixos::{postgresql_ready_units, release_of, Release};
+    let r = |y, m| Release { year: y, month: m };
+    for (url, want) in [
+        ("github:NixOS/nixpkgs/nixos-26.05", r(26, 5)),
+        ("github:NixOS/nixpkgs/nixos-25.05", r(25, 5)),
+        ("github:NixOS/nixpkgs/release-24.11", r(24, 11)),
+        (
+            "git+https://github.com/NixOS/nixpkgs?ref=nixos-25.11",
+            r(25, 11),
+        ),
+        ("github:NixOS/nixpkgs/nixpkgs-25.05-darwin", r(25, 5)),
+        ("github:NixOS/nixpkgs/nixos-unstable", Release::NEWEST),
+        (
+            "github:NixOS/nixpkgs/0123456789abcdef0123456789abcdef01234567",
+            Release::NEWEST,
+        ),
+        ("path:/srv/nixos-25.055", Release::NEWEST),
+        ("github:me/nixos-25.05-fork/nixos-25.11", r(25, 11)),
+    ] {
+        assert_eq!(release_of(url), want, "{url}");
+    }
+    assert_eq!(postgresql_ready_units(r(25, 5)), ["postgresql.service"]);
+    assert_eq!(
+        postgresql_ready_units(r(25, 11)),
+        ["postgresql.service", "postgresql-setup.service"]
+    );
+
+    let unit = |nixpkgs: &str| {
+        let host = tree(&secrets_project(nixpkgs))["nix/hosts/pg.nix"].clone();
+        let start = host.find("nixmox-postgresql-setup = {").unwrap();
+        let end = start + host[start..].find("script =").unwrap();
+        host[start..end].to_string()
+    };
+    insta::assert_snapshot!(
+        "setup_unit__25_05",
+        unit("github:NixOS/nixpkgs/nixos-25.05")
+    );
+    insta::assert_snapshot!(
+        "setup_unit__26_05",
+        unit("github:NixOS/nixpkgs/nixos-26.05")
+    );
+    let old = tree(&secrets_project("github:NixOS/nixpkgs/nixos-25.05"));
+    assert!(!old["nix/hosts/pg.nix"].contains("\"postgresql-setup.service\""));
+    assert!(old["nix/hosts/pg.nix"].contains("stateVersion = \"25.05\""));
+}

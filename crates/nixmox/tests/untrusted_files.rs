@@ -410,6 +410,26 @@ mod files {
             ],
         );
         s.refused(&["render"], &["state.path"]);
+        // Two levels up, and through a name first: still out.
+        s.write("nixmox.yaml", &state("../../outside/state.db"));
+        s.refused(&["validate"], &["state.path", "climbs out of the project"]);
+        s.write("nixmox.yaml", &state("a/../../../outside/state.db"));
+        s.refused(&["validate"], &["state.path", "climbs out of the project"]);
+
+        // A local flake input is a project path too.
+        let s = Sandbox::homelab();
+        let config = std::fs::read_to_string(s.path("nixmox.yaml"))
+            .unwrap()
+            .replace(
+                "nixpkgs: github:NixOS/nixpkgs/nixos-26.05",
+                "inputs: { nixpkgs: \"path:../../home/someone/nixpkgs\" }",
+            );
+        assert!(config.contains("inputs: {"));
+        s.write("nixmox.yaml", &config);
+        s.refused(
+            &["validate"],
+            &["nix.inputs.nixpkgs", "climbs out of the project"],
+        );
 
         let s = Sandbox::homelab();
         let config = std::fs::read_to_string(s.path("nixmox.yaml"))

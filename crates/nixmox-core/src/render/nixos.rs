@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::{base_name, idp_domain, issuer, safe_name, Copy, Rendered, HEADER};
 use crate::config_out::effective_nameservers;
-use crate::model::{Capability, Check, ClientType, DbMode, Deployer, Project, Service, Upstream};
+use crate::model::{
+    Capability, Check, ClientType, DbMode, Deployer, Project, SecretAccess, Service, Upstream,
+};
 use crate::nixexpr::{self, set, Nix, Part};
 use crate::RenderedFile;
 
@@ -54,16 +56,78 @@ pub fn render(p: &Project, out: &mut Rendered) {
     }
 }
 
+/// A NixOS release, `YY.MM`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Release {
+    pub year: u8,
+    pub month: u8,
+}
+
+impl Release {
+    /// The newest release NixMox is written for: what a nixpkgs reference that names no
+    /// release (a revision, a path, `nixos-unstable`) is taken to be.
+    pub const NEWEST: Release = Release { year: 26, month: 5 };
+    /// The first release whose PostgreSQL module runs the ensure scripts in a separate
+    /// `postgresql-setup.service` (nixpkgs PR #403645; 25.11 release notes).
+    pub const POSTGRESQL_SETUP_UNIT: Release = Release {
+        year: 25,
+        month: 11,
+    };
+}
+
+impl std::fmt::Display for Release {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:02}.{:02}", self.year, self.month)
+    }
+}
+
+/// The NixOS release of a nixpkgs flake reference: the last `nixos-YY.MM`, `release-YY.MM`
+/// or `nixpkgs-YY.MM…` in it (`github:NixOS/nixpkgs/nixos-25.05`,
+/// `git+https://github.com/NixOS/nixpkgs?ref=release-25.05`), else [`Release::NEWEST`].
+pub fn release_of(url: &str) -> Release {
+    let mut found = None;
+    for prefix in ["nixos-", "release-", "nixpkgs-"] {
+        for (at, _) in url.match_indices(prefix) {
+            let rest = &url.as_bytes()[at + prefix.len()..];
+            let digits = |r: std::ops::Range<usize>| {
+                rest.get(r.clone())
+                    .filter(|d| d.iter().all(u8::is_ascii_digit))
+                    .map(|d| d.iter().fold(0u8, |n, b| n * 10 + (b - b'0')))
+            };
+            let month_ok = |m: u8| m == 5 || m == 11;
+            if let (Some(year), Some(b'.'), Some(month)) = (digits(0..2), rest.get(2), digits(3..5))
+            {
+                let ends = rest.get(5).is_none_or(|b| !b.is_ascii_digit());
+                if ends && month_ok(month) {
+                    let r = Release { year, month };
+                    if found.is_none_or(|(a, _)| at > a) {
+                        found = Some((at, r));
+                    }
+                }
+            }
+        }
+    }
+    found.map(|(_, r)| r).unwrap_or(Release::NEWEST)
+}
+
+/// The NixOS release of the pinned nixpkgs (`nix.nixpkgs`, or its `nix.inputs` override).
+pub fn release(p: &Project) -> Release {
+    release_of(&p.nix.nixpkgs)
+}
+
 /// The NixOS release of the pinned nixpkgs (`…/nixos-25.05` → `25.05`), for stateVersion.
 pub fn state_version(p: &Project) -> String {
-    let tail = p.nix.nixpkgs.rsplit(['/', '-']).next().unwrap_or("");
-    let ok = tail.len() == 5
-        && tail.as_bytes()[2] == b'.'
-        && tail.chars().filter(|c| c.is_ascii_digit()).count() == 4;
-    if ok {
-        tail.to_string()
+    release(p).to_string()
+}
+
+/// The units the setup unit orders after and requires: the ones that have run
+/// `ensureDatabases`/`ensureUsers` by the time they are active, in that release. Up to 25.05
+/// that is `postgresql.service` (its `postStart`); from 25.11 `postgresql-setup.service`.
+pub fn postgresql_ready_units(r: Release) -> &'static [&'static str] {
+    if r >= Release::POSTGRESQL_SETUP_UNIT {
+        &["postgresql.service", "postgresql-setup.service"]
     } else {
-        "26.05".into()
+        &["postgresql.service"]
     }
 }
 
@@ -151,15 +215,76 @@ fn colmena_deployment(p: &Project, s: &Service) -> String {
 }
 
 fn options_module() -> String {
-    let body = Nix::attrs([(
-        "options",
-        Nix::attrs([(
-            "nixmox",
-            Nix::Code("lib.mkOption {\n    type = lib.types.attrsOf lib.types.anything;\n    default = { };\n    description = \"Connection facts NixMox derives from the manifests: this host, the hosts it depends on, its databases, its OIDC client, its routes.\";\n  }"),
-        )]),
-    )]);
-    nixexpr::file(HEADER, Some(&["lib"]), &body)
+    format!("# {}\n{FACTS_MODULE}", HEADER.replace('\n', "\n# "))
 }
+
+/// `config.nixmox`, typed: each fact a host's configuration sets has an option here, so a
+/// misspelt fact is an error, a user module can add to a list (`routes`, `scopes`) and
+/// attribute sets (`hosts`, `db`) merge the way NixOS options do. The host files set every
+/// fact without a default.
+pub const FACTS_MODULE: &str = r#"{ lib, ... }:
+let
+  inherit (lib) mkOption types;
+  str = description: mkOption { type = types.str; inherit description; };
+  host = types.submodule {
+    options = {
+      fqdn = str "The host's fully qualified domain name.";
+      ip = str "The host's IPv4 address.";
+      hostname = str "The host's short name.";
+    };
+  };
+  db = types.submodule {
+    options = {
+      host = str "The database server's FQDN.";
+      ip = str "The database server's IPv4 address.";
+      port = mkOption { type = types.port; description = "The database server's port."; };
+      database = str "The database's name.";
+      role = str "The role the service connects as.";
+      passwordFile = mkOption {
+        type = types.path;
+        description = "The decrypted file holding the role's password (sops-nix; owner, group and mode from the manifest's `interface.db.sops`).";
+      };
+    };
+  };
+  oidc = types.submodule {
+    options = {
+      issuer = str "The OIDC issuer URL (ends with `/`).";
+      discoveryUrl = str "The issuer's `.well-known/openid-configuration` URL.";
+      clientId = str "The client id.";
+      clientType = mkOption { type = types.enum [ "confidential" "public" ]; description = "The client type."; };
+      redirectUris = mkOption { type = types.listOf types.str; default = [ ]; description = "Allowed redirect URIs."; };
+      scopes = mkOption { type = types.listOf types.str; default = [ ]; description = "Scopes the client requests."; };
+      usernameClaim = str "The claim holding the user name.";
+      groupsClaim = str "The claim holding the user's groups.";
+      clientSecretFile = mkOption {
+        type = types.nullOr types.path;
+        default = null;
+        description = "The decrypted client secret file of a confidential client (sops-nix; owner, group and mode from `interface.auth.oidc.sops`); null for a public client.";
+      };
+    };
+  };
+  route = types.submodule {
+    options = {
+      domain = str "The route's domain.";
+      path = str "The route's path prefix.";
+      url = str "The route's public URL.";
+      authz = mkOption { type = types.bool; default = false; description = "Whether the route is behind forward-auth."; };
+    };
+  };
+in
+{
+  options.nixmox = {
+    project = str "The project's name.";
+    domain = str "The project's domain.";
+    host = mkOption { type = host; description = "This host."; };
+    hosts = mkOption { type = types.attrsOf host; default = { }; description = "This host and the hosts it depends on, by service name."; };
+    db = mkOption { type = types.attrsOf db; default = { }; description = "This service's databases, by database name."; };
+    oidc = mkOption { type = types.nullOr oidc; default = null; description = "This service's OIDC client, if it has one."; };
+    routes = mkOption { type = types.listOf route; default = [ ]; description = "This service's routes on the reverse proxy."; };
+    dns.records = mkOption { type = types.attrsOf types.str; default = { }; description = "Every A record the DNS host serves (on the DNS host only)."; };
+  };
+}
+"#;
 
 /// Copies the files a service's manifest references into the build so the flake is
 /// self-contained: each module, migration and Terraform module it names, and nothing else of
@@ -465,6 +590,20 @@ fn host(p: &Project, i: usize) -> String {
     )
 }
 
+/// `sops.secrets.<name>` for a secret a service reads: its owner, group and mode as the
+/// manifest says (root and 0400 by default). sops-nix gives an owner without a group the
+/// owner's primary group.
+fn secret_access(a: &SecretAccess) -> Nix {
+    let mut m = BTreeMap::from([("mode".to_string(), Nix::str(&a.mode))]);
+    if let Some(owner) = &a.owner {
+        m.insert("owner".into(), Nix::str(owner.as_str()));
+    }
+    if let Some(group) = &a.group {
+        m.insert("group".into(), Nix::str(group.as_str()));
+    }
+    Nix::Attrs(m)
+}
+
 /// `config.nixmox`: what this host's own modules need to know, and nothing more, so that adding
 /// a service changes only the hosts that use it.
 fn facts(
@@ -509,7 +648,7 @@ fn facts(
             );
             secrets
                 .entry(name)
-                .or_insert_with(|| Nix::attrs([("mode", Nix::str("0400"))]));
+                .or_insert_with(|| secret_access(&db.access));
         }
         if !dbs.is_empty() {
             f.insert("db".into(), Nix::Attrs(dbs));
@@ -536,7 +675,7 @@ fn facts(
             if o.client_type == ClientType::Confidential {
                 let name = oidc_secret(s.name.as_str());
                 m.insert("clientSecretFile".into(), secret_path(&name));
-                secrets.insert(name, Nix::attrs([("mode", Nix::str("0400"))]));
+                secrets.insert(name, secret_access(&o.access));
             }
             f.insert("oidc".into(), Nix::Attrs(m));
         }
@@ -692,13 +831,12 @@ fn postgresql(
         "description".to_string(),
         Nix::str("NixMox: database ownership, role passwords and migrations"),
     );
-    // 25.05 runs ensureUsers in postgresql.service's postStart; later releases in
-    // postgresql-setup.service. Ordering after both works on either.
-    unit.insert(
-        "after".to_string(),
-        Nix::strs(["postgresql.service", "postgresql-setup.service"]),
-    );
-    unit.insert("requires".to_string(), Nix::strs(["postgresql.service"]));
+    // Up to 25.05 ensureUsers runs in postgresql.service's postStart; from 25.11 in
+    // postgresql-setup.service, which older releases do not have: name only what the pinned
+    // release has.
+    let ready = postgresql_ready_units(release(p));
+    unit.insert("after".to_string(), Nix::strs(ready.iter().copied()));
+    unit.insert("requires".to_string(), Nix::strs(ready.iter().copied()));
     unit.insert("wantedBy".to_string(), Nix::strs(["multi-user.target"]));
     unit.insert(
         "path".to_string(),

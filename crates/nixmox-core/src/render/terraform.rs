@@ -13,10 +13,16 @@ use crate::model::{
 use crate::plan::startup_order;
 use crate::RenderedFile;
 
-pub const PROXMOX_PROVIDER: (&str, &str) = ("bpg/proxmox", "~> 0.82");
+/// Each provider is pinned to the releases the renderer was written and checked for (the
+/// contracts in `tests/contracts/terraform/` were read at the newest tag of each range): a
+/// newer minor release may change a schema (bpg/proxmox requires a non-empty
+/// `initialization.dns.servers` from v0.86). docs/generated-options.md, "Pinned providers".
+pub const PROXMOX_PROVIDER: (&str, &str) = ("bpg/proxmox", "~> 0.82.0");
 /// The provider's version follows authentik's own; authentik-nix packages 2025.10.
-pub const AUTHENTIK_PROVIDER: (&str, &str) = ("goauthentik/authentik", "~> 2025.10");
-pub const POSTGRESQL_PROVIDER: (&str, &str) = ("cyrilgdn/postgresql", "~> 1.22");
+/// `data.authentik_outpost` and `authentik_outpost_provider_attachment` first appear in
+/// v2025.10.1.
+pub const AUTHENTIK_PROVIDER: (&str, &str) = ("goauthentik/authentik", "~> 2025.10.1");
+pub const POSTGRESQL_PROVIDER: (&str, &str) = ("cyrilgdn/postgresql", "~> 1.22.0");
 
 /// The resource types NixMox renders that hold data: a container's disk, a database and the
 /// role that owns it. A saved plan that deletes or replaces one is applied only with
@@ -95,14 +101,10 @@ fn module_name(path: &str, k: usize, j: usize) -> String {
 /// both force a replacement, so later edits are ignored rather than destroying the container.
 pub const CONTAINER_CREATE_ONLY: &[&str] = &["initialization[0].user_account", "operating_system"];
 
-/// The scope mappings authentik ships for the standard OIDC scopes.
-fn scope_mapping(scope: &str) -> Option<String> {
-    match scope {
-        "openid" | "email" | "profile" | "offline_access" | "entitlements" => {
-            Some(format!("goauthentik.io/providers/oauth2/scope-{scope}"))
-        }
-        _ => None,
-    }
+/// The workspace variable that carries a `mode: terraform` role's password. The runner sets it
+/// as `TF_VAR_<name>` from the secrets file (`db/<role>`), never on a command line or in a file.
+pub fn db_password_variable(role: &str) -> String {
+    format!("{}_password", tf_name(role))
 }
 
 /// A literal string for Terraform: `${` and `%{` would start an interpolation or a template
@@ -281,7 +283,7 @@ fn infra(p: &Project) -> RenderedFile {
                 "initialization": {
                     "hostname": h.hostname.as_str(),
                     "ip_config": {"ipv4": {"address": format!("{}/{}", h.ip, p.network.cidr.prefix()), "gateway": p.network.gateway.to_string()}},
-                    "dns": {"domain": p.domain.as_str(), "servers": crate::config_out::effective_nameservers(p)},
+                    "dns": dns(p),
                     "user_account": {"keys": p.ssh.authorized_keys.iter().map(|k| lit(k)).collect::<Vec<_>>()},
                 },
                 "network_interface": net,
@@ -320,6 +322,17 @@ fn infra(p: &Project) -> RenderedFile {
     tf_file(p, "terraform/infra/main.tf.json".into(), body)
 }
 
+/// The container's DNS settings. An empty `servers` list is left out: bpg/proxmox requires at
+/// least one item when the argument is given (issue 12).
+fn dns(p: &Project) -> Value {
+    let servers = crate::config_out::effective_nameservers(p);
+    let mut dns = json!({"domain": p.domain.as_str()});
+    if !servers.is_empty() {
+        dns["servers"] = json!(servers);
+    }
+    dns
+}
+
 fn auth_data() -> Value {
     json!({
         "authentik_flow": {
@@ -327,7 +340,9 @@ fn auth_data() -> Value {
             "invalidation": {"slug": "default-provider-invalidation-flow"},
         },
         "authentik_certificate_key_pair": {
-            "signing": {"name": "authentik Self-signed Certificate"},
+            // Only the id is used: by default the data source reads the private key (and the
+            // certificate) into every workspace's state.
+            "signing": {"name": "authentik Self-signed Certificate", "fetch_key": false, "fetch_certificate": false},
         },
     })
 }
@@ -344,7 +359,11 @@ fn oauth2(p: &Project, s: &Service, out_name: &str) -> Option<Blocks> {
     let name = tf_name(s.name.as_str());
     let mut resources = Map::new();
     let mut data = Map::new();
-    let mappings: Vec<String> = o.scopes.iter().filter_map(|sc| scope_mapping(sc)).collect();
+    let mappings: Vec<String> = o
+        .scopes
+        .iter()
+        .filter_map(|sc| crate::model::oidc_scope_mapping(sc))
+        .collect();
     data.insert(
         "authentik_property_mapping_provider_scope".into(),
         json!({ format!("{name}_scopes"): {"managed_list": mappings} }),
@@ -444,7 +463,7 @@ fn auth_core(p: &Project) -> RenderedFile {
     // Forward-auth: one proxy provider per protected domain, all bound to the embedded
     // outpost. They live here, not in each service's workspace, because the outpost's list of
     // providers must name every one of them.
-    let mut proxy_ids: Vec<String> = Vec::new();
+    let mut proxy_names: Vec<String> = Vec::new();
     let mut proxies = Map::new();
     let mut apps = Map::new();
     for s in &p.services {
@@ -477,7 +496,7 @@ fn auth_core(p: &Project) -> RenderedFile {
                     "meta_launch_url": lit(&format!("{scheme}://{}{}", x.domain, x.path)),
                 }),
             );
-            proxy_ids.push(format!("${{authentik_provider_proxy.{name}.id}}"));
+            proxy_names.push(name);
         }
     }
     if !proxies.is_empty() {
@@ -499,20 +518,27 @@ fn auth_core(p: &Project) -> RenderedFile {
             "authentik_outpost".into(),
             json!({"embedded": {"name": "authentik Embedded Outpost"}}),
         );
+        // The provider reads the outpost's provider list, appends and writes it back without a
+        // lock, so attachments made at once lose each other: each one waits for the one before
+        // (a `depends_on` chain). Each is named after its proxy provider, so reordering
+        // services renames nothing.
+        proxy_names.sort();
+        let mut attachments = Map::new();
+        let mut previous: Option<String> = None;
+        for name in &proxy_names {
+            let mut a = json!({
+                "outpost": "${data.authentik_outpost.embedded.id}",
+                "protocol_provider": format!("${{authentik_provider_proxy.{name}.id}}"),
+            });
+            if let Some(prev) = &previous {
+                a["depends_on"] = json!([format!("authentik_outpost_provider_attachment.{prev}")]);
+            }
+            attachments.insert(name.clone(), a);
+            previous = Some(name.clone());
+        }
         resources.insert(
             "authentik_outpost_provider_attachment".into(),
-            Value::Object(
-                proxy_ids
-                    .iter()
-                    .enumerate()
-                    .map(|(i, id)| {
-                        (
-                            format!("forward_auth_{i}"),
-                            json!({"outpost": "${data.authentik_outpost.embedded.id}", "protocol_provider": id}),
-                        )
-                    })
-                    .collect(),
-            ),
+            Value::Object(attachments),
         );
         outputs.insert(
             "outpost_id".into(),
@@ -598,8 +624,8 @@ fn service(
             let mut dbs = Map::new();
             for d in tf_dbs {
                 let role = tf_name(&d.role);
-                vars.insert(format!("{role}_password"), json!({"type": "string", "sensitive": true, "description": format!("password of role {} (from the secrets file)", d.role)}));
-                roles.insert(role.clone(), json!({"name": lit(&d.role), "login": true, "password": format!("${{var.{role}_password}}")}));
+                vars.insert(db_password_variable(&d.role), json!({"type": "string", "sensitive": true, "description": format!("password of role {} (from the secrets file)", d.role)}));
+                roles.insert(role.clone(), json!({"name": lit(&d.role), "login": true, "password": format!("${{var.{}}}", db_password_variable(&d.role))}));
                 dbs.insert(tf_name(&d.database), json!({"name": lit(&d.database), "owner": format!("${{postgresql_role.{role}.name}}")}));
             }
             body.insert("variable".into(), Value::Object(vars));

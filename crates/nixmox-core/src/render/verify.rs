@@ -70,11 +70,8 @@ fn walk_tf(v: &Value, path: &str, out: &mut Vec<String>) {
         Value::Object(m) => {
             for (k, x) in m {
                 // Keys are templates too; NixMox's own keys never hold a reference.
-                if k.contains("${") || k.contains("%{") {
-                    let rest = k.replace("$${", "").replace("%%{", "");
-                    if rest.contains("${") || rest.contains("%{") {
-                        out.push(format!("{path}: a live template in the key {k:?}"));
-                    }
+                if live_sequences(k) != (false, false) {
+                    out.push(format!("{path}: a live template in the key {k:?}"));
                 }
                 walk_tf(x, &format!("{path}.{k}"), out);
             }
@@ -85,9 +82,21 @@ fn walk_tf(v: &Value, path: &str, out: &mut Vec<String>) {
 
 /// Why a string has a live template that is not one of NixMox's references, if it has one.
 fn live_template(s: &str) -> Option<&'static str> {
-    // Scanned left to right as HCL's template scanner does: `$${` and `%%{` are escapes
-    // (`$$${` is a literal `$` then the escape `$${`). Deleting the escapes first would join
-    // what is left into new sequences (`$$${{` would become `${`).
+    let (interpolation, directive) = live_sequences(s);
+    if directive {
+        return Some("a live template directive");
+    }
+    if !interpolation {
+        return None;
+    }
+    live_reference(s)
+}
+
+/// Whether `s` holds a live `${` and a live `%{`, scanned left to right as HCL's template
+/// scanner does: `$${` and `%%{` are escapes (`$$${` is a literal `$` then the escape `$${`).
+/// Deleting the escapes first would join what is left into new sequences (`$$${{` would
+/// become `${`).
+fn live_sequences(s: &str) -> (bool, bool) {
     let (mut interpolation, mut directive) = (false, false);
     let mut rest = s;
     while let Some(c) = rest.chars().next() {
@@ -103,12 +112,11 @@ fn live_template(s: &str) -> Option<&'static str> {
             rest = &rest[c.len_utf8()..];
         }
     }
-    if directive {
-        return Some("a live template directive");
-    }
-    if !interpolation {
-        return None;
-    }
+    (interpolation, directive)
+}
+
+/// A string with a live `${`: allowed only when it is one of NixMox's own references.
+fn live_reference(s: &str) -> Option<&'static str> {
     let reference = s
         .strip_prefix("${")
         .and_then(|r| r.strip_suffix('}'))

@@ -215,6 +215,35 @@ impl<'a> StepExec<'a> {
         self.redact.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
+    /// The passwords of the service's `mode: terraform` roles, from the secrets files, as
+    /// `TF_VAR_*` environment variables; each value joins the redactions.
+    fn db_password_env(&self, service: Option<&str>) -> Result<Vec<(OsString, OsString)>, String> {
+        let Some(s) = service.and_then(|s| self.project.service(s)) else {
+            return Ok(Vec::new());
+        };
+        let vars = db_password_vars(s);
+        if vars.is_empty() {
+            return Ok(Vec::new());
+        }
+        let Some(hook) = &self.secrets else {
+            return Err("the passwords of its `mode: terraform` roles are in the secrets files, which this run cannot read".into());
+        };
+        let mut out = Vec::new();
+        for (env, secret) in vars {
+            let value = hook
+                .vault
+                .lock()
+                .map_err(|_| "the secrets vault is poisoned".to_string())?
+                .generated(&secret)
+                .map_err(|e| format!("cannot read `{secret}`: {e}"))?;
+            if let Ok(mut r) = self.redact.lock() {
+                r.push(value.clone());
+            }
+            out.push((OsString::from(env), OsString::from(value)));
+        }
+        Ok(out)
+    }
+
     fn terraform(&self, index: usize, phase: Phase, service: Option<&str>) -> Outcome {
         let step = &self.plan.steps[index];
         let config_dir = match (phase, service) {
@@ -254,6 +283,17 @@ impl<'a> StepExec<'a> {
         if phase == Phase::TfInfra {
             if let Some(token) = proxmox_token(self.project, &self.paths.root) {
                 env.push(("PROXMOX_VE_API_TOKEN".into(), token.into()));
+            }
+        }
+        if phase == Phase::TfServiceInfra {
+            match self.db_password_env(service) {
+                Ok(vars) => env.extend(vars),
+                Err(e) => {
+                    return Outcome::Failed {
+                        error: format!("{}: {}", step.id, scrub(&e, &self.redactions())),
+                        transient: false,
+                    }
+                }
             }
         }
         let tf = Terraform {
@@ -1055,6 +1095,24 @@ fn write_under(dir: &Path, rel: &str, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// The Proxmox API token, read from where `proxmox.token` says, if it is there.
+/// The `TF_VAR_<role>_password` variables of a service's `mode: terraform` databases: the
+/// environment variable's name and the secret (`db/<role>`) that holds its value (issue 12).
+pub fn db_password_vars(s: &nixmox_core::model::Service) -> Vec<(String, String)> {
+    s.dbs
+        .iter()
+        .filter(|d| d.mode == nixmox_core::model::DbMode::Terraform)
+        .map(|d| {
+            (
+                format!(
+                    "TF_VAR_{}",
+                    nixmox_core::render::terraform::db_password_variable(&d.role)
+                ),
+                nixmox_core::render::nixos::db_secret(&d.role),
+            )
+        })
+        .collect()
+}
+
 /// The Proxmox API token in clear, for Terraform's environment and for redaction. A relative
 /// `proxmox.token.file` is taken from the project directory, never the current one.
 pub fn proxmox_token(project: &Project, root: &Path) -> Option<String> {
@@ -1079,4 +1137,63 @@ pub fn scrub(text: &str, secrets: &[String]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 12, item 1: the variable the service workspace declares for a `mode: terraform`
+    /// role is the one the runner sets in Terraform's environment, from `db/<role>`.
+    #[test]
+    fn db_password_variables_match_the_rendered_workspace() {
+        let file = |path: &str, text: &str| nixmox_core::SourceFile {
+            path: path.into(),
+            bytes: text.as_bytes().to_vec(),
+        };
+        let sources = nixmox_core::Sources {
+            config: Some(file(
+                "nixmox.yaml",
+                "project: p\ndomain: p.lan\nnetwork: { cidr: 10.1.0.0/24, gateway: 10.1.0.1 }\n",
+            )),
+            manifests: vec![
+                file(
+                    "services/pg/manifest.yaml",
+                    "name: pg\nprovides: { database: { type: postgresql } }\n",
+                ),
+                file(
+                    "services/app/manifest.yaml",
+                    "name: app\ninterface:\n  db: { database: app, role: app-owner }\n",
+                ),
+            ],
+            lock: None,
+        };
+        let mut p = nixmox_core::load(&sources, &|_: &str| true)
+            .project
+            .unwrap();
+        // The manifest refuses `mode: terraform` for now (item 5); the runner's part is ready.
+        let app = p.index_of("app").unwrap();
+        p.services[app].dbs[0].mode = nixmox_core::model::DbMode::Terraform;
+        let vars = db_password_vars(&p.services[app]);
+        assert_eq!(
+            vars,
+            [(
+                "TF_VAR_app-owner_password".to_string(),
+                "db/app-owner".to_string()
+            )]
+        );
+        let rendered = nixmox_core::render::render(&p, &Default::default());
+        let ws = rendered
+            .files
+            .iter()
+            .find(|f| f.path == "terraform/services/app/infra/main.tf.json")
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&ws.contents).unwrap();
+        assert_eq!(v["variable"]["app-owner_password"]["sensitive"], true);
+        assert_eq!(
+            v["resource"]["postgresql_role"]["app-owner"]["password"],
+            "${var.app-owner_password}"
+        );
+        assert!(!ws.contents.contains("TF_VAR"));
+    }
 }

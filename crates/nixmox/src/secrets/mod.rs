@@ -661,6 +661,14 @@ impl Vault {
         Ok(true)
     }
 
+    /// The current value of a generated secret (`db/<role>`), for a process that needs it in its
+    /// environment; it is remembered for redaction.
+    pub fn generated(&mut self, name: &str) -> Result<String, SecretsError> {
+        let v = self.generated_value(name)?;
+        self.remember(&v);
+        Ok(v)
+    }
+
     /// The current value of a generated secret: the one this process made or read, else read
     /// from a host file that holds the recorded value, else (nobody has it) a new one.
     fn generated_value(&mut self, name: &str) -> Result<String, SecretsError> {

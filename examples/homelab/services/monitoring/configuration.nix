@@ -1,6 +1,7 @@
 { config, pkgs, lib, ... }:
 let
-  hosts = config.nixmox.hosts; # { <service> = { fqdn, ip }; } for every service
+  hosts = config.nixmox.hosts; # { <service> = { fqdn, ip, hostname }; } for this host and its dependencies
+  oidc = config.nixmox.oidc;
 in
 {
   services.grafana = {
@@ -15,9 +16,11 @@ in
       "auth.generic_oauth" = {
         enabled = true;
         name = "authentik";
-        client_id = "grafana";
-        client_secret = "$__file{/run/secrets/grafana-oidc-secret}";
-        scopes = "openid email profile";
+        client_id = oidc.clientId;
+        # Grafana reads the file itself, as its own user: the manifest gives the secret to
+        # `grafana` (interface.auth.oidc.sops.owner).
+        client_secret = "$__file{${oidc.clientSecretFile}}";
+        scopes = lib.concatStringsSep " " oidc.scopes;
         auth_url = "https://auth.nixmox.lan/application/o/authorize/";
         token_url = "https://auth.nixmox.lan/application/o/token/";
         api_url = "https://auth.nixmox.lan/application/o/userinfo/";

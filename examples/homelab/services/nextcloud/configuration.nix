@@ -15,9 +15,13 @@ in
       dbhost = "${db.host}:${toString db.port}";
       dbname = db.database;
       dbuser = db.role;
-      dbpassFile = "/run/secrets/nextcloud-db-password";
+      # NixMox's decrypted password file, given to the nextcloud user by the manifest
+      # (interface.db.sops.owner).
+      dbpassFile = db.passwordFile;
       adminuser = "admin";
-      adminpassFile = "/run/secrets/nextcloud-admin-password";
+      # People sign in through authentik (user_oidc); the local admin's password is made on the
+      # host once and never leaves it.
+      adminpassFile = "/var/lib/nextcloud-admin/password";
     };
     settings = {
       trusted_proxies = [ "192.168.99.12" ];
@@ -28,6 +32,18 @@ in
       inherit (config.services.nextcloud.package.packages.apps) user_oidc;
     };
     extraAppsEnable = true;
+  };
+
+  systemd.services.nextcloud-admin-password = {
+    description = "Nextcloud's local admin password, made once on the host";
+    before = [ "nextcloud-setup.service" ];
+    requiredBy = [ "nextcloud-setup.service" ];
+    serviceConfig = { Type = "oneshot"; RemainAfterExit = true; UMask = "0077"; StateDirectory = "nextcloud-admin"; };
+    script = ''
+      f=/var/lib/nextcloud-admin/password
+      [ -s "$f" ] || head -c 32 /dev/urandom | base64 | tr -d '\n' > "$f"
+      chown nextcloud "$f"
+    '';
   };
 
   networking.firewall.allowedTCPPorts = [ 80 ];
