@@ -152,8 +152,22 @@ pub enum Ask {
 /// (when the project has an endpoint and a token; otherwise, or when the API cannot be
 /// reached, it says so on stderr and places without).
 pub fn load_project_in(root: &Path, ask: Ask) -> Result<Loaded> {
+    load_project_placed(root, ask).map(|placed| placed.loaded)
+}
+
+/// A loaded project with what its placement was given, so that a command can place it again
+/// (`rebalance`) without reading the files, asking the API or printing the warnings twice.
+pub struct Placed {
+    pub loaded: Loaded,
+    pub sources: nixmox_core::Sources,
+    pub cluster: nixmox_core::Cluster,
+}
+
+/// [`load_project_in`], keeping the sources and the cluster it placed on.
+pub fn load_project_placed(root: &Path, ask: Ask) -> Result<Placed> {
     let read = project_fs::read_project(root)?;
     let mut loaded = load_sources(root, &read.sources);
+    let mut used = nixmox_core::Cluster::default();
     if ask != Ask::No {
         if let Some(project) = &loaded.project {
             let mut cluster = nixmox_core::Cluster {
@@ -175,6 +189,7 @@ pub fn load_project_in(root: &Path, ask: Ask) -> Result<Loaded> {
             if cluster != nixmox_core::Cluster::default() {
                 loaded = load_sources_in(root, &read.sources, &cluster);
             }
+            used = cluster;
         }
     }
     loaded.diagnostics.extend(read.diagnostics);
@@ -195,7 +210,11 @@ pub fn load_project_in(root: &Path, ask: Ask) -> Result<Loaded> {
         ));
         return Err(Error::Reported { count: errors });
     }
-    Ok(loaded)
+    Ok(Placed {
+        loaded,
+        sources: read.sources,
+        cluster: used,
+    })
 }
 
 /// The core's `load` over sources read from `root`, with what only the shell can settle:

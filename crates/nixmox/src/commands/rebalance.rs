@@ -5,7 +5,7 @@
 
 use nixmox_core::lock::LOCK_FILE;
 
-use super::{load_project_in, up, Ask};
+use super::{load_project_placed, load_sources_in, up, Ask};
 use crate::error::Result;
 use crate::root::ProjectRoot;
 use crate::{output, project_fs};
@@ -19,10 +19,30 @@ struct Move {
 }
 
 pub fn run(root: &ProjectRoot, yes: bool) -> Result<()> {
-    let now = load_project_in(root, Ask::Nodes)?;
-    let fresh = load_project_in(root, Ask::Fresh)?;
-    let (Some(now_p), Some(fresh_p)) = (&now.project, &fresh.project) else {
-        unreachable!("load_project_in returns a project");
+    // Loaded (and its warnings printed) once; placed a second time, afresh, on the same
+    // cluster, without asking the API again.
+    let placed = load_project_placed(root, Ask::Nodes)?;
+    let now = placed.loaded;
+    let fresh = load_sources_in(
+        root,
+        &placed.sources,
+        &nixmox_core::Cluster {
+            fresh: true,
+            ..placed.cluster
+        },
+    );
+    let Some(now_p) = &now.project else {
+        unreachable!("load_project_placed returns a project");
+    };
+    let Some(fresh_p) = &fresh.project else {
+        // Placing everything afresh can fail where keeping the lock's nodes did not (no
+        // room for a service once others moved): those errors, and nothing is moved.
+        let errors: Vec<_> = fresh.errors().cloned().collect();
+        output::diagnostics(&errors);
+        output::note("a fresh placement is not possible: nothing is moved");
+        return Err(crate::error::Error::Reported {
+            count: errors.len().max(1),
+        });
     };
     let moves: Vec<Move> = now_p
         .services
