@@ -436,33 +436,28 @@ impl Terraform {
     }
 
     /// The containers the workspace's state records, with their node and vmid (nothing when
-    /// there is no state yet). Only a local state is read; another backend gives none.
-    pub fn container_nodes(&self, ws: &Workspace) -> Result<Vec<(String, String, u32)>, TfError> {
-        if declares_own_backend(&ws.config_dir) {
+    /// there is no state yet): the local state file is read; another backend's state is read
+    /// with `terraform state pull` (after `init` if needed).
+    pub fn container_nodes(
+        &self,
+        ws: &Workspace,
+        opts: &StepOpts,
+    ) -> Result<Vec<(String, String, u32)>, TfError> {
+        let mut run = Runner::new(self, ws, opts)?;
+        let Some(text) = run.read_state()? else {
             return Ok(Vec::new());
-        }
-        let path = ws.data_dir.join(STATE_FILE);
-        let text = match fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => {
-                return Err(TfError::Io {
-                    context: "cannot read the Terraform state",
-                    path,
-                    source,
-                })
-            }
         };
-        container_nodes(&text).map_err(|message| TfError::BadOutput {
-            command: path.display().to_string(),
+        container_nodes(&String::from_utf8_lossy(&text)).map_err(|message| TfError::BadOutput {
+            command: run.command_name("state pull"),
             message,
         })
     }
 
     /// Makes the state follow containers PVE has moved ([`NodeMove`]): `state rm` then
-    /// `import <node>/<vmid>` per container. All or nothing: the state file is copied first
-    /// and put back when any command fails, so a failure leaves the state as it was (still
-    /// naming the old node; the next run finds the container on the new one and imports it).
+    /// `import <node>/<vmid>` per container. All or nothing: the state is copied first and put
+    /// back when any command fails (the local file rewritten; another backend's state with
+    /// `state push -force`), so a failure leaves the state as it was, still naming the old
+    /// node; the next run finds the container on the new one and only imports.
     pub fn follow_moves(
         &self,
         ws: &Workspace,
@@ -473,20 +468,7 @@ impl Terraform {
             return Ok(());
         }
         let mut run = Runner::new(self, ws, opts)?;
-        let state = ws.data_dir.join(STATE_FILE);
-        if !run.local_state {
-            return Err(TfError::Failed {
-                command: run.command_name("import"),
-                resource: Some(moves[0].address.clone()),
-                message: "the workspace declares its own backend: NixMox only moves containers in a local state".into(),
-                transient: false,
-            });
-        }
-        let before = fs::read(&state).map_err(|source| TfError::Io {
-            context: "cannot read the Terraform state",
-            path: state.clone(),
-            source,
-        })?;
+        let before = run.read_state()?;
         run.ensure_init(false)?;
         let state_args = run.state_args();
         let result = moves.iter().try_for_each(|m| {
@@ -516,14 +498,7 @@ impl Terraform {
             Ok(())
         });
         if result.is_err() {
-            let tmp = ws.data_dir.join(format!("{STATE_FILE}.restore"));
-            fs::write(&tmp, &before)
-                .and_then(|()| fs::rename(&tmp, &state))
-                .map_err(|source| TfError::Io {
-                    context: "cannot put back the Terraform state as it was before the moves",
-                    path: state.clone(),
-                    source,
-                })?;
+            run.put_state_back(before.as_deref())?;
             run.note("# the state was put back as it was before the moves")?;
         }
         result
@@ -587,6 +562,56 @@ impl<'a> Runner<'a> {
         };
         runner.copy_lock_in()?;
         Ok(runner)
+    }
+
+    /// The state as it is now: the local file (`None` when there is none yet), or `state
+    /// pull` of the configured backend (`None` when it is empty).
+    fn read_state(&mut self) -> Result<Option<Vec<u8>>, TfError> {
+        if self.local_state {
+            let path = self.ws.data_dir.join(STATE_FILE);
+            return match fs::read(&path) {
+                Ok(bytes) => Ok(Some(bytes)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(source) => Err(TfError::Io {
+                    context: "cannot read the Terraform state",
+                    path,
+                    source,
+                }),
+            };
+        }
+        self.ensure_init(false)?;
+        let args = ["state", "pull"].map(String::from);
+        let f = self.tf(&args, &[0], true)?;
+        Ok((!f.stdout.trim().is_empty()).then(|| f.stdout.into_bytes()))
+    }
+
+    /// Puts back a state read by `read_state`: the local file is replaced atomically; another
+    /// backend gets it through `state push -force` (its serial is behind by now).
+    fn put_state_back(&mut self, before: Option<&[u8]>) -> Result<(), TfError> {
+        let Some(before) = before else {
+            // There was none: nothing of it can have been lost.
+            return Ok(());
+        };
+        let tmp = self.ws.data_dir.join(format!("{STATE_FILE}.before-move"));
+        let io_error = |source| TfError::Io {
+            context: "cannot put back the Terraform state as it was before the moves",
+            path: tmp.clone(),
+            source,
+        };
+        fs::write(&tmp, before).map_err(io_error)?;
+        if self.local_state {
+            return fs::rename(&tmp, self.ws.data_dir.join(STATE_FILE)).map_err(io_error);
+        }
+        let args = vec![
+            "state".to_string(),
+            "push".into(),
+            "-force".into(),
+            tmp.display().to_string(),
+        ];
+        let pushed = self.tf(&args, &[0], false).map(|_| ());
+        // The copy holds the state's secrets in clear.
+        let _ = fs::remove_file(&tmp);
+        pushed
     }
 
     fn state_args(&self) -> Vec<String> {
@@ -1583,6 +1608,59 @@ mod tests {
         // Nothing to follow: no command.
         tf.follow_moves(&fx.ws, &fx.opts("3"), &[]).unwrap();
         assert_eq!(fx.log("3"), "");
+    }
+
+    /// The same with a backend the configuration declares (here `local` with its own `path`,
+    /// which NixMox does not pass `-state` for): the state is read with `state pull` and put
+    /// back with `state push -force`.
+    #[test]
+    fn terraform_follow_moves_puts_a_backends_state_back_too() {
+        let tf = terraform();
+        let fx = Fixture::new();
+        let backend_state = fx.ws.data_dir.join("elsewhere.tfstate");
+        let mut cfg: serde_json::Value = serde_json::from_str(&config("one")).unwrap();
+        cfg["terraform"]["backend"] =
+            serde_json::json!({"local": {"path": backend_state.display().to_string()}});
+        fx.render(&[("main.tf.json", cfg.to_string())]);
+        tf.apply_step(&fx.ws, &fx.opts("1")).unwrap();
+        let read = || -> serde_json::Value {
+            serde_json::from_str(&fs::read_to_string(&backend_state).unwrap()).unwrap()
+        };
+        let before = read();
+        assert_eq!(before["resources"].as_array().unwrap().len(), 2);
+        let m = NodeMove {
+            address: "null_resource.first".into(),
+            vmid: 905,
+            node: "pve2".into(),
+        };
+        let e = tf
+            .follow_moves(&fx.ws, &fx.opts("2"), &[m])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("the state was put back as it was"), "{e}");
+        assert_eq!(
+            commands(&fx.log("2")),
+            [
+                "terraform state",
+                "terraform state",
+                "terraform import",
+                "terraform state"
+            ]
+        );
+        assert!(fx.log("2").contains("state push -force"), "{}", fx.log("2"));
+        assert!(
+            !fx.log("2").contains(SECRET),
+            "the pulled state is not logged"
+        );
+        let after = read();
+        assert_eq!(after["resources"], before["resources"]);
+        assert_eq!(after["lineage"], before["lineage"]);
+        assert!(!fx
+            .ws
+            .data_dir
+            .join("terraform.tfstate.before-move")
+            .exists());
+        assert!(!fx.ws.data_dir.join("terraform.tfstate").exists());
     }
 
     #[test]

@@ -440,7 +440,7 @@ impl<'a> StepExec<'a> {
         opts: &StepOpts,
     ) -> Result<Vec<String>, String> {
         use crate::proxmox::{self, ClientOptions};
-        let recorded = tf.container_nodes(ws).map_err(|e| e.to_string())?;
+        let recorded = tf.container_nodes(ws, opts).map_err(|e| e.to_string())?;
         let wanted: Vec<(&nixmox_core::model::Service, String)> = self
             .project
             .services
