@@ -7,7 +7,7 @@ use crate::decode::{field, join, Cx};
 use crate::ids::{self, parse_ip, Cidr, DomainName, ProjectName, Range, SshUser};
 use crate::model::{
     Defaults, Deploy, Deployer, HealthTiming, HostKeyChecking, InfraBackend, Network, Nix, Pools,
-    Proxmox, Resources, SecretRef, Secrets, Ssh, StateConfig, Terraform, TfBackend, Tls,
+    Proxmox, PveNode, Resources, SecretRef, Secrets, Ssh, StateConfig, Terraform, TfBackend, Tls,
 };
 use crate::syntax::{Kind, Node};
 
@@ -28,7 +28,10 @@ pub const TOP_FIELDS: &[&str] = &[
 ];
 pub const NETWORK_FIELDS: &[&str] = &["cidr", "gateway", "vlan", "bridge", "nameservers"];
 pub const POOLS_FIELDS: &[&str] = &["vmid", "ip"];
-pub const PROXMOX_FIELDS: &[&str] = &["endpoint", "node", "storage", "template", "token", "tls"];
+pub const PROXMOX_FIELDS: &[&str] = &[
+    "endpoint", "node", "nodes", "storage", "template", "token", "tls",
+];
+pub const PVE_NODE_FIELDS: &[&str] = &["name", "storage", "template", "memory", "cores", "weight"];
 pub const TOKEN_FIELDS: &[&str] = &["env", "file"];
 pub const TLS_FIELDS: &[&str] = &["ca_file", "fingerprint", "insecure"];
 pub const INFRA_FIELDS: &[&str] = &["backend"];
@@ -482,6 +485,8 @@ fn decode_proxmox(cx: &mut Cx, n: Option<&Node>) -> Option<Proxmox> {
     let mut p = Proxmox {
         endpoint: None,
         node: "pve".into(),
+        node_given: false,
+        nodes: Vec::new(),
         storage: "local-lvm".into(),
         template: DEFAULT_TEMPLATE.into(),
         token: SecretRef::Env("PROXMOX_API_TOKEN".into()),
@@ -520,6 +525,13 @@ fn decode_proxmox(cx: &mut Cx, n: Option<&Node>) -> Option<Proxmox> {
             }
         }
     }
+    p.node_given = field(n, "node").is_some();
+    if let Some(list) = field(n, "nodes") {
+        match decode_nodes(cx, list, &p) {
+            Some(nodes) => p.nodes = nodes,
+            None => ok = false,
+        }
+    }
     if let Some(t) = field(n, "token") {
         match secret_ref(cx, t, "proxmox.token") {
             Some(r) => p.token = r,
@@ -549,6 +561,91 @@ fn decode_proxmox(cx: &mut Cx, n: Option<&Node>) -> Option<Proxmox> {
         }
     }
     ok.then_some(p)
+}
+
+/// `proxmox.nodes`: each entry a node name, or a mapping with its storage, template and size.
+/// Storage and template default to `proxmox.storage` and `proxmox.template`, so `p` must have
+/// those decoded already.
+fn decode_nodes(cx: &mut Cx, list: &Node, p: &Proxmox) -> Option<Vec<PveNode>> {
+    let items = cx.list(list, "proxmox.nodes")?;
+    let errors = cx.errors();
+    let mut out: Vec<PveNode> = Vec::new();
+    let mut seen: Vec<(String, crate::syntax::Span)> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let path = format!("proxmox.nodes[{i}]");
+        let mut node = PveNode {
+            name: String::new(),
+            storage: p.storage.clone(),
+            template: p.template.clone(),
+            memory: None,
+            cores: None,
+            weight: 1,
+        };
+        let name_node = match &item.kind {
+            Kind::Map(_) => {
+                if cx.map(item, &path, PVE_NODE_FIELDS).is_none() {
+                    continue;
+                }
+                let Some(name) = cx.required(item, &path, "name") else {
+                    continue;
+                };
+                for (key, slot, check) in [
+                    (
+                        "storage",
+                        &mut node.storage,
+                        ids::check_storage_id as ids::Grammar,
+                    ),
+                    ("template", &mut node.template, ids::check_volume_id),
+                ] {
+                    if let Some(v) = field(item, key) {
+                        if let Some(s) = checked(cx, v, &join(&path, key), key, check) {
+                            *slot = s;
+                        }
+                    }
+                }
+                node.memory = field(item, "memory")
+                    .and_then(|v| cx.int(v, &join(&path, "memory"), 16, 1 << 40, "MiB"))
+                    .map(|v| v as u64);
+                node.cores = field(item, "cores")
+                    .and_then(|v| cx.int(v, &join(&path, "cores"), 1, 8192, ""))
+                    .map(|v| v as u32);
+                if let Some(w) = field(item, "weight") {
+                    node.weight =
+                        cx.int(w, &join(&path, "weight"), 1, 1000, "").unwrap_or(1) as u32;
+                }
+                name
+            }
+            _ => item,
+        };
+        let Some(name) = checked(cx, name_node, &join(&path, "name"), "node", ids::check_node)
+        else {
+            continue;
+        };
+        if let Some((_, first)) = seen.iter().find(|(n, _)| *n == name) {
+            cx.error(
+                name_node.span,
+                &join(&path, "name"),
+                format!(
+                    "node `{name}` is listed twice (first on line {})",
+                    first.line
+                ),
+                Some("list each node once".into()),
+            );
+            continue;
+        }
+        seen.push((name.clone(), name_node.span));
+        node.name = name;
+        out.push(node);
+    }
+    if out.is_empty() && cx.errors() == errors {
+        cx.error(
+            list.span,
+            "proxmox.nodes",
+            "`proxmox.nodes` is empty",
+            Some("list the nodes containers may be placed on, or leave `nodes` out to use the nodes the Proxmox API reports".into()),
+        );
+    }
+    (cx.errors() == errors).then_some(out)
 }
 
 /// A string that must match a grammar (an `ids::check_*` function); the error names it.

@@ -38,6 +38,10 @@ pub fn resolved(p: &Project, only: &[usize]) -> Value {
         "proxmox": {
             "endpoint": p.proxmox.endpoint,
             "node": p.proxmox.node,
+            "nodes": p.proxmox.nodes.iter().map(|n| json!({
+                "name": n.name, "storage": n.storage, "template": n.template,
+                "memory": n.memory, "cores": n.cores, "weight": n.weight,
+            })).collect::<Vec<_>>(),
             "storage": p.proxmox.storage,
             "template": p.proxmox.template,
             "token": match &p.proxmox.token {
@@ -251,6 +255,8 @@ fn service(p: &Project, i: usize, s: &Service) -> Value {
             "vmid": h.vmid.get(),
             "vmid_source": origin(h.vmid_origin),
             "node": h.node,
+            "node_source": origin(h.node_origin),
+            "spread": h.spread,
             "resources": resources(&h.resources),
             "onboot": h.onboot,
             "start": h.start,

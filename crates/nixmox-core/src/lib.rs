@@ -16,6 +16,7 @@ pub mod lock;
 pub mod manifest;
 pub mod model;
 pub mod nixexpr;
+pub mod placement;
 pub mod plan;
 pub mod plan_out;
 pub mod record;
@@ -28,7 +29,9 @@ pub mod url;
 pub mod yaml_out;
 
 pub use diag::{Diagnostic, Severity};
-pub use load::{load, load_probed, Loaded, PathKind, SourceFile, Sources};
+pub use load::{
+    load, load_in, load_probed, Cluster, ClusterNode, Loaded, PathKind, SourceFile, Sources,
+};
 pub use model::Project;
 
 /// A file produced by the core (rendered configuration, scaffolding); the shell writes it.

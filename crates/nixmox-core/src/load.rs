@@ -95,6 +95,32 @@ pub fn load(sources: &Sources, exists: &dyn Fn(&str) -> bool) -> Loaded {
 /// references, so that each reference is checked for what it must be (a migration a file, a
 /// Terraform module a directory, nothing a FIFO, nothing leading out of the project).
 pub fn load_probed(sources: &Sources, probe: &dyn Fn(&str) -> PathKind) -> Loaded {
+    load_in(sources, probe, &Cluster::default())
+}
+
+/// What the shell learnt of the Proxmox cluster, for placement. Without it (validate, plan,
+/// no API access) placement uses `proxmox.nodes` as all online, or `proxmox.node` alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cluster {
+    /// The nodes the PVE API reports (`GET /nodes`); `None` when it was not asked.
+    pub nodes: Option<Vec<ClusterNode>>,
+    /// Place every service afresh, ignoring the nodes in `nixmox.lock` (`nixmox rebalance`).
+    pub fresh: bool,
+}
+
+/// One node as the PVE API reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterNode {
+    pub name: String,
+    pub online: bool,
+    /// `maxmem`, in MiB.
+    pub memory: Option<u64>,
+    /// `maxcpu`.
+    pub cores: Option<u32>,
+}
+
+/// [`load_probed`] with what the shell knows of the cluster.
+pub fn load_in(sources: &Sources, probe: &dyn Fn(&str) -> PathKind, cluster: &Cluster) -> Loaded {
     let mut texts: Vec<(String, String)> = Vec::new();
     let mut diags: Vec<Diagnostic> = Vec::new();
     let mut decode_text = |f: &SourceFile, diags: &mut Vec<Diagnostic>| -> Option<usize> {
@@ -239,9 +265,27 @@ pub fn load_probed(sources: &Sources, probe: &dyn Fn(&str) -> PathKind) -> Loade
     let edges = build_edges(&mut cxs, &specs, cfg.as_ref().map(|c| &c.domain));
     check_cycles(&mut cxs, &specs, &edges);
     if let Some(cfg) = cfg {
-        let allocated = allocate(&mut cxs, &specs, &cfg, &old_lock);
+        let mut allocated = allocate(&mut cxs, &specs, &cfg, &old_lock);
+        let placed = place_services(&mut cxs, &specs, &cfg, &old_lock, cluster);
+        // In a cluster every placement is recorded. A single-node project records only a node
+        // other than `proxmox.node`: an entry without a node means `proxmox.node` (as every
+        // lock written before placement existed does), so its lock does not change.
+        let cluster_mode =
+            !cfg.proxmox.nodes.is_empty() || (cluster.nodes.is_some() && !cfg.proxmox.node_given);
+        for (s, p) in specs.iter().zip(&placed) {
+            if let Some(p) = p.as_ref().filter(|p| p.origin != Origin::Manifest) {
+                if cluster_mode || p.node != cfg.proxmox.node {
+                    allocated
+                        .lock
+                        .services
+                        .entry(s.name.value.to_string())
+                        .or_default()
+                        .node = Some(p.node.clone());
+                }
+            }
+        }
         new_lock = allocated.lock;
-        let services = build_services(&mut cxs, &specs, &cfg, &allocated.hosts);
+        let services = build_services(&mut cxs, &specs, &cfg, &allocated.hosts, &placed);
         let any_error = !diags.is_empty() || cxs.iter().any(|c| c.errors() > 0);
         if !any_error {
             let mut providers = [None; 4];
@@ -908,6 +952,7 @@ fn allocate(cxs: &mut [Cx], specs: &[ServiceSpec], cfg: &ProjectConfig, old: &Lo
             vmid: vmids[i]
                 .filter(|(_, o)| *o != Origin::Manifest)
                 .map(|(v, _)| v),
+            node: None,
         };
         if entry.ip.is_some() || entry.vmid.is_some() {
             lock.services.insert(s.name.value.to_string(), entry);
@@ -925,17 +970,240 @@ fn allocate(cxs: &mut [Cx], specs: &[ServiceSpec], cfg: &ProjectConfig, old: &Lo
     Allocated { hosts, lock }
 }
 
+/// Where one service's container goes.
+struct Placed {
+    node: String,
+    origin: Origin,
+    storage: String,
+    template: String,
+}
+
+/// Places every service on a node (see `placement`), reporting pins to unknown nodes,
+/// unsatisfiable spreads and a cluster without room at the service's manifest.
+fn place_services(
+    cxs: &mut [Cx],
+    specs: &[ServiceSpec],
+    cfg: &ProjectConfig,
+    old: &Lock,
+    cluster: &Cluster,
+) -> Vec<Option<Placed>> {
+    use crate::placement::{self, Candidate, Problem, Want};
+    let px = &cfg.proxmox;
+    let reported = |name: &str| {
+        cluster
+            .nodes
+            .as_ref()
+            .map(|ns| ns.iter().find(|n| n.name == name))
+    };
+    let (mut candidates, strict): (Vec<Candidate>, bool) = if !px.nodes.is_empty() {
+        let c = px
+            .nodes
+            .iter()
+            .map(|n| {
+                let seen = reported(&n.name);
+                Candidate {
+                    name: n.name.clone(),
+                    // A listed node the API does not report is as good as offline.
+                    online: seen.map(|r| r.is_some_and(|r| r.online)).unwrap_or(true),
+                    placeable: true,
+                    memory: n.memory.or(seen.flatten().and_then(|r| r.memory)),
+                    cores: n.cores.or(seen.flatten().and_then(|r| r.cores)),
+                    weight: n.weight,
+                }
+            })
+            .collect();
+        (c, true)
+    } else if let Some(nodes) = cluster.nodes.as_ref().filter(|_| !px.node_given) {
+        let mut c: Vec<Candidate> = nodes
+            .iter()
+            .map(|n| Candidate {
+                name: n.name.clone(),
+                online: n.online,
+                placeable: true,
+                // PVE overcommits containers' memory, so a node's RAM ranks it but does not
+                // limit it; its core count does limit one container.
+                memory: None,
+                cores: n.cores,
+                weight: n
+                    .memory
+                    .map_or(1, |m| u32::try_from((m / 8192).max(1)).unwrap_or(u32::MAX)),
+            })
+            .collect();
+        c.sort_by(|a, b| a.name.cmp(&b.name));
+        (c, true)
+    } else {
+        // The one-node case: `proxmox.node`, and whatever other node a pin or the lock names
+        // (taken on trust: nothing here can check it).
+        let mut c = vec![Candidate {
+            name: px.node.clone(),
+            online: true,
+            placeable: true,
+            memory: None,
+            cores: None,
+            weight: 1,
+        }];
+        let named = specs.iter().flat_map(|s| {
+            let locked = old
+                .services
+                .get(s.name.value.as_str())
+                .and_then(|e| e.node.clone());
+            // (An entry without a node means `proxmox.node`, a candidate already.)
+            s.node
+                .as_ref()
+                .map(|n| n.value.clone())
+                .into_iter()
+                .chain(locked)
+        });
+        for name in named {
+            if !c.iter().any(|k| k.name == name) {
+                c.push(Candidate {
+                    name,
+                    online: true,
+                    placeable: false,
+                    memory: None,
+                    cores: None,
+                    weight: 1,
+                });
+            }
+        }
+        (c, false)
+    };
+    if strict {
+        candidates.dedup_by(|a, b| a.name == b.name);
+    }
+    let sizes: Vec<(u64, u32)> = specs
+        .iter()
+        .map(|s| {
+            // Sizes only; problems in `host.resources` are reported once, by build_services.
+            let mut scratch = Cx::new("", "");
+            let r = manifest::spec_resources(&mut scratch, s, cfg.defaults.resources);
+            (u64::from(r.memory), r.cores)
+        })
+        .collect();
+    let wants: Vec<Want> = specs
+        .iter()
+        .zip(&sizes)
+        .map(|(s, &(memory, cores))| Want {
+            name: s.name.value.as_str(),
+            memory,
+            cores,
+            pin: s.node.as_ref().map(|n| n.value.as_str()),
+            locked: old
+                .services
+                .get(s.name.value.as_str())
+                .map(|e| e.node.as_deref().unwrap_or(px.node.as_str())),
+            spread: s.spread.as_ref().map(|g| g.value.as_str()),
+        })
+        .collect();
+    let placement = placement::place(&candidates, &wants, strict, cluster.fresh);
+    let known = || {
+        candidates
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let source = if !px.nodes.is_empty() {
+        "proxmox.nodes"
+    } else {
+        "the nodes the Proxmox API reports"
+    };
+    for problem in &placement.problems {
+        match problem {
+            Problem::UnknownNode { service } => {
+                let s = &specs[*service];
+                let pin = s.node.as_ref().expect("only pins are unknown");
+                let help =
+                    match did_you_mean(&pin.value, candidates.iter().map(|c| c.name.as_str())) {
+                        Some(m) => format!(
+                            "did you mean `{m}`? the cluster's nodes ({source}): {}",
+                            known()
+                        ),
+                        None => format!("the cluster's nodes ({source}): {}", known()),
+                    };
+                cxs[s.file].error(
+                    pin.span,
+                    "host.node",
+                    format!(
+                        "`{}` is pinned to node `{}`, which is not in the cluster",
+                        s.name.value, pin.value
+                    ),
+                    Some(help),
+                );
+            }
+            Problem::PinWithoutRoom { service, why } => {
+                let s = &specs[*service];
+                let pin = s.node.as_ref().expect("only pins are pinned");
+                cxs[s.file].error(
+                    pin.span,
+                    "host.node",
+                    format!("node `{}` has no room for `{}`: {why}", pin.value, s.name.value),
+                    Some("pin it to another node, lower its host.resources, or raise the node's memory in proxmox.nodes".into()),
+                );
+            }
+            Problem::Spread {
+                service,
+                other,
+                node,
+            } => {
+                let s = &specs[*service];
+                let group = s.spread.as_ref().expect("only spread services collide");
+                cxs[s.file].error(
+                    group.span,
+                    "host.spread",
+                    format!(
+                        "spread group `{}` cannot be satisfied: `{}` and `{}` are both pinned to node `{node}` while other nodes have none of the group",
+                        group.value, specs[*other].name.value, s.name.value
+                    ),
+                    Some("pin one of them to another node, or remove a pin and let NixMox place it".into()),
+                );
+            }
+            Problem::NoRoom { service, why } => {
+                let s = &specs[*service];
+                cxs[s.file].error(
+                    s.name.span,
+                    "host.node",
+                    format!(
+                        "no node of the cluster has room for `{}`: {why}",
+                        s.name.value
+                    ),
+                    Some(format!(
+                        "add a node or memory to {source}, or lower host.resources"
+                    )),
+                );
+            }
+        }
+    }
+    placement
+        .nodes
+        .iter()
+        .map(|p| {
+            let (n, origin) = (*p)?;
+            let name = candidates[n].name.clone();
+            let listed = px.nodes.iter().find(|k| k.name == name);
+            Some(Placed {
+                storage: listed.map_or_else(|| px.storage.clone(), |k| k.storage.clone()),
+                template: listed.map_or_else(|| px.template.clone(), |k| k.template.clone()),
+                node: name,
+                origin,
+            })
+        })
+        .collect()
+}
+
 fn build_services(
     cxs: &mut [Cx],
     specs: &[ServiceSpec],
     cfg: &ProjectConfig,
     hosts: &[Option<(Ipv4Addr, Origin, VmId, Origin)>],
+    placed: &[Option<Placed>],
 ) -> Vec<Service> {
     let mut out = Vec::with_capacity(specs.len());
-    for (s, host) in specs.iter().zip(hosts) {
+    for ((s, host), placed) in specs.iter().zip(hosts).zip(placed) {
         let Some((ip, ip_origin, vmid, vmid_origin)) = *host else {
             continue;
         };
+        let Some(placed) = placed else { continue };
         let cx = &mut cxs[s.file];
         let resources = manifest::spec_resources(cx, s, cfg.defaults.resources);
         let timing = s.health.timing(cx, cfg.defaults.health);
@@ -961,7 +1229,11 @@ fn build_services(
                 vmid,
                 ip_origin,
                 vmid_origin,
-                node: s.node.clone().unwrap_or_else(|| cfg.proxmox.node.clone()),
+                node: placed.node.clone(),
+                node_origin: placed.origin,
+                spread: s.spread.as_ref().map(|g| g.value.clone()),
+                storage: placed.storage.clone(),
+                template: placed.template.clone(),
                 resources,
                 onboot: s.onboot,
                 start: s.start,

@@ -1,5 +1,5 @@
-//! `nixmox.lock`: the addresses and VM ids allocated from the pools, kept so that adding or
-//! removing a service never renumbers another (like Cargo.lock, it is meant to be committed).
+//! `nixmox.lock`: the addresses and VM ids allocated from the pools and the nodes services were
+//! placed on, kept so that adding or removing a service never renumbers or moves another (like Cargo.lock, it is meant to be committed).
 
 use core::net::Ipv4Addr;
 use std::collections::BTreeMap;
@@ -15,6 +15,8 @@ pub const LOCK_FILE: &str = "nixmox.lock";
 pub struct LockEntry {
     pub ip: Option<Ipv4Addr>,
     pub vmid: Option<u32>,
+    /// The Proxmox node the service was placed on (not recorded for a pinned service).
+    pub node: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -40,6 +42,9 @@ impl Lock {
             }
             if let Some(vmid) = e.vmid {
                 let _ = writeln!(out, "    vmid: {vmid}");
+            }
+            if let Some(node) = &e.node {
+                let _ = writeln!(out, "    node: {node}");
             }
         }
         out
@@ -80,7 +85,7 @@ pub fn decode(cx: &mut Cx, root: &Node) -> Lock {
     };
     for e in entries {
         let path = format!("services.{}", e.key);
-        if cx.map(&e.value, &path, &["ip", "vmid"]).is_none() {
+        if cx.map(&e.value, &path, &["ip", "vmid", "node"]).is_none() {
             continue;
         }
         let ip =
@@ -88,7 +93,17 @@ pub fn decode(cx: &mut Cx, root: &Node) -> Lock {
         let vmid = field(&e.value, "vmid")
             .and_then(|n| cx.int(n, &format!("{path}.vmid"), 100, 999_999_999, ""))
             .map(|v| v as u32);
-        lock.services.insert(e.key.clone(), LockEntry { ip, vmid });
+        let node = field(&e.value, "node").and_then(|n| {
+            crate::config::checked(
+                cx,
+                n,
+                &format!("{path}.node"),
+                "Proxmox node name",
+                crate::ids::check_node,
+            )
+        });
+        lock.services
+            .insert(e.key.clone(), LockEntry { ip, vmid, node });
     }
     lock
 }
@@ -106,6 +121,7 @@ mod tests {
             LockEntry {
                 ip: Some(Ipv4Addr::new(10, 0, 0, 100)),
                 vmid: Some(900),
+                node: Some("pve2".into()),
             },
         );
         let text = lock.render();

@@ -33,6 +33,7 @@ pub const HOST_FIELDS: &[&str] = &[
     "ip",
     "vmid",
     "node",
+    "spread",
     "resources",
     "onboot",
     "start",
@@ -110,7 +111,10 @@ pub struct ServiceSpec {
     pub hostname: Option<Sp<Hostname>>,
     pub ip: Option<Sp<Ipv4Addr>>,
     pub vmid: Option<Sp<VmId>>,
-    pub node: Option<String>,
+    /// `host.node`: the service is pinned to this node.
+    pub node: Option<Sp<String>>,
+    /// `host.spread`: the anti-affinity group.
+    pub spread: Option<Sp<String>>,
     /// Partial resources; `None` fields take the project defaults.
     pub resources: Option<Node>,
     pub onboot: bool,
@@ -258,6 +262,7 @@ pub fn decode(
         ip: None,
         vmid: None,
         node: None,
+        spread: None,
         resources: None,
         onboot: true,
         start: true,
@@ -420,6 +425,18 @@ fn decode_host(cx: &mut Cx, h: &Node, spec: &mut ServiceSpec) {
             "host.node",
             "Proxmox node name",
             crate::ids::check_node,
+        )
+        .map(|value| Sp {
+            value,
+            span: n.span,
+        })
+    });
+    spec.spread = field(h, "spread").and_then(|n| {
+        crate::config::checked(cx, n, "host.spread", "spread group", crate::ids::check_node).map(
+            |value| Sp {
+                value,
+                span: n.span,
+            },
         )
     });
     if let Some(r) = field(h, "resources") {

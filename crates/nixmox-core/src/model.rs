@@ -87,11 +87,34 @@ pub struct Pools {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Proxmox {
     pub endpoint: Option<String>,
+    /// The one node of a single-node project, and the default of `nodes`.
     pub node: String,
+    /// `proxmox.node` is written in nixmox.yaml: without `nodes`, the project is that one
+    /// node, and the API is not asked for others.
+    pub node_given: bool,
+    /// `proxmox.nodes` as written: the nodes NixMox may place containers on. Empty when the
+    /// project leaves it out (then the cluster is what the API reports, or `node` alone).
+    pub nodes: Vec<PveNode>,
     pub storage: String,
     pub template: String,
     pub token: SecretRef,
     pub tls: Tls,
+}
+
+/// One node of `proxmox.nodes`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PveNode {
+    pub name: String,
+    /// Root volumes of the containers placed here (default `proxmox.storage`).
+    pub storage: String,
+    /// The LXC template this node creates containers from (default `proxmox.template`).
+    pub template: String,
+    /// Memory NixMox may place here, in MiB; `None`: not limited (sized by `weight`).
+    pub memory: Option<u64>,
+    /// Cores of the node: no container placed here gets more.
+    pub cores: Option<u32>,
+    /// Relative size when `memory` is not given (default 1).
+    pub weight: u32,
 }
 
 /// Where a secret comes from; the secret itself is never in a project file.
@@ -328,6 +351,14 @@ pub struct Host {
     pub ip_origin: Origin,
     pub vmid_origin: Origin,
     pub node: String,
+    /// `Manifest`: pinned by `host.node`; `Lock`: placed earlier and kept; `Allocated`: placed
+    /// by this load.
+    pub node_origin: Origin,
+    /// `host.spread`: the anti-affinity group.
+    pub spread: Option<String>,
+    /// The root-volume storage and template of the host's node.
+    pub storage: String,
+    pub template: String,
     pub resources: Resources,
     pub onboot: bool,
     pub start: bool,

@@ -364,7 +364,7 @@ impl Ctx<'_> {
         let h = &s.host;
         json!({
             "hostname": h.hostname.as_str(), "ip": h.ip.to_string(), "vmid": h.vmid.get(),
-            "node": h.node, "cores": h.resources.cores, "memory": h.resources.memory,
+            "node": h.node, "storage": h.storage, "template": h.template, "cores": h.resources.cores, "memory": h.resources.memory,
             "swap": h.resources.swap, "disk_gb": h.resources.disk_gb, "onboot": h.onboot,
             "start": h.start, "unprivileged": h.unprivileged, "nesting": h.nesting,
             "core": s.is_core(), "description": s.description, "startup": self.startup[i],
@@ -520,6 +520,8 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
         let mut parts = Parts::new();
         parts.add_hash("base", &ctx.base_hash);
         parts.add("self", &ctx.own(s));
+        // A moved container is deployed and health-checked again on its new node.
+        parts.add("node", &json!(s.host.node));
         parts.add_hash("providers", &ctx.facts_hash);
         ctx.add_inputs(&mut parts, s);
         let mut what: Vec<String> = Vec::new();
@@ -655,6 +657,8 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
         let mut parts = Parts::new();
         parts.add_hash("base", &ctx.base_hash);
         parts.add("self", &ctx.own(s));
+        // A moved container is deployed and health-checked again on its new node.
+        parts.add("node", &json!(s.host.node));
         parts.add_hash("providers", &ctx.facts_hash);
         ctx.add_inputs(&mut parts, s);
         let description = format!("redeploy {} with its OIDC client secret", s.host.hostname);

@@ -166,7 +166,23 @@ fn project_inner() -> Value {
         .build();
     let proxmox = Obj::new("The Proxmox VE node the containers run on.")
         .opt("endpoint", reference("The Proxmox VE API URL, like `https://pve.nixmox.lan:8006`. Default: none.", "url"))
-        .opt("node", dflt(pattern("The Proxmox node containers are created on (a manifest's `host.node` overrides it): one DNS label.", NODE), json!("pve")))
+        .opt("node", dflt(pattern("The Proxmox node containers are created on when the project lists no `nodes` and the API is not asked (a manifest's `host.node` overrides it): one DNS label.", NODE), json!("pve")))
+        .opt("nodes", {
+            let entry = Obj::new("A node NixMox may place containers on.")
+                .req("name", pattern("The node's name: one DNS label.", NODE))
+                .opt("storage", pattern("The storage of this node's root volumes. Default: `proxmox.storage`.", "^[A-Za-z][A-Za-z0-9._-]*[A-Za-z0-9]$"))
+                .opt("template", pattern("The LXC template this node creates containers from. Default: `proxmox.template`.", "^[A-Za-z][A-Za-z0-9._-]*[A-Za-z0-9]:[A-Za-z0-9._+/][A-Za-z0-9._+/-]*$"))
+                .opt("memory", int("Memory NixMox may place on the node, in MiB. Default: not limited (the node counts as `weight` × 65536 MiB when ranking nodes).", 16, 1 << 40))
+                .opt("cores", int("The node's cores: no container placed there gets more. Default: not limited (`weight` × 16 when ranking).", 1, 8192))
+                .opt("weight", int("The node's relative size when `memory` is not given. Default: 1.", 1, 1000))
+                .build();
+            json!({
+                "description": "The nodes NixMox may place containers on: each a node name or a mapping with its storage, template and size. Default: the online nodes the Proxmox API reports (`up`, `rebalance`), else `node` alone.",
+                "type": "array",
+                "minItems": 1,
+                "items": {"anyOf": [pattern("A node name.", NODE), entry]},
+            })
+        })
         .opt("storage", dflt(pattern("The storage the containers' root disks are created on: a Proxmox storage id.", "^[A-Za-z][A-Za-z0-9._-]*[A-Za-z0-9]$"), json!("local-lvm")))
         .opt("template", dflt(pattern("The NixOS LXC template containers are created from: a volume id `storage:path`.", "^[A-Za-z][A-Za-z0-9._-]*[A-Za-z0-9]:[A-Za-z0-9._+/][A-Za-z0-9._+/-]*$"), json!(DEFAULT_TEMPLATE)))
         .opt("token", token)
@@ -401,7 +417,8 @@ fn manifest_inner() -> Value {
                 "maximum": VmId::MAX,
             }),
         )
-        .opt("node", pattern("The Proxmox node the container runs on: one DNS label. Default: `proxmox.node` from nixmox.yaml.", NODE))
+        .opt("node", pattern("Pins the container to this Proxmox node: one DNS label, one of `proxmox.nodes` when the project lists them. Default: placed by NixMox (the node with the most free memory and cores, honouring `spread`), recorded in `nixmox.lock`.", NODE))
+        .opt("spread", pattern("Anti-affinity group: the services of one group are placed on different nodes while there are nodes. One DNS label.", NODE))
         .opt(
             "resources",
             reference("Container resources; each field left out takes its value from `defaults.resources` in nixmox.yaml.", "resources"),

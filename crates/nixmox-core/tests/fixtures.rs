@@ -192,6 +192,7 @@ fn allocation_is_stable_when_services_are_added() {
                         .then_some(s.host.ip),
                     vmid: (s.host.vmid_origin != nixmox_core::model::Origin::Manifest)
                         .then_some(s.host.vmid.get()),
+                    node: None,
                 },
             );
         }

@@ -144,6 +144,14 @@ pub enum Command {
         #[arg(long, value_name = "DURATION", default_value = "5s")]
         timeout: String,
     },
+    /// Place every service afresh on the cluster's nodes and list the moves that would balance
+    /// it; with `--yes`, record the new placement in nixmox.lock and migrate the moved
+    /// containers (`up` of those services: migration, deploy, health checks)
+    Rebalance {
+        /// Apply the moves (without it, only list them)
+        #[arg(long)]
+        yes: bool,
+    },
     /// Compare the Terraform state and the hosts' running systems with what NixMox last applied
     /// (exit 2 when anything drifted)
     Drift {

@@ -206,6 +206,76 @@ impl TfError {
     }
 }
 
+/// A container that PVE moved to another node, for the workspace's state to follow.
+///
+/// bpg/proxmox (`~> 0.82.0`) reads a container at `/nodes/<node_name>/lxc/<vm_id>` of its
+/// state, and `node_name` is `ForceNew`: a changed node plans a replacement, and ignoring the
+/// change (`lifecycle.ignore_changes`) would leave the state pointing at the old node, where
+/// the next refresh finds nothing, forgets the container and plans creating it again. So after
+/// the migration the state entry is replaced by an import from the new node (its importer's ID
+/// is `<node>/<vmid>`); what the import cannot read back (the template and SSH keys) is in the
+/// container's `ignore_changes` already (`render::terraform::CONTAINER_CREATE_ONLY`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeMove {
+    /// `proxmox_virtual_environment_container.<name>`.
+    pub address: String,
+    pub vmid: u32,
+    /// The node it runs on now.
+    pub node: String,
+}
+
+/// The commands that make a workspace's state follow one moved container: forget the entry
+/// that names the old node, then import it from the new one.
+pub fn follow_argv(state_args: &[String], m: &NodeMove) -> [Vec<String>; 2] {
+    let mut rm = vec!["state".to_string(), "rm".into()];
+    rm.extend(state_args.iter().cloned());
+    rm.push(m.address.clone());
+    let mut import = vec![
+        "import".to_string(),
+        "-no-color".into(),
+        "-input=false".into(),
+    ];
+    import.extend(state_args.iter().cloned());
+    import.push(m.address.clone());
+    import.push(format!("{}/{}", m.node, m.vmid));
+    [rm, import]
+}
+
+/// The node and vmid of every bpg/proxmox container in a Terraform state (JSON, format 4),
+/// keyed by address (only root-module resources without `count`/`for_each`, as NixMox renders
+/// them).
+pub fn container_nodes(state_json: &str) -> Result<Vec<(String, String, u32)>, String> {
+    let doc: serde_json::Value =
+        serde_json::from_str(state_json).map_err(|e| format!("not a Terraform state: {e}"))?;
+    let mut out = Vec::new();
+    for r in doc["resources"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        if r["mode"] != "managed"
+            || r["type"] != "proxmox_virtual_environment_container"
+            || r.get("module").is_some()
+        {
+            continue;
+        }
+        let (Some(name), Some(inst)) = (r["name"].as_str(), r["instances"].get(0)) else {
+            continue;
+        };
+        let attrs = &inst["attributes"];
+        let (Some(node), Some(vmid)) = (attrs["node_name"].as_str(), attrs["vm_id"].as_u64())
+        else {
+            continue;
+        };
+        out.push((
+            format!("proxmox_virtual_environment_container.{name}"),
+            node.to_string(),
+            u32::try_from(vmid).map_err(|_| format!("vm_id {vmid} of {name} is out of range"))?,
+        ));
+    }
+    Ok(out)
+}
+
 /// The data directory name of a step: `tf:service-infra:app` → `service-infra--app`.
 pub fn workspace_slug(step_id: &str) -> String {
     let id = step_id.strip_prefix("tf:").unwrap_or(step_id);
@@ -365,6 +435,75 @@ impl Terraform {
             .collect())
     }
 
+    /// The containers the workspace's state records, with their node and vmid (nothing when
+    /// there is no state yet): the local state file is read; another backend's state is read
+    /// with `terraform state pull` (after `init` if needed).
+    pub fn container_nodes(
+        &self,
+        ws: &Workspace,
+        opts: &StepOpts,
+    ) -> Result<Vec<(String, String, u32)>, TfError> {
+        let mut run = Runner::new(self, ws, opts)?;
+        let Some(text) = run.read_state()? else {
+            return Ok(Vec::new());
+        };
+        container_nodes(&String::from_utf8_lossy(&text)).map_err(|message| TfError::BadOutput {
+            command: run.command_name("state pull"),
+            message,
+        })
+    }
+
+    /// Makes the state follow containers PVE has moved ([`NodeMove`]): `state rm` then
+    /// `import <node>/<vmid>` per container. All or nothing: the state is copied first and put
+    /// back when any command fails (the local file rewritten; another backend's state with
+    /// `state push -force`), so a failure leaves the state as it was, still naming the old
+    /// node; the next run finds the container on the new one and only imports.
+    pub fn follow_moves(
+        &self,
+        ws: &Workspace,
+        opts: &StepOpts,
+        moves: &[NodeMove],
+    ) -> Result<(), TfError> {
+        if moves.is_empty() {
+            return Ok(());
+        }
+        let mut run = Runner::new(self, ws, opts)?;
+        let before = run.read_state()?;
+        run.ensure_init(false)?;
+        let state_args = run.state_args();
+        let result = moves.iter().try_for_each(|m| {
+            run.note(&format!(
+                "# CT {} moved to node {}: the state follows ({} re-imported as {}/{})",
+                m.vmid, m.node, m.address, m.node, m.vmid
+            ))?;
+            for args in follow_argv(&state_args, m) {
+                run.tf(&args, &[0], false).map_err(|e| match e {
+                    TfError::Failed {
+                        command,
+                        message,
+                        transient,
+                        ..
+                    } => TfError::Failed {
+                        command,
+                        resource: Some(m.address.clone()),
+                        message: format!(
+                            "CT {} is on node {} but its state could not follow: {message}; the state was put back as it was",
+                            m.vmid, m.node
+                        ),
+                        transient,
+                    },
+                    other => other,
+                })?;
+            }
+            Ok(())
+        });
+        if result.is_err() {
+            run.put_state_back(before.as_deref())?;
+            run.note("# the state was put back as it was before the moves")?;
+        }
+        result
+    }
+
     /// Destroys everything the workspace's state holds. Without a state file (local state) there
     /// is nothing to destroy and no command runs. The data directory is kept.
     pub fn destroy(&self, ws: &Workspace, opts: &StepOpts) -> Result<(), TfError> {
@@ -423,6 +562,56 @@ impl<'a> Runner<'a> {
         };
         runner.copy_lock_in()?;
         Ok(runner)
+    }
+
+    /// The state as it is now: the local file (`None` when there is none yet), or `state
+    /// pull` of the configured backend (`None` when it is empty).
+    fn read_state(&mut self) -> Result<Option<Vec<u8>>, TfError> {
+        if self.local_state {
+            let path = self.ws.data_dir.join(STATE_FILE);
+            return match fs::read(&path) {
+                Ok(bytes) => Ok(Some(bytes)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(source) => Err(TfError::Io {
+                    context: "cannot read the Terraform state",
+                    path,
+                    source,
+                }),
+            };
+        }
+        self.ensure_init(false)?;
+        let args = ["state", "pull"].map(String::from);
+        let f = self.tf(&args, &[0], true)?;
+        Ok((!f.stdout.trim().is_empty()).then(|| f.stdout.into_bytes()))
+    }
+
+    /// Puts back a state read by `read_state`: the local file is replaced atomically; another
+    /// backend gets it through `state push -force` (its serial is behind by now).
+    fn put_state_back(&mut self, before: Option<&[u8]>) -> Result<(), TfError> {
+        let Some(before) = before else {
+            // There was none: nothing of it can have been lost.
+            return Ok(());
+        };
+        let tmp = self.ws.data_dir.join(format!("{STATE_FILE}.before-move"));
+        let io_error = |source| TfError::Io {
+            context: "cannot put back the Terraform state as it was before the moves",
+            path: tmp.clone(),
+            source,
+        };
+        fs::write(&tmp, before).map_err(io_error)?;
+        if self.local_state {
+            return fs::rename(&tmp, self.ws.data_dir.join(STATE_FILE)).map_err(io_error);
+        }
+        let args = vec![
+            "state".to_string(),
+            "push".into(),
+            "-force".into(),
+            tmp.display().to_string(),
+        ];
+        let pushed = self.tf(&args, &[0], false).map(|_| ());
+        // The copy holds the state's secrets in clear.
+        let _ = fs::remove_file(&tmp);
+        pushed
     }
 
     fn state_args(&self) -> Vec<String> {
@@ -1326,6 +1515,152 @@ mod tests {
                 format!("{bin} {}", words.next().unwrap_or_default())
             })
             .collect()
+    }
+
+    #[test]
+    fn terraform_follow_argv_forgets_then_imports_from_the_new_node() {
+        let m = NodeMove {
+            address: "proxmox_virtual_environment_container.web".into(),
+            vmid: 905,
+            node: "pve2".into(),
+        };
+        let state = vec!["-state=/p/.nixmox/terraform/infra/terraform.tfstate".to_string()];
+        let [rm, import] = follow_argv(&state, &m);
+        assert_eq!(
+            rm,
+            [
+                "state",
+                "rm",
+                "-state=/p/.nixmox/terraform/infra/terraform.tfstate",
+                "proxmox_virtual_environment_container.web"
+            ]
+        );
+        // bpg/proxmox's importer: `<node>/<vmid>` (parseImportIDWithNodeName, v0.82).
+        assert_eq!(
+            import,
+            [
+                "import",
+                "-no-color",
+                "-input=false",
+                "-state=/p/.nixmox/terraform/infra/terraform.tfstate",
+                "proxmox_virtual_environment_container.web",
+                "pve2/905"
+            ]
+        );
+    }
+
+    #[test]
+    fn terraform_container_nodes_are_read_from_the_state() {
+        let state = serde_json::json!({"version": 4, "serial": 3, "resources": [
+            {"mode": "managed", "type": "proxmox_virtual_environment_container", "name": "web",
+             "instances": [{"attributes": {"node_name": "pve1", "vm_id": 905}}]},
+            {"mode": "data", "type": "proxmox_virtual_environment_container", "name": "d",
+             "instances": [{"attributes": {"node_name": "pve1", "vm_id": 1}}]},
+            {"module": "module.x", "mode": "managed", "type": "proxmox_virtual_environment_container",
+             "name": "m", "instances": [{"attributes": {"node_name": "pve1", "vm_id": 2}}]},
+            {"mode": "managed", "type": "null_resource", "name": "n", "instances": [{"attributes": {}}]}
+        ]});
+        assert_eq!(
+            container_nodes(&state.to_string()).unwrap(),
+            [(
+                "proxmox_virtual_environment_container.web".to_string(),
+                "pve1".to_string(),
+                905
+            )]
+        );
+        assert!(container_nodes("{")
+            .unwrap_err()
+            .starts_with("not a Terraform state"));
+    }
+
+    /// The all-or-nothing of `follow_moves`, with the real Terraform 1.0.3: `state rm` really
+    /// removes the entry, then `import` really fails (the null provider's `null_resource`
+    /// cannot be imported, standing in for an import bpg/proxmox refuses), and the state file is
+    /// put back byte for byte.
+    #[test]
+    fn terraform_follow_moves_puts_the_state_back_when_the_import_fails() {
+        let tf = terraform();
+        let fx = Fixture::new();
+        fx.render(&[("main.tf.json", config("one"))]);
+        tf.apply_step(&fx.ws, &fx.opts("1")).unwrap();
+        let state = fx.ws.data_dir.join(STATE_FILE);
+        let before = fs::read(&state).unwrap();
+        let m = NodeMove {
+            address: "null_resource.first".into(),
+            vmid: 905,
+            node: "pve2".into(),
+        };
+        let e = tf
+            .follow_moves(&fx.ws, &fx.opts("2"), &[m])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("`terraform import` failed at null_resource.first: CT 905 is on node pve2 but its state could not follow:")
+                && e.ends_with("the state was put back as it was"),
+            "{e}"
+        );
+        assert_eq!(
+            commands(&fx.log("2")),
+            ["terraform state", "terraform import"]
+        );
+        assert_eq!(fs::read(&state).unwrap(), before);
+        assert!(fx.log("2").contains("# the state was put back"));
+        // Nothing to follow: no command.
+        tf.follow_moves(&fx.ws, &fx.opts("3"), &[]).unwrap();
+        assert_eq!(fx.log("3"), "");
+    }
+
+    /// The same with a backend the configuration declares (here `local` with its own `path`,
+    /// which NixMox does not pass `-state` for): the state is read with `state pull` and put
+    /// back with `state push -force`.
+    #[test]
+    fn terraform_follow_moves_puts_a_backends_state_back_too() {
+        let tf = terraform();
+        let fx = Fixture::new();
+        let backend_state = fx.ws.data_dir.join("elsewhere.tfstate");
+        let mut cfg: serde_json::Value = serde_json::from_str(&config("one")).unwrap();
+        cfg["terraform"]["backend"] =
+            serde_json::json!({"local": {"path": backend_state.display().to_string()}});
+        fx.render(&[("main.tf.json", cfg.to_string())]);
+        tf.apply_step(&fx.ws, &fx.opts("1")).unwrap();
+        let read = || -> serde_json::Value {
+            serde_json::from_str(&fs::read_to_string(&backend_state).unwrap()).unwrap()
+        };
+        let before = read();
+        assert_eq!(before["resources"].as_array().unwrap().len(), 2);
+        let m = NodeMove {
+            address: "null_resource.first".into(),
+            vmid: 905,
+            node: "pve2".into(),
+        };
+        let e = tf
+            .follow_moves(&fx.ws, &fx.opts("2"), &[m])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("the state was put back as it was"), "{e}");
+        assert_eq!(
+            commands(&fx.log("2")),
+            [
+                "terraform state",
+                "terraform state",
+                "terraform import",
+                "terraform state"
+            ]
+        );
+        assert!(fx.log("2").contains("state push -force"), "{}", fx.log("2"));
+        assert!(
+            !fx.log("2").contains(SECRET),
+            "the pulled state is not logged"
+        );
+        let after = read();
+        assert_eq!(after["resources"], before["resources"]);
+        assert_eq!(after["lineage"], before["lineage"]);
+        assert!(!fx
+            .ws
+            .data_dir
+            .join("terraform.tfstate.before-move")
+            .exists());
+        assert!(!fx.ws.data_dir.join("terraform.tfstate").exists());
     }
 
     #[test]

@@ -1257,3 +1257,592 @@ fn down_lists_the_containers_and_destroys_exactly_them_only_when_confirmed() {
     assert_eq!(vmids(&mut fake), vec![990]);
     assert_eq!(record(), Vec::<String>::new());
 }
+
+/// Issue 15: a three-node cluster through the binary, run from inside the project: placement
+/// across the nodes, recorded in nixmox.lock; a service added moves nobody; a new pin migrates
+/// the container (same vmid, no create, no destroy); a migration PVE refuses is reported and
+/// leaves the container where it was; an offline node fails only its containers, and `ps`
+/// shows them unreachable.
+#[test]
+fn issue_15_cluster_placement_migration_and_an_offline_node() {
+    let mut fake = Fake::start("127.0.0.40", json!({"nodes": ["pve2", "pve3"]}));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("homelab");
+    example_dir(&fake, &dir);
+    let cfg = dir.join("nixmox.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        // The fake's nodes report 8 GiB each, which the example fills: the project gives
+        // their size.
+        text.replace(
+            "  node: pve\n",
+            "  nodes:\n    - { name: pve1, memory: 16384 }\n    - { name: pve2, memory: 16384 }\n    - { name: pve3, memory: 16384 }\n",
+        ),
+    )
+    .unwrap();
+    let placed = |fake: &mut Fake| -> std::collections::BTreeMap<u64, String> {
+        fake.cts()
+            .iter()
+            .map(|c| {
+                (
+                    c["vmid"].as_u64().unwrap(),
+                    c["node"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+
+    // Placement: every node gets containers, and the lock records where.
+    let out = nixmox_in(&dir, &["up", "dns", "--no-deps"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(": created 9, updated 0, started 9"),
+        "{stderr}"
+    );
+    let first = placed(&mut fake);
+    for node in ["pve1", "pve2", "pve3"] {
+        assert!(
+            first.values().any(|n| n == node),
+            "{node} unused: {first:?}"
+        );
+    }
+    let lock = std::fs::read_to_string(dir.join("nixmox.lock")).unwrap();
+    assert_eq!(lock.matches("    node: pve").count(), 9, "{lock}");
+    let config = nixmox_in(&dir, &["config", "--format", "json"]);
+    let doc: Value = serde_json::from_slice(&config.stdout).unwrap();
+    for (name, s) in doc["services"].as_object().unwrap() {
+        let vmid = s["host"]["vmid"].as_u64().unwrap();
+        assert_eq!(
+            s["host"]["node"].as_str(),
+            Some(first[&vmid].as_str()),
+            "{name}"
+        );
+    }
+
+    // Two services in one spread group, one sorting first: nobody moves.
+    for (name, ip) in [("aaa", "10"), ("zzz", "11")] {
+        let svc = dir.join("services").join(name);
+        std::fs::create_dir_all(&svc).unwrap();
+        std::fs::write(
+            svc.join("manifest.yaml"),
+            format!("name: {name}\nhost:\n  spread: pair\n  resources: {{ memory: 512 }}\n"),
+        )
+        .unwrap();
+        let _ = ip;
+    }
+    fake.clear_requests();
+    let out = nixmox_in(&dir, &["up", "dns", "--no-deps"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(": created 2, updated 0, started 2"),
+        "{stderr}"
+    );
+    let second = placed(&mut fake);
+    for (vmid, node) in &first {
+        assert_eq!(&second[vmid], node, "CT {vmid} moved");
+    }
+    let project_vmid = |dir: &Path, name: &str| -> u64 {
+        let out = nixmox_in(dir, &["config", "--format", "json"]);
+        let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+        doc["services"][name]["host"]["vmid"].as_u64().unwrap()
+    };
+    let (aaa, zzz) = (project_vmid(&dir, "aaa"), project_vmid(&dir, "zzz"));
+    assert_ne!(second[&aaa], second[&zzz], "spread group on one node");
+    assert!(
+        !fake
+            .writes()
+            .iter()
+            .any(|(_, p, _)| p.ends_with("/migrate")),
+        "nothing migrates when a service is added"
+    );
+
+    // A new pin migrates the container: same vmid, no create, no destroy.
+    let vw = project_vmid(&dir, "vaultwarden");
+    let from = second[&vw].clone();
+    let to = ["pve1", "pve2", "pve3"]
+        .into_iter()
+        .find(|n| *n != from)
+        .unwrap();
+    let manifest = dir.join("services/vaultwarden/manifest.yaml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(
+        &manifest,
+        text.replace("host:\n", &format!("host:\n  node: {to}\n")),
+    )
+    .unwrap();
+    let plan = nixmox_in(&dir, &["config", "vaultwarden", "--format", "json"]);
+    let doc: Value = serde_json::from_slice(&plan.stdout).unwrap();
+    assert_eq!(doc["services"]["vaultwarden"]["host"]["node"], to);
+    fake.clear_requests();
+    let out = nixmox_in(&dir, &["up", "dns", "--no-deps"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("migrated 1 (CT {vw} {from} → {to})")),
+        "{stderr}"
+    );
+    let third = placed(&mut fake);
+    assert_eq!(third[&vw], to);
+    assert_eq!(third.len(), second.len());
+    let writes = fake.writes();
+    assert!(
+        writes.iter().any(|(m, p, b)| m == "POST"
+            && p == &format!("/api2/json/nodes/{from}/lxc/{vw}/migrate")
+            && b.contains(&format!("target={to}"))
+            && b.contains("restart=1")),
+        "{writes:?}"
+    );
+    assert!(
+        !writes
+            .iter()
+            .any(|(m, p, _)| m == "DELETE" || (m == "POST" && p.ends_with("/lxc"))),
+        "{writes:?}"
+    );
+
+    // A migration PVE refuses (the container is locked by a backup): the error names the
+    // container, both nodes and PVE's reason; the container stays where it was.
+    fake.cmd(json!({"cmd": "ct_set", "vmid": vw, "attr": "lock", "value": "backup"}));
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(
+        &manifest,
+        text.replace(&format!("node: {to}"), &format!("node: {from}")),
+    )
+    .unwrap();
+    let out = nixmox_in(&dir, &["up", "dns", "--no-deps"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("CT {vw}"))
+            && stderr.contains(&format!("migrate to node {from}"))
+            && stderr.contains("locked"),
+        "{stderr}"
+    );
+    assert_eq!(
+        placed(&mut fake)[&vw],
+        to,
+        "a refused migration leaves it in place"
+    );
+    fake.cmd(json!({"cmd": "ct_set", "vmid": vw, "attr": "lock", "value": null}));
+    std::fs::write(&manifest, text).unwrap();
+
+    // An offline node: its containers are unreachable in `ps`, fail naming the node in `up`,
+    // and the others go on.
+    let down = first.values().find(|n| **n != to).unwrap().clone();
+    fake.call("set_node_offline", json!([down]));
+    let out = nixmox_in(&dir, &["ps"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("NODE"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("unreachable (node {down} offline)")),
+        "{stdout}"
+    );
+    let out = nixmox_in(
+        &dir,
+        &["up", "dns", "--no-deps", "--force-step", "tf:infra"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("node {down} is offline")),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("created 1"),
+        "nothing is placed on an offline node: {stderr}"
+    );
+}
+
+/// Stands in for Terraform with bpg/proxmox, which cannot run here (no provider binary is
+/// reachable offline). It records every argv in `argv.log` next to itself and plays the parts
+/// of the commands the migration depends on against the real local state file: `state rm`
+/// drops the resource, `import ADDR NODE/VMID` records it from that node (as bpg/proxmox's
+/// importer does: the node from the ID, the rest read from PVE), failing when `fail-import`
+/// exists next to it; `plan` has no changes, `output -json` prints `{}`.
+const FAKE_TERRAFORM: &str = r#"#!/usr/bin/env python3
+import json, os, sys
+args = sys.argv[1:]
+here = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(here, "argv.log"), "a") as f:
+    f.write(" ".join(args) + "\n")
+state = next((a[len("-state="):] for a in args if a.startswith("-state=")), None)
+def load():
+    with open(state) as f:
+        return json.load(f)
+def save(doc):
+    doc["serial"] += 1
+    with open(state, "w") as f:
+        json.dump(doc, f, indent=2)
+if args[:2] == ["state", "rm"]:
+    doc = load()
+    doc["resources"] = [r for r in doc["resources"] if r["type"] + "." + r["name"] != args[-1]]
+    save(doc)
+elif args[0] == "import":
+    if os.path.exists(os.path.join(here, "fail-import")):
+        sys.stderr.write("\nError: error reading container: received an HTTP 596 response\n\n")
+        sys.exit(1)
+    node, vmid = args[-1].split("/")
+    typ, name = args[-2].split(".")
+    doc = load()
+    doc["resources"].append({"mode": "managed", "type": typ, "name": name,
+        "provider": "provider[\"registry.terraform.io/bpg/proxmox\"]",
+        "instances": [{"schema_version": 0, "attributes": {"id": vmid, "node_name": node, "vm_id": int(vmid)}}]})
+    save(doc)
+elif args[0] == "output":
+    print("{}")
+"#;
+
+/// The state bpg/proxmox would have written for the project's containers where they are.
+fn tf_state(containers: &[(String, u64, String)]) -> String {
+    let resources: Vec<Value> = containers
+        .iter()
+        .map(|(name, vmid, node)| {
+            json!({"mode": "managed", "type": "proxmox_virtual_environment_container", "name": name,
+                "provider": "provider[\"registry.terraform.io/bpg/proxmox\"]",
+                "instances": [{"schema_version": 0, "attributes": {
+                    "id": vmid.to_string(), "node_name": node, "vm_id": vmid,
+                    "operating_system": [{"template_file_id": format!("local:vztmpl/{TEMPLATE}"), "type": "nixos"}]}}]})
+        })
+        .collect();
+    serde_json::to_string_pretty(
+        &json!({"version": 4, "terraform_version": "1.0.3", "serial": 1,
+        "lineage": "5b0c5d0e-0000-4000-8000-000000000015", "outputs": {}, "resources": resources}),
+    )
+    .unwrap()
+}
+
+/// Issue 15 with `infra.backend: terraform`: a container whose node changes is migrated
+/// through the PVE API (fakepve, real), then Terraform's state follows it (`state rm` and
+/// `import <node>/<vmid>`, issued to the recording stand-in above) before the plan, so nothing
+/// is re-created. A migration PVE refuses and an import that fails leave the container and the
+/// state as they were; the next run finishes the move without migrating twice.
+#[test]
+fn issue_15_terraform_backend_migrates_then_the_state_follows() {
+    let mut fake = Fake::start("127.0.0.41", json!({"nodes": ["pve2", "pve3"]}));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("homelab");
+    example_dir(&fake, &dir);
+    let cfg = dir.join("nixmox.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "  node: pve\n",
+        "  nodes:\n    - { name: pve1, memory: 16384 }\n    - { name: pve2, memory: 16384 }\n    - { name: pve3, memory: 16384 }\n",
+    );
+    std::fs::write(&cfg, &text).unwrap();
+    // The containers exist (made through the API, as Terraform would have made them).
+    let out = nixmox_in(&dir, &["up", "dns", "--no-deps"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(": created 9, updated 0, started 9"),
+        "{stderr}"
+    );
+    let placed = |fake: &mut Fake| -> std::collections::BTreeMap<u64, String> {
+        fake.cts()
+            .iter()
+            .map(|c| {
+                (
+                    c["vmid"].as_u64().unwrap(),
+                    c["node"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let first = placed(&mut fake);
+
+    // From now on the Terraform backend, with the stand-in, and the state it would have.
+    let bin = tmp.path().join("tf");
+    std::fs::create_dir_all(&bin).unwrap();
+    let terraform = bin.join("terraform");
+    std::fs::write(&terraform, FAKE_TERRAFORM).unwrap();
+    std::fs::set_permissions(
+        &terraform,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let text = text
+        .replace("backend: proxmox-api", "backend: terraform")
+        .replace(
+            "  binary: terraform\n",
+            &format!("  binary: {}\n", terraform.display()),
+        );
+    std::fs::write(&cfg, text).unwrap();
+    let config = nixmox_in(&dir, &["config", "--format", "json"]);
+    let doc: Value = serde_json::from_slice(&config.stdout).unwrap();
+    let services = doc["services"].as_object().unwrap();
+    let vmid_of = |name: &str| services[name]["host"]["vmid"].as_u64().unwrap();
+    let containers: Vec<(String, u64, String)> = services
+        .keys()
+        .map(|name| {
+            (
+                name.replace('-', "_"),
+                vmid_of(name),
+                first[&vmid_of(name)].clone(),
+            )
+        })
+        .collect();
+    let state_dir = dir.join(".nixmox/terraform/infra");
+    std::fs::create_dir_all(&state_dir).unwrap();
+    let state = state_dir.join("terraform.tfstate");
+    std::fs::write(&state, tf_state(&containers)).unwrap();
+    let node_in_state = |name: &str| -> String {
+        let doc: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+        doc["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .map(|r| {
+                r["instances"][0]["attributes"]["node_name"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .unwrap_or_else(|| panic!("{name} is not in the state: {doc}"))
+    };
+    let argv = bin.join("argv.log");
+    let argv_lines = || std::fs::read_to_string(&argv).unwrap_or_default();
+    let addr = "proxmox_virtual_environment_container.vaultwarden";
+    let state_arg = format!("-state={}", state.canonicalize().unwrap().display());
+
+    // A new pin: migrated through the API, then the state follows, then the plan.
+    let vw = vmid_of("vaultwarden");
+    let from = first[&vw].clone();
+    let to = ["pve1", "pve2", "pve3"]
+        .into_iter()
+        .find(|n| *n != from)
+        .unwrap()
+        .to_string();
+    let manifest = dir.join("services/vaultwarden/manifest.yaml");
+    let original = std::fs::read_to_string(&manifest).unwrap();
+    let pin = |node: &str| {
+        std::fs::write(
+            &manifest,
+            original.replace("host:\n", &format!("host:\n  node: {node}\n")),
+        )
+        .unwrap()
+    };
+    pin(&to);
+    fake.clear_requests();
+    let out = nixmox_in(&dir, &["up", "dns", "--no-deps"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("done   tf:infra")
+            && stderr.contains(&format!("migrated 1 (CT {vw} {from} → {to})")),
+        "{stderr}\n{}",
+        argv_lines()
+    );
+    assert_eq!(placed(&mut fake)[&vw], to);
+    let writes = fake.writes();
+    assert!(
+        writes.iter().any(|(m, p, b)| m == "POST"
+            && p == &format!("/api2/json/nodes/{from}/lxc/{vw}/migrate")
+            && b.contains(&format!("target={to}"))
+            && b.contains("restart=1")),
+        "{writes:?}"
+    );
+    assert!(
+        !writes
+            .iter()
+            .any(|(m, p, _)| m == "DELETE" || (m == "POST" && p.ends_with("/lxc"))),
+        "no create, no destroy: {writes:?}"
+    );
+    let lines = argv_lines();
+    let commands: Vec<&str> = lines.lines().filter(|l| !l.starts_with("init")).collect();
+    assert_eq!(
+        commands[..2],
+        [
+            format!("state rm {state_arg} {addr}"),
+            format!("import -no-color -input=false {state_arg} {addr} {to}/{vw}"),
+        ],
+        "{lines}"
+    );
+    assert!(
+        commands[2].starts_with("plan "),
+        "the plan comes after: {lines}"
+    );
+    assert_eq!(node_in_state("vaultwarden"), to);
+
+    // A migration PVE refuses: the container and the state stay; Terraform is not asked.
+    fake.cmd(json!({"cmd": "ct_set", "vmid": vw, "attr": "lock", "value": "backup"}));
+    pin(&from);
+    let before = std::fs::read(&state).unwrap();
+    std::fs::write(&argv, "").unwrap();
+    let out = nixmox_in(&dir, &["up", "dns", "--no-deps"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "tf:infra: CT {vw} (vaultwarden) on node {to}: migrate to node {from}:"
+        )) && stderr.contains("locked"),
+        "{stderr}"
+    );
+    assert_eq!(placed(&mut fake)[&vw], to);
+    assert_eq!(
+        std::fs::read(&state).unwrap(),
+        before,
+        "the state is untouched"
+    );
+    assert!(
+        !argv_lines().contains("import") && !argv_lines().contains("state rm"),
+        "{}",
+        argv_lines()
+    );
+    fake.cmd(json!({"cmd": "ct_set", "vmid": vw, "attr": "lock", "value": null}));
+
+    // The migration goes through but the import fails: the state is put back as it was
+    // (naming the old node), the error says so.
+    std::fs::write(bin.join("fail-import"), "").unwrap();
+    let out = nixmox_in(&dir, &["up", "dns", "--no-deps"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "CT {vw} is on node {from} but its state could not follow"
+        )) && stderr.contains("HTTP 596")
+            && stderr.contains("the state was put back as it was"),
+        "{stderr}"
+    );
+    assert_eq!(placed(&mut fake)[&vw], from);
+    assert_eq!(
+        std::fs::read(&state).unwrap(),
+        before,
+        "the state is put back"
+    );
+
+    // The next run finds the container on its node already: no second migration, the state
+    // follows.
+    std::fs::remove_file(bin.join("fail-import")).unwrap();
+    fake.clear_requests();
+    let out = nixmox_in(&dir, &["up", "dns", "--no-deps"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("migrated 1 (CT {vw} {to} → {from})")),
+        "{stderr}"
+    );
+    assert!(
+        !fake
+            .writes()
+            .iter()
+            .any(|(_, p, _)| p.ends_with("/migrate")),
+        "migrated once only"
+    );
+    assert_eq!(node_in_state("vaultwarden"), from);
+}
+
+/// Issue 15: `nixmox rebalance` on a cluster that grew. The containers were all placed on one
+/// node; two nodes are added; `rebalance` lists the moves (its warnings once, nothing written),
+/// and `rebalance --yes` records them and migrates exactly those containers (no create, no
+/// destroy).
+#[test]
+fn issue_15_rebalance_lists_the_moves_and_yes_migrates_them() {
+    let mut fake = Fake::start("127.0.0.42", json!({"nodes": ["pve2", "pve3"]}));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("homelab");
+    example_dir(&fake, &dir);
+    let cfg = dir.join("nixmox.yaml");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        // Every deploy fails at once: this test is about the containers.
+        .replace("\"deploy-test\", \"{host}\"", "\"false\", \"{host}\"");
+    std::fs::write(
+        &cfg,
+        text.replace(
+            "  node: pve\n",
+            "  nodes:\n    - { name: pve1, memory: 65536 }\n",
+        ),
+    )
+    .unwrap();
+    let out = nixmox_in(&dir, &["up", "dns", "--no-deps"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(": created 9, updated 0, started 9"),
+        "{stderr}"
+    );
+    assert!(fake.cts().iter().all(|c| c["node"] == "pve1"));
+
+    std::fs::write(
+        &cfg,
+        text.replace(
+            "  node: pve\n",
+            "  nodes:\n    - { name: pve1, memory: 16384 }\n    - { name: pve2, memory: 16384 }\n    - { name: pve3, memory: 16384 }\n",
+        ),
+    )
+    .unwrap();
+    // A warning the project gives on every load.
+    std::fs::create_dir_all(dir.join("services/notes")).unwrap();
+    std::fs::write(dir.join("services/notes/README"), "later\n").unwrap();
+    let lock = std::fs::read_to_string(dir.join("nixmox.lock")).unwrap();
+    fake.clear_requests();
+    let out = nixmox_in(&dir, &["rebalance"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        stderr.matches("`services/notes` has no manifest").count(),
+        1,
+        "{stderr}"
+    );
+    let moves: Vec<&str> = stdout.lines().collect();
+    assert!(moves.len() >= 2, "{stdout}");
+    assert!(
+        moves
+            .iter()
+            .all(|l| l.starts_with("move ") && l.contains(": pve1 → pve")),
+        "{stdout}"
+    );
+    assert_eq!(
+        fake.writes(),
+        vec![],
+        "rebalance without --yes writes nothing"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("nixmox.lock")).unwrap(),
+        lock
+    );
+
+    let out = nixmox_in(&dir, &["rebalance", "--yes"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), stdout, "{stderr}");
+    assert!(
+        stderr.contains(&format!("migrated {}", moves.len())),
+        "{stderr}"
+    );
+    assert_ne!(
+        std::fs::read_to_string(dir.join("nixmox.lock")).unwrap(),
+        lock
+    );
+    let cts = fake.cts();
+    for line in &moves {
+        // move NAME (CT VMID): pve1 → NODE
+        let vmid: u64 = line
+            .split("(CT ")
+            .nth(1)
+            .unwrap()
+            .split(')')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let to = line.rsplit(' ').next().unwrap();
+        assert!(
+            cts.iter().any(|c| c["vmid"] == vmid && c["node"] == to),
+            "{line}: {cts:?}"
+        );
+    }
+    let writes = fake.writes();
+    assert_eq!(
+        writes
+            .iter()
+            .filter(|(_, p, _)| p.ends_with("/migrate"))
+            .count(),
+        moves.len(),
+        "{writes:?}"
+    );
+    assert!(
+        !writes
+            .iter()
+            .any(|(m, p, _)| m == "DELETE" || (m == "POST" && p.ends_with("/lxc"))),
+        "{writes:?}"
+    );
+    let out = nixmox_in(&dir, &["rebalance"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "", "balanced now");
+}

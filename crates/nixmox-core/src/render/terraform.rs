@@ -279,7 +279,7 @@ fn infra(p: &Project) -> RenderedFile {
                 "started": h.start,
                 "start_on_boot": h.onboot,
                 "startup": {"order": startup[i]},
-                "operating_system": {"template_file_id": lit(&p.proxmox.template), "type": "nixos"},
+                "operating_system": {"template_file_id": lit(&h.template), "type": "nixos"},
                 "initialization": {
                     "hostname": h.hostname.as_str(),
                     "ip_config": {"ipv4": {"address": format!("{}/{}", h.ip, p.network.cidr.prefix()), "gateway": p.network.gateway.to_string()}},
@@ -287,7 +287,7 @@ fn infra(p: &Project) -> RenderedFile {
                     "user_account": {"keys": p.ssh.authorized_keys.iter().map(|k| lit(k)).collect::<Vec<_>>()},
                 },
                 "network_interface": net,
-                "disk": {"datastore_id": lit(&p.proxmox.storage), "size": h.resources.disk_gb},
+                "disk": {"datastore_id": lit(&h.storage), "size": h.resources.disk_gb},
                 "cpu": {"cores": h.resources.cores},
                 "memory": {"dedicated": h.resources.memory, "swap": h.resources.swap},
                 "features": {"nesting": h.nesting},

@@ -10,6 +10,7 @@ mod init;
 mod lock;
 mod plan;
 mod ps;
+mod rebalance;
 mod render;
 mod schema;
 mod secrets;
@@ -100,6 +101,7 @@ pub fn run(cli: Cli) -> Result<()> {
             timeout,
         } => ps::run(root, &services, format, &timeout),
         Command::Drift { format } => drift::run(root, format),
+        Command::Rebalance { yes } => rebalance::run(root, yes),
         Command::Down {
             services,
             keep_host,
@@ -141,8 +143,64 @@ pub fn run(cli: Cli) -> Result<()> {
 /// Reads and validates the project, printing every diagnostic. Errors end the command with
 /// exit code 2; warnings are printed and the project is returned.
 pub fn load_project(root: &Path) -> Result<Loaded> {
+    load_project_in(root, Ask::No)
+}
+
+/// Whether loading asks the Proxmox API about the cluster's nodes, for placement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ask {
+    /// Placement from `proxmox.nodes` (all online) or `proxmox.node`, and `nixmox.lock`.
+    No,
+    /// The nodes and which are offline from the API when it can be reached (`up`).
+    Nodes,
+    /// As `Nodes`, and every service placed afresh (`rebalance`).
+    Fresh,
+}
+
+/// [`load_project`], with placement told what the Proxmox API reports of the cluster's nodes
+/// (when the project has an endpoint and a token; otherwise, or when the API cannot be
+/// reached, it says so on stderr and places without).
+pub fn load_project_in(root: &Path, ask: Ask) -> Result<Loaded> {
+    load_project_placed(root, ask).map(|placed| placed.loaded)
+}
+
+/// A loaded project with what its placement was given, so that a command can place it again
+/// (`rebalance`) without reading the files, asking the API or printing the warnings twice.
+pub struct Placed {
+    pub loaded: Loaded,
+    pub sources: nixmox_core::Sources,
+    pub cluster: nixmox_core::Cluster,
+}
+
+/// [`load_project_in`], keeping the sources and the cluster it placed on.
+pub fn load_project_placed(root: &Path, ask: Ask) -> Result<Placed> {
     let read = project_fs::read_project(root)?;
     let mut loaded = load_sources(root, &read.sources);
+    let mut used = nixmox_core::Cluster::default();
+    if ask != Ask::No {
+        if let Some(project) = &loaded.project {
+            let mut cluster = nixmox_core::Cluster {
+                nodes: None,
+                fresh: ask == Ask::Fresh,
+            };
+            match cluster_nodes(project, root) {
+                Some(Ok(nodes)) => cluster.nodes = Some(nodes),
+                Some(Err(e)) => output::note(&format!(
+                    "the Proxmox API could not be reached for the cluster's nodes ({e}): placing on {}",
+                    if project.proxmox.nodes.is_empty() {
+                        format!("proxmox.node ({})", project.proxmox.node)
+                    } else {
+                        "proxmox.nodes, all taken as online".into()
+                    }
+                )),
+                None => {}
+            }
+            if cluster != nixmox_core::Cluster::default() {
+                loaded = load_sources_in(root, &read.sources, &cluster);
+            }
+            used = cluster;
+        }
+    }
     loaded.diagnostics.extend(read.diagnostics);
     if let Some(project) = &loaded.project {
         let unsafe_paths = project_fs::check_written_paths(root, project);
@@ -161,19 +219,86 @@ pub fn load_project(root: &Path) -> Result<Loaded> {
         ));
         return Err(Error::Reported { count: errors });
     }
-    Ok(loaded)
+    Ok(Placed {
+        loaded,
+        sources: read.sources,
+        cluster: used,
+    })
 }
 
 /// The core's `load` over sources read from `root`, with what only the shell can settle:
 /// relative flake input paths made absolute (they are relative to the project, and Nix runs
 /// elsewhere). Every command loads through here.
 pub fn load_sources(root: &Path, sources: &nixmox_core::Sources) -> Loaded {
+    load_sources_in(root, sources, &nixmox_core::Cluster::default())
+}
+
+/// [`load_sources`] with what the shell learnt of the cluster.
+pub fn load_sources_in(
+    root: &Path,
+    sources: &nixmox_core::Sources,
+    cluster: &nixmox_core::Cluster,
+) -> Loaded {
     let probe = project_fs::probe_in(root);
-    let mut loaded = nixmox_core::load_probed(sources, &probe);
+    let mut loaded = nixmox_core::load_in(sources, &probe, cluster);
     if let Some(p) = loaded.project.as_mut() {
         crate::flake::absolutize_inputs(p, root);
     }
     loaded
+}
+
+/// The cluster's nodes from the Proxmox API, when the project reaches one (an endpoint and a
+/// token); `None` when it does not. Short timeouts, one try.
+pub fn cluster_nodes(
+    project: &nixmox_core::Project,
+    root: &Path,
+) -> Option<std::result::Result<Vec<nixmox_core::ClusterNode>, String>> {
+    // A project that names its one node (`proxmox.node`, no `nodes`) is that node.
+    if project.infra == nixmox_core::model::InfraBackend::None
+        || (project.proxmox.node_given && project.proxmox.nodes.is_empty())
+        || project.proxmox.endpoint.is_none()
+        || crate::proxmox::token(project, root).is_none()
+    {
+        return None;
+    }
+    Some(
+        quick_client(project, root)
+            .and_then(|(client, scrub)| client.nodes().map_err(|e| scrub(e.to_string()))),
+    )
+}
+
+/// A client for a quick look (3 s to connect, 5 s to read, one try), and the function that
+/// scrubs credentials from its messages.
+#[allow(clippy::type_complexity)]
+pub fn quick_client(
+    project: &nixmox_core::Project,
+    root: &Path,
+) -> std::result::Result<(crate::proxmox::Client, Box<dyn Fn(String) -> String>), String> {
+    use std::time::Duration;
+
+    use crate::proxmox::{self, Client, ClientOptions, HttpApi, HttpOptions, Retry};
+    let settings = proxmox::Settings::from_project(project, root).map_err(|e| e.to_string())?;
+    let secrets = settings.secrets();
+    let scrub = move |m: String| crate::exec::scrub(&m, &secrets);
+    let http = HttpOptions {
+        connect_timeout: Duration::from_secs(3),
+        io_timeout: Duration::from_secs(5),
+    };
+    let api = HttpApi::new(
+        &settings.endpoint,
+        settings.credentials.clone(),
+        &settings.tls,
+        &http,
+    )
+    .map_err(|e| scrub(e.to_string()))?;
+    let opts = ClientOptions {
+        retry: Retry {
+            attempts: 1,
+            ..Retry::default()
+        },
+        ..ClientOptions::default()
+    };
+    Ok((Client::new(std::sync::Arc::new(api), opts), Box::new(scrub)))
 }
 
 pub fn plural(n: usize, word: &str) -> String {

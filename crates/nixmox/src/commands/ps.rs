@@ -1,4 +1,4 @@
-//! `nixmox ps`: one row per service: its host, vmid and address, the container's state (live
+//! `nixmox ps`: one row per service: its host, node, vmid and address, the container's state (live
 //! from the Proxmox API with `infra.backend: proxmox-api`, else last known), live health (every service's liveness and readiness checks at once, each bounded by
 //! `--timeout`), and its last deploy from the state store.
 
@@ -123,51 +123,56 @@ pub fn last_deploys(store: &Store) -> Result<BTreeMap<String, LastDeploy>> {
 /// Per vmid, the status of the project's containers from the Proxmox API (`running`,
 /// `stopped`; a host without one is `absent`), when `infra.backend` is `proxmox-api` and a
 /// token is available. Bounded by short timeouts and a single try.
-fn live_states(
-    project: &Project,
-    root: &ProjectRoot,
-) -> Option<std::result::Result<BTreeMap<u32, String>, String>> {
-    use crate::proxmox::{self, lifecycle, Client, ClientOptions, HttpApi, HttpOptions, Retry};
+fn live_states(project: &Project, root: &ProjectRoot) -> Option<std::result::Result<Live, String>> {
+    use crate::proxmox::{self, lifecycle};
     if project.infra != InfraBackend::ProxmoxApi || proxmox::token(project, root).is_none() {
         return None;
     }
-    let read = || -> std::result::Result<BTreeMap<u32, String>, String> {
-        let settings = proxmox::Settings::from_project(project, root).map_err(|e| e.to_string())?;
-        let scrub = |m: String| crate::exec::scrub(&m, &settings.secrets());
-        let http = HttpOptions {
-            connect_timeout: Duration::from_secs(3),
-            io_timeout: Duration::from_secs(5),
-        };
-        let api = HttpApi::new(
-            &settings.endpoint,
-            settings.credentials.clone(),
-            &settings.tls,
-            &http,
-        )
-        .map_err(|e| scrub(e.to_string()))?;
-        let opts = ClientOptions {
-            retry: Retry {
-                attempts: 1,
-                ..Retry::default()
-            },
-            ..ClientOptions::default()
-        };
-        let client = Client::new(std::sync::Arc::new(api), opts);
+    let read = || -> std::result::Result<Live, String> {
+        let (client, scrub) = super::quick_client(project, root)?;
         let guests = client.guests().map_err(|e| scrub(e.to_string()))?;
+        // A node that does not answer makes its containers unreachable, not absent.
+        let offline: BTreeMap<String, bool> = client
+            .nodes()
+            .map(|ns| ns.into_iter().map(|n| (n.name, !n.online)).collect())
+            .unwrap_or_default();
         Ok(guests
             .into_iter()
             .filter(|g| g.kind == "lxc" && lifecycle::is_projects(&g.tags, project))
-            .map(|g| (g.vmid, g.status))
+            .map(|g| {
+                let down = offline.get(&g.node).copied().unwrap_or(false) || g.status == "unknown";
+                let status = if down {
+                    format!("unreachable (node {} offline)", g.node)
+                } else {
+                    g.status
+                };
+                (g.vmid, (status, g.node))
+            })
             .collect())
     };
     Some(read())
 }
 
+/// Per vmid, the container's live status and the node it is on.
+type Live = BTreeMap<u32, (String, String)>;
+
+/// The node a service's container is on: where the project places it, and where the API says
+/// it is when that differs (a move not yet made).
+fn node_of(live: Option<&Live>, s: &nixmox_core::model::Service) -> String {
+    match live.and_then(|l| l.get(&s.host.vmid.get())) {
+        Some((_, on)) if on != &s.host.node => format!("{on} (placed on {})", s.host.node),
+        _ => s.host.node.clone(),
+    }
+}
+
 /// The container's state: live from the API when there is one, else what its last deploy
 /// says about it.
-fn state_of(live: Option<&BTreeMap<u32, String>>, vmid: u32, d: Option<&LastDeploy>) -> String {
+fn state_of(live: Option<&Live>, vmid: u32, d: Option<&LastDeploy>) -> String {
     match live {
-        Some(l) => l.get(&vmid).cloned().unwrap_or_else(|| "absent".into()),
+        Some(l) => l
+            .get(&vmid)
+            .map(|(status, _)| status.clone())
+            .unwrap_or_else(|| "absent".into()),
         None => state(d).to_string(),
     }
 }
@@ -193,11 +198,12 @@ fn table(
     project: &Project,
     health: &[ServiceHealth],
     deploys: &BTreeMap<String, LastDeploy>,
-    live: Option<&BTreeMap<u32, String>>,
+    live: Option<&Live>,
 ) -> String {
     let headers = [
         "SERVICE",
         "HOST",
+        "NODE",
         "VMID",
         "IP",
         if live.is_some() {
@@ -208,7 +214,7 @@ fn table(
         "HEALTH",
         "LAST DEPLOY",
     ];
-    let mut rows: Vec<[String; 7]> = Vec::new();
+    let mut rows: Vec<[String; 8]> = Vec::new();
     for h in health {
         let Some(s) = project.service(&h.service) else {
             continue;
@@ -217,6 +223,7 @@ fn table(
         rows.push([
             h.service.clone(),
             s.host.hostname.to_string(),
+            node_of(live, s),
             s.host.vmid.to_string(),
             s.host.ip.to_string(),
             state_of(live, s.host.vmid.get(), d),
@@ -266,7 +273,7 @@ fn json_text(
     project: &Project,
     health: &[ServiceHealth],
     deploys: &BTreeMap<String, LastDeploy>,
-    live: Option<&BTreeMap<u32, String>>,
+    live: Option<&Live>,
 ) -> String {
     let services: Vec<serde_json::Value> = health
         .iter()
@@ -276,6 +283,8 @@ fn json_text(
             Some(json!({
                 "name": h.service,
                 "host": s.host.hostname.as_str(),
+                "node": s.host.node,
+                "live_node": live.and_then(|l| l.get(&s.host.vmid.get())).map(|(_, n)| n),
                 "vmid": s.host.vmid.get(),
                 "ip": s.host.ip.to_string(),
                 "state": state_of(live, s.host.vmid.get(), d),

@@ -10,13 +10,15 @@ use nixmox_core::plan::Selection;
 use nixmox_core::teardown::{Backup, Container, Teardown, Via};
 
 use super::config::select;
-use super::load_project;
+use nixmox_core::lock::LOCK_FILE;
+
+use super::{load_project_in, Ask};
 use crate::engine::events::{JsonLines, Live, Plain, Reporter};
 use crate::engine::{self, UpOptions, UpResult};
 use crate::error::{Error, Result};
 use crate::root::Paths;
 use crate::root::ProjectRoot;
-use crate::{confirm, output};
+use crate::{confirm, output, project_fs};
 
 pub struct Args {
     pub services: Vec<String>,
@@ -52,12 +54,20 @@ pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
     if args.parallel == Some(0) {
         return Err(Error::Usage("--parallel must be at least 1".into()));
     }
-    let loaded = load_project(root)?;
+    let loaded = load_project_in(root, Ask::Nodes)?;
     let project = loaded
         .project
         .as_ref()
         .expect("load_project returns a project");
     select(project, &args.services)?;
+    // Placements (and allocations) are recorded before anything is created, so that the next
+    // run, and the next service added, finds every container where it was put.
+    if loaded.lock_changed && !args.dry_run {
+        project_fs::write_atomic(&root.join(LOCK_FILE), loaded.lock.render().as_bytes())?;
+        output::note(&format!(
+            "recorded the allocations and node placements in {LOCK_FILE} (commit it)"
+        ));
+    }
     let mut opts = UpOptions {
         services: args.services.clone(),
         with_deps: args.with_deps,

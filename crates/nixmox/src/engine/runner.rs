@@ -348,6 +348,21 @@ impl<'a> StepExec<'a> {
             redact: self.redactions(),
             guard: Some(self.guard(phase, service)),
         };
+        // With the Terraform backend a container whose node changed is migrated through the
+        // API and the state follows, before Terraform plans (which would otherwise replace it).
+        let moved = if phase == Phase::TfInfra {
+            match self.migrate_for_terraform(&tf, &ws, &opts) {
+                Ok(moved) => moved,
+                Err(error) => {
+                    return Outcome::Failed {
+                        error: format!("{}: {}", step.id, scrub(&error, &self.redactions())),
+                        transient: false,
+                    }
+                }
+            }
+        } else {
+            Vec::new()
+        };
         match tf.apply_step(&ws, &opts) {
             Ok(applied) => {
                 let mut sensitive = Vec::new();
@@ -393,9 +408,14 @@ impl<'a> StepExec<'a> {
                 } else {
                     "no changes"
                 };
+                let migrated = if moved.is_empty() {
+                    String::new()
+                } else {
+                    format!(", migrated {} ({})", moved.len(), moved.join(", "))
+                };
                 Outcome::Done {
-                    changed: applied.changed,
-                    detail: format!("{detail}{stored}"),
+                    changed: applied.changed || !moved.is_empty(),
+                    detail: format!("{detail}{migrated}{stored}"),
                 }
             }
             Err(e) => {
@@ -420,6 +440,127 @@ impl<'a> StepExec<'a> {
                     transient,
                 }
             }
+        }
+    }
+
+    /// `tf:infra` with the Terraform backend: every container whose node in the workspace's
+    /// state differs from its placement is migrated through the PVE API (restart mode when it
+    /// runs; one found on its new node already, after an interrupted run, is not), then the
+    /// state follows (`terraform::Terraform::follow_moves`), so the plan that comes next has
+    /// no replacement. Returns the moves done (`CT 905 pve1 → pve2`). A refused migration
+    /// fails the step naming the container, both nodes and PVE's reason; the moves that
+    /// succeeded are still followed in the state, and nothing else is written.
+    fn migrate_for_terraform(
+        &self,
+        tf: &Terraform,
+        ws: &Workspace,
+        opts: &StepOpts,
+    ) -> Result<Vec<String>, String> {
+        use crate::proxmox::{self, ClientOptions};
+        let recorded = tf.container_nodes(ws, opts).map_err(|e| e.to_string())?;
+        let wanted: Vec<(&nixmox_core::model::Service, String)> = self
+            .project
+            .services
+            .iter()
+            .filter_map(|s| {
+                let address = format!(
+                    "proxmox_virtual_environment_container.{}",
+                    nixmox_core::render::terraform::tf_name(s.name.as_str())
+                );
+                recorded
+                    .iter()
+                    .find(|(a, node, vmid)| {
+                        *a == address && *node != s.host.node && *vmid == s.host.vmid.get()
+                    })
+                    .map(|_| (s, address))
+            })
+            .collect();
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let log = |text: &str| {
+            let _ = crate::exec::append_log(&opts.log, text, &opts.redact);
+        };
+        let settings = proxmox::Settings::from_project(self.project, &self.paths.root)
+            .map_err(|e| format!("moving containers to their new nodes: {e}"))?;
+        // PVE's messages never carry the credentials, but they are scrubbed all the same.
+        let secrets = settings.secrets();
+        let scrub = |text: String| scrub(&text, &secrets);
+        let client = proxmox::connect(
+            &settings,
+            ClientOptions {
+                task_timeout: self.timeout,
+                ..ClientOptions::default()
+            },
+        )
+        .map_err(|e| scrub(format!("moving containers to their new nodes: {e}")))?;
+        let guests = client
+            .guests()
+            .map_err(|e| scrub(format!("moving containers to their new nodes: {e}")))?;
+        let mut moves = Vec::new();
+        let mut done = Vec::new();
+        let mut failures = Vec::new();
+        for (s, address) in wanted {
+            let (vmid, to) = (s.host.vmid.get(), &s.host.node);
+            let Some(g) = guests.iter().find(|g| g.vmid == vmid && g.kind == "lxc") else {
+                // Gone: Terraform's refresh finds that out and plans it as it should.
+                log(&format!(
+                    "# CT {vmid} ({}) is not in the cluster: left to Terraform",
+                    s.name
+                ));
+                continue;
+            };
+            if !(g.tags.iter().any(|t| t == "nixmox")
+                && g.tags
+                    .iter()
+                    .any(|t| *t == self.project.name.as_str().to_lowercase()))
+            {
+                failures.push(format!(
+                    "CT {vmid} ({}) on node {}: not moved to node {to}: it does not carry the tags `nixmox` and `{}`, so NixMox does not touch it",
+                    s.name, g.node, self.project.name
+                ));
+                continue;
+            }
+            if g.node != *to {
+                log(&format!(
+                    "# CT {vmid} ({}): migrating {} → {to}{}",
+                    s.name,
+                    g.node,
+                    if g.status == "running" {
+                        " (restart mode)"
+                    } else {
+                        ""
+                    }
+                ));
+                if let Err(e) = client.migrate_ct(&g.node, vmid, to, g.status == "running") {
+                    failures.push(scrub(format!(
+                        "CT {vmid} ({}) on node {}: migrate to node {to}: {e}; it stays on node {}",
+                        s.name, g.node, g.node
+                    )));
+                    continue;
+                }
+            }
+            let from = recorded
+                .iter()
+                .find(|(a, _, _)| *a == address)
+                .map(|(_, n, _)| n.clone())
+                .unwrap_or_default();
+            done.push(format!("CT {vmid} {from} → {to}"));
+            moves.push(terraform::NodeMove {
+                address,
+                vmid,
+                node: to.clone(),
+            });
+        }
+        let followed = tf.follow_moves(ws, opts, &moves).map_err(|e| e.to_string());
+        match (followed, failures.is_empty()) {
+            (Err(e), _) => Err(failures
+                .into_iter()
+                .chain([e])
+                .collect::<Vec<_>>()
+                .join("; ")),
+            (Ok(()), false) => Err(failures.join("; ")),
+            (Ok(()), true) => Ok(done),
         }
     }
 

@@ -498,6 +498,58 @@ impl Client {
         )
     }
 
+    /// Migrates a container to `target` and waits: restart mode when it runs (PVE has no live
+    /// migration of containers). Before a retry, a container found on `target` counts as
+    /// migrated.
+    pub fn migrate_ct(
+        &self,
+        node: &str,
+        vmid: u32,
+        target: &str,
+        running: bool,
+    ) -> Result<(), PveError> {
+        let path = format!("/nodes/{node}/lxc/{vmid}/migrate");
+        let mut params = vec![("target".to_string(), target.to_string())];
+        if running {
+            params.push(("restart".to_string(), "1".to_string()));
+        }
+        self.retrying(
+            &format!("migrate CT {vmid} to {target}"),
+            || self.write_once(Method::Post, &path, &params).map(|_| ()),
+            || {
+                Ok(self
+                    .guests()?
+                    .iter()
+                    .any(|g| g.vmid == vmid && g.node == target)
+                    .then_some(()))
+            },
+        )
+    }
+
+    /// The cluster's nodes (`GET /nodes`): name, online, memory (MiB) and cores.
+    pub fn nodes(&self) -> Result<Vec<nixmox_core::ClusterNode>, PveError> {
+        let data = self.get("/nodes", &[])?;
+        let items = data.as_array().ok_or_else(|| PveError::Protocol {
+            method: "GET".into(),
+            path: "/nodes".into(),
+            message: "not a list".into(),
+        })?;
+        let mut out: Vec<nixmox_core::ClusterNode> = items
+            .iter()
+            .filter_map(|item| {
+                let name = item.get("node").and_then(Value::as_str)?.to_string();
+                Some(nixmox_core::ClusterNode {
+                    online: item.get("status").and_then(Value::as_str) == Some("online"),
+                    memory: item.get("maxmem").and_then(num).map(|b| b >> 20),
+                    cores: item.get("maxcpu").and_then(num).map(|c| c as u32),
+                    name,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
     /// Stops a container (hard stop) and waits.
     pub fn stop_ct(&self, node: &str, vmid: u32) -> Result<(), PveError> {
         let path = format!("/nodes/{node}/lxc/{vmid}/status/stop");

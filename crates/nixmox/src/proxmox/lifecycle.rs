@@ -138,11 +138,11 @@ pub fn desired(project: &Project) -> Vec<Desired> {
                 node: h.node.clone(),
                 hostname: h.hostname.to_string(),
                 start: h.start,
-                ostemplate: project.proxmox.template.clone(),
+                ostemplate: h.template.clone(),
                 cores: h.resources.cores,
                 memory: h.resources.memory,
                 swap: h.resources.swap,
-                storage: project.proxmox.storage.clone(),
+                storage: h.storage.clone(),
                 disk_gb: h.resources.disk_gb,
                 unprivileged: h.unprivileged,
                 nesting: h.nesting,
@@ -388,6 +388,8 @@ pub fn diff(d: &Desired, cfg: &Map<String, Value>) -> Diff {
 #[derive(Clone, Debug, Default)]
 pub struct Report {
     pub created: Vec<u32>,
+    /// vmid → (from, to): containers migrated to the node the project places them on.
+    pub migrated: BTreeMap<u32, (String, String)>,
     /// vmid → the keys changed.
     pub updated: BTreeMap<u32, Vec<String>>,
     pub started: Vec<u32>,
@@ -411,6 +413,18 @@ impl Report {
             self.updated.len(),
             self.started.len()
         );
+        if !self.migrated.is_empty() {
+            let list: Vec<String> = self
+                .migrated
+                .iter()
+                .map(|(vmid, (from, to))| format!("CT {vmid} {from} → {to}"))
+                .collect();
+            s.push_str(&format!(
+                ", migrated {} ({})",
+                self.migrated.len(),
+                list.join(", ")
+            ));
+        }
         if !self.destroyed.is_empty() {
             s.push_str(&format!(", destroyed {}", self.destroyed.len()));
         }
@@ -465,6 +479,7 @@ impl fmt::Display for LifecycleError {
         }
         let r = &self.report;
         if !(r.created.is_empty()
+            && r.migrated.is_empty()
             && r.updated.is_empty()
             && r.started.is_empty()
             && r.destroyed.is_empty())
@@ -557,6 +572,8 @@ enum Job {
 #[derive(Default)]
 struct HostDone {
     created: bool,
+    /// Migrated from this node.
+    migrated: Option<String>,
     updated: Vec<String>,
     started: bool,
     restart: Vec<String>,
@@ -610,12 +627,17 @@ fn run_host(
             (d.node.clone(), "stopped".to_string())
         }
         Job::Existing { node, status } => {
-            if node != &d.node {
-                done.notes.push(format!(
-                    "CT {} (`{}`) is on node {node}, the project says {}: NixMox does not migrate containers",
-                    d.vmid, d.hostname, d.node
-                ));
-            }
+            // Placed elsewhere: migrated, never re-created (restart mode when it runs). A
+            // refusal leaves it where it was, and the step fails naming both nodes.
+            let node = &if node != &d.node {
+                client
+                    .migrate_ct(node, d.vmid, &d.node, status == "running")
+                    .map_err(|e| ct_error(d, node, &format!("migrate to node {}", d.node), e))?;
+                done.migrated = Some(node.clone());
+                d.node.clone()
+            } else {
+                node.clone()
+            };
             let cfg = client
                 .ct_config(node, d.vmid)
                 .map_err(|e| ct_error(d, node, "read config", e))?
@@ -712,6 +734,39 @@ pub fn converge(
             )),
         }
     }
+    // Nodes PVE reports offline: their containers can be neither reached nor created there.
+    // (An unanswered `/nodes` is not a verdict: the writes will say what is wrong.)
+    let offline: BTreeSet<String> = client
+        .nodes()
+        .map(|ns| {
+            ns.into_iter()
+                .filter(|n| !n.online)
+                .map(|n| n.name)
+                .collect()
+        })
+        .unwrap_or_default();
+    let (jobs, cut_off): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|(d, job)| {
+        let here = match job {
+            Job::Create => &d.node,
+            Job::Existing { node, .. } => node,
+        };
+        !offline.contains(here) && !offline.contains(&d.node)
+    });
+    for (d, job) in &cut_off {
+        let node = match job {
+            Job::Existing { node, .. } if offline.contains(node) => node,
+            _ => &d.node,
+        };
+        ct_failures.push(*ct_error(
+            d,
+            node,
+            "reach its node",
+            PveError::Config(format!(
+                "node {node} is offline (PVE reports it so): `{}` waits until it is back, or pin it elsewhere with host.node",
+                d.service
+            )),
+        ));
+    }
     let results = parallel_map(&jobs, parallel, |(d, job)| {
         run_host(client, project, d, job)
     });
@@ -720,6 +775,9 @@ pub fn converge(
             Ok(done) => {
                 if done.created {
                     report.created.push(d.vmid);
+                }
+                if let Some(from) = done.migrated {
+                    report.migrated.insert(d.vmid, (from, d.node.clone()));
                 }
                 if !done.updated.is_empty() {
                     report.updated.insert(d.vmid, done.updated);
