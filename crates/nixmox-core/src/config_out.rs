@@ -49,6 +49,10 @@ pub fn resolved(p: &Project, only: &[usize]) -> Value {
                 "fingerprint": p.proxmox.tls.fingerprint,
                 "insecure": p.proxmox.tls.insecure,
             },
+            "snapshots": {
+                "mode": p.proxmox.snapshots.mode.as_str(),
+                "keep": p.proxmox.snapshots.keep,
+            },
         },
         "infra": { "backend": p.infra.as_str() },
         "ssh": { "user": p.ssh.user.as_str(), "authorized_keys": p.ssh.authorized_keys, "host_key_checking": p.ssh.host_key_checking.as_str() },

@@ -21,6 +21,7 @@ pub mod plan_out;
 pub mod record;
 pub mod render;
 pub mod scaffold;
+pub mod snapshot;
 pub mod schema;
 pub mod syntax;
 pub mod teardown;

@@ -90,6 +90,46 @@ pub struct Proxmox {
     pub template: String,
     pub token: SecretRef,
     pub tls: Tls,
+    /// Snapshots around changes (`proxmox.snapshots`).
+    pub snapshots: Snapshots,
+}
+
+/// `proxmox.snapshots`: whether a container is snapshotted before a step changes its system,
+/// and how many of NixMox's snapshots each container keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Snapshots {
+    pub mode: SnapshotMode,
+    /// The newest NixMox snapshots kept per container after a successful run (at least 1).
+    pub keep: u32,
+}
+
+impl Default for Snapshots {
+    fn default() -> Self {
+        Snapshots {
+            mode: SnapshotMode::BestEffort,
+            keep: 3,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotMode {
+    /// A snapshot that cannot be taken fails the step.
+    Required,
+    /// A snapshot that cannot be taken is a warning; the step goes on.
+    BestEffort,
+    /// No snapshots.
+    Off,
+}
+
+impl SnapshotMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotMode::Required => "required",
+            SnapshotMode::BestEffort => "best-effort",
+            SnapshotMode::Off => "off",
+        }
+    }
 }
 
 /// Where a secret comes from; the secret itself is never in a project file.

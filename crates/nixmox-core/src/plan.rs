@@ -153,6 +153,17 @@ pub struct Step {
     /// Known to need `up --allow-destroy`: the destroy guard refused this step's plan last
     /// time, which would have deleted or replaced these resources.
     pub needs_allow_destroy: Vec<String>,
+    /// Failed its health gate and was rolled back with this same input: not run again unless
+    /// forced or its input changes. The note says when and why.
+    pub held: Option<String>,
+}
+
+/// The plan's note on a held step.
+pub fn held_note(h: &crate::record::Held) -> String {
+    format!(
+        "failed in run {} and was rolled back ({}); not retried with the same input: change it, or run `nixmox up --force`",
+        h.run, h.reason
+    )
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -477,6 +488,7 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
             parts: parts.0,
             weight: 0,
             needs_allow_destroy: Vec::new(),
+            held: None,
         });
         steps.len() - 1
     };
@@ -852,6 +864,13 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
                 step.needs_allow_destroy = refused.clone();
             }
         }
+        // A rolled-back failure is not retried silently with the same input (a timer running
+        // `up` would loop: deploy, fail, roll back).
+        if let Some(h) = record.and_then(|r| r.held.get(&step.id)) {
+            if step.change != Change::Unchanged && h.hash == step.hash {
+                step.held = Some(held_note(h));
+            }
+        }
     }
     // Orphans: recorded steps of services no longer in the project.
     if sel.services.is_empty() {
@@ -874,6 +893,7 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
                         parts: BTreeMap::new(),
                         weight: 0,
                         needs_allow_destroy: Vec::new(),
+                        held: None,
                     });
                 }
             }

@@ -162,6 +162,17 @@ fn project_inner() -> Value {
         )
         .opt("insecure", boolean("Skip certificate verification (test labs only).", false))
         .build();
+    let snapshots = Obj::new("Container snapshots around changes: before a step changes a container's system, NixMox snapshots it through the Proxmox API; a failed health gate rolls back to the snapshot. Off with `infra.backend: none`.")
+        .opt(
+            "mode",
+            enumeration(
+                "`required`: a snapshot that cannot be taken (a storage without snapshots, a lock that stays) fails the step; `best-effort`: it is a warning and the step goes on; `off`: no snapshots, a failed gate rolls back the NixOS generation.",
+                &["required", "best-effort", "off"],
+                Some("best-effort"),
+            ),
+        )
+        .opt("keep", dflt(int("The newest NixMox snapshots kept per container after a successful run; older ones NixMox made are deleted, others never touched.", 1, 100), json!(3)))
+        .build();
     let proxmox = Obj::new("The Proxmox VE node the containers run on.")
         .opt("endpoint", reference("The Proxmox VE API URL, like `https://pve.nixmox.lan:8006`. Default: none.", "url"))
         .opt("node", dflt(pattern("The Proxmox node containers are created on (a manifest's `host.node` overrides it): one DNS label.", NODE), json!("pve")))
@@ -169,6 +180,7 @@ fn project_inner() -> Value {
         .opt("template", dflt(pattern("The NixOS LXC template containers are created from: a volume id `storage:path`.", "^[A-Za-z][A-Za-z0-9._-]*[A-Za-z0-9]:[A-Za-z0-9._+/][A-Za-z0-9._+/-]*$"), json!(DEFAULT_TEMPLATE)))
         .opt("token", token)
         .opt("tls", tls)
+        .opt("snapshots", snapshots)
         .build();
 
     let infra = Obj::new("How containers are created.")
@@ -1147,6 +1159,7 @@ mod tests {
             ("proxmox", PROXMOX_FIELDS),
             ("proxmox/token", TOKEN_FIELDS),
             ("proxmox/tls", TLS_FIELDS),
+            ("proxmox/snapshots", crate::config::SNAPSHOTS_FIELDS),
             ("infra", INFRA_FIELDS),
             ("ssh", SSH_FIELDS),
             ("nix", NIX_FIELDS),

@@ -95,8 +95,13 @@ pub enum Command {
         /// Progress as text (live on a terminal) or JSON lines
         #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
         format: PlanFormat,
-        /// Leave a service whose health gate fails as deployed (no rollback), to debug it
-        #[arg(long)]
+        /// What a failed health gate rolls back to: the container's snapshot taken before the
+        /// deploy (default, when one was taken; else the generation), the previous NixOS
+        /// generation, or nothing (leave it as deployed, to debug it)
+        #[arg(long, value_enum, value_name = "HOW")]
+        rollback: Option<RollbackArg>,
+        /// The same as `--rollback none`
+        #[arg(long, conflicts_with = "rollback")]
         no_rollback: bool,
         /// Also roll back core hosts (`nix:core:*`) whose health gate fails
         #[arg(long, conflicts_with = "no_rollback")]
@@ -273,6 +278,14 @@ pub enum TemplateAction {
         #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
         format: PlanFormat,
     },
+}
+
+/// `up --rollback`.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum RollbackArg {
+    Snapshot,
+    Generation,
+    None,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

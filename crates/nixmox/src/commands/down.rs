@@ -225,6 +225,7 @@ pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
             timeout,
             args: std::env::args().skip(1).collect(),
             rollback: true,
+            snapshot_rollback: true,
             rollback_core: false,
             remove_orphans: Vec::new(),
             allow_destroy: false,

@@ -27,6 +27,7 @@ pub mod api;
 pub mod client;
 pub mod error;
 pub mod lifecycle;
+pub mod snapshot;
 pub mod step;
 pub mod template;
 pub mod tls;
