@@ -7,7 +7,8 @@ use crate::decode::{field, join, Cx};
 use crate::ids::{self, parse_ip, Cidr, DomainName, ProjectName, Range, SshUser};
 use crate::model::{
     Defaults, Deploy, Deployer, HealthTiming, HostKeyChecking, InfraBackend, Network, Nix, Pools,
-    Proxmox, Resources, SecretRef, SnapshotMode, Snapshots, Secrets, Ssh, StateConfig, Terraform, TfBackend, Tls,
+    Proxmox, Resources, SecretRef, Secrets, SnapshotMode, Snapshots, Ssh, StateConfig, Terraform,
+    TfBackend, Tls,
 };
 use crate::syntax::{Kind, Node};
 

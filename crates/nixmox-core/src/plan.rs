@@ -647,11 +647,19 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
             "the project has no identity provider".to_string(),
         )
     };
+    // Behind every core deploy, which are behind `tf:infra`; with no core service, behind
+    // `tf:infra` itself, so no service is deployed (or snapshotted) before its container
+    // exists (found by issue 14's tests).
+    let auth_after: Vec<usize> = if core_step.is_empty() {
+        vec![infra]
+    } else {
+        core_step.values().copied().collect()
+    };
     let auth_core = push(
         &mut steps,
         Phase::TfAuthCore,
         None,
-        core_step.values().copied().collect(),
+        auth_after,
         action,
         description,
         parts,

@@ -101,7 +101,11 @@ pub fn name(run: i64, kind: Kind, service: &str) -> String {
         h = h.wrapping_mul(0x0100_0193);
     }
     let room = MAX_LEN.saturating_sub(head.len() + 7);
-    format!("{head}{}_{:06x}", &clean[..room.min(clean.len())], h & 0xff_ffff)
+    format!(
+        "{head}{}_{:06x}",
+        &clean[..room.min(clean.len())],
+        h & 0xff_ffff
+    )
 }
 
 /// The parts of a NixMox snapshot name; `None` for any other name.
@@ -127,7 +131,11 @@ pub fn description(run: i64, step: &str) -> String {
 /// What a step snapshots first: its own host, and for a service that owns a database the
 /// database host (its migrations change data there), when that is another container.
 /// `(service whose host it is, kind)`.
-pub fn targets<'p>(project: &'p Project, phase: Phase, service: &'p Service) -> Vec<(&'p Service, Kind)> {
+pub fn targets<'p>(
+    project: &'p Project,
+    phase: Phase,
+    service: &'p Service,
+) -> Vec<(&'p Service, Kind)> {
     let Some(kind) = Kind::of_phase(phase) else {
         return Vec::new();
     };
@@ -193,7 +201,11 @@ mod tests {
         assert_eq!(parse(&long).unwrap().run, 123_456);
         assert_ne!(
             long,
-            name(123_456, Kind::Db, "a-service-with-a-really-long-name-indeeb")
+            name(
+                123_456,
+                Kind::Db,
+                "a-service-with-a-really-long-name-indeeb"
+            )
         );
     }
 

@@ -225,6 +225,38 @@ pub enum Command {
         #[command(subcommand)]
         action: SecretsAction,
     },
+    /// List, take or roll back to the containers' snapshots (through the Proxmox API)
+    Snapshot {
+        #[command(subcommand)]
+        action: SnapshotAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotAction {
+    /// The snapshots of the services' containers, NixMox's and others'
+    List {
+        /// Only these services
+        services: Vec<String>,
+        /// Output format
+        #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
+        format: PlanFormat,
+    },
+    /// Snapshot a service's container now (prints the snapshot's name)
+    Create {
+        /// The service
+        service: String,
+    },
+    /// Roll a service's container back to a snapshot and start it; asks first
+    Rollback {
+        /// The service
+        service: String,
+        /// The snapshot (default: the newest NixMox took)
+        name: Option<String>,
+        /// Roll back without asking (needed without a terminal)
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -804,6 +804,28 @@ impl Store {
         Ok(record)
     }
 
+    /// Holds a step at `input_hash` (it was rolled back after applying that input): the next
+    /// run does not apply the same input again unless forced.
+    pub fn hold_step(
+        &mut self,
+        step_id: &str,
+        run: RunId,
+        input_hash: &str,
+        reason: &str,
+    ) -> Result<(), StateError> {
+        self.conn
+            .execute(
+                "INSERT INTO held_steps (step_id, run_id, input_hash, reason, held_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (step_id) DO UPDATE SET
+                     run_id = excluded.run_id, input_hash = excluded.input_hash,
+                     reason = excluded.reason, held_at = excluded.held_at",
+                params![step_id, run, input_hash, reason, now()],
+            )
+            .map_err(sql(&self.path, "hold a rolled-back step"))?;
+        Ok(())
+    }
+
     /// Records a snapshot taken outside a step (`nixmox snapshot create`, before `down`).
     pub fn record_snapshot(&mut self, snap: &SnapshotRow) -> Result<(), StateError> {
         let path = self.path.clone();
@@ -1575,11 +1597,14 @@ mod tests {
             assert_eq!(
                 tables,
                 [
+                    "backups",
                     "guard_refusals",
+                    "held_steps",
                     "lock",
                     "outputs",
                     "rendered_inputs",
                     "runs",
+                    "snapshots",
                     "step_records",
                     "step_results"
                 ]
@@ -2027,6 +2052,47 @@ mod tests {
         empty.rendered = Some(BTreeMap::new());
         s.step_finished(run, &empty).unwrap();
         assert_eq!(s.rendered_inputs("tf:web").unwrap(), Some(BTreeMap::new()));
+    }
+
+    /// Issue 14: a rolled-back step is held until it next succeeds; snapshots are listed
+    /// until deleted, with what was rolled back to them.
+    #[test]
+    fn issue_14_held_steps_and_snapshots_are_kept_until_the_step_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("state.db")).unwrap();
+        let run = s.start_run(&[]).unwrap();
+        let snap = SnapshotRow {
+            vmid: 910,
+            node: "pve".into(),
+            name: "nixmox-r1-svc-app".into(),
+            service: "app".into(),
+            run: Some(run),
+            step_id: Some("nix:service-config:app".into()),
+            taken_at: now(),
+            rolled_back: None,
+        };
+        let mut fin = finish("nix:service-config:app", "h2", StepStatus::Failed);
+        fin.held = Some("health gate failed".into());
+        fin.snapshots = vec![snap.clone()];
+        s.step_finished(run, &fin).unwrap();
+        s.snapshot_rolled_back(910, "nixmox-r1-svc-app", Some(run))
+            .unwrap();
+        let held = s.record().unwrap().held;
+        assert_eq!(held["nix:service-config:app"].hash, "h2");
+        assert_eq!(held["nix:service-config:app"].run, run);
+        let rows = s.snapshots(Some(910)).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].rolled_back.as_ref().map(|r| r.1), Some(Some(run)));
+        assert!(s.snapshots(Some(911)).unwrap().is_empty());
+        // A success releases the step; a deleted snapshot is no longer listed.
+        s.step_finished(
+            run,
+            &finish("nix:service-config:app", "h3", StepStatus::Succeeded),
+        )
+        .unwrap();
+        assert!(s.record().unwrap().held.is_empty());
+        s.snapshot_deleted(910, "nixmox-r1-svc-app").unwrap();
+        assert!(s.snapshots(None).unwrap().is_empty());
     }
 
     /// Issue 11: a refusal by the destroy guard is kept until the step next succeeds.

@@ -12,6 +12,7 @@ mod ps;
 mod render;
 mod schema;
 mod secrets;
+mod snapshot;
 mod template;
 mod up;
 mod validate;
@@ -128,6 +129,15 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         },
         Command::Secrets { action } => secrets::run(root, action),
+        Command::Snapshot { action } => match action {
+            crate::cli::SnapshotAction::List { services, format } => {
+                snapshot::list(root, &services, format)
+            }
+            crate::cli::SnapshotAction::Create { service } => snapshot::create(root, &service),
+            crate::cli::SnapshotAction::Rollback { service, name, yes } => {
+                snapshot::rollback(root, &service, name.as_deref(), yes)
+            }
+        },
     }
 }
 

@@ -473,6 +473,13 @@ fn run_locked(
                 // The re-applied Terraform steps are recorded as they now are: at their
                 // previous inputs, so the next run applies the new ones again.
                 for r in rb.restored {
+                    // The input it was rolled back from is held like the deploy itself.
+                    let new_hash = plan
+                        .steps
+                        .iter()
+                        .find(|s| s.id == r.step_id)
+                        .map(|s| s.hash.clone());
+                    let step_id = r.step_id.clone();
                     let fin = StepFinish {
                         step_id: r.step_id,
                         input_hash: r.record.hash,
@@ -488,6 +495,12 @@ fn run_locked(
                     };
                     if let Err(e) = store.step_finished(run, &fin) {
                         store_error.get_or_insert(Error::State(e));
+                    }
+                    if let Some(hash) = new_hash {
+                        let reason = format!("{} after it applied: {}", step.id, rb.reason);
+                        if let Err(e) = store.hold_step(&step_id, run, &hash, &reason) {
+                            store_error.get_or_insert(Error::State(e));
+                        }
                     }
                 }
                 if rb.any {
@@ -661,7 +674,9 @@ fn snapshot_hook(
         Ok(c) => Ok(c),
         Err(e) => Err(runner::scrub(
             &e,
-            &runner::proxmox_token(project, root).into_iter().collect::<Vec<_>>(),
+            &runner::proxmox_token(project, root)
+                .into_iter()
+                .collect::<Vec<_>>(),
         )),
     };
     Some(runner::SnapshotHook {
@@ -713,7 +728,7 @@ fn prune_snapshots(
         let deadline = Instant::now() + timeout;
         for name in nixmox_core::snapshot::to_prune(&ours, hook.policy.keep) {
             match crate::proxmox::snapshot::delete(client, node, *vmid, &name, deadline) {
-                Ok(()) => {
+                Ok(_) => {
                     if let Err(e) = store.snapshot_deleted(*vmid, &name) {
                         warnings.push(format!("snapshot retention of CT {vmid}: {e}"));
                     }

@@ -856,9 +856,11 @@ impl Runner for StepExec<'_> {
                 match step.service.as_deref() {
                     // A snapshot first (issue 14), then the deploy and the health gate: the
                     // service's startup, then readiness checks, before its dependents run.
-                    Some(s) => match self.snapshot_before(index, s, started).and_then(|()| {
-                        Ok(self.deploy(index, s))
-                    }).unwrap_or_else(|failed| failed) {
+                    Some(s) => match self
+                        .snapshot_before(index, s, started)
+                        .map(|()| self.deploy(index, s))
+                        .unwrap_or_else(|failed| failed)
+                    {
                         Outcome::Done { changed, detail } => {
                             match self.health_gate(index, s, started, changed, detail) {
                                 Outcome::Failed { error, .. } if self.rolls_back(step.phase) => {
@@ -1166,10 +1168,7 @@ impl StepExec<'_> {
                 if required {
                     return Err(fail(msg));
                 }
-                self.warn(
-                    index,
-                    format!("{}: {msg}; deploying without one", step.id),
-                );
+                self.warn(index, format!("{}: {msg}; deploying without one", step.id));
                 return Ok(());
             }
         };
@@ -1189,7 +1188,13 @@ impl StepExec<'_> {
                 &snapshot::description(hook.run, &step.id),
                 deadline,
             ) {
-                Ok(()) => {
+                Ok(waited) => {
+                    if let Some((lock, d)) = waited {
+                        lines.push(format!(
+                            "CT {vmid} was locked ({lock}): waited {:.1}s for it",
+                            d.as_secs_f64()
+                        ));
+                    }
                     lines.push(format!(
                         "snapshot {name} of CT {vmid} (`{}`) on {node}: taken in {:.2}s",
                         target.host.hostname,
@@ -1211,7 +1216,7 @@ impl StepExec<'_> {
                         "snapshot of CT {vmid} (`{}`) on node {node}: {e}",
                         target.host.hostname
                     );
-                    lines.push(format!("{msg}"));
+                    lines.push(msg.clone());
                     if required {
                         result = Err(fail(msg));
                         break;
@@ -1260,9 +1265,10 @@ impl StepExec<'_> {
         let mut lines = Vec::new();
         for t in &taken {
             let t0 = std::time::Instant::now();
-            match crate::proxmox::snapshot::rollback(client, &t.node, t.vmid, &t.name, true, deadline)
-            {
-                Ok(()) => {
+            match crate::proxmox::snapshot::rollback(
+                client, &t.node, t.vmid, &t.name, true, deadline,
+            ) {
+                Ok(_) => {
                     let what = format!(
                         "CT {} (`{}`) rolled back to snapshot {} and started",
                         t.vmid, t.hostname, t.name

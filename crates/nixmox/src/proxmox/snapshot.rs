@@ -84,11 +84,16 @@ pub fn list(client: &Client, node: &str, vmid: u32) -> Result<Vec<PveSnapshot>, 
 }
 
 /// Waits until the container's config carries no `lock` (a backup, a migration, …), polling
-/// until `deadline`.
-fn wait_unlocked(client: &Client, node: &str, vmid: u32, deadline: Instant) -> Result<(), SnapError> {
+/// until `deadline`. Returns the lock it waited for, if any.
+fn wait_unlocked(
+    client: &Client,
+    node: &str,
+    vmid: u32,
+    deadline: Instant,
+) -> Result<Option<String>, SnapError> {
     let started = Instant::now();
     let mut pause = client.options().poll;
-    let mut noted = false;
+    let mut noted: Option<String> = None;
     loop {
         let cfg = client
             .ct_config(node, vmid)
@@ -99,10 +104,10 @@ fn wait_unlocked(client: &Client, node: &str, vmid: u32, deadline: Instant) -> R
             .and_then(Value::as_str)
             .filter(|l| !l.is_empty())
             .map(str::to_string);
-        let Some(lock) = lock else { return Ok(()) };
-        if !noted {
+        let Some(lock) = lock else { return Ok(noted) };
+        if noted.is_none() {
             client.log(format!("CT {vmid} is locked ({lock}): waiting"));
-            noted = true;
+            noted = Some(lock.clone());
         }
         if Instant::now() >= deadline {
             return Err(SnapError::Locked {
@@ -125,6 +130,9 @@ fn is_locked(e: &PveError) -> Option<String> {
     e.is_lock_timeout().then(|| "config".to_string())
 }
 
+/// What a snapshot write waited for before it went through: the lock (`backup`) and how long.
+pub type Waited = Option<(String, Duration)>;
+
 /// Runs one snapshot write, waiting for the container's lock first and again whenever PVE
 /// says it is locked, until `deadline`.
 fn locked_write(
@@ -134,10 +142,11 @@ fn locked_write(
     deadline: Instant,
     what: &str,
     f: impl Fn() -> Result<Value, PveError>,
-) -> Result<(), SnapError> {
+) -> Result<Waited, SnapError> {
     let started = Instant::now();
+    let mut waited: Option<String> = None;
     loop {
-        wait_unlocked(client, node, vmid, deadline).map_err(|e| match e {
+        let lock = wait_unlocked(client, node, vmid, deadline).map_err(|e| match e {
             SnapError::Locked { vmid, lock, .. } => SnapError::Locked {
                 vmid,
                 lock,
@@ -145,10 +154,14 @@ fn locked_write(
             },
             e => e,
         })?;
+        if lock.is_some() {
+            waited = lock;
+        }
         match f() {
-            Ok(_) => return Ok(()),
+            Ok(_) => return Ok(waited.map(|l| (l, started.elapsed()))),
             Err(e) => {
                 if let Some(lock) = is_locked(&e) {
+                    waited = Some(lock.clone());
                     if Instant::now() >= deadline {
                         return Err(SnapError::Locked {
                             vmid,
@@ -156,7 +169,9 @@ fn locked_write(
                             waited: started.elapsed().as_secs(),
                         });
                     }
-                    client.log(format!("{what} CT {vmid}: locked ({lock}); waiting to try again"));
+                    client.log(format!(
+                        "{what} CT {vmid}: locked ({lock}); waiting to try again"
+                    ));
                     std::thread::sleep(client.options().poll.max(Duration::from_millis(50)));
                     continue;
                 }
@@ -181,7 +196,7 @@ pub fn take(
     name: &str,
     description: &str,
     deadline: Instant,
-) -> Result<(), SnapError> {
+) -> Result<Waited, SnapError> {
     let path = base(node, vmid);
     let params = [
         ("snapname".to_string(), name.to_string()),
@@ -201,7 +216,7 @@ pub fn rollback(
     name: &str,
     start: bool,
     deadline: Instant,
-) -> Result<(), SnapError> {
+) -> Result<Waited, SnapError> {
     let path = format!("{}/{}/rollback", base(node, vmid), encode_segment(name));
     let params: Vec<(String, String)> = if start {
         vec![("start".to_string(), "1".to_string())]
@@ -220,7 +235,7 @@ pub fn delete(
     vmid: u32,
     name: &str,
     deadline: Instant,
-) -> Result<(), SnapError> {
+) -> Result<Waited, SnapError> {
     let path = format!("{}/{}", base(node, vmid), encode_segment(name));
     locked_write(client, node, vmid, deadline, "delete snapshot", || {
         client.write(Method::Delete, &path, &[])
