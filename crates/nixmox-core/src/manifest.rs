@@ -39,7 +39,9 @@ pub const HOST_FIELDS: &[&str] = &[
     "unprivileged",
     "features",
     "ssh_host_key",
+    "backup",
 ];
+pub const HOST_BACKUP_FIELDS: &[&str] = &["storage", "mode"];
 pub const FEATURES_FIELDS: &[&str] = &["nesting"];
 pub const NIXOS_FIELDS: &[&str] = &["modules"];
 pub const INTERFACE_FIELDS: &[&str] = &["db", "proxy", "auth", "health", "terraform"];
@@ -114,6 +116,7 @@ pub struct ServiceSpec {
     pub unprivileged: bool,
     pub nesting: bool,
     pub ssh_host_key: Option<String>,
+    pub backup: Option<crate::model::HostBackup>,
     pub nixos_modules: Vec<Sp<String>>,
     pub dbs: Vec<Sp<Db>>,
     /// The vision form's `requirements.database.host`: a provider's FQDN.
@@ -260,6 +263,7 @@ pub fn decode(
         unprivileged: true,
         nesting: true,
         ssh_host_key: None,
+        backup: None,
         nixos_modules: Vec::new(),
         dbs: Vec::new(),
         db_host: None,
@@ -434,6 +438,35 @@ fn decode_host(cx: &mut Cx, h: &Node, spec: &mut ServiceSpec) {
                 spec.ssh_host_key = Some(s);
             } else {
                 cx.error(k.span, "host.ssh_host_key", "not an SSH ed25519 public key", Some("give the host's `/etc/ssh/ssh_host_ed25519_key.pub` line: `ssh-ed25519 AAAA...`".into()));
+            }
+        }
+    }
+    if let Some(b) = field(h, "backup") {
+        if cx.map(b, "host.backup", HOST_BACKUP_FIELDS).is_some() {
+            let storage = cx.required(b, "host.backup", "storage").and_then(|n| {
+                crate::config::checked(
+                    cx,
+                    n,
+                    "host.backup.storage",
+                    "Proxmox storage id",
+                    crate::ids::check_storage_id,
+                )
+            });
+            let mode = match field(b, "mode") {
+                None => Some("snapshot".to_string()),
+                Some(m) => crate::config::choice(
+                    cx,
+                    m,
+                    "host.backup.mode",
+                    &[
+                        ("snapshot", "snapshot".to_string()),
+                        ("suspend", "suspend".to_string()),
+                        ("stop", "stop".to_string()),
+                    ],
+                ),
+            };
+            if let (Some(storage), Some(mode)) = (storage, mode) {
+                spec.backup = Some(crate::model::HostBackup { storage, mode });
             }
         }
     }

@@ -373,6 +373,18 @@ pub struct Host {
     pub nesting: bool,
     /// The host's SSH ed25519 public key, when known in advance.
     pub ssh_host_key: Option<String>,
+    /// `host.backup`: where and how its container is backed up (vzdump) by `nixmox backup` and
+    /// before `down` destroys it.
+    pub backup: Option<HostBackup>,
+}
+
+/// `host.backup`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostBackup {
+    /// A PVE storage with `backup` content.
+    pub storage: String,
+    /// vzdump's mode: `snapshot`, `suspend` or `stop`.
+    pub mode: String,
 }
 
 /// Whether an address came from the manifest, from `nixmox.lock`, or is newly allocated.

@@ -427,6 +427,13 @@ fn manifest_inner() -> Value {
                 "^ssh-ed25519 \\s*\\S{21}",
             ),
         )
+        .opt(
+            "backup",
+            Obj::new("Backups of the container with vzdump: `nixmox backup SERVICE`, and before `down` destroys it (unless `--no-backup`). Default: none.")
+                .req("storage", pattern("A Proxmox storage with `backup` content, like `local`.", "^[A-Za-z][A-Za-z0-9._-]*[A-Za-z0-9]$"))
+                .opt("mode", enumeration("vzdump's mode: `snapshot` (no downtime; needs a storage that can snapshot, else PVE falls back to suspend), `suspend` or `stop`.", &["snapshot", "suspend", "stop"], Some("snapshot")))
+                .build(),
+        )
         .build();
 
     let nixos = Obj::new("The NixOS configuration of the host.")
@@ -1192,6 +1199,7 @@ mod tests {
             ("provides/reverse_proxy", PROVIDE_FIELDS),
             ("provides/identity", PROVIDE_FIELDS),
             ("host", HOST_FIELDS),
+            ("host/backup", crate::manifest::HOST_BACKUP_FIELDS),
             ("host/features", FEATURES_FIELDS),
             ("#resources", RESOURCES_FIELDS),
             ("nixos", NIXOS_FIELDS),

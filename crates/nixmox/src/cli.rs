@@ -170,8 +170,8 @@ pub enum Command {
         /// Only list what would be destroyed; change nothing
         #[arg(long, conflicts_with = "yes")]
         dry_run: bool,
-        /// Destroy containers without the backup taken before a destroy (applies once backups
-        /// are configured; none can be yet: the list says "no backup configured")
+        /// Destroy containers without the vzdump backup taken first of each host with
+        /// `host.backup` (the list says which are backed up)
         #[arg(long)]
         no_backup: bool,
     },
@@ -224,6 +224,18 @@ pub enum Command {
     Secrets {
         #[command(subcommand)]
         action: SecretsAction,
+    },
+    /// Back a service's container up now (vzdump through the Proxmox API, awaited); prints the
+    /// archive's volume id
+    Backup {
+        /// The service
+        service: String,
+        /// The storage (default: the manifest's host.backup.storage)
+        #[arg(long)]
+        storage: Option<String>,
+        /// vzdump's mode (default: host.backup.mode, else snapshot)
+        #[arg(long, value_parser = ["snapshot", "suspend", "stop"])]
+        mode: Option<String>,
     },
     /// List, take or roll back to the containers' snapshots (through the Proxmox API)
     Snapshot {

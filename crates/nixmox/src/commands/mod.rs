@@ -129,6 +129,11 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         },
         Command::Secrets { action } => secrets::run(root, action),
+        Command::Backup {
+            service,
+            storage,
+            mode,
+        } => snapshot::backup(root, &service, storage.as_deref(), mode.as_deref()),
         Command::Snapshot { action } => match action {
             crate::cli::SnapshotAction::List { services, format } => {
                 snapshot::list(root, &services, format)

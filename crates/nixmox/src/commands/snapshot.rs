@@ -240,3 +240,58 @@ pub fn rollback(root: &ProjectRoot, name: &str, snap: Option<&str>, yes: bool) -
     ));
     Ok(())
 }
+
+/// `nixmox backup SERVICE [--storage S] [--mode M]`: a vzdump of the service's container now,
+/// awaited; prints the archive's volume id and records it.
+pub fn backup(
+    root: &ProjectRoot,
+    name: &str,
+    storage: Option<&str>,
+    mode: Option<&str>,
+) -> Result<()> {
+    let (project, client) = open(root)?;
+    let s = service(&project, name)?;
+    let configured = s.host.backup.as_ref();
+    let storage = storage
+        .map(str::to_string)
+        .or_else(|| configured.map(|b| b.storage.clone()))
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "`{}` has no host.backup in its manifest: give the storage with --storage",
+                s.name
+            ))
+        })?;
+    if nixmox_core::ids::check_storage_id(&storage).is_err() {
+        return Err(Error::Usage(format!(
+            "`{}` is not a Proxmox storage id",
+            nixmox_core::diag::visible(&storage)
+        )));
+    }
+    let mode = mode
+        .map(str::to_string)
+        .or_else(|| configured.map(|b| b.mode.clone()))
+        .unwrap_or_else(|| "snapshot".into());
+    let vmid = s.host.vmid.get();
+    output::note(&format!(
+        "backing up CT {vmid} (`{}`) to `{storage}` (vzdump, mode {mode})…",
+        s.host.hostname
+    ));
+    let volid = crate::proxmox::backup::vzdump(&client, &s.host.node, vmid, &storage, &mode)
+        .map_err(failed)?
+        .ok_or_else(|| {
+            Error::RunFailed(format!(
+                "backing up CT {vmid}: the vzdump task ended, but storage `{storage}` lists no new archive of it"
+            ))
+        })?;
+    let paths = Paths::new(root, &project);
+    Store::open(&paths.state_db)?.record_backup(&crate::state::BackupRow {
+        service: s.name.to_string(),
+        vmid,
+        node: s.host.node.clone(),
+        volid: volid.clone(),
+        kind: "vzdump".into(),
+        reason: "`nixmox backup`".into(),
+        taken_at: crate::state::timestamp(),
+    })?;
+    output::data(&format!("{volid}\n"))
+}

@@ -24,6 +24,7 @@
 //! were chosen for the whole engine.
 
 pub mod api;
+pub mod backup;
 pub mod client;
 pub mod error;
 pub mod lifecycle;
