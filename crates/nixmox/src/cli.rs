@@ -237,6 +237,18 @@ pub enum Command {
         #[arg(long, value_parser = ["snapshot", "suspend", "stop"])]
         mode: Option<String>,
     },
+    /// Replace a service's container by a backup (asks first), start it and run its health
+    /// checks
+    Restore {
+        /// The service
+        service: String,
+        /// The backup's volume id, like `local:backup/vzdump-lxc-912-….tar.zst`
+        #[arg(long, value_name = "VOLID")]
+        from: String,
+        /// Restore without asking (needed without a terminal)
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
     /// List, take or roll back to the containers' snapshots (through the Proxmox API)
     Snapshot {
         #[command(subcommand)]

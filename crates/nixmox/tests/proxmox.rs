@@ -1714,3 +1714,76 @@ fn issue_14_backup_and_down_ask_for_a_vzdump_and_an_unconfirmed_backup_destroys_
     assert!(err.contains("no backup (--no-backup)"), "{err}");
     assert!(!fake.cts().iter().any(|c| c["vmid"] == 912));
 }
+
+/// Issue 14: `nixmox restore SERVICE --from VOLID` asks first (exit 2 without a terminal or
+/// `--yes`, nothing written), then stops the container, restores the backup over it
+/// (`restore=1`, `force=1`), starts it and runs the service's health checks. The archive is put
+/// on the storage through fakepve's Python API (`store_file`), as a vzdump would have left it.
+#[test]
+fn issue_14_restore_replaces_the_container_after_confirmation_and_checks_health() {
+    let mut fake = Fake::start("127.0.0.145", json!({}));
+    let lab = snapshot_lab(&fake, "{ mode: off }");
+    let out = lab.run(&["up"], &[]);
+    assert!(out.status.success(), "{}", common::text(&out));
+    let archive = "vzdump-lxc-912-2026_11_29-21_00_00.tar.zst";
+    fake.call_kw(
+        "store_file",
+        json!(["local", archive, 1024]),
+        json!({"content": "backup"}),
+    );
+    let volid = format!("local:backup/{archive}");
+
+    fake.clear_requests();
+    let out = lab.run(&["restore", "solo", "--from", &volid], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", common::text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pass --yes to restore"),
+        "{}",
+        common::text(&out)
+    );
+    assert_eq!(fake.writes(), vec![]);
+
+    let out = lab.run(
+        &[
+            "restore",
+            "solo",
+            "--from",
+            "local:vztmpl/x.tar.xz",
+            "--yes",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", common::text(&out));
+
+    let out = lab.run(&["restore", "solo", "--from", &volid, "--yes"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}", common::text(&out));
+    assert!(
+        err.contains(&format!(
+            "CT 912 (`solo`) restored from {volid} and started"
+        )) && err.contains("health:"),
+        "{err}"
+    );
+    let writes: Vec<String> = fake
+        .writes()
+        .into_iter()
+        .map(|(m, p, b)| format!("{m} {p} {b}"))
+        .collect();
+    let stop = writes
+        .iter()
+        .position(|w| w.contains("/lxc/912/status/stop"));
+    let restore = writes
+        .iter()
+        .position(|w| w.starts_with("POST /api2/json/nodes/pve/lxc ") && w.contains("restore=1"));
+    let start = writes
+        .iter()
+        .position(|w| w.contains("/lxc/912/status/start"));
+    assert!(
+        stop < restore && restore < start && stop.is_some(),
+        "{writes:?}"
+    );
+    let r = &writes[restore.unwrap()];
+    assert!(r.contains("force=1") && r.contains("vmid=912"), "{r}");
+    let ct = fake.cts().into_iter().find(|c| c["vmid"] == 912).unwrap();
+    assert_eq!(ct["status"], "running", "{ct}");
+}

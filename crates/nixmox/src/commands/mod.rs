@@ -134,6 +134,7 @@ pub fn run(cli: Cli) -> Result<()> {
             storage,
             mode,
         } => snapshot::backup(root, &service, storage.as_deref(), mode.as_deref()),
+        Command::Restore { service, from, yes } => snapshot::restore(root, &service, &from, yes),
         Command::Snapshot { action } => match action {
             crate::cli::SnapshotAction::List { services, format } => {
                 snapshot::list(root, &services, format)

@@ -295,3 +295,76 @@ pub fn backup(
     })?;
     output::data(&format!("{volid}\n"))
 }
+
+/// `nixmox restore SERVICE --from VOLID`: after confirmation, the container is replaced by the
+/// backup (stopped first; `POST /nodes/{node}/lxc` with `restore=1`, `force=1`), started, and
+/// the service's startup and readiness checks run.
+pub fn restore(root: &ProjectRoot, name: &str, from: &str, yes: bool) -> Result<()> {
+    let (project, client) = open(root)?;
+    let s = service(&project, name)?;
+    if nixmox_core::ids::check_volume_id(from).is_err() || !from.contains("vzdump-lxc-") {
+        return Err(Error::Usage(format!(
+            "`{}` is not a container backup's volume id (like `local:backup/vzdump-lxc-912-2026_11_29-21_00_00.tar.zst`)",
+            nixmox_core::diag::visible(from)
+        )));
+    }
+    let vmid = s.host.vmid.get();
+    let node = s.host.node.as_str();
+    confirm::ask(
+        &format!(
+            "CT {vmid} (`{}`) on node {node} is replaced by the backup {from}: everything written since that backup is lost",
+            s.host.hostname
+        ),
+        "restore",
+        yes,
+    )?;
+    let step = |what: &str, e: PveError| {
+        Error::RunFailed(format!(
+            "restoring CT {vmid} (`{}`): {what}: {e}",
+            s.host.hostname
+        ))
+    };
+    client.stop_ct(node, vmid).map_err(|e| step("stop", e))?;
+    let params = [
+        ("vmid".to_string(), vmid.to_string()),
+        ("ostemplate".to_string(), from.to_string()),
+        ("restore".to_string(), "1".to_string()),
+        ("force".to_string(), "1".to_string()),
+        ("storage".to_string(), project.proxmox.storage.clone()),
+    ];
+    client
+        .write(
+            proxmox::Method::Post,
+            &format!("/nodes/{}/lxc", proxmox::api::encode_segment(node)),
+            &params,
+        )
+        .map_err(|e| step("restore", e))?;
+    client.start_ct(node, vmid).map_err(|e| step("start", e))?;
+    output::note(&format!(
+        "CT {vmid} (`{}`) restored from {from} and started",
+        s.host.hostname
+    ));
+    let paths = Paths::new(root, &project);
+    let ctx = crate::health::Context::for_project(
+        &project,
+        &paths.ssh,
+        &paths.known_hosts,
+        &root.join(".nixmox/ca.pem"),
+    )
+    .map_err(Error::Usage)?;
+    let started = Instant::now();
+    match crate::health::steps::after_deploy(&ctx, s, started, Some(started + TIMEOUT), None) {
+        Ok(Some(passed)) => {
+            output::note(&format!("health: {passed}"));
+            Ok(())
+        }
+        Ok(None) => {
+            output::note("health: the service has no startup or readiness checks");
+            Ok(())
+        }
+        Err(e) => Err(Error::RunFailed(format!(
+            "CT {vmid} (`{}`) was restored from {from}, but its health checks fail: {e}",
+            s.host.hostname
+        ))),
+    }
+}
