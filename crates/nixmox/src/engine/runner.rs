@@ -1179,6 +1179,14 @@ impl StepExec<'_> {
             let name = snapshot::name(hook.run, kind, s.name.as_str());
             let vmid = target.host.vmid.get();
             let node = target.host.node.as_str();
+            // A retried step (a transient deploy failure) keeps the snapshot of its first try.
+            let already = self.taken.lock().is_ok_and(|t| {
+                t.get(&index)
+                    .is_some_and(|v| v.iter().any(|x| x.vmid == vmid && x.name == name))
+            });
+            if already {
+                continue;
+            }
             let t0 = std::time::Instant::now();
             match crate::proxmox::snapshot::take(
                 client,
