@@ -261,7 +261,7 @@ fn service(p: &Project, i: usize, s: &Service) -> Value {
             "unprivileged": h.unprivileged,
             "features": {"nesting": h.nesting},
             "ssh_host_key": h.ssh_host_key,
-            "backup": h.backup.as_ref().map(|b| json!({"storage": b.storage, "mode": b.mode})),
+            "backup": h.backup.as_ref().map(|b| json!({"storage": b.storage, "mode": b.mode, "schedule": b.schedule, "keep": b.keep})),
         },
         "nixos": { "modules": s.nixos_modules },
         "interface": interface,

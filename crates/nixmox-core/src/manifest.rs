@@ -41,7 +41,7 @@ pub const HOST_FIELDS: &[&str] = &[
     "ssh_host_key",
     "backup",
 ];
-pub const HOST_BACKUP_FIELDS: &[&str] = &["storage", "mode"];
+pub const HOST_BACKUP_FIELDS: &[&str] = &["storage", "mode", "schedule", "keep"];
 pub const FEATURES_FIELDS: &[&str] = &["nesting"];
 pub const NIXOS_FIELDS: &[&str] = &["modules"];
 pub const INTERFACE_FIELDS: &[&str] = &["db", "proxy", "auth", "health", "terraform"];
@@ -465,8 +465,30 @@ fn decode_host(cx: &mut Cx, h: &Node, spec: &mut ServiceSpec) {
                     ],
                 ),
             };
-            if let (Some(storage), Some(mode)) = (storage, mode) {
-                spec.backup = Some(crate::model::HostBackup { storage, mode });
+            let mut ok = true;
+            let schedule = field(b, "schedule").and_then(|n| {
+                let s = cx.string(n, "host.backup.schedule")?;
+                let fine = !s.trim().is_empty()
+                    && s.len() <= 128
+                    && s.chars().all(|c| c.is_ascii_alphanumeric() || " :,./*~-".contains(c));
+                if !fine {
+                    cx.error(n.span, "host.backup.schedule", format!("`{}` is not a Proxmox calendar event", crate::diag::visible(&s)), Some("like `daily`, `sun 02:30` or `*-*-* 03:00` (see `man systemd.time`; PVE's `pve-calendar-event`)".into()));
+                    ok = false;
+                }
+                fine.then_some(s)
+            });
+            let keep = field(b, "keep").and_then(|n| {
+                let v = cx.int(n, "host.backup.keep", 1, 1000, "");
+                ok &= v.is_some();
+                v.map(|v| v as u32)
+            });
+            if let (Some(storage), Some(mode), true) = (storage, mode, ok) {
+                spec.backup = Some(crate::model::HostBackup {
+                    storage,
+                    mode,
+                    schedule,
+                    keep,
+                });
             }
         }
     }

@@ -385,6 +385,10 @@ pub struct HostBackup {
     pub storage: String,
     /// vzdump's mode: `snapshot`, `suspend` or `stop`.
     pub mode: String,
+    /// A PVE calendar event (`daily`, `sun 02:30`): with it, a PVE backup job NixMox keeps.
+    pub schedule: Option<String>,
+    /// The job's retention: keep the newest N backups (`prune-backups: keep-last=N`).
+    pub keep: Option<u32>,
 }
 
 /// Whether an address came from the manifest, from `nixmox.lock`, or is newly allocated.

@@ -373,14 +373,19 @@ impl Ctx<'_> {
     fn host(&self, i: usize) -> Value {
         let s = &self.p.services[i];
         let h = &s.host;
-        json!({
+        let mut v = json!({
             "hostname": h.hostname.as_str(), "ip": h.ip.to_string(), "vmid": h.vmid.get(),
             "node": h.node, "cores": h.resources.cores, "memory": h.resources.memory,
             "swap": h.resources.swap, "disk_gb": h.resources.disk_gb, "onboot": h.onboot,
             "start": h.start, "unprivileged": h.unprivileged, "nesting": h.nesting,
             "core": s.is_core(), "description": s.description, "startup": self.startup[i],
             "ssh_host_key": h.ssh_host_key,
-        })
+        });
+        // Only when set, so hosts without one keep their recorded hash.
+        if let Some(b) = &h.backup {
+            v["backup"] = json!([b.storage, b.mode, b.schedule, b.keep]);
+        }
+        v
     }
     fn base(&self) -> Value {
         let p = self.p;

@@ -432,6 +432,8 @@ fn manifest_inner() -> Value {
             Obj::new("Backups of the container with vzdump: `nixmox backup SERVICE`, and before `down` destroys it (unless `--no-backup`). Default: none.")
                 .req("storage", pattern("A Proxmox storage with `backup` content, like `local`.", "^[A-Za-z][A-Za-z0-9._-]*[A-Za-z0-9]$"))
                 .opt("mode", enumeration("vzdump's mode: `snapshot` (no downtime; needs a storage that can snapshot, else PVE falls back to suspend), `suspend` or `stop`.", &["snapshot", "suspend", "stop"], Some("snapshot")))
+                .opt("schedule", json!({"description": "A Proxmox calendar event (`daily`, `sun 02:30`, `*-*-* 03:00`): with `infra.backend: proxmox-api`, a PVE backup job for this container that NixMox keeps in step with the manifest. Default: none (no job).", "type": "string", "maxLength": 128, "pattern": "^[A-Za-z0-9 :,./*~-]+$"}))
+                .opt("keep", int("The backup job's retention: keep the newest N backups. Default: PVE's (keep all).", 1, 1000))
                 .build(),
         )
         .build();

@@ -1663,10 +1663,30 @@ fn issue_14_backup_and_down_ask_for_a_vzdump_and_an_unconfirmed_backup_destroys_
     edit(
         &lab.project.join("services/solo/manifest.yaml"),
         "vmid: 912 }",
-        "vmid: 912, backup: { storage: local } }",
+        "vmid: 912, backup: { storage: local, schedule: \"sun 02:30\", keep: 7 } }",
     );
     let out = lab.run(&["up"], &[]);
     assert!(out.status.success(), "{}", common::text(&out));
+    // The backup job: fakepve checks `/cluster/backup` requests against PVE's schema (a wrong
+    // parameter is a 400) and answers a listing from it without storing jobs, so only the
+    // request is checked here (the create/update/remove decisions are unit-tested in
+    // `proxmox::backup`), and that the listed job that is not NixMox's is left alone.
+    let jobs: Vec<(String, String, String)> = fake
+        .writes()
+        .into_iter()
+        .filter(|(_, p, _)| p.contains("/cluster/backup"))
+        .collect();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(jobs[0].0, "POST");
+    for want in [
+        "id=nixmox_tfproj_solo",
+        "schedule=sun+02%3A30",
+        "vmid=912",
+        "storage=local",
+        "prune-backups=keep-last%3D7",
+    ] {
+        assert!(jobs[0].2.contains(want), "{want}: {jobs:?}");
+    }
 
     fake.clear_requests();
     let out = lab.run(&["backup", "solo"], &[]);
