@@ -339,6 +339,22 @@ mod tests {
         );
     }
 
+    /// Issue 14: a host with `host.backup` is backed up first unless `--no-backup`, and the
+    /// list says which.
+    #[test]
+    fn a_host_with_a_backup_is_listed_as_backed_up_first_unless_no_backup() {
+        let mut t = list();
+        t.containers[0].backup = Backup::Vzdump {
+            storage: "local".into(),
+            mode: "snapshot".into(),
+        };
+        assert!(t.render().contains(
+            "CT 911 (`worker`) on node pve: through the Proxmox API; backed up first (vzdump to `local`, mode snapshot)"
+        ));
+        t.containers[0].backup = Backup::Skipped;
+        assert!(t.render().contains("; no backup (--no-backup)"));
+    }
+
     #[test]
     fn everything_needs_the_project_name_and_a_part_needs_y() {
         let mut t = list();
