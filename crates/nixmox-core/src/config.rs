@@ -7,7 +7,8 @@ use crate::decode::{field, join, Cx};
 use crate::ids::{self, parse_ip, Cidr, DomainName, ProjectName, Range, SshUser};
 use crate::model::{
     Defaults, Deploy, Deployer, HealthTiming, HostKeyChecking, InfraBackend, Network, Nix, Pools,
-    Proxmox, PveNode, Resources, SecretRef, Secrets, Ssh, StateConfig, Terraform, TfBackend, Tls,
+    Proxmox, PveNode, Resources, SecretRef, Secrets, SnapshotMode, Snapshots, Ssh, StateConfig,
+    Terraform, TfBackend, Tls,
 };
 use crate::syntax::{Kind, Node};
 
@@ -29,9 +30,17 @@ pub const TOP_FIELDS: &[&str] = &[
 pub const NETWORK_FIELDS: &[&str] = &["cidr", "gateway", "vlan", "bridge", "nameservers"];
 pub const POOLS_FIELDS: &[&str] = &["vmid", "ip"];
 pub const PROXMOX_FIELDS: &[&str] = &[
-    "endpoint", "node", "nodes", "storage", "template", "token", "tls",
+    "endpoint",
+    "node",
+    "nodes",
+    "storage",
+    "template",
+    "token",
+    "tls",
+    "snapshots",
 ];
 pub const PVE_NODE_FIELDS: &[&str] = &["name", "storage", "template", "memory", "cores", "weight"];
+pub const SNAPSHOTS_FIELDS: &[&str] = &["mode", "keep"];
 pub const TOKEN_FIELDS: &[&str] = &["env", "file"];
 pub const TLS_FIELDS: &[&str] = &["ca_file", "fingerprint", "insecure"];
 pub const INFRA_FIELDS: &[&str] = &["backend"];
@@ -491,6 +500,7 @@ fn decode_proxmox(cx: &mut Cx, n: Option<&Node>) -> Option<Proxmox> {
         template: DEFAULT_TEMPLATE.into(),
         token: SecretRef::Env("PROXMOX_API_TOKEN".into()),
         tls: Tls::default(),
+        snapshots: Snapshots::default(),
     };
     let Some(n) = n else { return Some(p) };
     cx.map(n, "proxmox", PROXMOX_FIELDS)?;
@@ -558,6 +568,12 @@ fn decode_proxmox(cx: &mut Cx, n: Option<&Node>) -> Option<Proxmox> {
                 .unwrap_or(false);
         } else {
             ok = false;
+        }
+    }
+    if let Some(sn) = field(n, "snapshots") {
+        match decode_snapshots(cx, sn) {
+            Some(v) => p.snapshots = v,
+            None => ok = false,
         }
     }
     ok.then_some(p)
@@ -646,6 +662,35 @@ fn decode_nodes(cx: &mut Cx, list: &Node, p: &Proxmox) -> Option<Vec<PveNode>> {
         );
     }
     (cx.errors() == errors).then_some(out)
+}
+
+/// `proxmox.snapshots: { mode, keep }`; both optional (best-effort, 3).
+fn decode_snapshots(cx: &mut Cx, n: &Node) -> Option<Snapshots> {
+    cx.map(n, "proxmox.snapshots", SNAPSHOTS_FIELDS)?;
+    let mut s = Snapshots::default();
+    let mut ok = true;
+    if let Some(m) = field(n, "mode") {
+        match choice(
+            cx,
+            m,
+            "proxmox.snapshots.mode",
+            &[
+                ("required", SnapshotMode::Required),
+                ("best-effort", SnapshotMode::BestEffort),
+                ("off", SnapshotMode::Off),
+            ],
+        ) {
+            Some(v) => s.mode = v,
+            None => ok = false,
+        }
+    }
+    if let Some(k) = field(n, "keep") {
+        match cx.int(k, "proxmox.snapshots.keep", 1, 100, "") {
+            Some(v) => s.keep = v as u32,
+            None => ok = false,
+        }
+    }
+    ok.then_some(s)
 }
 
 /// A string that must match a grammar (an `ids::check_*` function); the error names it.

@@ -53,6 +53,10 @@ pub fn resolved(p: &Project, only: &[usize]) -> Value {
                 "fingerprint": p.proxmox.tls.fingerprint,
                 "insecure": p.proxmox.tls.insecure,
             },
+            "snapshots": {
+                "mode": p.proxmox.snapshots.mode.as_str(),
+                "keep": p.proxmox.snapshots.keep,
+            },
         },
         "infra": { "backend": p.infra.as_str() },
         "ssh": { "user": p.ssh.user.as_str(), "authorized_keys": p.ssh.authorized_keys, "host_key_checking": p.ssh.host_key_checking.as_str() },
@@ -263,6 +267,7 @@ fn service(p: &Project, i: usize, s: &Service) -> Value {
             "unprivileged": h.unprivileged,
             "features": {"nesting": h.nesting},
             "ssh_host_key": h.ssh_host_key,
+            "backup": h.backup.as_ref().map(|b| json!({"storage": b.storage, "mode": b.mode, "schedule": b.schedule, "keep": b.keep})),
         },
         "nixos": { "modules": s.nixos_modules },
         "interface": interface,

@@ -23,6 +23,7 @@ pub mod record;
 pub mod render;
 pub mod scaffold;
 pub mod schema;
+pub mod snapshot;
 pub mod syntax;
 pub mod teardown;
 pub mod url;

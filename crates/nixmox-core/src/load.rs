@@ -1240,6 +1240,7 @@ fn build_services(
                 unprivileged: s.unprivileged,
                 nesting: s.nesting,
                 ssh_host_key: s.ssh_host_key.clone(),
+                backup: s.backup.clone(),
             },
             nixos_modules: s.nixos_modules.iter().map(|m| m.value.clone()).collect(),
             dbs: s.dbs.iter().map(|d| d.value.clone()).collect(),

@@ -40,7 +40,9 @@ pub const HOST_FIELDS: &[&str] = &[
     "unprivileged",
     "features",
     "ssh_host_key",
+    "backup",
 ];
+pub const HOST_BACKUP_FIELDS: &[&str] = &["storage", "mode", "schedule", "keep"];
 pub const FEATURES_FIELDS: &[&str] = &["nesting"];
 pub const NIXOS_FIELDS: &[&str] = &["modules"];
 pub const INTERFACE_FIELDS: &[&str] = &["db", "proxy", "auth", "health", "terraform"];
@@ -122,6 +124,7 @@ pub struct ServiceSpec {
     pub unprivileged: bool,
     pub nesting: bool,
     pub ssh_host_key: Option<String>,
+    pub backup: Option<crate::model::HostBackup>,
     pub nixos_modules: Vec<Sp<String>>,
     pub dbs: Vec<Sp<Db>>,
     /// The vision form's `requirements.database.host`: a provider's FQDN.
@@ -269,6 +272,7 @@ pub fn decode(
         unprivileged: true,
         nesting: true,
         ssh_host_key: None,
+        backup: None,
         nixos_modules: Vec::new(),
         dbs: Vec::new(),
         db_host: None,
@@ -471,6 +475,57 @@ fn decode_host(cx: &mut Cx, h: &Node, spec: &mut ServiceSpec) {
                 spec.ssh_host_key = Some(s);
             } else {
                 cx.error(k.span, "host.ssh_host_key", "not an SSH ed25519 public key", Some("give the host's `/etc/ssh/ssh_host_ed25519_key.pub` line: `ssh-ed25519 AAAA...`".into()));
+            }
+        }
+    }
+    if let Some(b) = field(h, "backup") {
+        if cx.map(b, "host.backup", HOST_BACKUP_FIELDS).is_some() {
+            let storage = cx.required(b, "host.backup", "storage").and_then(|n| {
+                crate::config::checked(
+                    cx,
+                    n,
+                    "host.backup.storage",
+                    "Proxmox storage id",
+                    crate::ids::check_storage_id,
+                )
+            });
+            let mode = match field(b, "mode") {
+                None => Some("snapshot".to_string()),
+                Some(m) => crate::config::choice(
+                    cx,
+                    m,
+                    "host.backup.mode",
+                    &[
+                        ("snapshot", "snapshot".to_string()),
+                        ("suspend", "suspend".to_string()),
+                        ("stop", "stop".to_string()),
+                    ],
+                ),
+            };
+            let mut ok = true;
+            let schedule = field(b, "schedule").and_then(|n| {
+                let s = cx.string(n, "host.backup.schedule")?;
+                let fine = !s.trim().is_empty()
+                    && s.len() <= 128
+                    && s.chars().all(|c| c.is_ascii_alphanumeric() || " :,./*~-".contains(c));
+                if !fine {
+                    cx.error(n.span, "host.backup.schedule", format!("`{}` is not a Proxmox calendar event", crate::diag::visible(&s)), Some("like `daily`, `sun 02:30` or `*-*-* 03:00` (see `man systemd.time`; PVE's `pve-calendar-event`)".into()));
+                    ok = false;
+                }
+                fine.then_some(s)
+            });
+            let keep = field(b, "keep").and_then(|n| {
+                let v = cx.int(n, "host.backup.keep", 1, 1000, "");
+                ok &= v.is_some();
+                v.map(|v| v as u32)
+            });
+            if let (Some(storage), Some(mode), true) = (storage, mode, ok) {
+                spec.backup = Some(crate::model::HostBackup {
+                    storage,
+                    mode,
+                    schedule,
+                    keep,
+                });
             }
         }
     }

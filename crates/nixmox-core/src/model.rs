@@ -99,6 +99,46 @@ pub struct Proxmox {
     pub template: String,
     pub token: SecretRef,
     pub tls: Tls,
+    /// Snapshots around changes (`proxmox.snapshots`).
+    pub snapshots: Snapshots,
+}
+
+/// `proxmox.snapshots`: whether a container is snapshotted before a step changes its system,
+/// and how many of NixMox's snapshots each container keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Snapshots {
+    pub mode: SnapshotMode,
+    /// The newest NixMox snapshots kept per container after a successful run (at least 1).
+    pub keep: u32,
+}
+
+impl Default for Snapshots {
+    fn default() -> Self {
+        Snapshots {
+            mode: SnapshotMode::BestEffort,
+            keep: 3,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotMode {
+    /// A snapshot that cannot be taken fails the step.
+    Required,
+    /// A snapshot that cannot be taken is a warning; the step goes on.
+    BestEffort,
+    /// No snapshots.
+    Off,
+}
+
+impl SnapshotMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotMode::Required => "required",
+            SnapshotMode::BestEffort => "best-effort",
+            SnapshotMode::Off => "off",
+        }
+    }
 }
 
 /// One node of `proxmox.nodes`.
@@ -366,6 +406,22 @@ pub struct Host {
     pub nesting: bool,
     /// The host's SSH ed25519 public key, when known in advance.
     pub ssh_host_key: Option<String>,
+    /// `host.backup`: where and how its container is backed up (vzdump) by `nixmox backup` and
+    /// before `down` destroys it.
+    pub backup: Option<HostBackup>,
+}
+
+/// `host.backup`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostBackup {
+    /// A PVE storage with `backup` content.
+    pub storage: String,
+    /// vzdump's mode: `snapshot`, `suspend` or `stop`.
+    pub mode: String,
+    /// A PVE calendar event (`daily`, `sun 02:30`): with it, a PVE backup job NixMox keeps.
+    pub schedule: Option<String>,
+    /// The job's retention: keep the newest N backups (`prune-backups: keep-last=N`).
+    pub keep: Option<u32>,
 }
 
 /// Whether an address came from the manifest, from `nixmox.lock`, or is newly allocated.

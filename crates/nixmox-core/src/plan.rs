@@ -153,6 +153,17 @@ pub struct Step {
     /// Known to need `up --allow-destroy`: the destroy guard refused this step's plan last
     /// time, which would have deleted or replaced these resources.
     pub needs_allow_destroy: Vec<String>,
+    /// Failed its health gate and was rolled back with this same input: not run again unless
+    /// forced or its input changes. The note says when and why.
+    pub held: Option<String>,
+}
+
+/// The plan's note on a held step.
+pub fn held_note(h: &crate::record::Held) -> String {
+    format!(
+        "failed in run {} and was rolled back ({}); not retried with the same input: change it, or run `nixmox up --force`",
+        h.run, h.reason
+    )
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -362,14 +373,19 @@ impl Ctx<'_> {
     fn host(&self, i: usize) -> Value {
         let s = &self.p.services[i];
         let h = &s.host;
-        json!({
+        let mut v = json!({
             "hostname": h.hostname.as_str(), "ip": h.ip.to_string(), "vmid": h.vmid.get(),
             "node": h.node, "storage": h.storage, "template": h.template, "cores": h.resources.cores, "memory": h.resources.memory,
             "swap": h.resources.swap, "disk_gb": h.resources.disk_gb, "onboot": h.onboot,
             "start": h.start, "unprivileged": h.unprivileged, "nesting": h.nesting,
             "core": s.is_core(), "description": s.description, "startup": self.startup[i],
             "ssh_host_key": h.ssh_host_key,
-        })
+        });
+        // Only when set, so hosts without one keep their recorded hash.
+        if let Some(b) = &h.backup {
+            v["backup"] = json!([b.storage, b.mode, b.schedule, b.keep]);
+        }
+        v
     }
     fn base(&self) -> Value {
         let p = self.p;
@@ -477,6 +493,7 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
             parts: parts.0,
             weight: 0,
             needs_allow_destroy: Vec::new(),
+            held: None,
         });
         steps.len() - 1
     };
@@ -637,11 +654,19 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
             "the project has no identity provider".to_string(),
         )
     };
+    // Behind every core deploy, which are behind `tf:infra`; with no core service, behind
+    // `tf:infra` itself, so no service is deployed (or snapshotted) before its container
+    // exists (found by issue 14's tests).
+    let auth_after: Vec<usize> = if core_step.is_empty() {
+        vec![infra]
+    } else {
+        core_step.values().copied().collect()
+    };
     let auth_core = push(
         &mut steps,
         Phase::TfAuthCore,
         None,
-        core_step.values().copied().collect(),
+        auth_after,
         action,
         description,
         parts,
@@ -856,6 +881,13 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
                 step.needs_allow_destroy = refused.clone();
             }
         }
+        // A rolled-back failure is not retried silently with the same input (a timer running
+        // `up` would loop: deploy, fail, roll back).
+        if let Some(h) = record.and_then(|r| r.held.get(&step.id)) {
+            if step.change != Change::Unchanged && h.hash == step.hash {
+                step.held = Some(held_note(h));
+            }
+        }
     }
     // Orphans: recorded steps of services no longer in the project.
     if sel.services.is_empty() {
@@ -878,6 +910,7 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
                         parts: BTreeMap::new(),
                         weight: 0,
                         needs_allow_destroy: Vec::new(),
+                        held: None,
                     });
                 }
             }

@@ -45,6 +45,9 @@ struct JsonStep<'a> {
     /// Only when known: the destroy guard refused the step's last plan.
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     needs_allow_destroy: &'a [String],
+    /// Only when held: it failed its gate and was rolled back with this input.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    held: Option<&'a str>,
 }
 
 fn summary(plan: &Plan) -> JsonSummary {
@@ -87,6 +90,7 @@ pub fn to_json(plan: &Plan) -> String {
                 reasons: &s.reasons,
                 hash: &s.hash,
                 needs_allow_destroy: &s.needs_allow_destroy,
+                held: s.held.as_deref(),
             })
             .collect(),
         critical_path: plan
@@ -187,6 +191,9 @@ pub fn to_text(plan: &Plan) -> String {
         }
         if let Some(note) = allow_destroy_note(&s.needs_allow_destroy) {
             let _ = writeln!(out, "{indent}  {:width$}  {note}", "");
+        }
+        if let Some(note) = &s.held {
+            let _ = writeln!(out, "{indent}  {:width$}  held: {}", "", visible(note));
         }
     }
     let path: Vec<&str> = plan

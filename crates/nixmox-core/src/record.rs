@@ -25,6 +25,20 @@ pub struct Record {
     /// Steps the destroy guard refused since their last success, with what their plan would
     /// have deleted or replaced (`module.x.null_resource.keep (replace)`).
     pub refused: BTreeMap<String, Vec<String>>,
+    /// Steps whose health gate failed and that were rolled back, until they next succeed: the
+    /// next `up` does not run them again with the same input (issue 14).
+    pub held: BTreeMap<String, Held>,
+}
+
+/// A step that failed its health gate and was rolled back.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Held {
+    /// The run it failed in.
+    pub run: i64,
+    /// The input it failed with.
+    pub hash: String,
+    /// Why it failed (the gate's error).
+    pub reason: String,
 }
 
 impl Record {

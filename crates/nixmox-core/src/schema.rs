@@ -164,6 +164,17 @@ fn project_inner() -> Value {
         )
         .opt("insecure", boolean("Skip certificate verification (test labs only).", false))
         .build();
+    let snapshots = Obj::new("Container snapshots around changes: before a step changes a container's system, NixMox snapshots it through the Proxmox API; a failed health gate rolls back to the snapshot. Off with `infra.backend: none`.")
+        .opt(
+            "mode",
+            enumeration(
+                "`required`: a snapshot that cannot be taken (a storage without snapshots, a lock that stays) fails the step; `best-effort`: it is a warning and the step goes on; `off`: no snapshots, a failed gate rolls back the NixOS generation.",
+                &["required", "best-effort", "off"],
+                Some("best-effort"),
+            ),
+        )
+        .opt("keep", dflt(int("The newest NixMox snapshots kept per container after a successful run; older ones NixMox made are deleted, others never touched.", 1, 100), json!(3)))
+        .build();
     let proxmox = Obj::new("The Proxmox VE node the containers run on.")
         .opt("endpoint", reference("The Proxmox VE API URL, like `https://pve.nixmox.lan:8006`. Default: none.", "url"))
         .opt("node", dflt(pattern("The Proxmox node containers are created on when the project lists no `nodes` and the API is not asked (a manifest's `host.node` overrides it): one DNS label.", NODE), json!("pve")))
@@ -187,6 +198,7 @@ fn project_inner() -> Value {
         .opt("template", dflt(pattern("The NixOS LXC template containers are created from: a volume id `storage:path`.", "^[A-Za-z][A-Za-z0-9._-]*[A-Za-z0-9]:[A-Za-z0-9._+/][A-Za-z0-9._+/-]*$"), json!(DEFAULT_TEMPLATE)))
         .opt("token", token)
         .opt("tls", tls)
+        .opt("snapshots", snapshots)
         .build();
 
     let infra = Obj::new("How containers are created.")
@@ -433,6 +445,15 @@ fn manifest_inner() -> Value {
                 "The host's SSH ed25519 public key (`/etc/ssh/ssh_host_ed25519_key.pub`), when known in advance. Default: none.",
                 "^ssh-ed25519 \\s*\\S{21}",
             ),
+        )
+        .opt(
+            "backup",
+            Obj::new("Backups of the container with vzdump: `nixmox backup SERVICE`, and before `down` destroys it (unless `--no-backup`). Default: none.")
+                .req("storage", pattern("A Proxmox storage with `backup` content, like `local`.", "^[A-Za-z][A-Za-z0-9._-]*[A-Za-z0-9]$"))
+                .opt("mode", enumeration("vzdump's mode: `snapshot` (no downtime; needs a storage that can snapshot, else PVE falls back to suspend), `suspend` or `stop`.", &["snapshot", "suspend", "stop"], Some("snapshot")))
+                .opt("schedule", json!({"description": "A Proxmox calendar event (`daily`, `sun 02:30`, `*-*-* 03:00`): with `infra.backend: proxmox-api`, a PVE backup job for this container that NixMox keeps in step with the manifest. Default: none (no job).", "type": "string", "maxLength": 128, "pattern": "^[A-Za-z0-9 :,./*~-]+$"}))
+                .opt("keep", int("The backup job's retention: keep the newest N backups. Default: PVE's (keep all).", 1, 1000))
+                .build(),
         )
         .build();
 
@@ -1175,6 +1196,7 @@ mod tests {
             ("proxmox", PROXMOX_FIELDS),
             ("proxmox/token", TOKEN_FIELDS),
             ("proxmox/tls", TLS_FIELDS),
+            ("proxmox/snapshots", crate::config::SNAPSHOTS_FIELDS),
             ("infra", INFRA_FIELDS),
             ("ssh", SSH_FIELDS),
             ("nix", NIX_FIELDS),
@@ -1207,6 +1229,7 @@ mod tests {
             ("provides/reverse_proxy", PROVIDE_FIELDS),
             ("provides/identity", PROVIDE_FIELDS),
             ("host", HOST_FIELDS),
+            ("host/backup", crate::manifest::HOST_BACKUP_FIELDS),
             ("host/features", FEATURES_FIELDS),
             ("#resources", RESOURCES_FIELDS),
             ("nixos", NIXOS_FIELDS),

@@ -62,18 +62,18 @@ pub enum Via {
 
 /// What is done for a container's data before it is destroyed.
 ///
-/// Backups and snapshots before a destroy are configured by `proxmox.snapshots` and
-/// `host.backup` (issue 14), which the project model does not have yet: every container is
-/// [`Backup::NotConfigured`] today, and `--no-backup` has nothing to skip. When they land, a
-/// variant that takes a backup (with its storage and mode) joins these two; [`backup_for`]
-/// returns it for a configured host unless `--no-backup`, and the shell's backup hook, which
-/// runs before anything is destroyed, takes it and records its volume id.
+/// A host with `host.backup` gets a vzdump backup to that storage ([`Backup::Vzdump`]) unless
+/// `--no-backup`; the shell's backup hook takes it before anything is destroyed, prints its
+/// volume id and records it. A snapshot is no way back here: destroying a container deletes
+/// its snapshots with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Backup {
     /// Nothing configured: the container's data goes with it.
     NotConfigured,
     /// Configured, but `--no-backup` was given.
     Skipped,
+    /// A vzdump backup first, to `storage` in `mode`.
+    Vzdump { storage: String, mode: String },
 }
 
 /// A database (and its role) dropped by `--purge-data`.
@@ -96,10 +96,16 @@ pub enum Confirmation {
     Yes,
 }
 
-/// The backup taken before `host`'s container is destroyed. See [`Backup`]: nothing can be
-/// configured yet, so this is [`Backup::NotConfigured`] whatever `no_backup` says.
-pub fn backup_for(_host: &Host, _no_backup: bool) -> Backup {
-    Backup::NotConfigured
+/// The backup taken before `host`'s container is destroyed (see [`Backup`]).
+pub fn backup_for(host: &Host, no_backup: bool) -> Backup {
+    match (&host.backup, no_backup) {
+        (None, _) => Backup::NotConfigured,
+        (Some(_), true) => Backup::Skipped,
+        (Some(b), false) => Backup::Vzdump {
+            storage: b.storage.clone(),
+            mode: b.mode.clone(),
+        },
+    }
 }
 
 impl Teardown {
@@ -146,9 +152,12 @@ impl Teardown {
                     Via::ProxmoxApi => "through the Proxmox API".to_string(),
                     Via::Terraform { step, address } => format!("{address} in {step}"),
                 };
-                let backup = match c.backup {
-                    Backup::NotConfigured => "no backup configured",
-                    Backup::Skipped => "no backup (--no-backup)",
+                let backup = match &c.backup {
+                    Backup::NotConfigured => "no backup configured".to_string(),
+                    Backup::Skipped => "no backup (--no-backup)".to_string(),
+                    Backup::Vzdump { storage, mode } => {
+                        format!("backed up first (vzdump to `{storage}`, mode {mode})")
+                    }
                 };
                 out.push_str(&format!(
                     "    CT {} (`{}`) on node {}: {via}; {backup}\n",
@@ -328,6 +337,22 @@ mod tests {
              tf:service-config:worker (terraform destroy):\n    null_resource.hook\n  databases \
              (--purge-data):\n    database `wiki` and role `wiki` on postgresql\n"
         );
+    }
+
+    /// Issue 14: a host with `host.backup` is backed up first unless `--no-backup`, and the
+    /// list says which.
+    #[test]
+    fn a_host_with_a_backup_is_listed_as_backed_up_first_unless_no_backup() {
+        let mut t = list();
+        t.containers[0].backup = Backup::Vzdump {
+            storage: "local".into(),
+            mode: "snapshot".into(),
+        };
+        assert!(t.render().contains(
+            "CT 911 (`worker`) on node pve: through the Proxmox API; backed up first (vzdump to `local`, mode snapshot)"
+        ));
+        t.containers[0].backup = Backup::Skipped;
+        assert!(t.render().contains("; no backup (--no-backup)"));
     }
 
     #[test]

@@ -323,6 +323,8 @@ fn fabricate_state(bin: &Path, root: &Path) -> Result<(usize, usize), String> {
                     outputs: Vec::new(),
                     rendered: None,
                     refused: None,
+                    held: None,
+                    snapshots: Vec::new(),
                 },
             )
             .map_err(|e| e.to_string())?;

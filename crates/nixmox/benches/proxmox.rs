@@ -5,7 +5,11 @@
 //! times `lifecycle::converge` creating and starting 20 containers from nothing, one at a time
 //! and 8 at a time, each on a fresh fake. Goal (issue 7): at least 6x faster with 8.
 //!
-//! Run: `cargo bench -p nixmox --bench proxmox` (`NIXMOX_BENCH_RUNS=3` for more runs of each).
+//! Issue 14: it also times what a snapshot adds to a deploy (`proxmox::snapshot::take`, task
+//! awaited) and a snapshot rollback with the restart, for snapshot tasks of 0, 1 and 5 s.
+//!
+//! Run: `cargo bench -p nixmox --bench proxmox` (`NIXMOX_BENCH_RUNS=3` for more runs of each;
+//! `NIXMOX_BENCH_ONLY=snapshots` for the snapshot figures alone).
 //! Without `--bench` (as under `cargo test --all-targets`) it creates 2 containers once, with
 //! no latency, as a smoke test. Needs `scripts/install-tools fakepve`.
 
@@ -50,6 +54,10 @@ struct Fake {
 
 impl Fake {
     fn start(host: &str, latency: f64, task_secs: f64) -> Fake {
+        Fake::with(host, latency, json!({"create": task_secs}))
+    }
+
+    fn with(host: &str, latency: f64, ct_secs: Value) -> Fake {
         let dir = tempfile::tempdir().unwrap();
         let cfg = json!({
             "host": host,
@@ -59,7 +67,7 @@ impl Fake {
             "templates": [{"name": "nixos-26.05-x86_64-linux.tar.xz"}],
             "time_scale": 1,
             "latency": latency,
-            "ct_secs": {"create": task_secs},
+            "ct_secs": ct_secs,
         });
         let mut child = Command::new(fakepve_python())
             .arg(repo().join("tests/fixtures/fakepve/launch.py"))
@@ -138,12 +146,47 @@ fn run(host: &str, n: usize, parallel: usize, latency: f64, task_secs: f64) -> D
     took
 }
 
+/// One container on a fresh fake whose snapshot and rollback tasks take `secs` PVE seconds;
+/// the time of taking a snapshot and of rolling back to it (with the restart), as the engine
+/// does them (client defaults: polls every 0.2 s growing to 2 s).
+fn snapshot_cost(host: &str, latency: f64, secs: f64) -> (Duration, Duration) {
+    let fake = Fake::with(host, latency, json!({"snapshot": secs, "rollback": secs}));
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("token"), TOKEN).unwrap();
+    let mut p = project(1);
+    p.proxmox.endpoint = Some(fake.url.clone());
+    p.proxmox.token = SecretRef::File("token".into());
+    p.proxmox.tls.ca_file = Some(fake.ca.clone());
+    let settings = Settings::from_project(&p, root.path()).unwrap();
+    let client = proxmox::connect(&settings, ClientOptions::default()).unwrap();
+    lifecycle::converge(&client, &p, 1).unwrap_or_else(|e| panic!("{e}"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let started = Instant::now();
+    proxmox::snapshot::take(
+        &client,
+        "pve",
+        920,
+        "nixmox-r1-svc-app00",
+        "bench",
+        deadline,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let take = started.elapsed();
+    let started = Instant::now();
+    proxmox::snapshot::rollback(&client, "pve", 920, "nixmox-r1-svc-app00", true, deadline)
+        .unwrap_or_else(|e| panic!("{e}"));
+    (take, started.elapsed())
+}
+
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         let t = run("127.0.0.60", 2, 2, 0.0, 0.0);
+        let (take, back) = snapshot_cost("127.0.0.59", 0.0, 0.0);
         println!(
-            "proxmox smoke run: 2 containers in {:.2}s (run with --bench for the benchmark)",
-            t.as_secs_f64()
+            "proxmox smoke run: 2 containers in {:.2}s, a snapshot in {:.2}s, its rollback in {:.2}s (run with --bench for the benchmark)",
+            t.as_secs_f64(),
+            take.as_secs_f64(),
+            back.as_secs_f64()
         );
         return;
     }
@@ -151,6 +194,24 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
+    println!("snapshot before a deploy (issue 14); 50 ms latency per request; {runs} run(s) each");
+    println!("| snapshot task (PVE s) | take (s) | rollback + start (s) |");
+    println!("|----------------------:|---------:|---------------------:|");
+    for (k, secs) in [0.0, 1.0, 5.0].into_iter().enumerate() {
+        let mut all: Vec<(Duration, Duration)> = (0..runs)
+            .map(|r| snapshot_cost(&format!("127.0.0.{}", 100 + k * 10 + r), 0.05, secs))
+            .collect();
+        all.sort();
+        let (take, back) = all[all.len() / 2];
+        println!(
+            "| {secs:>21.0} | {:>8.2} | {:>20.2} |",
+            take.as_secs_f64(),
+            back.as_secs_f64()
+        );
+    }
+    if std::env::var("NIXMOX_BENCH_ONLY").as_deref() == Ok("snapshots") {
+        return;
+    }
     let n = 20;
     println!("creating {n} containers; 50 ms latency per request, create tasks of 1 s; {runs} run(s) each");
     println!("| parallel | time (s) | best (s) | speed-up |");

@@ -103,8 +103,13 @@ pub enum Command {
         /// Progress as text (live on a terminal) or JSON lines
         #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
         format: PlanFormat,
-        /// Leave a service whose health gate fails as deployed (no rollback), to debug it
-        #[arg(long)]
+        /// What a failed health gate rolls back to: the container's snapshot taken before the
+        /// deploy (default, when one was taken; else the generation), the previous NixOS
+        /// generation, or nothing (leave it as deployed, to debug it)
+        #[arg(long, value_enum, value_name = "HOW")]
+        rollback: Option<RollbackArg>,
+        /// The same as `--rollback none`
+        #[arg(long, conflicts_with = "rollback")]
         no_rollback: bool,
         /// Also roll back core hosts (`nix:core:*`) whose health gate fails
         #[arg(long, conflicts_with = "no_rollback")]
@@ -183,8 +188,8 @@ pub enum Command {
         /// Only list what would be destroyed; change nothing
         #[arg(long, conflicts_with = "yes")]
         dry_run: bool,
-        /// Destroy containers without the backup taken before a destroy (applies once backups
-        /// are configured; none can be yet: the list says "no backup configured")
+        /// Destroy containers without the vzdump backup taken first of each host with
+        /// `host.backup` (the list says which are backed up)
         #[arg(long)]
         no_backup: bool,
     },
@@ -259,6 +264,62 @@ pub enum Command {
         #[command(subcommand)]
         action: SecretsAction,
     },
+    /// Back a service's container up now (vzdump through the Proxmox API, awaited); prints the
+    /// archive's volume id
+    Backup {
+        /// The service
+        service: String,
+        /// The storage (default: the manifest's host.backup.storage)
+        #[arg(long)]
+        storage: Option<String>,
+        /// vzdump's mode (default: host.backup.mode, else snapshot)
+        #[arg(long, value_parser = ["snapshot", "suspend", "stop"])]
+        mode: Option<String>,
+    },
+    /// Replace a service's container by a backup (asks first), start it and run its health
+    /// checks
+    Restore {
+        /// The service
+        service: String,
+        /// The backup's volume id, like `local:backup/vzdump-lxc-912-….tar.zst`
+        #[arg(long, value_name = "VOLID")]
+        from: String,
+        /// Restore without asking (needed without a terminal)
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+    /// List, take or roll back to the containers' snapshots (through the Proxmox API)
+    Snapshot {
+        #[command(subcommand)]
+        action: SnapshotAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotAction {
+    /// The snapshots of the services' containers, NixMox's and others'
+    List {
+        /// Only these services
+        services: Vec<String>,
+        /// Output format
+        #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
+        format: PlanFormat,
+    },
+    /// Snapshot a service's container now (prints the snapshot's name)
+    Create {
+        /// The service
+        service: String,
+    },
+    /// Roll a service's container back to a snapshot and start it; asks first
+    Rollback {
+        /// The service
+        service: String,
+        /// The snapshot (default: the newest NixMox took)
+        name: Option<String>,
+        /// Roll back without asking (needed without a terminal)
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -313,6 +374,14 @@ pub enum TemplateAction {
         #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
         format: PlanFormat,
     },
+}
+
+/// `up --rollback`.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum RollbackArg {
+    Snapshot,
+    Generation,
+    None,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -13,21 +13,43 @@ use crate::output;
 /// how to accept; nothing has been done.
 pub fn destroy(list: &Teardown, yes: bool) -> Result<()> {
     output::note(list.render().trim_end());
-    let confirmation = list.confirmation();
+    take(&list.confirmation(), yes, "destroy", "destroyed")
+}
+
+/// Prints `what` (an action that loses data, like rolling a container back to a snapshot)
+/// and takes a `y` on a terminal, or `--yes`; otherwise a usage error (exit 2), nothing done.
+/// `verb` names the action in the prompt and the refusal (`roll back`).
+pub fn ask(what: &str, verb: &str, yes: bool) -> Result<()> {
+    output::note(what.trim_end());
+    take(&Confirmation::Yes, yes, verb, "changed")
+}
+
+fn take(confirmation: &Confirmation, yes: bool, verb: &str, done: &str) -> Result<()> {
+    let confirmation = confirmation.clone();
     if confirmation == Confirmation::NotNeeded || yes {
         return Ok(());
     }
     let stdin = std::io::stdin();
     if !stdin.is_terminal() {
-        return Err(Error::Usage(
+        return Err(Error::Usage(if verb == "destroy" {
             "refusing to destroy without confirmation: stdin is not a terminal; pass --yes to \
-             destroy what is listed above (--dry-run only lists it)"
-                .into(),
-        ));
+                 destroy what is listed above (--dry-run only lists it)"
+                .to_string()
+        } else {
+            format!(
+                "refusing to {verb} without confirmation: stdin is not a terminal; pass --yes to \
+                     {verb} as said above"
+            )
+        }));
     }
     {
         let mut err = std::io::stderr().lock();
-        let _ = err.write_all(teardown::prompt(&confirmation).as_bytes());
+        let prompt = if verb == "destroy" {
+            teardown::prompt(&confirmation)
+        } else {
+            format!("{verb}? [y/N] ")
+        };
+        let _ = err.write_all(prompt.as_bytes());
         let _ = err.flush();
     }
     let mut answer = String::new();
@@ -41,6 +63,6 @@ pub fn destroy(list: &Teardown, yes: bool) -> Result<()> {
         _ => "`y`".to_string(),
     };
     Err(Error::Usage(format!(
-        "not confirmed (expected {expected}): nothing was destroyed"
+        "not confirmed (expected {expected}): nothing was {done}"
     )))
 }

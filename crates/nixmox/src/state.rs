@@ -119,6 +119,40 @@ CREATE TABLE guard_refusals (
     refused_at TEXT NOT NULL
 );
 "#,
+    // 3: container snapshots NixMox took (issue 14), steps held after a rolled-back failure,
+    // and backups.
+    r#"
+CREATE TABLE snapshots (
+    vmid           INTEGER NOT NULL,
+    node           TEXT NOT NULL,
+    name           TEXT NOT NULL,
+    service        TEXT NOT NULL,
+    run_id         INTEGER,
+    step_id        TEXT,
+    taken_at       TEXT NOT NULL,
+    deleted_at     TEXT,
+    rolled_back_at TEXT,
+    rolled_back_in INTEGER,
+    PRIMARY KEY (vmid, name)
+);
+CREATE TABLE held_steps (
+    step_id    TEXT PRIMARY KEY,
+    run_id     INTEGER NOT NULL REFERENCES runs (id),
+    input_hash TEXT NOT NULL,
+    reason     TEXT NOT NULL,
+    held_at    TEXT NOT NULL
+);
+CREATE TABLE backups (
+    id       INTEGER PRIMARY KEY,
+    service  TEXT NOT NULL,
+    vmid     INTEGER NOT NULL,
+    node     TEXT NOT NULL,
+    volid    TEXT NOT NULL,
+    kind     TEXT NOT NULL CHECK (kind IN ('vzdump', 'pg_dump', 'snapshot')),
+    reason   TEXT NOT NULL,
+    taken_at TEXT NOT NULL
+);
+"#,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -279,6 +313,41 @@ pub struct StepFinish {
     /// The destroy guard refused the step: what its plan would have deleted or replaced. Kept
     /// until the step next succeeds.
     pub refused: Option<Vec<String>>,
+    /// The step failed its health gate and was rolled back: why. Held (not run again with the
+    /// same input) until it next succeeds.
+    pub held: Option<String>,
+    /// Snapshots the step took before it changed its container(s).
+    pub snapshots: Vec<SnapshotRow>,
+}
+
+/// A container snapshot NixMox took.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotRow {
+    pub vmid: u32,
+    pub node: String,
+    pub name: String,
+    pub service: String,
+    pub run: Option<RunId>,
+    pub step_id: Option<String>,
+    pub taken_at: String,
+    /// When the container was rolled back to it, and in which run.
+    pub rolled_back: Option<(String, Option<RunId>)>,
+}
+
+/// A backup NixMox took or saw finish: a vzdump archive, a logical dump, or a snapshot taken
+/// instead of a backup before `down`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackupRow {
+    pub service: String,
+    pub vmid: u32,
+    pub node: String,
+    /// The volume id (`local:backup/vzdump-lxc-…`), a dump's path, or a snapshot's name.
+    pub volid: String,
+    /// `vzdump`, `pg_dump` or `snapshot`.
+    pub kind: String,
+    /// Why: `nixmox backup`, `down`, …
+    pub reason: String,
+    pub taken_at: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -564,7 +633,23 @@ impl Store {
             ],
         )
         .map_err(sql(path, "record the end of a step"))?;
+        for snap in &fin.snapshots {
+            insert_snapshot(&tx, path, snap)?;
+        }
+        if let Some(reason) = &fin.held {
+            tx.execute(
+                "INSERT INTO held_steps (step_id, run_id, input_hash, reason, held_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (step_id) DO UPDATE SET
+                     run_id = excluded.run_id, input_hash = excluded.input_hash,
+                     reason = excluded.reason, held_at = excluded.held_at",
+                params![fin.step_id, run, fin.input_hash, reason, at],
+            )
+            .map_err(sql(path, "hold a rolled-back step"))?;
+        }
         if fin.status.is_success() {
+            tx.execute("DELETE FROM held_steps WHERE step_id = ?1", [&fin.step_id])
+                .map_err(sql(path, "release a held step"))?;
             tx.execute(
                 "DELETE FROM guard_refusals WHERE step_id = ?1",
                 [&fin.step_id],
@@ -696,7 +781,161 @@ impl Store {
                 })?;
             record.refused.insert(id, changes);
         }
+        let mut stmt = self
+            .conn
+            .prepare("SELECT step_id, run_id, input_hash, reason FROM held_steps")
+            .map_err(sql(path, "read the held steps"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    nixmox_core::record::Held {
+                        run: r.get(1)?,
+                        hash: r.get(2)?,
+                        reason: r.get(3)?,
+                    },
+                ))
+            })
+            .map_err(sql(path, "read the held steps"))?;
+        for row in rows {
+            let (id, held) = row.map_err(sql(path, "read the held steps"))?;
+            record.held.insert(id, held);
+        }
         Ok(record)
+    }
+
+    /// Holds a step at `input_hash` (it was rolled back after applying that input): the next
+    /// run does not apply the same input again unless forced.
+    pub fn hold_step(
+        &mut self,
+        step_id: &str,
+        run: RunId,
+        input_hash: &str,
+        reason: &str,
+    ) -> Result<(), StateError> {
+        self.conn
+            .execute(
+                "INSERT INTO held_steps (step_id, run_id, input_hash, reason, held_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (step_id) DO UPDATE SET
+                     run_id = excluded.run_id, input_hash = excluded.input_hash,
+                     reason = excluded.reason, held_at = excluded.held_at",
+                params![step_id, run, input_hash, reason, now()],
+            )
+            .map_err(sql(&self.path, "hold a rolled-back step"))?;
+        Ok(())
+    }
+
+    /// Records a snapshot taken outside a step (`nixmox snapshot create`, before `down`).
+    pub fn record_snapshot(&mut self, snap: &SnapshotRow) -> Result<(), StateError> {
+        let path = self.path.clone();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql(&path, "begin a transaction to record a snapshot"))?;
+        insert_snapshot(&tx, &path, snap)?;
+        tx.commit().map_err(sql(&path, "commit a snapshot"))?;
+        Ok(())
+    }
+
+    /// The container was rolled back to a snapshot (in run `run`, or by `snapshot rollback`).
+    pub fn snapshot_rolled_back(
+        &mut self,
+        vmid: u32,
+        name: &str,
+        run: Option<RunId>,
+    ) -> Result<(), StateError> {
+        self.conn
+            .execute(
+                "UPDATE snapshots SET rolled_back_at = ?3, rolled_back_in = ?4
+                 WHERE vmid = ?1 AND name = ?2",
+                params![vmid, name, now(), run],
+            )
+            .map_err(sql(&self.path, "record a snapshot rollback"))?;
+        Ok(())
+    }
+
+    /// Retention deleted a snapshot (or PVE no longer has it).
+    pub fn snapshot_deleted(&mut self, vmid: u32, name: &str) -> Result<(), StateError> {
+        self.conn
+            .execute(
+                "UPDATE snapshots SET deleted_at = ?3 WHERE vmid = ?1 AND name = ?2",
+                params![vmid, name, now()],
+            )
+            .map_err(sql(&self.path, "record a deleted snapshot"))?;
+        Ok(())
+    }
+
+    /// The snapshots NixMox took that are not known to be deleted, oldest first; of one
+    /// container when `vmid` is given.
+    pub fn snapshots(&self, vmid: Option<u32>) -> Result<Vec<SnapshotRow>, StateError> {
+        let path = &self.path;
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT vmid, node, name, service, run_id, step_id, taken_at, rolled_back_at,
+                        rolled_back_in
+                 FROM snapshots WHERE deleted_at IS NULL AND (?1 IS NULL OR vmid = ?1)
+                 ORDER BY taken_at, name",
+            )
+            .map_err(sql(path, "read the snapshots"))?;
+        let rows = stmt
+            .query_map([vmid], |r| {
+                let at: Option<String> = r.get(7)?;
+                let run_in: Option<RunId> = r.get(8)?;
+                Ok(SnapshotRow {
+                    vmid: r.get(0)?,
+                    node: r.get(1)?,
+                    name: r.get(2)?,
+                    service: r.get(3)?,
+                    run: r.get(4)?,
+                    step_id: r.get(5)?,
+                    taken_at: r.get(6)?,
+                    rolled_back: at.map(|a| (a, run_in)),
+                })
+            })
+            .map_err(sql(path, "read the snapshots"))?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(sql(path, "read the snapshots"))
+    }
+
+    /// Records a backup.
+    pub fn record_backup(&mut self, b: &BackupRow) -> Result<(), StateError> {
+        self.conn
+            .execute(
+                "INSERT INTO backups (service, vmid, node, volid, kind, reason, taken_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![b.service, b.vmid, b.node, b.volid, b.kind, b.reason, b.taken_at],
+            )
+            .map_err(sql(&self.path, "record a backup"))?;
+        Ok(())
+    }
+
+    /// The backups recorded, oldest first; of one service when given.
+    pub fn backups(&self, service: Option<&str>) -> Result<Vec<BackupRow>, StateError> {
+        let path = &self.path;
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT service, vmid, node, volid, kind, reason, taken_at FROM backups
+                 WHERE ?1 IS NULL OR service = ?1 ORDER BY id",
+            )
+            .map_err(sql(path, "read the backups"))?;
+        let rows = stmt
+            .query_map([service], |r| {
+                Ok(BackupRow {
+                    service: r.get(0)?,
+                    vmid: r.get(1)?,
+                    node: r.get(2)?,
+                    volid: r.get(3)?,
+                    kind: r.get(4)?,
+                    reason: r.get(5)?,
+                    taken_at: r.get(6)?,
+                })
+            })
+            .map_err(sql(path, "read the backups"))?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(sql(path, "read the backups"))
     }
 
     /// The non-sensitive outputs of every recorded step, by step id then name.
@@ -899,6 +1138,7 @@ impl Store {
             "rendered_inputs",
             "step_records",
             "guard_refusals",
+            "held_steps",
         ] {
             tx.execute(
                 &format!("DELETE FROM {table} WHERE step_id = ?1"),
@@ -917,6 +1157,29 @@ impl Drop for Store {
             let _ = self.release_lock();
         }
     }
+}
+
+fn insert_snapshot(
+    tx: &rusqlite::Transaction<'_>,
+    path: &Path,
+    s: &SnapshotRow,
+) -> Result<(), StateError> {
+    tx.execute(
+        "INSERT INTO snapshots (vmid, node, name, service, run_id, step_id, taken_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (vmid, name) DO UPDATE SET
+             node = excluded.node, service = excluded.service, run_id = excluded.run_id,
+             step_id = excluded.step_id, taken_at = excluded.taken_at, deleted_at = NULL,
+             rolled_back_at = NULL, rolled_back_in = NULL",
+        params![s.vmid, s.node, s.name, s.service, s.run, s.step_id, s.taken_at],
+    )
+    .map_err(sql(path, "record a snapshot"))?;
+    Ok(())
+}
+
+/// The time now, as the store writes it.
+pub fn timestamp() -> String {
+    now()
 }
 
 /// Applies the scripts not yet applied, each with its `user_version` bump in one transaction.
@@ -1259,6 +1522,8 @@ mod tests {
             outputs: Vec::new(),
             rendered: None,
             refused: None,
+            held: None,
+            snapshots: Vec::new(),
         }
     }
 
@@ -1332,11 +1597,14 @@ mod tests {
             assert_eq!(
                 tables,
                 [
+                    "backups",
                     "guard_refusals",
+                    "held_steps",
                     "lock",
                     "outputs",
                     "rendered_inputs",
                     "runs",
+                    "snapshots",
                     "step_records",
                     "step_results"
                 ]
@@ -1784,6 +2052,47 @@ mod tests {
         empty.rendered = Some(BTreeMap::new());
         s.step_finished(run, &empty).unwrap();
         assert_eq!(s.rendered_inputs("tf:web").unwrap(), Some(BTreeMap::new()));
+    }
+
+    /// Issue 14: a rolled-back step is held until it next succeeds; snapshots are listed
+    /// until deleted, with what was rolled back to them.
+    #[test]
+    fn issue_14_held_steps_and_snapshots_are_kept_until_the_step_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("state.db")).unwrap();
+        let run = s.start_run(&[]).unwrap();
+        let snap = SnapshotRow {
+            vmid: 910,
+            node: "pve".into(),
+            name: "nixmox-r1-svc-app".into(),
+            service: "app".into(),
+            run: Some(run),
+            step_id: Some("nix:service-config:app".into()),
+            taken_at: now(),
+            rolled_back: None,
+        };
+        let mut fin = finish("nix:service-config:app", "h2", StepStatus::Failed);
+        fin.held = Some("health gate failed".into());
+        fin.snapshots = vec![snap.clone()];
+        s.step_finished(run, &fin).unwrap();
+        s.snapshot_rolled_back(910, "nixmox-r1-svc-app", Some(run))
+            .unwrap();
+        let held = s.record().unwrap().held;
+        assert_eq!(held["nix:service-config:app"].hash, "h2");
+        assert_eq!(held["nix:service-config:app"].run, run);
+        let rows = s.snapshots(Some(910)).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].rolled_back.as_ref().map(|r| r.1), Some(Some(run)));
+        assert!(s.snapshots(Some(911)).unwrap().is_empty());
+        // A success releases the step; a deleted snapshot is no longer listed.
+        s.step_finished(
+            run,
+            &finish("nix:service-config:app", "h3", StepStatus::Succeeded),
+        )
+        .unwrap();
+        assert!(s.record().unwrap().held.is_empty());
+        s.snapshot_deleted(910, "nixmox-r1-svc-app").unwrap();
+        assert!(s.snapshots(None).unwrap().is_empty());
     }
 
     /// Issue 11: a refusal by the destroy guard is kept until the step next succeeds.

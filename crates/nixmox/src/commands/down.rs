@@ -188,7 +188,7 @@ pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
         return Ok(());
     }
     confirm::destroy(&list, args.yes)?;
-    take_backups(&list)?;
+    take_backups(root, project, &mut store, &list)?;
 
     // 1. Terraform: each service's workspaces, consumers first, config before infra.
     {
@@ -226,6 +226,7 @@ pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
             timeout,
             args: std::env::args().skip(1).collect(),
             rollback: true,
+            snapshot_rollback: true,
             rollback_core: false,
             remove_orphans: Vec::new(),
             allow_destroy: false,
@@ -477,15 +478,67 @@ impl Listing<'_> {
     }
 }
 
-/// The hook where a backup (or snapshot) of each listed container is taken before anything is
-/// destroyed, its volume id printed and kept in the history. No backup can be configured yet
-/// (issue 14: `proxmox.snapshots`, `host.backup`), so every container is
-/// `Backup::NotConfigured` and nothing is taken; the list says so. The exhaustive match is the
-/// point: the variant that takes a backup cannot be added without handling it here.
-fn take_backups(list: &Teardown) -> Result<()> {
+/// Before anything is destroyed: a vzdump backup of each listed container whose host has
+/// `host.backup` (unless `--no-backup`), its volume id printed and recorded in the state store
+/// (`backups`). A backup that fails stops `down` with nothing destroyed. A snapshot would be no
+/// way back: destroying a container deletes its snapshots.
+fn take_backups(
+    root: &ProjectRoot,
+    project: &Project,
+    store: &mut Store,
+    list: &Teardown,
+) -> Result<()> {
+    let mut client = None;
     for c in &list.containers {
-        match c.backup {
+        match &c.backup {
             Backup::NotConfigured | Backup::Skipped => {}
+            Backup::Vzdump { storage, mode } => {
+                let fail = |e: String| {
+                    Error::RunFailed(format!(
+                        "backing up CT {} (`{}`) on node {} before destroying it: {e}; nothing was destroyed (`--no-backup` destroys without a backup)",
+                        c.vmid, c.name, c.node
+                    ))
+                };
+                if client.is_none() {
+                    use crate::proxmox::{connect, ClientOptions, Settings};
+                    let settings =
+                        Settings::from_project(project, root).map_err(|e| fail(e.to_string()))?;
+                    client = Some(
+                        connect(&settings, ClientOptions::default())
+                            .map_err(|e| fail(e.to_string()))?,
+                    );
+                }
+                let Some(client) = client.as_ref() else {
+                    continue;
+                };
+                output::note(&format!(
+                    "backing up CT {} (`{}`) to `{storage}` (vzdump, mode {mode})…",
+                    c.vmid, c.name
+                ));
+                let volid = crate::proxmox::backup::vzdump(client, &c.node, c.vmid, storage, mode)
+                    .map_err(|e| fail(e.to_string()))?
+                    .ok_or_else(|| {
+                        fail(format!(
+                            "the vzdump task ended, but storage `{storage}` lists no new archive of it"
+                        ))
+                    })?;
+                output::note(&format!("CT {} (`{}`) backed up: {volid}", c.vmid, c.name));
+                store
+                    .record_backup(&crate::state::BackupRow {
+                        service: project
+                            .services
+                            .iter()
+                            .find(|s| s.host.vmid.get() == c.vmid)
+                            .map_or_else(|| c.name.clone(), |s| s.name.to_string()),
+                        vmid: c.vmid,
+                        node: c.node.clone(),
+                        volid,
+                        kind: "vzdump".into(),
+                        reason: "before `down` destroyed it".into(),
+                        taken_at: crate::state::timestamp(),
+                    })
+                    .map_err(Error::State)?;
+            }
         }
     }
     Ok(())

@@ -14,6 +14,7 @@ mod rebalance;
 mod render;
 mod schema;
 mod secrets;
+mod snapshot;
 mod template;
 mod up;
 mod validate;
@@ -70,6 +71,7 @@ pub fn run(cli: Cli) -> Result<()> {
             fail_fast,
             timeout,
             format,
+            rollback,
             no_rollback,
             rollback_core,
             remove_orphans,
@@ -87,7 +89,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 fail_fast,
                 timeout,
                 json: format == crate::cli::PlanFormat::Json,
-                no_rollback,
+                no_rollback: no_rollback || rollback == Some(crate::cli::RollbackArg::None),
+                generation_rollback: rollback == Some(crate::cli::RollbackArg::Generation),
                 rollback_core,
                 remove_orphans,
                 allow_destroy,
@@ -137,6 +140,21 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         },
         Command::Secrets { action } => secrets::run(root, action),
+        Command::Backup {
+            service,
+            storage,
+            mode,
+        } => snapshot::backup(root, &service, storage.as_deref(), mode.as_deref()),
+        Command::Restore { service, from, yes } => snapshot::restore(root, &service, &from, yes),
+        Command::Snapshot { action } => match action {
+            crate::cli::SnapshotAction::List { services, format } => {
+                snapshot::list(root, &services, format)
+            }
+            crate::cli::SnapshotAction::Create { service } => snapshot::create(root, &service),
+            crate::cli::SnapshotAction::Rollback { service, name, yes } => {
+                snapshot::rollback(root, &service, name.as_deref(), yes)
+            }
+        },
     }
 }
 

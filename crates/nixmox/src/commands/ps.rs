@@ -32,9 +32,26 @@ pub struct LastDeploy {
     pub run: RunId,
     pub step: String,
     pub started_at: String,
-    /// `succeeded` or `failed`.
+    /// `succeeded`, `failed` or `rolled back`.
     pub result: String,
     pub error: Option<String>,
+    /// What a failed health gate rolled the service back to (`snapshot nixmox-r3-svc-app`,
+    /// `previous generation`).
+    pub rolled_back_to: Option<String>,
+}
+
+/// What a step's error says it was rolled back to (docs/engine.md, "Rollback").
+fn rolled_back_to(error: Option<&str>) -> Option<String> {
+    let rb = error?.split("; rolled back: ").nth(1)?;
+    if let Some(rest) = rb.split("rolled back to snapshot ").nth(1) {
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+            .collect();
+        return Some(format!("snapshot {name}"));
+    }
+    rb.contains("switched back to its previous generation")
+        .then(|| "previous generation".to_string())
 }
 
 pub fn run(
@@ -106,12 +123,13 @@ pub fn last_deploys(store: &Store) -> Result<BTreeMap<String, LastDeploy>> {
                         run: r.id,
                         step: row.step_id.clone(),
                         started_at: row.started_at.clone(),
-                        result: if row.status == "failed" {
-                            "failed".into()
-                        } else {
-                            "succeeded".into()
+                        result: match (row.status.as_str(), rolled_back_to(row.error.as_deref())) {
+                            ("failed", Some(_)) => "rolled back".into(),
+                            ("failed", None) => "failed".into(),
+                            _ => "succeeded".into(),
                         },
                         error: row.error.clone(),
+                        rolled_back_to: rolled_back_to(row.error.as_deref()),
                     },
                 );
             }
@@ -181,6 +199,7 @@ fn state_of(live: Option<&Live>, vmid: u32, d: Option<&LastDeploy>) -> String {
 fn state(d: Option<&LastDeploy>) -> &'static str {
     match d.map(|d| d.result.as_str()) {
         Some("succeeded") => "running",
+        Some("rolled back") => "rolled back",
         Some(_) => "deploy failed",
         None => "not deployed",
     }
@@ -228,8 +247,11 @@ fn table(
             s.host.ip.to_string(),
             state_of(live, s.host.vmid.get(), d),
             health_text(h),
-            d.map(|d| format!("{} {} (run {})", d.started_at, d.result, d.run))
-                .unwrap_or_else(|| "-".into()),
+            d.map(|d| match &d.rolled_back_to {
+                Some(to) => format!("{} {} to {to} (run {})", d.started_at, d.result, d.run),
+                None => format!("{} {} (run {})", d.started_at, d.result, d.run),
+            })
+            .unwrap_or_else(|| "-".into()),
         ]);
     }
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
@@ -303,6 +325,7 @@ fn json_text(
                     "started_at": d.started_at,
                     "result": d.result,
                     "error": d.error,
+                    "rolled_back_to": d.rolled_back_to,
                 })),
             }))
         })

@@ -96,6 +96,7 @@ pub fn run(root: &ProjectRoot, yes: bool) -> Result<()> {
             timeout: "30m".into(),
             json: false,
             no_rollback: false,
+            generation_rollback: false,
             rollback_core: false,
             remove_orphans: false,
             allow_destroy: false,

@@ -252,6 +252,7 @@ fn rotate(root: &ProjectRoot, service: &str, name: Option<&str>, no_deploy: bool
             timeout: "30m".into(),
             json: false,
             no_rollback: false,
+            generation_rollback: false,
             rollback_core: false,
             remove_orphans: false,
             allow_destroy: false,

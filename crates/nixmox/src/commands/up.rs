@@ -31,6 +31,8 @@ pub struct Args {
     pub timeout: String,
     pub json: bool,
     pub no_rollback: bool,
+    /// `--rollback generation`: never restore a snapshot.
+    pub generation_rollback: bool,
     pub rollback_core: bool,
     /// Destroy the project's containers no longer in it (`proxmox-api`), once listed and
     /// confirmed.
@@ -85,6 +87,7 @@ pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
         timeout,
         args: std::env::args().skip(1).collect(),
         rollback: !args.no_rollback,
+        snapshot_rollback: !args.generation_rollback,
         rollback_core: args.rollback_core && !args.no_rollback,
         remove_orphans: Vec::new(),
         allow_destroy: args.allow_destroy,

@@ -36,6 +36,9 @@ pub struct UpOptions {
     pub args: Vec<String>,
     /// Roll back a service whose health gate fails after its deploy (`--no-rollback` off).
     pub rollback: bool,
+    /// Roll back to the snapshot taken before the deploy when there is one (`--rollback
+    /// snapshot`, the default); off: the previous generation (`--rollback generation`).
+    pub snapshot_rollback: bool,
     /// Also roll back core hosts (`--rollback-core`).
     pub rollback_core: bool,
     /// `tf:infra` with `proxmox-api` destroys these of the project's containers no longer in
@@ -97,6 +100,11 @@ fn skip_of(step: &plan::Step, opts: &UpOptions) -> Option<Skip> {
     if step.change == Change::Unchanged && !forced {
         return Some(Skip::Unchanged);
     }
+    // Failed its gate and rolled back with this same input: not again unless forced. Skipped
+    // like an unchanged step, so nothing is recorded for it (issue 14).
+    if step.held.is_some() && !forced {
+        return Some(Skip::Unchanged);
+    }
     if step.action == Action::Noop {
         return Some(Skip::Noop);
     }
@@ -113,6 +121,9 @@ pub fn dry_run(plan: &Plan, opts: &UpOptions) -> String {
     let mut runs = 0;
     for s in &plan.steps {
         let (verdict, why) = match skip_of(s, opts) {
+            Some(Skip::Unchanged) if s.held.is_some() => {
+                ("held", s.held.clone().unwrap_or_default())
+            }
             Some(Skip::Unchanged) => (
                 "skip",
                 "unchanged since the last successful run".to_string(),
@@ -244,7 +255,12 @@ fn run_locked(
         .with_guard(opts.allow_destroy, opts.delete_orphans)
         .with_secrets(vault)
         .with_rollback(rollback_settings(opts, &plan, &record, store)?);
+    let exec = match snapshot_hook(root, project, run, opts.timeout) {
+        Some(hook) => exec.with_snapshots(hook),
+        None => exec,
+    };
     let mut rolled_back = 0usize;
+    let mut snapshotted: std::collections::BTreeSet<(u32, String)> = Default::default();
     let sched = scheduler::Options {
         parallel: opts.parallel.max(1),
         fail_fast: opts.fail_fast,
@@ -299,10 +315,21 @@ fn run_locked(
                     None,
                 ),
                 Final::Skipped(Skip::Unchanged) => {
-                    reporter.event(&Event::StepSkipped {
-                        step: step.id.clone(),
-                        reason: "unchanged".into(),
-                    });
+                    match &step.held {
+                        Some(note) if step.change != Change::Unchanged => {
+                            reporter.event(&Event::StepSkipped {
+                                step: step.id.clone(),
+                                reason: format!("held: {note}"),
+                            });
+                            reporter.event(&Event::Warning {
+                                message: format!("{} not run: {note}", step.id),
+                            });
+                        }
+                        _ => reporter.event(&Event::StepSkipped {
+                            step: step.id.clone(),
+                            reason: "unchanged".into(),
+                        }),
+                    }
                     return;
                 }
                 Final::Skipped(Skip::Noop) => {
@@ -356,6 +383,26 @@ fn run_locked(
                 }
             };
             let artifacts = exec.take_artifacts(index);
+            for w in exec.take_warnings(index) {
+                reporter.event(&Event::Warning { message: w });
+            }
+            let taken = exec.take_snapshots(index);
+            let at = state::timestamp();
+            let snapshots: Vec<state::SnapshotRow> = taken
+                .iter()
+                .map(|t| state::SnapshotRow {
+                    vmid: t.vmid,
+                    node: t.node.clone(),
+                    name: t.name.clone(),
+                    service: t.service.clone(),
+                    run: Some(run),
+                    step_id: Some(step.id.clone()),
+                    taken_at: at.clone(),
+                    rolled_back: None,
+                })
+                .collect();
+            snapshotted.extend(taken.into_iter().map(|t| (t.vmid, t.node)));
+            let rb = exec.take_rolled_back(index);
             // A deploy records the secrets file it actually shipped (it may have been written
             // during this run).
             let (parts, input_hash) = match exec.take_secrets_hash(index) {
@@ -372,14 +419,30 @@ fn run_locked(
                 outputs: artifacts.outputs,
                 rendered: artifacts.rendered,
                 refused: artifacts.refused,
+                // A rolled-back failure is held: the next `up` does not repeat it with the
+                // same input (issue 14).
+                held: rb.as_ref().filter(|r| r.any).map(|r| r.reason.clone()),
+                snapshots,
             };
             if let Err(e) = store.step_finished(run, &fin) {
                 store_error.get_or_insert(Error::State(e));
             }
-            if let Some(rb) = exec.take_rolled_back(index) {
+            if let Some(rb) = rb {
+                for (vmid, name) in &rb.snapshots {
+                    if let Err(e) = store.snapshot_rolled_back(*vmid, name, Some(run)) {
+                        store_error.get_or_insert(Error::State(e));
+                    }
+                }
                 // The re-applied Terraform steps are recorded as they now are: at their
                 // previous inputs, so the next run applies the new ones again.
                 for r in rb.restored {
+                    // The input it was rolled back from is held like the deploy itself.
+                    let new_hash = plan
+                        .steps
+                        .iter()
+                        .find(|s| s.id == r.step_id)
+                        .map(|s| s.hash.clone());
+                    let step_id = r.step_id.clone();
                     let fin = StepFinish {
                         step_id: r.step_id,
                         input_hash: r.record.hash,
@@ -390,9 +453,17 @@ fn run_locked(
                         outputs: r.outputs,
                         rendered: Some(r.rendered),
                         refused: None,
+                        held: None,
+                        snapshots: Vec::new(),
                     };
                     if let Err(e) = store.step_finished(run, &fin) {
                         store_error.get_or_insert(Error::State(e));
+                    }
+                    if let Some(hash) = new_hash {
+                        let reason = format!("{} after it applied: {}", step.id, rb.reason);
+                        if let Err(e) = store.hold_step(&step_id, run, &hash, &reason) {
+                            store_error.get_or_insert(Error::State(e));
+                        }
                     }
                 }
                 if rb.any {
@@ -444,6 +515,15 @@ fn run_locked(
     } else {
         (RunResult::Success, "succeeded")
     };
+    // Retention, after a successful run only: the newest `keep` of NixMox's snapshots of each
+    // container it snapshotted; snapshots NixMox did not make are never touched.
+    if result == RunResult::Success && !snapshotted.is_empty() {
+        if let Some(hook) = exec.snapshot_hook() {
+            for message in prune_snapshots(hook, store, &snapshotted, opts.timeout) {
+                reporter.event(&Event::Warning { message });
+            }
+        }
+    }
     let summary = format!("{succeeded} succeeded, {failed} failed, {skipped} skipped");
     store
         .finish_run(run, result, &summary)
@@ -522,8 +602,107 @@ fn rollback_settings(
     Ok(runner::Rollback {
         services: opts.rollback,
         core: opts.rollback_core,
+        snapshot: opts.snapshot_rollback,
         previous,
     })
+}
+
+/// The run's snapshot settings: none when `proxmox.snapshots.mode` is off or the hosts are not
+/// NixMox's containers (`infra.backend: none`). Both other backends reach the PVE API with the
+/// project's token. A client that cannot be made is kept as the reason (a `required` step
+/// fails with it; `best-effort` warns).
+fn snapshot_hook(
+    root: &ProjectRoot,
+    project: &Project,
+    run: state::RunId,
+    timeout: Duration,
+) -> Option<runner::SnapshotHook> {
+    use nixmox_core::model::{InfraBackend, SnapshotMode};
+    let policy = project.proxmox.snapshots;
+    if policy.mode == SnapshotMode::Off || project.infra == InfraBackend::None {
+        return None;
+    }
+    let client = crate::proxmox::Settings::from_project(project, root)
+        .and_then(|settings| {
+            crate::proxmox::connect(
+                &settings,
+                crate::proxmox::ClientOptions {
+                    task_timeout: timeout,
+                    ..Default::default()
+                },
+            )
+        })
+        .map_err(|e| e.to_string());
+    let client = match client {
+        Ok(c) => Ok(c),
+        Err(e) => Err(crate::exec::scrub(
+            &e,
+            &runner::proxmox_token(project, root)
+                .into_iter()
+                .collect::<Vec<_>>(),
+        )),
+    };
+    Some(runner::SnapshotHook {
+        run,
+        policy,
+        client,
+    })
+}
+
+/// Deletes the older of NixMox's snapshots of these containers, keeping the newest
+/// `proxmox.snapshots.keep`. Only snapshots recorded in the store as NixMox's and named as
+/// NixMox names them are candidates. Returns warnings.
+fn prune_snapshots(
+    hook: &runner::SnapshotHook,
+    store: &mut Store,
+    containers: &std::collections::BTreeSet<(u32, String)>,
+    timeout: Duration,
+) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let Ok(client) = &hook.client else {
+        return warnings;
+    };
+    for (vmid, node) in containers {
+        let recorded: std::collections::BTreeSet<String> = match store.snapshots(Some(*vmid)) {
+            Ok(rows) => rows.into_iter().map(|r| r.name).collect(),
+            Err(e) => {
+                warnings.push(format!("snapshot retention of CT {vmid}: {e}"));
+                continue;
+            }
+        };
+        let present = match crate::proxmox::snapshot::list(client, node, *vmid) {
+            Ok(p) => p,
+            Err(e) => {
+                warnings.push(format!("snapshot retention of CT {vmid}: {e}"));
+                continue;
+            }
+        };
+        // What the store remembers and PVE no longer has is gone.
+        for name in &recorded {
+            if !present.iter().any(|p| &p.name == name) {
+                let _ = store.snapshot_deleted(*vmid, name);
+            }
+        }
+        let ours: Vec<(String, u64)> = present
+            .iter()
+            .filter(|p| recorded.contains(&p.name))
+            .map(|p| (p.name.clone(), p.snaptime))
+            .collect();
+        let deadline = Instant::now() + timeout;
+        for name in nixmox_core::snapshot::to_prune(&ours, hook.policy.keep) {
+            match crate::proxmox::snapshot::delete(client, node, *vmid, &name, deadline) {
+                Ok(_) => {
+                    if let Err(e) = store.snapshot_deleted(*vmid, &name) {
+                        warnings.push(format!("snapshot retention of CT {vmid}: {e}"));
+                    }
+                }
+                Err(e) => warnings.push(format!(
+                    "snapshot retention: deleting {name} of CT {vmid}: {e}"
+                )),
+            }
+        }
+    }
+    warnings
 }
 
 /// Reads the rendered files a step used, for rollback and `down`.

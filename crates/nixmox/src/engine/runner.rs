@@ -55,6 +55,31 @@ pub struct StepExec<'a> {
     /// The destroy guard's allowances: `--allow-destroy`, and deletes of orphaned containers
     /// in `tf:infra`.
     allow: (bool, bool),
+    /// Snapshots before deploys (issue 14), when the project has them on.
+    snapshots: Option<SnapshotHook>,
+    /// Per step: the snapshots it took, and warnings for the main thread to report.
+    taken: Mutex<BTreeMap<usize, Vec<Taken>>>,
+    warnings: Mutex<BTreeMap<usize, Vec<String>>>,
+}
+
+/// What the run's snapshots need: the run (for names), the policy and a PVE client.
+pub struct SnapshotHook {
+    pub run: i64,
+    pub policy: nixmox_core::model::Snapshots,
+    /// The client, or why none could be made (missing endpoint, credentials).
+    pub client: Result<crate::proxmox::Client, String>,
+}
+
+/// A snapshot a step took.
+#[derive(Clone, Debug)]
+pub struct Taken {
+    pub service: String,
+    pub hostname: String,
+    pub vmid: u32,
+    pub node: String,
+    pub name: String,
+    /// The step's own host (not the database host).
+    pub own: bool,
 }
 
 /// Rollback settings of a run, with what the store recorded before it started.
@@ -64,6 +89,8 @@ pub struct Rollback {
     pub services: bool,
     /// Also `nix:core:*` / `nix:core-auth:*` steps.
     pub core: bool,
+    /// Restore the snapshot taken before the deploy when there is one (else the generation).
+    pub snapshot: bool,
     /// Per Terraform step id: its record and rendered inputs as of the last successful run
     /// before this one.
     pub previous: BTreeMap<String, (StepRecord, BTreeMap<String, Vec<u8>>)>,
@@ -78,6 +105,10 @@ pub struct RolledBack {
     pub restored: Vec<Restored>,
     /// Whether anything was actually restored.
     pub any: bool,
+    /// Snapshots the containers were rolled back to: (vmid, name).
+    pub snapshots: Vec<(u32, String)>,
+    /// The health gate's error, without what the rollback did: why the step is held.
+    pub reason: String,
 }
 
 pub struct Restored {
@@ -120,6 +151,44 @@ impl<'a> StepExec<'a> {
             rolled_back: Mutex::new(BTreeMap::new()),
             infra: (None, Vec::new()),
             allow: (false, false),
+            snapshots: None,
+            taken: Mutex::new(BTreeMap::new()),
+            warnings: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The run's snapshot settings, if snapshots are on.
+    pub fn snapshot_hook(&self) -> Option<&SnapshotHook> {
+        self.snapshots.as_ref()
+    }
+
+    /// Snapshots containers before deploys and rolls back to them (docs/engine.md).
+    pub fn with_snapshots(mut self, hook: SnapshotHook) -> Self {
+        self.snapshots = Some(hook);
+        self
+    }
+
+    /// The snapshots a step took.
+    pub fn take_snapshots(&self, index: usize) -> Vec<Taken> {
+        self.taken
+            .lock()
+            .ok()
+            .and_then(|mut t| t.remove(&index))
+            .unwrap_or_default()
+    }
+
+    /// Warnings a step left for the run's output.
+    pub fn take_warnings(&self, index: usize) -> Vec<String> {
+        self.warnings
+            .lock()
+            .ok()
+            .and_then(|mut t| t.remove(&index))
+            .unwrap_or_default()
+    }
+
+    fn warn(&self, index: usize, message: String) {
+        if let Ok(mut w) = self.warnings.lock() {
+            w.entry(index).or_default().push(message);
         }
     }
 
@@ -982,9 +1051,13 @@ impl Runner for StepExec<'_> {
             }
             Phase::NixCore | Phase::NixCoreAuth | Phase::NixServiceConfig => {
                 match step.service.as_deref() {
-                    // The health gate: the service's startup, then readiness checks, before its
-                    // dependents run.
-                    Some(s) => match self.deploy(index, s) {
+                    // A snapshot first (issue 14), then the deploy and the health gate: the
+                    // service's startup, then readiness checks, before its dependents run.
+                    Some(s) => match self
+                        .snapshot_before(index, s, started)
+                        .map(|()| self.deploy(index, s))
+                        .unwrap_or_else(|failed| failed)
+                    {
                         Outcome::Done { changed, detail } => {
                             match self.health_gate(index, s, started, changed, detail) {
                                 Outcome::Failed { error, .. } if self.rolls_back(step.phase) => {
@@ -1029,14 +1102,31 @@ impl StepExec<'_> {
         let mut done: Vec<String> = Vec::new();
         let mut problems: Vec<String> = Vec::new();
         let mut restored = Vec::new();
+        let mut to_snapshots = Vec::new();
         if let Some(s) = self.project.service(service) {
-            match self.switch_back(index, s) {
-                Ok(Some(what)) => done.push(what),
-                Ok(None) => problems.push(format!(
-                    "{} not switched back: the deployer has no rollback command",
-                    s.host.hostname
-                )),
-                Err(e) => problems.push(e),
+            // The snapshot taken before the deploy, when there is one: the whole container,
+            // data included, through the PVE API (no network path to the host needed).
+            let restored_snapshot = match self.snapshot_back(index, s) {
+                Some(Ok((what, snaps))) => {
+                    done.extend(what);
+                    to_snapshots = snaps;
+                    true
+                }
+                Some(Err(e)) => {
+                    problems.push(e);
+                    false
+                }
+                None => false,
+            };
+            if !restored_snapshot {
+                match self.switch_back(index, s) {
+                    Ok(Some(what)) => done.push(what),
+                    Ok(None) => problems.push(format!(
+                        "{} not switched back: the deployer has no rollback command",
+                        s.host.hostname
+                    )),
+                    Err(e) => problems.push(e),
+                }
             }
         }
         let ran: Vec<usize> = self
@@ -1092,6 +1182,8 @@ impl StepExec<'_> {
                     detail: detail.clone(),
                     restored,
                     any,
+                    snapshots: to_snapshots,
+                    reason: scrub(&error, &self.redactions()),
                 },
             );
         }
@@ -1229,6 +1321,221 @@ impl StepExec<'_> {
             .collect();
         self.store_outputs(tf_index, step.phase, Some(service), &outputs)?;
         Ok(outputs)
+    }
+}
+
+/// Snapshots around deploys (issue 14, docs/engine.md "Rollback"): taken through the PVE API
+/// before a step changes a container's system, restored when its health gate fails.
+impl StepExec<'_> {
+    /// Snapshots the step's container (and the database host of a service that owns a
+    /// database) before its deploy. `Err` is the step's failure (`required` mode); under
+    /// `best-effort` a snapshot that cannot be taken is a warning.
+    fn snapshot_before(
+        &self,
+        index: usize,
+        service: &str,
+        started: std::time::Instant,
+    ) -> Result<(), Outcome> {
+        use nixmox_core::model::SnapshotMode;
+        use nixmox_core::snapshot;
+        let Some(hook) = &self.snapshots else {
+            return Ok(());
+        };
+        let step = &self.plan.steps[index];
+        let Some(s) = self.project.service(service) else {
+            return Ok(());
+        };
+        let targets = snapshot::targets(self.project, step.phase, s);
+        if hook.policy.mode == SnapshotMode::Off || targets.is_empty() {
+            return Ok(());
+        }
+        let required = hook.policy.mode == SnapshotMode::Required;
+        let fail = |msg: String| Outcome::Failed {
+            error: format!(
+                "{}: {} (proxmox.snapshots.mode is `required`, so nothing was deployed)",
+                step.id,
+                scrub(&msg, &self.redactions())
+            ),
+            transient: false,
+        };
+        let client = match &hook.client {
+            Ok(c) => c,
+            Err(e) => {
+                let msg = format!("no snapshot before the deploy: {e}");
+                if required {
+                    return Err(fail(msg));
+                }
+                self.warn(index, format!("{}: {msg}; deploying without one", step.id));
+                return Ok(());
+            }
+        };
+        let deadline = started + self.timeout;
+        let mut lines = Vec::new();
+        let mut result = Ok(());
+        for (target, kind) in targets {
+            let name = snapshot::name(hook.run, kind, s.name.as_str());
+            let vmid = target.host.vmid.get();
+            let node = target.host.node.as_str();
+            // A retried step (a transient deploy failure) keeps the snapshot of its first try.
+            let already = self.taken.lock().is_ok_and(|t| {
+                t.get(&index)
+                    .is_some_and(|v| v.iter().any(|x| x.vmid == vmid && x.name == name))
+            });
+            if already {
+                continue;
+            }
+            let t0 = std::time::Instant::now();
+            match crate::proxmox::snapshot::take(
+                client,
+                node,
+                vmid,
+                &name,
+                &snapshot::description(hook.run, &step.id),
+                deadline,
+            ) {
+                Ok(waited) => {
+                    if let Some((lock, d)) = waited {
+                        lines.push(format!(
+                            "CT {vmid} was locked ({lock}): waited {:.1}s for it",
+                            d.as_secs_f64()
+                        ));
+                    }
+                    lines.push(format!(
+                        "snapshot {name} of CT {vmid} (`{}`) on {node}: taken in {:.2}s",
+                        target.host.hostname,
+                        t0.elapsed().as_secs_f64()
+                    ));
+                    if let Ok(mut t) = self.taken.lock() {
+                        t.entry(index).or_default().push(Taken {
+                            service: target.name.to_string(),
+                            hostname: target.host.hostname.to_string(),
+                            vmid,
+                            node: node.to_string(),
+                            name,
+                            own: kind != snapshot::Kind::Db,
+                        });
+                    }
+                }
+                Err(e) => {
+                    let msg = format!(
+                        "snapshot of CT {vmid} (`{}`) on node {node}: {e}",
+                        target.host.hostname
+                    );
+                    lines.push(msg.clone());
+                    if required {
+                        result = Err(fail(msg));
+                        break;
+                    }
+                    self.warn(
+                        index,
+                        format!(
+                            "{}: {msg}; deploying without it (proxmox.snapshots.mode: best-effort)",
+                            step.id
+                        ),
+                    );
+                }
+            }
+        }
+        self.append_log(index, &lines);
+        result
+    }
+
+    /// Restores the snapshots the step took (its own host first), starts the containers and
+    /// checks the service's health again. `None`: no snapshot to go back to (or `--rollback
+    /// generation`); `Err`: the own host's snapshot could not be restored.
+    #[allow(clippy::type_complexity)]
+    fn snapshot_back(
+        &self,
+        index: usize,
+        s: &nixmox_core::model::Service,
+    ) -> Option<Result<(Vec<String>, Vec<(u32, String)>), String>> {
+        let hook = self.snapshots.as_ref()?;
+        if !self.rollback.as_ref().is_some_and(|r| r.snapshot) {
+            return None;
+        }
+        let mut taken: Vec<Taken> = self
+            .taken
+            .lock()
+            .ok()
+            .and_then(|t| t.get(&index).cloned())
+            .unwrap_or_default();
+        if !taken.iter().any(|t| t.own) {
+            return None;
+        }
+        taken.sort_by_key(|t| !t.own);
+        let client = hook.client.as_ref().ok()?;
+        let deadline = std::time::Instant::now() + self.timeout;
+        let mut done = Vec::new();
+        let mut snaps = Vec::new();
+        let mut lines = Vec::new();
+        for t in &taken {
+            let t0 = std::time::Instant::now();
+            match crate::proxmox::snapshot::rollback(
+                client, &t.node, t.vmid, &t.name, true, deadline,
+            ) {
+                Ok(_) => {
+                    let what = format!(
+                        "CT {} (`{}`) rolled back to snapshot {} and started",
+                        t.vmid, t.hostname, t.name
+                    );
+                    lines.push(format!("{what} in {:.2}s", t0.elapsed().as_secs_f64()));
+                    done.push(what);
+                    snaps.push((t.vmid, t.name.clone()));
+                }
+                Err(e) if t.own => {
+                    lines.push(format!("rollback to {} failed: {e}", t.name));
+                    self.append_log(index, &lines);
+                    return Some(Err(format!(
+                        "CT {} (`{}`) not rolled back to snapshot {}: {e}",
+                        t.vmid, t.hostname, t.name
+                    )));
+                }
+                Err(e) => {
+                    lines.push(format!("rollback to {} failed: {e}", t.name));
+                    done.push(format!(
+                        "CT {} (`{}`) NOT rolled back to snapshot {}: {e}",
+                        t.vmid, t.hostname, t.name
+                    ));
+                }
+            }
+        }
+        self.append_log(index, &lines);
+        // The same gate again, now against the restored container.
+        match self.health_gate(
+            index,
+            s.name.as_str(),
+            std::time::Instant::now(),
+            true,
+            String::new(),
+        ) {
+            Outcome::Done { detail, .. } => {
+                let detail = detail.trim_start_matches("; ").trim();
+                done.push(if detail.is_empty() {
+                    "no health checks to run again".to_string()
+                } else {
+                    format!("health after the rollback: {detail}")
+                });
+            }
+            Outcome::Failed { error, .. } => {
+                done.push(format!("health after the rollback: still failing: {error}"))
+            }
+        }
+        Some(Ok((done, snaps)))
+    }
+
+    fn append_log(&self, index: usize, lines: &[String]) {
+        if lines.is_empty() {
+            return;
+        }
+        use std::io::Write;
+        let text = scrub(&(lines.join("\n") + "\n"), &self.redactions());
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(index))
+        {
+            let _ = f.write_all(text.as_bytes());
+        }
     }
 }
 

@@ -216,6 +216,22 @@ impl Client {
         )
     }
 
+    /// One write request, not retried; a UPID it answers with is waited for. For writes whose
+    /// callers decide themselves whether a repeat is safe (snapshots, backups).
+    pub fn write(
+        &self,
+        method: Method,
+        path: &str,
+        params: &[(String, String)],
+    ) -> Result<Value, PveError> {
+        self.write_once(method, path, params)
+    }
+
+    /// Adds a line to the journal (the step's log).
+    pub fn log(&self, line: String) {
+        self.note(line);
+    }
+
     /// One write request, not retried; a UPID it answers with is waited for.
     fn write_once(
         &self,

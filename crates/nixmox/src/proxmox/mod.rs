@@ -24,9 +24,11 @@
 //! were chosen for the whole engine.
 
 pub mod api;
+pub mod backup;
 pub mod client;
 pub mod error;
 pub mod lifecycle;
+pub mod snapshot;
 pub mod step;
 pub mod template;
 pub mod tls;

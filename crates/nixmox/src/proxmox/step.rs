@@ -116,6 +116,34 @@ pub fn run_with(
             }
         }
     }
+    // Backup jobs (`host.backup.schedule`), once the containers are there.
+    let mut jobs: Vec<String> = Vec::new();
+    if let Ok(r) = &result {
+        match super::backup::sync_jobs(client, project) {
+            Ok(done) => jobs = done,
+            Err(e) => {
+                lines.push(format!("result: {}", r.summary()));
+                lines.push(format!("failed: backup jobs: {e}"));
+                let outcome = Outcome::Failed {
+                    error: format!("tf:infra: backup jobs (/cluster/backup): {e}"),
+                    transient: e.is_transient(),
+                };
+                lines.push(String::new());
+                lines.extend(client.journal());
+                let text = scrub(&(lines.join("\n") + "\n"), secrets);
+                if let Ok(mut f) = std::fs::File::create(log) {
+                    let _ = f.write_all(text.as_bytes());
+                }
+                return match outcome {
+                    Outcome::Failed { error, transient } => Outcome::Failed {
+                        error: scrub(&error, secrets),
+                        transient,
+                    },
+                    done => done,
+                };
+            }
+        }
+    }
     lines.push(String::new());
     lines.extend(client.journal());
     lines.push(String::new());
@@ -141,6 +169,10 @@ pub fn run_with(
             }
             lines.push(format!("result: {}", r.summary()));
             let mut detail = r.summary();
+            if !jobs.is_empty() {
+                lines.push(format!("backup jobs: {}", jobs.join("; ")));
+                detail.push_str(&format!("; {}", jobs.join("; ")));
+            }
             if !r.notes.is_empty() {
                 detail.push_str(&format!("; {}", r.notes.join("; ")));
             }
@@ -148,7 +180,7 @@ pub fn run_with(
                 detail.push_str(&format!("; warning: {w}"));
             }
             Outcome::Done {
-                changed: r.writes > 0,
+                changed: r.writes > 0 || !jobs.is_empty(),
                 detail,
             }
         }

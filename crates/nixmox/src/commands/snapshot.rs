@@ -1,0 +1,370 @@
+//! `nixmox snapshot list|create|rollback`: the containers' snapshots through the PVE API
+//! (docs/proxmox.md, "Snapshots"). NixMox's own are those it recorded in the state store and
+//! named as it names them; others are listed as foreign and never deleted.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use nixmox_core::model::{InfraBackend, Service};
+use nixmox_core::snapshot::{self, Kind};
+use nixmox_core::Project;
+use serde_json::json;
+
+use super::config::select;
+use crate::cli::PlanFormat;
+use crate::error::{Error, Result};
+use crate::proxmox::snapshot::{self as pve_snapshot, SnapError};
+use crate::proxmox::{self, Client, ClientOptions, PveError, Settings};
+use crate::root::Paths;
+use crate::root::ProjectRoot;
+use crate::state::{SnapshotRow, Store};
+use crate::{confirm, output};
+
+/// How long one snapshot task (and a lock held by a backup) is waited for.
+const TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+fn failed(e: PveError) -> Error {
+    match e {
+        PveError::Config(m) => Error::Usage(m),
+        e => Error::RunFailed(e.to_string()),
+    }
+}
+
+fn snap_failed(e: SnapError) -> Error {
+    Error::RunFailed(e.to_string())
+}
+
+fn open(root: &ProjectRoot) -> Result<(Project, Client)> {
+    let loaded = super::load_project(root)?;
+    let project = loaded.project.ok_or(Error::Reported { count: 0 })?;
+    if project.infra == InfraBackend::None {
+        return Err(Error::Usage(
+            "snapshots need NixMox's containers: infra.backend is `none` (the hosts are not containers NixMox manages)".into(),
+        ));
+    }
+    let settings = Settings::from_project(&project, root).map_err(failed)?;
+    if let Some(w) = settings.tls.warning() {
+        output::note(&format!("warning: {w}"));
+    }
+    let client = proxmox::connect(
+        &settings,
+        ClientOptions {
+            task_timeout: TIMEOUT,
+            ..ClientOptions::default()
+        },
+    )
+    .map_err(failed)?;
+    Ok((project, client))
+}
+
+/// The names the store records as NixMox's for a container.
+fn recorded(root: &ProjectRoot, project: &Project, vmid: u32) -> Result<Vec<SnapshotRow>> {
+    let paths = Paths::new(root, project);
+    if !paths.state_db.exists() {
+        return Ok(Vec::new());
+    }
+    Ok(Store::open(&paths.state_db)?.snapshots(Some(vmid))?)
+}
+
+fn service<'p>(project: &'p Project, name: &str) -> Result<&'p Service> {
+    select(project, &[name.to_string()])?;
+    project
+        .service(name)
+        .ok_or_else(|| Error::Usage(format!("no service `{name}`")))
+}
+
+/// `nixmox snapshot list [SERVICE...]`.
+pub fn list(root: &ProjectRoot, services: &[String], format: PlanFormat) -> Result<()> {
+    let (project, client) = open(root)?;
+    select(&project, services)?;
+    let chosen: Vec<&Service> = project
+        .services
+        .iter()
+        .filter(|s| services.is_empty() || services.iter().any(|n| n == s.name.as_str()))
+        .collect();
+    let mut rows = Vec::new();
+    for s in chosen {
+        let vmid = s.host.vmid.get();
+        let ours = recorded(root, &project, vmid)?;
+        let names: BTreeSet<&str> = ours.iter().map(|r| r.name.as_str()).collect();
+        for p in pve_snapshot::list(&client, &s.host.node, vmid).map_err(snap_failed)? {
+            let row = ours.iter().find(|r| r.name == p.name);
+            let nixmox = names.contains(p.name.as_str()) && snapshot::parse(&p.name).is_some();
+            rows.push(json!({
+                "service": s.name.as_str(),
+                "vmid": vmid,
+                "node": s.host.node,
+                "name": p.name,
+                "snaptime": p.snaptime,
+                "taken_by": if nixmox { "nixmox" } else { "foreign" },
+                "step": row.and_then(|r| r.step_id.clone()),
+                "run": row.and_then(|r| r.run),
+                "rolled_back_to": row.and_then(|r| r.rolled_back.as_ref().map(|(at, _)| at.clone())),
+                "description": p.description,
+            }));
+        }
+    }
+    let text = match format {
+        PlanFormat::Json => {
+            let mut t = serde_json::to_string_pretty(&json!({"version": 1, "snapshots": rows}))
+                .unwrap_or_default();
+            t.push('\n');
+            t
+        }
+        PlanFormat::Text => {
+            let mut t = String::from("SERVICE\tVMID\tNAME\tTAKEN BY\tNOTE\n");
+            for r in &rows {
+                let note = match (&r["step"], &r["rolled_back_to"]) {
+                    (_, serde_json::Value::String(at)) => format!("rolled back to at {at}"),
+                    (serde_json::Value::String(step), _) => format!("before {step}"),
+                    _ => r["description"].as_str().unwrap_or_default().to_string(),
+                };
+                t.push_str(&format!(
+                    "{}\t{}\t{}\t{}\t{}\n",
+                    r["service"].as_str().unwrap_or_default(),
+                    r["vmid"],
+                    r["name"].as_str().unwrap_or_default(),
+                    r["taken_by"].as_str().unwrap_or_default(),
+                    nixmox_core::diag::visible(&note)
+                ));
+            }
+            t
+        }
+    };
+    output::data(&text)
+}
+
+/// `nixmox snapshot create SERVICE`: prints the snapshot's name on stdout.
+pub fn create(root: &ProjectRoot, name: &str) -> Result<()> {
+    let (project, client) = open(root)?;
+    let s = service(&project, name)?;
+    let vmid = s.host.vmid.get();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let snap = snapshot::name(now, Kind::Manual, s.name.as_str());
+    output::note(&format!(
+        "snapshotting CT {vmid} (`{}`) on node {}…",
+        s.host.hostname, s.host.node
+    ));
+    pve_snapshot::take(
+        &client,
+        &s.host.node,
+        vmid,
+        &snap,
+        "taken by NixMox, `nixmox snapshot create`",
+        Instant::now() + TIMEOUT,
+    )
+    .map_err(snap_failed)?;
+    let paths = Paths::new(root, &project);
+    let mut store = Store::open(&paths.state_db)?;
+    store.record_snapshot(&SnapshotRow {
+        vmid,
+        node: s.host.node.clone(),
+        name: snap.clone(),
+        service: s.name.to_string(),
+        run: None,
+        step_id: None,
+        taken_at: crate::state::timestamp(),
+        rolled_back: None,
+    })?;
+    output::data(&format!("{snap}\n"))
+}
+
+/// `nixmox snapshot rollback SERVICE [NAME]`: NAME defaults to the newest of NixMox's
+/// snapshots of the container. Asks first; then the container is rolled back and started.
+pub fn rollback(root: &ProjectRoot, name: &str, snap: Option<&str>, yes: bool) -> Result<()> {
+    let (project, client) = open(root)?;
+    let s = service(&project, name)?;
+    let vmid = s.host.vmid.get();
+    let present = pve_snapshot::list(&client, &s.host.node, vmid).map_err(snap_failed)?;
+    let target = match snap {
+        Some(n) => {
+            if !snapshot::valid_name(n) {
+                return Err(Error::Usage(format!(
+                    "`{}` is not a snapshot name (a letter, then letters, digits, `-` and `_`, at most 40)",
+                    nixmox_core::diag::visible(n)
+                )));
+            }
+            if !present.iter().any(|p| p.name == n) {
+                return Err(Error::Usage(format!(
+                    "CT {vmid} (`{}`) has no snapshot `{n}`; `nixmox snapshot list {}` shows them",
+                    s.host.hostname, s.name
+                )));
+            }
+            n.to_string()
+        }
+        None => {
+            let ours: BTreeSet<String> = recorded(root, &project, vmid)?
+                .into_iter()
+                .map(|r| r.name)
+                .collect();
+            present
+                .iter()
+                .filter(|p| ours.contains(&p.name))
+                .max_by_key(|p| (snapshot::parse(&p.name).map(|n| n.run), p.snaptime))
+                .map(|p| p.name.clone())
+                .ok_or_else(|| {
+                    Error::Usage(format!(
+                        "CT {vmid} (`{}`) has no snapshot NixMox took; name one (`nixmox snapshot list {}`)",
+                        s.host.hostname, s.name
+                    ))
+                })?
+        }
+    };
+    confirm::ask(
+        &format!(
+            "CT {vmid} (`{}`) on node {} goes back to snapshot {target}: everything written since is lost, and the container restarts",
+            s.host.hostname, s.host.node
+        ),
+        "roll back",
+        yes,
+    )?;
+    pve_snapshot::rollback(
+        &client,
+        &s.host.node,
+        vmid,
+        &target,
+        true,
+        Instant::now() + TIMEOUT,
+    )
+    .map_err(snap_failed)?;
+    let paths = Paths::new(root, &project);
+    if paths.state_db.exists() {
+        Store::open(&paths.state_db)?.snapshot_rolled_back(vmid, &target, None)?;
+    }
+    output::note(&format!(
+        "CT {vmid} (`{}`) rolled back to {target} and started; `nixmox ps {}` shows its health",
+        s.host.hostname, s.name
+    ));
+    Ok(())
+}
+
+/// `nixmox backup SERVICE [--storage S] [--mode M]`: a vzdump of the service's container now,
+/// awaited; prints the archive's volume id and records it.
+pub fn backup(
+    root: &ProjectRoot,
+    name: &str,
+    storage: Option<&str>,
+    mode: Option<&str>,
+) -> Result<()> {
+    let (project, client) = open(root)?;
+    let s = service(&project, name)?;
+    let configured = s.host.backup.as_ref();
+    let storage = storage
+        .map(str::to_string)
+        .or_else(|| configured.map(|b| b.storage.clone()))
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "`{}` has no host.backup in its manifest: give the storage with --storage",
+                s.name
+            ))
+        })?;
+    if nixmox_core::ids::check_storage_id(&storage).is_err() {
+        return Err(Error::Usage(format!(
+            "`{}` is not a Proxmox storage id",
+            nixmox_core::diag::visible(&storage)
+        )));
+    }
+    let mode = mode
+        .map(str::to_string)
+        .or_else(|| configured.map(|b| b.mode.clone()))
+        .unwrap_or_else(|| "snapshot".into());
+    let vmid = s.host.vmid.get();
+    output::note(&format!(
+        "backing up CT {vmid} (`{}`) to `{storage}` (vzdump, mode {mode})…",
+        s.host.hostname
+    ));
+    let volid = crate::proxmox::backup::vzdump(&client, &s.host.node, vmid, &storage, &mode)
+        .map_err(failed)?
+        .ok_or_else(|| {
+            Error::RunFailed(format!(
+                "backing up CT {vmid}: the vzdump task ended, but storage `{storage}` lists no new archive of it"
+            ))
+        })?;
+    let paths = Paths::new(root, &project);
+    Store::open(&paths.state_db)?.record_backup(&crate::state::BackupRow {
+        service: s.name.to_string(),
+        vmid,
+        node: s.host.node.clone(),
+        volid: volid.clone(),
+        kind: "vzdump".into(),
+        reason: "`nixmox backup`".into(),
+        taken_at: crate::state::timestamp(),
+    })?;
+    output::data(&format!("{volid}\n"))
+}
+
+/// `nixmox restore SERVICE --from VOLID`: after confirmation, the container is replaced by the
+/// backup (stopped first; `POST /nodes/{node}/lxc` with `restore=1`, `force=1`), started, and
+/// the service's startup and readiness checks run.
+pub fn restore(root: &ProjectRoot, name: &str, from: &str, yes: bool) -> Result<()> {
+    let (project, client) = open(root)?;
+    let s = service(&project, name)?;
+    if nixmox_core::ids::check_volume_id(from).is_err() || !from.contains("vzdump-lxc-") {
+        return Err(Error::Usage(format!(
+            "`{}` is not a container backup's volume id (like `local:backup/vzdump-lxc-912-2026_11_29-21_00_00.tar.zst`)",
+            nixmox_core::diag::visible(from)
+        )));
+    }
+    let vmid = s.host.vmid.get();
+    let node = s.host.node.as_str();
+    confirm::ask(
+        &format!(
+            "CT {vmid} (`{}`) on node {node} is replaced by the backup {from}: everything written since that backup is lost",
+            s.host.hostname
+        ),
+        "restore",
+        yes,
+    )?;
+    let step = |what: &str, e: PveError| {
+        Error::RunFailed(format!(
+            "restoring CT {vmid} (`{}`): {what}: {e}",
+            s.host.hostname
+        ))
+    };
+    client.stop_ct(node, vmid).map_err(|e| step("stop", e))?;
+    let params = [
+        ("vmid".to_string(), vmid.to_string()),
+        ("ostemplate".to_string(), from.to_string()),
+        ("restore".to_string(), "1".to_string()),
+        ("force".to_string(), "1".to_string()),
+        ("storage".to_string(), project.proxmox.storage.clone()),
+    ];
+    client
+        .write(
+            proxmox::Method::Post,
+            &format!("/nodes/{}/lxc", proxmox::api::encode_segment(node)),
+            &params,
+        )
+        .map_err(|e| step("restore", e))?;
+    client.start_ct(node, vmid).map_err(|e| step("start", e))?;
+    output::note(&format!(
+        "CT {vmid} (`{}`) restored from {from} and started",
+        s.host.hostname
+    ));
+    let paths = Paths::new(root, &project);
+    let ctx = crate::health::Context::for_project(
+        &project,
+        &paths.ssh,
+        &paths.known_hosts,
+        &root.join(".nixmox/ca.pem"),
+    )
+    .map_err(Error::Usage)?;
+    let started = Instant::now();
+    match crate::health::steps::after_deploy(&ctx, s, started, Some(started + TIMEOUT), None) {
+        Ok(Some(passed)) => {
+            output::note(&format!("health: {passed}"));
+            Ok(())
+        }
+        Ok(None) => {
+            output::note("health: the service has no startup or readiness checks");
+            Ok(())
+        }
+        Err(e) => Err(Error::RunFailed(format!(
+            "CT {vmid} (`{}`) was restored from {from}, but its health checks fail: {e}",
+            s.host.hostname
+        ))),
+    }
+}
