@@ -17,6 +17,20 @@ pub fn data(text: &str) -> Result<()> {
     }
 }
 
+/// Data on stdout written piece by piece through a buffer (a large output is never held
+/// whole in memory); quiet on a broken pipe like [`data`].
+pub fn data_with(write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
+    match write(&mut out).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(Error::BrokenPipe),
+        Err(e) => Err(Error::Write {
+            path: "<stdout>".into(),
+            source: e,
+        }),
+    }
+}
+
 /// Whether stderr may carry colour: a terminal, and `NO_COLOR` unset.
 pub fn colour() -> bool {
     std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal()

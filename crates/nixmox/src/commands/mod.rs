@@ -133,7 +133,7 @@ pub fn run(cli: Cli) -> Result<()> {
 /// exit code 2; warnings are printed and the project is returned.
 pub fn load_project(root: &Path) -> Result<Loaded> {
     let read = project_fs::read_project(root)?;
-    let mut loaded = load_sources(root, &read.sources);
+    let mut loaded = load_sources(root, &read);
     loaded.diagnostics.extend(read.diagnostics);
     if let Some(project) = &loaded.project {
         let unsafe_paths = project_fs::check_written_paths(root, project);
@@ -158,9 +158,9 @@ pub fn load_project(root: &Path) -> Result<Loaded> {
 /// The core's `load` over sources read from `root`, with what only the shell can settle:
 /// relative flake input paths made absolute (they are relative to the project, and Nix runs
 /// elsewhere). Every command loads through here.
-pub fn load_sources(root: &Path, sources: &nixmox_core::Sources) -> Loaded {
-    let probe = project_fs::probe_in(root);
-    let mut loaded = nixmox_core::load_probed(sources, &probe);
+pub fn load_sources(root: &Path, read: &project_fs::Read) -> Loaded {
+    let probe = read.probe(root);
+    let mut loaded = nixmox_core::load_probed(&read.sources, &probe);
     if let Some(p) = loaded.project.as_mut() {
         crate::flake::absolutize_inputs(p, root);
     }
