@@ -46,6 +46,30 @@ pub fn map_mut<T: Send, R: Send>(items: &mut [T], f: impl Fn(&mut T) -> R + Sync
     })
 }
 
+/// `(a(), b())`, with `a` on another thread when the machine has more than one core.
+pub fn join<A: Send, B>(a: impl FnOnce() -> A + Send, b: impl FnOnce() -> B) -> (A, B) {
+    if threads(usize::MAX) <= 1 {
+        return (a(), b());
+    }
+    // `a` waits in a slot, so that it still runs here if its thread cannot be started.
+    let slot = Mutex::new(Some(a));
+    let take = || slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+    std::thread::scope(|scope| {
+        let spawned = std::thread::Builder::new().spawn_scoped(scope, || take().map(|a| a()));
+        let rb = b();
+        let ra = match spawned {
+            Ok(handle) => handle
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+            Err(_) => None,
+        };
+        match ra.or_else(|| take().map(|a| a())) {
+            Some(ra) => (ra, rb),
+            None => unreachable!("`a` ran on one thread or the other"),
+        }
+    })
+}
+
 /// A few shares per thread, so a thread slowed by the rest of the machine holds up little.
 fn share_len(len: usize, threads: usize) -> usize {
     len.div_ceil(threads * 4)
@@ -103,5 +127,6 @@ mod tests {
         );
         assert_eq!(items, want);
         assert!(map(&[] as &[u8], |b| *b).is_empty());
+        assert_eq!(join(|| 1, || "b"), (1, "b"));
     }
 }
