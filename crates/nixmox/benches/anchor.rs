@@ -11,10 +11,10 @@
 //! - `nixmox -C DIR validate`, `nixmox -C DIR plan --format json` and
 //!   `nixmox -C DIR config --format json` (the release binary, stdout to /dev/null);
 //!
-//! so that every command sees the same load, and reports medians, the ratio of `validate` to
-//! the anchor, the cost per service, and the peak RSS of each (one more run under
-//! `/usr/bin/time -f %M`). Then the re-render: a project of 1,000 services rendered once into
-//! `.nixmox/build`, then per run one manifest edited (its description) and
+//! so that every command sees the same load, and reports medians, the ratio of each to the
+//! anchor, the cost per service, and the peak RSS and CPU time (user + system) of each (one more
+//! run under `/usr/bin/time -f '%M %U %S'`). Then the re-render: a project of 1,000 services
+//! rendered once into `.nixmox/build`, then per run one manifest edited (its description) and
 //! `nixmox -C DIR render` timed, plus a render with nothing changed.
 //!
 //! Run: `cargo build --release -p nixmox && cargo bench -p nixmox --bench anchor`
@@ -172,11 +172,12 @@ fn run(cmd: &mut Command) -> Result<Duration, String> {
     Ok(took)
 }
 
-/// Peak resident set size in MiB of one run, read from GNU time's `%M` (KiB).
-fn peak_rss(program: &Path, args: &[&str]) -> Option<f64> {
+/// Peak resident set size (MiB) and CPU time (user + system, ms) of one run, read from GNU
+/// time's `%M %U %S`.
+fn peak_rss(program: &Path, args: &[&str]) -> Option<(f64, f64)> {
     let out = Command::new("/usr/bin/time")
         .arg("-f")
-        .arg("%M")
+        .arg("%M %U %S")
         .arg(program)
         .args(args)
         .stdout(Stdio::null())
@@ -186,13 +187,17 @@ fn peak_rss(program: &Path, args: &[&str]) -> Option<f64> {
     if !out.status.success() {
         return None;
     }
-    let kib: f64 = String::from_utf8_lossy(&out.stderr)
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let fields: Vec<f64> = stderr
         .lines()
         .last()?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib / 1024.0)
+        .split_whitespace()
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    match fields[..] {
+        [kib, user, sys] => Some((kib / 1024.0, (user + sys) * 1e3)),
+        _ => None,
+    }
 }
 
 fn nixmox(dir: &Path, args: &[&str]) -> Command {
@@ -280,18 +285,21 @@ fn side_by_side(n: usize) {
         std::fs::metadata(&nix_file).map(|m| m.len()).unwrap_or(0) as f64 / 1e6
     );
     println!();
-    println!("| command | median (ms) | best (ms) | µs/service | × anchor | peak RSS (MiB) |");
-    println!("|:--------|------------:|----------:|-----------:|---------:|---------------:|");
+    println!("| command | median (ms) | best (ms) | µs/service | × anchor | peak RSS (MiB) | CPU, one run (ms) |");
+    println!("|:--------|------------:|----------:|-----------:|---------:|---------------:|------------------:|");
     let names = std::iter::once("anchor: nix-instantiate --eval --strict --json")
         .chain(COMMANDS.iter().map(|(name, _)| *name));
     for ((name, s), r) in names.zip(&stats).zip(&rss) {
         println!(
-            "| {name} | {:.1} | {:.1} | {:.1} | {:.2} | {} |",
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.2} | {} | {} |",
             ms(s.median),
             ms(s.best),
             us_per(s.median, n),
             s.median.as_secs_f64() / anchor_t.as_secs_f64(),
-            r.map(|r| format!("{r:.1}")).unwrap_or_else(|| "-".into())
+            r.map(|(rss, _)| format!("{rss:.1}"))
+                .unwrap_or_else(|| "-".into()),
+            r.map(|(_, cpu)| format!("{cpu:.0}"))
+                .unwrap_or_else(|| "-".into())
         );
     }
     let ratio = stats[1].median.as_secs_f64() / anchor_t.as_secs_f64();
@@ -307,8 +315,10 @@ fn side_by_side(n: usize) {
             GOAL_CONFIG.as_millis(),
             format_args!("{:.1}", ms(stats[3].median)),
             mark(stats[3].median < GOAL_CONFIG),
-            rss[3].map(|r| format!("{r:.1}")).unwrap_or_else(|| "-".into()),
-            mark(rss[3].is_some_and(|r| r < GOAL_CONFIG_RSS_MIB)),
+            rss[3]
+                .map(|(r, _)| format!("{r:.1}"))
+                .unwrap_or_else(|| "-".into()),
+            mark(rss[3].is_some_and(|(r, _)| r < GOAL_CONFIG_RSS_MIB)),
         );
     }
     finish(&dir);
