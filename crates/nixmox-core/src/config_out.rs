@@ -15,12 +15,56 @@ pub const VERSION: u32 = 1;
 /// The resolved project; `only` limits the services shown (all when empty).
 pub fn resolved(p: &Project, only: &[usize]) -> Value {
     let mut services = Map::new();
-    for (i, s) in p.services.iter().enumerate() {
-        if only.is_empty() || only.contains(&i) {
-            services.insert(s.name.to_string(), service(p, i, s));
+    for (i, s) in selected(p, only) {
+        services.insert(s.name.to_string(), service(p, i, s));
+    }
+    let mut head = head(p);
+    head.insert("services".into(), Value::Object(services));
+    Value::Object(head)
+}
+
+/// [`resolved`] as pretty JSON (the same text as `serde_json::to_writer_pretty` of it),
+/// written as it is built: one service's value at a time, so a large project never holds the
+/// whole tree or the whole text in memory.
+pub fn write_json(p: &Project, only: &[usize], w: &mut dyn std::io::Write) -> std::io::Result<()> {
+    use serde::ser::{Serialize, SerializeMap, Serializer};
+    struct Services<'a>(&'a Project, &'a [usize]);
+    impl Serialize for Services<'_> {
+        fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+            let mut m = ser.serialize_map(None)?;
+            for (i, s) in selected(self.0, self.1) {
+                m.serialize_entry(s.name.as_str(), &service(self.0, i, s))?;
+            }
+            m.end()
         }
     }
-    json!({
+    struct Resolved<'a>(Map<String, Value>, Services<'a>);
+    impl Serialize for Resolved<'_> {
+        fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+            let mut m = ser.serialize_map(None)?;
+            for (k, v) in &self.0 {
+                m.serialize_entry(k, v)?;
+            }
+            m.serialize_entry("services", &self.1)?;
+            m.end()
+        }
+    }
+    serde_json::to_writer_pretty(&mut *w, &Resolved(head(p), Services(p, only)))
+        .map_err(std::io::Error::from)?;
+    w.write_all(b"\n")
+}
+
+/// The services `only` selects (all when empty), in the project's order.
+fn selected<'a>(p: &'a Project, only: &'a [usize]) -> impl Iterator<Item = (usize, &'a Service)> {
+    p.services
+        .iter()
+        .enumerate()
+        .filter(move |(i, _)| only.is_empty() || only.contains(i))
+}
+
+/// Everything of [`resolved`] but the services.
+fn head(p: &Project) -> Map<String, Value> {
+    let Value::Object(head) = json!({
         "version": VERSION,
         "project": p.name.as_str(),
         "domain": p.domain.as_str(),
@@ -86,8 +130,10 @@ pub fn resolved(p: &Project, only: &[usize]) -> Value {
         "state": { "backend": "sqlite", "path": p.state.path },
         "secrets": { "backend": "sops", "age_recipients": p.secrets.age_recipients },
         "deploy": { "parallel": p.deploy.parallel },
-        "services": services,
-    })
+    }) else {
+        unreachable!("json! of an object is an object")
+    };
+    head
 }
 
 /// The nameservers hosts use: the configured ones, else the DNS provider's address.

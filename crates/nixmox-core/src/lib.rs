@@ -16,6 +16,7 @@ pub mod lock;
 pub mod manifest;
 pub mod model;
 pub mod nixexpr;
+pub mod par;
 pub mod placement;
 pub mod plan;
 pub mod plan_out;

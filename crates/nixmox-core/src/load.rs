@@ -4,6 +4,7 @@
 //! allocation from the pools against `nixmox.lock`, happens here without touching the disk.
 
 use core::net::Ipv4Addr;
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::config::{self, ProjectConfig};
@@ -13,6 +14,7 @@ use crate::ids::{Hostname, VmId};
 use crate::lock::{self, Lock, LockEntry};
 use crate::manifest::{self, ServiceSpec, Sp};
 use crate::model::{Capability, Edge, EdgeKind, Health, Host, Origin, Project, Service};
+use crate::par::map_mut as par_map_mut;
 use crate::syntax::{self, Format, Span};
 
 pub const PROJECT_FILE: &str = "nixmox.yaml";
@@ -121,9 +123,13 @@ pub struct ClusterNode {
 
 /// [`load_probed`] with what the shell knows of the cluster.
 pub fn load_in(sources: &Sources, probe: &dyn Fn(&str) -> PathKind, cluster: &Cluster) -> Loaded {
-    let mut texts: Vec<(String, String)> = Vec::new();
+    let mut texts: Vec<(String, Cow<str>)> = Vec::with_capacity(sources.manifests.len() + 2);
     let mut diags: Vec<Diagnostic> = Vec::new();
-    let mut decode_text = |f: &SourceFile, diags: &mut Vec<Diagnostic>| -> Option<usize> {
+    fn decode_text<'a>(
+        f: &'a SourceFile,
+        texts: &mut Vec<(String, Cow<'a, str>)>,
+        diags: &mut Vec<Diagnostic>,
+    ) -> Option<usize> {
         match std::str::from_utf8(&f.bytes) {
             Ok(s) => {
                 texts.push((
@@ -158,22 +164,22 @@ pub fn load_in(sources: &Sources, probe: &dyn Fn(&str) -> PathKind, cluster: &Cl
                 None
             }
         }
-    };
+    }
     let config_idx = sources
         .config
         .as_ref()
-        .and_then(|f| decode_text(f, &mut diags));
+        .and_then(|f| decode_text(f, &mut texts, &mut diags));
     let manifest_idx: Vec<Option<usize>> = sources
         .manifests
         .iter()
-        .map(|f| decode_text(f, &mut diags))
+        .map(|f| decode_text(f, &mut texts, &mut diags))
         .collect();
     let lock_idx = sources
         .lock
         .as_ref()
-        .and_then(|f| decode_text(f, &mut diags));
+        .and_then(|f| decode_text(f, &mut texts, &mut diags));
 
-    let mut cxs: Vec<Cx> = texts.iter().map(|(p, t)| Cx::new(p, t)).collect();
+    let mut cxs: Vec<Cx> = crate::par::map(&texts, |(p, t)| Cx::new(p, t));
 
     // The project file.
     let mut cfg: Option<ProjectConfig> = None;
@@ -198,22 +204,30 @@ pub fn load_in(sources: &Sources, probe: &dyn Fn(&str) -> PathKind, cluster: &Cl
         }
     }
 
-    // Manifests.
-    let mut specs: Vec<ServiceSpec> = Vec::new();
-    for (f, idx) in sources.manifests.iter().zip(&manifest_idx) {
-        let Some(i) = *idx else { continue };
-        let dir = f
-            .path
-            .rsplit_once('/')
-            .map(|(d, _)| d)
-            .unwrap_or("")
-            .to_string();
-        if let Some(root) = parse_file(&mut cxs[i], &texts[i].1, &texts[i].0) {
-            if let Some(spec) = manifest::decode(&mut cxs[i], &root, i, &f.path, &dir) {
-                specs.push(spec);
-            }
+    // Manifests: parsed and decoded in parallel, each file with its own context; the specs
+    // are sorted below and the diagnostics at the end, so the output does not depend on how
+    // the files were shared out.
+    let mut owner: Vec<Option<usize>> = vec![None; cxs.len()];
+    for (m, idx) in manifest_idx.iter().enumerate() {
+        if let Some(i) = *idx {
+            owner[i] = Some(m);
         }
     }
+    let mut work: Vec<(usize, &mut Cx, &SourceFile)> = cxs
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(i, cx)| owner[i].map(|m| (i, cx, &sources.manifests[m])))
+        .collect();
+    let mut specs: Vec<ServiceSpec> = par_map_mut(&mut work, |(i, cx, f)| {
+        let dir = f.path.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+        let text = &texts[*i].1;
+        let root = parse_file(cx, text, &f.path)?;
+        manifest::decode(cx, &root, *i, &f.path, dir)
+    })
+    .into_iter()
+    .flatten()
+    .collect();
+    drop(work);
     if sources.manifests.is_empty() && sources.config.is_some() {
         let file = PROJECT_FILE.to_string();
         diags.push(Diagnostic {
@@ -392,9 +406,9 @@ fn path_problem(
 /// A lone `\r` ends a line in YAML (and is whitespace in JSON) but not for serde_json's or a
 /// reader's line count: make it a `\n`, which means the same and keeps every byte offset, so
 /// every position reported agrees with the lines a reader sees.
-fn normalize_breaks(text: &str) -> String {
+fn normalize_breaks(text: &str) -> Cow<'_, str> {
     if !text.contains('\r') {
-        return text.to_string();
+        return Cow::Borrowed(text);
     }
     let bytes = text.as_bytes();
     let mut out = String::with_capacity(text.len());
@@ -405,7 +419,7 @@ fn normalize_breaks(text: &str) -> String {
             out.push(c);
         }
     }
-    out
+    Cow::Owned(out)
 }
 
 fn parse_file(cx: &mut Cx, text: &str, path: &str) -> Option<syntax::Node> {
@@ -449,6 +463,21 @@ fn parse_file(cx: &mut Cx, text: &str, path: &str) -> Option<syntax::Node> {
 /// Terraform and PostgreSQL saw the whole name. Rejected everywhere, before decoding.
 fn check_nul(cx: &mut Cx, n: &syntax::Node, path: &str) {
     use syntax::Kind;
+    // Field paths are built only on the way to a NUL: almost no file has one, and formatting
+    // a path for every node was a fifth of loading a large project.
+    fn has_nul(n: &syntax::Node) -> bool {
+        match &n.kind {
+            Kind::Str(s) => s.contains('\0'),
+            Kind::Seq(items) => items.iter().any(has_nul),
+            Kind::Map(entries) => entries
+                .iter()
+                .any(|e| e.key.contains('\0') || has_nul(&e.value)),
+            _ => false,
+        }
+    }
+    if !has_nul(n) {
+        return;
+    }
     match &n.kind {
         Kind::Str(s) if s.contains('\0') => cx.error(
             n.span,

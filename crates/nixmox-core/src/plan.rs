@@ -354,6 +354,14 @@ impl Ctx<'_> {
     }
 }
 
+/// Hashes of the parts of a service's steps that cost most to build.
+struct ServiceHashes {
+    host: String,
+    own: String,
+    auth: String,
+    health: String,
+}
+
 struct Ctx<'a> {
     p: &'a Project,
     files: Option<&'a BTreeMap<String, String>>,
@@ -498,11 +506,31 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
         steps.len() - 1
     };
 
+    // The costly, independent parts of every service's steps (building a value and hashing
+    // it), computed on several threads before the steps are put together in order.
+    let all: Vec<usize> = (0..p.services.len()).collect();
+    let hashed: Vec<ServiceHashes> = crate::par::map(&all, |&i| {
+        let s = &p.services[i];
+        let own = ctx.own(s);
+        let h = &s.health;
+        ServiceHashes {
+            host: hash_value(&ctx.host(i)),
+            own: hash_value(&own),
+            auth: hash_value(&own["auth"]),
+            health: hash_value(&json!({
+                "startup": h.startup.iter().map(config_out::check).collect::<Vec<_>>(),
+                "liveness": h.liveness.iter().map(config_out::check).collect::<Vec<_>>(),
+                "readiness": h.readiness.iter().map(config_out::check).collect::<Vec<_>>(),
+                "timing": [h.timing.interval_ms, h.timing.timeout_ms, h.timing.retries, h.timing.start_period_ms],
+            })),
+        }
+    });
+
     // tf:infra: every host of the project, whatever the selection (one Terraform workspace).
     let mut parts = Parts::new();
     parts.add("project", &json!({"base": ctx.base(), "backend": p.infra.as_str(), "bridge": p.network.bridge, "vlan": p.network.vlan, "proxmox": [p.proxmox.endpoint, p.proxmox.node, p.proxmox.storage, p.proxmox.template]}));
     for (i, s) in p.services.iter().enumerate() {
-        parts.add(format!("host:{}", s.name), &ctx.host(i));
+        parts.add_hash(format!("host:{}", s.name), &hashed[i].host);
     }
     let (action, description) = match p.infra {
         InfraBackend::None => (
@@ -536,7 +564,7 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
         let s = &p.services[i];
         let mut parts = Parts::new();
         parts.add_hash("base", &ctx.base_hash);
-        parts.add("self", &ctx.own(s));
+        parts.add_hash("self", &hashed[i].own);
         // A moved container is deployed and health-checked again on its new node.
         parts.add("node", &json!(s.host.node));
         parts.add_hash("providers", &ctx.facts_hash);
@@ -625,10 +653,10 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
     parts.add_hash("identity", &ctx.facts_hash);
     let mut oidc_core = 0;
     let mut forward = 0;
-    for s in &p.services {
+    for (s, hashed) in p.services.iter().zip(&hashed) {
         if s.is_core() && s.auth.is_some() {
             oidc_core += 1;
-            parts.add(format!("oidc:{}", s.name), &ctx.own(s)["auth"]);
+            parts.add_hash(format!("oidc:{}", s.name), &hashed.auth);
         }
         let authz: Vec<&str> = s
             .proxies
@@ -681,7 +709,7 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
         }
         let mut parts = Parts::new();
         parts.add_hash("base", &ctx.base_hash);
-        parts.add("self", &ctx.own(s));
+        parts.add_hash("self", &hashed[i].own);
         // A moved container is deployed and health-checked again on its new node.
         parts.add("node", &json!(s.host.node));
         parts.add_hash("providers", &ctx.facts_hash);
@@ -728,11 +756,10 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
             .filter(|d| d.mode == crate::model::DbMode::Terraform)
             .map(|d| d.database.as_str())
             .collect();
-        let own = ctx.own(s);
-        let own_hash = hash_value(&own);
+        let own_hash = &hashed[i].own;
         let mut parts = Parts::new();
         parts.add("terraform", &tf_json(&ctx, &infra_tf));
-        parts.add("auth", &own["auth"]);
+        parts.add_hash("auth", &hashed[i].auth);
         parts.add("db-terraform", &json!(tf_dbs));
         parts.add_hash("providers", &ctx.facts_hash);
         let mut what = Vec::new();
@@ -764,7 +791,7 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
         // nix:service-config
         let mut parts = Parts::new();
         parts.add_hash("base", &ctx.base_hash);
-        parts.add_hash("self", &own_hash);
+        parts.add_hash("self", own_hash);
         parts.add_hash("providers", &ctx.facts_hash);
         ctx.add_inputs(&mut parts, s);
         let description = format!("deploy {} ({})", s.host.hostname, s.host.ip);
@@ -808,13 +835,8 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
         // verify
         let mut parts = Parts::new();
         let h = &s.health;
-        parts.add("health", &json!({
-            "startup": h.startup.iter().map(config_out::check).collect::<Vec<_>>(),
-            "liveness": h.liveness.iter().map(config_out::check).collect::<Vec<_>>(),
-            "readiness": h.readiness.iter().map(config_out::check).collect::<Vec<_>>(),
-            "timing": [h.timing.interval_ms, h.timing.timeout_ms, h.timing.retries, h.timing.start_period_ms],
-        }));
-        parts.add_hash("wiring", &own_hash);
+        parts.add_hash("health", &hashed[i].health);
+        parts.add_hash("wiring", own_hash);
         parts.add_hash("providers", &ctx.facts_hash);
         let checks = h.startup.len() + h.liveness.len() + h.readiness.len();
         let mut wiring = Vec::new();

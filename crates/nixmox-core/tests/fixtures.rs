@@ -177,6 +177,21 @@ fn example_validates_and_resolves() {
     insta::assert_snapshot!("example_config", config);
 }
 
+/// `config --format json` is streamed one service at a time (issue 17): the text must be exactly
+/// the pretty JSON of the whole resolved tree, for all services and for a selection.
+#[test]
+fn streamed_config_json_is_the_resolved_tree() {
+    let p = common::example();
+    for only in [vec![], vec![0, 3]] {
+        let tree = nixmox_core::config_out::resolved(&p, &only);
+        let mut want = serde_json::to_string_pretty(&tree).unwrap();
+        want.push('\n');
+        let mut got = Vec::new();
+        nixmox_core::config_out::write_json(&p, &only, &mut got).unwrap();
+        assert_eq!(String::from_utf8(got).unwrap(), want);
+    }
+}
+
 #[test]
 fn allocation_is_stable_when_services_are_added() {
     let p = common::example();

@@ -28,6 +28,20 @@ pub fn data(text: &str) -> Result<()> {
     }
 }
 
+/// Data on stdout written piece by piece through a buffer (a large output is never held
+/// whole in memory); quiet on a broken pipe like [`data`].
+pub fn data_with(write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
+    match write(&mut out).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(Error::BrokenPipe),
+        Err(e) => Err(Error::Write {
+            path: "<stdout>".into(),
+            source: e,
+        }),
+    }
+}
+
 /// Whether stderr takes colour: a terminal, `NO_COLOR` unset (anstream's rules).
 pub fn colour() -> bool {
     anstream::AutoStream::choice(&std::io::stderr()) != anstream::ColorChoice::Never

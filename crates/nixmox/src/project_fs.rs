@@ -6,6 +6,7 @@
 //! a device would be read without end): every path is checked with `symlink_metadata` and
 //! `canonicalize` before it is opened.
 
+use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -21,15 +22,51 @@ pub const MANIFEST_NAMES: [&str; 3] = ["manifest.yaml", "manifest.yml", "manifes
 pub struct Read {
     pub sources: Sources,
     pub diagnostics: Vec<Diagnostic>,
+    /// What reading saw in each service directory (one directory read each), so that the
+    /// probes of the files manifests reference there need no further system call.
+    listing: Listing,
 }
 
-fn read(root: &Path, rel: &str) -> Result<SourceFile> {
-    let path = root.join(rel);
-    let bytes = fs::read(&path).map_err(|source| Error::Read { path, source })?;
-    Ok(SourceFile {
-        path: rel.to_string(),
-        bytes,
-    })
+impl Read {
+    /// Answers the core's "what is at this project-relative path", like [`probe_in`], from
+    /// what reading the project saw where it can: a regular file or a missing name directly
+    /// in a service directory (the common case, `./configuration.nix`). Anything else (a
+    /// directory, a link, a deeper path) is probed on the disk.
+    pub fn probe<'a>(&'a self, root: &'a Path) -> impl Fn(&str) -> PathKind + 'a {
+        move |rel: &str| match self.listing.lookup(rel) {
+            Some(kind) => kind,
+            None => probe(root, rel, true),
+        }
+    }
+}
+
+/// The entries of each service directory that is a real directory (not a link) inside the
+/// project, by their type as the directory read gave it (no link followed).
+#[derive(Default)]
+struct Listing {
+    dirs: HashMap<String, Vec<(String, Entry)>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    File,
+    /// A directory, a link or a special file: probed on the disk when asked about.
+    Other,
+}
+
+impl Listing {
+    fn lookup(&self, rel: &str) -> Option<PathKind> {
+        let (dir, name) = rel.rsplit_once('/')?;
+        if name.is_empty() || name == "." || name == ".." {
+            return None;
+        }
+        let entries = self.dirs.get(dir)?;
+        match entries.iter().find(|(n, _)| n == name) {
+            None => Some(PathKind::Missing),
+            Some((_, Entry::File)) => Some(PathKind::File),
+            Some((_, Entry::Other)) => None,
+        }
+    }
 }
 
 /// What is at a project-relative path, for files NixMox reads itself (the project file, the
@@ -56,7 +93,7 @@ fn read_checked(
 ) -> Result<Option<SourceFile>> {
     match regular_file(root, rel) {
         Ok(None) => Ok(None),
-        Ok(Some(())) => read(root, rel).map(Some),
+        Ok(Some(())) => read_regular(root, rel, false),
         Err(why) => {
             diagnostics.push(layout(
                 rel.to_string(),
@@ -82,6 +119,73 @@ fn layout(file: String, message: String, help: &str, severity: Severity) -> Diag
     }
 }
 
+/// Opens a file for reading without blocking on a FIFO and, with `follow` false, without
+/// following a link at the last component; `Ok(None)` when what is there is not a regular
+/// file (checked on the open file, so nothing can be swapped in between).
+fn open_regular(path: &Path, follow: bool) -> std::io::Result<Option<fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut flags = libc::O_NONBLOCK;
+    if !follow {
+        flags |= libc::O_NOFOLLOW;
+    }
+    let file = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(path)
+    {
+        Ok(f) => f,
+        // O_NOFOLLOW on a link.
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) && !follow => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if file.metadata()?.is_file() {
+        Ok(Some(file))
+    } else {
+        Ok(None)
+    }
+}
+
+fn read_to_vec(mut file: fs::File) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut bytes = Vec::with_capacity(file.metadata().map(|m| m.len() as usize).unwrap_or(0));
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// How many threads the shell uses for reading and writing many files.
+fn threads(jobs: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Below a few dozen files a thread costs more than it saves.
+    cores.min(8).min(jobs / 32).max(1)
+}
+
+/// Runs `f` over `items` on up to [`threads`] threads; the results in the order of `items`.
+fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let n = threads(items.len());
+    if n == 1 {
+        return items.iter().map(f).collect();
+    }
+    let chunk = items.len().div_ceil(n);
+    let f = &f;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || part.iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
+}
+
+/// What one service directory gave: its listing and its manifest (or problems).
+struct ServiceDir {
+    listing: Option<Vec<(String, Entry)>>,
+    manifest: Option<SourceFile>,
+    diagnostics: Vec<Diagnostic>,
+}
+
 pub fn read_project(root: &Path) -> Result<Read> {
     if !root.is_dir() {
         return Err(Error::Usage(format!(
@@ -89,23 +193,29 @@ pub fn read_project(root: &Path) -> Result<Read> {
             root.display()
         )));
     }
+    let canonical = root.canonicalize().map_err(|source| Error::Read {
+        path: root.to_path_buf(),
+        source,
+    })?;
+    let root = canonical.as_path();
     let mut diagnostics = Vec::new();
     let config = read_checked(root, PROJECT_FILE, &mut diagnostics)?;
     let lock = read_checked(root, LOCK_FILE, &mut diagnostics)?;
-    let mut manifests = Vec::new();
+    let empty = |config, lock, diagnostics| {
+        Ok(Read {
+            sources: Sources {
+                config,
+                manifests: Vec::new(),
+                lock,
+            },
+            diagnostics,
+            listing: Listing::default(),
+        })
+    };
     let services = root.join("services");
     match probe(root, "services", false) {
         PathKind::Dir | PathKind::Exists => {}
-        PathKind::Missing | PathKind::File => {
-            return Ok(Read {
-                sources: Sources {
-                    config,
-                    manifests,
-                    lock,
-                },
-                diagnostics,
-            })
-        }
+        PathKind::Missing | PathKind::File => return empty(config, lock, diagnostics),
         PathKind::Special { .. } | PathKind::Escapes { .. } => {
             diagnostics.push(layout(
                 "services".into(),
@@ -113,79 +223,34 @@ pub fn read_project(root: &Path) -> Result<Read> {
                 "`services/` must be a directory inside the project",
                 Severity::Error,
             ));
-            return Ok(Read {
-                sources: Sources {
-                    config,
-                    manifests,
-                    lock,
-                },
-                diagnostics,
-            });
+            return empty(config, lock, diagnostics);
         }
     }
-    let mut names: Vec<String> = fs::read_dir(&services)
+    // One directory read of `services/`; the entries' types come with it (no link followed).
+    let mut entries: Vec<(String, Option<fs::FileType>)> = fs::read_dir(&services)
         .map_err(|source| Error::Read {
             path: services.clone(),
             source,
         })?
         .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_string();
+            Some((name, e.file_type().ok()))
+        })
         .collect();
-    names.sort();
-    for name in names {
-        let dir_rel = format!("services/{name}");
-        match probe(root, &dir_rel, false) {
-            PathKind::Dir | PathKind::Exists => {}
-            // Files next to the service directories are not services.
-            PathKind::File | PathKind::Missing | PathKind::Special { .. } => continue,
-            PathKind::Escapes { at } => {
-                diagnostics.push(layout(
-                    dir_rel.clone(),
-                    format!("`{dir_rel}` leads outside the project directory (`{at}` is a symbolic link out of it)"),
-                    "a service directory must be inside the project; copy it in instead of linking to it",
-                    Severity::Error,
-                ));
-                continue;
-            }
-        }
-        let mut found: Vec<&str> = Vec::new();
-        for m in MANIFEST_NAMES {
-            let rel = format!("{dir_rel}/{m}");
-            match regular_file(root, &rel) {
-                Ok(None) => {}
-                Ok(Some(())) => found.push(m),
-                Err(why) => diagnostics.push(layout(
-                    rel.clone(),
-                    format!("`{rel}` {why}"),
-                    "a manifest must be a regular file inside the project directory",
-                    Severity::Error,
-                )),
-            }
-        }
-        match found.as_slice() {
-            [] => {
-                if !diagnostics
-                    .iter()
-                    .any(|d| d.file.starts_with(&format!("{dir_rel}/")))
-                {
-                    diagnostics.push(layout(
-                        dir_rel.clone(),
-                        format!("`{dir_rel}` has no manifest; it is not part of the project"),
-                        "a service directory holds manifest.yaml (or manifest.yml / manifest.json)",
-                        Severity::Warning,
-                    ));
-                }
-            }
-            [one] => manifests.push(read(root, &format!("{dir_rel}/{one}"))?),
-            many => diagnostics.push(layout(
-                dir_rel.clone(),
-                format!(
-                    "`{dir_rel}` has more than one manifest: {}",
-                    many.join(", ")
-                ),
-                "keep exactly one of manifest.yaml, manifest.yml or manifest.json",
-                Severity::Error,
-            )),
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    // Each service directory is read once, in parallel; the results keep the sorted order.
+    let dirs = par_map(&entries, |(name, file_type)| {
+        read_service_dir(root, name, *file_type)
+    });
+    let mut manifests = Vec::with_capacity(dirs.len());
+    let mut listing = Listing::default();
+    for ((name, _), dir) in entries.iter().zip(dirs) {
+        let dir = dir?;
+        diagnostics.extend(dir.diagnostics);
+        manifests.extend(dir.manifest);
+        if let Some(l) = dir.listing {
+            listing.dirs.insert(format!("services/{name}"), l);
         }
     }
     Ok(Read {
@@ -195,7 +260,144 @@ pub fn read_project(root: &Path) -> Result<Read> {
             lock,
         },
         diagnostics,
+        listing,
     })
+}
+
+/// Reads one entry of `services/`: a real directory is listed once and its one manifest read;
+/// a link is checked as every other path is (it must stay inside the project).
+fn read_service_dir(
+    root: &Path,
+    name: &str,
+    file_type: Option<fs::FileType>,
+) -> Result<ServiceDir> {
+    let dir_rel = format!("services/{name}");
+    let mut out = ServiceDir {
+        listing: None,
+        manifest: None,
+        diagnostics: Vec::new(),
+    };
+    let real_dir = file_type.is_some_and(|t| t.is_dir());
+    if !real_dir {
+        match probe(root, &dir_rel, false) {
+            PathKind::Dir | PathKind::Exists => {}
+            // Files next to the service directories are not services.
+            PathKind::File | PathKind::Missing | PathKind::Special { .. } => return Ok(out),
+            PathKind::Escapes { at } => {
+                out.diagnostics.push(layout(
+                    dir_rel.clone(),
+                    format!("`{dir_rel}` leads outside the project directory (`{at}` is a symbolic link out of it)"),
+                    "a service directory must be inside the project; copy it in instead of linking to it",
+                    Severity::Error,
+                ));
+                return Ok(out);
+            }
+        }
+    }
+    // A real directory inside the canonical root: its regular files are inside the project.
+    // A linked one (inside, as checked above) goes through `regular_file` name by name.
+    let mut found: Vec<&str> = Vec::new();
+    if real_dir {
+        let path = root.join(&dir_rel);
+        let listed: Vec<(String, Entry)> = fs::read_dir(&path)
+            .map_err(|source| Error::Read { path, source })?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.to_string();
+                let kind = match e.file_type() {
+                    Ok(t) if t.is_file() => Entry::File,
+                    _ => Entry::Other,
+                };
+                Some((name, kind))
+            })
+            .collect();
+        for m in MANIFEST_NAMES {
+            match listed.iter().find(|(n, _)| n == m) {
+                None => {}
+                Some((_, Entry::File)) => found.push(m),
+                Some((_, Entry::Other)) => {
+                    check_manifest(root, &dir_rel, m, &mut found, &mut out.diagnostics)
+                }
+            }
+        }
+        out.listing = Some(listed);
+    } else {
+        for m in MANIFEST_NAMES {
+            check_manifest(root, &dir_rel, m, &mut found, &mut out.diagnostics);
+        }
+    }
+    match found.as_slice() {
+        [] => {
+            if out.diagnostics.is_empty() {
+                out.diagnostics.push(layout(
+                    dir_rel.clone(),
+                    format!("`{dir_rel}` has no manifest; it is not part of the project"),
+                    "a service directory holds manifest.yaml (or manifest.yml / manifest.json)",
+                    Severity::Warning,
+                ));
+            }
+        }
+        [one] => {
+            let rel = format!("{dir_rel}/{one}");
+            match read_regular(root, &rel, real_dir)? {
+                Some(f) => out.manifest = Some(f),
+                None => out.diagnostics.push(layout(
+                    rel.clone(),
+                    format!("`{rel}` is not a regular file; NixMox never opens one"),
+                    "a manifest must be a regular file inside the project directory",
+                    Severity::Error,
+                )),
+            }
+        }
+        many => out.diagnostics.push(layout(
+            dir_rel.clone(),
+            format!(
+                "`{dir_rel}` has more than one manifest: {}",
+                many.join(", ")
+            ),
+            "keep exactly one of manifest.yaml, manifest.yml or manifest.json",
+            Severity::Error,
+        )),
+    }
+    Ok(out)
+}
+
+/// Checks a manifest name that is not plainly a regular file (a link, a directory, a FIFO).
+fn check_manifest<'m>(
+    root: &Path,
+    dir_rel: &str,
+    m: &'m str,
+    found: &mut Vec<&'m str>,
+    diagnostics: &mut Vec<Diagnostic>,
+) {
+    let rel = format!("{dir_rel}/{m}");
+    match regular_file(root, &rel) {
+        Ok(None) => {}
+        Ok(Some(())) => found.push(m),
+        Err(why) => diagnostics.push(layout(
+            rel.clone(),
+            format!("`{rel}` {why}"),
+            "a manifest must be a regular file inside the project directory",
+            Severity::Error,
+        )),
+    }
+}
+
+/// Reads a project file that was checked to be a regular file (or a link to one inside the
+/// project); `no_link` when the listing showed a regular file, so a link swapped in since is
+/// not followed. `Ok(None)` when it is no longer a regular file.
+fn read_regular(root: &Path, rel: &str, no_link: bool) -> Result<Option<SourceFile>> {
+    let path = root.join(rel);
+    let file = open_regular(&path, !no_link).map_err(|source| Error::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let Some(file) = file else { return Ok(None) };
+    let bytes = read_to_vec(file).map_err(|source| Error::Read { path, source })?;
+    Ok(Some(SourceFile {
+        path: rel.to_string(),
+        bytes,
+    }))
 }
 
 /// Problems with the places NixMox writes to inside the project: `.nixmox/` (build, state,
@@ -264,13 +466,18 @@ fn special_kind(t: fs::FileType) -> &'static str {
 /// What is at `rel` under `root`, without opening anything: links are resolved and must stay
 /// inside the project; with `deep`, a directory's entries are checked too, recursively.
 fn probe(root: &Path, rel: &str, deep: bool) -> PathKind {
-    let Ok(root) = root.canonicalize() else {
-        return PathKind::Missing;
-    };
+    match root.canonicalize() {
+        Ok(root) => probe_at(&root, rel, deep),
+        Err(_) => PathKind::Missing,
+    }
+}
+
+/// [`probe`] under a root that is already canonical.
+fn probe_at(root: &Path, rel: &str, deep: bool) -> PathKind {
     let path = root.join(rel);
     if fs::symlink_metadata(&path).is_err() {
         // Nothing there, or a directory on the way is missing or a dangling link.
-        return match first_escape(&root, Path::new(rel)) {
+        return match first_escape(root, Path::new(rel)) {
             Some(at) => PathKind::Escapes { at },
             None => PathKind::Missing,
         };
@@ -280,9 +487,9 @@ fn probe(root: &Path, rel: &str, deep: bool) -> PathKind {
         // A dangling link.
         Err(_) => return PathKind::Missing,
     };
-    if !real.starts_with(&root) {
+    if !real.starts_with(root) {
         return PathKind::Escapes {
-            at: first_escape(&root, Path::new(rel)).unwrap_or_else(|| rel.to_string()),
+            at: first_escape(root, Path::new(rel)).unwrap_or_else(|| rel.to_string()),
         };
     }
     let Ok(meta) = fs::metadata(&real) else {
@@ -293,7 +500,7 @@ fn probe(root: &Path, rel: &str, deep: bool) -> PathKind {
     } else if meta.is_dir() {
         if deep {
             let mut seen = Vec::new();
-            if let Some(problem) = walk(&root, &real, Path::new(rel), &mut seen) {
+            if let Some(problem) = walk(root, &real, Path::new(rel), &mut seen) {
                 return problem;
             }
         }
@@ -420,16 +627,25 @@ pub fn digests(
             paths.extend(t.modules.iter().map(String::as_str));
         }
     }
-    let mut out = std::collections::BTreeMap::new();
-    for rel in paths {
+    // Read and hashed on several threads; a large project references thousands of files.
+    let hashes = par_map(&paths, |rel| {
         let mut hasher = Sha256::new();
         hash_path(&root.join(rel), Path::new(""), &mut hasher);
-        let hex: String = hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        out.insert(rel.to_string(), hex);
+        hex(&hasher.finalize())
+    });
+    paths
+        .iter()
+        .map(|rel| rel.to_string())
+        .zip(hashes)
+        .collect()
+}
+
+fn hex(digest: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(digest.len() * 2);
+    for &b in digest {
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 15)] as char);
     }
     out
 }
@@ -457,26 +673,40 @@ fn hash_path(path: &Path, rel: &Path, hasher: &mut sha2::Sha256) {
         hasher.update([0]);
         // Only a regular file is opened: a FIFO would block. Validation has refused anything
         // else already; this guards against the tree changing in between.
-        if fs::metadata(path).is_ok_and(|m| m.is_file()) {
-            hasher.update(fs::read(path).unwrap_or_default());
+        if let Ok(Some(file)) = open_regular(path, true) {
+            hasher.update(read_to_vec(file).unwrap_or_default());
         }
         hasher.update([0]);
     }
 }
 
-/// Writes a rendered tree: into a fresh sibling directory first, then swapped into place, so a
-/// failure never leaves a half-written build and files of removed services do not linger.
-/// Returns how many project files were copied.
+/// Writes a rendered tree into `out` and returns how many project files it holds as copies.
+///
+/// The first time (no `out` yet), or when `out` holds anything but regular files and
+/// directories in the way, the whole tree is written into a fresh sibling directory and swapped
+/// into place, so a failure never leaves a half-written build. After that, a render changes
+/// only what differs: each file is compared with what is on disk and, when it differs, replaced
+/// atomically (a temporary file in the same directory, then a rename), so no file is ever seen
+/// half-written; files and directories that are no longer rendered are removed. The trade-off:
+/// while a re-render runs (or after one fails part-way) the tree can mix files of the old and
+/// the new render. Nothing reads the build while NixMox writes it (the engine renders before
+/// it runs any step, under the run lock), and the next render compares every file again, so a
+/// failed one is repaired by the next. Reading and writing run on several threads.
 pub fn write_tree(
     root: &Path,
     out: &Path,
     rendered: &nixmox_core::render::Rendered,
 ) -> Result<usize> {
+    let root = root.canonicalize().map_err(|source| Error::Read {
+        path: root.to_path_buf(),
+        source,
+    })?;
+    let root = root.as_path();
     // Validation checked every referenced path; check again what is about to be opened, in
     // case the tree changed since (and for copies validation does not see, like a host's
     // secrets file).
     for c in &rendered.copies {
-        let why = match probe(root, &c.from, true) {
+        let why = match probe_at(root, &c.from, true) {
             PathKind::Escapes { at } => {
                 format!("`{at}` is a symbolic link that leads outside the project directory")
             }
@@ -488,11 +718,211 @@ pub fn write_tree(
             why,
         });
     }
-    // Reading is far cheaper than writing: when the tree on disk is already exactly what would
-    // be written (a no-op `up`), leave it alone.
-    if let Some(copied) = tree_matches(root, out, rendered) {
-        return Ok(copied);
+    let mut wanted: Vec<(PathBuf, Want)> = rendered
+        .files
+        .iter()
+        .map(|f| (PathBuf::from(&f.path), Want::Text(f.contents.as_bytes())))
+        .collect();
+    let mut copied = 0;
+    for c in &rendered.copies {
+        let from = root.join(&c.from);
+        if !from.exists() {
+            // Optional inputs (a host's secrets file before secrets exist) are skipped;
+            // required ones were checked by validation.
+            continue;
+        }
+        let mut files = Vec::new();
+        list_files(&from, Path::new(""), &mut files);
+        for rel in files {
+            // A copied file lists itself as "": its source is `from`, its place `c.to`.
+            let (source, to) = if rel.as_os_str().is_empty() {
+                (from.clone(), PathBuf::from(&c.to))
+            } else {
+                (from.join(&rel), Path::new(&c.to).join(&rel))
+            };
+            wanted.push((to, Want::Copy(source)));
+            copied += 1;
+        }
     }
+    // A copy wins over a rendered file of the same path (as when copies were written last):
+    // reversed, the stable sort puts it first, and `dedup_by` keeps the first.
+    wanted.reverse();
+    wanted.sort_by(|a, b| a.0.cmp(&b.0));
+    wanted.dedup_by(|a, b| a.0 == b.0);
+    match scan(out) {
+        Some(present) if !present.conflicts(&wanted) => update(out, &wanted, &present)?,
+        _ => write_fresh(out, &wanted)?,
+    }
+    Ok(copied)
+}
+
+/// What a file of the build tree should hold.
+enum Want<'a> {
+    Text(&'a [u8]),
+    /// The contents of this project file.
+    Copy(PathBuf),
+}
+
+impl Want<'_> {
+    fn bytes(&self) -> Result<std::borrow::Cow<'_, [u8]>> {
+        match self {
+            Want::Text(b) => Ok(std::borrow::Cow::Borrowed(b)),
+            Want::Copy(from) => {
+                let read = |source| Error::Read {
+                    path: from.clone(),
+                    source,
+                };
+                // Only a regular file is opened, without blocking on a FIFO swapped in since.
+                let file = open_regular(from, true).map_err(read)?;
+                let Some(file) = file else {
+                    return Err(Error::Unsafe {
+                        path: from.clone(),
+                        why: "not a regular file".into(),
+                    });
+                };
+                Ok(std::borrow::Cow::Owned(read_to_vec(file).map_err(read)?))
+            }
+        }
+    }
+}
+
+/// The regular files and directories under a build tree, relative to it.
+struct Present {
+    files: std::collections::HashSet<PathBuf>,
+    dirs: std::collections::HashSet<PathBuf>,
+}
+
+impl Present {
+    /// Whether a wanted file is a directory on disk, or a directory it needs is a file.
+    fn conflicts(&self, wanted: &[(PathBuf, Want)]) -> bool {
+        wanted.iter().any(|(path, _)| {
+            self.dirs.contains(path) || path.ancestors().skip(1).any(|a| self.files.contains(a))
+        })
+    }
+}
+
+/// Lists `out` without following links: `None` when it does not exist, or when it holds
+/// anything but regular files and directories (a link, a FIFO), which only a fresh tree
+/// replaces safely.
+fn scan(out: &Path) -> Option<Present> {
+    let meta = fs::symlink_metadata(out).ok()?;
+    if !meta.is_dir() {
+        return None;
+    }
+    let mut present = Present {
+        files: Default::default(),
+        dirs: Default::default(),
+    };
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for e in fs::read_dir(out.join(&rel)).ok()? {
+            let e = e.ok()?;
+            let name = e.file_name();
+            // Terraform's own working files are neither rendered nor removed.
+            if skipped(&name) {
+                continue;
+            }
+            let entry = rel.join(&name);
+            let t = e.file_type().ok()?;
+            if t.is_dir() {
+                stack.push(entry.clone());
+                present.dirs.insert(entry);
+            } else if t.is_file() {
+                present.files.insert(entry);
+            } else {
+                return None;
+            }
+        }
+    }
+    Some(present)
+}
+
+/// The directories the wanted files need, parents before children.
+fn needed_dirs(wanted: &[(PathBuf, Want)]) -> Vec<PathBuf> {
+    let mut dirs: std::collections::BTreeSet<PathBuf> = Default::default();
+    for (path, _) in wanted {
+        for a in path.ancestors().skip(1) {
+            if a.as_os_str().is_empty() || !dirs.insert(a.to_path_buf()) {
+                break;
+            }
+        }
+    }
+    dirs.into_iter().collect()
+}
+
+fn create_dir(path: &Path) -> Result<()> {
+    match fs::create_dir(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(Error::Write {
+            path: path.to_path_buf(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Re-renders in place: only files whose contents differ are replaced; what is no longer
+/// rendered is removed.
+fn update(out: &Path, wanted: &[(PathBuf, Want)], present: &Present) -> Result<()> {
+    for dir in needed_dirs(wanted) {
+        if !present.dirs.contains(&dir) {
+            create_dir(&out.join(dir))?;
+        }
+    }
+    let results = par_map(wanted, |(rel, want)| -> Result<()> {
+        let path = out.join(rel);
+        let bytes = want.bytes()?;
+        if present.files.contains(rel) {
+            // The file was listed as a regular file; it is opened without following a link
+            // or blocking on a FIFO, in case it changed since.
+            if let Ok(Some(file)) = open_regular(&path, false) {
+                if read_to_vec(file).is_ok_and(|old| old == *bytes) {
+                    return Ok(());
+                }
+            }
+        }
+        replace_file(&path, &bytes)
+    });
+    results.into_iter().collect::<Result<Vec<()>>>()?;
+    let keep: std::collections::HashSet<&Path> = wanted.iter().map(|(p, _)| p.as_path()).collect();
+    for stale in present.files.iter().filter(|f| !keep.contains(f.as_path())) {
+        let path = out.join(stale);
+        fs::remove_file(&path).map_err(|source| Error::Write { path, source })?;
+    }
+    let needed: std::collections::HashSet<PathBuf> = needed_dirs(wanted).into_iter().collect();
+    let mut stale_dirs: Vec<&PathBuf> = present
+        .dirs
+        .iter()
+        .filter(|d| !needed.contains(*d))
+        .collect();
+    // Children before parents; a directory holding Terraform's working files stays.
+    stale_dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    for d in stale_dirs {
+        let _ = fs::remove_dir(out.join(d));
+    }
+    Ok(())
+}
+
+/// Replaces one file atomically: a temporary file next to it, then a rename over it.
+fn replace_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    fs::write(&tmp, bytes)
+        .and_then(|()| fs::rename(&tmp, path))
+        .map_err(|source| {
+            let _ = fs::remove_file(&tmp);
+            Error::Write {
+                path: path.to_path_buf(),
+                source,
+            }
+        })
+}
+
+/// Writes the whole tree into a fresh sibling directory and swaps it into place.
+fn write_fresh(out: &Path, wanted: &[(PathBuf, Want)]) -> Result<()> {
     let parent = out.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(|source| Error::Write {
         path: parent.to_path_buf(),
@@ -501,43 +931,27 @@ pub fn write_tree(
     let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("build");
     let tmp = parent.join(format!(".{name}.new-{}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
-    let result = (|| -> Result<usize> {
-        for f in &rendered.files {
-            let path = tmp.join(&f.path);
-            if let Some(dir) = path.parent() {
-                fs::create_dir_all(dir).map_err(|source| Error::Write {
-                    path: dir.to_path_buf(),
-                    source,
-                })?;
-            }
-            fs::write(&path, f.contents.as_bytes()).map_err(|source| Error::Write {
-                path: path.clone(),
-                source,
-            })?;
+    let result = (|| -> Result<()> {
+        create_dir(&tmp)?;
+        for dir in needed_dirs(wanted) {
+            create_dir(&tmp.join(dir))?;
         }
-        let mut copied = 0;
-        for c in &rendered.copies {
-            let from = root.join(&c.from);
-            if !from.exists() {
-                // Optional inputs (a host's secrets file before secrets exist) are skipped;
-                // required ones were checked by validation.
-                continue;
-            }
-            copied += copy_path(&from, &tmp.join(&c.to))?;
-        }
-        Ok(copied)
+        let results = par_map(wanted, |(rel, want)| -> Result<()> {
+            let path = tmp.join(rel);
+            let bytes = want.bytes()?;
+            fs::write(&path, &*bytes).map_err(|source| Error::Write { path, source })
+        });
+        results.into_iter().collect::<Result<Vec<()>>>()?;
+        Ok(())
     })();
-    let copied = match result {
-        Ok(n) => n,
-        Err(e) => {
-            let _ = fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-    };
+    if let Err(e) = result {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
     let old = parent.join(format!(".{name}.old-{}", std::process::id()));
     // On every failure from here on, the new tree is removed and the old one put back: no
     // `.build.new-<pid>` is left behind.
-    if out.exists() {
+    if fs::symlink_metadata(out).is_ok() {
         if let Err(source) = fs::rename(out, &old) {
             let _ = fs::remove_dir_all(&tmp);
             return Err(Error::Write {
@@ -555,105 +969,7 @@ pub fn write_tree(
         });
     }
     let _ = fs::remove_dir_all(&old);
-    Ok(copied)
-}
-
-fn copy_path(from: &Path, to: &Path) -> Result<usize> {
-    if from.is_dir() {
-        fs::create_dir_all(to).map_err(|source| Error::Write {
-            path: to.to_path_buf(),
-            source,
-        })?;
-        let mut n = 0;
-        let mut entries: Vec<PathBuf> = fs::read_dir(from)
-            .map_err(|source| Error::Read {
-                path: from.to_path_buf(),
-                source,
-            })?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
-        entries.sort();
-        for e in entries {
-            let name = e.file_name().map(PathBuf::from).unwrap_or_default();
-            if name
-                .to_str()
-                .is_some_and(|n| n == ".terraform" || n.starts_with("terraform.tfstate"))
-            {
-                continue;
-            }
-            n += copy_path(&e, &to.join(name))?;
-        }
-        Ok(n)
-    } else {
-        if !from.is_file() {
-            return Err(Error::Unsafe {
-                path: from.to_path_buf(),
-                why: "not a regular file".into(),
-            });
-        }
-        if let Some(dir) = to.parent() {
-            fs::create_dir_all(dir).map_err(|source| Error::Write {
-                path: dir.to_path_buf(),
-                source,
-            })?;
-        }
-        fs::copy(from, to).map_err(|source| Error::Write {
-            path: to.to_path_buf(),
-            source,
-        })?;
-        Ok(1)
-    }
-}
-
-/// `Some(number of copied files)` when `out` holds exactly the rendered files and copies, byte
-/// for byte, and nothing else.
-fn tree_matches(
-    root: &Path,
-    out: &Path,
-    rendered: &nixmox_core::render::Rendered,
-) -> Option<usize> {
-    let mut expected: std::collections::BTreeMap<PathBuf, Vec<u8>> =
-        std::collections::BTreeMap::new();
-    for f in &rendered.files {
-        expected.insert(PathBuf::from(&f.path), f.contents.as_bytes().to_vec());
-    }
-    let mut copied = 0;
-    for c in &rendered.copies {
-        let from = root.join(&c.from);
-        if !from.exists() {
-            continue;
-        }
-        let mut files = Vec::new();
-        list_files(&from, Path::new(""), &mut files);
-        for rel in files {
-            // A copied file lists itself as "": read it, not "file/" (which is no directory).
-            let source = if rel.as_os_str().is_empty() {
-                from.clone()
-            } else {
-                from.join(&rel)
-            };
-            let bytes = fs::read(source).ok()?;
-            let to = if rel.as_os_str().is_empty() {
-                PathBuf::from(&c.to)
-            } else {
-                Path::new(&c.to).join(&rel)
-            };
-            expected.insert(to, bytes);
-            copied += 1;
-        }
-    }
-    let mut present = Vec::new();
-    list_files(out, Path::new(""), &mut present);
-    if present.len() != expected.len() {
-        return None;
-    }
-    for rel in present {
-        let want = expected.get(&rel)?;
-        if fs::read(out.join(&rel)).ok()? != *want {
-            return None;
-        }
-    }
-    Some(copied)
+    Ok(())
 }
 
 /// Files under `path` (relative to it; `path` itself as "" when it is a file), skipping what
@@ -673,5 +989,147 @@ fn list_files(path: &Path, rel: &Path, out: &mut Vec<PathBuf>) {
         }
     } else if path.is_file() {
         out.push(rel.to_path_buf());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use nixmox_core::render::{Copy, Rendered};
+    use nixmox_core::RenderedFile;
+
+    use super::*;
+
+    fn rendered(files: &[(&str, &str)], copies: &[(&str, &str)]) -> Rendered {
+        Rendered {
+            files: files
+                .iter()
+                .map(|(path, contents)| RenderedFile {
+                    path: path.to_string(),
+                    contents: contents.to_string(),
+                })
+                .collect(),
+            copies: copies
+                .iter()
+                .map(|(from, to)| Copy {
+                    from: from.to_string(),
+                    to: to.to_string(),
+                })
+                .collect(),
+        }
+    }
+
+    fn inode(p: &Path) -> u64 {
+        fs::metadata(p).unwrap().ino()
+    }
+
+    /// Issue 17: a re-render replaces only the files whose contents changed and removes what
+    /// is no longer rendered; an unchanged file is not written again.
+    #[test]
+    fn re_render_writes_only_changed_files_and_removes_stale_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("project");
+        fs::create_dir_all(root.join("services/app")).unwrap();
+        fs::write(root.join("services/app/configuration.nix"), "{ }\n").unwrap();
+        let out = root.join(".nixmox/build");
+        let first = rendered(
+            &[
+                ("hosts/app.nix", "app 1"),
+                ("hosts/db.nix", "db 1"),
+                ("old/gone.nix", "gone"),
+            ],
+            &[(
+                "services/app/configuration.nix",
+                "modules/app/configuration.nix",
+            )],
+        );
+        assert_eq!(write_tree(&root, &out, &first).unwrap(), 1);
+        let app = inode(&out.join("hosts/app.nix"));
+        let copy = inode(&out.join("modules/app/configuration.nix"));
+        let db = inode(&out.join("hosts/db.nix"));
+
+        let second = rendered(
+            &[
+                ("hosts/app.nix", "app 1"),
+                ("hosts/db.nix", "db 2"),
+                ("hosts/new.nix", "new"),
+            ],
+            &[(
+                "services/app/configuration.nix",
+                "modules/app/configuration.nix",
+            )],
+        );
+        assert_eq!(write_tree(&root, &out, &second).unwrap(), 1);
+        assert_eq!(
+            inode(&out.join("hosts/app.nix")),
+            app,
+            "unchanged: not rewritten"
+        );
+        assert_eq!(inode(&out.join("modules/app/configuration.nix")), copy);
+        assert_ne!(inode(&out.join("hosts/db.nix")), db, "changed: replaced");
+        assert_eq!(
+            fs::read_to_string(out.join("hosts/db.nix")).unwrap(),
+            "db 2"
+        );
+        assert_eq!(
+            fs::read_to_string(out.join("hosts/new.nix")).unwrap(),
+            "new"
+        );
+        assert!(
+            !out.join("old").exists(),
+            "a stale file and its directory are removed"
+        );
+
+        // A changed project file is copied again.
+        fs::write(root.join("services/app/configuration.nix"), "{ x = 1; }\n").unwrap();
+        write_tree(&root, &out, &second).unwrap();
+        assert_eq!(
+            fs::read_to_string(out.join("modules/app/configuration.nix")).unwrap(),
+            "{ x = 1; }\n"
+        );
+        // No temporary file or sibling tree is left behind.
+        let siblings: Vec<_> = fs::read_dir(root.join(".nixmox")).unwrap().collect();
+        assert_eq!(siblings.len(), 1);
+        let mut listed = Vec::new();
+        list_files(&out, Path::new(""), &mut listed);
+        listed.sort();
+        assert_eq!(
+            listed,
+            [
+                "hosts/app.nix",
+                "hosts/db.nix",
+                "hosts/new.nix",
+                "modules/app/configuration.nix"
+            ]
+            .map(PathBuf::from)
+        );
+    }
+
+    /// A link or a FIFO in the build tree is never followed or opened: the tree is written
+    /// afresh and swapped in, and what the link pointed at is left alone.
+    #[test]
+    fn a_link_in_the_build_tree_makes_a_fresh_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("project");
+        let outside = dir.path().join("outside");
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(outside.join("app.nix"), "outside").unwrap();
+        let out = root.join(".nixmox/build");
+        fs::create_dir_all(&out).unwrap();
+        std::os::unix::fs::symlink(&outside, out.join("hosts")).unwrap();
+        let r = rendered(&[("hosts/app.nix", "app")], &[]);
+        write_tree(&root, &out, &r).unwrap();
+        assert_eq!(
+            fs::read_to_string(outside.join("app.nix")).unwrap(),
+            "outside"
+        );
+        assert!(!fs::symlink_metadata(out.join("hosts"))
+            .unwrap()
+            .is_symlink());
+        assert_eq!(
+            fs::read_to_string(out.join("hosts/app.nix")).unwrap(),
+            "app"
+        );
     }
 }

@@ -42,9 +42,22 @@ pub struct Rendered {
 
 /// Renders the whole build tree.
 pub fn render(p: &Project, outputs: &Outputs) -> Rendered {
-    let mut out = Rendered::default();
-    nixos::render(p, &mut out);
-    terraform::render(p, outputs, &mut out);
+    // The NixOS side and the Terraform side share nothing but the project: rendered on two
+    // threads, then put together in the same order as always.
+    let (tf, mut out) = crate::par::join(
+        || {
+            let mut tf = Rendered::default();
+            terraform::render(p, outputs, &mut tf);
+            tf
+        },
+        || {
+            let mut out = Rendered::default();
+            nixos::render(p, &mut out);
+            out
+        },
+    );
+    out.files.extend(tf.files);
+    out.copies.extend(tf.copies);
     out.files.sort_by(|a, b| a.path.cmp(&b.path));
     out.copies.sort_by(|a, b| a.to.cmp(&b.to));
     out

@@ -16,16 +16,15 @@ pub fn run(root: &ProjectRoot, format: ConfigFormat, services: &[String]) -> Res
         .as_ref()
         .expect("load_project returns a project");
     let only = select(project, services)?;
-    let value = config_out::resolved(project, &only);
-    let text = match format {
-        ConfigFormat::Yaml => nixmox_core::yaml_out::to_yaml(&value),
-        ConfigFormat::Json => {
-            let mut s = serde_json::to_string_pretty(&value).expect("JSON values always serialize");
-            s.push('\n');
-            s
+    match format {
+        ConfigFormat::Yaml => {
+            let value = config_out::resolved(project, &only);
+            output::data(&nixmox_core::yaml_out::to_yaml(&value))
         }
-    };
-    output::data(&text)
+        // Streamed: one service's value at a time (5,000 services would otherwise hold the
+        // whole tree and its text at once).
+        ConfigFormat::Json => output::data_with(|w| config_out::write_json(project, &only, w)),
+    }
 }
 
 /// Indexes of the named services; an unknown name is a usage error with a suggestion.

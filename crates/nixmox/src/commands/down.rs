@@ -584,7 +584,7 @@ fn reduced_project(root: &ProjectRoot, removed: &[String]) -> Result<Project> {
             .iter()
             .any(|s| m.path.starts_with(&format!("services/{s}/")))
     });
-    let mut loaded = super::load_sources(root, &read.sources);
+    let mut loaded = super::load_sources(root, &read);
     loaded.diagnostics.extend(read.diagnostics);
     let errors: Vec<_> = loaded.errors().cloned().collect();
     if !errors.is_empty() || loaded.project.is_none() {

@@ -186,14 +186,14 @@ pub fn load_project_in(root: &Path, ask: Ask) -> Result<Loaded> {
 /// (`rebalance`) without reading the files, asking the API or printing the warnings twice.
 pub struct Placed {
     pub loaded: Loaded,
-    pub sources: nixmox_core::Sources,
+    pub read: project_fs::Read,
     pub cluster: nixmox_core::Cluster,
 }
 
 /// [`load_project_in`], keeping the sources and the cluster it placed on.
 pub fn load_project_placed(root: &Path, ask: Ask) -> Result<Placed> {
     let read = project_fs::read_project(root)?;
-    let mut loaded = load_sources(root, &read.sources);
+    let mut loaded = load_sources(root, &read);
     let mut used = nixmox_core::Cluster::default();
     if ask != Ask::No {
         if let Some(project) = &loaded.project {
@@ -214,12 +214,12 @@ pub fn load_project_placed(root: &Path, ask: Ask) -> Result<Placed> {
                 None => {}
             }
             if cluster != nixmox_core::Cluster::default() {
-                loaded = load_sources_in(root, &read.sources, &cluster);
+                loaded = load_sources_in(root, &read, &cluster);
             }
             used = cluster;
         }
     }
-    loaded.diagnostics.extend(read.diagnostics);
+    loaded.diagnostics.extend(read.diagnostics.iter().cloned());
     if let Some(project) = &loaded.project {
         let unsafe_paths = project_fs::check_written_paths(root, project);
         if !unsafe_paths.is_empty() {
@@ -239,7 +239,7 @@ pub fn load_project_placed(root: &Path, ask: Ask) -> Result<Placed> {
     }
     Ok(Placed {
         loaded,
-        sources: read.sources,
+        read,
         cluster: used,
     })
 }
@@ -247,18 +247,18 @@ pub fn load_project_placed(root: &Path, ask: Ask) -> Result<Placed> {
 /// The core's `load` over sources read from `root`, with what only the shell can settle:
 /// relative flake input paths made absolute (they are relative to the project, and Nix runs
 /// elsewhere). Every command loads through here.
-pub fn load_sources(root: &Path, sources: &nixmox_core::Sources) -> Loaded {
-    load_sources_in(root, sources, &nixmox_core::Cluster::default())
+pub fn load_sources(root: &Path, read: &project_fs::Read) -> Loaded {
+    load_sources_in(root, read, &nixmox_core::Cluster::default())
 }
 
 /// [`load_sources`] with what the shell learnt of the cluster.
 pub fn load_sources_in(
     root: &Path,
-    sources: &nixmox_core::Sources,
+    read: &project_fs::Read,
     cluster: &nixmox_core::Cluster,
 ) -> Loaded {
-    let probe = project_fs::probe_in(root);
-    let mut loaded = nixmox_core::load_in(sources, &probe, cluster);
+    let probe = read.probe(root);
+    let mut loaded = nixmox_core::load_in(&read.sources, &probe, cluster);
     if let Some(p) = loaded.project.as_mut() {
         crate::flake::absolutize_inputs(p, root);
     }

@@ -25,7 +25,7 @@ pub fn run(root: &ProjectRoot, yes: bool) -> Result<()> {
     let now = placed.loaded;
     let fresh = load_sources_in(
         root,
-        &placed.sources,
+        &placed.read,
         &nixmox_core::Cluster {
             fresh: true,
             ..placed.cluster
