@@ -391,17 +391,7 @@ impl Terraform {
         ];
         args.extend(run.state_args());
         let result = run.tf(&args, &[0], false).and_then(|_| {
-            let show = vec![
-                "show".to_string(),
-                "-no-color".into(),
-                "-json".into(),
-                plan_file.display().to_string(),
-            ];
-            let f = run.tf(&show, &[0], true)?;
-            let drift = parse_drift(&f.stdout).map_err(|message| TfError::BadOutput {
-                command: run.command_name("show"),
-                message,
-            })?;
+            let drift = run.show_plan(&plan_file, parse_drift)?;
             let mut summary = format!("# {} drifted resource(s)", drift.len());
             for d in &drift {
                 summary.push_str(&format!("\n#   {} ({})", d.address, d.actions.join(", ")));
@@ -824,12 +814,12 @@ impl<'a> Runner<'a> {
         Ok(format!("{:x}", h.finalize()))
     }
 
-    /// The destroy guard: reads the saved plan (`show -json`) and refuses it when it deletes
-    /// or replaces a protected resource the run does not allow to go. No guard, no command.
-    fn guard(&mut self, plan_file: &Path) -> Result<(), TfError> {
-        let Some(guard) = &self.opts.guard else {
-            return Ok(());
-        };
+    /// `terraform show -json PLAN`, read by `parse` (Terraform's JSON plan format).
+    fn show_plan<T>(
+        &mut self,
+        plan_file: &Path,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<T, TfError> {
         let show = vec![
             "show".to_string(),
             "-no-color".into(),
@@ -837,10 +827,19 @@ impl<'a> Runner<'a> {
             plan_file.display().to_string(),
         ];
         let f = self.tf(&show, &[0], true)?;
-        let planned = parse_destroys(&f.stdout).map_err(|message| TfError::BadOutput {
+        parse(&f.stdout).map_err(|message| TfError::BadOutput {
             command: self.command_name("show"),
             message,
-        })?;
+        })
+    }
+
+    /// The destroy guard: reads the saved plan (`show -json`) and refuses it when it deletes
+    /// or replaces a protected resource the run does not allow to go. No guard, no command.
+    fn guard(&mut self, plan_file: &Path) -> Result<(), TfError> {
+        let Some(guard) = &self.opts.guard else {
+            return Ok(());
+        };
+        let planned = self.show_plan(plan_file, parse_destroys)?;
         let mut refused = Vec::new();
         let mut summary = format!(
             "# destroy guard: {} delete(s) or replacement(s) planned",

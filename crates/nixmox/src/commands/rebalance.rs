@@ -85,22 +85,6 @@ pub fn run(root: &ProjectRoot, yes: bool) -> Result<()> {
     ));
     up::run(
         root,
-        up::Args {
-            services: moves.into_iter().map(|m| m.service).collect(),
-            with_deps: false,
-            parallel: None,
-            dry_run: false,
-            force: false,
-            force_steps: Vec::new(),
-            fail_fast: false,
-            timeout: "30m".into(),
-            json: false,
-            no_rollback: false,
-            generation_rollback: false,
-            rollback_core: false,
-            remove_orphans: false,
-            allow_destroy: false,
-            yes: false,
-        },
+        up::Args::redeploy(moves.into_iter().map(|m| m.service).collect()),
     )
 }

@@ -239,26 +239,7 @@ fn rotate(root: &ProjectRoot, service: &str, name: Option<&str>, no_deploy: bool
         return Ok(());
     }
     output::note(&format!("redeploying {}", users.join(", ")));
-    up::run(
-        root,
-        up::Args {
-            services: users,
-            with_deps: false,
-            parallel: None,
-            dry_run: false,
-            force: false,
-            force_steps: Vec::new(),
-            fail_fast: false,
-            timeout: "30m".into(),
-            json: false,
-            no_rollback: false,
-            generation_rollback: false,
-            rollback_core: false,
-            remove_orphans: false,
-            allow_destroy: false,
-            yes: false,
-        },
-    )
+    up::run(root, up::Args::redeploy(users))
 }
 
 fn list(root: &ProjectRoot, services: &[String], format: PlanFormat) -> Result<()> {

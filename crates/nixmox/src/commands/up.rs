@@ -43,6 +43,30 @@ pub struct Args {
     pub yes: bool,
 }
 
+impl Args {
+    /// A plain `nixmox up SERVICE...` with every flag at its default and no dependencies
+    /// added: what another command runs after changing what those services deploy.
+    pub fn redeploy(services: Vec<String>) -> Args {
+        Args {
+            services,
+            with_deps: false,
+            parallel: None,
+            dry_run: false,
+            force: false,
+            force_steps: Vec::new(),
+            fail_fast: false,
+            timeout: "30m".into(),
+            json: false,
+            no_rollback: false,
+            generation_rollback: false,
+            rollback_core: false,
+            remove_orphans: false,
+            allow_destroy: false,
+            yes: false,
+        }
+    }
+}
+
 pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
     let timeout = parse_duration_ms(&args.timeout)
         .filter(|ms| *ms > 0)
