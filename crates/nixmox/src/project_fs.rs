@@ -594,20 +594,7 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
         path: dir.to_path_buf(),
         source,
     })?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
-    ));
-    fs::write(&tmp, contents)
-        .and_then(|()| fs::rename(&tmp, path))
-        .map_err(|source| {
-            let _ = fs::remove_file(&tmp);
-            Error::Write {
-                path: path.to_path_buf(),
-                source,
-            }
-        })
+    replace_file(path, contents)
 }
 
 /// Content digests of every file the project references (NixOS modules, migrations, Terraform
