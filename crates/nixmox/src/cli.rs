@@ -264,8 +264,9 @@ pub enum Command {
         #[command(subcommand)]
         action: SecretsAction,
     },
-    /// Back a service's container up now (vzdump through the Proxmox API, awaited); prints the
-    /// archive's volume id
+    /// Back a service's container up now (vzdump through the Proxmox API, awaited), and dump
+    /// the databases it owns (pg_dump on the database host, beside the backup); prints the
+    /// archive's volume id, then each dump as `host:path`
     Backup {
         /// The service
         service: String,

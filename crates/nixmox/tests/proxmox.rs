@@ -2396,3 +2396,125 @@ fn issue_14_restore_replaces_the_container_after_confirmation_and_checks_health(
     let ct = fake.cts().into_iter().find(|c| c["vmid"] == 912).unwrap();
     assert_eq!(ct["status"], "running", "{ct}");
 }
+
+/// Issue 14 with `infra.backend: terraform`: bpg/proxmox `~> 0.82` has no resource for
+/// `/cluster/backup` jobs, so `tf:infra` keeps them in step through the PVE API exactly as the
+/// `proxmox-api` backend does (after Terraform, with the project's token). fakepve checks the
+/// `/cluster/backup` requests against PVE's schema (a wrong parameter is a 400) and answers a
+/// listing without storing jobs, so the create request is what is checked here; the
+/// create/update/remove decisions are unit-tested in `proxmox::backup`. A project without
+/// backup jobs asks PVE nothing about them.
+#[test]
+fn issue_14_terraform_backend_keeps_backup_jobs_through_the_api() {
+    let mut fake = Fake::start("127.0.0.146", json!({}));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("homelab");
+    example_dir(&fake, &dir);
+    let cfg = dir.join("nixmox.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    // The containers exist (made through the API, as Terraform would have made them); the
+    // later steps fail here (no age keys), which does not matter to `tf:infra`.
+    let out = nixmox_in(&dir, &["up", "dns", "--no-deps"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("done   tf:infra"),
+        "{}",
+        common::text(&out)
+    );
+
+    let bin = tmp.path().join("tf");
+    std::fs::create_dir_all(&bin).unwrap();
+    let terraform = bin.join("terraform");
+    std::fs::write(&terraform, FAKE_TERRAFORM).unwrap();
+    std::fs::set_permissions(
+        &terraform,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let text = text
+        .replace("backend: proxmox-api", "backend: terraform")
+        .replace(
+            "  binary: terraform\n",
+            &format!("  binary: {}\n", terraform.display()),
+        );
+    std::fs::write(&cfg, text).unwrap();
+    let placed: std::collections::BTreeMap<u64, String> = fake
+        .cts()
+        .iter()
+        .map(|c| {
+            (
+                c["vmid"].as_u64().unwrap(),
+                c["node"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let config = nixmox_in(&dir, &["config", "--format", "json"]);
+    let doc: Value = serde_json::from_slice(&config.stdout).unwrap();
+    let services = doc["services"].as_object().unwrap();
+    let containers: Vec<(String, u64, String)> = services
+        .iter()
+        .map(|(name, s)| {
+            let vmid = s["host"]["vmid"].as_u64().unwrap();
+            (name.replace('-', "_"), vmid, placed[&vmid].clone())
+        })
+        .collect();
+    let state_dir = dir.join(".nixmox/terraform/infra");
+    std::fs::create_dir_all(&state_dir).unwrap();
+    std::fs::write(state_dir.join("terraform.tfstate"), tf_state(&containers)).unwrap();
+
+    // No host.backup.schedule anywhere: PVE is not asked about jobs.
+    fake.clear_requests();
+    let out = nixmox_in(
+        &dir,
+        &["up", "dns", "--no-deps", "--force-step", "tf:infra"],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("done   tf:infra"),
+        "{}",
+        common::text(&out)
+    );
+    assert!(
+        !fake
+            .requests()
+            .iter()
+            .any(|(_, p, _)| p.contains("/cluster/backup")),
+        "{:?}",
+        fake.requests()
+    );
+
+    // A schedule: the job is created through the API, named and commented as NixMox's.
+    let manifest = dir.join("services/vaultwarden/manifest.yaml");
+    edit(
+        &manifest,
+        "host:\n",
+        "host:\n  backup: { storage: local, schedule: \"sun 02:30\", keep: 7 }\n",
+    );
+    fake.clear_requests();
+    let out = nixmox_in(
+        &dir,
+        &["up", "dns", "--no-deps", "--force-step", "tf:infra"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("done   tf:infra")
+            && stderr.contains("backup job nixmox_homelab_vaultwarden created"),
+        "{stderr}"
+    );
+    let jobs: Vec<(String, String, String)> = fake
+        .writes()
+        .into_iter()
+        .filter(|(_, p, _)| p.contains("/cluster/backup"))
+        .collect();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(jobs[0].0, "POST");
+    let vmid = services["vaultwarden"]["host"]["vmid"].as_u64().unwrap();
+    for want in [
+        "id=nixmox_homelab_vaultwarden".to_string(),
+        "schedule=sun+02%3A30".to_string(),
+        format!("vmid={vmid}"),
+        "storage=local".to_string(),
+        "prune-backups=keep-last%3D7".to_string(),
+        "comment=managed+by+NixMox".to_string(),
+    ] {
+        assert!(jobs[0].2.contains(&want), "{want}: {jobs:?}");
+    }
+}

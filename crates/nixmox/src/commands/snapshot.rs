@@ -293,7 +293,112 @@ pub fn backup(
         reason: "`nixmox backup`".into(),
         taken_at: crate::state::timestamp(),
     })?;
-    output::data(&format!("{volid}\n"))
+    output::data(&format!("{volid}\n"))?;
+    let dumps = dump_databases(root, &project, &paths, s, &volid)?;
+    for d in &dumps {
+        output::data(&format!("{d}\n"))?;
+    }
+    Ok(())
+}
+
+/// The logical dumps beside a backup: each database the service owns (`interface.db`) dumped
+/// on the database host with `pg_dump --format=custom` as postgres, over SSH with the built-in
+/// deployers, into `proxmox::backup::dump_dir(service, volid)`; each is recorded in the state
+/// store (`backups`, kind `pg_dump`, the database host's vmid and node). Returns them as
+/// `<database host>:<path>`. With a custom deployer NixMox does not reach the hosts itself:
+/// the commands are printed for the operator and nothing is returned.
+fn dump_databases(
+    root: &ProjectRoot,
+    project: &Project,
+    paths: &Paths,
+    s: &Service,
+    volid: &str,
+) -> Result<Vec<String>> {
+    use crate::proxmox::backup::{dump_commands, dump_dir, dump_name_ok};
+    use nixmox_core::model::{Capability, Deployer};
+    if s.dbs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let Some(pg) = project.provider(Capability::Database) else {
+        output::note("the project has no database provider: no logical dump");
+        return Ok(Vec::new());
+    };
+    if let Some(bad) = s.dbs.iter().find(|d| !dump_name_ok(&d.database)) {
+        return Err(Error::Usage(format!(
+            "database `{}` of `{}` is not a plain PostgreSQL name: not dumped",
+            nixmox_core::diag::visible(&bad.database),
+            s.name
+        )));
+    }
+    let dir = dump_dir(s.name.as_str(), volid);
+    if matches!(project.nix.deployer, Deployer::Command { .. }) {
+        let mut text = format!(
+            "with a custom deployer NixMox does not dump databases itself; to keep a logical \
+             dump beside {volid}, run on the database host {} ({}):\n",
+            pg.host.hostname, pg.host.ip
+        );
+        for d in &s.dbs {
+            let (cmds, _) = dump_commands(&dir, &d.database);
+            for c in cmds {
+                let words: Vec<String> = c
+                    .iter()
+                    .map(|w| nixmox_core::deploy::shell_quote(w))
+                    .collect();
+                text.push_str(&format!("  {}\n", words.join(" ")));
+            }
+        }
+        output::note(text.trim_end());
+        return Ok(Vec::new());
+    }
+    let ctx = crate::health::Context::for_project(project, root, &paths.ssh, &paths.known_hosts)
+        .map_err(Error::Usage)?;
+    let to = ctx.route(pg.host.ip, 22);
+    let mut options = ctx.ssh.options.clone();
+    if to.port() != 22 {
+        options.push("-p".into());
+        options.push(to.port().to_string());
+    }
+    let mut store = Store::open(&paths.state_db)?;
+    let mut out = Vec::new();
+    for d in &s.dbs {
+        let (cmds, file) = dump_commands(&dir, &d.database);
+        output::note(&format!(
+            "dumping database `{}` on {} (pg_dump --format=custom) to {file}…",
+            d.database, pg.host.hostname
+        ));
+        for remote in cmds {
+            let mut argv =
+                nixmox_core::deploy::ssh_argv(&options, &ctx.ssh.user, *to.ip(), &remote);
+            argv[0] = ctx.ssh.program.clone();
+            let opts = crate::exec::RunOpts {
+                timeout: Some(TIMEOUT),
+                log: Some(paths.logs.join("backup").join(format!("{}.log", s.name))),
+                ..Default::default()
+            };
+            let fin = crate::exec::run(&crate::exec::Cmd::new(&argv[0]).args(&argv[1..]), &opts)
+                .map_err(|e| Error::RunFailed(format!("dumping `{}`: {e}", d.database)))?;
+            if !fin.success() {
+                return Err(Error::RunFailed(format!(
+                    "the backup {volid} was taken, but dumping database `{}` on {} failed (exit {:?}): {}",
+                    d.database,
+                    pg.host.hostname,
+                    fin.code,
+                    fin.stderr.trim()
+                )));
+            }
+        }
+        store.record_backup(&crate::state::BackupRow {
+            service: s.name.to_string(),
+            vmid: pg.host.vmid.get(),
+            node: pg.host.node.clone(),
+            volid: file.clone(),
+            kind: "pg_dump".into(),
+            reason: format!("`nixmox backup`, beside {volid}"),
+            taken_at: crate::state::timestamp(),
+        })?;
+        out.push(format!("{}:{file}", pg.host.hostname));
+    }
+    Ok(out)
 }
 
 /// `nixmox restore SERVICE --from VOLID`: after confirmation, the container is replaced by the
@@ -345,13 +450,8 @@ pub fn restore(root: &ProjectRoot, name: &str, from: &str, yes: bool) -> Result<
         s.host.hostname
     ));
     let paths = Paths::new(root, &project);
-    let ctx = crate::health::Context::for_project(
-        &project,
-        &paths.ssh,
-        &paths.known_hosts,
-        &root.join(".nixmox/ca.pem"),
-    )
-    .map_err(Error::Usage)?;
+    let ctx = crate::health::Context::for_project(&project, root, &paths.ssh, &paths.known_hosts)
+        .map_err(Error::Usage)?;
     let started = Instant::now();
     match crate::health::steps::after_deploy(&ctx, s, started, Some(started + TIMEOUT), None) {
         Ok(Some(passed)) => {

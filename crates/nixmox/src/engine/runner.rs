@@ -482,9 +482,34 @@ impl<'a> StepExec<'a> {
                 } else {
                     format!(", migrated {} ({})", moved.len(), moved.join(", "))
                 };
+                // Backup jobs (`host.backup.schedule`): the provider pinned (`~> 0.82`) has no
+                // resource for `/cluster/backup`, so they are kept in step through the PVE API
+                // exactly as with the `proxmox-api` backend, once the containers are there.
+                let jobs = if phase == Phase::TfInfra {
+                    match self.backup_jobs_for_terraform(&opts) {
+                        Ok(jobs) => jobs,
+                        Err(error) => {
+                            return Outcome::Failed {
+                                error: format!(
+                                    "{}: backup jobs (/cluster/backup): {}",
+                                    step.id,
+                                    scrub(&error, &self.redactions())
+                                ),
+                                transient: false,
+                            }
+                        }
+                    }
+                } else {
+                    Vec::new()
+                };
+                let jobs_note = if jobs.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {}", jobs.join(", "))
+                };
                 Outcome::Done {
-                    changed: applied.changed || !moved.is_empty(),
-                    detail: format!("{detail}{migrated}{stored}"),
+                    changed: applied.changed || !moved.is_empty() || !jobs.is_empty(),
+                    detail: format!("{detail}{migrated}{jobs_note}{stored}"),
                 }
             }
             Err(e) => {
@@ -510,6 +535,43 @@ impl<'a> StepExec<'a> {
                 }
             }
         }
+    }
+
+    /// `tf:infra` with the Terraform backend: NixMox's backup jobs (`/cluster/backup`) kept in
+    /// step with `host.backup.schedule` through the PVE API (`proxmox::backup::sync_jobs`, as
+    /// with the `proxmox-api` backend; jobs NixMox did not make are never changed). PVE is
+    /// asked only when a manifest wants a job or a previous run kept one (recorded in
+    /// `.nixmox/terraform/backup-jobs`), so a project without backup jobs needs no API access
+    /// here. Returns what changed, in words.
+    fn backup_jobs_for_terraform(&self, opts: &StepOpts) -> Result<Vec<String>, String> {
+        use crate::proxmox::{self, ClientOptions};
+        let record = self.paths.terraform.join("backup-jobs");
+        let desired = proxmox::backup::desired_jobs(self.project);
+        let kept = std::fs::read_to_string(&record).unwrap_or_default();
+        if desired.is_empty() && kept.trim().is_empty() {
+            return Ok(Vec::new());
+        }
+        let settings = proxmox::Settings::from_project(self.project, &self.paths.root)
+            .map_err(|e| e.to_string())?;
+        let secrets = settings.secrets();
+        let client = proxmox::connect(
+            &settings,
+            ClientOptions {
+                task_timeout: self.timeout,
+                ..ClientOptions::default()
+            },
+        )
+        .map_err(|e| scrub(&e.to_string(), &secrets))?;
+        let done = proxmox::backup::sync_jobs(&client, self.project)
+            .map_err(|e| scrub(&e.to_string(), &secrets))?;
+        for line in &done {
+            let _ = crate::exec::append_log(&opts.log, &format!("# {line}"), &opts.redact);
+        }
+        let ids: Vec<String> = desired.iter().map(|j| j.id.clone()).collect();
+        let _ = std::fs::create_dir_all(&self.paths.terraform);
+        std::fs::write(&record, ids.join("\n"))
+            .map_err(|e| format!("cannot write {}: {e}", record.display()))?;
+        Ok(done)
     }
 
     /// `tf:infra` with the Terraform backend: every container whose node in the workspace's

@@ -231,9 +231,117 @@ pub fn sync_jobs(client: &Client, project: &nixmox_core::Project) -> Result<Vec<
     Ok(done)
 }
 
+/// Where the logical dumps beside a backup live on the database host: `DUMP_ROOT/<service>/
+/// <volume id with every character outside `[A-Za-z0-9._-]` as `_`>`.
+pub const DUMP_ROOT: &str = "/var/lib/nixmox/dumps";
+
+/// The directory of the dumps taken with backup `volid` of `service`.
+pub fn dump_dir(service: &str, volid: &str) -> String {
+    let clean = |s: &str| -> String {
+        let out: String = s
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        // Never `.`, `..` or hidden: the name stays one plain component.
+        if out.starts_with('.') {
+            format!("_{out}")
+        } else {
+            out
+        }
+    };
+    format!("{DUMP_ROOT}/{}/{}", clean(service), clean(volid))
+}
+
+/// A database name NixMox dumps: a plain PostgreSQL identifier (`[A-Za-z_][A-Za-z0-9_]*`, at
+/// most 63 bytes), so it is one word that can be neither an option nor a connection string.
+pub fn dump_name_ok(database: &str) -> bool {
+    let mut chars = database.chars();
+    database.len() <= 63
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// The remote commands (argv, run as the SSH user on the database host) that dump `database`
+/// into `dir`: the directory made (mode 0700, owned by postgres), then `pg_dump
+/// --format=custom` as postgres. Returns the commands and the dump's path.
+pub fn dump_commands(dir: &str, database: &str) -> (Vec<Vec<String>>, String) {
+    let file = format!("{dir}/{database}.dump");
+    let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<String>>();
+    (
+        vec![
+            words(&[
+                "sudo", "install", "-d", "-m", "0700", "-o", "postgres", "-g", "postgres", dir,
+            ]),
+            words(&[
+                "sudo",
+                "-u",
+                "postgres",
+                "pg_dump",
+                "--format=custom",
+                &format!("--file={file}"),
+                "--",
+                database,
+            ]),
+        ],
+        file,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dumps_go_beside_the_backup_under_a_fixed_directory() {
+        assert_eq!(
+            dump_dir(
+                "wiki",
+                "local:backup/vzdump-lxc-912-2026_11_29-21_00_00.tar.zst"
+            ),
+            "/var/lib/nixmox/dumps/wiki/local_backup_vzdump-lxc-912-2026_11_29-21_00_00.tar.zst"
+        );
+        assert_eq!(
+            dump_dir("..", "../x y"),
+            "/var/lib/nixmox/dumps/_../_.._x_y"
+        );
+        let (cmds, file) = dump_commands("/var/lib/nixmox/dumps/wiki/v", "wiki_db");
+        assert_eq!(file, "/var/lib/nixmox/dumps/wiki/v/wiki_db.dump");
+        assert_eq!(
+            cmds[1],
+            [
+                "sudo",
+                "-u",
+                "postgres",
+                "pg_dump",
+                "--format=custom",
+                "--file=/var/lib/nixmox/dumps/wiki/v/wiki_db.dump",
+                "--",
+                "wiki_db"
+            ]
+        );
+        assert_eq!(cmds[0][0..2], ["sudo", "install"]);
+        assert_eq!(cmds[0].last().unwrap(), "/var/lib/nixmox/dumps/wiki/v");
+        assert!(dump_name_ok("wiki_db") && dump_name_ok("_x1"));
+        for bad in [
+            "",
+            "-h",
+            "a=b",
+            "host=x dbname=y",
+            "1db",
+            "wi ki",
+            &"a".repeat(64),
+        ] {
+            assert!(!dump_name_ok(bad), "{bad}");
+        }
+    }
     use serde_json::json;
 
     fn job(id: &str, schedule: &str) -> Job {
