@@ -49,22 +49,9 @@ fn binary() -> PathBuf {
 
 // ------------------------------------------------------------------------- the anchor's file
 
-/// A Nix string literal: `"`, `\` and `${` escaped, control characters as escapes.
+/// A Nix string literal, written by the renderers' one printer (`nixexpr::quote`).
 fn nix_string(s: &str, out: &mut String) {
-    out.push('"');
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '$' if chars.peek() == Some(&'{') => out.push_str("\\$"),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
+    out.push_str(&nixmox_core::nixexpr::quote(s));
 }
 
 /// A YAML value as the same Nix value (maps as attribute sets with quoted names).

@@ -288,13 +288,7 @@ fn run_nix(paths: &Paths, args: &[&str], what: &str) -> Result<(), FlakeError> {
     if fin.success() {
         return Ok(());
     }
-    let message = fin
-        .stderr
-        .lines()
-        .filter(|l| l.contains("error"))
-        .map(str::trim)
-        .collect::<Vec<_>>()
-        .join("; ");
+    let message = nix_error(&fin.stderr);
     Err(FlakeError::Nix {
         what: what.into(),
         message: if message.is_empty() {
@@ -305,9 +299,30 @@ fn run_nix(paths: &Paths, args: &[&str], what: &str) -> Result<(), FlakeError> {
     })
 }
 
+/// What went wrong, from Nix's stderr. Nix prints retries as `warning: error: …` before its
+/// final `error: …`: only the final lines say it.
+fn nix_error(stderr: &str) -> String {
+    stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("error:"))
+        .map(|l| l.trim_start_matches("error:").trim())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nix_errors_leave_out_the_retries() {
+        let stderr = "warning: error: unable to download 'x': timeout; retrying in 325 ms\n\
+                      warning: error: unable to download 'x': timeout; retrying in 700 ms\n\
+                      error: unable to download 'x': timeout\n";
+        assert_eq!(nix_error(stderr), "unable to download 'x': timeout");
+        assert_eq!(nix_error("warning: only a warning\n"), "");
+    }
 
     #[test]
     fn flake_reference_is_a_path_reference() {

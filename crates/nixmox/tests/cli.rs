@@ -1,15 +1,12 @@
 //! End-to-end tests of the real `nixmox` binary: exit codes, stdout/stderr separation, and
 //! what each command prints. One test binary, a module per command, one small builder.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
+use common::{copy_dir, repo};
 
 fn example() -> PathBuf {
     repo().join("examples/homelab")
@@ -85,20 +82,6 @@ impl Output {
             self.stdout, self.stderr
         );
         self
-    }
-}
-
-/// Copies a directory tree (for tests that write into a project).
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.path().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), &target).unwrap();
-        }
     }
 }
 

@@ -12,7 +12,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::use_nix_stubs;
+use common::{copy_dir, use_nix_stubs};
 use nixmox::engine::scheduler::Outcome;
 use nixmox::proxmox::{
     self, lifecycle, template, Api, Client, ClientOptions, Credentials, HttpApi, HttpOptions,
@@ -738,19 +738,6 @@ fn template_upload_and_list() {
     assert_eq!(list[1].size, 100_000);
     let again = template::upload(&client, "pve", &storage, &file, false).unwrap();
     assert!(matches!(again, template::Uploaded::AlreadyThere(_)));
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.path().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), &target).unwrap();
-        }
-    }
 }
 
 /// The example on disk, rewritten for the fake: proxmox-api backend, the fake's endpoint and

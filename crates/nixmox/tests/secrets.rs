@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use common::use_nix_stubs;
+use common::{copy_dir, use_nix_stubs};
 use nixmox::secrets::age::{ssh_private_to_age, ssh_to_age};
 use nixmox::secrets::sops::{Sops, SopsError};
 use nixmox::secrets::tree::Flat;
@@ -212,19 +212,6 @@ struct Lab {
     hosts: BTreeMap<String, PathBuf>,
     /// Every stdout and stderr of every command run, to search for canaries.
     transcript: std::cell::RefCell<Vec<u8>>,
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.path().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), &target).unwrap();
-        }
-    }
 }
 
 fn chmod_x(path: &Path) {
