@@ -125,7 +125,9 @@ pub fn quote(s: &str) -> String {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            '$' if chars.peek() == Some(&'{') => out.push_str("\\$"),
+            // `${` would start an interpolation; a `$` ending a literal part may be followed
+            // by one (`$${` is not an interpolation in Nix, so it must not reach the text).
+            '$' if matches!(chars.peek(), Some('{') | None) => out.push_str("\\$"),
             c => out.push(c),
         }
     }
@@ -135,19 +137,54 @@ pub fn quote(s: &str) -> String {
 
 /// Whether a multi-line string can be printed as an indented `''` string that evaluates to
 /// exactly the same text: Nix strips the smallest indentation of the lines, counts only
-/// spaces, and treats a trailing `'` next to the closing `''` as an escape.
+/// spaces, treats a trailing `'` next to the closing `''` as an escape, and drops a last line
+/// made only of spaces.
 fn fits_indented(s: &str) -> bool {
+    let last_line = s.rsplit('\n').next().unwrap_or_default();
+    let space_only_last_line = !last_line.is_empty() && last_line.bytes().all(|b| b == b' ');
     s.contains('\n')
         && !s.contains('\r')
         && !s.contains('\t')
         && !s.ends_with('\'')
         && !s.starts_with(' ')
+        && !space_only_last_line
         && s.lines().any(|l| !l.is_empty() && !l.starts_with(' '))
 }
 
-/// Escapes text for an indented string: `''` and `${` are the only specials.
+/// Escapes text for an indented string. Nix's lexer takes the longest match, so each escape is
+/// chosen to stay whole next to its neighbours: a pair of quotes is `'''`; a `$` before `{` (or
+/// ending the text, where an interpolation may follow) is `''$`; and a lone `'` before such a
+/// `''$` or ending the text (before the closing `''`) is `''\'`, since `'` + `''$` would read
+/// as `'''` + `$`.
 fn indented_escape(s: &str) -> String {
-    s.replace("''", "'''").replace("${", "''${")
+    let chars: Vec<char> = s.chars().collect();
+    // Whether the `$` at `i` is written as the escape `''$`.
+    let escaped_dollar = |i: usize| chars[i] == '$' && matches!(chars.get(i + 1), Some('{') | None);
+    let mut out = String::with_capacity(s.len() + 8);
+    let mut i = 0;
+    while i < chars.len() {
+        match chars[i] {
+            '\'' => {
+                let run = chars[i..].iter().take_while(|&&c| c == '\'').count();
+                i += run;
+                for _ in 0..run / 2 {
+                    out.push_str("'''");
+                }
+                if run % 2 == 1 {
+                    if i == chars.len() || escaped_dollar(i) {
+                        out.push_str("''\\'");
+                    } else {
+                        out.push('\'');
+                    }
+                }
+                continue;
+            }
+            '$' if escaped_dollar(i) => out.push_str("''$"),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    out
 }
 
 fn indented(s: &str, indent: usize) -> String {
@@ -358,6 +395,9 @@ mod tests {
         assert!(!fits_indented("  a\n  b\n"));
         assert!(!fits_indented("a\n\tb\n"));
         assert!(!fits_indented("a'\nb'"));
+        // Nix drops a last line of spaces: found by the hostile-strings property test.
+        assert!(!fits_indented("\nhandle {\n respond pwned\n}\n "));
+        assert!(fits_indented("\nhandle {\n respond pwned\n}\n"));
         assert_eq!(
             indented("a\n  b ${x} ''\n", 2),
             "''\n    a\n      b ''${x} '''\n  ''"
