@@ -426,7 +426,7 @@ proptest! {
         if let Some(project) = &loaded.project {
             prop_assert_eq!(loaded.errors().count(), 0);
             // Whatever the mutation kept valid renders into files that keep their grammar
-            // (issue 13; the tools-based check is in crates/nixmox/tests/render_tools.rs).
+            // (issue 13; the tools-based check is in crates/nixmox/tests/it/render_tools.rs).
             let rendered = nixmox_core::render::render(project, &Default::default());
             let problems = nixmox_core::render::verify::rendered(project, &rendered);
             prop_assert!(problems.is_empty(), "{:?}", problems);

@@ -1,88 +1,15 @@
 //! End-to-end tests of the real `nixmox` binary: exit codes, stdout/stderr separation, and
-//! what each command prints. One test binary, a module per command, one small builder.
+//! what each command prints. A module per command; runs go through `common::Nixmox`.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{copy_dir, repo};
+use common::{copy_dir, repo, Nixmox};
 
 fn example() -> PathBuf {
     repo().join("examples/homelab")
-}
-
-/// Runs the binary and checks what came out.
-struct Test {
-    args: Vec<String>,
-    project: Option<PathBuf>,
-    cwd: Option<PathBuf>,
-    env: Vec<(String, String)>,
-}
-
-struct Output {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Test {
-    fn new() -> Self {
-        Test {
-            args: Vec::new(),
-            project: None,
-            cwd: None,
-            env: Vec::new(),
-        }
-    }
-    /// Runs from inside a directory, as a user in their project would (no `-C`).
-    fn cwd(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.cwd = Some(dir.into());
-        self
-    }
-    fn project(mut self, p: impl Into<PathBuf>) -> Self {
-        self.project = Some(p.into());
-        self
-    }
-    fn env(mut self, key: &str, value: &str) -> Self {
-        self.env.push((key.to_string(), value.to_string()));
-        self
-    }
-    fn args(mut self, args: &[&str]) -> Self {
-        self.args.extend(args.iter().map(|s| s.to_string()));
-        self
-    }
-    fn run(self) -> Output {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixmox"));
-        // As a user works: from inside the project directory, no `-C` (issue 11).
-        if let Some(p) = &self.project {
-            cmd.current_dir(p);
-        }
-        if let Some(d) = &self.cwd {
-            cmd.current_dir(d);
-        }
-        cmd.args(&self.args).env("NO_COLOR", "1");
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        let out = cmd.output().expect("the binary runs");
-        Output {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8(out.stdout).unwrap(),
-            stderr: String::from_utf8(out.stderr).unwrap(),
-        }
-    }
-}
-
-impl Output {
-    fn code(self, expected: i32) -> Self {
-        assert_eq!(
-            self.code, expected,
-            "exit code\nstdout:\n{}\nstderr:\n{}",
-            self.stdout, self.stderr
-        );
-        self
-    }
 }
 
 mod validate {
@@ -99,13 +26,13 @@ mod validate {
         let text = text.replacen("host:\n", "host:\n  vmid: 4242\n", 1);
         assert!(text.contains("vmid: 4242"), "{text}");
         std::fs::write(&manifest, text).unwrap();
-        let out = Test::new()
+        let out = Nixmox::new()
             .project(dir.path())
             .args(&["validate"])
             .run()
             .code(0);
         assert!(!out.stderr.contains("warning"), "{}", out.stderr);
-        let config = Test::new()
+        let config = Nixmox::new()
             .project(dir.path())
             .args(&["config", "--format", "json", "vaultwarden"])
             .run()
@@ -115,7 +42,7 @@ mod validate {
 
     #[test]
     fn example_prints_only_a_summary() {
-        let out = Test::new()
+        let out = Nixmox::new()
             .project(example())
             .args(&["validate"])
             .run()
@@ -138,7 +65,7 @@ mod validate {
             .collect();
         dirs.sort();
         for dir in dirs {
-            let out = Test::new().project(&dir).args(&["validate"]).run();
+            let out = Nixmox::new().project(&dir).args(&["validate"]).run();
             assert_eq!(out.code, 2, "{}: {}", dir.display(), out.stderr);
             assert_eq!(out.stdout, "", "{}", dir.display());
             assert!(
@@ -165,7 +92,11 @@ mod validate {
             .collect();
         dirs.sort();
         for dir in dirs {
-            let out = Test::new().project(&dir).args(&["validate"]).run().code(0);
+            let out = Nixmox::new()
+                .project(&dir)
+                .args(&["validate"])
+                .run()
+                .code(0);
             assert!(
                 out.stderr.contains("warning: "),
                 "{}: {}",
@@ -180,7 +111,7 @@ mod validate {
     fn locked_refuses_a_lock_that_must_change() {
         let dir = tempfile::tempdir().unwrap();
         copy_dir(&example(), dir.path());
-        let out = Test::new()
+        let out = Nixmox::new()
             .project(dir.path())
             .args(&["validate", "--locked"])
             .run()
@@ -192,19 +123,19 @@ mod validate {
         );
         // `validate` alone does not write the lock; `lock` does; then --locked passes.
         assert!(!dir.path().join("nixmox.lock").exists());
-        Test::new()
+        Nixmox::new()
             .project(dir.path())
             .args(&["lock", "--allocations-only"])
             .run()
             .code(0);
         let lock = std::fs::read_to_string(dir.path().join("nixmox.lock")).unwrap();
         assert!(lock.contains("vaultwarden:"), "{lock}");
-        Test::new()
+        Nixmox::new()
             .project(dir.path())
             .args(&["validate", "--locked"])
             .run()
             .code(0);
-        let again = Test::new()
+        let again = Nixmox::new()
             .project(dir.path())
             .args(&["lock", "--allocations-only"])
             .run()
@@ -214,7 +145,7 @@ mod validate {
 
     #[test]
     fn missing_project_dir_is_a_usage_error() {
-        let out = Test::new()
+        let out = Nixmox::new()
             .args(&["-C", "/nonexistent/nixmox", "validate"])
             .run()
             .code(2);
@@ -223,7 +154,7 @@ mod validate {
 
     #[test]
     fn unknown_flag_is_a_usage_error() {
-        Test::new()
+        Nixmox::new()
             .args(&["validate", "--frobnicate"])
             .run()
             .code(2);
@@ -235,7 +166,7 @@ mod config {
 
     #[test]
     fn resolved_yaml_and_json_agree() {
-        let yaml = Test::new()
+        let yaml = Nixmox::new()
             .project(example())
             .args(&["config"])
             .run()
@@ -246,7 +177,7 @@ mod config {
             yaml.stdout
         );
         assert_eq!(yaml.stderr, "");
-        let json = Test::new()
+        let json = Nixmox::new()
             .project(example())
             .args(&["config", "--format", "json"])
             .run()
@@ -268,14 +199,14 @@ mod config {
 
     #[test]
     fn selected_services_only_and_unknown_names_suggest() {
-        let out = Test::new()
+        let out = Nixmox::new()
             .project(example())
             .args(&["config", "--format", "json", "guacamole"])
             .run()
             .code(0);
         let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
         assert_eq!(v["services"].as_object().unwrap().len(), 1);
-        let out = Test::new()
+        let out = Nixmox::new()
             .project(example())
             .args(&["config", "guacamol"])
             .run()
@@ -293,13 +224,17 @@ mod plan {
 
     #[test]
     fn text_and_json() {
-        let out = Test::new().project(example()).args(&["plan"]).run().code(0);
+        let out = Nixmox::new()
+            .project(example())
+            .args(&["plan"])
+            .run()
+            .code(0);
         assert!(
             out.stdout.starts_with("Plan for project `homelab`"),
             "{}",
             out.stdout
         );
-        let out = Test::new()
+        let out = Nixmox::new()
             .project(example())
             .args(&["plan", "--format", "json"])
             .run()
@@ -313,7 +248,7 @@ mod plan {
 
     #[test]
     fn selection_adds_dependencies_unless_no_deps() {
-        let out = Test::new()
+        let out = Nixmox::new()
             .project(example())
             .args(&["plan", "--format", "json", "guacamole"])
             .run()
@@ -329,7 +264,7 @@ mod plan {
             sel,
             ["authentik", "caddy", "dns", "guacamole", "postgresql"]
         );
-        let out = Test::new()
+        let out = Nixmox::new()
             .project(example())
             .args(&["plan", "--format", "json", "--no-deps", "guacamole"])
             .run()
@@ -345,7 +280,7 @@ mod plan {
     #[test]
     fn detailed_exitcode_is_2_when_something_changes() {
         // Nothing is recorded yet, so everything is to be created.
-        Test::new()
+        Nixmox::new()
             .project(example())
             .args(&["plan", "--detailed-exitcode"])
             .run()
@@ -358,7 +293,7 @@ mod graph {
 
     #[test]
     fn svg_is_well_formed_and_labels_edges() {
-        let out = Test::new()
+        let out = Nixmox::new()
             .project(example())
             .args(&["graph", "--format", "svg"])
             .run()
@@ -392,7 +327,7 @@ mod graph {
 
     #[test]
     fn dot_and_mermaid_and_steps() {
-        let dot = Test::new()
+        let dot = Nixmox::new()
             .project(example())
             .args(&["graph"])
             .run()
@@ -403,14 +338,14 @@ mod graph {
             dot.contains("\"postgresql\" -> \"guacamole\" [label=\"db\"]"),
             "{dot}"
         );
-        let mm = Test::new()
+        let mm = Nixmox::new()
             .project(example())
             .args(&["graph", "--format", "mermaid"])
             .run()
             .code(0)
             .stdout;
         assert!(mm.starts_with("flowchart TB"));
-        let steps = Test::new()
+        let steps = Nixmox::new()
             .project(example())
             .args(&["graph", "--steps"])
             .run()
@@ -430,10 +365,14 @@ mod colour {
     #[test]
     fn styles_are_stripped_unless_colour_is_forced() {
         let dir = repo().join("tests/fixtures/invalid/03-duplicate-yaml-key");
-        let plain = Test::new().project(&dir).args(&["validate"]).run().code(2);
+        let plain = Nixmox::new()
+            .project(&dir)
+            .args(&["validate"])
+            .run()
+            .code(2);
         assert!(!plain.stderr.contains('\u{1b}'), "{}", plain.stderr);
         // `NO_COLOR` empty counts as unset; `CLICOLOR_FORCE` asks for colour without a terminal.
-        let forced = Test::new()
+        let forced = Nixmox::new()
             .project(&dir)
             .env("NO_COLOR", "")
             .env("CLICOLOR_FORCE", "1")
@@ -463,19 +402,19 @@ mod completion {
             for extra in [&[][..], &["--static"][..]] {
                 let mut args = vec!["completion", shell];
                 args.extend(extra);
-                let out = Test::new().args(&args).run().code(0);
+                let out = Nixmox::new().args(&args).run().code(0);
                 assert!(out.stdout.contains("nixmox"), "{shell} {extra:?}");
                 assert!(out.stderr.is_empty(), "{}", out.stderr);
             }
         }
-        Test::new().args(&["completion", "tcsh"]).run().code(2);
+        Nixmox::new().args(&["completion", "tcsh"]).run().code(2);
     }
 
     /// The registration script, loaded by a real bash, asks the binary for candidates: service
     /// names and step ids come from the project named with `-C`.
     #[test]
     fn bash_completes_services_and_steps_from_the_project() {
-        let script = Test::new()
+        let script = Nixmox::new()
             .args(&["completion", "bash"])
             .run()
             .code(0)
@@ -521,11 +460,11 @@ mod completion {
 
     #[test]
     fn man_pages_for_every_command() {
-        let page = Test::new().args(&["man"]).run().code(0).stdout;
+        let page = Nixmox::new().args(&["man"]).run().code(0).stdout;
         assert!(page.contains(".TH nixmox 1"), "{page}");
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("man");
-        let out = Test::new()
+        let out = Nixmox::new()
             .args(&["man", "--out", dir.to_str().unwrap()])
             .run()
             .code(0);
@@ -549,7 +488,7 @@ mod init {
     fn scaffold_validates_and_ignores_state() {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("My Lab");
-        let out = Test::new()
+        let out = Nixmox::new()
             .args(&["init", target.to_str().unwrap()])
             .run()
             .code(0);
@@ -560,14 +499,14 @@ mod init {
         );
         let gitignore = std::fs::read_to_string(target.join(".gitignore")).unwrap();
         assert!(gitignore.lines().any(|l| l == ".nixmox/"));
-        let v = Test::new()
+        let v = Nixmox::new()
             .project(&target)
             .args(&["validate"])
             .run()
             .code(0);
         assert!(v.stderr.contains("5 services (4 core)"), "{}", v.stderr);
         // A second init refuses to overwrite.
-        Test::new()
+        Nixmox::new()
             .args(&["init", target.to_str().unwrap()])
             .run()
             .code(2);
@@ -583,7 +522,7 @@ mod schema {
             ("project", "nixmox.schema.json"),
             ("manifest", "manifest.schema.json"),
         ] {
-            let out = Test::new().args(&["schema", kind]).run().code(0);
+            let out = Nixmox::new().args(&["schema", kind]).run().code(0);
             let checked_in = std::fs::read_to_string(repo().join("schema").join(file)).unwrap();
             assert_eq!(
                 out.stdout, checked_in,
@@ -600,10 +539,10 @@ mod layout {
 
     #[test]
     fn broken_pipe_is_quiet() {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_nixmox"))
-            .arg("-C")
-            .arg(example())
+        let mut child = Nixmox::new()
+            .project(example())
             .args(["config"])
+            .command()
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -627,7 +566,7 @@ mod hostile {
 
     /// `validate` in the project directory: exit 2, and each `(location, field)` reported.
     fn refused(name: &str, expected: &[(&str, &str)]) -> String {
-        let out = Test::new()
+        let out = Nixmox::new()
             .cwd(fixture(name))
             .args(&["validate"])
             .run()
@@ -822,7 +761,7 @@ mod hostile {
         let tmp = tempfile::tempdir().unwrap();
         let project = tmp.path().join("p");
         copy_dir(&fixture("render-escapes"), &project);
-        Test::new()
+        Nixmox::new()
             .cwd(&project)
             .args(&["render", "--out", "build"])
             .run()

@@ -4,7 +4,7 @@
 //! `up --allow-destroy`; unprotected replacements are applied as before. Terraform 1.0.3 with
 //! the null provider, offline, from `.tools/`.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::Path;

@@ -4,7 +4,7 @@
 //! `tests/fixtures/fakepve/launch.py`, which registers an API token and lets the test inject
 //! faults. A missing fakepve fails the test with the command that installs it.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -12,7 +12,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{copy_dir, use_nix_stubs};
+use common::{copy_dir, use_nix_stubs, Nixmox};
 use nixmox::engine::scheduler::Outcome;
 use nixmox::proxmox::{
     self, lifecycle, template, Api, Client, ClientOptions, Credentials, HttpApi, HttpOptions,
@@ -795,17 +795,14 @@ fn nixmox_in(dir: &Path, args: &[&str]) -> std::process::Output {
         repo().join("tests/fixtures/bin").display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    Command::new(env!("CARGO_BIN_EXE_nixmox"))
-        .current_dir(dir)
+    Nixmox::new()
+        .project(dir)
         .args(args)
         .env("PATH", path)
-        .env("NO_COLOR", "1")
         // The deploy fails at once: this test is about tf:infra, and a deployed host would be
         // health-checked at its manifest address, which is nobody's here.
         .env("DEPLOY_FAIL_HOST", "dns")
-        .env_remove("PROXMOX_API_TOKEN")
         .output()
-        .unwrap()
 }
 
 #[test]

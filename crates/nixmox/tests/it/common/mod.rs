@@ -1,10 +1,9 @@
-//! The harness shared by the integration tests: the `Lab` that runs `nixmox` against the
+//! The harness shared by the integration tests: `Nixmox`, the one builder that starts the
+//! binary (from inside the project directory, as a user works; a run that hangs fails the test),
+//! the `Lab` that runs `nixmox` against the
 //! Terraform test project (Terraform 1.0.3 with the null provider, offline, from `.tools/`, and
 //! the test deployer `tests/fixtures/bin/deploy-test`), and the helpers for tests that start
 //! real programs (finding a tool, running a command, a server stopped when dropped).
-
-// Each test binary uses a different part of this harness.
-#![allow(dead_code)]
 
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -156,32 +155,33 @@ impl Lab {
         }
     }
 
+    /// `nixmox ARGS` from inside the project directory, with relative paths (issue 11), and
+    /// the lab's environment plus `extra`.
+    pub fn nixmox(&self, args: &[&str], extra: &[(&str, &str)]) -> Nixmox {
+        Nixmox::new()
+            .project(&self.project)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(extra.iter().copied())
+            .args(args)
+    }
+
     pub fn cmd(&self, args: &[&str], extra: &[(&str, &str)]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_nixmox"));
-        // As a user works: from inside the project directory, with relative paths (issue 11).
-        c.current_dir(&self.project).args(args);
-        for (k, v) in &self.env {
-            c.env(k, v);
-        }
-        for (k, v) in extra {
-            c.env(k, v);
-        }
-        c
+        self.nixmox(args, extra).command()
     }
 
     pub fn run(&self, args: &[&str], extra: &[(&str, &str)]) -> Output {
-        self.cmd(args, extra).output().unwrap()
+        self.nixmox(args, extra).output()
     }
 
     /// `nixmox -C project ARGS` from the project's parent directory: a relative `-C`, as in
     /// the README's `nixmox -C examples/homelab ...`.
     pub fn run_relative(&self, args: &[&str], extra: &[(&str, &str)]) -> Output {
-        let mut c = self.cmd(&[], extra);
-        c.current_dir(self.project.parent().unwrap())
+        self.nixmox(&[], extra)
+            .cwd(self.project.parent().unwrap())
             .arg("-C")
             .arg(self.project.file_name().unwrap())
-            .args(args);
-        c.output().unwrap()
+            .args(args)
+            .output()
     }
 
     /// Every Terraform state file under `dir`, recursively.
@@ -232,11 +232,6 @@ impl Lab {
             }
         }
         ids
-    }
-
-    /// `nixmox` run as people do: from inside the project directory, without `-C`.
-    pub fn here(&self, args: &[&str], extra: &[(&str, &str)]) -> Command {
-        self.cmd(args, extra)
     }
 
     /// `nixmox ARGS` from inside the project on a terminal: a pseudo-terminal made by
@@ -298,6 +293,152 @@ impl Lab {
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+// ---- the one way the tests start `nixmox` ----
+
+/// How long any one `nixmox` run may take before the test fails instead of hanging (a FIFO
+/// opened for reading, a prompt waiting for input that never comes).
+const RUN_LIMIT: Duration = Duration::from_secs(300);
+
+/// `nixmox ARGS` as a user runs it: from inside the project directory (no `-C`), no colour, no
+/// Proxmox token from the developer's environment, stdin closed. Every test starts the binary
+/// through this builder.
+pub struct Nixmox {
+    cmd: Command,
+    shown: Vec<String>,
+    limit: Duration,
+}
+
+/// What a finished run printed.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Nixmox {
+    /// Runs in the test's own directory until [`Nixmox::project`] or [`Nixmox::cwd`] says
+    /// otherwise.
+    pub fn new() -> Nixmox {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixmox"));
+        cmd.env("NO_COLOR", "1")
+            .env_remove("PROXMOX_API_TOKEN")
+            .stdin(Stdio::null());
+        Nixmox {
+            cmd,
+            shown: Vec::new(),
+            limit: RUN_LIMIT,
+        }
+    }
+    /// From inside `dir`, as a user in their project.
+    pub fn project(mut self, dir: impl AsRef<Path>) -> Nixmox {
+        self.cmd.current_dir(dir);
+        self
+    }
+    /// From another directory (a relative `-C`, a subdirectory of the project).
+    pub fn cwd(self, dir: impl AsRef<Path>) -> Nixmox {
+        self.project(dir)
+    }
+    pub fn arg(mut self, a: impl AsRef<std::ffi::OsStr>) -> Nixmox {
+        self.shown.push(a.as_ref().to_string_lossy().into_owned());
+        self.cmd.arg(a);
+        self
+    }
+    pub fn args<I, S>(mut self, args: I) -> Nixmox
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        for a in args {
+            self = self.arg(a);
+        }
+        self
+    }
+    pub fn env(mut self, k: impl AsRef<std::ffi::OsStr>, v: impl AsRef<std::ffi::OsStr>) -> Nixmox {
+        self.cmd.env(k, v);
+        self
+    }
+    pub fn envs<I, K, V>(mut self, vars: I) -> Nixmox
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<std::ffi::OsStr>,
+        V: AsRef<std::ffi::OsStr>,
+    {
+        self.cmd.envs(vars);
+        self
+    }
+    /// The command itself, for a test that spawns it or wires its stdio.
+    pub fn command(self) -> Command {
+        self.cmd
+    }
+    /// Runs to the end (at most [`RUN_LIMIT`]) and returns what it printed, raw.
+    pub fn output(mut self) -> Output {
+        let mut child = self
+            .cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the nixmox binary starts");
+        let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut p) = pipe {
+                    let _ = p.read_to_end(&mut buf);
+                }
+                buf
+            })
+        };
+        let stdout = read(child.stdout.take().map(|p| Box::new(p) as _));
+        let stderr = read(child.stderr.take().map(|p| Box::new(p) as _));
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if start.elapsed() > self.limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "`nixmox {}` did not finish in {} s",
+                    self.shown.join(" "),
+                    self.limit.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        Output {
+            status,
+            stdout: stdout.join().unwrap(),
+            stderr: stderr.join().unwrap(),
+        }
+    }
+    /// Runs to the end and returns its exit code and output as text.
+    pub fn run(self) -> Run {
+        let out = self.output();
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+    /// Fails the test after `limit` instead of [`RUN_LIMIT`].
+    pub fn limit(mut self, limit: Duration) -> Nixmox {
+        self.limit = limit;
+        self
+    }
+}
+
+impl Run {
+    /// Asserts the exit code, showing both streams when it differs.
+    pub fn code(self, expected: i32) -> Run {
+        assert_eq!(
+            self.code, expected,
+            "exit code\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
+        self
     }
 }
 

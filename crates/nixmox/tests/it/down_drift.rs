@@ -1,7 +1,7 @@
 //! `nixmox drift` and `nixmox down` against the Terraform test project (Terraform 1.0.3 with
 //! the null provider, offline, and the test deployer).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 
@@ -294,7 +294,7 @@ fn destroys(lab: &Lab) -> Vec<String> {
 #[test]
 fn down_without_a_terminal_refuses_dry_run_lists_and_yes_destroys_exactly_the_list() {
     let lab = Lab::new();
-    let out = lab.here(&["up"], &[]).output().unwrap();
+    let out = lab.cmd(&["up"], &[]).output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let states = all_states(&lab);
     let steps = recorded_steps(&lab);
@@ -311,7 +311,7 @@ fn down_without_a_terminal_refuses_dry_run_lists_and_yes_destroys_exactly_the_li
     );
 
     lab.clear();
-    let out = lab.here(&["down"], &[]).output().unwrap();
+    let out = lab.cmd(&["down"], &[]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -329,7 +329,7 @@ fn down_without_a_terminal_refuses_dry_run_lists_and_yes_destroys_exactly_the_li
     assert_eq!(recorded_steps(&lab), steps);
 
     // A subset too: `y` would confirm it, and without a terminal nothing goes.
-    let out = lab.here(&["down", "worker"], &[]).output().unwrap();
+    let out = lab.cmd(&["down", "worker"], &[]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
@@ -344,7 +344,7 @@ fn down_without_a_terminal_refuses_dry_run_lists_and_yes_destroys_exactly_the_li
     assert_eq!(all_states(&lab), states);
     assert_eq!(recorded_steps(&lab), steps);
 
-    let out = lab.here(&["down", "--dry-run"], &[]).output().unwrap();
+    let out = lab.cmd(&["down", "--dry-run"], &[]).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(listed(&stderr), expected, "{stderr}");
@@ -356,7 +356,7 @@ fn down_without_a_terminal_refuses_dry_run_lists_and_yes_destroys_exactly_the_li
     assert_eq!(all_states(&lab), states);
     assert_eq!(recorded_steps(&lab), steps);
 
-    let out = lab.here(&["down", "--yes"], &[]).output().unwrap();
+    let out = lab.cmd(&["down", "--yes"], &[]).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(listed(&stderr), expected, "{stderr}");
@@ -383,7 +383,7 @@ fn down_without_a_terminal_refuses_dry_run_lists_and_yes_destroys_exactly_the_li
 #[test]
 fn down_on_a_terminal_keeps_everything_on_a_wrong_answer_and_proceeds_on_the_right_one() {
     let lab = Lab::new();
-    let out = lab.here(&["up"], &[]).output().unwrap();
+    let out = lab.cmd(&["up"], &[]).output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let states = all_states(&lab);
     let steps = recorded_steps(&lab);

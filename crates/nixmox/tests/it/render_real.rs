@@ -17,7 +17,7 @@
 //! free port, so the tests can run in parallel, and a guard stops it even when the test panics.
 //! A missing tool fails the test, naming the `scripts/install-tools` argument that installs it.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -34,7 +34,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tempfile::TempDir;
 
-use common::{check, copy_dir, free_port, repo, tcp_open, tool, Server};
+use common::{check, copy_dir, free_port, repo, tcp_open, tool, Nixmox, Server};
 
 // ---------------------------------------------------------------------------------------------
 // Shared helpers
@@ -54,12 +54,11 @@ fn tmp() -> TempDir {
 /// `nixmox -C PROJECT render --out OUT`.
 fn render(project: &Path, out: &Path) {
     check(
-        Command::new(env!("CARGO_BIN_EXE_nixmox"))
-            .arg("-C")
-            .arg(project)
+        &mut Nixmox::new()
+            .project(project)
             .args(["render", "--out"])
             .arg(out)
-            .env("NO_COLOR", "1"),
+            .command(),
         "nixmox render",
     );
 }

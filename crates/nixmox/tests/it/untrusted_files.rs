@@ -6,13 +6,13 @@
 //!
 //! Links and FIFOs are made at test time in a temporary directory (git keeps neither well).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{copy_dir, repo};
+use common::{copy_dir, repo, Nixmox, Run};
 
 /// A copy of a project in a temporary directory, next to an `outside/` directory that no
 /// command may write into.
@@ -20,12 +20,6 @@ struct Sandbox {
     _tmp: tempfile::TempDir,
     project: PathBuf,
     outside: PathBuf,
-}
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
 }
 
 impl Sandbox {
@@ -74,39 +68,16 @@ impl Sandbox {
 
     /// Runs `nixmox ARGS` in the project directory; a command that has not finished after
     /// 60 s is killed and the test fails (a FIFO opened for reading blocks forever).
-    fn run(&self, args: &[&str]) -> Out {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_nixmox"))
+    fn run(&self, args: &[&str]) -> Run {
+        Nixmox::new()
+            .project(&self.project)
             .args(args)
-            .current_dir(&self.project)
-            .env("NO_COLOR", "1")
-            .env_remove("PROXMOX_API_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let start = Instant::now();
-        loop {
-            if child.try_wait().unwrap().is_some() {
-                break;
-            }
-            if start.elapsed() > Duration::from_secs(60) {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("`nixmox {}` did not finish in 60 s", args.join(" "));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let out = child.wait_with_output().unwrap();
-        Out {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+            .limit(Duration::from_secs(60))
+            .run()
     }
 
     /// Exit 2, and every `needle` on stderr; nothing written (no `.nixmox/`), nothing outside.
-    fn refused(&self, args: &[&str], needles: &[&str]) -> Out {
+    fn refused(&self, args: &[&str], needles: &[&str]) -> Run {
         let before = self.outside_listing();
         let out = self.run(args);
         assert_eq!(

@@ -4,7 +4,7 @@
 //! wrapper around Terraform log every invocation, so the tests can see exactly which processes
 //! a run started.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -12,7 +12,7 @@
 //! access. A missing tool fails the test with the `scripts/install-tools` argument that
 //! installs it; nothing is skipped.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -32,7 +32,7 @@ use nixmox_core::model::Check;
 use nixmox_core::Project;
 use tempfile::TempDir;
 
-use common::{check, free_port, repo, tcp_open, tool, Server};
+use common::{check, free_port, repo, tcp_open, tool, Nixmox, Server};
 
 // ---------------------------------------------------------------------------------------------
 // Tools and processes
@@ -529,12 +529,11 @@ impl Lab {
     }
 
     fn nixmox(&self, args: &[&str]) -> Output {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_nixmox"));
-        c.current_dir(&self.project_dir).args(args);
-        for (k, v) in self.env() {
-            c.env(k, v);
-        }
-        c.output().unwrap()
+        Nixmox::new()
+            .project(&self.project_dir)
+            .envs(self.env())
+            .args(args)
+            .output()
     }
 }
 

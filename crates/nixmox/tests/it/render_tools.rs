@@ -4,23 +4,20 @@
 //! `validate` and `apply` offline. Missing tools fail the test with the command that installs
 //! them (`scripts/install-tools`).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{repo, tool};
+use common::{repo, tool, Nixmox};
 
 fn render(project: &Path, out: &Path) {
-    let st = Command::new(env!("CARGO_BIN_EXE_nixmox"))
-        .arg("-C")
-        .arg(project)
-        .arg("render")
-        .arg("--out")
+    Nixmox::new()
+        .project(project)
+        .args(["render", "--out"])
         .arg(out)
-        .status()
-        .unwrap();
-    assert!(st.success(), "render failed");
+        .run()
+        .code(0);
 }
 
 fn nix_files(dir: &Path, out: &mut Vec<PathBuf>) {

@@ -7,13 +7,13 @@
 //! sensitive Terraform output, a person's secret), and the state database, the logs, the build
 //! directory and every command's stdout and stderr are then searched for it.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use common::{copy_dir, use_nix_stubs};
+use common::{copy_dir, use_nix_stubs, Nixmox};
 use nixmox::secrets::age::{ssh_private_to_age, ssh_to_age};
 use nixmox::secrets::sops::{Sops, SopsError};
 use nixmox::secrets::tree::Flat;
@@ -329,12 +329,11 @@ impl Lab {
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_nixmox"));
-        c.current_dir(&self.project).args(args);
-        for (k, v) in &self.env {
-            c.env(k, v);
-        }
-        c
+        Nixmox::new()
+            .project(&self.project)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .args(args)
+            .command()
     }
 
     fn keep(&self, out: &Output) {
