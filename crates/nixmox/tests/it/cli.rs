@@ -28,13 +28,13 @@ mod validate {
         std::fs::write(&manifest, text).unwrap();
         let out = Nixmox::new()
             .project(dir.path())
-            .args(&["validate"])
+            .args(["validate"])
             .run()
             .code(0);
         assert!(!out.stderr.contains("warning"), "{}", out.stderr);
         let config = Nixmox::new()
             .project(dir.path())
-            .args(&["config", "--format", "json", "vaultwarden"])
+            .args(["config", "--format", "json", "vaultwarden"])
             .run()
             .code(0);
         assert!(config.stdout.contains("4242"), "{}", config.stdout);
@@ -44,7 +44,7 @@ mod validate {
     fn example_prints_only_a_summary() {
         let out = Nixmox::new()
             .project(example())
-            .args(&["validate"])
+            .args(["validate"])
             .run()
             .code(0);
         assert_eq!(out.stdout, "", "validate writes nothing to stdout");
@@ -65,7 +65,7 @@ mod validate {
             .collect();
         dirs.sort();
         for dir in dirs {
-            let out = Nixmox::new().project(&dir).args(&["validate"]).run();
+            let out = Nixmox::new().project(&dir).args(["validate"]).run();
             assert_eq!(out.code, 2, "{}: {}", dir.display(), out.stderr);
             assert_eq!(out.stdout, "", "{}", dir.display());
             assert!(
@@ -92,11 +92,7 @@ mod validate {
             .collect();
         dirs.sort();
         for dir in dirs {
-            let out = Nixmox::new()
-                .project(&dir)
-                .args(&["validate"])
-                .run()
-                .code(0);
+            let out = Nixmox::new().project(&dir).args(["validate"]).run().code(0);
             assert!(
                 out.stderr.contains("warning: "),
                 "{}: {}",
@@ -113,7 +109,7 @@ mod validate {
         copy_dir(&example(), dir.path());
         let out = Nixmox::new()
             .project(dir.path())
-            .args(&["validate", "--locked"])
+            .args(["validate", "--locked"])
             .run()
             .code(2);
         assert!(
@@ -125,19 +121,19 @@ mod validate {
         assert!(!dir.path().join("nixmox.lock").exists());
         Nixmox::new()
             .project(dir.path())
-            .args(&["lock", "--allocations-only"])
+            .args(["lock", "--allocations-only"])
             .run()
             .code(0);
         let lock = std::fs::read_to_string(dir.path().join("nixmox.lock")).unwrap();
         assert!(lock.contains("vaultwarden:"), "{lock}");
         Nixmox::new()
             .project(dir.path())
-            .args(&["validate", "--locked"])
+            .args(["validate", "--locked"])
             .run()
             .code(0);
         let again = Nixmox::new()
             .project(dir.path())
-            .args(&["lock", "--allocations-only"])
+            .args(["lock", "--allocations-only"])
             .run()
             .code(0);
         assert!(again.stderr.contains("up to date"));
@@ -146,7 +142,7 @@ mod validate {
     #[test]
     fn missing_project_dir_is_a_usage_error() {
         let out = Nixmox::new()
-            .args(&["-C", "/nonexistent/nixmox", "validate"])
+            .args(["-C", "/nonexistent/nixmox", "validate"])
             .run()
             .code(2);
         assert!(out.stderr.contains("does not exist"), "{}", out.stderr);
@@ -155,7 +151,7 @@ mod validate {
     #[test]
     fn unknown_flag_is_a_usage_error() {
         Nixmox::new()
-            .args(&["validate", "--frobnicate"])
+            .args(["validate", "--frobnicate"])
             .run()
             .code(2);
     }
@@ -168,7 +164,7 @@ mod config {
     fn resolved_yaml_and_json_agree() {
         let yaml = Nixmox::new()
             .project(example())
-            .args(&["config"])
+            .args(["config"])
             .run()
             .code(0);
         assert!(
@@ -179,7 +175,7 @@ mod config {
         assert_eq!(yaml.stderr, "");
         let json = Nixmox::new()
             .project(example())
-            .args(&["config", "--format", "json"])
+            .args(["config", "--format", "json"])
             .run()
             .code(0);
         let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
@@ -201,14 +197,14 @@ mod config {
     fn selected_services_only_and_unknown_names_suggest() {
         let out = Nixmox::new()
             .project(example())
-            .args(&["config", "--format", "json", "guacamole"])
+            .args(["config", "--format", "json", "guacamole"])
             .run()
             .code(0);
         let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
         assert_eq!(v["services"].as_object().unwrap().len(), 1);
         let out = Nixmox::new()
             .project(example())
-            .args(&["config", "guacamol"])
+            .args(["config", "guacamol"])
             .run()
             .code(2);
         assert!(
@@ -226,7 +222,7 @@ mod plan {
     fn text_and_json() {
         let out = Nixmox::new()
             .project(example())
-            .args(&["plan"])
+            .args(["plan"])
             .run()
             .code(0);
         assert!(
@@ -236,7 +232,7 @@ mod plan {
         );
         let out = Nixmox::new()
             .project(example())
-            .args(&["plan", "--format", "json"])
+            .args(["plan", "--format", "json"])
             .run()
             .code(0);
         let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
@@ -250,7 +246,7 @@ mod plan {
     fn selection_adds_dependencies_unless_no_deps() {
         let out = Nixmox::new()
             .project(example())
-            .args(&["plan", "--format", "json", "guacamole"])
+            .args(["plan", "--format", "json", "guacamole"])
             .run()
             .code(0);
         let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
@@ -266,7 +262,7 @@ mod plan {
         );
         let out = Nixmox::new()
             .project(example())
-            .args(&["plan", "--format", "json", "--no-deps", "guacamole"])
+            .args(["plan", "--format", "json", "--no-deps", "guacamole"])
             .run()
             .code(0);
         let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
@@ -282,7 +278,7 @@ mod plan {
         // Nothing is recorded yet, so everything is to be created.
         Nixmox::new()
             .project(example())
-            .args(&["plan", "--detailed-exitcode"])
+            .args(["plan", "--detailed-exitcode"])
             .run()
             .code(2);
     }
@@ -295,7 +291,7 @@ mod graph {
     fn svg_is_well_formed_and_labels_edges() {
         let out = Nixmox::new()
             .project(example())
-            .args(&["graph", "--format", "svg"])
+            .args(["graph", "--format", "svg"])
             .run()
             .code(0);
         let svg = out.stdout;
@@ -329,7 +325,7 @@ mod graph {
     fn dot_and_mermaid_and_steps() {
         let dot = Nixmox::new()
             .project(example())
-            .args(&["graph"])
+            .args(["graph"])
             .run()
             .code(0)
             .stdout;
@@ -340,14 +336,14 @@ mod graph {
         );
         let mm = Nixmox::new()
             .project(example())
-            .args(&["graph", "--format", "mermaid"])
+            .args(["graph", "--format", "mermaid"])
             .run()
             .code(0)
             .stdout;
         assert!(mm.starts_with("flowchart TB"));
         let steps = Nixmox::new()
             .project(example())
-            .args(&["graph", "--steps"])
+            .args(["graph", "--steps"])
             .run()
             .code(0)
             .stdout;
@@ -365,18 +361,14 @@ mod colour {
     #[test]
     fn styles_are_stripped_unless_colour_is_forced() {
         let dir = repo().join("tests/fixtures/invalid/03-duplicate-yaml-key");
-        let plain = Nixmox::new()
-            .project(&dir)
-            .args(&["validate"])
-            .run()
-            .code(2);
+        let plain = Nixmox::new().project(&dir).args(["validate"]).run().code(2);
         assert!(!plain.stderr.contains('\u{1b}'), "{}", plain.stderr);
         // `NO_COLOR` empty counts as unset; `CLICOLOR_FORCE` asks for colour without a terminal.
         let forced = Nixmox::new()
             .project(&dir)
             .env("NO_COLOR", "")
             .env("CLICOLOR_FORCE", "1")
-            .args(&["validate"])
+            .args(["validate"])
             .run()
             .code(2);
         assert!(forced.stderr.contains("\u{1b}["), "{}", forced.stderr);
@@ -407,7 +399,7 @@ mod completion {
                 assert!(out.stderr.is_empty(), "{}", out.stderr);
             }
         }
-        Nixmox::new().args(&["completion", "tcsh"]).run().code(2);
+        Nixmox::new().args(["completion", "tcsh"]).run().code(2);
     }
 
     /// The registration script, loaded by a real bash, asks the binary for candidates: service
@@ -415,7 +407,7 @@ mod completion {
     #[test]
     fn bash_completes_services_and_steps_from_the_project() {
         let script = Nixmox::new()
-            .args(&["completion", "bash"])
+            .args(["completion", "bash"])
             .run()
             .code(0)
             .stdout;
@@ -460,12 +452,12 @@ mod completion {
 
     #[test]
     fn man_pages_for_every_command() {
-        let page = Nixmox::new().args(&["man"]).run().code(0).stdout;
+        let page = Nixmox::new().args(["man"]).run().code(0).stdout;
         assert!(page.contains(".TH nixmox 1"), "{page}");
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("man");
         let out = Nixmox::new()
-            .args(&["man", "--out", dir.to_str().unwrap()])
+            .args(["man", "--out", dir.to_str().unwrap()])
             .run()
             .code(0);
         assert!(out.stdout.is_empty());
@@ -489,7 +481,7 @@ mod init {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("My Lab");
         let out = Nixmox::new()
-            .args(&["init", target.to_str().unwrap()])
+            .args(["init", target.to_str().unwrap()])
             .run()
             .code(0);
         assert!(
@@ -501,13 +493,13 @@ mod init {
         assert!(gitignore.lines().any(|l| l == ".nixmox/"));
         let v = Nixmox::new()
             .project(&target)
-            .args(&["validate"])
+            .args(["validate"])
             .run()
             .code(0);
         assert!(v.stderr.contains("5 services (4 core)"), "{}", v.stderr);
         // A second init refuses to overwrite.
         Nixmox::new()
-            .args(&["init", target.to_str().unwrap()])
+            .args(["init", target.to_str().unwrap()])
             .run()
             .code(2);
     }
@@ -522,7 +514,7 @@ mod schema {
             ("project", "nixmox.schema.json"),
             ("manifest", "manifest.schema.json"),
         ] {
-            let out = Nixmox::new().args(&["schema", kind]).run().code(0);
+            let out = Nixmox::new().args(["schema", kind]).run().code(0);
             let checked_in = std::fs::read_to_string(repo().join("schema").join(file)).unwrap();
             assert_eq!(
                 out.stdout, checked_in,
@@ -568,7 +560,7 @@ mod hostile {
     fn refused(name: &str, expected: &[(&str, &str)]) -> String {
         let out = Nixmox::new()
             .cwd(fixture(name))
-            .args(&["validate"])
+            .args(["validate"])
             .run()
             .code(2);
         assert_eq!(out.stdout, "", "{name}: nothing on stdout");
@@ -763,7 +755,7 @@ mod hostile {
         copy_dir(&fixture("render-escapes"), &project);
         Nixmox::new()
             .cwd(&project)
-            .args(&["render", "--out", "build"])
+            .args(["render", "--out", "build"])
             .run()
             .code(0);
         let build = project.join("build");
