@@ -740,6 +740,15 @@ fn template_upload_and_list() {
     assert!(matches!(again, template::Uploaded::AlreadyThere(_)));
 }
 
+/// The example project in a new temporary directory, rewritten for the fake (see
+/// `example_dir`); the directory lives as long as the returned guard.
+fn homelab(fake: &Fake) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("homelab");
+    example_dir(fake, &dir);
+    (tmp, dir)
+}
+
 /// The example on disk, rewritten for the fake: proxmox-api backend, the fake's endpoint and
 /// CA, the token in a file, the test deployer.
 fn example_dir(fake: &Fake, dir: &Path) {
@@ -808,9 +817,7 @@ fn nixmox_in(dir: &Path, args: &[&str]) -> std::process::Output {
 #[test]
 fn up_runs_tf_infra_through_the_api_and_template_commands_work() {
     let mut fake = Fake::start("127.0.0.34", json!({}));
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("homelab");
-    example_dir(&fake, &dir);
+    let (tmp, dir) = homelab(&fake);
 
     let out = nixmox(&dir, &["up", "dns", "--no-deps"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -891,9 +898,7 @@ fn up_runs_tf_infra_through_the_api_and_template_commands_work() {
 #[test]
 fn up_keeps_orphans_with_a_warning_and_remove_orphans_destroys_exactly_them() {
     let mut fake = Fake::start("127.0.0.35", json!({}));
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("homelab");
-    example_dir(&fake, &dir);
+    let (_tmp, dir) = homelab(&fake);
     let out = nixmox(&dir, &["up", "dns", "--no-deps"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -976,9 +981,7 @@ fn up_keeps_orphans_with_a_warning_and_remove_orphans_destroys_exactly_them() {
 #[test]
 fn ps_shows_live_state_and_drift_finds_config_changed_behind_our_back() {
     let mut fake = Fake::start("127.0.0.36", json!({}));
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("homelab");
-    example_dir(&fake, &dir);
+    let (_tmp, dir) = homelab(&fake);
     let out = nixmox(&dir, &["up", "dns", "--no-deps"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -1091,9 +1094,7 @@ fn set_proxmox_key(dir: &Path, key: &str, value: &str) {
 #[test]
 fn issue_11_a_change_needing_re_creation_is_refused_without_destroying() {
     let mut fake = Fake::start("127.0.0.37", json!({}));
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("homelab");
-    example_dir(&fake, &dir);
+    let (_tmp, dir) = homelab(&fake);
     // The containers are compared whole: no snapshot (issue 14) moves their `parent`.
     set_proxmox_key(&dir, "storage", "local-lvm\n  snapshots: { mode: off }");
     let out = nixmox(&dir, &["up", "dns", "--no-deps"]);
@@ -1156,9 +1157,7 @@ fn issue_11_a_change_needing_re_creation_is_refused_without_destroying() {
 #[test]
 fn down_lists_the_containers_and_destroys_exactly_them_only_when_confirmed() {
     let mut fake = Fake::start("127.0.0.37", json!({}));
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("homelab");
-    example_dir(&fake, &dir);
+    let (_tmp, dir) = homelab(&fake);
     // The containers are compared whole: no snapshot (issue 14) moves their `parent`.
     set_proxmox_key(&dir, "storage", "local-lvm\n  snapshots: { mode: off }");
     let out = nixmox_in(&dir, &["up", "dns", "--no-deps"]);
@@ -1263,9 +1262,7 @@ fn down_lists_the_containers_and_destroys_exactly_them_only_when_confirmed() {
 #[test]
 fn issue_15_cluster_placement_migration_and_an_offline_node() {
     let mut fake = Fake::start("127.0.0.40", json!({"nodes": ["pve2", "pve3"]}));
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("homelab");
-    example_dir(&fake, &dir);
+    let (_tmp, dir) = homelab(&fake);
     let cfg = dir.join("nixmox.yaml");
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(
@@ -1514,9 +1511,7 @@ fn tf_state(containers: &[(String, u64, String)]) -> String {
 #[test]
 fn issue_15_terraform_backend_migrates_then_the_state_follows() {
     let mut fake = Fake::start("127.0.0.41", json!({"nodes": ["pve2", "pve3"]}));
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("homelab");
-    example_dir(&fake, &dir);
+    let (tmp, dir) = homelab(&fake);
     let cfg = dir.join("nixmox.yaml");
     let text = std::fs::read_to_string(&cfg).unwrap().replace(
         "  node: pve\n",
@@ -1730,9 +1725,7 @@ fn issue_15_terraform_backend_migrates_then_the_state_follows() {
 #[test]
 fn issue_15_rebalance_lists_the_moves_and_yes_migrates_them() {
     let mut fake = Fake::start("127.0.0.42", json!({"nodes": ["pve2", "pve3"]}));
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("homelab");
-    example_dir(&fake, &dir);
+    let (_tmp, dir) = homelab(&fake);
     let cfg = dir.join("nixmox.yaml");
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
@@ -2391,9 +2384,7 @@ fn issue_14_restore_replaces_the_container_after_confirmation_and_checks_health(
 #[test]
 fn issue_14_terraform_backend_keeps_backup_jobs_through_the_api() {
     let mut fake = Fake::start("127.0.0.146", json!({}));
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("homelab");
-    example_dir(&fake, &dir);
+    let (tmp, dir) = homelab(&fake);
     let cfg = dir.join("nixmox.yaml");
     let text = std::fs::read_to_string(&cfg).unwrap();
     // The containers exist (made through the API, as Terraform would have made them); the
