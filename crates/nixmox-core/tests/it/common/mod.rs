@@ -1,7 +1,5 @@
 //! Test helpers: read a project directory into `Sources` the way the shell does.
 
-#![allow(dead_code)]
-
 pub mod contract;
 
 use std::fs;

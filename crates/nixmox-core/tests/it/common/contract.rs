@@ -12,15 +12,15 @@ use serde_json::{Map, Value};
 const CONTRACTS: &[(&str, &str)] = &[
     (
         "proxmox",
-        include_str!("../contracts/terraform/proxmox.json"),
+        include_str!("../../contracts/terraform/proxmox.json"),
     ),
     (
         "authentik",
-        include_str!("../contracts/terraform/authentik.json"),
+        include_str!("../../contracts/terraform/authentik.json"),
     ),
     (
         "postgresql",
-        include_str!("../contracts/terraform/postgresql.json"),
+        include_str!("../../contracts/terraform/postgresql.json"),
     ),
 ];
 

@@ -3,7 +3,7 @@
 //! warnings; the seed's verbatim guacamole manifest and the example must validate; the hostile
 //! projects under tests/fixtures/hostile are refused (issue 13).
 
-mod common;
+use crate::common;
 
 use std::fs;
 

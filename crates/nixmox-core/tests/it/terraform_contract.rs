@@ -3,7 +3,7 @@
 //! versions (`tests/contracts/terraform/`, transcribed from the providers' Go sources by
 //! `scripts/extract-tf-contracts`); and the check fails on planted mistakes.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -1,7 +1,7 @@
 //! Renderer tests: snapshots of the example's whole build tree, determinism, and "adding a
 //! service changes only what it should".
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

@@ -1,7 +1,7 @@
 //! Planner tests: snapshots of the example's plan, change detection against a record, and
 //! properties over random valid projects.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -317,7 +317,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
 
     /// Issue 12: every workspace rendered for a random project keeps the providers'
-    /// contracts (tests/terraform_contract.rs has the example, the fixtures and planted
+    /// contracts (terraform_contract.rs has the example, the fixtures and planted
     /// mistakes). Without the DNS service the containers get no DNS servers at all.
     #[test]
     fn random_projects_keep_the_terraform_contracts((with_db, with_idp, apps) in arb_project(), with_dns in any::<bool>()) {

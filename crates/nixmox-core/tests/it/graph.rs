@@ -1,7 +1,7 @@
 //! The SVG layout's geometry (issue 16): no edge passes through the box of a node it does not
 //! end at. Checked on the example's service and step graphs and on random graphs.
 
-mod common;
+use crate::common;
 
 use nixmox_core::graph::{self, Layout, NodeClass, PicNode, Picture};
 use nixmox_core::plan::{self, PlanInput, Selection};
