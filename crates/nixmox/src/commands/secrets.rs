@@ -168,8 +168,7 @@ fn rotate(root: &ProjectRoot, service: &str, name: Option<&str>, no_deploy: bool
                         .iter()
                         .map(|d| nixmox_core::render::nixos::db_secret(&d.role))
                         .chain(
-                            s.provides
-                                .contains(&nixmox_core::model::Capability::Identity)
+                            s.provides(nixmox_core::model::Capability::Identity)
                                 .then(|| {
                                     nixmox_core::render::nixos::AUTHENTIK_SECRET_KEY.to_string()
                                 }),
