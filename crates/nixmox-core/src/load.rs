@@ -561,7 +561,7 @@ fn check_routes_served(cxs: &mut [Cx], specs: &[ServiceSpec]) {
                     "interface.proxy",
                     format!("`{}`: {problem}", s.name.value),
                     Some(format!(
-                        "the project's reverse proxy is `{}`; NixMox also configures {}",
+                        "this project's reverse proxy is `{}`; NixMox configures {} as the reverse proxy",
                         proxy.implementation(),
                         crate::providers::names(Capability::ReverseProxy)
                     )),

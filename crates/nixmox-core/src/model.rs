@@ -8,10 +8,10 @@
 use core::net::Ipv4Addr;
 use std::collections::BTreeMap;
 
-use crate::providers::Provider;
 use crate::ids::{
     Cidr, DomainName, Hostname, ProjectName, Range, ServiceName, SshUser, UnixName, VmId,
 };
+use crate::providers::Provider;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Project {

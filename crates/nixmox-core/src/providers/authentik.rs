@@ -128,7 +128,11 @@ fn settings(p: &Project, s: &Service, c: &mut std::collections::BTreeMap<String,
         .zip(p.implementation(Capability::Database))
         .zip(s.dbs.first());
     if let Some(((pg, imp), db)) = database {
-        set(c, &ak(&["settings", "postgresql", "host"]), Nix::str(p.fqdn(pg)));
+        set(
+            c,
+            &ak(&["settings", "postgresql", "host"]),
+            Nix::str(p.fqdn(pg)),
+        );
         if let Some(port) = imp.service_port() {
             set(
                 c,
@@ -141,7 +145,11 @@ fn settings(p: &Project, s: &Service, c: &mut std::collections::BTreeMap<String,
             &ak(&["settings", "postgresql", "name"]),
             Nix::str(&db.database),
         );
-        set(c, &ak(&["settings", "postgresql", "user"]), Nix::str(&db.role));
+        set(
+            c,
+            &ak(&["settings", "postgresql", "user"]),
+            Nix::str(&db.role),
+        );
     }
     if let Some(d) = idp_domain(p) {
         set(

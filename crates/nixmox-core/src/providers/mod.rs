@@ -283,7 +283,10 @@ mod tests {
             unique.dedup();
             assert_eq!(names.len(), unique.len(), "{names:?}");
         }
-        assert_eq!(default_for(Capability::ReverseProxy).implementation(), "caddy");
+        assert_eq!(
+            default_for(Capability::ReverseProxy).implementation(),
+            "caddy"
+        );
         assert_eq!(names(Capability::ReverseProxy), "`caddy` or `nginx`");
         assert_eq!(names(Capability::Database), "`postgresql`");
         assert!(find(Capability::ReverseProxy, "nginx").is_some());

@@ -96,7 +96,9 @@ fn virtual_hosts(p: &Project) -> BTreeMap<String, Nix> {
                 let text: String = x
                     .headers
                     .iter()
-                    .map(|(name, value)| format!("add_header {name} {} always;\n", nginx_quote(value)))
+                    .map(|(name, value)| {
+                        format!("add_header {name} {} always;\n", nginx_quote(value))
+                    })
                     .collect();
                 location.insert("extraConfig".to_string(), Nix::Str(text));
             }

@@ -131,7 +131,6 @@ pub fn state_version(p: &Project) -> String {
     release(p).to_string()
 }
 
-
 /// The build flake's `flake.nix`: its inputs and the outputs that find the hosts.
 pub fn flake(p: &Project) -> String {
     let has_idp = p.provider(Capability::Identity).is_some();
@@ -350,7 +349,6 @@ pub fn oidc_secret(service: &str) -> String {
     format!("oidc/{service}/client_secret")
 }
 
-
 /// The ports a host serves, for its firewall: SSH, its routes' and TCP checks' ports on
 /// itself, and those of the implementations it provides.
 fn ports(p: &Project, s: &Service) -> (BTreeSet<u16>, BTreeSet<u16>) {
@@ -534,7 +532,11 @@ fn access(p: &Project, c: &mut BTreeMap<String, Nix>) {
         Nix::strs(p.ssh.authorized_keys.iter().cloned()),
     );
     if user != "root" {
-        set(c, &["users", "users", user, "isNormalUser"], Nix::Bool(true));
+        set(
+            c,
+            &["users", "users", user, "isNormalUser"],
+            Nix::Bool(true),
+        );
         set(
             c,
             &["users", "users", user, "extraGroups"],
