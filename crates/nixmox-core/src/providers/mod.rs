@@ -240,10 +240,10 @@ pub fn route_probes(p: &Project, s: &Service, via: Ipv4Addr) -> Vec<Probe> {
 
 /// The routes of every service, grouped by domain, most specific path first (`/` last, the
 /// fallback) — the order every reverse proxy matches them in.
-pub fn routes_by_site<'a>(
-    p: &'a Project,
+pub fn routes_by_site(
+    p: &Project,
     site: impl Fn(&Proxy) -> String,
-) -> BTreeMap<String, Vec<(&'a Service, &'a Proxy)>> {
+) -> BTreeMap<String, Vec<(&Service, &Proxy)>> {
     let mut sites: BTreeMap<String, Vec<(&Service, &Proxy)>> = BTreeMap::new();
     for s in &p.services {
         for x in &s.proxies {
