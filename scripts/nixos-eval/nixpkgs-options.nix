@@ -252,6 +252,21 @@ in
       }))) { };
     };
 
+    # nixos/modules/services/web-servers/nginx/default.nix, vhost-options.nix,
+    # location-options.nix (only what `providers::nginx` sets)
+    services.nginx = {
+      enable = bool false;
+      recommendedProxySettings = bool false;
+      virtualHosts = opt (types.attrsOf (types.submodule {
+        options.locations = opt (types.attrsOf (types.submodule {
+          options = {
+            proxyPass = opt (types.nullOr types.str) null;
+            extraConfig = opt types.lines "";
+          };
+        })) { };
+      })) { };
+    };
+
     # nixos/modules/services/networking/unbound.nix: `settings` is freeform; each section is an
     # attribute set (forward-zone and the like: a list of them) of strings, ints, bools or
     # lists of strings (the module's `validSettingsPrimitiveTypes`/`validSettingsTypes`).

@@ -206,7 +206,10 @@ fn service(p: &Project, i: usize, s: &Service) -> Value {
     }
     let mut provides = Map::new();
     for c in &s.provides {
-        provides.insert(c.key().into(), json!({"type": c.implementation()}));
+        provides.insert(
+            c.capability.key().into(),
+            json!({"type": c.implementation()}),
+        );
     }
     let mut interface = Map::new();
     if !s.dbs.is_empty() {

@@ -20,6 +20,7 @@ pub mod par;
 pub mod placement;
 pub mod plan;
 pub mod plan_out;
+pub mod providers;
 pub mod record;
 pub mod render;
 pub mod scaffold;

@@ -266,8 +266,9 @@ pub fn load_in(sources: &Sources, probe: &dyn Fn(&str) -> PathKind, cluster: &Cl
 
     let specs = check_unique_names(&mut cxs, specs);
     check_providers(&mut cxs, &specs);
+    check_routes_served(&mut cxs, &specs);
     check_duplicates(&mut cxs, &specs, cfg.as_ref());
-    check_routes(&mut cxs, &specs);
+    check_proxy_routes(&mut cxs, &specs);
     check_dns_names(&mut cxs, &specs, cfg.as_ref());
     check_databases(&mut cxs, &specs);
     check_roles(&mut cxs, &specs);
@@ -541,11 +542,45 @@ fn hostname_of(s: &ServiceSpec) -> Hostname {
         })
 }
 
+/// Routes the project's reverse proxy implementation cannot serve (`nginx` and `tls: true`),
+/// each reported at the route.
+fn check_routes_served(cxs: &mut [Cx], specs: &[ServiceSpec]) {
+    let Some(proxy) = specs.iter().find_map(|s| {
+        s.provides
+            .iter()
+            .find(|p| p.value.capability == Capability::ReverseProxy)
+            .map(|p| p.value.provider)
+    }) else {
+        return;
+    };
+    for s in specs {
+        for x in &s.proxies {
+            for problem in proxy.check_route(&x.value) {
+                cxs[s.file].error(
+                    x.span,
+                    "interface.proxy",
+                    format!("`{}`: {problem}", s.name.value),
+                    Some(format!(
+                        "this project's reverse proxy is `{}`; NixMox configures {} as the reverse proxy",
+                        proxy.implementation(),
+                        crate::providers::names(Capability::ReverseProxy)
+                    )),
+                );
+            }
+        }
+    }
+}
+
 fn check_providers(cxs: &mut [Cx], specs: &[ServiceSpec]) {
     for cap in Capability::ALL {
-        let providers: Vec<(&ServiceSpec, &Sp<Capability>)> = specs
+        let providers: Vec<(&ServiceSpec, &Sp<crate::model::Provided>)> = specs
             .iter()
-            .filter_map(|s| s.provides.iter().find(|p| p.value == cap).map(|p| (s, p)))
+            .filter_map(|s| {
+                s.provides
+                    .iter()
+                    .find(|p| p.value.capability == cap)
+                    .map(|p| (s, p))
+            })
             .collect();
         if let Some(((first, fp), rest)) = providers.split_first() {
             for (s, p) in rest {
@@ -567,7 +602,7 @@ fn check_providers(cxs: &mut [Cx], specs: &[ServiceSpec]) {
     }
     let provided: std::collections::HashSet<Capability> = specs
         .iter()
-        .flat_map(|s| s.provides.iter().map(|p| p.value))
+        .flat_map(|s| s.provides.iter().map(|p| p.value.capability))
         .collect();
     let has = |cap: Capability| provided.contains(&cap);
     for s in specs {
@@ -610,7 +645,7 @@ fn check_providers(cxs: &mut [Cx], specs: &[ServiceSpec]) {
                     Some(format!(
                         "add a core service with `provides: {{ {}: {{ type: {} }} }}`",
                         cap.key(),
-                        cap.implementation()
+                        crate::providers::default_for(cap).implementation()
                     )),
                 );
             }
@@ -842,7 +877,7 @@ fn check_dns_names(cxs: &mut [Cx], specs: &[ServiceSpec], cfg: Option<&ProjectCo
     }
 }
 
-fn check_routes(cxs: &mut [Cx], specs: &[ServiceSpec]) {
+fn check_proxy_routes(cxs: &mut [Cx], specs: &[ServiceSpec]) {
     let mut routes: HashMap<(String, String), (usize, Span, String)> = HashMap::new();
     for s in specs {
         for p in &s.proxies {
@@ -1236,8 +1271,9 @@ fn build_services(
         let cx = &mut cxs[s.file];
         let resources = manifest::spec_resources(cx, s, cfg.defaults.resources);
         let timing = s.health.timing(cx, cfg.defaults.health);
-        let mut provides: Vec<Capability> = s.provides.iter().map(|p| p.value).collect();
-        provides.sort();
+        let mut provides: Vec<crate::model::Provided> =
+            s.provides.iter().map(|p| p.value).collect();
+        provides.sort_by_key(|p| p.capability);
         let mut depends_on: Vec<_> = s
             .depends_on
             .iter()
@@ -1303,7 +1339,7 @@ fn build_edges(
     let mut providers: HashMap<Capability, usize> = HashMap::new();
     for (i, s) in specs.iter().enumerate() {
         for p in &s.provides {
-            providers.entry(p.value).or_insert(i);
+            providers.entry(p.value.capability).or_insert(i);
         }
     }
     let provider = |cap: Capability| providers.get(&cap).copied();

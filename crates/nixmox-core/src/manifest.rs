@@ -11,8 +11,8 @@ use crate::config::{choice, domain, ip, resources, timing, HEALTH_TIMING_FIELDS}
 use crate::decode::{field, index, join, Cx};
 use crate::ids::{Hostname, ServiceName, UnixName, VmId};
 use crate::model::{
-    Auth, Capability, Check, ClientType, Db, DbMode, HealthTiming, Oidc, Protect, Proxy, Resources,
-    SecretAccess, TerraformUse, TfPhase, Upstream,
+    Auth, Capability, Check, ClientType, Db, DbMode, HealthTiming, Oidc, Protect, Provided, Proxy,
+    Resources, SecretAccess, TerraformUse, TfPhase, Upstream,
 };
 use crate::syntax::{Kind, Node, Span};
 
@@ -109,7 +109,7 @@ pub struct ServiceSpec {
     pub name: Sp<ServiceName>,
     pub description: Option<String>,
     pub depends_on: Vec<Sp<String>>,
-    pub provides: Vec<Sp<Capability>>,
+    pub provides: Vec<Sp<Provided>>,
     pub hostname: Option<Sp<Hostname>>,
     pub ip: Option<Sp<Ipv4Addr>>,
     pub vmid: Option<Sp<VmId>>,
@@ -218,32 +218,36 @@ pub fn decode(
                     continue;
                 };
                 let path = join("provides", &e.key);
+                let default = crate::providers::default_for(cap).implementation();
                 let ty = match &e.value.kind {
-                    Kind::Null => Some(cap.implementation().to_string()),
+                    Kind::Null => Some(default.to_string()),
                     Kind::Str(s) => Some(s.clone()),
                     _ => cx.map(&e.value, &path, PROVIDE_FIELDS).and_then(|_| {
                         match field(&e.value, "type") {
                             Some(t) => cx.string(t, &join(&path, "type")),
-                            None => Some(cap.implementation().to_string()),
+                            None => Some(default.to_string()),
                         }
                     }),
                 };
-                match ty {
-                    Some(t) if t == cap.implementation() => provides.push(Sp {
-                        value: cap,
+                let Some(t) = ty else { continue };
+                match crate::providers::find(cap, &t) {
+                    Some(provider) => provides.push(Sp {
+                        value: Provided {
+                            capability: cap,
+                            provider,
+                        },
                         span: e.key_span,
                     }),
-                    Some(t) => cx.error(
+                    None => cx.error(
                         e.value.get("type").map(|n| n.span).unwrap_or(e.value.span),
                         &join(&path, "type"),
                         format!("`{}` cannot be provided by `{t}`", cap.key()),
                         Some(format!(
-                            "NixMox configures `{}` as its {} provider",
-                            cap.implementation(),
+                            "NixMox configures {} as its {} provider",
+                            crate::providers::names(cap),
                             cap.key()
                         )),
                     ),
-                    None => {}
                 }
             }
         }

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use crate::ids::{
     Cidr, DomainName, Hostname, ProjectName, Range, ServiceName, SshUser, UnixName, VmId,
 };
+use crate::providers::Provider;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Project {
@@ -54,6 +55,10 @@ impl Project {
     }
     pub fn provider_index(&self, cap: Capability) -> Option<usize> {
         self.providers[cap as usize]
+    }
+    /// The implementation of a capability the project runs, if any service provides it.
+    pub fn implementation(&self, cap: Capability) -> Option<&'static dyn Provider> {
+        self.provider(cap).and_then(|s| s.implementation(cap))
     }
     /// The FQDN of a service's host.
     pub fn fqdn(&self, s: &Service) -> String {
@@ -338,17 +343,34 @@ impl Capability {
             Capability::Identity => "identity",
         }
     }
-    /// The one implementation NixMox knows how to configure for this capability.
-    pub fn implementation(self) -> &'static str {
-        match self {
-            Capability::Dns => "unbound",
-            Capability::Database => "postgresql",
-            Capability::ReverseProxy => "caddy",
-            Capability::Identity => "authentik",
-        }
-    }
     pub fn from_key(s: &str) -> Option<Capability> {
         Capability::ALL.into_iter().find(|c| c.key() == s)
+    }
+}
+
+/// A capability a service provides and the registered implementation that provides it
+/// (`providers::registry`).
+#[derive(Clone, Copy)]
+pub struct Provided {
+    pub capability: Capability,
+    pub provider: &'static dyn Provider,
+}
+
+impl Provided {
+    pub fn implementation(&self) -> &'static str {
+        self.provider.implementation()
+    }
+}
+
+impl PartialEq for Provided {
+    fn eq(&self, other: &Self) -> bool {
+        self.capability == other.capability && self.implementation() == other.implementation()
+    }
+}
+
+impl std::fmt::Debug for Provided {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.capability.key(), self.implementation())
     }
 }
 
@@ -361,7 +383,8 @@ pub struct Service {
     /// The manifest's directory relative to the project root (`services/<name>`).
     pub dir: String,
     pub depends_on: Vec<ServiceName>,
-    pub provides: Vec<Capability>,
+    /// The capabilities it provides, each with its implementation; sorted by capability.
+    pub provides: Vec<Provided>,
     pub host: Host,
     /// Module paths relative to the project root.
     pub nixos_modules: Vec<String>,
@@ -374,7 +397,14 @@ pub struct Service {
 
 impl Service {
     pub fn provides(&self, cap: Capability) -> bool {
-        self.provides.contains(&cap)
+        self.provides.iter().any(|p| p.capability == cap)
+    }
+    /// The implementation of `cap` this service runs, when it provides it.
+    pub fn implementation(&self, cap: Capability) -> Option<&'static dyn Provider> {
+        self.provides
+            .iter()
+            .find(|p| p.capability == cap)
+            .map(|p| p.provider)
     }
     /// A core service provides at least one capability; it deploys in the `nix:core` phase.
     pub fn is_core(&self) -> bool {

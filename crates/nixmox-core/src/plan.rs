@@ -342,7 +342,7 @@ impl Ctx<'_> {
     /// everywhere, authentik-nix on the identity provider's host only.
     fn add_inputs(&self, parts: &mut Parts, s: &Service) {
         for (name, _) in self.p.nix.inputs() {
-            if name == "authentik-nix" && !s.provides.contains(&Capability::Identity) {
+            if name == "authentik-nix" && !s.provides(Capability::Identity) {
                 continue;
             }
             let id = self
@@ -352,6 +352,51 @@ impl Ctx<'_> {
             parts.add_hash(format!("{INPUT_PART}{name}"), id);
         }
     }
+}
+
+impl Ctx<'_> {
+    /// The implementation of each capability a step depends on, by name: switching one (say
+    /// `caddy` to `nginx`) changes exactly the steps whose output it shapes.
+    fn add_implementations(&self, parts: &mut Parts, caps: impl IntoIterator<Item = Capability>) {
+        for cap in caps {
+            if let Some(imp) = self.p.implementation(cap) {
+                parts.add_hash(format!("{IMPL_PART}{}", cap.key()), imp.implementation());
+            }
+        }
+    }
+}
+
+/// The part naming the implementation of a capability a step depends on. Its value is the
+/// implementation's name itself, not a hash, so a reason can name the old and the new one.
+const IMPL_PART: &str = "implementation:";
+
+/// The capabilities whose implementation shapes a service's own host or its checks: those of
+/// the providers it uses.
+fn uses(s: &Service) -> Vec<Capability> {
+    let mut out = Vec::new();
+    if !s.dbs.is_empty() {
+        out.push(Capability::Database);
+    }
+    if !s.proxies.is_empty() {
+        out.push(Capability::ReverseProxy);
+    }
+    if s.auth.is_some() {
+        out.push(Capability::Identity);
+    }
+    out
+}
+
+/// What a core service's host depends on: the implementations it provides, the ones it uses,
+/// and for the reverse proxy the identity provider's (its outpost).
+fn core_uses(s: &Service) -> Vec<Capability> {
+    let mut out: Vec<Capability> = s.provides.iter().map(|x| x.capability).collect();
+    if s.provides(Capability::ReverseProxy) {
+        out.push(Capability::Identity);
+    }
+    out.extend(uses(s));
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Hashes of the parts of a service's steps that cost most to build.
@@ -413,7 +458,7 @@ impl Ctx<'_> {
                 d.migrations.iter().map(|m| self.digest(m)).collect::<Vec<_>>()])).collect::<Vec<_>>(),
             "proxies": s.proxies.iter().map(|x| self.proxy(s, x)).collect::<Vec<_>>(),
             "auth": s.auth.as_ref().map(|a| json!([a.provider, a.display_name, a.oidc.as_ref().map(|o| json!([o.client_id, o.client_type.as_str(), o.redirect_uris, o.scopes, o.username_claim, o.groups_claim]))])),
-            "provides": s.provides.iter().map(|c| c.key()).collect::<Vec<_>>(),
+            "provides": s.provides.iter().map(|c| c.capability.key()).collect::<Vec<_>>(),
         })
     }
     fn proxy(&self, s: &Service, x: &crate::model::Proxy) -> Value {
@@ -569,8 +614,9 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
         parts.add("node", &json!(s.host.node));
         parts.add_hash("providers", &ctx.facts_hash);
         ctx.add_inputs(&mut parts, s);
+        ctx.add_implementations(&mut parts, core_uses(s));
         let mut what: Vec<String> = Vec::new();
-        for cap in &s.provides {
+        for cap in s.provides.iter().map(|x| x.capability) {
             let mut consumers = 0usize;
             for (j, c) in p.services.iter().enumerate() {
                 let part = match cap {
@@ -651,6 +697,7 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
     // tf:auth-core: after every core step (and its health gate).
     let mut parts = Parts::new();
     parts.add_hash("identity", &ctx.facts_hash);
+    ctx.add_implementations(&mut parts, [Capability::Identity]);
     let mut oidc_core = 0;
     let mut forward = 0;
     for (s, hashed) in p.services.iter().zip(&hashed) {
@@ -714,6 +761,7 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
         parts.add("node", &json!(s.host.node));
         parts.add_hash("providers", &ctx.facts_hash);
         ctx.add_inputs(&mut parts, s);
+        ctx.add_implementations(&mut parts, core_uses(s));
         let description = format!("redeploy {} with its OIDC client secret", s.host.hostname);
         let k = push(
             &mut steps,
@@ -762,6 +810,11 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
         parts.add_hash("auth", &hashed[i].auth);
         parts.add("db-terraform", &json!(tf_dbs));
         parts.add_hash("providers", &ctx.facts_hash);
+        let tf_uses = [
+            (!tf_dbs.is_empty()).then_some(Capability::Database),
+            oidc.is_some().then_some(Capability::Identity),
+        ];
+        ctx.add_implementations(&mut parts, tf_uses.into_iter().flatten());
         let mut what = Vec::new();
         if let Some(o) = oidc {
             what.push(format!("OIDC application `{}`", o.client_id));
@@ -794,6 +847,7 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
         parts.add_hash("self", own_hash);
         parts.add_hash("providers", &ctx.facts_hash);
         ctx.add_inputs(&mut parts, s);
+        ctx.add_implementations(&mut parts, uses(s));
         let description = format!("deploy {} ({})", s.host.hostname, s.host.ip);
         let b = push(
             &mut steps,
@@ -838,6 +892,9 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
         parts.add_hash("health", &hashed[i].health);
         parts.add_hash("wiring", own_hash);
         parts.add_hash("providers", &ctx.facts_hash);
+        // The end-to-end probes come from the implementations (docs/health.md).
+        let probed = ctx.has_dns.then_some(Capability::Dns).into_iter();
+        ctx.add_implementations(&mut parts, uses(s).into_iter().chain(probed));
         let checks = h.startup.len() + h.liveness.len() + h.readiness.len();
         let mut wiring = Vec::new();
         if !s.dbs.is_empty() {
@@ -991,6 +1048,7 @@ fn describe_part(key: &str) -> String {
                 "host" => "container",
                 "oidc" => "OIDC application",
                 "outpost" => "forward-auth domains",
+                "implementation" => "the implementation",
                 k => k,
             };
             format!("{kind} of `{svc}`")
@@ -1012,6 +1070,13 @@ fn describe_part(key: &str) -> String {
 pub fn explain(old: &BTreeMap<String, String>, new: &BTreeMap<String, String>) -> Vec<String> {
     let mut out = Vec::new();
     for (k, v) in new {
+        // An implementation's part is its name, so the reason can name both.
+        if let (Some(cap), Some(o)) = (k.strip_prefix(IMPL_PART), old.get(k)) {
+            if o != v {
+                out.push(format!("{cap} implementation changed: {o} → {v}"));
+            }
+            continue;
+        }
         // A flake input's part is its locked revision itself, so the reason can name both.
         if let (Some(name), Some(o)) = (k.strip_prefix(INPUT_PART), old.get(k)) {
             if o != v {

@@ -385,16 +385,35 @@ fn manifest_inner() -> Value {
         "The capabilities this service provides to the others (only on the core services). Each is written `{ type: <implementation> }`, as the implementation's name, or with no value.",
     );
     for cap in Capability::ALL {
-        let imp = cap.implementation();
-        let object = Obj::new("")
-            .req("type", json!({"description": format!("The implementation: `{imp}`."), "type": "string", "const": imp}))
-            .build();
+        let names: Vec<&str> = crate::providers::implementations(cap)
+            .map(|p| p.implementation())
+            .collect();
+        // One implementation is a `const`; several an `enum`, the default first.
+        let (imp, name) = match names.split_first() {
+            Some((one, [])) => (format!("`{one}`"), json!({"type": "string", "const": one})),
+            Some((first, rest)) => (
+                format!(
+                    "`{first}` (the default) or {}",
+                    rest.iter()
+                        .map(|n| format!("`{n}`"))
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                ),
+                json!({"type": "string", "enum": names}),
+            ),
+            None => continue,
+        };
+        let mut typed = json!({"description": format!("The implementation: {imp}.")});
+        for (k, v) in name.as_object().into_iter().flatten() {
+            typed[k] = v.clone();
+        }
+        let object = Obj::new("").req("type", typed).build();
         provides = provides.set(
             cap.key(),
             json!({
-                "description": format!("Provides `{}`, implemented by `{imp}`.", cap.key()),
+                "description": format!("Provides `{}`, implemented by {imp}.", cap.key()),
                 "anyOf": [
-                    {"type": "string", "const": imp},
+                    name,
                     without_description(object),
                     {"type": "null"},
                 ],

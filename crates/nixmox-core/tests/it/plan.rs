@@ -454,3 +454,73 @@ fn orphan_ids_with_control_characters_are_shown_escaped() {
         "{text}"
     );
 }
+
+/// Issue "Shape": the reverse proxy's implementation is part of the hash of every step it
+/// shapes, so switching `caddy` to `nginx` redeploys the proxy's host and re-checks the routes
+/// through it, and says why; nothing else changes.
+#[test]
+fn switching_the_reverse_proxy_implementation_redeploys_what_it_shapes() {
+    let sources = |imp: &str| {
+        Sources {
+        config: Some(SourceFile {
+            path: "nixmox.yaml".into(),
+            bytes: b"project: p\ndomain: p.lan\nnetwork: { cidr: 10.0.0.0/24, gateway: 10.0.0.1 }\n"
+                .to_vec(),
+        }),
+        manifests: vec![
+            SourceFile {
+                path: "services/dns/manifest.yaml".into(),
+                bytes: b"name: dns\nprovides: { dns: }\n".to_vec(),
+            },
+            SourceFile {
+                path: "services/edge/manifest.yaml".into(),
+                bytes: format!("name: edge\nprovides: {{ reverse_proxy: {{ type: {imp} }} }}\n")
+                    .into_bytes(),
+            },
+            SourceFile {
+                path: "services/web/manifest.yaml".into(),
+                bytes: b"name: web\ninterface: { proxy: { domain: web.p.lan, upstream: 8080, tls: false } }\n"
+                    .to_vec(),
+            },
+            SourceFile {
+                path: "services/plain/manifest.yaml".into(),
+                bytes: b"name: plain\n".to_vec(),
+            },
+        ],
+        lock: None,
+    }
+    };
+    let load = |imp: &str| {
+        let loaded = nixmox_core::load(&sources(imp), &|_: &str| true);
+        loaded
+            .project
+            .unwrap_or_else(|| panic!("{:?}", loaded.diagnostics))
+    };
+    let caddy = full(&load("caddy"), None);
+    let record = record_of(&caddy);
+    let nginx = full(&load("nginx"), Some(&record));
+    let changed: BTreeMap<&str, Vec<String>> = nginx
+        .steps
+        .iter()
+        .filter(|s| s.change != Change::Unchanged)
+        .map(|s| (s.id.as_str(), s.reasons.clone()))
+        .collect();
+    let reason = vec!["reverse_proxy implementation changed: caddy → nginx".to_string()];
+    assert_eq!(
+        changed,
+        BTreeMap::from([
+            ("nix:core:edge", reason.clone()),
+            ("nix:service-config:web", reason.clone()),
+            ("verify:web", reason),
+        ])
+    );
+    // And back: the recorded nginx run against caddy again.
+    let back = full(&load("caddy"), Some(&record_of(&nginx)));
+    assert_eq!(
+        back.steps
+            .iter()
+            .filter(|s| s.change != Change::Unchanged)
+            .count(),
+        3
+    );
+}

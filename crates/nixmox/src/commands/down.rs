@@ -611,19 +611,6 @@ fn destroy_containers(project: &Project, root: &Path, vmids: &BTreeSet<u32>) -> 
     Ok(())
 }
 
-/// `DROP DATABASE` and `DROP ROLE` for a database of a removed service (names are validated SQL
-/// identifiers, quoted all the same).
-/// The statements that drop a database and, unless a remaining service shares it
-/// (`share_role_with`), its role.
-fn drop_statements(database: &str, role: Option<&str>) -> Vec<String> {
-    let quote = |n: &str| format!("\"{}\"", n.replace('"', "\"\""));
-    let mut out = vec![format!("DROP DATABASE IF EXISTS {}", quote(database))];
-    if let Some(role) = role {
-        out.push(format!("DROP ROLE IF EXISTS {}", quote(role)));
-    }
-    out
-}
-
 /// `--purge-data`: drops the removed services' databases and roles on the database host, over
 /// SSH, with the built-in deployers; with a custom deployer (NixMox may not reach the hosts
 /// itself) prints the statements for the operator.
@@ -654,18 +641,29 @@ fn purge_data(
     if dbs.is_empty() {
         return Ok(());
     }
-    let Some(pg) = project.provider(Capability::Database) else {
+    let (Some(pg), Some(imp)) = (
+        project.provider(Capability::Database),
+        project.implementation(Capability::Database),
+    ) else {
         output::note("--purge-data: the project has no database provider: nothing to drop");
+        return Ok(());
+    };
+    // What the database implementation runs to drop each one (`providers::Provider::purge`).
+    let purges: Vec<(&str, Option<&str>, nixmox_core::providers::Purge)> = dbs
+        .iter()
+        .filter_map(|&(db, role)| imp.purge(db, role).map(|p| (db, role, p)))
+        .collect();
+    let Some((_, _, first)) = purges.first() else {
         return Ok(());
     };
     if matches!(project.nix.deployer, Deployer::Command { .. }) {
         let mut text = format!(
             "--purge-data: with a custom deployer NixMox does not drop databases itself; run \
-             on the database host {} ({}) as postgres:\n",
-            pg.host.hostname, pg.host.ip
+             on the database host {} ({}) as {}:\n",
+            pg.host.hostname, pg.host.ip, first.run_as
         );
-        for (db, role) in &dbs {
-            for st in drop_statements(db, *role) {
+        for (_, _, purge) in &purges {
+            for st in &purge.statements {
                 text.push_str(&format!("  {st};\n"));
             }
         }
@@ -680,16 +678,9 @@ fn purge_data(
         options.push("-p".into());
         options.push(to.port().to_string());
     }
-    for (db, role) in &dbs {
-        let mut remote: Vec<String> = ["sudo", "-u", "postgres", "psql", "-v", "ON_ERROR_STOP=1"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        for st in drop_statements(db, *role) {
-            remote.push("-c".into());
-            remote.push(st);
-        }
-        let mut argv = nixmox_core::deploy::ssh_argv(&options, &ctx.ssh.user, *to.ip(), &remote);
+    for (db, role, purge) in &purges {
+        let mut argv =
+            nixmox_core::deploy::ssh_argv(&options, &ctx.ssh.user, *to.ip(), &purge.argv);
         argv[0] = ctx.ssh.program.clone();
         let what = match role {
             Some(role) => format!("database `{db}` and role `{role}`"),
@@ -713,25 +704,4 @@ fn purge_data(
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::drop_statements;
-
-    #[test]
-    fn drop_statements_quote_the_names() {
-        assert_eq!(
-            drop_statements("wiki", Some("wi\"ki")),
-            [
-                "DROP DATABASE IF EXISTS \"wiki\"".to_string(),
-                "DROP ROLE IF EXISTS \"wi\"\"ki\"".to_string()
-            ]
-        );
-        // A role a remaining service shares is not dropped.
-        assert_eq!(
-            drop_statements("wiki", None),
-            ["DROP DATABASE IF EXISTS \"wiki\"".to_string()]
-        );
-    }
 }

@@ -161,23 +161,20 @@ fn rotate(root: &ProjectRoot, service: &str, name: Option<&str>, no_deploy: bool
             vec![n.to_string()]
         }
         None => {
-            let own: Vec<String> = project
-                .service(service)
-                .map(|s| {
-                    s.dbs
-                        .iter()
-                        .map(|d| nixmox_core::render::nixos::db_secret(&d.role))
-                        .chain(
-                            s.provides
-                                .contains(&nixmox_core::model::Capability::Identity)
-                                .then(|| {
-                                    nixmox_core::render::nixos::AUTHENTIK_SECRET_KEY.to_string()
-                                }),
-                        )
-                        .filter(|n| mine.contains(n))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let own: Vec<String> =
+                project
+                    .service(service)
+                    .map(|s| {
+                        s.dbs
+                            .iter()
+                            .map(|d| nixmox_core::render::nixos::db_secret(&d.role))
+                            .chain(s.provides(nixmox_core::model::Capability::Identity).then(
+                                || nixmox_core::render::nixos::AUTHENTIK_SECRET_KEY.to_string(),
+                            ))
+                            .filter(|n| mine.contains(n))
+                            .collect()
+                    })
+                    .unwrap_or_default();
             if own.is_empty() {
                 return Err(Error::Usage(format!(
                     "`{service}` has no generated secrets of its own to rotate; name one (`nixmox secrets rotate {service} db/ROLE`), set a person's secret with `nixmox secrets set`, or replace a Terraform resource"

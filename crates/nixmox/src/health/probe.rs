@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use nixmox_core::deploy;
 use nixmox_core::model::Check;
+use nixmox_core::providers::{self, Login};
 
 use super::http::{self, Request};
 use super::{dns, Context, Failure};
@@ -55,14 +56,9 @@ pub enum Kind {
         idp: Option<String>,
     },
     /// The service's role logs in to its database, from the service's host (over SSH), with
-    /// the password sops-nix put at `<remote secrets dir>/<secret>`.
-    Db {
-        server: Ipv4Addr,
-        port: u16,
-        database: String,
-        role: String,
-        secret: String,
-    },
+    /// the password sops-nix put at `<remote secrets dir>/<secret>`, by the database
+    /// implementation's script (`nixmox_core::providers::Login`).
+    Db(Login),
     /// The OIDC discovery document answers and names `issuer`.
     Oidc { issuer: String },
 }
@@ -125,13 +121,13 @@ impl Probe {
                 path,
                 ..
             } => format!("{}://{domain}{path}", if *https { "https" } else { "http" }),
-            Kind::Db {
+            Kind::Db(Login {
                 server,
                 port,
                 database,
                 role,
                 ..
-            } => format!(
+            }) => format!(
                 "database `{database}` as `{role}` at {server}:{port} from {} ({})",
                 self.host.hostname, self.host.ip
             ),
@@ -149,12 +145,8 @@ impl Probe {
     ) -> Result<String, Failure> {
         let timeout = timeout.max(MIN_TIMEOUT);
         let deadline = Instant::now() + timeout;
-        let fail = |target: String, expected: &str, got: String| Failure {
-            check: self.check_name(),
-            target,
-            expected: expected.to_string(),
-            got,
-        };
+        let fail =
+            |target: String, expected: &str, got: String| self.failure(target, expected, got);
         match &self.kind {
             Kind::Check(Check::Command(argv)) => self
                 .ssh(ctx, argv, timeout, log)
@@ -169,81 +161,23 @@ impl Probe {
                     .map_err(|got| fail(target, "a TCP connection", got))
             }
             Kind::Check(Check::Http { url, status, body }) => {
-                let expected = match (status, body) {
-                    (Some(s), Some(b)) => format!("status {s} and a body containing {b:?}"),
-                    (Some(s), None) => format!("status {s}"),
-                    (None, Some(b)) => format!("a 2xx or 3xx status and a body containing {b:?}"),
-                    (None, None) => "a 2xx or 3xx status".to_string(),
-                };
-                let (https, host, port, path) =
-                    http::parse_url(url).map_err(|got| fail(url.clone(), &expected, got))?;
-                let ip = ctx
-                    .resolve(&host, timeout)
-                    .map_err(|got| fail(url.clone(), &expected, got))?;
-                let target = format!("{url} ({})", ctx.describe(ip, port));
-                let req = Request {
-                    https,
-                    host: &host,
-                    port,
-                    path: &path,
-                    ip,
-                };
-                let r = http::get(ctx, &req, deadline)
-                    .map_err(|got| fail(target.clone(), &expected, got))?;
-                let status_ok = match status {
-                    Some(s) => r.status == *s,
-                    None => (200..400).contains(&r.status),
-                };
-                if !status_ok {
-                    return Err(fail(target, &expected, format!("status {}", r.status)));
-                }
-                if let Some(b) = body {
-                    let text = r.body_text();
-                    if !text.contains(b.as_str()) {
-                        return Err(fail(
-                            target,
-                            &expected,
-                            format!(
-                                "status {} with a body without it (it starts {:?})",
-                                r.status,
-                                snippet(&text, 120)
-                            ),
-                        ));
-                    }
-                }
-                Ok(format!("status {}", r.status))
+                self.http(ctx, url, *status, body.as_deref(), deadline, timeout)
             }
             Kind::Check(Check::Dns { name, expect }) => {
-                let expected = match expect {
-                    Some(ip) => format!("{ip}"),
-                    None => "an address".to_string(),
-                };
-                let (answer, server) = self
-                    .dns(ctx, name, deadline, timeout)
-                    .map_err(|(server, got)| fail(format!("{name} at {server}"), &expected, got))?;
-                let target = format!("{name} at {server}");
-                match expect {
-                    Some(ip) if answer.rcode == 0 && answer.addrs.contains(ip) => {
-                        Ok(format!("{name} is {ip}"))
-                    }
-                    None if answer.rcode == 0 && !answer.addrs.is_empty() => {
-                        Ok(format!("{name} is {}", answer.describe()))
-                    }
-                    _ => Err(fail(target, &expected, answer.describe())),
-                }
+                self.dns_check(ctx, name, *expect, deadline, timeout)
             }
             Kind::DnsRecord { name, expect } => {
                 let expected = expect.to_string();
-                let (answer, server) = self
+                let seen = self
                     .dns(ctx, name, deadline, timeout)
-                    .map_err(|(server, got)| fail(format!("{name} at {server}"), &expected, got))?;
-                if answer.rcode == 0 && answer.addrs == [*expect] {
+                    .map_err(|e| fail(format!("{name} at {}", e.server), &expected, e.got))?;
+                if seen.answer.rcode == 0 && seen.answer.addrs == [*expect] {
                     Ok(format!("{name} is {expect}"))
                 } else {
                     Err(fail(
-                        format!("{name} at {server}"),
+                        format!("{name} at {}", seen.server),
                         &expected,
-                        answer.describe(),
+                        seen.answer.describe(),
                     ))
                 }
             }
@@ -254,14 +188,100 @@ impl Probe {
                 via,
                 idp,
             } => self.route(ctx, *https, domain, path, *via, idp.as_deref(), deadline),
-            Kind::Db {
-                server,
-                port,
-                database,
-                role,
-                secret,
-            } => self.db(ctx, (*server, *port, database, role, secret), timeout, log),
+            Kind::Db(login) => self.db(ctx, login, timeout, log),
             Kind::Oidc { issuer } => self.oidc(ctx, issuer, deadline, timeout),
+        }
+    }
+
+    fn failure(&self, target: String, expected: &str, got: String) -> Failure {
+        Failure {
+            check: self.check_name(),
+            target,
+            expected: expected.to_string(),
+            got,
+        }
+    }
+
+    /// A manifest's `http` check: the status (2xx or 3xx unless given) and the body.
+    fn http(
+        &self,
+        ctx: &Context,
+        url: &str,
+        status: Option<u16>,
+        body: Option<&str>,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<String, Failure> {
+        let expected = match (status, body) {
+            (Some(s), Some(b)) => format!("status {s} and a body containing {b:?}"),
+            (Some(s), None) => format!("status {s}"),
+            (None, Some(b)) => format!("a 2xx or 3xx status and a body containing {b:?}"),
+            (None, None) => "a 2xx or 3xx status".to_string(),
+        };
+        let fail = |target: String, got: String| self.failure(target, &expected, got);
+        let (https, host, port, path) =
+            http::parse_url(url).map_err(|got| fail(url.to_string(), got))?;
+        let ip = ctx
+            .resolve(&host, timeout)
+            .map_err(|got| fail(url.to_string(), got))?;
+        let target = format!("{url} ({})", ctx.describe(ip, port));
+        let req = Request {
+            https,
+            host: &host,
+            port,
+            path: &path,
+            ip,
+        };
+        let r = http::get(ctx, &req, deadline).map_err(|got| fail(target.clone(), got))?;
+        let status_ok = match status {
+            Some(s) => r.status == s,
+            None => (200..400).contains(&r.status),
+        };
+        if !status_ok {
+            return Err(fail(target, format!("status {}", r.status)));
+        }
+        if let Some(b) = body {
+            let text = r.body_text();
+            if !text.contains(b) {
+                return Err(fail(
+                    target,
+                    format!(
+                        "status {} with a body without it (it starts {:?})",
+                        r.status,
+                        snippet(&text, 120)
+                    ),
+                ));
+            }
+        }
+        Ok(format!("status {}", r.status))
+    }
+
+    /// A manifest's `dns` check: `name` resolves (to `expect`, when given).
+    fn dns_check(
+        &self,
+        ctx: &Context,
+        name: &str,
+        expect: Option<Ipv4Addr>,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<String, Failure> {
+        let expected = match expect {
+            Some(ip) => format!("{ip}"),
+            None => "an address".to_string(),
+        };
+        let seen = self
+            .dns(ctx, name, deadline, timeout)
+            .map_err(|e| self.failure(format!("{name} at {}", e.server), &expected, e.got))?;
+        let target = format!("{name} at {}", seen.server);
+        let answer = seen.answer;
+        match expect {
+            Some(ip) if answer.rcode == 0 && answer.addrs.contains(&ip) => {
+                Ok(format!("{name} is {ip}"))
+            }
+            None if answer.rcode == 0 && !answer.addrs.is_empty() => {
+                Ok(format!("{name} is {}", answer.describe()))
+            }
+            _ => Err(self.failure(target, &expected, answer.describe())),
         }
     }
 
@@ -299,26 +319,30 @@ impl Probe {
         name: &str,
         deadline: Instant,
         timeout: Duration,
-    ) -> Result<(dns::Answer, String), (String, String)> {
+    ) -> Result<DnsSeen, DnsFailure> {
         match ctx.dns_server {
             Some(server) => {
                 let to = ctx.route(*server.ip(), server.port());
                 let shown = ctx.describe(*server.ip(), server.port());
-                dns::query(to, name, deadline)
-                    .map(|a| (a, shown.clone()))
-                    .map_err(|e| (shown, e))
+                match dns::query(to, name, deadline) {
+                    Ok(answer) => Ok(DnsSeen {
+                        answer,
+                        server: shown,
+                    }),
+                    Err(got) => Err(DnsFailure { server: shown, got }),
+                }
             }
             None => {
                 let shown = "the system resolver (the project has no DNS provider)".to_string();
                 match super::system_resolve(name, timeout) {
-                    Ok(ip) => Ok((
-                        dns::Answer {
+                    Ok(ip) => Ok(DnsSeen {
+                        answer: dns::Answer {
                             rcode: 0,
                             addrs: vec![ip],
                         },
-                        shown,
-                    )),
-                    Err(e) => Err((shown, e)),
+                        server: shown,
+                    }),
+                    Err(got) => Err(DnsFailure { server: shown, got }),
                 }
             }
         }
@@ -424,56 +448,46 @@ impl Probe {
         Err(fail(format!("too many redirects: {}", hops.join(" → "))))
     }
 
+    /// The database implementation's login script, run on the probe's host over SSH.
     fn db(
         &self,
         ctx: &Context,
-        (server, port, database, role, secret): (Ipv4Addr, u16, &str, &str, &str),
+        login: &Login,
         timeout: Duration,
         log: Option<&Path>,
     ) -> Result<String, Failure> {
-        let secret_path = format!("{}/{secret}", ctx.remote_secrets_dir.trim_end_matches('/'));
-        let secs = timeout.as_secs().max(1).to_string();
-        let remote: Vec<String> = [
-            "bash",
-            "-c",
-            DB_SCRIPT,
-            "nixmox-db-check",
-            &secret_path,
-            &server.to_string(),
-            &port.to_string(),
-            role,
+        let Login {
+            server,
+            port,
             database,
-            &secs,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+            role,
+            secret,
+            client,
+            ..
+        } = login;
+        let secret_path = format!("{}/{secret}", ctx.remote_secrets_dir.trim_end_matches('/'));
+        let remote = login_argv(login, &secret_path, timeout);
         let expected =
             format!("`{role}` to log in to `{database}` with its password ({secret_path})");
-        let fail = |got: String| Failure {
-            check: self.check_name(),
-            target: self.target(),
-            expected: expected.clone(),
-            got,
-        };
+        let fail = |got: String| self.failure(self.target(), &expected, got);
         let fin = ssh_run(ctx, &self.host, &remote, timeout, log).map_err(fail)?;
         let out = tail(&fin.stderr, &fin.stdout);
         match fin.code {
-            Some(0) if fin.stdout.contains(NO_PSQL) => Ok(format!(
-                "port {port} of {server} is reachable from {} (psql is not installed there, so the role's access was not tested)",
+            Some(0) if fin.stdout.contains(login.no_client) => Ok(format!(
+                "port {port} of {server} is reachable from {} ({client} is not installed there, so the role's access was not tested)",
                 self.host.hostname
             )),
             Some(0) => Ok(format!("`{role}` logged in to `{database}`")),
             Some(3) => Err(fail(format!("the password file cannot be read: {out}"))),
             Some(5) => Err(fail(format!(
-                "no connection to {server}:{port} from {} (psql is not installed there to say more)",
+                "no connection to {server}:{port} from {} ({client} is not installed there to say more)",
                 self.host.hostname
             ))),
             Some(255) => Err(fail(format!(
                 "no connection over SSH (ssh exited with 255): {out}"
             ))),
-            Some(c) => Err(fail(format!("psql exited with {c}: {out}"))),
-            None => Err(fail("psql was killed by a signal".into())),
+            Some(c) => Err(fail(format!("{client} exited with {c}: {out}"))),
+            None => Err(fail(format!("{client} was killed by a signal"))),
         }
     }
 
@@ -525,20 +539,64 @@ impl Probe {
     }
 }
 
-/// What `bash -c` runs on a service's host for the db check: reads the role's password from
-/// its sops secret ($1), then `SELECT 1` with psql as the role ($4) in its database ($5) on
-/// the server ($2:$3), waiting at most $6 seconds to connect. Exit 3: no password file.
-/// Without psql on the host, only the port's reachability (bash's /dev/tcp): 0 with a marker
-/// line, 5 when it is closed.
-const DB_SCRIPT: &str = r#"pw=$(cat -- "$1") || exit 3
-if ! command -v psql >/dev/null 2>&1; then
-  if timeout "$6" bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$2" "$3" 2>/dev/null; then
-    echo NIXMOX-NO-PSQL; exit 0
-  fi
-  echo "psql is not installed and $2:$3 does not accept connections" >&2; exit 5
-fi
-PGPASSWORD=$pw PGCONNECT_TIMEOUT=$6 PGPASSFILE=/dev/null exec psql -X -w -q -v ON_ERROR_STOP=1 -h "$2" -p "$3" -U "$4" -d "$5" -tAc 'SELECT 1'"#;
-const NO_PSQL: &str = "NIXMOX-NO-PSQL";
+/// What a DNS query saw, and the server that answered.
+#[derive(Debug)]
+struct DnsSeen {
+    answer: dns::Answer,
+    server: String,
+}
+
+/// A DNS query that got no answer: the server asked and what came back instead.
+#[derive(Debug)]
+struct DnsFailure {
+    server: String,
+    got: String,
+}
+
+/// The remote command line of a database login check: `bash -c <script>` with the arguments
+/// the script's contract names (`nixmox_core::providers::Login`).
+fn login_argv(login: &Login, secret_path: &str, timeout: Duration) -> Vec<String> {
+    let secs = timeout.as_secs().max(1).to_string();
+    [
+        "bash",
+        "-c",
+        login.script,
+        "nixmox-db-check",
+        secret_path,
+        &login.server.to_string(),
+        &login.port.to_string(),
+        &login.role,
+        &login.database,
+        &secs,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The probe kind of an end-to-end check an implementation derived.
+impl From<providers::Probe> for Kind {
+    fn from(p: providers::Probe) -> Kind {
+        match p {
+            providers::Probe::DnsRecord { name, expect } => Kind::DnsRecord { name, expect },
+            providers::Probe::Route {
+                https,
+                domain,
+                path,
+                via,
+                idp,
+            } => Kind::Route {
+                https,
+                domain,
+                path,
+                via,
+                idp,
+            },
+            providers::Probe::Login(login) => Kind::Db(login),
+            providers::Probe::Oidc { issuer } => Kind::Oidc { issuer },
+        }
+    }
+}
 
 /// Runs `remote` on `host` over SSH, bounded by `timeout`. `Err` when ssh could not even run.
 fn ssh_run(

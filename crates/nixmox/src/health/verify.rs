@@ -15,8 +15,6 @@
 //! needs authentik's API or Terraform's state).
 
 use nixmox_core::model::{Capability, Project, Service};
-use nixmox_core::render::nixos::{db_secret, dns_records, POSTGRES_PORT};
-use nixmox_core::render::{idp_domain, issuer};
 
 use super::probe::{HostRef, Kind, Probe, Role};
 
@@ -45,51 +43,21 @@ pub fn checks(s: &Service, roles: &[Role]) -> Vec<Probe> {
     out
 }
 
-/// The end-to-end checks of a service.
+/// The end-to-end checks of a service: each provider implementation's probes of it (DNS
+/// records, routes through the reverse proxy, database logins, OIDC discovery), in that order.
 pub fn end_to_end(p: &Project, s: &Service) -> Vec<Probe> {
-    let mut out = Vec::new();
     let host = host_of(s);
-    let probe = |kind| Probe::new(Role::EndToEnd, host.clone(), kind);
-    if p.provider(Capability::Dns).is_some() {
-        let records = dns_records(p);
-        let mut names = vec![p.fqdn(s)];
-        names.extend(s.proxies.iter().map(|x| x.domain.to_string()));
-        names.dedup();
-        for name in names {
-            if let Some(ip) = records.get(&name).and_then(|ip| ip.parse().ok()) {
-                out.push(probe(Kind::DnsRecord { name, expect: ip }));
-            }
-        }
-    }
-    if let Some(rp) = p.provider(Capability::ReverseProxy) {
-        let idp = idp_domain(p);
-        for x in &s.proxies {
-            out.push(probe(Kind::Route {
-                https: x.tls,
-                domain: x.domain.to_string(),
-                path: x.path.clone(),
-                via: rp.host.ip,
-                idp: if x.authz { idp.clone() } else { None },
-            }));
-        }
-    }
-    if let Some(pg) = p.provider(Capability::Database) {
-        for db in &s.dbs {
-            out.push(probe(Kind::Db {
-                server: pg.host.ip,
-                port: POSTGRES_PORT,
-                database: db.database.clone(),
-                role: db.role.clone(),
-                secret: db_secret(&db.role),
-            }));
-        }
-    }
-    if s.auth.as_ref().and_then(|a| a.oidc.as_ref()).is_some() {
-        if let Some(iss) = issuer(p, s) {
-            out.push(probe(Kind::Oidc { issuer: iss }));
-        }
-    }
-    out
+    [
+        Capability::Dns,
+        Capability::ReverseProxy,
+        Capability::Database,
+        Capability::Identity,
+    ]
+    .into_iter()
+    .filter_map(|cap| p.implementation(cap))
+    .flat_map(|imp| imp.probes(p, s))
+    .map(|probe| Probe::new(Role::EndToEnd, host.clone(), probe.into()))
+    .collect()
 }
 
 /// The `auth` end-to-end check's last part: S's redirect URIs are registered with the identity

@@ -33,7 +33,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nixmox_core::model::{Capability, DbMode, Deployer};
+use nixmox_core::model::{Capability, Deployer};
 use nixmox_core::plan::{self, Change, Phase, Plan};
 use nixmox_core::record::Record;
 use nixmox_core::Project;
@@ -74,37 +74,29 @@ pub enum SecretsError {
 }
 
 /// The secrets a host needs NixMox to generate, by hostname: `db/<role>` for each database
-/// it uses, and on the database host for each role it serves, and `authentik/secret_key` on
-/// the identity provider's host (as the renderer declares them).
+/// it uses, and on each provider's host what its implementation generates
+/// (`providers::Provider::secret_names`: the roles' passwords on the database host, the
+/// project CA's key on Caddy's, `authentik/secret_key` on the identity provider's).
 pub fn generated_needs(p: &Project) -> BTreeMap<String, BTreeSet<String>> {
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    if let (true, Some(proxy)) = (
-        nixmox_core::render::nixos::has_project_ca(p),
-        p.provider(Capability::ReverseProxy),
-    ) {
-        out.entry(proxy.host.hostname.to_string())
-            .or_default()
-            .insert(nixmox_core::render::nixos::CA_KEY_SECRET.to_string());
+    for s in &p.services {
+        for provided in &s.provides {
+            let names = provided.provider.secret_names(p);
+            if !names.is_empty() {
+                out.entry(s.host.hostname.to_string())
+                    .or_default()
+                    .extend(names);
+            }
+        }
     }
-    if let Some(idp) = p.provider(Capability::Identity) {
-        out.entry(idp.host.hostname.to_string())
-            .or_default()
-            .insert(nixmox_core::render::nixos::AUTHENTIK_SECRET_KEY.to_string());
-    }
-    let Some(pg) = p.provider(Capability::Database) else {
+    if p.provider(Capability::Database).is_none() {
         return out;
-    };
+    }
     for s in &p.services {
         for db in &s.dbs {
-            let name = nixmox_core::render::nixos::db_secret(&db.role);
             out.entry(s.host.hostname.to_string())
                 .or_default()
-                .insert(name.clone());
-            if db.mode != DbMode::Terraform {
-                out.entry(pg.host.hostname.to_string())
-                    .or_default()
-                    .insert(name);
-            }
+                .insert(nixmox_core::providers::db_secret(&db.role));
         }
     }
     out

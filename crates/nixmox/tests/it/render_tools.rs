@@ -921,3 +921,49 @@ fn example_modules_read_only_declared_secrets() {
     assert!(guac.contains("guacamole-auth-sso-openid-${version}.jar"));
     assert!(guac.contains("postgresql-jdbc.jar"));
 }
+
+/// Issue "Shape": a project whose reverse proxy is `nginx` (the second implementation of
+/// `reverse_proxy`) renders nginx virtual hosts instead of Caddy sites: every file parses, and
+/// the proxy host's configuration evaluates to the routes the manifests name.
+#[test]
+fn a_project_with_the_nginx_reverse_proxy_renders_its_virtual_hosts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let project = tmp.path().join("project");
+    let write = |rel: &str, text: &str| {
+        let path = project.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    };
+    write(
+        "nixmox.yaml",
+        "project: p\ndomain: p.lan\nnetwork: { cidr: 10.0.0.0/24, gateway: 10.0.0.1 }\n",
+    );
+    write(
+        "services/edge/manifest.yaml",
+        "name: edge\nhost: { ip: 10.0.0.5 }\nprovides: { reverse_proxy: { type: nginx } }\n",
+    );
+    write(
+        "services/web/manifest.yaml",
+        "name: web\nhost: { ip: 10.0.0.20 }\ninterface:\n  proxy:\n    - { domain: web.p.lan, upstream: 8080, tls: false, headers: { X-Frame-Options: 'DENY \"x\"' } }\n    - { domain: web.p.lan, path: /api, upstream: 9090, tls: false }\n",
+    );
+    let build = tmp.path().join("build");
+    render(&project, &build);
+    assert!(parse_all(&build) >= 4);
+
+    let nginx = eval_host(&build, "edge", "services.nginx");
+    assert_eq!(nginx["enable"], true);
+    assert_eq!(nginx["recommendedProxySettings"], true);
+    let locations = &nginx["virtualHosts"]["web.p.lan"]["locations"];
+    assert_eq!(locations["/"]["proxyPass"], "http://10.0.0.20:8080");
+    assert_eq!(
+        locations["/"]["extraConfig"],
+        "add_header X-Frame-Options \"DENY \\\"x\\\"\" always;\n"
+    );
+    assert_eq!(locations["= /api"]["proxyPass"], "http://10.0.0.20:9090");
+    assert_eq!(locations["/api/"]["proxyPass"], "http://10.0.0.20:9090");
+    // No Caddy, and only HTTP opened.
+    let services = eval_host(&build, "edge", "services");
+    assert!(services.get("caddy").is_none(), "{services}");
+    let tcp = eval_host(&build, "edge", "networking.firewall.allowedTCPPorts");
+    assert_eq!(tcp, serde_json::json!([22, 80]));
+}
