@@ -27,6 +27,7 @@ use super::drift::{
     recorded_workspace, scratch_build, step_config_rel, step_service, temp_dir, terraform_for,
 };
 use super::load_project;
+use crate::cli::DownArgs as Args;
 use crate::engine::events::Plain;
 use crate::engine::runner::proxmox_token;
 use crate::engine::{self, UpOptions, UpResult};
@@ -36,18 +37,6 @@ use crate::root::ProjectRoot;
 use crate::state::{LockOutcome, Store};
 use crate::terraform::StepOpts;
 use crate::{confirm, output, project_fs};
-
-pub struct Args {
-    pub services: Vec<String>,
-    pub keep_host: bool,
-    pub purge_data: bool,
-    /// Destroy what is listed without asking (`--yes`).
-    pub yes: bool,
-    /// Only list what would be destroyed (`--dry-run`).
-    pub dry_run: bool,
-    /// No backup before a container is destroyed (`--no-backup`; see `teardown::Backup`).
-    pub no_backup: bool,
-}
 
 /// Consumers before providers: the order in which `names` can be removed.
 fn removal_order(project: &Project, remove: &BTreeSet<usize>) -> Vec<usize> {
@@ -73,10 +62,7 @@ fn removal_order(project: &Project, remove: &BTreeSet<usize>) -> Vec<usize> {
 
 pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
     let loaded = load_project(root)?;
-    let project = loaded
-        .project
-        .as_ref()
-        .expect("load_project returns a project");
+    let project = &loaded.project;
     let remove: BTreeSet<usize> = if args.services.is_empty() {
         (0..project.services.len()).collect()
     } else {
@@ -217,9 +203,11 @@ pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
     // 2. What is left, redeployed without them (providers' configurations, infrastructure).
     if let Some(reduced) = &reduced {
         let opts = UpOptions {
-            services: Vec::new(),
-            with_deps: true,
-            parallel: project.deploy.parallel as usize,
+            selection: nixmox_core::plan::Selection {
+                services: Vec::new(),
+                with_deps: true,
+            },
+            parallel: None,
             force: false,
             force_steps: Vec::new(),
             fail_fast: false,

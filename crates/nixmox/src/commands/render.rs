@@ -11,10 +11,7 @@ use crate::{output, project_fs};
 
 pub fn run(root: &ProjectRoot, out: &Path) -> Result<()> {
     let loaded = load_project(root)?;
-    let project = loaded
-        .project
-        .as_ref()
-        .expect("load_project returns a project");
+    let project = &loaded.project;
     // Until the engine records Terraform outputs, later steps render without them.
     let rendered = render::render(project, &Outputs::default());
     // A relative --out is relative to the project, like every other path NixMox writes.
