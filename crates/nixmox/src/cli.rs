@@ -68,6 +68,10 @@ pub enum Command {
         format: GraphFormat,
     },
     /// Write the NixOS flake, host configurations and Terraform workspaces
+    ///
+    /// The tree `up` renders: workspaces that take an earlier step's Terraform outputs get the
+    /// values the state store recorded (none before the first `up`; the store is read, never
+    /// created).
     Render {
         /// Where to write them
         #[arg(long, value_name = "DIR", default_value = ".nixmox/build")]

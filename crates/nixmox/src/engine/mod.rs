@@ -74,14 +74,12 @@ pub fn plan_with_state(
     paths: &Paths,
 ) -> Result<(Plan, render::Outputs)> {
     // Planning never creates the state database: no database means nothing recorded yet.
-    let (record, outputs) = if paths.state_db.exists() {
-        let store = Store::open(&paths.state_db).map_err(Error::State)?;
-        (
+    let (record, outputs) = match recorded_store(paths)? {
+        Some(store) => (
             store.record().map_err(Error::State)?,
             store.outputs().map_err(Error::State)?,
-        )
-    } else {
-        Default::default()
+        ),
+        None => Default::default(),
     };
     let files = project_fs::digests(root, project);
     let flake_lock = crate::flake::read(root)?;
@@ -96,6 +94,24 @@ pub fn plan_with_state(
     );
     crate::secrets::augment_plan(root, project, &mut plan, Some(&record));
     Ok((plan, outputs))
+}
+
+/// The Terraform outputs the store recorded, which later steps' workspaces are rendered
+/// with: what `up` renders with, for `nixmox render` to write the same tree. Nothing when no
+/// run has recorded any (no state database, which is not created).
+pub fn recorded_outputs(paths: &Paths) -> Result<render::Outputs> {
+    match recorded_store(paths)? {
+        Some(store) => store.outputs().map_err(Error::State),
+        None => Ok(render::Outputs::default()),
+    }
+}
+
+/// The state store for reading what earlier runs recorded, when there is one.
+fn recorded_store(paths: &Paths) -> Result<Option<Store>> {
+    if !paths.state_db.exists() {
+        return Ok(None);
+    }
+    Store::open(&paths.state_db).map(Some).map_err(Error::State)
 }
 
 fn skip_of(step: &plan::Step, opts: &UpOptions) -> Option<Skip> {
