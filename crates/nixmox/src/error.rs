@@ -45,20 +45,21 @@ pub enum Error {
     /// The hosts' SOPS files or the secrets they hold (`secrets`).
     #[error("secrets: {0}")]
     Secrets(#[from] SecretsError),
-    /// A Proxmox API request, or getting to the API.
+    /// A Proxmox API request, or getting to the API. (Boxed, as are the other large errors, so
+    /// that every `Result` stays small.)
     #[error(transparent)]
-    Pve(#[from] PveError),
+    Pve(Box<PveError>),
     /// A Proxmox API request failed while doing something the message names.
     #[error("{doing}: {source}")]
     PveDuring {
         /// What NixMox was doing, like `listing the orphaned containers`.
         doing: String,
         #[source]
-        source: PveError,
+        source: Box<PveError>,
     },
     /// A container snapshot that was not taken, listed or rolled back to.
     #[error(transparent)]
-    Snapshot(#[from] SnapError),
+    Snapshot(Box<SnapError>),
     /// A tool that could not be run at all (not found, timed out) while doing something.
     #[error("{doing}: {source}")]
     Exec {
@@ -86,7 +87,7 @@ impl Error {
         match self {
             Error::Reported { .. } | Error::Usage(_) | Error::Unsafe { .. } => EXIT_INVALID,
             // A Proxmox settings problem is the project's: `proxmox.endpoint` unset and the like.
-            Error::Pve(PveError::Config(_)) => EXIT_INVALID,
+            Error::Pve(e) if matches!(**e, PveError::Config(_)) => EXIT_INVALID,
             Error::Read { .. }
             | Error::Write { .. }
             | Error::State(_)
@@ -113,7 +114,22 @@ impl Error {
     /// A Proxmox API error met while `doing` something.
     pub fn pve_during(doing: impl Into<String>) -> impl FnOnce(PveError) -> Error {
         let doing = doing.into();
-        move |source| Error::PveDuring { doing, source }
+        move |source| Error::PveDuring {
+            doing,
+            source: Box::new(source),
+        }
+    }
+}
+
+impl From<PveError> for Error {
+    fn from(e: PveError) -> Error {
+        Error::Pve(Box::new(e))
+    }
+}
+
+impl From<SnapError> for Error {
+    fn from(e: SnapError) -> Error {
+        Error::Snapshot(Box::new(e))
     }
 }
 

@@ -434,16 +434,14 @@ impl Listing<'_> {
     fn api_containers(&self, no_backup: bool) -> Result<Vec<Container>> {
         use crate::proxmox::{connect, lifecycle, ClientOptions, Settings};
         let project = self.project;
-        let fail = |e: String| Error::RunFailed(format!("listing the containers: {e}"));
-        let settings =
-            Settings::from_project(project, self.root).map_err(|e| fail(e.to_string()))?;
-        let client =
-            connect(&settings, ClientOptions::default()).map_err(|e| fail(e.to_string()))?;
+        let fail = || Error::pve_during("listing the containers");
+        let settings = Settings::from_project(project, self.root).map_err(fail())?;
+        let client = connect(&settings, ClientOptions::default()).map_err(fail())?;
         let stays: BTreeSet<u32> = self
             .reduced
             .map(|r| lifecycle::desired(r).iter().map(|d| d.vmid).collect())
             .unwrap_or_default();
-        let guests = client.guests().map_err(|e| fail(e.to_string()))?;
+        let guests = client.guests().map_err(fail())?;
         Ok(guests
             .into_iter()
             .filter(|g| {
@@ -589,12 +587,12 @@ fn reduced_project(root: &ProjectRoot, removed: &[String]) -> Result<Project> {
 /// they carry the project's tags.
 fn destroy_containers(project: &Project, root: &Path, vmids: &BTreeSet<u32>) -> Result<()> {
     use crate::proxmox::{connect, lifecycle, ClientOptions, Settings};
-    let fail = |e: String| Error::RunFailed(format!("destroying the containers: {e}"));
-    let settings = Settings::from_project(project, root).map_err(|e| fail(e.to_string()))?;
-    let client = connect(&settings, ClientOptions::default()).map_err(|e| fail(e.to_string()))?;
+    let fail = || Error::pve_during("destroying the containers");
+    let settings = Settings::from_project(project, root).map_err(fail())?;
+    let client = connect(&settings, ClientOptions::default()).map_err(fail())?;
     let parallel = project.deploy.parallel as usize;
     let report = lifecycle::destroy_listed(&client, project, parallel, vmids)
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(|e| Error::RunFailed(format!("destroying the containers: {e}")))?;
     output::note(&report.summary());
     Ok(())
 }
@@ -690,7 +688,10 @@ fn purge_data(
             ..Default::default()
         };
         let fin = crate::exec::run(&crate::exec::Cmd::new(&argv[0]).args(&argv[1..]), &opts)
-            .map_err(|e| Error::RunFailed(format!("--purge-data: {e}")))?;
+            .map_err(|source| Error::Exec {
+                doing: "--purge-data".into(),
+                source,
+            })?;
         if !fin.success() {
             return Err(Error::RunFailed(format!(
                 "--purge-data: dropping `{db}` on {} failed (exit {:?}): {}",
