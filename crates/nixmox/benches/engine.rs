@@ -297,10 +297,7 @@ fn fabricate_state(bin: &Path, root: &Path) -> Result<(usize, usize), String> {
     )?;
     let loaded =
         nixmox::commands::load_project(root).map_err(|e| format!("loading the example: {e}"))?;
-    let project = loaded
-        .project
-        .as_ref()
-        .expect("load_project returns a project");
+    let project = &loaded.project;
     let root = &nixmox::root::ProjectRoot::resolve(root).map_err(|e| e.to_string())?;
     let paths = Paths::new(root, project);
     let (plan, _) = plan_with_state(root, project, &Selection::default(), &paths)
@@ -352,10 +349,7 @@ fn fabricate_state(bin: &Path, root: &Path) -> Result<(usize, usize), String> {
 /// Checks that the last run recorded in the example's store ran nothing.
 fn last_run_ran_nothing(root: &Path) -> Result<(), String> {
     let loaded = nixmox::commands::load_project(root).map_err(|e| e.to_string())?;
-    let project = loaded
-        .project
-        .as_ref()
-        .expect("load_project returns a project");
+    let project = &loaded.project;
     let root = &nixmox::root::ProjectRoot::resolve(root).map_err(|e| e.to_string())?;
     let store = Store::open(&Paths::new(root, project).state_db).map_err(|e| e.to_string())?;
     let runs = store.runs(1).map_err(|e| e.to_string())?;

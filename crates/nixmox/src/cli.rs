@@ -68,66 +68,17 @@ pub enum Command {
         format: GraphFormat,
     },
     /// Write the NixOS flake, host configurations and Terraform workspaces
+    ///
+    /// The tree `up` renders: workspaces that take an earlier step's Terraform outputs get the
+    /// values the state store recorded (none before the first `up`; the store is read, never
+    /// created).
     Render {
         /// Where to write them
         #[arg(long, value_name = "DIR", default_value = ".nixmox/build")]
         out: PathBuf,
     },
     /// Render, plan against the recorded state, and execute: only what changed
-    Up {
-        /// Only these services (with their dependencies unless --no-deps)
-        #[arg(add = ArgValueCompleter::new(completion::services))]
-        services: Vec<String>,
-        /// Do not add the named services' dependencies
-        #[arg(long)]
-        no_deps: bool,
-        /// How many steps may run at once (default: deploy.parallel)
-        #[arg(long, value_name = "N")]
-        parallel: Option<usize>,
-        /// Print what would run, and why, without executing anything
-        #[arg(long)]
-        dry_run: bool,
-        /// Run every step, even unchanged ones
-        #[arg(long)]
-        force: bool,
-        /// Run this step even if unchanged (repeatable)
-        #[arg(long, value_name = "STEP")]
-        #[arg(add = ArgValueCompleter::new(completion::steps))]
-        force_step: Vec<String>,
-        /// Stop everything at the first failure (default: only its dependents stop)
-        #[arg(long)]
-        fail_fast: bool,
-        /// Longest a single step may run, like `30m` or `90s`
-        #[arg(long, value_name = "DURATION", default_value = "30m")]
-        timeout: String,
-        /// Progress as text (live on a terminal) or JSON lines
-        #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
-        format: PlanFormat,
-        /// What a failed health gate rolls back to: the container's snapshot taken before the
-        /// deploy (default, when one was taken; else the generation), the previous NixOS
-        /// generation, or nothing (leave it as deployed, to debug it)
-        #[arg(long, value_enum, value_name = "HOW")]
-        rollback: Option<RollbackArg>,
-        /// The same as `--rollback none`
-        #[arg(long, conflicts_with = "rollback")]
-        no_rollback: bool,
-        /// Also roll back core hosts (`nix:core:*`) whose health gate fails
-        #[arg(long, conflicts_with = "no_rollback")]
-        rollback_core: bool,
-        /// With infra.backend proxmox-api: destroy the project's containers that are no
-        /// longer in the project (without it they are only reported). They are listed first
-        /// and confirmed on a terminal (`y`); without a terminal, --yes is needed
-        #[arg(long)]
-        remove_orphans: bool,
-        /// Apply Terraform plans that delete or replace protected resources (containers,
-        /// databases, `interface.terraform.protect`); without it such a step fails and applies
-        /// nothing
-        #[arg(long)]
-        allow_destroy: bool,
-        /// Destroy the orphans --remove-orphans lists without asking (needed without a terminal)
-        #[arg(long, requires = "remove_orphans")]
-        yes: bool,
-    },
+    Up(UpArgs),
     /// List past runs, newest first
     History {
         /// How many runs
@@ -171,28 +122,7 @@ pub enum Command {
     /// node, Terraform resources per workspace, databases with --purge-data), then asks on a
     /// terminal: the project's name when every service goes, `y` for some. Without a terminal
     /// it destroys nothing and exits 2 unless --yes.
-    Down {
-        /// The services to remove (consumers must be removed with their providers)
-        #[arg(add = ArgValueCompleter::new(completion::services))]
-        services: Vec<String>,
-        /// Keep the containers
-        #[arg(long)]
-        keep_host: bool,
-        /// Also drop the removed services' databases and roles (with the built-in deployers;
-        /// with a custom one, print the statements: docs/engine.md)
-        #[arg(long)]
-        purge_data: bool,
-        /// Destroy what is listed without asking (needed without a terminal)
-        #[arg(long, short = 'y')]
-        yes: bool,
-        /// Only list what would be destroyed; change nothing
-        #[arg(long, conflicts_with = "yes")]
-        dry_run: bool,
-        /// Destroy containers without the vzdump backup taken first of each host with
-        /// `host.backup` (the list says which are backed up)
-        #[arg(long)]
-        no_backup: bool,
-    },
+    Down(DownArgs),
     /// Print a shell completion script (service names and step ids completed from the project)
     ///
     /// Load it from the shell's start-up file: bash `source <(nixmox completion bash)`, zsh
@@ -294,6 +224,116 @@ pub enum Command {
         #[command(subcommand)]
         action: SnapshotAction,
     },
+}
+
+/// `nixmox up`'s arguments, lowered once into the engine's options by
+/// `commands::up::options`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpArgs {
+    /// Only these services (with their dependencies unless --no-deps)
+    #[arg(add = ArgValueCompleter::new(completion::services))]
+    pub services: Vec<String>,
+    /// Do not add the named services' dependencies
+    #[arg(long)]
+    pub no_deps: bool,
+    /// How many steps may run at once (default: deploy.parallel)
+    #[arg(long, value_name = "N")]
+    pub parallel: Option<usize>,
+    /// Print what would run, and why, without executing anything
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Run every step, even unchanged ones
+    #[arg(long)]
+    pub force: bool,
+    /// Run this step even if unchanged (repeatable)
+    #[arg(long, value_name = "STEP")]
+    #[arg(add = ArgValueCompleter::new(completion::steps))]
+    pub force_step: Vec<String>,
+    /// Stop everything at the first failure (default: only its dependents stop)
+    #[arg(long)]
+    pub fail_fast: bool,
+    /// Longest a single step may run, like `30m` or `90s`
+    #[arg(long, value_name = "DURATION", default_value = DEFAULT_TIMEOUT)]
+    pub timeout: String,
+    /// Progress as text (live on a terminal) or JSON lines
+    #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
+    pub format: PlanFormat,
+    /// What a failed health gate rolls back to: the container's snapshot taken before the
+    /// deploy (default, when one was taken; else the generation), the previous NixOS
+    /// generation, or nothing (leave it as deployed, to debug it)
+    #[arg(long, value_enum, value_name = "HOW")]
+    pub rollback: Option<RollbackArg>,
+    /// The same as `--rollback none`
+    #[arg(long, conflicts_with = "rollback")]
+    pub no_rollback: bool,
+    /// Also roll back core hosts (`nix:core:*`) whose health gate fails
+    #[arg(long, conflicts_with = "no_rollback")]
+    pub rollback_core: bool,
+    /// With infra.backend proxmox-api: destroy the project's containers that are no
+    /// longer in the project (without it they are only reported). They are listed first
+    /// and confirmed on a terminal (`y`); without a terminal, --yes is needed
+    #[arg(long)]
+    pub remove_orphans: bool,
+    /// Apply Terraform plans that delete or replace protected resources (containers,
+    /// databases, `interface.terraform.protect`); without it such a step fails and applies
+    /// nothing
+    #[arg(long)]
+    pub allow_destroy: bool,
+    /// Destroy the orphans --remove-orphans lists without asking (needed without a terminal)
+    #[arg(long, requires = "remove_orphans")]
+    pub yes: bool,
+}
+
+impl UpArgs {
+    /// A plain `nixmox up SERVICE...` with every flag at its default and no dependencies
+    /// added: what another command runs after changing what those services deploy.
+    pub fn redeploy(services: Vec<String>) -> UpArgs {
+        UpArgs {
+            services,
+            no_deps: true,
+            parallel: None,
+            dry_run: false,
+            force: false,
+            force_step: Vec::new(),
+            fail_fast: false,
+            timeout: DEFAULT_TIMEOUT.into(),
+            format: PlanFormat::Text,
+            rollback: None,
+            no_rollback: false,
+            rollback_core: false,
+            remove_orphans: false,
+            allow_destroy: false,
+            yes: false,
+        }
+    }
+}
+
+/// `up --timeout`'s default.
+pub const DEFAULT_TIMEOUT: &str = "30m";
+
+/// `nixmox down`'s arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DownArgs {
+    /// The services to remove (consumers must be removed with their providers)
+    #[arg(add = ArgValueCompleter::new(completion::services))]
+    pub services: Vec<String>,
+    /// Keep the containers
+    #[arg(long)]
+    pub keep_host: bool,
+    /// Also drop the removed services' databases and roles (with the built-in deployers;
+    /// with a custom one, print the statements: docs/engine.md)
+    #[arg(long)]
+    pub purge_data: bool,
+    /// Destroy what is listed without asking (needed without a terminal)
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Only list what would be destroyed; change nothing
+    #[arg(long, conflicts_with = "yes")]
+    pub dry_run: bool,
+    /// Destroy containers without the vzdump backup taken first of each host with
+    /// `host.backup` (the list says which are backed up)
+    #[arg(long)]
+    pub no_backup: bool,
 }
 
 #[derive(Debug, Subcommand)]

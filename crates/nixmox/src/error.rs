@@ -1,6 +1,13 @@
 //! The one top-level error, and the exit codes it maps to (documented in README.md).
+//!
+//! A variant that wraps a module's error keeps it as its `source()`, typed, up to `main`. Each
+//! message already includes its source's (as `Read` shows `{source}`), so `main` prints the
+//! top-level message alone and the user reads the whole chain once.
 
 use std::path::PathBuf;
+
+use crate::proxmox::{snapshot::SnapError, PveError};
+use crate::secrets::SecretsError;
 
 /// Exit codes: 0 ok, 1 runtime failure, 2 invalid input or usage.
 pub const EXIT_RUNTIME: u8 = 1;
@@ -32,7 +39,37 @@ pub enum Error {
     BrokenPipe,
     #[error(transparent)]
     State(#[from] crate::state::StateError),
-    /// A run failed; what failed was reported step by step.
+    /// `up` ran and steps failed; what failed was reported step by step.
+    #[error("{failed} step(s) failed; see `nixmox logs STEP` and `nixmox history`")]
+    StepsFailed { failed: usize },
+    /// The hosts' SOPS files or the secrets they hold (`secrets`).
+    #[error("secrets: {0}")]
+    Secrets(#[from] SecretsError),
+    /// A Proxmox API request, or getting to the API. (Boxed, as are the other large errors, so
+    /// that every `Result` stays small.)
+    #[error(transparent)]
+    Pve(Box<PveError>),
+    /// A Proxmox API request failed while doing something the message names.
+    #[error("{doing}: {source}")]
+    PveDuring {
+        /// What NixMox was doing, like `listing the orphaned containers`.
+        doing: String,
+        #[source]
+        source: Box<PveError>,
+    },
+    /// A container snapshot that was not taken, listed or rolled back to.
+    #[error(transparent)]
+    Snapshot(Box<SnapError>),
+    /// A tool that could not be run at all (not found, timed out) while doing something.
+    #[error("{doing}: {source}")]
+    Exec {
+        doing: String,
+        #[source]
+        source: crate::exec::ExecError,
+    },
+    /// A failure with no error value under it: a tool that ran and said no (its message is
+    /// already extracted), or an outcome that is wrong in itself. Everything with a typed
+    /// cause has a variant above that keeps it.
     #[error("{0}")]
     RunFailed(String),
     /// Ctrl-C: running steps were allowed to finish and everything was recorded.
@@ -49,9 +86,18 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Reported { .. } | Error::Usage(_) | Error::Unsafe { .. } => EXIT_INVALID,
-            Error::Read { .. } | Error::Write { .. } | Error::State(_) | Error::RunFailed(_) => {
-                EXIT_RUNTIME
-            }
+            // A Proxmox settings problem is the project's: `proxmox.endpoint` unset and the like.
+            Error::Pve(e) if matches!(**e, PveError::Config(_)) => EXIT_INVALID,
+            Error::Read { .. }
+            | Error::Write { .. }
+            | Error::State(_)
+            | Error::StepsFailed { .. }
+            | Error::Secrets(_)
+            | Error::Pve(_)
+            | Error::PveDuring { .. }
+            | Error::Snapshot(_)
+            | Error::Exec { .. }
+            | Error::RunFailed(_) => EXIT_RUNTIME,
             Error::Flake(
                 crate::flake::FlakeError::InvalidLock { .. }
                 | crate::flake::FlakeError::UnknownInput(..),
@@ -61,6 +107,29 @@ impl Error {
             Error::BrokenPipe => 0,
             Error::Changes => 2,
         }
+    }
+}
+
+impl Error {
+    /// A Proxmox API error met while `doing` something.
+    pub fn pve_during(doing: impl Into<String>) -> impl FnOnce(PveError) -> Error {
+        let doing = doing.into();
+        move |source| Error::PveDuring {
+            doing,
+            source: Box::new(source),
+        }
+    }
+}
+
+impl From<PveError> for Error {
+    fn from(e: PveError) -> Error {
+        Error::Pve(Box::new(e))
+    }
+}
+
+impl From<SnapError> for Error {
+    fn from(e: SnapError) -> Error {
+        Error::Snapshot(Box::new(e))
     }
 }
 

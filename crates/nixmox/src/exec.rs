@@ -265,55 +265,11 @@ fn open_log(path: &Path) -> Result<File, ExecError> {
 /// Runs `cmd` to its end, or until its timeout or cancellation.
 pub fn run(cmd: &Cmd, opts: &RunOpts) -> Result<Finished, ExecError> {
     let program = cmd.program_name();
-    let cancelled = || {
-        opts.cancel
-            .as_ref()
-            .is_some_and(|c| c.load(Ordering::SeqCst))
-    };
-    if cancelled() {
-        return Err(ExecError::Cancelled);
-    }
-    if let Some(dir) = &cmd.cwd {
-        if !dir.is_dir() {
-            return Err(ExecError::Io {
-                context: format!("cannot run `{program}` in `{}`", dir.display()),
-                source: io::Error::new(io::ErrorKind::NotFound, "no such directory"),
-            });
-        }
-    }
+    check_runnable(cmd, opts, &program)?;
     let redactor = Arc::new(Redactor::new(&opts.redact));
-
-    let mut log = match &opts.log {
-        Some(path) => Some(open_log(path)?),
-        None => None,
-    };
-    if let Some(f) = log.as_mut() {
-        let mut header = format!("[{}] $ {}", utc_now(), cmd.display());
-        if let Some(dir) = &cmd.cwd {
-            header.push_str(&format!("    (in {})", dir.display()));
-        }
-        header.push('\n');
-        let _ = f.write_all(redactor.apply(&header).as_bytes());
-    }
-
-    let mut command = Command::new(&cmd.program);
-    command
-        .args(&cmd.args)
-        .envs(cmd.env.iter().map(|(k, v)| (k, v)))
-        .stdin(if opts.stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    if let Some(dir) = &cmd.cwd {
-        command.current_dir(dir);
-    }
-
+    let mut log = open_run_log(cmd, opts, &redactor)?;
     let start = Instant::now();
-    let mut child = match command.spawn() {
+    let mut child = match command(cmd, opts).spawn() {
         Ok(c) => c,
         Err(e) => {
             let err = if e.kind() == io::ErrorKind::NotFound {
@@ -332,99 +288,26 @@ pub fn run(cmd: &Cmd, opts: &RunOpts) -> Result<Finished, ExecError> {
             return Err(err);
         }
     };
-    let pgid = child.id();
-
     if let (Some(input), Some(mut pipe)) = (opts.stdin.clone(), child.stdin.take()) {
         // A child that never reads its stdin must not block us: write on a thread.
         thread::spawn(move || {
             let _ = pipe.write_all(&input);
         });
     }
-
     let shared = Arc::new(Mutex::new(Shared {
         log,
         closed: false,
         out: Capture::new(!opts.stdout_is_data),
         err: Capture::new(true),
     }));
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    let mut readers = 0;
-    if let Some(out) = child.stdout.take() {
-        let stream = if opts.stdout_is_data {
-            Stream::Data
-        } else {
-            Stream::Out
-        };
-        spawn_reader(out, stream, &shared, &redactor, done_tx.clone());
-        readers += 1;
-    }
-    if let Some(err) = child.stderr.take() {
-        spawn_reader(err, Stream::Err, &shared, &redactor, done_tx.clone());
-        readers += 1;
-    }
-    drop(done_tx);
-
-    let deadline = opts.timeout.map(|t| start + t);
-    let grace = opts.grace.unwrap_or(DEFAULT_GRACE);
-    let mut stopped: Option<Stop> = None;
-    let mut pause = Duration::from_millis(1);
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) => {}
-            Err(e) => {
-                kill_group(&mut child, pgid, grace);
-                return Err(ExecError::Io {
-                    context: format!("waiting for `{program}`"),
-                    source: e,
-                });
-            }
-        }
-        if cancelled() {
-            stopped = Some(Stop::Cancelled);
-        } else if deadline.is_some_and(|d| Instant::now() >= d) {
-            stopped = Some(Stop::TimedOut);
-        }
-        if stopped.is_some() {
-            break kill_group(&mut child, pgid, grace);
-        }
-        let mut nap = pause;
-        if let Some(d) = deadline {
-            nap = nap.min(d.saturating_duration_since(Instant::now()));
-        }
-        thread::sleep(nap);
-        pause = (pause * 2).min(POLL);
-    };
+    let drained = spawn_readers(&mut child, opts, &shared, &redactor);
+    let (status, stopped) = wait(&mut child, opts, &program, start)?;
     let duration = start.elapsed();
-
-    // Wait (bounded) for both pipes to reach end of file.
-    let drain_until = Instant::now() + DRAIN;
-    for _ in 0..readers {
-        let left = drain_until.saturating_duration_since(Instant::now());
-        if done_rx.recv_timeout(left).is_err() {
-            break;
-        }
-    }
-
+    drained.wait();
     let mut shared = shared.lock().unwrap_or_else(|p| p.into_inner());
     shared.closed = true;
-    let footer = match stopped {
-        Some(Stop::TimedOut) => format!(
-            "[timed out after {}; process group stopped]",
-            human_duration(opts.timeout.unwrap_or_default())
-        ),
-        Some(Stop::Cancelled) => format!(
-            "[cancelled after {}; process group stopped]",
-            human_duration(duration)
-        ),
-        None => format!(
-            "[{} after {}]",
-            describe_status(&status),
-            human_duration(duration)
-        ),
-    };
     if let Some(f) = shared.log.as_mut() {
-        let _ = writeln!(f, "{footer}");
+        let _ = writeln!(f, "{}", footer(stopped, &status, opts, duration));
         let _ = f.flush();
     }
     shared.log = None;
@@ -451,6 +334,173 @@ pub fn run(cmd: &Cmd, opts: &RunOpts) -> Result<Finished, ExecError> {
         stderr,
         duration,
     })
+}
+
+fn cancelled(opts: &RunOpts) -> bool {
+    opts.cancel
+        .as_ref()
+        .is_some_and(|c| c.load(Ordering::SeqCst))
+}
+
+/// Nothing is started when the run is already cancelled or its directory is missing.
+fn check_runnable(cmd: &Cmd, opts: &RunOpts, program: &str) -> Result<(), ExecError> {
+    if cancelled(opts) {
+        return Err(ExecError::Cancelled);
+    }
+    if let Some(dir) = &cmd.cwd {
+        if !dir.is_dir() {
+            return Err(ExecError::Io {
+                context: format!("cannot run `{program}` in `{}`", dir.display()),
+                source: io::Error::new(io::ErrorKind::NotFound, "no such directory"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The run's log, opened with its header line (the redacted command line), when it has one.
+fn open_run_log(cmd: &Cmd, opts: &RunOpts, redactor: &Redactor) -> Result<Option<File>, ExecError> {
+    let Some(path) = &opts.log else {
+        return Ok(None);
+    };
+    let mut f = open_log(path)?;
+    let mut header = format!("[{}] $ {}", utc_now(), cmd.display());
+    if let Some(dir) = &cmd.cwd {
+        header.push_str(&format!("    (in {})", dir.display()));
+    }
+    header.push('\n');
+    let _ = f.write_all(redactor.apply(&header).as_bytes());
+    Ok(Some(f))
+}
+
+/// The child as `cmd` says, in a process group of its own, its output piped.
+fn command(cmd: &Cmd, opts: &RunOpts) -> Command {
+    let mut command = Command::new(&cmd.program);
+    command
+        .args(&cmd.args)
+        .envs(cmd.env.iter().map(|(k, v)| (k, v)))
+        .stdin(if opts.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    if let Some(dir) = &cmd.cwd {
+        command.current_dir(dir);
+    }
+    command
+}
+
+/// The threads reading the child's stdout and stderr, to be waited for once it exits.
+struct Readers {
+    done: mpsc::Receiver<()>,
+    count: usize,
+}
+
+impl Readers {
+    /// Waits (bounded by [`DRAIN`]) for both pipes to reach end of file.
+    fn wait(self) {
+        let drain_until = Instant::now() + DRAIN;
+        for _ in 0..self.count {
+            let left = drain_until.saturating_duration_since(Instant::now());
+            if self.done.recv_timeout(left).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+fn spawn_readers(
+    child: &mut Child,
+    opts: &RunOpts,
+    shared: &Arc<Mutex<Shared>>,
+    redactor: &Arc<Redactor>,
+) -> Readers {
+    let (done_tx, done) = mpsc::channel::<()>();
+    let mut count = 0;
+    if let Some(out) = child.stdout.take() {
+        let stream = if opts.stdout_is_data {
+            Stream::Data
+        } else {
+            Stream::Out
+        };
+        spawn_reader(out, stream, shared, redactor, done_tx.clone());
+        count += 1;
+    }
+    if let Some(err) = child.stderr.take() {
+        spawn_reader(err, Stream::Err, shared, redactor, done_tx.clone());
+        count += 1;
+    }
+    Readers { done, count }
+}
+
+/// Polls the child (backing off to [`POLL`]) until it exits, or stops its process group on
+/// the deadline or cancellation: its status, and why it was stopped if it was.
+fn wait(
+    child: &mut Child,
+    opts: &RunOpts,
+    program: &str,
+    start: Instant,
+) -> Result<(ExitStatus, Option<Stop>), ExecError> {
+    let pgid = child.id();
+    let deadline = opts.timeout.map(|t| start + t);
+    let grace = opts.grace.unwrap_or(DEFAULT_GRACE);
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Ok((status, None)),
+            Ok(None) => {}
+            Err(e) => {
+                kill_group(child, pgid, grace);
+                return Err(ExecError::Io {
+                    context: format!("waiting for `{program}`"),
+                    source: e,
+                });
+            }
+        }
+        let stopped = if cancelled(opts) {
+            Some(Stop::Cancelled)
+        } else if deadline.is_some_and(|d| Instant::now() >= d) {
+            Some(Stop::TimedOut)
+        } else {
+            None
+        };
+        if stopped.is_some() {
+            return Ok((kill_group(child, pgid, grace), stopped));
+        }
+        let mut nap = pause;
+        if let Some(d) = deadline {
+            nap = nap.min(d.saturating_duration_since(Instant::now()));
+        }
+        thread::sleep(nap);
+        pause = (pause * 2).min(POLL);
+    }
+}
+
+/// The log's last line: how the run ended and after how long.
+fn footer(
+    stopped: Option<Stop>,
+    status: &ExitStatus,
+    opts: &RunOpts,
+    duration: Duration,
+) -> String {
+    match stopped {
+        Some(Stop::TimedOut) => format!(
+            "[timed out after {}; process group stopped]",
+            human_duration(opts.timeout.unwrap_or_default())
+        ),
+        Some(Stop::Cancelled) => format!(
+            "[cancelled after {}; process group stopped]",
+            human_duration(duration)
+        ),
+        None => format!(
+            "[{} after {}]",
+            describe_status(status),
+            human_duration(duration)
+        ),
+    }
 }
 
 #[derive(Debug, Clone, Copy)]

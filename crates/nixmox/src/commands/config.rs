@@ -11,10 +11,7 @@ use crate::root::ProjectRoot;
 
 pub fn run(root: &ProjectRoot, format: ConfigFormat, services: &[String]) -> Result<()> {
     let loaded = load_project(root)?;
-    let project = loaded
-        .project
-        .as_ref()
-        .expect("load_project returns a project");
+    let project = &loaded.project;
     let only = select(project, services)?;
     match format {
         ConfigFormat::Yaml => {

@@ -27,6 +27,7 @@ use super::drift::{
     recorded_workspace, scratch_build, step_config_rel, step_service, temp_dir, terraform_for,
 };
 use super::load_project;
+use crate::cli::DownArgs as Args;
 use crate::engine::events::Plain;
 use crate::engine::runner::proxmox_token;
 use crate::engine::{self, UpOptions, UpResult};
@@ -36,18 +37,6 @@ use crate::root::ProjectRoot;
 use crate::state::{LockOutcome, Store};
 use crate::terraform::StepOpts;
 use crate::{confirm, output, project_fs};
-
-pub struct Args {
-    pub services: Vec<String>,
-    pub keep_host: bool,
-    pub purge_data: bool,
-    /// Destroy what is listed without asking (`--yes`).
-    pub yes: bool,
-    /// Only list what would be destroyed (`--dry-run`).
-    pub dry_run: bool,
-    /// No backup before a container is destroyed (`--no-backup`; see `teardown::Backup`).
-    pub no_backup: bool,
-}
 
 /// Consumers before providers: the order in which `names` can be removed.
 fn removal_order(project: &Project, remove: &BTreeSet<usize>) -> Vec<usize> {
@@ -73,10 +62,7 @@ fn removal_order(project: &Project, remove: &BTreeSet<usize>) -> Vec<usize> {
 
 pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
     let loaded = load_project(root)?;
-    let project = loaded
-        .project
-        .as_ref()
-        .expect("load_project returns a project");
+    let project = &loaded.project;
     let remove: BTreeSet<usize> = if args.services.is_empty() {
         (0..project.services.len()).collect()
     } else {
@@ -217,9 +203,11 @@ pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
     // 2. What is left, redeployed without them (providers' configurations, infrastructure).
     if let Some(reduced) = &reduced {
         let opts = UpOptions {
-            services: Vec::new(),
-            with_deps: true,
-            parallel: project.deploy.parallel as usize,
+            selection: nixmox_core::plan::Selection {
+                services: Vec::new(),
+                with_deps: true,
+            },
+            parallel: None,
             force: false,
             force_steps: Vec::new(),
             fail_fast: false,
@@ -446,16 +434,14 @@ impl Listing<'_> {
     fn api_containers(&self, no_backup: bool) -> Result<Vec<Container>> {
         use crate::proxmox::{connect, lifecycle, ClientOptions, Settings};
         let project = self.project;
-        let fail = |e: String| Error::RunFailed(format!("listing the containers: {e}"));
-        let settings =
-            Settings::from_project(project, self.root).map_err(|e| fail(e.to_string()))?;
-        let client =
-            connect(&settings, ClientOptions::default()).map_err(|e| fail(e.to_string()))?;
+        let fail = || Error::pve_during("listing the containers");
+        let settings = Settings::from_project(project, self.root).map_err(fail())?;
+        let client = connect(&settings, ClientOptions::default()).map_err(fail())?;
         let stays: BTreeSet<u32> = self
             .reduced
             .map(|r| lifecycle::desired(r).iter().map(|d| d.vmid).collect())
             .unwrap_or_default();
-        let guests = client.guests().map_err(|e| fail(e.to_string()))?;
+        let guests = client.guests().map_err(fail())?;
         Ok(guests
             .into_iter()
             .filter(|g| {
@@ -601,12 +587,12 @@ fn reduced_project(root: &ProjectRoot, removed: &[String]) -> Result<Project> {
 /// they carry the project's tags.
 fn destroy_containers(project: &Project, root: &Path, vmids: &BTreeSet<u32>) -> Result<()> {
     use crate::proxmox::{connect, lifecycle, ClientOptions, Settings};
-    let fail = |e: String| Error::RunFailed(format!("destroying the containers: {e}"));
-    let settings = Settings::from_project(project, root).map_err(|e| fail(e.to_string()))?;
-    let client = connect(&settings, ClientOptions::default()).map_err(|e| fail(e.to_string()))?;
+    let fail = || Error::pve_during("destroying the containers");
+    let settings = Settings::from_project(project, root).map_err(fail())?;
+    let client = connect(&settings, ClientOptions::default()).map_err(fail())?;
     let parallel = project.deploy.parallel as usize;
     let report = lifecycle::destroy_listed(&client, project, parallel, vmids)
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(|e| Error::RunFailed(format!("destroying the containers: {e}")))?;
     output::note(&report.summary());
     Ok(())
 }
@@ -693,7 +679,10 @@ fn purge_data(
             ..Default::default()
         };
         let fin = crate::exec::run(&crate::exec::Cmd::new(&argv[0]).args(&argv[1..]), &opts)
-            .map_err(|e| Error::RunFailed(format!("--purge-data: {e}")))?;
+            .map_err(|source| Error::Exec {
+                doing: "--purge-data".into(),
+                source,
+            })?;
         if !fin.success() {
             return Err(Error::RunFailed(format!(
                 "--purge-data: dropping `{db}` on {} failed (exit {:?}): {}",

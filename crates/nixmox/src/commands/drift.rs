@@ -142,10 +142,7 @@ pub(crate) fn temp_dir(paths: &Paths, what: &str) -> Result<Scratch> {
 
 pub fn run(root: &ProjectRoot, format: PlanFormat) -> Result<()> {
     let loaded = load_project(root)?;
-    let project = loaded
-        .project
-        .as_ref()
-        .expect("load_project returns a project");
+    let project = &loaded.project;
     let paths = Paths::new(root, project);
     let mut errors = Vec::new();
     let containers = match container_drift(project, root) {

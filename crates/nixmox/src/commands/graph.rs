@@ -11,10 +11,7 @@ use crate::root::ProjectRoot;
 
 pub fn run(root: &ProjectRoot, steps: bool, format: GraphFormat) -> Result<()> {
     let loaded = load_project(root)?;
-    let project = loaded
-        .project
-        .as_ref()
-        .expect("load_project returns a project");
+    let project = &loaded.project;
     let picture = if steps {
         let plan = plan::plan(project, &Selection::default(), &PlanInput::default());
         graph::steps(&plan)

@@ -10,10 +10,7 @@ use crate::state::Store;
 
 fn store(root: &ProjectRoot) -> Result<Store> {
     let loaded = load_project(root)?;
-    let project = loaded
-        .project
-        .as_ref()
-        .expect("load_project returns a project");
+    let project = &loaded.project;
     let paths = Paths::new(root, project);
     Ok(Store::open(&paths.state_db)?)
 }

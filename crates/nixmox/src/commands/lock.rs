@@ -24,10 +24,7 @@ pub fn run(root: &ProjectRoot, allocations_only: bool) -> Result<()> {
     if allocations_only {
         return Ok(());
     }
-    let project = loaded
-        .project
-        .as_ref()
-        .expect("load_project returns a project");
+    let project = &loaded.project;
     let ensured = flake::ensure_locked(root, &Paths::new(root, project), project)?;
     if ensured.changes.is_empty() {
         output::note(&format!("{FLAKE_LOCK} is up to date"));
@@ -42,10 +39,7 @@ pub fn run(root: &ProjectRoot, allocations_only: bool) -> Result<()> {
 
 pub fn update(root: &ProjectRoot, inputs: &[String]) -> Result<()> {
     let loaded = load_project(root)?;
-    let project = loaded
-        .project
-        .as_ref()
-        .expect("load_project returns a project");
+    let project = &loaded.project;
     let changes = flake::update(root, &Paths::new(root, project), project, inputs)?;
     if changes.is_empty() {
         output::note(&format!(

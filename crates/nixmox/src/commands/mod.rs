@@ -21,7 +21,7 @@ mod validate;
 
 use std::path::Path;
 
-use nixmox_core::Loaded;
+use nixmox_core::{Loaded, Project};
 
 use crate::cli::{Cli, Command};
 use crate::error::{Error, Result};
@@ -31,23 +31,25 @@ use crate::{output, project_fs};
 pub fn run(cli: Cli) -> Result<()> {
     // Commands that need no existing project come first; every other command resolves the
     // project directory once, to an absolute path, before anything else (see `root`).
-    let command = match cli.command {
-        Command::Schema { kind, out } => return schema::run(kind, out.as_deref()),
+    match cli.command {
+        Command::Schema { kind, out } => schema::run(kind, out.as_deref()),
         Command::Completion {
             shell,
             static_script,
-        } => return completion::run(shell, static_script),
-        Command::Man { out } => return completion::man(out.as_deref()),
-        Command::Init { dir, name, domain } => {
-            return init::run(
-                dir.as_deref().unwrap_or(cli.project.as_path()),
-                name.as_deref(),
-                &domain,
-            )
-        }
-        other => other,
-    };
-    let root = &ProjectRoot::resolve(&cli.project)?;
+        } => completion::run(shell, static_script),
+        Command::Man { out } => completion::man(out.as_deref()),
+        Command::Init { dir, name, domain } => init::run(
+            dir.as_deref().unwrap_or(cli.project.as_path()),
+            name.as_deref(),
+            &domain,
+        ),
+        command => in_project(&ProjectRoot::resolve(&cli.project)?, command),
+    }
+}
+
+/// The commands that work on an existing project. A flat dispatch: one arm per command, each
+/// handing its arguments to its module.
+fn in_project(root: &ProjectRoot, command: Command) -> Result<()> {
     match command {
         Command::Validate { locked } => validate::run(root, locked),
         Command::Config { format, services } => config::run(root, format, &services),
@@ -61,42 +63,7 @@ pub fn run(cli: Cli) -> Result<()> {
         } => plan::run(root, &services, !no_deps, format, detailed_exitcode),
         Command::Graph { steps, format } => graph::run(root, steps, format),
         Command::Render { out } => render::run(root, &out),
-        Command::Up {
-            services,
-            no_deps,
-            parallel,
-            dry_run,
-            force,
-            force_step,
-            fail_fast,
-            timeout,
-            format,
-            rollback,
-            no_rollback,
-            rollback_core,
-            remove_orphans,
-            allow_destroy,
-            yes,
-        } => up::run(
-            root,
-            up::Args {
-                services,
-                with_deps: !no_deps,
-                parallel,
-                dry_run,
-                force,
-                force_steps: force_step,
-                fail_fast,
-                timeout,
-                json: format == crate::cli::PlanFormat::Json,
-                no_rollback: no_rollback || rollback == Some(crate::cli::RollbackArg::None),
-                generation_rollback: rollback == Some(crate::cli::RollbackArg::Generation),
-                rollback_core,
-                remove_orphans,
-                allow_destroy,
-                yes,
-            },
-        ),
+        Command::Up(args) => up::run(root, &args),
         Command::History { limit, format } => history::history(root, limit, format),
         Command::Ps {
             services,
@@ -105,40 +72,10 @@ pub fn run(cli: Cli) -> Result<()> {
         } => ps::run(root, &services, format, &timeout),
         Command::Drift { format } => drift::run(root, format),
         Command::Rebalance { yes } => rebalance::run(root, yes),
-        Command::Down {
-            services,
-            keep_host,
-            purge_data,
-            yes,
-            dry_run,
-            no_backup,
-        } => down::run(
-            root,
-            down::Args {
-                services,
-                keep_host,
-                purge_data,
-                yes,
-                dry_run,
-                no_backup,
-            },
-        ),
+        Command::Down(args) => down::run(root, args),
         Command::Logs { step } => history::logs(root, &step),
         Command::Unlock => history::unlock(root),
-        Command::Schema { .. }
-        | Command::Init { .. }
-        | Command::Completion { .. }
-        | Command::Man { .. } => unreachable!("handled above"),
-        Command::Template { action } => match action {
-            crate::cli::TemplateAction::Upload {
-                file,
-                storage,
-                force,
-            } => template::upload(root, &file, storage.as_deref(), force),
-            crate::cli::TemplateAction::List { storage, format } => {
-                template::list(root, storage.as_deref(), format)
-            }
-        },
+        Command::Template { action } => template::run(root, action),
         Command::Secrets { action } => secrets::run(root, action),
         Command::Backup {
             service,
@@ -146,21 +83,42 @@ pub fn run(cli: Cli) -> Result<()> {
             mode,
         } => snapshot::backup(root, &service, storage.as_deref(), mode.as_deref()),
         Command::Restore { service, from, yes } => snapshot::restore(root, &service, &from, yes),
-        Command::Snapshot { action } => match action {
-            crate::cli::SnapshotAction::List { services, format } => {
-                snapshot::list(root, &services, format)
-            }
-            crate::cli::SnapshotAction::Create { service } => snapshot::create(root, &service),
-            crate::cli::SnapshotAction::Rollback { service, name, yes } => {
-                snapshot::rollback(root, &service, name.as_deref(), yes)
-            }
-        },
+        Command::Snapshot { action } => snapshot::run(root, action),
+        Command::Schema { .. }
+        | Command::Init { .. }
+        | Command::Completion { .. }
+        | Command::Man { .. } => unreachable!("`run` handles the commands that need no project"),
+    }
+}
+
+/// A project that loaded without errors: what every command but `init`, `schema` and the
+/// completions works on. Its warnings were printed while loading.
+pub struct Valid {
+    pub project: Project,
+    /// The lock as it should be after this load's allocations.
+    pub lock: nixmox_core::lock::Lock,
+    /// True when `lock` differs from the lock file on disk (or there is none and it is needed).
+    pub lock_changed: bool,
+    /// How many warnings were printed.
+    pub warnings: usize,
+}
+
+impl Valid {
+    /// The project out of a load that found no error; `None` when there is none.
+    fn of(loaded: Loaded) -> Option<Valid> {
+        let warnings = loaded.warnings().count();
+        Some(Valid {
+            project: loaded.project?,
+            lock: loaded.lock,
+            lock_changed: loaded.lock_changed,
+            warnings,
+        })
     }
 }
 
 /// Reads and validates the project, printing every diagnostic. Errors end the command with
-/// exit code 2; warnings are printed and the project is returned.
-pub fn load_project(root: &Path) -> Result<Loaded> {
+/// exit code 2 (`Error::Reported`); warnings are printed and the project is returned.
+pub fn load_project(root: &Path) -> Result<Valid> {
     load_project_in(root, Ask::No)
 }
 
@@ -178,14 +136,14 @@ pub enum Ask {
 /// [`load_project`], with placement told what the Proxmox API reports of the cluster's nodes
 /// (when the project has an endpoint and a token; otherwise, or when the API cannot be
 /// reached, it says so on stderr and places without).
-pub fn load_project_in(root: &Path, ask: Ask) -> Result<Loaded> {
-    load_project_placed(root, ask).map(|placed| placed.loaded)
+pub fn load_project_in(root: &Path, ask: Ask) -> Result<Valid> {
+    load_project_placed(root, ask).map(|placed| placed.valid)
 }
 
 /// A loaded project with what its placement was given, so that a command can place it again
 /// (`rebalance`) without reading the files, asking the API or printing the warnings twice.
 pub struct Placed {
-    pub loaded: Loaded,
+    pub valid: Valid,
     pub read: project_fs::Read,
     pub cluster: nixmox_core::Cluster,
 }
@@ -229,19 +187,21 @@ pub fn load_project_placed(root: &Path, ask: Ask) -> Result<Placed> {
     }
     output::diagnostics(&loaded.diagnostics);
     let errors = loaded.errors().count();
-    if errors > 0 || loaded.project.is_none() {
-        output::note(&format!(
-            "{} in `{}`",
-            plural(errors.max(1), "error"),
-            root.display()
-        ));
-        return Err(Error::Reported { count: errors });
+    match Valid::of(loaded) {
+        Some(valid) if errors == 0 => Ok(Placed {
+            valid,
+            read,
+            cluster: used,
+        }),
+        _ => {
+            output::note(&format!(
+                "{} in `{}`",
+                plural(errors.max(1), "error"),
+                root.display()
+            ));
+            Err(Error::Reported { count: errors })
+        }
     }
-    Ok(Placed {
-        loaded,
-        read,
-        cluster: used,
-    })
 }
 
 /// The core's `load` over sources read from `root`, with what only the shell can settle:

@@ -20,10 +20,7 @@ pub fn run(
     detailed: bool,
 ) -> Result<()> {
     let loaded = load_project(root)?;
-    let project = loaded
-        .project
-        .as_ref()
-        .expect("load_project returns a project");
+    let project = &loaded.project;
     select(project, services)?;
     let sel = Selection {
         services: services.to_vec(),

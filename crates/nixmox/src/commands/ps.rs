@@ -69,10 +69,7 @@ pub fn run(
             ))
         })?;
     let loaded = load_project(root)?;
-    let project = loaded
-        .project
-        .as_ref()
-        .expect("load_project returns a project");
+    let project = &loaded.project;
     select(project, services)?;
     let paths = Paths::new(root, project);
     let ctx = Context::for_project(project, &paths.root, &paths.ssh, &paths.known_hosts)

@@ -22,7 +22,7 @@ pub fn run(root: &ProjectRoot, yes: bool) -> Result<()> {
     // Loaded (and its warnings printed) once; placed a second time, afresh, on the same
     // cluster, without asking the API again.
     let placed = load_project_placed(root, Ask::Nodes)?;
-    let now = placed.loaded;
+    let now_p = &placed.valid.project;
     let fresh = load_sources_in(
         root,
         &placed.read,
@@ -31,9 +31,6 @@ pub fn run(root: &ProjectRoot, yes: bool) -> Result<()> {
             ..placed.cluster
         },
     );
-    let Some(now_p) = &now.project else {
-        unreachable!("load_project_placed returns a project");
-    };
     let Some(fresh_p) = &fresh.project else {
         // Placing everything afresh can fail where keeping the lock's nodes did not (no
         // room for a service once others moved): those errors, and nothing is moved.
@@ -85,6 +82,6 @@ pub fn run(root: &ProjectRoot, yes: bool) -> Result<()> {
     ));
     up::run(
         root,
-        up::Args::redeploy(moves.into_iter().map(|m| m.service).collect()),
+        &crate::cli::UpArgs::redeploy(moves.into_iter().map(|m| m.service).collect()),
     )
 }

@@ -1,5 +1,6 @@
 //! `nixmox secrets set|rotate|list`: the hosts' SOPS files (src/secrets, docs/secrets.md).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{IsTerminal, Read};
 
 use nixmox_core::Project;
@@ -26,10 +27,6 @@ pub fn run(root: &ProjectRoot, action: SecretsAction) -> Result<()> {
     }
 }
 
-fn failed(e: SecretsError) -> Error {
-    Error::RunFailed(format!("secrets: {e}"))
-}
-
 fn host_of<'p>(project: &'p Project, service: &str) -> Result<&'p str> {
     project
         .service(service)
@@ -50,7 +47,7 @@ fn open(root: &ProjectRoot, project: &Project, command: &str) -> Result<(Store, 
         Ok(v) => v,
         Err(e) => {
             let _ = store.release_lock();
-            return Err(failed(e));
+            return Err(e.into());
         }
     };
     vault.log = Some(paths.logs.join("secrets.log"));
@@ -97,10 +94,7 @@ fn prompt(label: &str) -> Result<String> {
 
 fn set(root: &ProjectRoot, service: &str, name: &str) -> Result<()> {
     let loaded = load_project(root)?;
-    let project = loaded
-        .project
-        .as_ref()
-        .expect("load_project returns a project");
+    let project = &loaded.project;
     let host = host_of(project, service)?.to_string();
     tree::check_name(name).map_err(Error::Usage)?;
     if name.starts_with("db/")
@@ -116,7 +110,7 @@ fn set(root: &ProjectRoot, service: &str, name: &str) -> Result<()> {
     let (mut store, mut vault) = open(root, project, &format!("secrets set {service} {name}"))?;
     let result = vault.set_user(&host, name, &value);
     let released = store.release_lock();
-    let written = result.map_err(failed)?;
+    let written = result?;
     released?;
     let file = secrets::file_rel(&host);
     if written {
@@ -131,79 +125,22 @@ fn set(root: &ProjectRoot, service: &str, name: &str) -> Result<()> {
 
 fn rotate(root: &ProjectRoot, service: &str, name: Option<&str>, no_deploy: bool) -> Result<()> {
     let loaded = load_project(root)?;
-    let project = loaded
-        .project
-        .as_ref()
-        .expect("load_project returns a project");
+    let project = &loaded.project;
     let host = host_of(project, service)?.to_string();
     let needs = secrets::generated_needs(project);
     let mine = needs.get(&host).cloned().unwrap_or_default();
-    let names: Vec<String> = match name {
-        Some(n) => {
-            if n == nixmox_core::render::nixos::CA_KEY_SECRET {
-                // A new root must reach every host's trust store before Caddy signs with it;
-                // `rotate` redeploys only the holders of a secret.
-                return Err(Error::Usage(format!(
-                    "cannot rotate `{n}`: a new project CA must be trusted by every host first, which `secrets rotate` does not do yet; remove `{}` and `{n}` and run `nixmox up` for all hosts instead",
-                    nixmox_core::render::nixos::PROJECT_CA_CERT
-                )));
-            }
-            if !mine.contains(n) {
-                let why = if n.starts_with("oidc/") || n.starts_with("tf/") {
-                    "it comes from a Terraform output: replace the resource in Terraform (for example `terraform apply -replace`) and run `nixmox up`".to_string()
-                } else if n.starts_with("db/") {
-                    format!("`{service}` does not use it")
-                } else {
-                    format!("NixMox does not generate it: give a new value with `nixmox secrets set {service} {n}`")
-                };
-                return Err(Error::Usage(format!("cannot rotate `{n}`: {why}")));
-            }
-            vec![n.to_string()]
-        }
-        None => {
-            let own: Vec<String> =
-                project
-                    .service(service)
-                    .map(|s| {
-                        s.dbs
-                            .iter()
-                            .map(|d| nixmox_core::render::nixos::db_secret(&d.role))
-                            .chain(s.provides(nixmox_core::model::Capability::Identity).then(
-                                || nixmox_core::render::nixos::AUTHENTIK_SECRET_KEY.to_string(),
-                            ))
-                            .filter(|n| mine.contains(n))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-            if own.is_empty() {
-                return Err(Error::Usage(format!(
-                    "`{service}` has no generated secrets of its own to rotate; name one (`nixmox secrets rotate {service} db/ROLE`), set a person's secret with `nixmox secrets set`, or replace a Terraform resource"
-                )));
-            }
-            own
-        }
+    let names = match name {
+        Some(n) => vec![rotatable(service, n, &mine)?],
+        None => own_generated(project, service, &mine)?,
     };
     let (mut store, mut vault) = open(
         root,
         project,
         &format!("secrets rotate {service} {}", names.join(" ")),
     )?;
-    let mut result: std::result::Result<Vec<String>, SecretsError> = Ok(Vec::new());
-    for n in &names {
-        match vault.rotate(n) {
-            Ok(hosts) => {
-                if let Ok(all) = result.as_mut() {
-                    all.extend(hosts);
-                }
-            }
-            Err(e) => {
-                result = Err(e);
-                break;
-            }
-        }
-    }
+    let result = rotate_each(&mut vault, &names);
     let released = store.release_lock();
-    let mut written = result.map_err(failed)?;
+    let mut written = result?;
     released?;
     written.sort();
     written.dedup();
@@ -214,7 +151,89 @@ fn rotate(root: &ProjectRoot, service: &str, name: Option<&str>, no_deploy: bool
             names.join(", ")
         ));
     }
-    // The hosts that use the rotated secrets, whether written now or at their next deploy.
+    let users = users_of(project, &needs, &names);
+    if no_deploy {
+        output::note(&format!(
+            "not deployed (--no-deploy): `nixmox up` redeploys {}",
+            users.join(", ")
+        ));
+        return Ok(());
+    }
+    output::note(&format!("redeploying {}", users.join(", ")));
+    up::run(root, &crate::cli::UpArgs::redeploy(users))
+}
+
+/// The secret `n`, when `rotate` may make a new value for it on `service`'s host (whose
+/// generated secrets are `mine`); otherwise why not.
+fn rotatable(service: &str, n: &str, mine: &BTreeSet<String>) -> Result<String> {
+    if n == nixmox_core::render::nixos::CA_KEY_SECRET {
+        // A new root must reach every host's trust store before Caddy signs with it;
+        // `rotate` redeploys only the holders of a secret.
+        return Err(Error::Usage(format!(
+            "cannot rotate `{n}`: a new project CA must be trusted by every host first, which `secrets rotate` does not do yet; remove `{}` and `{n}` and run `nixmox up` for all hosts instead",
+            nixmox_core::render::nixos::PROJECT_CA_CERT
+        )));
+    }
+    if !mine.contains(n) {
+        let why = if n.starts_with("oidc/") || n.starts_with("tf/") {
+            "it comes from a Terraform output: replace the resource in Terraform (for example `terraform apply -replace`) and run `nixmox up`".to_string()
+        } else if n.starts_with("db/") {
+            format!("`{service}` does not use it")
+        } else {
+            format!("NixMox does not generate it: give a new value with `nixmox secrets set {service} {n}`")
+        };
+        return Err(Error::Usage(format!("cannot rotate `{n}`: {why}")));
+    }
+    Ok(n.to_string())
+}
+
+/// The generated secrets `service` owns (its database roles' passwords, Authentik's secret
+/// key), of those its host holds (`mine`); an error when there are none.
+fn own_generated(project: &Project, service: &str, mine: &BTreeSet<String>) -> Result<Vec<String>> {
+    let own: Vec<String> = project
+        .service(service)
+        .map(|s| {
+            s.dbs
+                .iter()
+                .map(|d| nixmox_core::providers::db_secret(&d.role))
+                // What the service's provider implementations generate (authentik's key).
+                .chain(
+                    s.provides
+                        .iter()
+                        .flat_map(|provided| provided.provider.secret_names(project)),
+                )
+                .filter(|n| mine.contains(n))
+                .collect()
+        })
+        .unwrap_or_default();
+    if own.is_empty() {
+        return Err(Error::Usage(format!(
+            "`{service}` has no generated secrets of its own to rotate; name one (`nixmox secrets rotate {service} db/ROLE`), set a person's secret with `nixmox secrets set`, or replace a Terraform resource"
+        )));
+    }
+    Ok(own)
+}
+
+/// New values for each of `names`, stopping at the first failure: the hosts whose files were
+/// written.
+fn rotate_each(
+    vault: &mut Vault,
+    names: &[String],
+) -> std::result::Result<Vec<String>, SecretsError> {
+    let mut written = Vec::new();
+    for n in names {
+        written.extend(vault.rotate(n)?);
+    }
+    Ok(written)
+}
+
+/// The services whose hosts use any of the rotated secrets, whether their files were written
+/// now or are at their next deploy: what `rotate` redeploys.
+fn users_of(
+    project: &Project,
+    needs: &BTreeMap<String, BTreeSet<String>>,
+    names: &[String],
+) -> Vec<String> {
     let mut users: Vec<String> = needs
         .iter()
         .filter(|(_, n)| names.iter().any(|x| n.contains(x)))
@@ -228,29 +247,18 @@ fn rotate(root: &ProjectRoot, service: &str, name: Option<&str>, no_deploy: bool
         .collect();
     users.sort();
     users.dedup();
-    if no_deploy {
-        output::note(&format!(
-            "not deployed (--no-deploy): `nixmox up` redeploys {}",
-            users.join(", ")
-        ));
-        return Ok(());
-    }
-    output::note(&format!("redeploying {}", users.join(", ")));
-    up::run(root, up::Args::redeploy(users))
+    users
 }
 
 fn list(root: &ProjectRoot, services: &[String], format: PlanFormat) -> Result<()> {
     let loaded = load_project(root)?;
-    let project = loaded
-        .project
-        .as_ref()
-        .expect("load_project returns a project");
+    let project = &loaded.project;
     for s in services {
         host_of(project, s)?;
     }
     let paths = Paths::new(root, project);
     let _store = Store::open(&paths.state_db)?;
-    let mut vault = Vault::open(root, project, &paths.state_db, None).map_err(failed)?;
+    let mut vault = Vault::open(root, project, &paths.state_db, None)?;
     vault.log = Some(paths.logs.join("secrets.log"));
     let mut rows = Vec::new();
     for s in &project.services {
@@ -258,8 +266,8 @@ fn list(root: &ProjectRoot, services: &[String], format: PlanFormat) -> Result<(
             continue;
         }
         let host = s.host.hostname.as_str();
-        let names = vault.list(host).map_err(failed)?;
-        let key = vault.host_key(host).map_err(failed)?;
+        let names = vault.list(host)?;
+        let key = vault.host_key(host)?;
         rows.push((s.name.to_string(), host.to_string(), names, key.is_some()));
     }
     if format == PlanFormat::Json {

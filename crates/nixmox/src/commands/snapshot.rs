@@ -11,10 +11,10 @@ use nixmox_core::Project;
 use serde_json::json;
 
 use super::config::select;
-use crate::cli::PlanFormat;
+use crate::cli::{PlanFormat, SnapshotAction};
 use crate::error::{Error, Result};
-use crate::proxmox::snapshot::{self as pve_snapshot, SnapError};
-use crate::proxmox::{self, Client, ClientOptions, PveError, Settings};
+use crate::proxmox::snapshot as pve_snapshot;
+use crate::proxmox::{self, Client, ClientOptions, Settings};
 use crate::root::Paths;
 use crate::root::ProjectRoot;
 use crate::state::{SnapshotRow, Store};
@@ -23,26 +23,26 @@ use crate::{confirm, output};
 /// How long one snapshot task (and a lock held by a backup) is waited for.
 const TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
-fn failed(e: PveError) -> Error {
-    match e {
-        PveError::Config(m) => Error::Usage(m),
-        e => Error::RunFailed(e.to_string()),
+/// `nixmox snapshot list|create|rollback`.
+pub fn run(root: &ProjectRoot, action: SnapshotAction) -> Result<()> {
+    match action {
+        SnapshotAction::List { services, format } => list(root, &services, format),
+        SnapshotAction::Create { service } => create(root, &service),
+        SnapshotAction::Rollback { service, name, yes } => {
+            rollback(root, &service, name.as_deref(), yes)
+        }
     }
-}
-
-fn snap_failed(e: SnapError) -> Error {
-    Error::RunFailed(e.to_string())
 }
 
 fn open(root: &ProjectRoot) -> Result<(Project, Client)> {
     let loaded = super::load_project(root)?;
-    let project = loaded.project.ok_or(Error::Reported { count: 0 })?;
+    let project = loaded.project;
     if project.infra == InfraBackend::None {
         return Err(Error::Usage(
             "snapshots need NixMox's containers: infra.backend is `none` (the hosts are not containers NixMox manages)".into(),
         ));
     }
-    let settings = Settings::from_project(&project, root).map_err(failed)?;
+    let settings = Settings::from_project(&project, root)?;
     if let Some(w) = settings.tls.warning() {
         output::note(&format!("warning: {w}"));
     }
@@ -52,8 +52,7 @@ fn open(root: &ProjectRoot) -> Result<(Project, Client)> {
             task_timeout: TIMEOUT,
             ..ClientOptions::default()
         },
-    )
-    .map_err(failed)?;
+    )?;
     Ok((project, client))
 }
 
@@ -87,7 +86,7 @@ pub fn list(root: &ProjectRoot, services: &[String], format: PlanFormat) -> Resu
         let vmid = s.host.vmid.get();
         let ours = recorded(root, &project, vmid)?;
         let names: BTreeSet<&str> = ours.iter().map(|r| r.name.as_str()).collect();
-        for p in pve_snapshot::list(&client, &s.host.node, vmid).map_err(snap_failed)? {
+        for p in pve_snapshot::list(&client, &s.host.node, vmid)? {
             let row = ours.iter().find(|r| r.name == p.name);
             let nixmox = names.contains(p.name.as_str()) && snapshot::parse(&p.name).is_some();
             rows.push(json!({
@@ -155,8 +154,7 @@ pub fn create(root: &ProjectRoot, name: &str) -> Result<()> {
         &snap,
         "taken by NixMox, `nixmox snapshot create`",
         Instant::now() + TIMEOUT,
-    )
-    .map_err(snap_failed)?;
+    )?;
     let paths = Paths::new(root, &project);
     let mut store = Store::open(&paths.state_db)?;
     store.record_snapshot(&SnapshotRow {
@@ -178,7 +176,7 @@ pub fn rollback(root: &ProjectRoot, name: &str, snap: Option<&str>, yes: bool) -
     let (project, client) = open(root)?;
     let s = service(&project, name)?;
     let vmid = s.host.vmid.get();
-    let present = pve_snapshot::list(&client, &s.host.node, vmid).map_err(snap_failed)?;
+    let present = pve_snapshot::list(&client, &s.host.node, vmid)?;
     let target = match snap {
         Some(n) => {
             if !snapshot::valid_name(n) {
@@ -228,8 +226,7 @@ pub fn rollback(root: &ProjectRoot, name: &str, snap: Option<&str>, yes: bool) -
         &target,
         true,
         Instant::now() + TIMEOUT,
-    )
-    .map_err(snap_failed)?;
+    )?;
     let paths = Paths::new(root, &project);
     if paths.state_db.exists() {
         Store::open(&paths.state_db)?.snapshot_rolled_back(vmid, &target, None)?;
@@ -276,8 +273,7 @@ pub fn backup(
         "backing up CT {vmid} (`{}`) to `{storage}` (vzdump, mode {mode})…",
         s.host.hostname
     ));
-    let volid = crate::proxmox::backup::vzdump(&client, &s.host.node, vmid, &storage, &mode)
-        .map_err(failed)?
+    let volid = crate::proxmox::backup::vzdump(&client, &s.host.node, vmid, &storage, &mode)?
         .ok_or_else(|| {
             Error::RunFailed(format!(
                 "backing up CT {vmid}: the vzdump task ended, but storage `{storage}` lists no new archive of it"
@@ -376,7 +372,10 @@ fn dump_databases(
                 ..Default::default()
             };
             let fin = crate::exec::run(&crate::exec::Cmd::new(&argv[0]).args(&argv[1..]), &opts)
-                .map_err(|e| Error::RunFailed(format!("dumping `{}`: {e}", d.database)))?;
+                .map_err(|source| Error::Exec {
+                    doing: format!("dumping `{}`", d.database),
+                    source,
+                })?;
             if !fin.success() {
                 return Err(Error::RunFailed(format!(
                     "the backup {volid} was taken, but dumping database `{}` on {} failed (exit {:?}): {}",
@@ -423,13 +422,13 @@ pub fn restore(root: &ProjectRoot, name: &str, from: &str, yes: bool) -> Result<
         "restore",
         yes,
     )?;
-    let step = |what: &str, e: PveError| {
-        Error::RunFailed(format!(
-            "restoring CT {vmid} (`{}`): {what}: {e}",
+    let step = |what: &str| {
+        Error::pve_during(format!(
+            "restoring CT {vmid} (`{}`): {what}",
             s.host.hostname
         ))
     };
-    client.stop_ct(node, vmid).map_err(|e| step("stop", e))?;
+    client.stop_ct(node, vmid).map_err(step("stop"))?;
     let params = [
         ("vmid".to_string(), vmid.to_string()),
         ("ostemplate".to_string(), from.to_string()),
@@ -443,8 +442,8 @@ pub fn restore(root: &ProjectRoot, name: &str, from: &str, yes: bool) -> Result<
             &format!("/nodes/{}/lxc", proxmox::api::encode_segment(node)),
             &params,
         )
-        .map_err(|e| step("restore", e))?;
-    client.start_ct(node, vmid).map_err(|e| step("start", e))?;
+        .map_err(step("restore"))?;
+    client.start_ct(node, vmid).map_err(step("start"))?;
     output::note(&format!(
         "CT {vmid} (`{}`) restored from {from} and started",
         s.host.hostname

@@ -3,27 +3,32 @@
 
 use std::path::Path;
 
-use crate::cli::PlanFormat;
-use crate::error::{Error, Result};
+use crate::cli::{PlanFormat, TemplateAction};
+use crate::error::Result;
 use crate::output;
-use crate::proxmox::{self, template, Client, ClientOptions, PveError, Settings};
+use crate::proxmox::{self, template, Client, ClientOptions, Settings};
 use crate::root::ProjectRoot;
 
-fn failed(e: PveError) -> Error {
-    match e {
-        PveError::Config(m) => Error::Usage(m),
-        e => Error::RunFailed(e.to_string()),
+/// `nixmox template upload|list`.
+pub fn run(root: &ProjectRoot, action: TemplateAction) -> Result<()> {
+    match action {
+        TemplateAction::Upload {
+            file,
+            storage,
+            force,
+        } => upload(root, &file, storage.as_deref(), force),
+        TemplateAction::List { storage, format } => list(root, storage.as_deref(), format),
     }
 }
 
 fn client(root: &ProjectRoot) -> Result<(nixmox_core::Project, Client)> {
     let loaded = super::load_project(root)?;
-    let project = loaded.project.ok_or(Error::Reported { count: 0 })?;
-    let settings = Settings::from_project(&project, root).map_err(failed)?;
+    let project = loaded.project;
+    let settings = Settings::from_project(&project, root)?;
     if let Some(w) = settings.tls.warning() {
         output::note(&format!("warning: {w}"));
     }
-    let client = proxmox::connect(&settings, ClientOptions::default()).map_err(failed)?;
+    let client = proxmox::connect(&settings, ClientOptions::default())?;
     Ok((project, client))
 }
 
@@ -39,14 +44,14 @@ fn size(bytes: u64) -> String {
 
 pub fn upload(root: &ProjectRoot, file: &Path, storage: Option<&str>, force: bool) -> Result<()> {
     let (project, client) = client(root)?;
-    let (default_storage, _) = template::template_location(&project).map_err(failed)?;
+    let (default_storage, _) = template::template_location(&project)?;
     let storage = storage.map(str::to_string).unwrap_or(default_storage);
     let node = &project.proxmox.node;
     output::note(&format!(
         "uploading `{}` to storage `{storage}` on node {node}…",
         file.display()
     ));
-    match template::upload(&client, node, &storage, file, force).map_err(failed)? {
+    match template::upload(&client, node, &storage, file, force)? {
         template::Uploaded::Sent(volid) => {
             output::note(&format!("uploaded as {volid}"));
             if volid != project.proxmox.template {
@@ -67,10 +72,10 @@ pub fn upload(root: &ProjectRoot, file: &Path, storage: Option<&str>, force: boo
 
 pub fn list(root: &ProjectRoot, storage: Option<&str>, format: PlanFormat) -> Result<()> {
     let (project, client) = client(root)?;
-    let (default_storage, _) = template::template_location(&project).map_err(failed)?;
+    let (default_storage, _) = template::template_location(&project)?;
     let storage = storage.map(str::to_string).unwrap_or(default_storage);
     let node = &project.proxmox.node;
-    let volumes = template::list(&client, node, &storage).map_err(failed)?;
+    let volumes = template::list(&client, node, &storage)?;
     let configured = &project.proxmox.template;
     if format == PlanFormat::Json {
         let items: Vec<serde_json::Value> = volumes

@@ -9,10 +9,7 @@ use crate::root::ProjectRoot;
 
 pub fn run(root: &ProjectRoot, locked: bool) -> Result<()> {
     let loaded = load_project(root)?;
-    let project = loaded
-        .project
-        .as_ref()
-        .expect("load_project returns a project");
+    let project = &loaded.project;
     if locked && loaded.lock_changed {
         output::error_line(&format!(
             "`{LOCK_FILE}` is out of date and `--locked` forbids changing it"
@@ -21,7 +18,7 @@ pub fn run(root: &ProjectRoot, locked: bool) -> Result<()> {
         return Err(Error::Reported { count: 1 });
     }
     let core = project.services.iter().filter(|s| s.is_core()).count();
-    let warnings = loaded.warnings().count();
+    let warnings = loaded.warnings;
     let mut line = format!(
         "ok: project `{}` is valid: {} ({core} core), {}",
         project.name,

@@ -3,6 +3,7 @@
 //! result in the state store so the next run only does what changed.
 
 pub mod events;
+mod recorder;
 pub mod runner;
 pub mod scheduler;
 
@@ -13,22 +14,27 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nixmox_core::plan::{self, Action, Change, Plan, PlanInput, Selection};
+use nixmox_core::record::Record;
 use nixmox_core::render;
 use nixmox_core::Project;
 
-use self::events::{Event, Reporter, SummaryRow};
+use self::events::{Event, Reporter};
+use self::recorder::Recorder;
 use self::runner::StepExec;
-use self::scheduler::{Final, Progress, Skip, Task};
+use self::scheduler::{Final, Skip, Task};
 use crate::error::{Error, Result};
 use crate::project_fs;
 use crate::root::{Paths, ProjectRoot};
-use crate::state::{self, RunResult, StepFinish, StepStatus, Store};
+use crate::state::{self, RunResult, Store};
 
+/// How `up` runs: the engine's options. `nixmox up`'s arguments are lowered into them once, by
+/// `commands::up::options`; `down` and the commands that redeploy build them too.
 #[derive(Clone, Debug)]
 pub struct UpOptions {
-    pub services: Vec<String>,
-    pub with_deps: bool,
-    pub parallel: usize,
+    /// The services to bring up (all when empty), with their dependencies or not.
+    pub selection: Selection,
+    /// How many steps may run at once; `None`: `deploy.parallel`.
+    pub parallel: Option<usize>,
     pub force: bool,
     pub force_steps: Vec<String>,
     pub fail_fast: bool,
@@ -68,14 +74,12 @@ pub fn plan_with_state(
     paths: &Paths,
 ) -> Result<(Plan, render::Outputs)> {
     // Planning never creates the state database: no database means nothing recorded yet.
-    let (record, outputs) = if paths.state_db.exists() {
-        let store = Store::open(&paths.state_db).map_err(Error::State)?;
-        (
+    let (record, outputs) = match recorded_store(paths)? {
+        Some(store) => (
             store.record().map_err(Error::State)?,
             store.outputs().map_err(Error::State)?,
-        )
-    } else {
-        Default::default()
+        ),
+        None => Default::default(),
     };
     let files = project_fs::digests(root, project);
     let flake_lock = crate::flake::read(root)?;
@@ -90,6 +94,24 @@ pub fn plan_with_state(
     );
     crate::secrets::augment_plan(root, project, &mut plan, Some(&record));
     Ok((plan, outputs))
+}
+
+/// The Terraform outputs the store recorded, which later steps' workspaces are rendered
+/// with: what `up` renders with, for `nixmox render` to write the same tree. Nothing when no
+/// run has recorded any (no state database, which is not created).
+pub fn recorded_outputs(paths: &Paths) -> Result<render::Outputs> {
+    match recorded_store(paths)? {
+        Some(store) => store.outputs().map_err(Error::State),
+        None => Ok(render::Outputs::default()),
+    }
+}
+
+/// The state store for reading what earlier runs recorded, when there is one.
+fn recorded_store(paths: &Paths) -> Result<Option<Store>> {
+    if !paths.state_db.exists() {
+        return Ok(None);
+    }
+    Store::open(&paths.state_db).map(Some).map_err(Error::State)
 }
 
 fn skip_of(step: &plan::Step, opts: &UpOptions) -> Option<Skip> {
@@ -161,10 +183,6 @@ pub fn up(
     cancel: Arc<AtomicBool>,
 ) -> Result<UpResult> {
     let paths = Paths::new(root, project);
-    let sel = Selection {
-        services: opts.services.clone(),
-        with_deps: opts.with_deps,
-    };
     let mut store = Store::open(&paths.state_db).map_err(Error::State)?;
     match store
         .acquire_lock(&opts.args.join(" "))
@@ -178,400 +196,240 @@ pub fn up(
             ),
         }),
     }
-    let result = run_locked(
-        root, project, opts, reporter, cancel, &paths, &sel, &mut store,
-    );
+    let run = Run {
+        root,
+        project,
+        opts,
+        paths: &paths,
+        parallel: opts.parallel.unwrap_or(project.deploy.parallel as usize),
+    };
+    let result = run.locked(&mut store, reporter, cancel);
     let released = store.release_lock().map_err(Error::State);
     let result = result?;
     released?;
     Ok(result)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_locked(
-    root: &ProjectRoot,
-    project: &Project,
-    opts: &UpOptions,
-    reporter: &mut dyn Reporter,
-    cancel: Arc<AtomicBool>,
-    paths: &Paths,
-    sel: &Selection,
-    store: &mut Store,
-) -> Result<UpResult> {
-    store.recover_interrupted().map_err(Error::State)?;
-    let record = store.record().map_err(Error::State)?;
-    let outputs = store.outputs().map_err(Error::State)?;
-    // Secrets first (src/secrets): the generated ones of every host whose key is known, so the
-    // render copies and the plan see the files as this run will deploy them.
-    let secrets_error = |e: crate::secrets::SecretsError| Error::RunFailed(format!("secrets: {e}"));
-    let mut vault = crate::secrets::for_run(root, project, paths).map_err(secrets_error)?;
-    vault.prepare().map_err(secrets_error)?;
-    // The flake's inputs are locked before rendering (the build flake gets the project's lock)
-    // and before planning (their revisions are part of every `nix:*` step's input).
-    let locked = crate::flake::ensure_locked(root, paths, project)?;
-    let rendered = render::render(project, &outputs);
-    project_fs::write_tree(root, &paths.build, &rendered)?;
-    let files = project_fs::digests(root, project);
-    let mut plan = plan::plan(
-        project,
-        sel,
-        &PlanInput {
-            record: Some(&record),
-            files: Some(&files),
-            flake_lock: Some(&locked.lock),
-        },
-    );
-    crate::secrets::augment_plan(root, project, &mut plan, Some(&record));
+/// What one `up` run works from, once it holds the lock.
+struct Run<'a> {
+    root: &'a ProjectRoot,
+    project: &'a Project,
+    opts: &'a UpOptions,
+    paths: &'a Paths,
+    /// `--parallel`, else `deploy.parallel`.
+    parallel: usize,
+}
 
-    let tasks: Vec<Task> = plan
-        .steps
-        .iter()
-        .map(|s| Task {
-            id: s.id.clone(),
-            after: s.after.clone(),
-            weight: s.weight,
-            skip: skip_of(s, opts),
-            group: s.service.clone(),
-        })
-        .collect();
-    let to_run = tasks.iter().filter(|t| t.skip.is_none()).count();
-    let run = store.start_run(&opts.args).map_err(Error::State)?;
-    let started = Instant::now();
-    reporter.event(&Event::RunStarted {
-        run,
-        project: project.name.to_string(),
-        steps: tasks.len(),
-        to_run,
-        parallel: opts.parallel,
-    });
-    if !locked.changes.is_empty() {
-        reporter.event(&Event::InputsLocked {
-            changes: locked.changes.clone(),
+/// What a run prepared before its first step: the plan, the store's record it was made
+/// against, the vault and the flake inputs locked for it.
+struct Prepared {
+    plan: Plan,
+    record: Record,
+    vault: crate::secrets::Vault,
+    locked: crate::flake::Ensured,
+}
+
+impl<'a> Run<'a> {
+    /// Prepares, executes the plan's steps and records the run.
+    fn locked(
+        &self,
+        store: &mut Store,
+        reporter: &mut dyn Reporter,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<UpResult> {
+        let Prepared {
+            plan,
+            record,
+            vault,
+            locked,
+        } = self.prepare(store)?;
+        let tasks: Vec<Task> = plan
+            .steps
+            .iter()
+            .map(|s| Task {
+                id: s.id.clone(),
+                after: s.after.clone(),
+                weight: s.weight,
+                skip: skip_of(s, self.opts),
+                group: s.service.clone(),
+            })
+            .collect();
+        let run = store.start_run(&self.opts.args).map_err(Error::State)?;
+        let started = Instant::now();
+        reporter.event(&Event::RunStarted {
+            run,
+            project: self.project.name.to_string(),
+            steps: tasks.len(),
+            to_run: tasks.iter().filter(|t| t.skip.is_none()).count(),
+            parallel: self.parallel,
         });
-    }
-    let run_logs = paths.logs.join(run.to_string());
-    let exec = StepExec::new(project, &plan, paths, &run_logs, opts.timeout)
-        .with_infra(opts.parallel.max(1), opts.remove_orphans.clone())
-        .with_guard(opts.allow_destroy, opts.delete_orphans)
-        .with_secrets(vault)
-        .with_rollback(rollback_settings(opts, &plan, &record, store)?);
-    let exec = match snapshot_hook(root, project, run, opts.timeout) {
-        Some(hook) => exec.with_snapshots(hook),
-        None => exec,
-    };
-    let mut rolled_back = 0usize;
-    let mut snapshotted: std::collections::BTreeSet<(u32, String)> = Default::default();
-    let sched = scheduler::Options {
-        parallel: opts.parallel.max(1),
-        fail_fast: opts.fail_fast,
-        retries: 2,
-        backoff: Duration::from_millis(500),
-        cancel: cancel.clone(),
-    };
-    let mut store_error: Option<Error> = None;
-    let finals = scheduler::execute(&tasks, &exec, &sched, &mut |p| match p {
-        Progress::Started { index, attempt } => {
-            let step = &plan.steps[index];
-            if attempt == 1 {
-                if let Err(e) =
-                    store.step_started(run, &step.id, &step.hash, Some(&exec.log_path(index)))
-                {
-                    store_error.get_or_insert(Error::State(e));
-                }
-            }
-            reporter.event(&Event::StepStarted {
-                step: step.id.clone(),
-                attempt,
-                expected_ms: record.get(&step.id).and_then(|r| r.duration_ms),
+        if !locked.changes.is_empty() {
+            reporter.event(&Event::InputsLocked {
+                changes: locked.changes.clone(),
             });
         }
-        Progress::Retrying {
-            index,
-            attempt,
-            delay,
-            error,
-        } => reporter.event(&Event::StepRetrying {
-            step: plan.steps[index].id.clone(),
-            attempt,
-            delay_ms: events::ms(delay),
-            error,
-        }),
-        Progress::Ended { index, outcome } => {
-            let step = &plan.steps[index];
-            let (status, changed, duration, detail, error) = match &outcome {
-                Final::Succeeded {
-                    changed,
-                    detail,
-                    duration,
-                } => (
-                    if *changed {
-                        StepStatus::Succeeded
-                    } else {
-                        StepStatus::Unchanged
-                    },
-                    *changed,
-                    Some(*duration),
-                    detail.clone(),
-                    None,
-                ),
-                Final::Skipped(Skip::Unchanged) => {
-                    match &step.held {
-                        Some(note) if step.change != Change::Unchanged => {
-                            reporter.event(&Event::StepSkipped {
-                                step: step.id.clone(),
-                                reason: format!("held: {note}"),
-                            });
-                            reporter.event(&Event::Warning {
-                                message: format!("{} not run: {note}", step.id),
-                            });
-                        }
-                        _ => reporter.event(&Event::StepSkipped {
-                            step: step.id.clone(),
-                            reason: "unchanged".into(),
-                        }),
-                    }
-                    return;
+        let exec = self.step_exec(&plan, &record, store, vault, run)?;
+        let sched = scheduler::Options {
+            parallel: self.parallel.max(1),
+            fail_fast: self.opts.fail_fast,
+            retries: 2,
+            backoff: Duration::from_millis(500),
+            cancel: cancel.clone(),
+        };
+        let mut recorder = Recorder::new(store, reporter, &plan, &record, &exec, run);
+        let finals = scheduler::execute(&tasks, &exec, &sched, &mut |p| recorder.progress(p));
+        let tally = Tally::of(&finals, cancel.load(Ordering::SeqCst), recorder.rolled_back);
+        // Retention, after a successful run only: the newest `keep` of NixMox's snapshots of
+        // each container it snapshotted; snapshots NixMox did not make are never touched.
+        let snapshotted = std::mem::take(&mut recorder.snapshotted);
+        let (store, reporter) = recorder.parts();
+        if tally.result == RunResult::Success && !snapshotted.is_empty() {
+            if let Some(hook) = exec.snapshot_hook() {
+                for message in prune_snapshots(hook, store, &snapshotted, self.opts.timeout) {
+                    reporter.event(&Event::Warning { message });
                 }
-                Final::Skipped(Skip::Noop) => {
-                    reporter.event(&Event::StepSkipped {
-                        step: step.id.clone(),
-                        reason: "nothing to do".into(),
-                    });
-                    if step.change == Change::Delete {
-                        return;
-                    }
-                    (
-                        StepStatus::Unchanged,
-                        false,
-                        Some(Duration::ZERO),
-                        String::new(),
-                        None,
-                    )
-                }
-                Final::Failed { error, duration } => (
-                    StepStatus::Failed,
-                    false,
-                    Some(*duration),
-                    String::new(),
-                    Some(error.clone()),
-                ),
-                Final::DependencyFailed(dep) => {
-                    reporter.event(&Event::StepSkipped {
-                        step: step.id.clone(),
-                        reason: format!("{dep} failed"),
-                    });
-                    (
-                        StepStatus::Skipped,
-                        false,
-                        None,
-                        String::new(),
-                        Some(format!("not run: {dep} failed")),
-                    )
-                }
-                Final::Cancelled => {
-                    reporter.event(&Event::StepSkipped {
-                        step: step.id.clone(),
-                        reason: "cancelled".into(),
-                    });
-                    (
-                        StepStatus::Cancelled,
-                        false,
-                        None,
-                        String::new(),
-                        Some("cancelled".into()),
-                    )
-                }
-            };
-            let artifacts = exec.take_artifacts(index);
-            for w in exec.take_warnings(index) {
-                reporter.event(&Event::Warning { message: w });
-            }
-            let taken = exec.take_snapshots(index);
-            let at = state::timestamp();
-            let snapshots: Vec<state::SnapshotRow> = taken
-                .iter()
-                .map(|t| state::SnapshotRow {
-                    vmid: t.vmid,
-                    node: t.node.clone(),
-                    name: t.name.clone(),
-                    service: t.service.clone(),
-                    run: Some(run),
-                    step_id: Some(step.id.clone()),
-                    taken_at: at.clone(),
-                    rolled_back: None,
-                })
-                .collect();
-            snapshotted.extend(taken.into_iter().map(|t| (t.vmid, t.node)));
-            let rb = exec.take_rolled_back(index);
-            // A deploy records the secrets file it actually shipped (it may have been written
-            // during this run).
-            let (parts, input_hash) = match exec.take_secrets_hash(index) {
-                Some(h) => crate::secrets::with_secrets_part(&step.parts, h.as_deref()),
-                None => (step.parts.clone(), step.hash.clone()),
-            };
-            let fin = StepFinish {
-                step_id: step.id.clone(),
-                input_hash,
-                parts,
-                status,
-                duration_ms: duration.map(events::ms).unwrap_or(0),
-                error: error.clone(),
-                outputs: artifacts.outputs,
-                rendered: artifacts.rendered,
-                refused: artifacts.refused,
-                // A rolled-back failure is held: the next `up` does not repeat it with the
-                // same input (issue 14).
-                held: rb.as_ref().filter(|r| r.any).map(|r| r.reason.clone()),
-                snapshots,
-            };
-            if let Err(e) = store.step_finished(run, &fin) {
-                store_error.get_or_insert(Error::State(e));
-            }
-            if let Some(rb) = rb {
-                for (vmid, name) in &rb.snapshots {
-                    if let Err(e) = store.snapshot_rolled_back(*vmid, name, Some(run)) {
-                        store_error.get_or_insert(Error::State(e));
-                    }
-                }
-                // The re-applied Terraform steps are recorded as they now are: at their
-                // previous inputs, so the next run applies the new ones again.
-                for r in rb.restored {
-                    // The input it was rolled back from is held like the deploy itself.
-                    let new_hash = plan
-                        .steps
-                        .iter()
-                        .find(|s| s.id == r.step_id)
-                        .map(|s| s.hash.clone());
-                    let step_id = r.step_id.clone();
-                    let fin = StepFinish {
-                        step_id: r.step_id,
-                        input_hash: r.record.hash,
-                        parts: r.record.parts,
-                        status: StepStatus::Succeeded,
-                        duration_ms: r.record.duration_ms.unwrap_or(0),
-                        error: None,
-                        outputs: r.outputs,
-                        rendered: Some(r.rendered),
-                        refused: None,
-                        held: None,
-                        snapshots: Vec::new(),
-                    };
-                    if let Err(e) = store.step_finished(run, &fin) {
-                        store_error.get_or_insert(Error::State(e));
-                    }
-                    if let Some(hash) = new_hash {
-                        let reason = format!("{} after it applied: {}", step.id, rb.reason);
-                        if let Err(e) = store.hold_step(&step_id, run, &hash, &reason) {
-                            store_error.get_or_insert(Error::State(e));
-                        }
-                    }
-                }
-                if rb.any {
-                    rolled_back += 1;
-                    reporter.event(&Event::RolledBack {
-                        step: step.id.clone(),
-                        detail: rb.detail,
-                    });
-                } else {
-                    reporter.event(&Event::Warning {
-                        message: format!("{}: rollback restored nothing: {}", step.id, rb.detail),
-                    });
-                }
-            }
-            if matches!(outcome, Final::Succeeded { .. } | Final::Failed { .. }) {
-                reporter.event(&Event::StepFinished {
-                    step: step.id.clone(),
-                    status: match status {
-                        StepStatus::Succeeded => "changed",
-                        StepStatus::Unchanged => "unchanged",
-                        _ => "failed",
-                    }
-                    .into(),
-                    changed,
-                    duration_ms: duration.map(events::ms).unwrap_or(0),
-                    detail,
-                    error,
-                });
             }
         }
-        Progress::Tick => reporter.tick(),
-    });
-    let failed = finals
-        .iter()
-        .filter(|f| matches!(f, Final::Failed { .. }))
-        .count();
-    let interrupted = cancel.load(Ordering::SeqCst);
-    let succeeded = finals
-        .iter()
-        .filter(|f| matches!(f, Final::Succeeded { .. }))
-        .count();
-    let skipped = finals.len() - succeeded - failed;
-    let (result, word) = if interrupted {
-        (RunResult::Interrupted, "interrupted")
-    } else if rolled_back > 0 {
-        (RunResult::RolledBack, "rolled back")
-    } else if failed > 0 || finals.iter().any(|f| !f.ok()) {
-        (RunResult::Failed, "failed")
-    } else {
-        (RunResult::Success, "succeeded")
-    };
-    // Retention, after a successful run only: the newest `keep` of NixMox's snapshots of each
-    // container it snapshotted; snapshots NixMox did not make are never touched.
-    if result == RunResult::Success && !snapshotted.is_empty() {
-        if let Some(hook) = exec.snapshot_hook() {
-            for message in prune_snapshots(hook, store, &snapshotted, opts.timeout) {
-                reporter.event(&Event::Warning { message });
-            }
+        let summary = format!(
+            "{} succeeded, {} failed, {} skipped",
+            tally.succeeded, tally.failed, tally.skipped
+        );
+        store
+            .finish_run(run, tally.result, &summary)
+            .map_err(Error::State)?;
+        reporter.event(&Event::RunFinished {
+            run,
+            result: tally.word.into(),
+            succeeded: tally.succeeded,
+            failed: tally.failed,
+            skipped: tally.skipped,
+            duration_ms: events::ms(started.elapsed()),
+        });
+        if let Some(e) = recorder.finish(&recorder::summary_rows(&plan, &finals)) {
+            return Err(e);
         }
+        Ok(tally.outcome())
     }
-    let summary = format!("{succeeded} succeeded, {failed} failed, {skipped} skipped");
-    store
-        .finish_run(run, result, &summary)
-        .map_err(Error::State)?;
-    reporter.event(&Event::RunFinished {
-        run,
-        result: word.into(),
-        succeeded,
-        failed,
-        skipped,
-        duration_ms: events::ms(started.elapsed()),
-    });
-    let rows: Vec<SummaryRow> = plan
-        .steps
-        .iter()
-        .zip(&finals)
-        .map(|(s, f)| SummaryRow {
-            step: s.id.clone(),
-            result: match f {
-                Final::Succeeded { changed: true, .. } => "changed".into(),
-                Final::Succeeded { changed: false, .. } => "unchanged".into(),
-                Final::Skipped(Skip::Unchanged) => "skipped (unchanged)".into(),
-                Final::Skipped(Skip::Noop) => "skipped (no-op)".into(),
-                Final::Failed { .. } => "FAILED".into(),
-                Final::DependencyFailed(_) => "not run".into(),
-                Final::Cancelled => "cancelled".into(),
+
+    /// Everything before the first step: interrupted runs recovered, secrets generated, the
+    /// flake's inputs locked, the build tree rendered and the plan made against the record.
+    fn prepare(&self, store: &mut Store) -> Result<Prepared> {
+        let (root, project, paths) = (self.root, self.project, self.paths);
+        store.recover_interrupted().map_err(Error::State)?;
+        let record = store.record().map_err(Error::State)?;
+        let outputs = store.outputs().map_err(Error::State)?;
+        // Secrets first (src/secrets): the generated ones of every host whose key is known, so
+        // the render copies and the plan see the files as this run will deploy them.
+        let mut vault = crate::secrets::for_run(root, project, paths)?;
+        vault.prepare()?;
+        // The flake's inputs are locked before rendering (the build flake gets the project's
+        // lock) and before planning (their revisions are part of every `nix:*` step's input).
+        let locked = crate::flake::ensure_locked(root, paths, project)?;
+        let rendered = render::render(project, &outputs);
+        project_fs::write_tree(root, &paths.build, &rendered)?;
+        let files = project_fs::digests(root, project);
+        let mut plan = plan::plan(
+            project,
+            &self.opts.selection,
+            &PlanInput {
+                record: Some(&record),
+                files: Some(&files),
+                flake_lock: Some(&locked.lock),
             },
-            duration_ms: match f {
-                Final::Succeeded { duration, .. } | Final::Failed { duration, .. } => {
-                    Some(events::ms(*duration))
-                }
-                _ => None,
-            },
+        );
+        crate::secrets::augment_plan(root, project, &mut plan, Some(&record));
+        Ok(Prepared {
+            plan,
+            record,
+            vault,
+            locked,
         })
-        .collect();
-    reporter.summary(&rows);
-    if let Some(e) = store_error {
-        return Err(e);
     }
-    Ok(if interrupted {
-        UpResult::Interrupted
-    } else if failed > 0 || finals.iter().any(|f| !f.ok()) {
-        UpResult::Failed {
-            failed: failed.max(1),
+
+    /// The step executor for this run, with its infrastructure, destroy guard, secrets,
+    /// rollback and snapshot settings.
+    fn step_exec<'p>(
+        &self,
+        plan: &'p Plan,
+        record: &Record,
+        store: &Store,
+        vault: crate::secrets::Vault,
+        run: state::RunId,
+    ) -> Result<StepExec<'p>>
+    where
+        'a: 'p,
+    {
+        let opts = self.opts;
+        let run_logs = self.paths.logs.join(run.to_string());
+        let exec = StepExec::new(self.project, plan, self.paths, &run_logs, opts.timeout)
+            .with_infra(self.parallel.max(1), opts.remove_orphans.clone())
+            .with_guard(opts.allow_destroy, opts.delete_orphans)
+            .with_secrets(vault)
+            .with_rollback(rollback_settings(opts, plan, record, store)?);
+        Ok(
+            match snapshot_hook(self.root, self.project, run, opts.timeout) {
+                Some(hook) => exec.with_snapshots(hook),
+                None => exec,
+            },
+        )
+    }
+}
+
+/// How the run's steps ended, counted.
+struct Tally {
+    succeeded: usize,
+    failed: usize,
+    skipped: usize,
+    /// Ctrl-C was pressed.
+    interrupted: bool,
+    /// A step did not end well (failed, not run, cancelled).
+    not_ok: bool,
+    result: RunResult,
+    word: &'static str,
+}
+
+impl Tally {
+    fn of(finals: &[Final], interrupted: bool, rolled_back: usize) -> Tally {
+        let failed = finals
+            .iter()
+            .filter(|f| matches!(f, Final::Failed { .. }))
+            .count();
+        let succeeded = finals
+            .iter()
+            .filter(|f| matches!(f, Final::Succeeded { .. }))
+            .count();
+        let not_ok = failed > 0 || finals.iter().any(|f| !f.ok());
+        let (result, word) = if interrupted {
+            (RunResult::Interrupted, "interrupted")
+        } else if rolled_back > 0 {
+            (RunResult::RolledBack, "rolled back")
+        } else if not_ok {
+            (RunResult::Failed, "failed")
+        } else {
+            (RunResult::Success, "succeeded")
+        };
+        Tally {
+            succeeded,
+            failed,
+            skipped: finals.len() - succeeded - failed,
+            interrupted,
+            not_ok,
+            result,
+            word,
         }
-    } else {
-        UpResult::Success
-    })
+    }
+
+    fn outcome(&self) -> UpResult {
+        if self.interrupted {
+            UpResult::Interrupted
+        } else if self.not_ok {
+            UpResult::Failed {
+                failed: self.failed.max(1),
+            }
+        } else {
+            UpResult::Success
+        }
+    }
 }
 
 /// What a rollback may restore: the record and rendered inputs of each of the plan's

@@ -9,10 +9,9 @@
 //! - **db**: for each database, the service's role logs in with its password, from the
 //!   service's host over SSH (psql, the password from its sops secret);
 //! - **auth**: with an OIDC client, the identity provider's discovery document for the
-//!   service's application answers and its `issuer` matches.
-//!
-//! Not checked here: that the redirect URIs are registered in the identity provider (that
-//! needs authentik's API or Terraform's state).
+//!   service's application answers and its `issuer` matches; and its redirect URIs are
+//!   registered, read from the Terraform state of its `tf:service-infra` workspace
+//!   (`redirects_registered`; skipped when that state is not local, as with a remote backend).
 
 use nixmox_core::model::{Capability, Project, Service};
 

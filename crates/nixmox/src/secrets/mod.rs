@@ -607,6 +607,38 @@ impl Vault {
                 what: file_rel(host),
             });
         }
+        let (plain, sources) = self.edited(host, exists, &values, edits)?;
+        let encrypted = self.write_encrypted(host, &plain, &recipients)?;
+        let record = FileRecord {
+            file_sha256: sha256_hex(&encrypted),
+            recipients,
+            values: plain
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        n.clone(),
+                        (
+                            value_hash(n, v),
+                            sources.get(n).cloned().unwrap_or_else(|| "file".into()),
+                        ),
+                    )
+                })
+                .collect(),
+        };
+        self.index.set_file(host, &record)?;
+        self.cache.insert(host.to_string(), plain);
+        Ok(true)
+    }
+
+    /// The host's secrets after `edits`, with where each came from (`values` is what the
+    /// index recorded of the file; `exists`: there is a file to decrypt first).
+    fn edited(
+        &mut self,
+        host: &str,
+        exists: bool,
+        values: &BTreeMap<String, (String, String)>,
+        edits: &[Edit],
+    ) -> Result<(Flat, BTreeMap<String, String>), SecretsError> {
         let mut plain = if exists {
             self.plaintext(host)?
         } else {
@@ -633,10 +665,21 @@ impl Vault {
                 }
             }
         }
+        Ok((plain, sources))
+    }
+
+    /// Encrypts the host's secrets to `recipients` and writes the file, and its copy in the
+    /// build tree when there is one; the encrypted bytes.
+    fn write_encrypted(
+        &mut self,
+        host: &str,
+        plain: &Flat,
+        recipients: &[String],
+    ) -> Result<Vec<u8>, SecretsError> {
         let name = format!("{host}.yaml");
         let encrypted = self.sops.encrypt(
-            &plain,
-            &recipients,
+            plain,
+            recipients,
             &name,
             self.log.as_deref(),
             &self.redact(),
@@ -651,25 +694,7 @@ impl Vault {
                     .map_err(|e| SecretsError::Io(e.to_string()))?;
             }
         }
-        let record = FileRecord {
-            file_sha256: sha256_hex(&encrypted),
-            recipients,
-            values: plain
-                .iter()
-                .map(|(n, v)| {
-                    (
-                        n.clone(),
-                        (
-                            value_hash(n, v),
-                            sources.get(n).cloned().unwrap_or_else(|| "file".into()),
-                        ),
-                    )
-                })
-                .collect(),
-        };
-        self.index.set_file(host, &record)?;
-        self.cache.insert(host.to_string(), plain);
-        Ok(true)
+        Ok(encrypted)
     }
 
     /// The current value of a generated secret (`db/<role>`), for a process that needs it in its

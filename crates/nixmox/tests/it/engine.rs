@@ -635,3 +635,88 @@ fn flake_lock_is_created_once_updated_on_request_and_follows_overrides() {
     let lock = std::fs::read_to_string(lab.project.join("flake.lock")).unwrap();
     assert!(lock.contains("nix-stubs/nixpkgs-fork"), "{lock}");
 }
+
+/// Issue "Shape": `nixmox render` wrote a different tree from the one `up` deploys, without the
+/// Terraform outputs earlier runs recorded (which a service's `tf:service-config` workspace
+/// gets as `locals`). After an `up` that rendered with recorded outputs, `render` writes the
+/// same tree.
+#[test]
+fn render_after_up_writes_the_tree_up_deployed() {
+    use nixmox::state::{OutputValue, RunResult, StepFinish, StepStatus, Store};
+
+    let lab = Lab::new();
+    // A service-config workspace, which takes the service-infra step's recorded outputs.
+    let app = lab.project.join("services/app");
+    common::copy_dir(
+        &lab.project.join("services/worker/terraform/hook"),
+        &app.join("terraform/hook"),
+    );
+    let manifest = std::fs::read_to_string(app.join("manifest.yaml"))
+        .unwrap()
+        .replace(
+            "  terraform:\n    phase: service-infra",
+            "  terraform:\n    - phase: service-infra",
+        )
+        .replace("    modules: [./terraform/bucket]", "      modules: [./terraform/bucket]")
+        .replace("    variables:\n      greeting", "      variables:\n        greeting")
+        .replace("      size: 3", "        size: 3")
+        .replace(
+            "  health:",
+            "    - phase: service-config\n      modules: [./terraform/hook]\n      variables: { target: app.tf.lan }\n  health:",
+        );
+    std::fs::write(app.join("manifest.yaml"), manifest).unwrap();
+    let out = lab.run(&["up"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // The fixture's modules output nothing at the workspace's root (only generated OIDC and
+    // database resources do, which need Authentik and PostgreSQL): the service-infra step's
+    // record gets an output as such a step would leave it, at its same input.
+    let mut store = Store::open(&lab.project.join(".nixmox/state.db")).unwrap();
+    let infra = "tf:service-infra:app";
+    let record = store.record().unwrap().steps[infra].clone();
+    let run = store.start_run(&[]).unwrap();
+    let output = OutputValue {
+        name: "client_id".into(),
+        value: serde_json::json!("app-client"),
+        sensitive: false,
+    };
+    let fin = StepFinish {
+        step_id: infra.into(),
+        input_hash: record.hash,
+        parts: record.parts,
+        status: StepStatus::Succeeded,
+        duration_ms: 1,
+        error: None,
+        outputs: vec![output],
+        rendered: None,
+        refused: None,
+        held: None,
+        snapshots: Vec::new(),
+    };
+    store.step_finished(run, &fin).unwrap();
+    store.finish_run(run, RunResult::Success, "").unwrap();
+    drop(store);
+
+    let out = lab.run(&["up"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let deployed = nixmox::engine::read_inputs(&lab.project.join(".nixmox/build"));
+    let config = String::from_utf8_lossy(&deployed["terraform/services/app/config/main.tf.json"])
+        .into_owned();
+    assert!(config.contains("app-client"), "{config}");
+
+    let out = lab.run(&["render", "--out", "rendered"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let rendered = nixmox::engine::read_inputs(&lab.project.join("rendered"));
+    assert_eq!(
+        deployed.keys().collect::<Vec<_>>(),
+        rendered.keys().collect::<Vec<_>>()
+    );
+    for (path, bytes) in &deployed {
+        assert!(
+            rendered[path] == *bytes,
+            "{path} differs:\n{}\n---\n{}",
+            String::from_utf8_lossy(bytes),
+            String::from_utf8_lossy(&rendered[path])
+        );
+    }
+}
