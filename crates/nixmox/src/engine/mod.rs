@@ -3,6 +3,7 @@
 //! result in the state store so the next run only does what changed.
 
 pub mod events;
+mod recorder;
 pub mod runner;
 pub mod scheduler;
 
@@ -17,12 +18,13 @@ use nixmox_core::render;
 use nixmox_core::Project;
 
 use self::events::{Event, Reporter, SummaryRow};
+use self::recorder::Recorder;
 use self::runner::StepExec;
-use self::scheduler::{Final, Progress, Skip, Task};
+use self::scheduler::{Skip, StepStatus, Task};
 use crate::error::{Error, Result};
 use crate::project_fs;
 use crate::root::{Paths, ProjectRoot};
-use crate::state::{self, RunResult, StepFinish, StepStatus, Store};
+use crate::state::{self, RunResult, Store};
 
 #[derive(Clone, Debug)]
 pub struct UpOptions {
@@ -227,11 +229,10 @@ fn run_locked(
         .steps
         .iter()
         .map(|s| Task {
-            id: s.id.clone(),
             after: s.after.clone(),
             weight: s.weight,
             skip: skip_of(s, opts),
-            group: s.service.clone(),
+            group: s.service().map(str::to_string),
         })
         .collect();
     let to_run = tasks.iter().filter(|t| t.skip.is_none()).count();
@@ -259,8 +260,6 @@ fn run_locked(
         Some(hook) => exec.with_snapshots(hook),
         None => exec,
     };
-    let mut rolled_back = 0usize;
-    let mut snapshotted: std::collections::BTreeSet<(u32, String)> = Default::default();
     let sched = scheduler::Options {
         parallel: opts.parallel.max(1),
         fail_fast: opts.fail_fast,
@@ -268,242 +267,34 @@ fn run_locked(
         backoff: Duration::from_millis(500),
         cancel: cancel.clone(),
     };
-    let mut store_error: Option<Error> = None;
-    let finals = scheduler::execute(&tasks, &exec, &sched, &mut |p| match p {
-        Progress::Started { index, attempt } => {
-            let step = &plan.steps[index];
-            if attempt == 1 {
-                if let Err(e) =
-                    store.step_started(run, &step.id, &step.hash, Some(&exec.log_path(index)))
-                {
-                    store_error.get_or_insert(Error::State(e));
-                }
-            }
-            reporter.event(&Event::StepStarted {
-                step: step.id.clone(),
-                attempt,
-                expected_ms: record.get(&step.id).and_then(|r| r.duration_ms),
-            });
-        }
-        Progress::Retrying {
-            index,
-            attempt,
-            delay,
-            error,
-        } => reporter.event(&Event::StepRetrying {
-            step: plan.steps[index].id.clone(),
-            attempt,
-            delay_ms: events::ms(delay),
-            error,
-        }),
-        Progress::Ended { index, outcome } => {
-            let step = &plan.steps[index];
-            let (status, changed, duration, detail, error) = match &outcome {
-                Final::Succeeded {
-                    changed,
-                    detail,
-                    duration,
-                } => (
-                    if *changed {
-                        StepStatus::Succeeded
-                    } else {
-                        StepStatus::Unchanged
-                    },
-                    *changed,
-                    Some(*duration),
-                    detail.clone(),
-                    None,
-                ),
-                Final::Skipped(Skip::Unchanged) => {
-                    match &step.held {
-                        Some(note) if step.change != Change::Unchanged => {
-                            reporter.event(&Event::StepSkipped {
-                                step: step.id.clone(),
-                                reason: format!("held: {note}"),
-                            });
-                            reporter.event(&Event::Warning {
-                                message: format!("{} not run: {note}", step.id),
-                            });
-                        }
-                        _ => reporter.event(&Event::StepSkipped {
-                            step: step.id.clone(),
-                            reason: "unchanged".into(),
-                        }),
-                    }
-                    return;
-                }
-                Final::Skipped(Skip::Noop) => {
-                    reporter.event(&Event::StepSkipped {
-                        step: step.id.clone(),
-                        reason: "nothing to do".into(),
-                    });
-                    if step.change == Change::Delete {
-                        return;
-                    }
-                    (
-                        StepStatus::Unchanged,
-                        false,
-                        Some(Duration::ZERO),
-                        String::new(),
-                        None,
-                    )
-                }
-                Final::Failed { error, duration } => (
-                    StepStatus::Failed,
-                    false,
-                    Some(*duration),
-                    String::new(),
-                    Some(error.clone()),
-                ),
-                Final::DependencyFailed(dep) => {
-                    reporter.event(&Event::StepSkipped {
-                        step: step.id.clone(),
-                        reason: format!("{dep} failed"),
-                    });
-                    (
-                        StepStatus::Skipped,
-                        false,
-                        None,
-                        String::new(),
-                        Some(format!("not run: {dep} failed")),
-                    )
-                }
-                Final::Cancelled => {
-                    reporter.event(&Event::StepSkipped {
-                        step: step.id.clone(),
-                        reason: "cancelled".into(),
-                    });
-                    (
-                        StepStatus::Cancelled,
-                        false,
-                        None,
-                        String::new(),
-                        Some("cancelled".into()),
-                    )
-                }
-            };
-            let artifacts = exec.take_artifacts(index);
-            for w in exec.take_warnings(index) {
-                reporter.event(&Event::Warning { message: w });
-            }
-            let taken = exec.take_snapshots(index);
-            let at = state::timestamp();
-            let snapshots: Vec<state::SnapshotRow> = taken
-                .iter()
-                .map(|t| state::SnapshotRow {
-                    vmid: t.vmid,
-                    node: t.node.clone(),
-                    name: t.name.clone(),
-                    service: t.service.clone(),
-                    run: Some(run),
-                    step_id: Some(step.id.clone()),
-                    taken_at: at.clone(),
-                    rolled_back: None,
-                })
-                .collect();
-            snapshotted.extend(taken.into_iter().map(|t| (t.vmid, t.node)));
-            let rb = exec.take_rolled_back(index);
-            // A deploy records the secrets file it actually shipped (it may have been written
-            // during this run).
-            let (parts, input_hash) = match exec.take_secrets_hash(index) {
-                Some(h) => crate::secrets::with_secrets_part(&step.parts, h.as_deref()),
-                None => (step.parts.clone(), step.hash.clone()),
-            };
-            let fin = StepFinish {
-                step_id: step.id.clone(),
-                input_hash,
-                parts,
-                status,
-                duration_ms: duration.map(events::ms).unwrap_or(0),
-                error: error.clone(),
-                outputs: artifacts.outputs,
-                rendered: artifacts.rendered,
-                refused: artifacts.refused,
-                // A rolled-back failure is held: the next `up` does not repeat it with the
-                // same input (issue 14).
-                held: rb.as_ref().filter(|r| r.any).map(|r| r.reason.clone()),
-                snapshots,
-            };
-            if let Err(e) = store.step_finished(run, &fin) {
-                store_error.get_or_insert(Error::State(e));
-            }
-            if let Some(rb) = rb {
-                for (vmid, name) in &rb.snapshots {
-                    if let Err(e) = store.snapshot_rolled_back(*vmid, name, Some(run)) {
-                        store_error.get_or_insert(Error::State(e));
-                    }
-                }
-                // The re-applied Terraform steps are recorded as they now are: at their
-                // previous inputs, so the next run applies the new ones again.
-                for r in rb.restored {
-                    // The input it was rolled back from is held like the deploy itself.
-                    let new_hash = plan
-                        .steps
-                        .iter()
-                        .find(|s| s.id == r.step_id)
-                        .map(|s| s.hash.clone());
-                    let step_id = r.step_id.clone();
-                    let fin = StepFinish {
-                        step_id: r.step_id,
-                        input_hash: r.record.hash,
-                        parts: r.record.parts,
-                        status: StepStatus::Succeeded,
-                        duration_ms: r.record.duration_ms.unwrap_or(0),
-                        error: None,
-                        outputs: r.outputs,
-                        rendered: Some(r.rendered),
-                        refused: None,
-                        held: None,
-                        snapshots: Vec::new(),
-                    };
-                    if let Err(e) = store.step_finished(run, &fin) {
-                        store_error.get_or_insert(Error::State(e));
-                    }
-                    if let Some(hash) = new_hash {
-                        let reason = format!("{} after it applied: {}", step.id, rb.reason);
-                        if let Err(e) = store.hold_step(&step_id, run, &hash, &reason) {
-                            store_error.get_or_insert(Error::State(e));
-                        }
-                    }
-                }
-                if rb.any {
-                    rolled_back += 1;
-                    reporter.event(&Event::RolledBack {
-                        step: step.id.clone(),
-                        detail: rb.detail,
-                    });
-                } else {
-                    reporter.event(&Event::Warning {
-                        message: format!("{}: rollback restored nothing: {}", step.id, rb.detail),
-                    });
-                }
-            }
-            if matches!(outcome, Final::Succeeded { .. } | Final::Failed { .. }) {
-                reporter.event(&Event::StepFinished {
-                    step: step.id.clone(),
-                    status: match status {
-                        StepStatus::Succeeded => "changed",
-                        StepStatus::Unchanged => "unchanged",
-                        _ => "failed",
-                    }
-                    .into(),
-                    changed,
-                    duration_ms: duration.map(events::ms).unwrap_or(0),
-                    detail,
-                    error,
-                });
-            }
-        }
-        Progress::Tick => reporter.tick(),
-    });
+    let mut rec = Recorder {
+        plan: &plan,
+        record: &record,
+        exec: &exec,
+        store,
+        reporter,
+        run,
+        rolled_back: 0,
+        snapshotted: Default::default(),
+        store_error: None,
+    };
+    let finals = scheduler::execute(&tasks, &exec, &sched, &mut |p| rec.progress(p));
+    let Recorder {
+        store,
+        reporter,
+        rolled_back,
+        snapshotted,
+        store_error,
+        ..
+    } = rec;
     let failed = finals
         .iter()
-        .filter(|f| matches!(f, Final::Failed { .. }))
+        .filter(|f| f.status == StepStatus::Failed)
         .count();
     let interrupted = cancel.load(Ordering::SeqCst);
     let succeeded = finals
         .iter()
-        .filter(|f| matches!(f, Final::Succeeded { .. }))
+        .filter(|f| matches!(f.status, StepStatus::Changed | StepStatus::Unchanged))
         .count();
     let skipped = finals.len() - succeeded - failed;
     let (result, word) = if interrupted {
@@ -541,22 +332,9 @@ fn run_locked(
         .iter()
         .zip(&finals)
         .map(|(s, f)| SummaryRow {
-            step: s.id.clone(),
-            result: match f {
-                Final::Succeeded { changed: true, .. } => "changed".into(),
-                Final::Succeeded { changed: false, .. } => "unchanged".into(),
-                Final::Skipped(Skip::Unchanged) => "skipped (unchanged)".into(),
-                Final::Skipped(Skip::Noop) => "skipped (no-op)".into(),
-                Final::Failed { .. } => "FAILED".into(),
-                Final::DependencyFailed(_) => "not run".into(),
-                Final::Cancelled => "cancelled".into(),
-            },
-            duration_ms: match f {
-                Final::Succeeded { duration, .. } | Final::Failed { duration, .. } => {
-                    Some(events::ms(*duration))
-                }
-                _ => None,
-            },
+            step: s.id.to_string(),
+            result: f.status,
+            duration_ms: f.duration.filter(|_| f.status.ran()).map(events::ms),
         })
         .collect();
     reporter.summary(&rows);
@@ -586,7 +364,7 @@ fn rollback_settings(
     if opts.rollback || opts.rollback_core {
         for step in &plan.steps {
             if !matches!(
-                step.phase,
+                step.phase(),
                 plan::Phase::TfServiceInfra | plan::Phase::TfServiceConfig
             ) {
                 continue;
