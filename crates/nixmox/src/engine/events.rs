@@ -409,9 +409,6 @@ mod tests {
             !shown.contains('\u{1b}'),
             "no colour asked, no escapes: {shown:?}"
         );
-        assert!(
-            shown.contains("done   tf:infra succeeded in 1.2s"),
-            "{shown}"
-        );
+        assert!(shown.contains("done   tf:infra changed in 1.2s"), "{shown}");
     }
 }
