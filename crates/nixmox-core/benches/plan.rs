@@ -33,7 +33,7 @@ fn record_of(plan: &Plan) -> Record {
             .iter()
             .map(|s| {
                 (
-                    s.id.clone(),
+                    s.id.to_string(),
                     StepRecord {
                         hash: s.hash.clone(),
                         parts: s.parts.clone(),

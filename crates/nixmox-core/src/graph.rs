@@ -103,8 +103,8 @@ pub fn steps(plan: &Plan) -> Picture {
         .steps
         .iter()
         .map(|s| PicNode {
-            id: s.id.clone(),
-            label: s.id.clone(),
+            id: s.id.to_string(),
+            label: s.id.to_string(),
             sublabel: format!("{} · {}", s.action.as_str(), s.change.as_str()),
             class: if s.action == Action::Run {
                 NodeClass::StepRun

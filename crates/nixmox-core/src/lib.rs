@@ -26,6 +26,7 @@ pub mod render;
 pub mod scaffold;
 pub mod schema;
 pub mod snapshot;
+pub mod step_id;
 pub mod syntax;
 pub mod teardown;
 pub mod url;

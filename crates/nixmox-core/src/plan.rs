@@ -16,6 +16,7 @@ use crate::config_out;
 use crate::flake_lock::FlakeLock;
 use crate::model::{Capability, EdgeKind, InfraBackend, Project, Service, TfPhase, Upstream};
 use crate::record::Record;
+use crate::step_id::StepId;
 
 /// The phases, in the order the seed contract fixes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -53,36 +54,16 @@ impl Phase {
             Phase::Verify => "verify",
         }
     }
-    /// The step id of this phase for a service (or the global step).
-    pub fn step_id(self, service: Option<&str>) -> String {
-        match service {
-            Some(s) => format!("{}:{s}", self.as_str()),
-            None => self.as_str().to_string(),
-        }
+    /// Whether the phase is one step for the whole project (`tf:infra`, `tf:auth-core`)
+    /// rather than one per service.
+    pub fn is_project_wide(self) -> bool {
+        matches!(self, Phase::TfInfra | Phase::TfAuthCore)
     }
     pub fn is_terraform(self) -> bool {
         matches!(
             self,
             Phase::TfInfra | Phase::TfAuthCore | Phase::TfServiceInfra | Phase::TfServiceConfig
         )
-    }
-    /// Parses a step id back into its phase and service.
-    pub fn parse_step_id(id: &str) -> Option<(Phase, Option<&str>)> {
-        // Longest phase names first so `nix:core-auth:x` is not read as `nix:core` + `-auth:x`.
-        let mut phases = Phase::ALL;
-        phases.sort_by_key(|p| Reverse(p.as_str().len()));
-        for p in phases {
-            if id == p.as_str() {
-                return Some((p, None));
-            }
-            if let Some(rest) = id
-                .strip_prefix(p.as_str())
-                .and_then(|r| r.strip_prefix(':'))
-            {
-                return Some((p, Some(rest)));
-            }
-        }
-        None
     }
 }
 
@@ -134,9 +115,8 @@ impl Change {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Step {
-    pub id: String,
-    pub phase: Phase,
-    pub service: Option<String>,
+    /// The step's phase and, unless it is project-wide, its service.
+    pub id: StepId,
     /// Indexes of the direct prerequisites in `Plan::steps`, ascending.
     pub after: Vec<usize>,
     pub action: Action,
@@ -156,6 +136,16 @@ pub struct Step {
     /// Failed its health gate and was rolled back with this same input: not run again unless
     /// forced or its input changes. The note says when and why.
     pub held: Option<String>,
+}
+
+impl Step {
+    pub fn phase(&self) -> Phase {
+        self.id.phase()
+    }
+    /// The service the step belongs to; `None` for a project-wide step.
+    pub fn service(&self) -> Option<&str> {
+        self.id.service()
+    }
 }
 
 /// The plan's note on a held step.
@@ -534,9 +524,8 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
         after.sort_unstable();
         after.dedup();
         steps.push(Step {
-            id: phase.step_id(service.map(|s| s.name.as_str())),
-            phase,
-            service: service.map(|s| s.name.to_string()),
+            id: StepId::new(phase, service.map(|s| &s.name))
+                .expect("the planner gives a service to exactly the per-service phases"),
             after,
             action,
             change: Change::Create,
@@ -939,7 +928,7 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
     // Compare with the record.
     let record = input.record;
     for step in &mut steps {
-        let rec = record.and_then(|r| r.get(&step.id));
+        let rec = record.and_then(|r| r.get(step.id.as_str()));
         step.weight = match (rec.and_then(|r| r.duration_ms), step.action) {
             (Some(d), _) => d,
             (None, Action::Run) => 1000,
@@ -955,14 +944,14 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
         }
         // A refusal matters while the step still has something to apply; an input back at
         // its last success has nothing to destroy.
-        if let Some(refused) = record.and_then(|r| r.refused.get(&step.id)) {
+        if let Some(refused) = record.and_then(|r| r.refused.get(step.id.as_str())) {
             if step.change != Change::Unchanged {
                 step.needs_allow_destroy = refused.clone();
             }
         }
         // A rolled-back failure is not retried silently with the same input (a timer running
         // `up` would loop: deploy, fail, roll back).
-        if let Some(h) = record.and_then(|r| r.held.get(&step.id)) {
+        if let Some(h) = record.and_then(|r| r.held.get(step.id.as_str())) {
             if step.change != Change::Unchanged && h.hash == step.hash {
                 step.held = Some(held_note(h));
             }
@@ -972,18 +961,20 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
     if sel.services.is_empty() {
         if let Some(r) = record {
             for (id, _) in r.steps.iter() {
-                let Some((phase, Some(svc))) = Phase::parse_step_id(id) else {
+                let Some(id) = id.parse::<StepId>().ok() else {
+                    continue;
+                };
+                let Some(svc) = id.service() else {
                     continue;
                 };
                 if p.service(svc).is_none() {
+                    let description = format!("`{svc}` was removed from the project; `nixmox down {svc}` or `up --remove-orphans` removes what it left");
                     steps.push(Step {
-                        id: id.clone(),
-                        phase,
-                        service: Some(svc.to_string()),
+                        id,
                         after: Vec::new(),
                         action: Action::Noop,
                         change: Change::Delete,
-                        description: format!("`{svc}` was removed from the project; `nixmox down {svc}` or `up --remove-orphans` removes what it left"),
+                        description,
                         reasons: Vec::new(),
                         hash: String::new(),
                         parts: BTreeMap::new(),
@@ -1150,21 +1141,6 @@ mod tests {
         let g = vec![(1, vec![]), (1, vec![0]), (1, vec![1]), (1, vec![])];
         assert_eq!(critical_path(&g), vec![0, 1, 2]);
         assert!(critical_path(&[]).is_empty());
-    }
-
-    #[test]
-    fn step_ids_round_trip() {
-        for p in Phase::ALL {
-            assert_eq!(
-                Phase::parse_step_id(&p.step_id(Some("web"))),
-                Some((p, Some("web")))
-            );
-            assert_eq!(Phase::parse_step_id(&p.step_id(None)), Some((p, None)));
-        }
-        assert_eq!(
-            Phase::parse_step_id("nix:core-auth:pgadmin"),
-            Some((Phase::NixCoreAuth, Some("pgadmin")))
-        );
     }
 
     #[test]

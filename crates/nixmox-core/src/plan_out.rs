@@ -81,8 +81,8 @@ pub fn to_json(plan: &Plan) -> String {
             .iter()
             .map(|s| JsonStep {
                 id: &s.id,
-                phase: s.phase.as_str(),
-                service: s.service.as_deref(),
+                phase: s.phase().as_str(),
+                service: s.service(),
                 after: s.after.iter().map(|&a| plan.steps[a].id.as_str()).collect(),
                 action: s.action.as_str(),
                 change: s.change.as_str(),
@@ -143,7 +143,7 @@ pub fn to_text(plan: &Plan) -> String {
     let mut last_phase: Option<&str> = None;
     let mut last_service: Option<&str> = None;
     for s in &plan.steps {
-        let group = match s.phase {
+        let group = match s.phase() {
             Phase::TfServiceInfra
             | Phase::NixServiceConfig
             | Phase::TfServiceConfig
@@ -160,9 +160,9 @@ pub fn to_text(plan: &Plan) -> String {
             last_phase = Some(group);
             last_service = None;
         }
-        if group.starts_with("services") && last_service != s.service.as_deref() {
-            let _ = writeln!(out, "  [{}]", visible(s.service.as_deref().unwrap_or("")));
-            last_service = s.service.as_deref();
+        if group.starts_with("services") && last_service != s.service() {
+            let _ = writeln!(out, "  [{}]", visible(s.service().unwrap_or("")));
+            last_service = s.service();
         }
         let indent = if group.starts_with("services") {
             "    "

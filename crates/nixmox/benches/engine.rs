@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nixmox::engine::plan_with_state;
-use nixmox::engine::scheduler::{self, execute, Final, Options, Outcome, Runner, Task};
+use nixmox::engine::scheduler::{self, execute, Options, Outcome, Runner, Task};
 use nixmox::root::Paths;
 use nixmox::state::{RunResult, StepFinish, StepStatus, Store};
 use nixmox_core::plan::{Change, Selection};
@@ -107,7 +107,8 @@ struct Sleeper {
 }
 
 impl Runner for Sleeper {
-    fn run(&self, index: usize, _attempt: u32) -> Outcome {
+    type Report = Outcome;
+    fn run(&self, index: usize, _attempt: u32, _earlier: Option<Outcome>) -> Outcome {
         std::thread::sleep(Duration::from_millis(self.ms[index]));
         Outcome::Done {
             changed: true,
@@ -130,7 +131,6 @@ fn random_dag(n: usize, seed: u64, min_ms: u64, max_ms: u64) -> (Vec<Task>, Slee
         let d = min_ms + rng.below(max_ms - min_ms + 1);
         durations.push(d);
         tasks.push(Task {
-            id: format!("task{i:03}"),
             after: after.into_iter().collect(),
             weight: d,
             skip: None,
@@ -166,7 +166,7 @@ fn makespan(tasks: &[Task], runner: &Sleeper, parallel: usize) -> Duration {
     let finals = execute(tasks, runner, &opts, &mut |_| {});
     let took = t.elapsed();
     assert!(
-        finals.iter().all(|f| matches!(f, Final::Succeeded { .. })),
+        finals.iter().all(|f| f.status == StepStatus::Changed),
         "every task runs and succeeds"
     );
     took
@@ -311,10 +311,10 @@ fn fabricate_state(bin: &Path, root: &Path) -> Result<(usize, usize), String> {
             .step_finished(
                 run,
                 &StepFinish {
-                    step_id: step.id.clone(),
+                    step_id: step.id.to_string(),
                     input_hash: step.hash.clone(),
                     parts: step.parts.clone(),
-                    status: StepStatus::Succeeded,
+                    status: StepStatus::Changed,
                     duration_ms: 1_000,
                     error: None,
                     outputs: Vec::new(),

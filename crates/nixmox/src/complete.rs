@@ -29,7 +29,7 @@ pub fn steps(current: &OsStr) -> Vec<CompletionCandidate> {
         return Vec::new();
     };
     let plan = plan::plan(&project, &Selection::default(), &PlanInput::default());
-    candidates(plan.steps.into_iter().map(|s| s.id), current)
+    candidates(plan.steps.into_iter().map(|s| s.id.to_string()), current)
 }
 
 fn candidates(words: impl Iterator<Item = String>, current: &OsStr) -> Vec<CompletionCandidate> {

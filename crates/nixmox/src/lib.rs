@@ -19,4 +19,5 @@ pub mod proxmox;
 pub mod root;
 pub mod secrets;
 pub mod state;
+pub mod step_status;
 pub mod terraform;

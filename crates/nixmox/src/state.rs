@@ -261,40 +261,9 @@ impl fmt::Display for RunResult {
     }
 }
 
-/// How a step ended. (`started` is the status of a step in flight, written by
-/// [`Store::step_started`].)
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum StepStatus {
-    Succeeded,
-    Unchanged,
-    Failed,
-    Skipped,
-    Cancelled,
-}
-
-impl StepStatus {
-    /// The value stored in `step_results.status` (and shown in [`StepRow::status`]).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StepStatus::Succeeded => "succeeded",
-            StepStatus::Unchanged => "unchanged",
-            StepStatus::Failed => "failed",
-            StepStatus::Skipped => "skipped",
-            StepStatus::Cancelled => "cancelled",
-        }
-    }
-
-    /// Whether the step's record, outputs and rendered inputs are updated.
-    pub fn is_success(self) -> bool {
-        matches!(self, StepStatus::Succeeded | StepStatus::Unchanged)
-    }
-}
-
-impl fmt::Display for StepStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// How a step ended (`crate::step_status`). (`started` is the status of a step in flight,
+/// written by [`Store::step_started`].)
+pub use crate::step_status::StepStatus;
 
 /// The end of one step, written by [`Store::step_finished`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -609,122 +578,20 @@ impl Store {
     pub fn step_finished(&mut self, run: RunId, fin: &StepFinish) -> Result<(), StateError> {
         let path = &self.path;
         let at = now();
-        let duration = i64::try_from(fin.duration_ms).unwrap_or(i64::MAX);
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql(path, "begin a transaction to finish a step"))?;
-        tx.execute(
-            "INSERT INTO step_results
-                 (run_id, step_id, input_hash, status, started_at, finished_at, duration_ms, error)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7)
-             ON CONFLICT (run_id, step_id) DO UPDATE SET
-                 input_hash = excluded.input_hash, status = excluded.status,
-                 finished_at = excluded.finished_at, duration_ms = excluded.duration_ms,
-                 error = excluded.error",
-            params![
-                run,
-                fin.step_id,
-                fin.input_hash,
-                fin.status.as_str(),
-                at,
-                duration,
-                fin.error
-            ],
-        )
-        .map_err(sql(path, "record the end of a step"))?;
+        finish_result(&tx, path, run, fin, &at)?;
         for snap in &fin.snapshots {
             insert_snapshot(&tx, path, snap)?;
         }
-        if let Some(reason) = &fin.held {
-            tx.execute(
-                "INSERT INTO held_steps (step_id, run_id, input_hash, reason, held_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (step_id) DO UPDATE SET
-                     run_id = excluded.run_id, input_hash = excluded.input_hash,
-                     reason = excluded.reason, held_at = excluded.held_at",
-                params![fin.step_id, run, fin.input_hash, reason, at],
-            )
-            .map_err(sql(path, "hold a rolled-back step"))?;
-        }
+        finish_hold_and_guard(&tx, path, run, fin, &at)?;
         if fin.status.is_success() {
-            tx.execute("DELETE FROM held_steps WHERE step_id = ?1", [&fin.step_id])
-                .map_err(sql(path, "release a held step"))?;
-            tx.execute(
-                "DELETE FROM guard_refusals WHERE step_id = ?1",
-                [&fin.step_id],
-            )
-            .map_err(sql(path, "clear a destroy-guard refusal"))?;
-        } else if let Some(changes) = &fin.refused {
-            let changes = serde_json::to_string(changes).unwrap_or_else(|_| "[]".to_string());
-            tx.execute(
-                "INSERT INTO guard_refusals (step_id, run_id, changes, refused_at)
-                 VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (step_id) DO UPDATE SET
-                     run_id = excluded.run_id, changes = excluded.changes,
-                     refused_at = excluded.refused_at",
-                params![fin.step_id, run, changes, at],
-            )
-            .map_err(sql(path, "record a destroy-guard refusal"))?;
-        }
-        if fin.status.is_success() {
-            let parts = serde_json::to_string(&fin.parts).unwrap_or_else(|_| "{}".to_string());
-            tx.execute(
-                "INSERT INTO step_records
-                     (step_id, input_hash, parts, duration_ms, run_id, recorded_at, has_rendered)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                 ON CONFLICT (step_id) DO UPDATE SET
-                     input_hash = excluded.input_hash, parts = excluded.parts,
-                     duration_ms = excluded.duration_ms, run_id = excluded.run_id,
-                     recorded_at = excluded.recorded_at,
-                     has_rendered = CASE WHEN ?8 THEN excluded.has_rendered
-                                         ELSE step_records.has_rendered END",
-                params![
-                    fin.step_id,
-                    fin.input_hash,
-                    parts,
-                    duration,
-                    run,
-                    at,
-                    fin.rendered.is_some(),
-                    fin.rendered.is_some()
-                ],
-            )
-            .map_err(sql(path, "record a successful step"))?;
-            tx.execute("DELETE FROM outputs WHERE step_id = ?1", [&fin.step_id])
-                .map_err(sql(path, "replace the outputs of a step"))?;
-            {
-                let mut insert = tx
-                    .prepare(
-                        "INSERT INTO outputs (step_id, name, value, value_hash, sensitive)
-                         VALUES (?1, ?2, ?3, ?4, ?5)",
-                    )
-                    .map_err(sql(path, "record the outputs of a step"))?;
-                for o in &fin.outputs {
-                    let json = o.value.to_string();
-                    let hash = sha256_hex(json.as_bytes());
-                    let clear = if o.sensitive { None } else { Some(json) };
-                    insert
-                        .execute(params![fin.step_id, o.name, clear, hash, o.sensitive])
-                        .map_err(sql(path, "record the outputs of a step"))?;
-                }
-            }
+            finish_record(&tx, path, run, fin, &at)?;
+            finish_outputs(&tx, path, fin)?;
             if let Some(rendered) = &fin.rendered {
-                tx.execute(
-                    "DELETE FROM rendered_inputs WHERE step_id = ?1",
-                    [&fin.step_id],
-                )
-                .map_err(sql(path, "replace the rendered inputs of a step"))?;
-                let mut insert = tx
-                    .prepare(
-                        "INSERT INTO rendered_inputs (step_id, path, contents) VALUES (?1, ?2, ?3)",
-                    )
-                    .map_err(sql(path, "record the rendered inputs of a step"))?;
-                for (file, contents) in rendered {
-                    insert
-                        .execute(params![fin.step_id, file, contents])
-                        .map_err(sql(path, "record the rendered inputs of a step"))?;
-                }
+                finish_rendered(&tx, path, &fin.step_id, rendered)?;
             }
         }
         tx.commit().map_err(sql(path, "commit the end of a step"))?;
@@ -1157,6 +1024,162 @@ impl Drop for Store {
             let _ = self.release_lock();
         }
     }
+}
+
+/// [`Store::step_finished`]: the step's row of the run, created if it never started.
+fn finish_result(
+    tx: &rusqlite::Transaction,
+    path: &Path,
+    run: RunId,
+    fin: &StepFinish,
+    at: &str,
+) -> Result<(), StateError> {
+    let duration = i64::try_from(fin.duration_ms).unwrap_or(i64::MAX);
+    tx.execute(
+        "INSERT INTO step_results
+             (run_id, step_id, input_hash, status, started_at, finished_at, duration_ms, error)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7)
+         ON CONFLICT (run_id, step_id) DO UPDATE SET
+             input_hash = excluded.input_hash, status = excluded.status,
+             finished_at = excluded.finished_at, duration_ms = excluded.duration_ms,
+             error = excluded.error",
+        params![
+            run,
+            fin.step_id,
+            fin.input_hash,
+            fin.status.stored(),
+            at,
+            duration,
+            fin.error
+        ],
+    )
+    .map_err(sql(path, "record the end of a step"))?;
+    Ok(())
+}
+
+/// [`Store::step_finished`]: a rolled-back step is held; a success releases the hold and
+/// clears the destroy guard's refusal; a refusal is kept until then.
+fn finish_hold_and_guard(
+    tx: &rusqlite::Transaction,
+    path: &Path,
+    run: RunId,
+    fin: &StepFinish,
+    at: &str,
+) -> Result<(), StateError> {
+    if let Some(reason) = &fin.held {
+        tx.execute(
+            "INSERT INTO held_steps (step_id, run_id, input_hash, reason, held_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (step_id) DO UPDATE SET
+                 run_id = excluded.run_id, input_hash = excluded.input_hash,
+                 reason = excluded.reason, held_at = excluded.held_at",
+            params![fin.step_id, run, fin.input_hash, reason, at],
+        )
+        .map_err(sql(path, "hold a rolled-back step"))?;
+    }
+    if fin.status.is_success() {
+        tx.execute("DELETE FROM held_steps WHERE step_id = ?1", [&fin.step_id])
+            .map_err(sql(path, "release a held step"))?;
+        tx.execute(
+            "DELETE FROM guard_refusals WHERE step_id = ?1",
+            [&fin.step_id],
+        )
+        .map_err(sql(path, "clear a destroy-guard refusal"))?;
+    } else if let Some(changes) = &fin.refused {
+        let changes = serde_json::to_string(changes).unwrap_or_else(|_| "[]".to_string());
+        tx.execute(
+            "INSERT INTO guard_refusals (step_id, run_id, changes, refused_at)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (step_id) DO UPDATE SET
+                 run_id = excluded.run_id, changes = excluded.changes,
+                 refused_at = excluded.refused_at",
+            params![fin.step_id, run, changes, at],
+        )
+        .map_err(sql(path, "record a destroy-guard refusal"))?;
+    }
+    Ok(())
+}
+
+/// [`Store::step_finished`] of a success: the step's record (hash, parts, duration).
+fn finish_record(
+    tx: &rusqlite::Transaction,
+    path: &Path,
+    run: RunId,
+    fin: &StepFinish,
+    at: &str,
+) -> Result<(), StateError> {
+    let duration = i64::try_from(fin.duration_ms).unwrap_or(i64::MAX);
+    let parts = serde_json::to_string(&fin.parts).unwrap_or_else(|_| "{}".to_string());
+    tx.execute(
+        "INSERT INTO step_records
+             (step_id, input_hash, parts, duration_ms, run_id, recorded_at, has_rendered)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (step_id) DO UPDATE SET
+             input_hash = excluded.input_hash, parts = excluded.parts,
+             duration_ms = excluded.duration_ms, run_id = excluded.run_id,
+             recorded_at = excluded.recorded_at,
+             has_rendered = CASE WHEN ?8 THEN excluded.has_rendered
+                                 ELSE step_records.has_rendered END",
+        params![
+            fin.step_id,
+            fin.input_hash,
+            parts,
+            duration,
+            run,
+            at,
+            fin.rendered.is_some(),
+            fin.rendered.is_some()
+        ],
+    )
+    .map_err(sql(path, "record a successful step"))?;
+    Ok(())
+}
+
+/// [`Store::step_finished`] of a success: its outputs replace the recorded ones (sensitive
+/// values as hashes only).
+fn finish_outputs(
+    tx: &rusqlite::Transaction,
+    path: &Path,
+    fin: &StepFinish,
+) -> Result<(), StateError> {
+    tx.execute("DELETE FROM outputs WHERE step_id = ?1", [&fin.step_id])
+        .map_err(sql(path, "replace the outputs of a step"))?;
+    let mut insert = tx
+        .prepare(
+            "INSERT INTO outputs (step_id, name, value, value_hash, sensitive)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .map_err(sql(path, "record the outputs of a step"))?;
+    for o in &fin.outputs {
+        let json = o.value.to_string();
+        let hash = sha256_hex(json.as_bytes());
+        let clear = if o.sensitive { None } else { Some(json) };
+        insert
+            .execute(params![fin.step_id, o.name, clear, hash, o.sensitive])
+            .map_err(sql(path, "record the outputs of a step"))?;
+    }
+    Ok(())
+}
+
+/// [`Store::step_finished`] of a success that used rendered files: they replace the recorded
+/// ones.
+fn finish_rendered(
+    tx: &rusqlite::Transaction,
+    path: &Path,
+    step_id: &str,
+    rendered: &BTreeMap<String, Vec<u8>>,
+) -> Result<(), StateError> {
+    tx.execute("DELETE FROM rendered_inputs WHERE step_id = ?1", [step_id])
+        .map_err(sql(path, "replace the rendered inputs of a step"))?;
+    let mut insert = tx
+        .prepare("INSERT INTO rendered_inputs (step_id, path, contents) VALUES (?1, ?2, ?3)")
+        .map_err(sql(path, "record the rendered inputs of a step"))?;
+    for (file, contents) in rendered {
+        insert
+            .execute(params![step_id, file, contents])
+            .map_err(sql(path, "record the rendered inputs of a step"))?;
+    }
+    Ok(())
 }
 
 fn insert_snapshot(
@@ -1803,13 +1826,13 @@ mod tests {
         assert_eq!(held, Some(r1));
         let log = PathBuf::from(".nixmox/logs/1/tf:infra.log");
         s.step_started(r1, "tf:infra", "h1", Some(&log)).unwrap();
-        s.step_finished(r1, &finish("tf:infra", "h1", StepStatus::Succeeded))
+        s.step_finished(r1, &finish("tf:infra", "h1", StepStatus::Changed))
             .unwrap();
         s.step_started(r1, "nix:web", "h2", None).unwrap();
         s.step_finished(r1, &finish("nix:web", "h2", StepStatus::Failed))
             .unwrap();
         // Never started.
-        s.step_finished(r1, &finish("nix:db", "h3", StepStatus::Skipped))
+        s.step_finished(r1, &finish("nix:db", "h3", StepStatus::DependencyFailed))
             .unwrap();
         s.finish_run(r1, RunResult::Failed, "1 failed").unwrap();
         let r2 = s.start_run(&["up".to_string()]).unwrap();
@@ -1878,7 +1901,7 @@ mod tests {
         let mut s = Store::open(&path).unwrap();
         assert_eq!(s.record().unwrap(), Record::default());
         let run = s.start_run(&[]).unwrap();
-        let mut a = finish("tf:infra", "h1", StepStatus::Succeeded);
+        let mut a = finish("tf:infra", "h1", StepStatus::Changed);
         a.parts.insert("module:x".to_string(), "m1".to_string());
         s.step_finished(run, &a).unwrap();
         let mut b = finish("nix:web", "h2", StepStatus::Unchanged);
@@ -1915,7 +1938,7 @@ mod tests {
             .unwrap();
         assert_eq!(s.record().unwrap(), want);
         // A later success replaces it.
-        s.step_finished(run2, &finish("tf:infra", "h9", StepStatus::Succeeded))
+        s.step_finished(run2, &finish("tf:infra", "h9", StepStatus::Changed))
             .unwrap();
         assert_eq!(s.record().unwrap().get("tf:infra").unwrap().hash, "h9");
         drop(s);
@@ -1931,7 +1954,7 @@ mod tests {
         let (_dir, path) = fresh();
         let mut s = Store::open(&path).unwrap();
         let run = s.start_run(&[]).unwrap();
-        let mut fin = finish("tf:infra", "h1", StepStatus::Succeeded);
+        let mut fin = finish("tf:infra", "h1", StepStatus::Changed);
         fin.outputs = vec![
             OutputValue {
                 name: "ip".to_string(),
@@ -2025,7 +2048,7 @@ mod tests {
         let run = s.start_run(&[]).unwrap();
         assert_eq!(s.rendered_inputs("tf:web").unwrap(), None);
 
-        let mut first = finish("tf:web", "h1", StepStatus::Succeeded);
+        let mut first = finish("tf:web", "h1", StepStatus::Changed);
         first.rendered = Some(files(&[("main.tf", "one"), ("vars.tf.json", "{}")]));
         s.step_finished(run, &first).unwrap();
         assert_eq!(s.rendered_inputs("tf:web").unwrap(), first.rendered);
@@ -2042,13 +2065,13 @@ mod tests {
         assert_eq!(s.rendered_inputs("tf:web").unwrap(), first.rendered);
 
         // Success: replaced entirely (vars.tf.json goes away).
-        let mut second = finish("tf:web", "h3", StepStatus::Succeeded);
+        let mut second = finish("tf:web", "h3", StepStatus::Changed);
         second.rendered = Some(files(&[("main.tf", "two")]));
         s.step_finished(run, &second).unwrap();
         assert_eq!(s.rendered_inputs("tf:web").unwrap(), second.rendered);
 
         // An empty set is recorded as such.
-        let mut empty = finish("tf:web", "h4", StepStatus::Succeeded);
+        let mut empty = finish("tf:web", "h4", StepStatus::Changed);
         empty.rendered = Some(BTreeMap::new());
         s.step_finished(run, &empty).unwrap();
         assert_eq!(s.rendered_inputs("tf:web").unwrap(), Some(BTreeMap::new()));
@@ -2087,7 +2110,7 @@ mod tests {
         // A success releases the step; a deleted snapshot is no longer listed.
         s.step_finished(
             run,
-            &finish("nix:service-config:app", "h3", StepStatus::Succeeded),
+            &finish("nix:service-config:app", "h3", StepStatus::Changed),
         )
         .unwrap();
         assert!(s.record().unwrap().held.is_empty());
@@ -2112,7 +2135,7 @@ mod tests {
         s.step_finished(run, &finish("tf:infra", "h1", StepStatus::Failed))
             .unwrap();
         assert_eq!(s.record().unwrap().refused.len(), 1);
-        s.step_finished(run, &finish("tf:infra", "h1", StepStatus::Succeeded))
+        s.step_finished(run, &finish("tf:infra", "h1", StepStatus::Changed))
             .unwrap();
         assert!(s.record().unwrap().refused.is_empty());
         s.step_finished(run, &failed).unwrap();
@@ -2126,7 +2149,7 @@ mod tests {
         let mut s = Store::open(&path).unwrap();
         let run = s.start_run(&[]).unwrap();
         for step in ["tf:web", "tf:db"] {
-            let mut fin = finish(step, "h", StepStatus::Succeeded);
+            let mut fin = finish(step, "h", StepStatus::Changed);
             fin.outputs = vec![OutputValue {
                 name: "ip".to_string(),
                 value: serde_json::json!("10.0.0.1"),
@@ -2154,7 +2177,7 @@ mod tests {
         let dead = dead_pid();
         let gone = s.start_run(&["up".to_string()]).unwrap();
         s.step_started(gone, "tf:infra", "h1", None).unwrap();
-        s.step_finished(gone, &finish("tf:infra", "h1", StepStatus::Succeeded))
+        s.step_finished(gone, &finish("tf:infra", "h1", StepStatus::Changed))
             .unwrap();
         s.step_started(gone, "nix:web", "h2", None).unwrap();
         s.conn
@@ -2239,7 +2262,7 @@ mod tests {
         let status = if i % 5 == 3 {
             StepStatus::Failed
         } else {
-            StepStatus::Succeeded
+            StepStatus::Changed
         };
         let mut fin = finish(&step, &hash, status);
         fin.outputs = (0..4)

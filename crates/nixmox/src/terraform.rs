@@ -276,23 +276,6 @@ pub fn container_nodes(state_json: &str) -> Result<Vec<(String, String, u32)>, S
     Ok(out)
 }
 
-/// The data directory name of a step: `tf:service-infra:app` → `service-infra--app`.
-pub fn workspace_slug(step_id: &str) -> String {
-    let id = step_id.strip_prefix("tf:").unwrap_or(step_id);
-    let mut slug = String::with_capacity(id.len() + 4);
-    for c in id.chars() {
-        match c {
-            ':' => slug.push_str("--"),
-            c if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') => slug.push(c),
-            _ => slug.push('_'),
-        }
-    }
-    if slug.is_empty() || slug.chars().all(|c| c == '.') {
-        slug.insert(0, '_');
-    }
-    slug
-}
-
 impl Terraform {
     pub fn new(binary: impl Into<PathBuf>) -> Terraform {
         Terraform {
@@ -1293,15 +1276,6 @@ fn diagnostic(summary: &str, body: &[&str]) -> Diagnostic {
 mod tests {
     use super::*;
     use std::sync::atomic::Ordering;
-
-    #[test]
-    fn terraform_workspace_slug() {
-        assert_eq!(workspace_slug("tf:service-infra:app"), "service-infra--app");
-        assert_eq!(workspace_slug("tf:infra"), "infra");
-        assert_eq!(workspace_slug("tf:a b/c"), "a_b_c");
-        assert_eq!(workspace_slug("tf:"), "_");
-        assert_eq!(workspace_slug("tf:.."), "_..");
-    }
 
     #[test]
     fn terraform_parses_diagnostics_without_snippets() {

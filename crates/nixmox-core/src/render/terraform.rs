@@ -10,7 +10,8 @@ use std::collections::BTreeSet;
 use crate::model::{
     Capability, ClientType, DbMode, InfraBackend, Project, Protect, Service, TfPhase,
 };
-use crate::plan::startup_order;
+use crate::plan::{startup_order, Phase};
+use crate::step_id::StepId;
 use crate::RenderedFile;
 
 /// Each provider is pinned to the releases the renderer was written and checked for (the
@@ -194,6 +195,15 @@ fn tf_file(p: &Project, path: String, mut body: Map<String, Value>) -> RenderedF
     }
 }
 
+/// The `main.tf.json` of a Terraform step's workspace, in the directory its [`StepId`] names.
+fn main_file(phase: Phase, service: Option<&crate::ids::ServiceName>) -> String {
+    let id = StepId::new(phase, service).expect("the renderer names each workspace's service");
+    let dir = id
+        .terraform_config_dir()
+        .expect("a Terraform phase has a configuration directory");
+    format!("{dir}/main.tf.json")
+}
+
 /// A Terraform resource or data-source name: letters, digits, `_` and `-`, not starting with a
 /// digit.
 pub fn tf_name(s: &str) -> String {
@@ -319,7 +329,7 @@ fn infra(p: &Project) -> RenderedFile {
         json!({"proxmox_virtual_environment_container": containers}),
     );
     body.insert("output".into(), Value::Object(outputs));
-    tf_file(p, "terraform/infra/main.tf.json".into(), body)
+    tf_file(p, main_file(Phase::TfInfra, None), body)
 }
 
 /// The container's DNS settings. An empty `servers` list is left out: bpg/proxmox requires at
@@ -558,7 +568,7 @@ fn auth_core(p: &Project) -> RenderedFile {
     if !outputs.is_empty() {
         body.insert("output".into(), Value::Object(outputs));
     }
-    tf_file(p, "terraform/auth-core/main.tf.json".into(), body)
+    tf_file(p, main_file(Phase::TfAuthCore, None), body)
 }
 
 fn service(
@@ -571,9 +581,9 @@ fn service(
     if !has_service_terraform(s, phase) {
         return None;
     }
-    let dir = match phase {
-        TfPhase::ServiceInfra => "infra",
-        TfPhase::ServiceConfig => "config",
+    let step_phase = match phase {
+        TfPhase::ServiceInfra => Phase::TfServiceInfra,
+        TfPhase::ServiceConfig => Phase::TfServiceConfig,
     };
     let mut body = Map::new();
     let mut providers: Vec<(&str, (&str, &str))> = Vec::new();
@@ -664,9 +674,10 @@ fn service(
         body.insert("module".into(), Value::Object(modules));
     }
     // Facts earlier steps recorded (ids, client ids) for this service's later phases.
-    let recorded_step = format!("tf:service-infra:{}", s.name);
+    let recorded_step = StepId::of_service(Phase::TfServiceInfra, &s.name)
+        .expect("tf:service-infra is a per-service phase");
     if phase == TfPhase::ServiceConfig {
-        if let Some(values) = recorded.get(&recorded_step) {
+        if let Some(values) = recorded.get(recorded_step.as_str()) {
             let mut locals = Map::new();
             for (k, v) in values {
                 locals.insert(tf_name(k), escape_value(v));
@@ -688,11 +699,7 @@ fn service(
     if !outputs.is_empty() {
         body.insert("output".into(), Value::Object(outputs));
     }
-    Some(tf_file(
-        p,
-        format!("terraform/services/{}/{dir}/main.tf.json", s.name),
-        body,
-    ))
+    Some(tf_file(p, main_file(step_phase, Some(&s.name)), body))
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use nixmox_core::plan::{plan, Change, Phase, PlanInput, Selection};
 use nixmox_core::plan_out;
 use nixmox_core::record::{Record, StepRecord};
+use nixmox_core::step_id::StepId;
 use nixmox_core::{SourceFile, Sources};
 use proptest::prelude::*;
 
@@ -30,7 +31,7 @@ fn record_of(pl: &nixmox_core::plan::Plan) -> Record {
             .iter()
             .map(|s| {
                 (
-                    s.id.clone(),
+                    s.id.to_string(),
                     StepRecord {
                         hash: s.hash.clone(),
                         parts: s.parts.clone(),
@@ -88,7 +89,7 @@ fn example_phase_order() {
     assert!(!pl.steps[g]
         .after
         .iter()
-        .any(|&a| pl.steps[a].service.as_deref() == Some("vaultwarden")));
+        .any(|&a| pl.steps[a].service() == Some("vaultwarden")));
 }
 
 #[test]
@@ -351,7 +352,7 @@ proptest! {
             }
         }
         // Selection equals the transitive closure (or exactly the names with --no-deps).
-        let planned: BTreeSet<String> = pl.steps.iter().filter_map(|s| s.service.clone()).collect();
+        let planned: BTreeSet<String> = pl.steps.iter().filter_map(|s| s.service().map(str::to_string)).collect();
         let expected: BTreeSet<String> = if names.is_empty() {
             p.services.iter().map(|s| s.name.to_string()).collect()
         } else if no_deps {
@@ -362,10 +363,10 @@ proptest! {
         prop_assert_eq!(&planned, &expected);
         // Steps of services with no path between them share no edge.
         for s in &pl.steps {
-            let Some(svc) = &s.service else { continue };
-            let deps = closure(&p, std::slice::from_ref(svc));
+            let Some(svc) = s.service().map(str::to_string) else { continue };
+            let deps = closure(&p, std::slice::from_ref(&svc));
             for &a in &s.after {
-                if let Some(other) = &pl.steps[a].service {
+                if let Some(other) = pl.steps[a].service() {
                     prop_assert!(deps.contains(other), "{} waits for {} but {svc} does not depend on {other}", s.id, pl.steps[a].id);
                 }
             }
@@ -374,7 +375,7 @@ proptest! {
         let idx = |id: String| pl.index_of(&id);
         for s in p.services.iter().filter(|s| !s.is_core() && planned.contains(s.name.as_str())) {
             let chain: Vec<usize> = [Phase::TfServiceInfra, Phase::NixServiceConfig, Phase::TfServiceConfig, Phase::Verify]
-                .iter().map(|ph| idx(ph.step_id(Some(s.name.as_str()))).unwrap()).collect();
+                .iter().map(|ph| idx(StepId::of_service(*ph, &s.name).unwrap().to_string()).unwrap()).collect();
             for w in chain.windows(2) {
                 prop_assert!(pl.steps[w[1]].after.contains(&w[0]));
             }
@@ -382,7 +383,7 @@ proptest! {
             prop_assert!(pl.steps[chain[0]].after.contains(&auth_core) || !pl.steps[chain[0]].after.is_empty());
             prop_assert!(auth_core < chain[0]);
         }
-        for s in pl.steps.iter().filter(|s| s.phase == Phase::NixCore) {
+        for s in pl.steps.iter().filter(|s| s.phase() == Phase::NixCore) {
             prop_assert!(pl.index_of(&s.id) < pl.index_of("tf:auth-core"));
         }
     }

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use nixmox_core::deploy;
 use nixmox_core::model::{Deployer, InfraBackend};
+use nixmox_core::plan::Phase;
+use nixmox_core::step_id::StepId;
 use nixmox_core::Project;
 use serde_json::json;
 
@@ -24,21 +26,11 @@ use crate::root::ProjectRoot;
 use crate::state::Store;
 use crate::terraform::{self, StepOpts, Terraform, Workspace};
 
-/// Where a Terraform step's configuration is rendered, relative to the build directory.
+/// Where a Terraform step's configuration is rendered, relative to the build directory
+/// ([`StepId::terraform_config_dir`]); `None` for a step that is not Terraform's, or a string
+/// that is no step id.
 pub(crate) fn step_config_rel(step_id: &str) -> Option<String> {
-    match step_id {
-        "tf:infra" => Some("terraform/infra".into()),
-        "tf:auth-core" => Some("terraform/auth-core".into()),
-        _ => {
-            if let Some(s) = step_id.strip_prefix("tf:service-infra:") {
-                Some(format!("terraform/services/{s}/infra"))
-            } else {
-                step_id
-                    .strip_prefix("tf:service-config:")
-                    .map(|s| format!("terraform/services/{s}/config"))
-            }
-        }
-    }
+    step_id.parse::<StepId>().ok()?.terraform_config_dir()
 }
 
 /// Renders the project into `<scratch>/build` (never touching `.nixmox/build`), so the
@@ -67,7 +59,10 @@ pub(crate) fn recorded_workspace(
     let Some(files) = store.rendered_inputs(step_id).map_err(Error::State)? else {
         return Ok(None);
     };
-    let Some(rel) = step_config_rel(step_id) else {
+    let Ok(id) = step_id.parse::<StepId>() else {
+        return Ok(None);
+    };
+    let (Some(rel), Some(data)) = (id.terraform_config_dir(), id.terraform_data_dir()) else {
         return Ok(None);
     };
     let config_dir = build.join(rel);
@@ -91,7 +86,7 @@ pub(crate) fn recorded_workspace(
     }
     Ok(Some(Workspace {
         config_dir,
-        data_dir: paths.terraform.join(terraform::workspace_slug(step_id)),
+        data_dir: paths.terraform.join(data),
     }))
 }
 
@@ -103,7 +98,10 @@ pub(crate) fn terraform_for(
     step_id: &str,
 ) -> Result<Terraform, String> {
     let mut env: Vec<(OsString, OsString)> = vec![crate::pki::terraform_env(root, project)?];
-    if step_id == "tf:infra" {
+    if step_id
+        .parse::<StepId>()
+        .is_ok_and(|id| id.phase() == Phase::TfInfra)
+    {
         if let Some(token) = proxmox_token(project, root) {
             env.push(("PROXMOX_VE_API_TOKEN".into(), token.into()));
         }
@@ -164,46 +162,80 @@ pub fn run(root: &ProjectRoot, format: PlanFormat) -> Result<()> {
     let outputs = store.outputs().map_err(Error::State)?;
     let tmp = temp_dir(&paths, "drift")?;
     let build = scratch_build(root, project, &store, tmp.path())?;
-    let logs = paths.logs.join("drift");
+    let recorded: Vec<StepId> = record
+        .steps
+        .keys()
+        .filter_map(|id| id.parse::<StepId>().ok())
+        .collect();
+    let workspaces = workspace_drift(project, &paths, &store, &recorded, &build, &mut errors)?;
+    let (hosts, skipped) = host_drift(project, &paths, &recorded, &outputs, &mut errors);
+    finish(format, &containers, &workspaces, &hosts, &skipped, &errors)
+}
 
+/// Each recorded Terraform workspace's refresh-only plan, from the inputs of its last
+/// successful apply: the drift it reports, by step id. A workspace that cannot be read is an
+/// entry in `errors`.
+fn workspace_drift(
+    project: &Project,
+    paths: &Paths,
+    store: &Store,
+    recorded: &[StepId],
+    build: &Path,
+    errors: &mut Vec<String>,
+) -> Result<Vec<(String, Vec<terraform::DriftedResource>)>> {
+    let root = &paths.root;
+    let logs = paths.logs.join("drift");
     let mut workspaces = Vec::new();
-    for step_id in record.steps.keys().filter(|id| id.starts_with("tf:")) {
-        let ws = match recorded_workspace(&store, &paths, step_id, &build)? {
+    for step_id in recorded.iter().filter(|id| id.is_terraform()) {
+        let ws = match recorded_workspace(store, paths, step_id, build)? {
             Some(ws) => ws,
             // Never applied (no workspace was rendered for it): nothing to compare.
             None => continue,
         };
         let opts = StepOpts {
             timeout: Some(Duration::from_secs(600)),
-            log: logs.join(format!("{}.log", step_id.replace(':', "_"))),
+            log: logs.join(step_id.log_file_name()),
             redact: proxmox_token(project, root).into_iter().collect(),
             ..StepOpts::default()
         };
         let drift = terraform_for(project, root, step_id)
             .and_then(|tf| tf.drift(&ws, &opts).map_err(|e| e.to_string()));
         match drift {
-            Ok(drift) => workspaces.push((step_id.clone(), drift)),
+            Ok(drift) => workspaces.push((step_id.to_string(), drift)),
             Err(e) => errors.push(format!("{step_id}: {e}")),
         }
     }
+    Ok(workspaces)
+}
 
-    // Hosts: the running system against the generation of the last deploy.
+/// Hosts: the running system against the generation of the last deploy. Returns the hosts
+/// that drifted (hostname, why) and those not checked (why).
+fn host_drift(
+    project: &Project,
+    paths: &Paths,
+    recorded: &[StepId],
+    outputs: &nixmox_core::render::Outputs,
+    errors: &mut Vec<String>,
+) -> (Vec<(String, String)>, Vec<String>) {
     let mut hosts = Vec::new();
     let mut skipped = Vec::new();
     let builtin = !matches!(project.nix.deployer, Deployer::Command { .. });
+    let is_deploy = |id: &StepId, name: &str| {
+        matches!(
+            id.phase(),
+            Phase::NixCore | Phase::NixCoreAuth | Phase::NixServiceConfig
+        ) && id.service() == Some(name)
+    };
     for s in &project.services {
         let name = s.name.as_str();
         let generation = outputs.iter().find_map(|(step, outs)| {
-            (step.starts_with("nix:") && step_service(step) == Some(name))
+            step.parse::<StepId>()
+                .is_ok_and(|id| is_deploy(&id, name))
                 .then(|| outs.get("generation").and_then(|v| v.as_str()))
                 .flatten()
                 .map(str::to_string)
         });
-        let deployed = record
-            .steps
-            .keys()
-            .any(|id| id.starts_with("nix:") && step_service(id) == Some(name));
-        if !deployed {
+        if !recorded.iter().any(|id| is_deploy(id, name)) {
             continue;
         }
         if !builtin {
@@ -220,19 +252,9 @@ pub fn run(root: &ProjectRoot, format: PlanFormat) -> Result<()> {
             ));
             continue;
         };
-        match running_system(project, &paths, s.host.ip) {
+        match running_system(project, paths, s.host.ip) {
             Ok((profile, current, profile_target)) => {
-                let mut why = Vec::new();
-                if profile != generation {
-                    why.push(format!(
-                        "system profile is `{profile}`, NixMox deployed `{generation}`"
-                    ));
-                }
-                if current != profile_target {
-                    why.push(format!(
-                        "/run/current-system is `{current}`, not the profile's `{profile_target}`"
-                    ));
-                }
+                let why = system_drift(&generation, &profile, &current, &profile_target);
                 if !why.is_empty() {
                     hosts.push((s.host.hostname.to_string(), why.join("; ")));
                 }
@@ -240,7 +262,28 @@ pub fn run(root: &ProjectRoot, format: PlanFormat) -> Result<()> {
             Err(e) => errors.push(format!("{}: {e}", s.host.hostname)),
         }
     }
-    finish(format, &containers, &workspaces, &hosts, &skipped, &errors)
+    (hosts, skipped)
+}
+
+/// How a host's running system differs from the generation NixMox deployed.
+fn system_drift(
+    generation: &str,
+    profile: &str,
+    current: &str,
+    profile_target: &str,
+) -> Vec<String> {
+    let mut why = Vec::new();
+    if profile != generation {
+        why.push(format!(
+            "system profile is `{profile}`, NixMox deployed `{generation}`"
+        ));
+    }
+    if current != profile_target {
+        why.push(format!(
+            "/run/current-system is `{current}`, not the profile's `{profile_target}`"
+        ));
+    }
+    why
 }
 
 /// A container whose config differs from the manifest: `CT vmid (`hostname`)` and the keys.
@@ -431,14 +474,10 @@ fn finish(
 
 /// The service a step belongs to (`tf:service-infra:app` → `app`); `None` for project-wide
 /// steps like `tf:infra`.
+/// A string that is no step id belongs to no service.
 pub(crate) fn step_service(id: &str) -> Option<&str> {
-    const PREFIXES: [&str; 6] = [
-        "tf:service-infra:",
-        "tf:service-config:",
-        "nix:core:",
-        "nix:core-auth:",
-        "nix:service-config:",
-        "verify:",
-    ];
-    PREFIXES.iter().find_map(|p| id.strip_prefix(p))
+    let parsed = id.parse::<StepId>().ok()?;
+    let service = parsed.service()?;
+    // The service is the end of the id's text.
+    id.get(id.len() - service.len()..)
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use nixmox_core::decode::parse_duration_ms;
 use nixmox_core::model::InfraBackend;
 use nixmox_core::plan::Phase;
+use nixmox_core::step_id::StepId;
 use nixmox_core::Project;
 use serde_json::json;
 
@@ -100,7 +101,10 @@ pub fn last_deploys(store: &Store) -> Result<BTreeMap<String, LastDeploy>> {
     let mut out: BTreeMap<String, LastDeploy> = BTreeMap::new();
     for r in store.runs(RUNS_SEARCHED)? {
         for row in store.step_results(r.id)? {
-            let Some((phase, Some(service))) = Phase::parse_step_id(&row.step_id) else {
+            let Ok(id) = row.step_id.parse::<StepId>() else {
+                continue;
+            };
+            let (phase, Some(service)) = (id.phase(), id.service()) else {
                 continue;
             };
             if !matches!(

@@ -10,6 +10,8 @@ use anstyle::{AnsiColor, Style};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
+use crate::step_status::StepStatus;
+
 /// Version of the JSON-lines event format.
 pub const EVENTS_VERSION: u32 = 1;
 
@@ -50,7 +52,9 @@ pub enum Event {
     },
     StepFinished {
         step: String,
-        status: String,
+        /// `changed`, `unchanged` or `failed` in JSON.
+        #[serde(serialize_with = "crate::step_status::serialize_finished")]
+        status: StepStatus,
         changed: bool,
         duration_ms: u64,
         detail: String,
@@ -83,7 +87,9 @@ pub trait Reporter {
 #[derive(Clone, Debug, Serialize)]
 pub struct SummaryRow {
     pub step: String,
-    pub result: String,
+    /// The summary's word in JSON (`changed`, `skipped (no-op)`, `FAILED`, …).
+    #[serde(serialize_with = "crate::step_status::serialize_summary")]
+    pub result: StepStatus,
     pub duration_ms: Option<u64>,
 }
 
@@ -120,8 +126,10 @@ fn describe_raw(e: &Event) -> String {
             let secs = *duration_ms as f64 / 1000.0;
             match error {
                 Some(err) => format!("FAILED {step} after {secs:.1}s: {err}"),
-                None if detail.is_empty() => format!("done   {step} {status} in {secs:.1}s"),
-                None => format!("done   {step} {status} in {secs:.1}s: {detail}"),
+                None if detail.is_empty() => {
+                    format!("done   {step} {} in {secs:.1}s", status.finished())
+                }
+                None => format!("done   {step} {} in {secs:.1}s: {detail}", status.finished()),
             }
         }
         Event::RolledBack { step, detail } => format!("ROLLED BACK {step}: {detail}"),
@@ -143,7 +151,7 @@ fn table(rows: &[SummaryRow]) -> String {
         out.push_str(&format!(
             "{:<w$}  {:<18}  {d}\n",
             nixmox_core::diag::visible(&r.step),
-            nixmox_core::diag::visible(&r.result)
+            r.result.summary()
         ));
     }
     out
@@ -384,7 +392,7 @@ mod tests {
         assert_eq!(live.running.len(), 2);
         live.event(&Event::StepFinished {
             step: "tf:infra".into(),
-            status: "succeeded".into(),
+            status: StepStatus::Changed,
             changed: true,
             duration_ms: 1200,
             detail: String::new(),
@@ -401,9 +409,6 @@ mod tests {
             !shown.contains('\u{1b}'),
             "no colour asked, no escapes: {shown:?}"
         );
-        assert!(
-            shown.contains("done   tf:infra succeeded in 1.2s"),
-            "{shown}"
-        );
+        assert!(shown.contains("done   tf:infra changed in 1.2s"), "{shown}");
     }
 }

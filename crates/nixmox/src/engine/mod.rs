@@ -21,7 +21,7 @@ use nixmox_core::Project;
 use self::events::{Event, Reporter};
 use self::recorder::Recorder;
 use self::runner::StepExec;
-use self::scheduler::{Final, Skip, Task};
+use self::scheduler::{Final, Skip, StepStatus, Task};
 use crate::error::{Error, Result};
 use crate::project_fs;
 use crate::root::{Paths, ProjectRoot};
@@ -247,11 +247,10 @@ impl<'a> Run<'a> {
             .steps
             .iter()
             .map(|s| Task {
-                id: s.id.clone(),
                 after: s.after.clone(),
                 weight: s.weight,
                 skip: skip_of(s, self.opts),
-                group: s.service.clone(),
+                group: s.service().map(str::to_string),
             })
             .collect();
         let run = store.start_run(&self.opts.args).map_err(Error::State)?;
@@ -392,11 +391,11 @@ impl Tally {
     fn of(finals: &[Final], interrupted: bool, rolled_back: usize) -> Tally {
         let failed = finals
             .iter()
-            .filter(|f| matches!(f, Final::Failed { .. }))
+            .filter(|f| f.status == StepStatus::Failed)
             .count();
         let succeeded = finals
             .iter()
-            .filter(|f| matches!(f, Final::Succeeded { .. }))
+            .filter(|f| matches!(f.status, StepStatus::Changed | StepStatus::Unchanged))
             .count();
         let not_ok = failed > 0 || finals.iter().any(|f| !f.ok());
         let (result, word) = if interrupted {
@@ -444,7 +443,7 @@ fn rollback_settings(
     if opts.rollback || opts.rollback_core {
         for step in &plan.steps {
             if !matches!(
-                step.phase,
+                step.phase(),
                 plan::Phase::TfServiceInfra | plan::Phase::TfServiceConfig
             ) {
                 continue;

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 /// One node of the DAG.
 #[derive(Clone, Debug)]
 pub struct Task {
-    pub id: String,
     /// Indexes of prerequisites; all smaller than this task's own index.
     pub after: Vec<usize>,
     /// Expected duration (ms) for the longest-remaining-path priority.
@@ -28,23 +27,33 @@ pub struct Task {
     pub group: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Skip {
-    /// Its input hash equals the last successful run's.
-    Unchanged,
-    /// It has nothing to do.
-    Noop,
-}
+pub use crate::step_status::{Skip, StepStatus};
 
-/// What a run of one task produced.
+/// How a run of one task went, as the scheduler needs to know it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     Done { changed: bool, detail: String },
     Failed { error: String, transient: bool },
 }
 
+/// What a runner returns for one attempt: its outcome, and whatever else the caller records
+/// (the scheduler only reads the outcome and hands the rest back in [`Progress::Ended`]).
+pub trait Report: Send {
+    fn outcome(&self) -> &Outcome;
+}
+
+impl Report for Outcome {
+    fn outcome(&self) -> &Outcome {
+        self
+    }
+}
+
 pub trait Runner: Sync {
-    fn run(&self, index: usize, attempt: u32) -> Outcome;
+    type Report: Report;
+    /// Runs task `index`. `earlier` is the report of the attempt before this one, when this is
+    /// a retry after a transient failure (so what that attempt did, like a snapshot it took,
+    /// is not lost or done twice).
+    fn run(&self, index: usize, attempt: u32, earlier: Option<Self::Report>) -> Self::Report;
 }
 
 #[derive(Clone, Debug)]
@@ -57,34 +66,32 @@ pub struct Options {
     pub cancel: Arc<AtomicBool>,
 }
 
-/// How each task ended.
+/// How a task ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Final {
-    Succeeded {
-        changed: bool,
-        detail: String,
-        duration: Duration,
-    },
-    Skipped(Skip),
-    Failed {
-        error: String,
-        duration: Duration,
-    },
-    /// Not run because a prerequisite failed (the id of the first failed one).
-    DependencyFailed(String),
-    /// Not run because the run was cancelled (Ctrl-C or fail-fast).
-    Cancelled,
+pub struct Final {
+    pub status: StepStatus,
+    /// How long it ran, all attempts together; `None` when it did not run.
+    pub duration: Option<Duration>,
+    /// [`StepStatus::DependencyFailed`]: the index of the failed task it waited for.
+    pub failed_dependency: Option<usize>,
 }
 
 impl Final {
+    fn not_run(status: StepStatus) -> Final {
+        Final {
+            status,
+            duration: None,
+            failed_dependency: None,
+        }
+    }
     pub fn ok(&self) -> bool {
-        matches!(self, Final::Succeeded { .. } | Final::Skipped(_))
+        self.status.ok()
     }
 }
 
 /// What the scheduler reports, in order, on the calling thread.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Progress {
+#[derive(Debug)]
+pub enum Progress<R> {
     Started {
         index: usize,
         attempt: u32,
@@ -97,13 +104,15 @@ pub enum Progress {
     },
     Ended {
         index: usize,
-        outcome: Final,
+        ended: Final,
+        /// The runner's report of the last attempt; `None` for a task that did not run.
+        report: Option<R>,
     },
     /// Called about five times a second while steps run, for elapsed-time displays.
     Tick,
 }
 
-enum Msg {
+enum Msg<R> {
     Retrying {
         index: usize,
         attempt: u32,
@@ -116,7 +125,7 @@ enum Msg {
     },
     Done {
         index: usize,
-        outcome: Outcome,
+        report: R,
         duration: Duration,
     },
 }
@@ -150,15 +159,15 @@ fn jitter(max_ms: u64) -> u64 {
 }
 
 /// Runs the DAG. Returns how every task ended, by index.
-pub fn execute(
+pub fn execute<R: Runner>(
     tasks: &[Task],
-    runner: &dyn Runner,
+    runner: &R,
     opts: &Options,
-    report: &mut dyn FnMut(Progress),
+    report: &mut dyn FnMut(Progress<R::Report>),
 ) -> Vec<Final> {
     let mut board = Board::new(tasks);
     let stop = AtomicBool::new(false);
-    let (tx, rx) = mpsc::channel::<Msg>();
+    let (tx, rx) = mpsc::channel::<Msg<R::Report>>();
     let mut running = 0usize;
 
     std::thread::scope(|scope| {
@@ -173,12 +182,14 @@ pub fn execute(
                 if let Some(skip) = board.skips[i] {
                     // Skips cost nothing and start no process, even when halted.
                     board.ready.pop();
-                    board.settle(i, Final::Skipped(skip), tasks, report);
+                    let fin = Final::not_run(StepStatus::Skipped(skip));
+                    board.settle(i, fin, None, tasks, report);
                     continue;
                 }
                 if halted {
                     board.ready.pop();
-                    board.settle(i, Final::Cancelled, tasks, report);
+                    let fin = Final::not_run(StepStatus::Cancelled);
+                    board.settle(i, fin, None, tasks, report);
                     continue;
                 }
                 if running >= opts.parallel.max(1) {
@@ -187,42 +198,7 @@ pub fn execute(
                 board.ready.pop();
                 running += 1;
                 let tx = tx.clone();
-                let retries = opts.retries;
-                let backoff = opts.backoff;
-                scope.spawn(move || {
-                    let start = Instant::now();
-                    let mut attempt = 1;
-                    loop {
-                        let _ = tx.send(Msg::Started { index: i, attempt });
-                        let outcome = runner.run(i, attempt);
-                        match &outcome {
-                            Outcome::Failed {
-                                error,
-                                transient: true,
-                            } if attempt <= retries => {
-                                let base =
-                                    backoff.as_millis() as u64 * (1u64 << (attempt - 1).min(10));
-                                let delay = Duration::from_millis(base + jitter(base / 2 + 1));
-                                let _ = tx.send(Msg::Retrying {
-                                    index: i,
-                                    attempt,
-                                    delay,
-                                    error: error.clone(),
-                                });
-                                std::thread::sleep(delay);
-                                attempt += 1;
-                            }
-                            _ => {
-                                let _ = tx.send(Msg::Done {
-                                    index: i,
-                                    outcome,
-                                    duration: start.elapsed(),
-                                });
-                                return;
-                            }
-                        }
-                    }
-                });
+                scope.spawn(move || attempts(runner, i, opts, &tx));
             }
             if running == 0 {
                 // Anything never reached (its prerequisites were cancelled) is settled by now.
@@ -243,24 +219,26 @@ pub fn execute(
                 }),
                 Ok(Msg::Done {
                     index,
-                    outcome,
+                    report: done,
                     duration,
                 }) => {
                     running -= 1;
-                    let fin = match outcome {
-                        Outcome::Done { changed, detail } => Final::Succeeded {
-                            changed,
-                            detail,
-                            duration,
-                        },
-                        Outcome::Failed { error, .. } => {
+                    let status = match done.outcome() {
+                        Outcome::Done { changed: true, .. } => StepStatus::Changed,
+                        Outcome::Done { changed: false, .. } => StepStatus::Unchanged,
+                        Outcome::Failed { .. } => {
                             if opts.fail_fast {
                                 stop.store(true, Ordering::SeqCst);
                             }
-                            Final::Failed { error, duration }
+                            StepStatus::Failed
                         }
                     };
-                    board.settle(index, fin, tasks, report);
+                    let fin = Final {
+                        status,
+                        duration: Some(duration),
+                        failed_dependency: None,
+                    };
+                    board.settle(index, fin, Some(done), tasks, report);
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => report(Progress::Tick),
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -270,8 +248,46 @@ pub fn execute(
     board
         .finals
         .into_iter()
-        .map(|f| f.unwrap_or(Final::Cancelled))
+        .map(|f| f.unwrap_or(Final::not_run(StepStatus::Cancelled)))
         .collect()
+}
+
+/// One task on its own thread: attempts until one does not fail transiently or the retries
+/// run out, with exponential backoff and jitter between them.
+fn attempts<R: Runner>(runner: &R, i: usize, opts: &Options, tx: &mpsc::Sender<Msg<R::Report>>) {
+    let start = Instant::now();
+    let mut attempt = 1;
+    let mut earlier = None;
+    loop {
+        let _ = tx.send(Msg::Started { index: i, attempt });
+        let report = runner.run(i, attempt, earlier.take());
+        match report.outcome() {
+            Outcome::Failed {
+                error,
+                transient: true,
+            } if attempt <= opts.retries => {
+                let base = opts.backoff.as_millis() as u64 * (1u64 << (attempt - 1).min(10));
+                let delay = Duration::from_millis(base + jitter(base / 2 + 1));
+                let _ = tx.send(Msg::Retrying {
+                    index: i,
+                    attempt,
+                    delay,
+                    error: error.clone(),
+                });
+                std::thread::sleep(delay);
+                attempt += 1;
+                earlier = Some(report);
+            }
+            _ => {
+                let _ = tx.send(Msg::Done {
+                    index: i,
+                    report,
+                    duration: start.elapsed(),
+                });
+                return;
+            }
+        }
+    }
 }
 
 /// The scheduler's bookkeeping: how each task ended, what it still waits for, what is ready.
@@ -314,22 +330,24 @@ impl Board {
     }
 
     /// Settles a task and releases (or, after a failure, settles) its dependents.
-    fn settle(
+    fn settle<R>(
         &mut self,
         i: usize,
-        outcome: Final,
+        ended: Final,
+        runner_report: Option<R>,
         tasks: &[Task],
-        report: &mut dyn FnMut(Progress),
+        report: &mut dyn FnMut(Progress<R>),
     ) {
-        let failed = !outcome.ok();
-        let failed_id = match &outcome {
-            Final::DependencyFailed(dep) => dep.clone(),
-            _ => tasks[i].id.clone(),
-        };
-        let cancelled = matches!(outcome, Final::Cancelled);
-        let changed = matches!(outcome, Final::Succeeded { changed: true, .. });
-        self.finals[i] = Some(outcome.clone());
-        report(Progress::Ended { index: i, outcome });
+        let failed = !ended.ok();
+        let failed_index = ended.failed_dependency.unwrap_or(i);
+        let cancelled = ended.status == StepStatus::Cancelled;
+        let changed = ended.status == StepStatus::Changed;
+        self.finals[i] = Some(ended.clone());
+        report(Progress::Ended {
+            index: i,
+            ended,
+            report: runner_report,
+        });
         for k in 0..self.dependents[i].len() {
             let d = self.dependents[i][k];
             if self.finals[d].is_some() {
@@ -344,11 +362,14 @@ impl Board {
             }
             if failed {
                 let f = if cancelled {
-                    Final::Cancelled
+                    Final::not_run(StepStatus::Cancelled)
                 } else {
-                    Final::DependencyFailed(failed_id.clone())
+                    Final {
+                        failed_dependency: Some(failed_index),
+                        ..Final::not_run(StepStatus::DependencyFailed)
+                    }
                 };
-                self.settle(d, f, tasks, report);
+                self.settle(d, f, None, tasks, report);
             } else {
                 self.waiting[d] -= 1;
                 if self.waiting[d] == 0 {
@@ -375,7 +396,8 @@ mod tests {
     }
 
     impl Runner for Script {
-        fn run(&self, i: usize, attempt: u32) -> Outcome {
+        type Report = Outcome;
+        fn run(&self, i: usize, attempt: u32, _earlier: Option<Outcome>) -> Outcome {
             {
                 let mut f = self.in_flight.lock().unwrap();
                 f.0 += 1;
@@ -413,9 +435,8 @@ mod tests {
         }
     }
 
-    fn task(id: &str, after: &[usize]) -> Task {
+    fn task(_name: &str, after: &[usize]) -> Task {
         Task {
-            id: id.into(),
             after: after.to_vec(),
             weight: 1,
             skip: None,
@@ -447,8 +468,9 @@ mod tests {
         let r = script(vec![2], vec![], 20);
         let mut events = Vec::new();
         let finals = execute(&tasks, &r, &opts(2), &mut |p| events.push(p));
-        assert!(matches!(finals[2], Final::Failed { .. }));
-        assert_eq!(finals[3], Final::DependencyFailed("c".into()));
+        assert_eq!(finals[2].status, StepStatus::Failed);
+        assert_eq!(finals[3].status, StepStatus::DependencyFailed);
+        assert_eq!(finals[3].failed_dependency, Some(2));
         assert!(finals[5].ok(), "the independent branch finishes");
         let log = r.log.lock().unwrap();
         let pos = |i| log.iter().position(|(j, _)| *j == i).unwrap();
@@ -479,9 +501,10 @@ mod tests {
         let mut o = opts(1);
         o.fail_fast = true;
         let finals = execute(&tasks, &r, &o, &mut |_| {});
-        assert_eq!(finals[0], Final::Skipped(Skip::Unchanged));
-        assert_eq!(finals[1], Final::Skipped(Skip::Noop));
-        assert_eq!(finals[3], Final::DependencyFailed("c".into()));
+        assert_eq!(finals[0].status, StepStatus::Skipped(Skip::Unchanged));
+        assert_eq!(finals[1].status, StepStatus::Skipped(Skip::Noop));
+        assert_eq!(finals[3].status, StepStatus::DependencyFailed);
+        assert_eq!(finals[3].failed_dependency, Some(2));
         assert_eq!(
             r.log
                 .lock()
@@ -510,7 +533,13 @@ mod tests {
         o.cancel = cancel;
         let r = script(vec![], vec![], 1);
         let finals = execute(&tasks, &r, &o, &mut |_| {});
-        assert_eq!(finals, vec![Final::Cancelled, Final::Cancelled]);
+        assert_eq!(
+            finals,
+            vec![
+                Final::not_run(StepStatus::Cancelled),
+                Final::not_run(StepStatus::Cancelled)
+            ]
+        );
         assert!(r.log.lock().unwrap().is_empty());
     }
 
@@ -524,13 +553,14 @@ mod tests {
         tasks[2].skip = Some(Skip::Unchanged);
         let r = script(vec![], vec![], 1);
         let finals = execute(&tasks, &r, &opts(1), &mut |_| {});
-        assert!(
-            matches!(finals[1], Final::Succeeded { .. }),
+        assert_eq!(
+            finals[1].status,
+            StepStatus::Changed,
             "same service: runs again"
         );
         assert_eq!(
-            finals[2],
-            Final::Skipped(Skip::Unchanged),
+            finals[2].status,
+            StepStatus::Skipped(Skip::Unchanged),
             "other service: stays skipped"
         );
     }

@@ -7,12 +7,19 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
+use nixmox_core::plan::Phase;
+use nixmox_core::step_id::StepId;
 use nixmox_core::Project;
 
 use super::client::{Client, ClientOptions};
 use super::{connect, lifecycle, Settings};
 use crate::engine::scheduler::Outcome;
 use crate::exec::scrub;
+
+/// The step this module runs.
+fn step_id() -> StepId {
+    StepId::project_wide(Phase::TfInfra).expect("tf:infra is project-wide")
+}
 
 /// How `tf:infra` runs the lifecycle.
 #[derive(Clone, Debug)]
@@ -38,7 +45,7 @@ pub fn run_infra(
         Ok(s) => s,
         Err(e) => {
             return Outcome::Failed {
-                error: format!("tf:infra: {e}"),
+                error: format!("{}: {e}", step_id()),
                 transient: false,
             }
         }
@@ -53,7 +60,7 @@ pub fn run_infra(
         Ok(c) => c,
         Err(e) => {
             return Outcome::Failed {
-                error: format!("tf:infra: {}", scrub(&e.to_string(), &secrets)),
+                error: format!("{}: {}", step_id(), scrub(&e.to_string(), &secrets)),
                 transient: false,
             }
         }
@@ -81,7 +88,8 @@ pub fn run_with(
     secrets: &[String],
 ) -> Outcome {
     let mut lines = vec![format!(
-        "tf:infra: infra.backend proxmox-api at {}, {} container(s), up to {} at once",
+        "{}: infra.backend proxmox-api at {}, {} container(s), up to {} at once",
+        step_id(),
         client.endpoint(),
         project.services.len(),
         parallel.max(1)
@@ -125,7 +133,7 @@ pub fn run_with(
                 lines.push(format!("result: {}", r.summary()));
                 lines.push(format!("failed: backup jobs: {e}"));
                 let outcome = Outcome::Failed {
-                    error: format!("tf:infra: backup jobs (/cluster/backup): {e}"),
+                    error: format!("{}: backup jobs (/cluster/backup): {e}", step_id()),
                     transient: e.is_transient(),
                 };
                 lines.push(String::new());
@@ -187,7 +195,7 @@ pub fn run_with(
         Err(e) => {
             lines.push(format!("failed: {e}"));
             Outcome::Failed {
-                error: format!("tf:infra: {e}"),
+                error: format!("{}: {e}", step_id()),
                 transient: e.transient,
             }
         }

@@ -177,10 +177,10 @@ pub fn with_secrets_part(
 /// whose file changed, and re-derives the step's change against the record.
 pub fn augment_plan(root: &Path, project: &Project, plan: &mut Plan, record: Option<&Record>) {
     for step in &mut plan.steps {
-        if !is_deploy(step.phase) || step.change == Change::Delete {
+        if !is_deploy(step.phase()) || step.change == Change::Delete {
             continue;
         }
-        let Some(s) = step.service.as_deref().and_then(|s| project.service(s)) else {
+        let Some(s) = step.service().and_then(|s| project.service(s)) else {
             continue;
         };
         let Some(h) = file_hash(root, s.host.hostname.as_str()) else {
@@ -1087,7 +1087,7 @@ mod tests {
                 .iter()
                 .map(|s| {
                     (
-                        s.id.clone(),
+                        s.id.to_string(),
                         nixmox_core::record::StepRecord {
                             hash: s.hash.clone(),
                             parts: s.parts.clone(),
@@ -1120,7 +1120,7 @@ mod tests {
                 .iter()
                 .map(|s| {
                     (
-                        s.id.clone(),
+                        s.id.to_string(),
                         nixmox_core::record::StepRecord {
                             hash: s.hash.clone(),
                             parts: s.parts.clone(),

@@ -684,7 +684,7 @@ fn render_after_up_writes_the_tree_up_deployed() {
         step_id: infra.into(),
         input_hash: record.hash,
         parts: record.parts,
-        status: StepStatus::Succeeded,
+        status: StepStatus::Changed,
         duration_ms: 1,
         error: None,
         outputs: vec![output],
