@@ -32,17 +32,16 @@ use nixmox_core::model::Check;
 use nixmox_core::Project;
 use tempfile::TempDir;
 
-use common::{check, free_port, repo, tcp_open, tool, Nixmox, Server};
+use common::{
+    as_postgres, check, chown_tree, free_port, postgres_user, repo, tcp_open, tool, Nixmox, Server,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Tools and processes
 // ---------------------------------------------------------------------------------------------
 
 fn tmp() -> TempDir {
-    tempfile::Builder::new()
-        .prefix("nixmox-health-")
-        .tempdir()
-        .expect("a temporary directory")
+    common::scratch("health")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -583,52 +582,6 @@ fn start_unbound(
     });
     connect_to.insert(SocketAddrV4::new(net.dns(), 53), addr);
     server
-}
-
-/// The uid and gid of `postgres` when the tests run as root (PostgreSQL refuses root).
-fn postgres_user() -> Option<(u32, u32)> {
-    if whoami() != "root" {
-        return None;
-    }
-    let passwd = fs::read_to_string("/etc/passwd").unwrap();
-    let ids = passwd.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.first() == Some(&"postgres") && f.len() > 3)
-            .then(|| (f[2].parse().ok(), f[3].parse().ok()))
-    });
-    match ids {
-        Some((Some(uid), Some(gid))) => Some((uid, gid)),
-        _ => panic!(
-            "running as root, PostgreSQL needs the `postgres` user, which does not exist: \
-             run `scripts/install-tools postgres`"
-        ),
-    }
-}
-
-fn chown_tree(p: &Path, uid: u32, gid: u32) {
-    std::os::unix::fs::lchown(p, Some(uid), Some(gid)).unwrap();
-    if fs::symlink_metadata(p).unwrap().is_dir() {
-        for e in fs::read_dir(p).unwrap() {
-            chown_tree(&e.unwrap().path(), uid, gid);
-        }
-    }
-}
-
-fn as_postgres(user: Option<(u32, u32)>, program: &Path) -> Command {
-    match user {
-        Some(_) => {
-            let mut c = Command::new(tool("setpriv", "postgres"));
-            c.args([
-                "--reuid=postgres",
-                "--regid=postgres",
-                "--init-groups",
-                "--",
-            ])
-            .arg(program);
-            c
-        }
-        None => Command::new(program),
-    }
 }
 
 /// PostgreSQL on the database host's address, port 5432 (the db check runs psql on the app's

@@ -740,6 +740,29 @@ fn template_upload_and_list() {
     assert!(matches!(again, template::Uploaded::AlreadyThere(_)));
 }
 
+/// Switches the project at `cfg` (whose text is `text`) to the Terraform backend, run by the
+/// stand-in `FAKE_TERRAFORM` written under `scratch`; returns the stand-in's directory (where
+/// it logs its argv and looks for failure switches).
+fn use_terraform_standin(scratch: &Path, cfg: &Path, text: &str) -> PathBuf {
+    let bin = scratch.join("tf");
+    std::fs::create_dir_all(&bin).unwrap();
+    let terraform = bin.join("terraform");
+    std::fs::write(&terraform, FAKE_TERRAFORM).unwrap();
+    std::fs::set_permissions(
+        &terraform,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let text = text
+        .replace("backend: proxmox-api", "backend: terraform")
+        .replace(
+            "  binary: terraform\n",
+            &format!("  binary: {}\n", terraform.display()),
+        );
+    std::fs::write(cfg, text).unwrap();
+    bin
+}
+
 /// The example project in a new temporary directory, rewritten for the fake (see
 /// `example_dir`); the directory lives as long as the returned guard.
 fn homelab(fake: &Fake) -> (tempfile::TempDir, PathBuf) {
@@ -1539,22 +1562,7 @@ fn issue_15_terraform_backend_migrates_then_the_state_follows() {
     let first = placed(&mut fake);
 
     // From now on the Terraform backend, with the stand-in, and the state it would have.
-    let bin = tmp.path().join("tf");
-    std::fs::create_dir_all(&bin).unwrap();
-    let terraform = bin.join("terraform");
-    std::fs::write(&terraform, FAKE_TERRAFORM).unwrap();
-    std::fs::set_permissions(
-        &terraform,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let text = text
-        .replace("backend: proxmox-api", "backend: terraform")
-        .replace(
-            "  binary: terraform\n",
-            &format!("  binary: {}\n", terraform.display()),
-        );
-    std::fs::write(&cfg, text).unwrap();
+    let bin = use_terraform_standin(tmp.path(), &cfg, &text);
     let config = nixmox_in(&dir, &["config", "--format", "json"]);
     let doc: Value = serde_json::from_slice(&config.stdout).unwrap();
     let services = doc["services"].as_object().unwrap();
@@ -2396,22 +2404,7 @@ fn issue_14_terraform_backend_keeps_backup_jobs_through_the_api() {
         common::text(&out)
     );
 
-    let bin = tmp.path().join("tf");
-    std::fs::create_dir_all(&bin).unwrap();
-    let terraform = bin.join("terraform");
-    std::fs::write(&terraform, FAKE_TERRAFORM).unwrap();
-    std::fs::set_permissions(
-        &terraform,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let text = text
-        .replace("backend: proxmox-api", "backend: terraform")
-        .replace(
-            "  binary: terraform\n",
-            &format!("  binary: {}\n", terraform.display()),
-        );
-    std::fs::write(&cfg, text).unwrap();
+    use_terraform_standin(tmp.path(), &cfg, &text);
     let placed: std::collections::BTreeMap<u64, String> = fake
         .cts()
         .iter()

@@ -34,7 +34,10 @@ use std::time::Duration;
 use serde_json::Value;
 use tempfile::TempDir;
 
-use common::{check, copy_dir, free_port, repo, tcp_open, tool, Nixmox, Server};
+use common::{
+    as_postgres, check, chown_tree, copy_dir, free_port, postgres_user, repo, tcp_open, tool,
+    Nixmox, Server,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Shared helpers
@@ -45,10 +48,7 @@ fn example() -> PathBuf {
 }
 
 fn tmp() -> TempDir {
-    tempfile::Builder::new()
-        .prefix("nixmox-render-real-")
-        .tempdir()
-        .expect("a temporary directory")
+    common::scratch("render-real")
 }
 
 /// `nixmox -C PROJECT render --out OUT`.
@@ -812,43 +812,6 @@ fn server_log(p: &Path) -> String {
 // PostgreSQL
 // ---------------------------------------------------------------------------------------------
 
-/// The uid and gid of the `postgres` user, when the tests run as root (PostgreSQL refuses to
-/// run as root); `None` when they run unprivileged (then PostgreSQL runs as the current user).
-fn postgres_user() -> Option<(u32, u32)> {
-    let status = fs::read_to_string("/proc/self/status").unwrap();
-    let euid: u32 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|u| u.parse().ok())
-        .expect("effective uid in /proc/self/status");
-    if euid != 0 {
-        return None;
-    }
-    let passwd = fs::read_to_string("/etc/passwd").unwrap();
-    let ids = passwd.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.first() == Some(&"postgres") && f.len() > 3)
-            .then(|| (f[2].parse().ok(), f[3].parse().ok()))
-    });
-    match ids {
-        Some((Some(uid), Some(gid))) => Some((uid, gid)),
-        _ => panic!(
-            "running as root, PostgreSQL needs the `postgres` user, which does not exist: \
-             run `scripts/install-tools postgres`"
-        ),
-    }
-}
-
-fn chown_tree(p: &Path, uid: u32, gid: u32) {
-    std::os::unix::fs::lchown(p, Some(uid), Some(gid)).unwrap();
-    if fs::symlink_metadata(p).unwrap().is_dir() {
-        for e in fs::read_dir(p).unwrap() {
-            chown_tree(&e.unwrap().path(), uid, gid);
-        }
-    }
-}
-
 /// What the postgresql host's configuration says, evaluated.
 struct PgHost {
     script: String,
@@ -976,24 +939,6 @@ struct Pg {
 }
 
 impl Pg {
-    /// A command run as the server's OS user (`postgres` when the tests run as root).
-    fn cmd(user: Option<(u32, u32)>, program: &Path) -> Command {
-        match user {
-            Some(_) => {
-                let mut c = Command::new(tool("setpriv", "postgres"));
-                c.args([
-                    "--reuid=postgres",
-                    "--regid=postgres",
-                    "--init-groups",
-                    "--",
-                ])
-                .arg(program);
-                c
-            }
-            None => Command::new(program),
-        }
-    }
-
     fn start(root: &Path, addr: Ipv4Addr, host: &PgHost) -> Pg {
         let initdb = tool("initdb", "postgres");
         let postgres = tool("postgres", "postgres");
@@ -1007,7 +952,7 @@ impl Pg {
             chown_tree(root, uid, gid);
         }
         check(
-            Pg::cmd(user, &initdb)
+            as_postgres(user, &initdb)
                 .arg("-D")
                 .arg(&data)
                 .args([
@@ -1036,7 +981,7 @@ impl Pg {
         let log = root.join("postgres.log");
         let mut server = Server::spawn(
             "postgres",
-            Pg::cmd(user, &postgres)
+            as_postgres(user, &postgres)
                 .arg("-D")
                 .arg(&data)
                 .arg("-c")
@@ -1151,7 +1096,7 @@ impl Pg {
         self.server.assert_running();
         let psql = tool("psql", "postgres");
         let path = format!("{}:/usr/bin:/bin", psql.parent().unwrap().to_str().unwrap());
-        let out = Pg::cmd(self.user, Path::new("/bin/bash"))
+        let out = as_postgres(self.user, Path::new("/bin/bash"))
             .arg("-e")
             .arg(script)
             .env("PATH", path)
@@ -1179,7 +1124,7 @@ impl Pg {
 }
 
 fn pg_psql(user: Option<(u32, u32)>, root: &Path, port: u16) -> Command {
-    let mut c = Pg::cmd(user, &tool("psql", "postgres"));
+    let mut c = as_postgres(user, &tool("psql", "postgres"));
     c.args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
         .args(["-U", "postgres"])
         .env("PGHOST", root.join("sock"))

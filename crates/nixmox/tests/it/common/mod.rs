@@ -601,3 +601,69 @@ pub fn free_port(addr: Ipv4Addr) -> u16 {
 pub fn tcp_open(addr: SocketAddr) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
 }
+
+// ---- PostgreSQL run by the tests ----
+
+/// The uid and gid of the `postgres` user, when the tests run as root (PostgreSQL refuses to
+/// run as root); `None` when they run unprivileged (then PostgreSQL runs as the current user).
+pub fn postgres_user() -> Option<(u32, u32)> {
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    let euid: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|u| u.parse().ok())
+        .expect("effective uid in /proc/self/status");
+    if euid != 0 {
+        return None;
+    }
+    let passwd = fs::read_to_string("/etc/passwd").unwrap();
+    let ids = passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.first() == Some(&"postgres") && f.len() > 3)
+            .then(|| (f[2].parse().ok(), f[3].parse().ok()))
+    });
+    match ids {
+        Some((Some(uid), Some(gid))) => Some((uid, gid)),
+        _ => panic!(
+            "running as root, PostgreSQL needs the `postgres` user, which does not exist: \
+             run `scripts/install-tools postgres`"
+        ),
+    }
+}
+
+/// Gives a directory tree to `uid:gid` (links themselves, not their targets).
+pub fn chown_tree(p: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(p, Some(uid), Some(gid)).unwrap();
+    if fs::symlink_metadata(p).unwrap().is_dir() {
+        for e in fs::read_dir(p).unwrap() {
+            chown_tree(&e.unwrap().path(), uid, gid);
+        }
+    }
+}
+
+/// `program` run as PostgreSQL's OS user (`postgres` when the tests run as root).
+pub fn as_postgres(user: Option<(u32, u32)>, program: &Path) -> Command {
+    match user {
+        Some(_) => {
+            let mut c = Command::new(tool("setpriv", "postgres"));
+            c.args([
+                "--reuid=postgres",
+                "--regid=postgres",
+                "--init-groups",
+                "--",
+            ])
+            .arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// A temporary directory named for the tests that made it (`nixmox-<what>-...`).
+pub fn scratch(what: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("nixmox-{what}-"))
+        .tempdir()
+        .expect("a temporary directory")
+}
