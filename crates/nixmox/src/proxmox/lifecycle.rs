@@ -593,6 +593,9 @@ pub fn parallel_map<T: Sync, R: Send>(
         .collect()
 }
 
+/// A failure's message, and whether it was a connection problem (worth running again).
+type Failure = (String, bool);
+
 enum Job {
     Create,
     Existing { node: String, status: String },
@@ -775,8 +778,8 @@ fn jobs_for(
     wanted: &[Desired],
     guests: &[Guest],
     project: &Project,
-) -> (Vec<(Desired, Job)>, Vec<(String, bool)>) {
-    let mut failures: Vec<(String, bool)> = Vec::new();
+) -> (Vec<(Desired, Job)>, Vec<Failure>) {
+    let mut failures: Vec<Failure> = Vec::new();
     let mut jobs: Vec<(Desired, Job)> = Vec::new();
     for d in wanted {
         match guests.iter().find(|g| g.vmid == d.vmid) {
