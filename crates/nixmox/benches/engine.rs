@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use nixmox::engine::plan_with_state;
 use nixmox::engine::scheduler::{self, execute, Options, Outcome, Runner, Task};
 use nixmox::root::Paths;
-use nixmox::state::{RunResult, StepFinish, StepStatus, Store};
+use nixmox::state::{RowStatus, RunResult, StepFinish, StepStatus, Store};
 use nixmox_core::plan::{Change, Selection};
 use nixmox_core::render::{render, Outputs};
 
@@ -311,7 +311,7 @@ fn fabricate_state(bin: &Path, root: &Path) -> Result<(usize, usize), String> {
             .step_finished(
                 run,
                 &StepFinish {
-                    step_id: step.id.to_string(),
+                    step_id: step.id.clone(),
                     input_hash: step.hash.clone(),
                     parts: step.parts.clone(),
                     status: StepStatus::Changed,
@@ -361,7 +361,7 @@ fn last_run_ran_nothing(root: &Path) -> Result<(), String> {
         .step_results(last.id)
         .map_err(|e| e.to_string())?
         .into_iter()
-        .filter(|r| r.status != "unchanged")
+        .filter(|r| r.status != RowStatus::Ended(StepStatus::Unchanged))
         .map(|r| format!("{} ({})", r.step_id, r.status))
         .collect();
     if ran.is_empty() {

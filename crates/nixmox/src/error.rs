@@ -72,6 +72,10 @@ pub enum Error {
     /// cause has a variant above that keeps it.
     #[error("{0}")]
     RunFailed(String),
+    /// `nixmox drift` could not check some things (what it could check was printed): each
+    /// one on a line of its own.
+    #[error("{}", lines(.unchecked))]
+    DriftIncomplete { unchecked: Vec<Unchecked> },
     /// Ctrl-C: running steps were allowed to finish and everything was recorded.
     #[error("interrupted; running steps finished and the state is recorded")]
     Interrupted,
@@ -97,7 +101,8 @@ impl Error {
             | Error::PveDuring { .. }
             | Error::Snapshot(_)
             | Error::Exec { .. }
-            | Error::RunFailed(_) => EXIT_RUNTIME,
+            | Error::RunFailed(_)
+            | Error::DriftIncomplete { .. } => EXIT_RUNTIME,
             Error::Flake(
                 crate::flake::FlakeError::InvalidLock { .. }
                 | crate::flake::FlakeError::UnknownInput(..),
@@ -108,6 +113,23 @@ impl Error {
             Error::Changes => 2,
         }
     }
+}
+
+/// Something a command could not check, and why: `what` names it (a step id, a host, the
+/// containers), `error` is the message of what went wrong.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{what}: {error}")]
+pub struct Unchecked {
+    pub what: String,
+    pub error: String,
+}
+
+fn lines(unchecked: &[Unchecked]) -> String {
+    unchecked
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 impl Error {

@@ -587,10 +587,34 @@ fn walk(root: &Path, real: &Path, rel: &Path, seen: &mut Vec<PathBuf>) -> Option
     None
 }
 
+/// A file or directory [`write_file`] could not write, and why; worded as [`Error::Write`],
+/// which it becomes.
+#[derive(Debug, thiserror::Error)]
+#[error("failed to write `{}`: {source}", path.display())]
+pub struct WriteError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl From<WriteError> for Error {
+    fn from(e: WriteError) -> Error {
+        Error::Write {
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
+
 /// Writes a file atomically: a temporary file in the same directory, then a rename.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
+    Ok(write_file(path, contents)?)
+}
+
+/// [`write_atomic`] with its own error, for modules with their own error type (`secrets`).
+pub fn write_file(path: &Path, contents: &[u8]) -> std::result::Result<(), WriteError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(|source| Error::Write {
+    fs::create_dir_all(dir).map_err(|source| WriteError {
         path: dir.to_path_buf(),
         source,
     })?;
@@ -867,7 +891,7 @@ fn update(out: &Path, wanted: &[(PathBuf, Want)], present: &Present) -> Result<(
                 }
             }
         }
-        replace_file(&path, &bytes)
+        Ok(replace_file(&path, &bytes)?)
     });
     results.into_iter().collect::<Result<Vec<()>>>()?;
     let keep: std::collections::HashSet<&Path> = wanted.iter().map(|(p, _)| p.as_path()).collect();
@@ -890,7 +914,7 @@ fn update(out: &Path, wanted: &[(PathBuf, Want)], present: &Present) -> Result<(
 }
 
 /// Replaces one file atomically: a temporary file next to it, then a rename over it.
-fn replace_file(path: &Path, bytes: &[u8]) -> Result<()> {
+fn replace_file(path: &Path, bytes: &[u8]) -> std::result::Result<(), WriteError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
@@ -901,7 +925,7 @@ fn replace_file(path: &Path, bytes: &[u8]) -> Result<()> {
         .and_then(|()| fs::rename(&tmp, path))
         .map_err(|source| {
             let _ = fs::remove_file(&tmp);
-            Error::Write {
+            WriteError {
                 path: path.to_path_buf(),
                 source,
             }

@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nixmox_core::record::{Record, StepRecord};
+use nixmox_core::step_id::StepId;
 use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use sha2::{Digest, Sha256};
@@ -268,7 +269,7 @@ pub use crate::step_status::StepStatus;
 /// The end of one step, written by [`Store::step_finished`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StepFinish {
-    pub step_id: String,
+    pub step_id: StepId,
     pub input_hash: String,
     pub parts: BTreeMap<String, String>,
     pub status: StepStatus,
@@ -342,13 +343,42 @@ pub struct RunRow {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StepRow {
-    pub step_id: String,
-    /// `started`, `succeeded`, `unchanged`, `failed`, `skipped` or `cancelled`.
-    pub status: String,
+    pub step_id: StepId,
+    pub status: RowStatus,
     pub duration_ms: Option<u64>,
     pub error: Option<String>,
     pub started_at: String,
     pub log_path: Option<PathBuf>,
+}
+
+/// A step's status as `step_results` holds it: in flight (`started`), or how it ended, read
+/// back from its stored word ([`StepStatus::from_stored`]: a skipped step reads back as
+/// `Unchanged`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowStatus {
+    Started,
+    Ended(StepStatus),
+}
+
+impl RowStatus {
+    /// The status of a `step_results.status` word; `None` for a word the table's `CHECK`
+    /// does not allow.
+    fn from_stored(word: &str) -> Option<RowStatus> {
+        match word {
+            "started" => Some(RowStatus::Started),
+            other => StepStatus::from_stored(other).map(RowStatus::Ended),
+        }
+    }
+}
+
+impl fmt::Display for RowStatus {
+    /// The stored word.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RowStatus::Started => f.write_str("started"),
+            RowStatus::Ended(status) => f.write_str(status.stored()),
+        }
+    }
 }
 
 /// An open state store. One connection; `Send`, not `Sync`.
@@ -553,7 +583,7 @@ impl Store {
     pub fn step_started(
         &mut self,
         run: RunId,
-        step_id: &str,
+        step_id: &StepId,
         input_hash: &str,
         log_path: Option<&Path>,
     ) -> Result<(), StateError> {
@@ -565,7 +595,13 @@ impl Store {
                      input_hash = excluded.input_hash, status = 'started',
                      started_at = excluded.started_at, finished_at = NULL,
                      duration_ms = NULL, error = NULL, log_path = excluded.log_path",
-                params![run, step_id, input_hash, now(), log_path.map(path_to_sql)],
+                params![
+                    run,
+                    step_id.as_str(),
+                    input_hash,
+                    now(),
+                    log_path.map(path_to_sql)
+                ],
             )
             .map_err(sql(&self.path, "record the start of a step"))?;
         Ok(())
@@ -675,7 +711,7 @@ impl Store {
     /// run does not apply the same input again unless forced.
     pub fn hold_step(
         &mut self,
-        step_id: &str,
+        step_id: &StepId,
         run: RunId,
         input_hash: &str,
         reason: &str,
@@ -687,7 +723,7 @@ impl Store {
                  ON CONFLICT (step_id) DO UPDATE SET
                      run_id = excluded.run_id, input_hash = excluded.input_hash,
                      reason = excluded.reason, held_at = excluded.held_at",
-                params![step_id, run, input_hash, reason, now()],
+                params![step_id.as_str(), run, input_hash, reason, now()],
             )
             .map_err(sql(&self.path, "hold a rolled-back step"))?;
         Ok(())
@@ -925,7 +961,8 @@ impl Store {
         Ok(out)
     }
 
-    /// The steps of a run, in the order they started.
+    /// The steps of a run, in the order they started. A row whose id is no step id (written
+    /// by hand, or by a NixMox with other phases) names nothing NixMox runs and is left out.
     pub fn step_results(&self, run: RunId) -> Result<Vec<StepRow>, StateError> {
         let path = &self.path;
         let mut stmt = self
@@ -937,18 +974,41 @@ impl Store {
             .map_err(sql(path, "read the step results"))?;
         let rows = stmt
             .query_map([run], |r| {
-                Ok(StepRow {
-                    step_id: r.get(0)?,
-                    status: r.get(1)?,
-                    duration_ms: r.get::<_, Option<i64>>(2)?.map(to_u64),
-                    error: r.get(3)?,
-                    started_at: r.get(4)?,
-                    log_path: path_from_sql(r.get_ref(5)?),
-                })
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<i64>>(2)?.map(to_u64),
+                    r.get(3)?,
+                    r.get(4)?,
+                    path_from_sql(r.get_ref(5)?),
+                ))
             })
             .map_err(sql(path, "read the step results"))?;
-        rows.collect::<Result<_, _>>()
-            .map_err(sql(path, "read the step results"))
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, word, duration_ms, error, started_at, log_path) =
+                row.map_err(sql(path, "read the step results"))?;
+            let Ok(step_id) = id.parse::<StepId>() else {
+                continue;
+            };
+            // The table's `CHECK` allows no other word.
+            let status = RowStatus::from_stored(&word).ok_or_else(|| StateError::Corrupt {
+                path: path.clone(),
+                detail: format!(
+                    "step `{step_id}` of run {run} has the status `{}`",
+                    nixmox_core::diag::visible(&word)
+                ),
+            })?;
+            out.push(StepRow {
+                step_id,
+                status,
+                duration_ms,
+                error,
+                started_at,
+                log_path,
+            });
+        }
+        Ok(out)
     }
 
     /// The log of the latest run of the step that has one.
@@ -1045,7 +1105,7 @@ fn finish_result(
              error = excluded.error",
         params![
             run,
-            fin.step_id,
+            fin.step_id.as_str(),
             fin.input_hash,
             fin.status.stored(),
             at,
@@ -1073,16 +1133,19 @@ fn finish_hold_and_guard(
              ON CONFLICT (step_id) DO UPDATE SET
                  run_id = excluded.run_id, input_hash = excluded.input_hash,
                  reason = excluded.reason, held_at = excluded.held_at",
-            params![fin.step_id, run, fin.input_hash, reason, at],
+            params![fin.step_id.as_str(), run, fin.input_hash, reason, at],
         )
         .map_err(sql(path, "hold a rolled-back step"))?;
     }
     if fin.status.is_success() {
-        tx.execute("DELETE FROM held_steps WHERE step_id = ?1", [&fin.step_id])
-            .map_err(sql(path, "release a held step"))?;
+        tx.execute(
+            "DELETE FROM held_steps WHERE step_id = ?1",
+            [fin.step_id.as_str()],
+        )
+        .map_err(sql(path, "release a held step"))?;
         tx.execute(
             "DELETE FROM guard_refusals WHERE step_id = ?1",
-            [&fin.step_id],
+            [fin.step_id.as_str()],
         )
         .map_err(sql(path, "clear a destroy-guard refusal"))?;
     } else if let Some(changes) = &fin.refused {
@@ -1093,7 +1156,7 @@ fn finish_hold_and_guard(
              ON CONFLICT (step_id) DO UPDATE SET
                  run_id = excluded.run_id, changes = excluded.changes,
                  refused_at = excluded.refused_at",
-            params![fin.step_id, run, changes, at],
+            params![fin.step_id.as_str(), run, changes, at],
         )
         .map_err(sql(path, "record a destroy-guard refusal"))?;
     }
@@ -1121,7 +1184,7 @@ fn finish_record(
              has_rendered = CASE WHEN ?8 THEN excluded.has_rendered
                                  ELSE step_records.has_rendered END",
         params![
-            fin.step_id,
+            fin.step_id.as_str(),
             fin.input_hash,
             parts,
             duration,
@@ -1142,8 +1205,11 @@ fn finish_outputs(
     path: &Path,
     fin: &StepFinish,
 ) -> Result<(), StateError> {
-    tx.execute("DELETE FROM outputs WHERE step_id = ?1", [&fin.step_id])
-        .map_err(sql(path, "replace the outputs of a step"))?;
+    tx.execute(
+        "DELETE FROM outputs WHERE step_id = ?1",
+        [fin.step_id.as_str()],
+    )
+    .map_err(sql(path, "replace the outputs of a step"))?;
     let mut insert = tx
         .prepare(
             "INSERT INTO outputs (step_id, name, value, value_hash, sensitive)
@@ -1155,7 +1221,13 @@ fn finish_outputs(
         let hash = sha256_hex(json.as_bytes());
         let clear = if o.sensitive { None } else { Some(json) };
         insert
-            .execute(params![fin.step_id, o.name, clear, hash, o.sensitive])
+            .execute(params![
+                fin.step_id.as_str(),
+                o.name,
+                clear,
+                hash,
+                o.sensitive
+            ])
             .map_err(sql(path, "record the outputs of a step"))?;
     }
     Ok(())
@@ -1534,9 +1606,13 @@ mod tests {
         (dir, path)
     }
 
+    fn sid(step: &str) -> StepId {
+        step.parse().unwrap()
+    }
+
     fn finish(step: &str, hash: &str, status: StepStatus) -> StepFinish {
         StepFinish {
-            step_id: step.to_string(),
+            step_id: sid(step),
             input_hash: hash.to_string(),
             parts: BTreeMap::from([("host:web".to_string(), format!("p-{hash}"))]),
             status,
@@ -1764,7 +1840,7 @@ mod tests {
         let mut a = Store::open(&path).unwrap();
         a.acquire_lock("nixmox up").unwrap();
         let run = a.start_run(&["up".to_string()]).unwrap();
-        a.step_started(run, "tf:infra", "h1", None).unwrap();
+        a.step_started(run, &sid("tf:infra"), "h1", None).unwrap();
         let dead = dead_pid();
         // The holder becomes a process that has exited; keep its run `running`.
         a.conn.execute("UPDATE lock SET pid = ?1", [dead]).unwrap();
@@ -1783,7 +1859,7 @@ mod tests {
         let runs = b.runs(10).unwrap();
         assert_eq!(runs[0].result, "interrupted");
         let steps = b.step_results(run).unwrap();
-        assert_eq!(steps[0].status, "cancelled");
+        assert_eq!(steps[0].status, RowStatus::Ended(StepStatus::Cancelled));
     }
 
     #[test]
@@ -1825,19 +1901,25 @@ mod tests {
             .unwrap();
         assert_eq!(held, Some(r1));
         let log = PathBuf::from(".nixmox/logs/1/tf:infra.log");
-        s.step_started(r1, "tf:infra", "h1", Some(&log)).unwrap();
+        s.step_started(r1, &sid("tf:infra"), "h1", Some(&log))
+            .unwrap();
         s.step_finished(r1, &finish("tf:infra", "h1", StepStatus::Changed))
             .unwrap();
-        s.step_started(r1, "nix:web", "h2", None).unwrap();
-        s.step_finished(r1, &finish("nix:web", "h2", StepStatus::Failed))
+        s.step_started(r1, &sid("nix:core:web"), "h2", None)
+            .unwrap();
+        s.step_finished(r1, &finish("nix:core:web", "h2", StepStatus::Failed))
             .unwrap();
         // Never started.
-        s.step_finished(r1, &finish("nix:db", "h3", StepStatus::DependencyFailed))
-            .unwrap();
+        s.step_finished(
+            r1,
+            &finish("nix:core:db", "h3", StepStatus::DependencyFailed),
+        )
+        .unwrap();
         s.finish_run(r1, RunResult::Failed, "1 failed").unwrap();
         let r2 = s.start_run(&["up".to_string()]).unwrap();
         let log2 = PathBuf::from(".nixmox/logs/2/tf:infra.log");
-        s.step_started(r2, "tf:infra", "h1", Some(&log2)).unwrap();
+        s.step_started(r2, &sid("tf:infra"), "h1", Some(&log2))
+            .unwrap();
 
         let runs = s.runs(10).unwrap();
         assert_eq!(runs.iter().map(|r| r.id).collect::<Vec<_>>(), [r2, r1]);
@@ -1854,33 +1936,73 @@ mod tests {
         let steps = s.step_results(r1).unwrap();
         let summary: Vec<_> = steps
             .iter()
-            .map(|r| (r.step_id.as_str(), r.status.as_str(), r.duration_ms))
+            .map(|r| (r.step_id.as_str(), r.status, r.duration_ms))
             .collect();
         assert_eq!(
             summary,
             [
-                ("tf:infra", "succeeded", Some(1234)),
-                ("nix:web", "failed", Some(1234)),
-                ("nix:db", "skipped", Some(1234)),
+                (
+                    "tf:infra",
+                    RowStatus::Ended(StepStatus::Changed),
+                    Some(1234)
+                ),
+                (
+                    "nix:core:web",
+                    RowStatus::Ended(StepStatus::Failed),
+                    Some(1234)
+                ),
+                (
+                    "nix:core:db",
+                    RowStatus::Ended(StepStatus::DependencyFailed),
+                    Some(1234)
+                ),
             ]
         );
+        // The words in the table are the ones NixMox always wrote.
+        let words: Vec<String> = steps.iter().map(|r| r.status.to_string()).collect();
+        assert_eq!(words, ["succeeded", "failed", "skipped"]);
         assert_eq!(steps[0].log_path.as_deref(), Some(log.as_path()));
         assert_eq!(steps[1].error.as_deref(), Some("boom"));
-        assert_eq!(s.step_results(r2).unwrap()[0].status, "started");
+        assert_eq!(s.step_results(r2).unwrap()[0].status, RowStatus::Started);
         assert_eq!(s.step_results(r2).unwrap()[0].duration_ms, None);
 
         assert_eq!(s.last_log("tf:infra").unwrap(), Some((r2, log2)));
-        assert_eq!(s.last_log("nix:web").unwrap(), None);
+        assert_eq!(s.last_log("nix:core:web").unwrap(), None);
 
         // Finishing the run cancels what is still started.
         s.finish_run(r2, RunResult::Interrupted, "ctrl-c").unwrap();
-        assert_eq!(s.step_results(r2).unwrap()[0].status, "cancelled");
+        assert_eq!(
+            s.step_results(r2).unwrap()[0].status,
+            RowStatus::Ended(StepStatus::Cancelled)
+        );
         assert!(matches!(
             s.finish_run(999, RunResult::Success, ""),
             Err(StateError::NoSuchRun { run: 999, .. })
         ));
         // A step of a run that does not exist violates the foreign key.
-        assert!(s.step_started(999, "x", "h", None).is_err());
+        assert!(s.step_started(999, &sid("tf:infra"), "h", None).is_err());
+    }
+
+    /// A row whose id is no step id (written by hand, or by a NixMox with other phases) is left
+    /// out of a run's steps, as `ps` always passed over it; the others are read.
+    #[test]
+    fn step_results_leave_out_ids_that_are_no_step_id() {
+        let (_dir, path) = fresh();
+        let mut s = Store::open(&path).unwrap();
+        let run = s.start_run(&[]).unwrap();
+        s.step_finished(run, &finish("nix:core:web", "h1", StepStatus::Changed))
+            .unwrap();
+        s.conn
+            .execute(
+                "INSERT INTO step_results (run_id, step_id, input_hash, status, started_at)
+                 VALUES (?1, 'deploy:web', 'h', 'failed', '2000-01-01T00:00:00Z')",
+                [run],
+            )
+            .unwrap();
+        let steps = s.step_results(run).unwrap();
+        assert_eq!(steps.len(), 1, "{steps:?}");
+        assert_eq!(steps[0].step_id, "nix:core:web");
+        assert_eq!(steps[0].status, RowStatus::Ended(StepStatus::Changed));
     }
 
     #[cfg(unix)]
@@ -1891,8 +2013,9 @@ mod tests {
         let mut s = Store::open(&path).unwrap();
         let run = s.start_run(&[]).unwrap();
         let log = PathBuf::from(std::ffi::OsStr::from_bytes(b"logs/\xff.log"));
-        s.step_started(run, "a", "h", Some(&log)).unwrap();
-        assert_eq!(s.last_log("a").unwrap(), Some((run, log)));
+        s.step_started(run, &sid("nix:core:a"), "h", Some(&log))
+            .unwrap();
+        assert_eq!(s.last_log("nix:core:a").unwrap(), Some((run, log)));
     }
 
     #[test]
@@ -1904,10 +2027,10 @@ mod tests {
         let mut a = finish("tf:infra", "h1", StepStatus::Changed);
         a.parts.insert("module:x".to_string(), "m1".to_string());
         s.step_finished(run, &a).unwrap();
-        let mut b = finish("nix:web", "h2", StepStatus::Unchanged);
+        let mut b = finish("nix:core:web", "h2", StepStatus::Unchanged);
         b.duration_ms = 7;
         s.step_finished(run, &b).unwrap();
-        s.step_finished(run, &finish("nix:db", "h3", StepStatus::Failed))
+        s.step_finished(run, &finish("nix:core:db", "h3", StepStatus::Failed))
             .unwrap();
         let want = Record {
             steps: BTreeMap::from([
@@ -1920,7 +2043,7 @@ mod tests {
                     },
                 ),
                 (
-                    "nix:web".to_string(),
+                    "nix:core:web".to_string(),
                     StepRecord {
                         hash: "h2".to_string(),
                         parts: b.parts.clone(),
@@ -1943,8 +2066,12 @@ mod tests {
         assert_eq!(s.record().unwrap().get("tf:infra").unwrap().hash, "h9");
         drop(s);
         assert_eq!(
-            Store::open(&path).unwrap().record().unwrap().get("nix:web"),
-            want.get("nix:web")
+            Store::open(&path)
+                .unwrap()
+                .record()
+                .unwrap()
+                .get("nix:core:web"),
+            want.get("nix:core:web")
         );
     }
 
@@ -2046,35 +2173,53 @@ mod tests {
         let (_dir, path) = fresh();
         let mut s = Store::open(&path).unwrap();
         let run = s.start_run(&[]).unwrap();
-        assert_eq!(s.rendered_inputs("tf:web").unwrap(), None);
+        assert_eq!(s.rendered_inputs("tf:service-infra:web").unwrap(), None);
 
-        let mut first = finish("tf:web", "h1", StepStatus::Changed);
+        let mut first = finish("tf:service-infra:web", "h1", StepStatus::Changed);
         first.rendered = Some(files(&[("main.tf", "one"), ("vars.tf.json", "{}")]));
         s.step_finished(run, &first).unwrap();
-        assert_eq!(s.rendered_inputs("tf:web").unwrap(), first.rendered);
+        assert_eq!(
+            s.rendered_inputs("tf:service-infra:web").unwrap(),
+            first.rendered
+        );
 
         // Failure: untouched.
-        let mut failed = finish("tf:web", "h2", StepStatus::Failed);
+        let mut failed = finish("tf:service-infra:web", "h2", StepStatus::Failed);
         failed.rendered = Some(files(&[("main.tf", "broken")]));
         s.step_finished(run, &failed).unwrap();
-        assert_eq!(s.rendered_inputs("tf:web").unwrap(), first.rendered);
+        assert_eq!(
+            s.rendered_inputs("tf:service-infra:web").unwrap(),
+            first.rendered
+        );
 
         // Success without rendered files: kept.
-        s.step_finished(run, &finish("tf:web", "h1", StepStatus::Unchanged))
-            .unwrap();
-        assert_eq!(s.rendered_inputs("tf:web").unwrap(), first.rendered);
+        s.step_finished(
+            run,
+            &finish("tf:service-infra:web", "h1", StepStatus::Unchanged),
+        )
+        .unwrap();
+        assert_eq!(
+            s.rendered_inputs("tf:service-infra:web").unwrap(),
+            first.rendered
+        );
 
         // Success: replaced entirely (vars.tf.json goes away).
-        let mut second = finish("tf:web", "h3", StepStatus::Changed);
+        let mut second = finish("tf:service-infra:web", "h3", StepStatus::Changed);
         second.rendered = Some(files(&[("main.tf", "two")]));
         s.step_finished(run, &second).unwrap();
-        assert_eq!(s.rendered_inputs("tf:web").unwrap(), second.rendered);
+        assert_eq!(
+            s.rendered_inputs("tf:service-infra:web").unwrap(),
+            second.rendered
+        );
 
         // An empty set is recorded as such.
-        let mut empty = finish("tf:web", "h4", StepStatus::Changed);
+        let mut empty = finish("tf:service-infra:web", "h4", StepStatus::Changed);
         empty.rendered = Some(BTreeMap::new());
         s.step_finished(run, &empty).unwrap();
-        assert_eq!(s.rendered_inputs("tf:web").unwrap(), Some(BTreeMap::new()));
+        assert_eq!(
+            s.rendered_inputs("tf:service-infra:web").unwrap(),
+            Some(BTreeMap::new())
+        );
     }
 
     /// Issue 14: a rolled-back step is held until it next succeeds; snapshots are listed
@@ -2148,7 +2293,7 @@ mod tests {
         let (_dir, path) = fresh();
         let mut s = Store::open(&path).unwrap();
         let run = s.start_run(&[]).unwrap();
-        for step in ["tf:web", "tf:db"] {
+        for step in ["tf:service-infra:web", "tf:service-infra:db"] {
             let mut fin = finish(step, "h", StepStatus::Changed);
             fin.outputs = vec![OutputValue {
                 name: "ip".to_string(),
@@ -2158,14 +2303,14 @@ mod tests {
             fin.rendered = Some(files(&[("main.tf", "x")]));
             s.step_finished(run, &fin).unwrap();
         }
-        s.forget_step("tf:web").unwrap();
+        s.forget_step("tf:service-infra:web").unwrap();
         s.forget_step("never:recorded").unwrap();
-        assert_eq!(s.record().unwrap().get("tf:web"), None);
-        assert!(s.record().unwrap().get("tf:db").is_some());
-        assert!(!s.outputs().unwrap().contains_key("tf:web"));
-        assert!(s.output_hashes("tf:web").unwrap().is_empty());
-        assert_eq!(s.rendered_inputs("tf:web").unwrap(), None);
-        assert!(s.rendered_inputs("tf:db").unwrap().is_some());
+        assert_eq!(s.record().unwrap().get("tf:service-infra:web"), None);
+        assert!(s.record().unwrap().get("tf:service-infra:db").is_some());
+        assert!(!s.outputs().unwrap().contains_key("tf:service-infra:web"));
+        assert!(s.output_hashes("tf:service-infra:web").unwrap().is_empty());
+        assert_eq!(s.rendered_inputs("tf:service-infra:web").unwrap(), None);
+        assert!(s.rendered_inputs("tf:service-infra:db").unwrap().is_some());
         // The history stays.
         assert_eq!(s.step_results(run).unwrap().len(), 2);
     }
@@ -2176,10 +2321,11 @@ mod tests {
         let mut s = Store::open(&path).unwrap();
         let dead = dead_pid();
         let gone = s.start_run(&["up".to_string()]).unwrap();
-        s.step_started(gone, "tf:infra", "h1", None).unwrap();
+        s.step_started(gone, &sid("tf:infra"), "h1", None).unwrap();
         s.step_finished(gone, &finish("tf:infra", "h1", StepStatus::Changed))
             .unwrap();
-        s.step_started(gone, "nix:web", "h2", None).unwrap();
+        s.step_started(gone, &sid("nix:core:web"), "h2", None)
+            .unwrap();
         s.conn
             .execute(
                 "UPDATE runs SET pid = ?1 WHERE id = ?2",
@@ -2188,7 +2334,8 @@ mod tests {
             .unwrap();
         // This process's own run is alive.
         let alive = s.start_run(&["up".to_string()]).unwrap();
-        s.step_started(alive, "nix:db", "h3", None).unwrap();
+        s.step_started(alive, &sid("nix:core:db"), "h3", None)
+            .unwrap();
         // A run on another host: alive while the lock names it, dead once it does not.
         let foreign = s.start_run(&[]).unwrap();
         let foreign_locked = s.start_run(&[]).unwrap();
@@ -2221,10 +2368,10 @@ mod tests {
         assert_eq!(result(alive).result, "running");
         assert_eq!(result(foreign_locked).result, "running");
         let steps = s.step_results(gone).unwrap();
-        assert_eq!(steps[0].status, "succeeded");
-        assert_eq!(steps[1].status, "cancelled");
+        assert_eq!(steps[0].status, RowStatus::Ended(StepStatus::Changed));
+        assert_eq!(steps[1].status, RowStatus::Ended(StepStatus::Cancelled));
         assert!(steps[1].error.as_deref().unwrap().contains("interrupted"));
-        assert_eq!(s.step_results(alive).unwrap()[0].status, "started");
+        assert_eq!(s.step_results(alive).unwrap()[0].status, RowStatus::Started);
         // The record of the step that succeeded before the crash stays.
         assert_eq!(s.record().unwrap().get("tf:infra").unwrap().hash, "h1");
     }
@@ -2255,10 +2402,15 @@ mod tests {
     }
 
     fn writer_step(s: &mut Store, run: RunId, k: u64, i: u64) {
-        let step = format!("step{k}");
+        let step = format!("nix:core:s{k}");
         let hash = format!("{run}-{i}");
-        s.step_started(run, &step, &hash, Some(Path::new(&format!("logs/{i}"))))
-            .unwrap();
+        s.step_started(
+            run,
+            &sid(&step),
+            &hash,
+            Some(Path::new(&format!("logs/{i}"))),
+        )
+        .unwrap();
         let status = if i % 5 == 3 {
             StepStatus::Failed
         } else {

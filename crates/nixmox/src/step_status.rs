@@ -64,6 +64,21 @@ impl StepStatus {
         }
     }
 
+    /// The status a word of `step_results.status` stands for, `None` for another word
+    /// (`started`, of a step in flight). The store keeps one word for two statuses: a step
+    /// skipped as unchanged or no-op reads back as `Unchanged`, so `stored` of what this
+    /// returns is always `word`.
+    pub fn from_stored(word: &str) -> Option<StepStatus> {
+        match word {
+            "succeeded" => Some(StepStatus::Changed),
+            "unchanged" => Some(StepStatus::Unchanged),
+            "failed" => Some(StepStatus::Failed),
+            "skipped" => Some(StepStatus::DependencyFailed),
+            "cancelled" => Some(StepStatus::Cancelled),
+            _ => None,
+        }
+    }
+
     /// The word of a `step_finished` event (only steps that ran have one).
     pub fn finished(self) -> &'static str {
         match self {
@@ -147,6 +162,12 @@ mod tests {
         ];
         for (status, stored, finished, summary) in all {
             assert_eq!(status.stored(), stored);
+            let read = StepStatus::from_stored(stored).unwrap();
+            assert_eq!(read.stored(), stored);
+            assert_eq!(
+                read.ran(),
+                status.ran() || matches!(status, StepStatus::Skipped(_))
+            );
             assert_eq!(status.to_string(), stored);
             assert_eq!(status.finished(), finished);
             assert_eq!(status.summary(), summary);
@@ -158,5 +179,6 @@ mod tests {
                 )
             );
         }
+        assert_eq!(StepStatus::from_stored("started"), None);
     }
 }

@@ -1716,6 +1716,14 @@ mod tests {
         assert_eq!(commands(&fx.log("4b"))[0], "terraform init");
         fx.render(&[("main.tf.json", config("two"))]);
 
+        drift_logs_and_destroy(&tf, &fx);
+        // And applying again recreates.
+        assert!(tf.apply_step(&fx.ws, &fx.opts("5")).unwrap().changed);
+    }
+
+    /// The end of `terraform_apply_step_lifecycle`, after its applies: no drift, no secret in
+    /// any log, and a destroy that empties the state.
+    fn drift_logs_and_destroy(tf: &Terraform, fx: &Fixture) {
         // Nothing drifted right after an apply (the refresh-only exit code would say otherwise).
         let drift = tf.drift(&fx.ws, &fx.opts("drift")).unwrap();
         assert_eq!(drift, vec![]);
@@ -1748,8 +1756,6 @@ mod tests {
             log.contains("Destroy complete! Resources: 2 destroyed."),
             "{log}"
         );
-        // And applying again recreates.
-        assert!(tf.apply_step(&fx.ws, &fx.opts("5")).unwrap().changed);
     }
 
     #[test]

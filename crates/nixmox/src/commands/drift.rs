@@ -18,7 +18,7 @@ use serde_json::json;
 use super::load_project;
 use crate::cli::PlanFormat;
 use crate::engine::runner::proxmox_token;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Unchecked};
 use crate::exec::{self, Cmd, RunOpts};
 use crate::output;
 use crate::root::Paths;
@@ -146,7 +146,10 @@ pub fn run(root: &ProjectRoot, format: PlanFormat) -> Result<()> {
     let containers = match container_drift(project, root) {
         Some(Ok(c)) => c,
         Some(Err(e)) => {
-            errors.push(format!("containers (Proxmox API): {e}"));
+            errors.push(Unchecked {
+                what: "containers (Proxmox API)".into(),
+                error: e,
+            });
             Vec::new()
         }
         None => Vec::new(),
@@ -181,8 +184,8 @@ fn workspace_drift(
     store: &Store,
     recorded: &[StepId],
     build: &Path,
-    errors: &mut Vec<String>,
-) -> Result<Vec<(String, Vec<terraform::DriftedResource>)>> {
+    errors: &mut Vec<Unchecked>,
+) -> Result<Vec<(StepId, Vec<terraform::DriftedResource>)>> {
     let root = &paths.root;
     let logs = paths.logs.join("drift");
     let mut workspaces = Vec::new();
@@ -201,8 +204,11 @@ fn workspace_drift(
         let drift = terraform_for(project, root, step_id)
             .and_then(|tf| tf.drift(&ws, &opts).map_err(|e| e.to_string()));
         match drift {
-            Ok(drift) => workspaces.push((step_id.to_string(), drift)),
-            Err(e) => errors.push(format!("{step_id}: {e}")),
+            Ok(drift) => workspaces.push((step_id.clone(), drift)),
+            Err(error) => errors.push(Unchecked {
+                what: step_id.to_string(),
+                error,
+            }),
         }
     }
     Ok(workspaces)
@@ -215,7 +221,7 @@ fn host_drift(
     paths: &Paths,
     recorded: &[StepId],
     outputs: &nixmox_core::render::Outputs,
-    errors: &mut Vec<String>,
+    errors: &mut Vec<Unchecked>,
 ) -> (Vec<(String, String)>, Vec<String>) {
     let mut hosts = Vec::new();
     let mut skipped = Vec::new();
@@ -259,7 +265,10 @@ fn host_drift(
                     hosts.push((s.host.hostname.to_string(), why.join("; ")));
                 }
             }
-            Err(e) => errors.push(format!("{}: {e}", s.host.hostname)),
+            Err(error) => errors.push(Unchecked {
+                what: s.host.hostname.to_string(),
+                error,
+            }),
         }
     }
     (hosts, skipped)
@@ -381,7 +390,7 @@ fn running_system(
     Ok((profile.trim().to_string(), current, target))
 }
 
-type Drifts = [(String, Vec<terraform::DriftedResource>)];
+type Drifts = [(StepId, Vec<terraform::DriftedResource>)];
 
 fn finish(
     format: PlanFormat,
@@ -389,7 +398,7 @@ fn finish(
     workspaces: &Drifts,
     hosts: &[(String, String)],
     skipped: &[String],
-    errors: &[String],
+    errors: &[Unchecked],
 ) -> Result<()> {
     let drifted = workspaces.iter().any(|(_, d)| !d.is_empty())
         || !hosts.is_empty()
@@ -422,7 +431,7 @@ fn finish(
                 "workspaces": ws,
                 "hosts": hs,
                 "skipped": skipped,
-                "errors": errors,
+                "errors": errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
             });
             output::data(&format!(
                 "{}\n",
@@ -464,7 +473,9 @@ fn finish(
         }
     }
     if !errors.is_empty() {
-        return Err(Error::RunFailed(errors.join("\n")));
+        return Err(Error::DriftIncomplete {
+            unchecked: errors.to_vec(),
+        });
     }
     if drifted {
         return Err(Error::Changes);

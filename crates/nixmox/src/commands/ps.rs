@@ -21,7 +21,8 @@ use crate::health::Context;
 use crate::output;
 use crate::root::Paths;
 use crate::root::ProjectRoot;
-use crate::state::{RunId, Store};
+use crate::state::{RowStatus, RunId, Store};
+use crate::step_status::StepStatus;
 
 /// How many past runs are searched for each service's last deploy.
 const RUNS_SEARCHED: usize = 500;
@@ -31,7 +32,7 @@ const RUNS_SEARCHED: usize = 500;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LastDeploy {
     pub run: RunId,
-    pub step: String,
+    pub step: StepId,
     pub started_at: String,
     /// `succeeded`, `failed` or `rolled back`.
     pub result: String,
@@ -101,16 +102,15 @@ pub fn last_deploys(store: &Store) -> Result<BTreeMap<String, LastDeploy>> {
     let mut out: BTreeMap<String, LastDeploy> = BTreeMap::new();
     for r in store.runs(RUNS_SEARCHED)? {
         for row in store.step_results(r.id)? {
-            let Ok(id) = row.step_id.parse::<StepId>() else {
+            let (phase, Some(service)) = (row.step_id.phase(), row.step_id.service()) else {
                 continue;
             };
-            let (phase, Some(service)) = (id.phase(), id.service()) else {
-                continue;
-            };
+            // A step that ran to an end; a skipped one reads back as `Unchanged`.
+            let ran = matches!(row.status, RowStatus::Ended(s) if s.ran());
             if !matches!(
                 phase,
                 Phase::NixCore | Phase::NixCoreAuth | Phase::NixServiceConfig
-            ) || !matches!(row.status.as_str(), "succeeded" | "unchanged" | "failed")
+            ) || !ran
             {
                 continue;
             }
@@ -124,9 +124,9 @@ pub fn last_deploys(store: &Store) -> Result<BTreeMap<String, LastDeploy>> {
                         run: r.id,
                         step: row.step_id.clone(),
                         started_at: row.started_at.clone(),
-                        result: match (row.status.as_str(), rolled_back_to(row.error.as_deref())) {
-                            ("failed", Some(_)) => "rolled back".into(),
-                            ("failed", None) => "failed".into(),
+                        result: match (row.status, rolled_back_to(row.error.as_deref())) {
+                            (RowStatus::Ended(StepStatus::Failed), Some(_)) => "rolled back".into(),
+                            (RowStatus::Ended(StepStatus::Failed), None) => "failed".into(),
                             _ => "succeeded".into(),
                         },
                         error: row.error.clone(),

@@ -39,7 +39,7 @@ pub fn run(root: &ProjectRoot, args: &UpArgs) -> Result<()> {
     // The orphans are listed, and confirmed, before anything runs; only those may go. They
     // are looked for by `tf:infra`: it runs even when nothing else changed.
     if args.remove_orphans && project.infra == InfraBackend::ProxmoxApi {
-        opts.force_steps.push("tf:infra".into());
+        opts.force_steps.push(crate::proxmox::step::step_id());
         let list = orphans(root, project)?;
         if args.dry_run {
             output::note(list.render().trim_end());
@@ -86,7 +86,12 @@ pub fn options(args: &UpArgs) -> Result<UpOptions> {
         },
         parallel: args.parallel,
         force: args.force,
-        force_steps: args.force_step.clone(),
+        // A `--force-step` that is no step id forces nothing, as one no plan holds.
+        force_steps: args
+            .force_step
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect(),
         fail_fast: args.fail_fast,
         timeout,
         args: std::env::args().skip(1).collect(),

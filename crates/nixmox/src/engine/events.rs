@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anstyle::{AnsiColor, Style};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use nixmox_core::step_id::StepId;
 use serde::Serialize;
 
 use crate::step_status::StepStatus;
@@ -33,11 +34,11 @@ pub enum Event {
         changes: Vec<String>,
     },
     StepSkipped {
-        step: String,
+        step: StepId,
         reason: String,
     },
     StepStarted {
-        step: String,
+        step: StepId,
         attempt: u32,
         /// How long the step's last successful run took, when it is recorded: the live view's
         /// estimate of time left.
@@ -45,13 +46,13 @@ pub enum Event {
         expected_ms: Option<u64>,
     },
     StepRetrying {
-        step: String,
+        step: StepId,
         attempt: u32,
         delay_ms: u64,
         error: String,
     },
     StepFinished {
-        step: String,
+        step: StepId,
         /// `changed`, `unchanged` or `failed` in JSON.
         #[serde(serialize_with = "crate::step_status::serialize_finished")]
         status: StepStatus,
@@ -63,7 +64,7 @@ pub enum Event {
     /// A failed health gate was undone: the host back on its previous generation, the
     /// service's Terraform steps re-applied from their last successful inputs.
     RolledBack {
-        step: String,
+        step: StepId,
         detail: String,
     },
     RunFinished {
@@ -86,7 +87,7 @@ pub trait Reporter {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct SummaryRow {
-    pub step: String,
+    pub step: StepId,
     /// The summary's word in JSON (`changed`, `skipped (no-op)`, `FAILED`, …).
     #[serde(serialize_with = "crate::step_status::serialize_summary")]
     pub result: StepStatus,
@@ -301,7 +302,7 @@ impl Reporter for Live {
                 self.start(step, expected_ms.map(Duration::from_millis));
             }
             Event::StepFinished { step, .. } => {
-                if let Some(r) = self.running.remove(step) {
+                if let Some(r) = self.running.remove(step.as_str()) {
                     r.bar.finish_and_clear();
                     self.multi.remove(&r.bar);
                 }
@@ -378,12 +379,12 @@ mod tests {
         let target = ProgressDrawTarget::term_like_with_hz(Box::new(screen.clone()), 200);
         let mut live = Live::with_target(false, target);
         live.event(&Event::StepStarted {
-            step: "tf:infra".into(),
+            step: "tf:infra".parse().unwrap(),
             attempt: 1,
             expected_ms: Some(90_000),
         });
         live.event(&Event::StepStarted {
-            step: "nix:core:dns\u{1b}[2J".into(),
+            step: "nix:core:dns\u{1b}[2J".parse().unwrap(),
             attempt: 1,
             expected_ms: None,
         });
@@ -391,7 +392,7 @@ mod tests {
         live.tick();
         assert_eq!(live.running.len(), 2);
         live.event(&Event::StepFinished {
-            step: "tf:infra".into(),
+            step: "tf:infra".parse().unwrap(),
             status: StepStatus::Changed,
             changed: true,
             duration_ms: 1200,

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use nixmox_core::plan::{self, Action, Change, Plan, PlanInput, Selection};
 use nixmox_core::record::Record;
 use nixmox_core::render;
+use nixmox_core::step_id::StepId;
 use nixmox_core::Project;
 
 use self::events::{Event, Reporter};
@@ -36,7 +37,8 @@ pub struct UpOptions {
     /// How many steps may run at once; `None`: `deploy.parallel`.
     pub parallel: Option<usize>,
     pub force: bool,
-    pub force_steps: Vec<String>,
+    /// Steps run even when unchanged (`--force-step`).
+    pub force_steps: Vec<StepId>,
     pub fail_fast: bool,
     pub timeout: Duration,
     pub args: Vec<String>,

@@ -74,7 +74,7 @@ impl<'r, 'e> Recorder<'r, 'e> {
                 delay,
                 error,
             } => self.reporter.event(&Event::StepRetrying {
-                step: self.plan.steps[index].id.to_string(),
+                step: self.plan.steps[index].id.clone(),
                 attempt,
                 delay_ms: events::ms(delay),
                 error,
@@ -104,7 +104,7 @@ impl<'r, 'e> Recorder<'r, 'e> {
             self.store_result(r);
         }
         self.reporter.event(&Event::StepStarted {
-            step: step.id.to_string(),
+            step: step.id.clone(),
             attempt,
             expected_ms: self.record.get(&step.id).and_then(|r| r.duration_ms),
         });
@@ -115,7 +115,7 @@ impl<'r, 'e> Recorder<'r, 'e> {
     fn not_run(&mut self, index: usize, ended: &Final) -> bool {
         let step = &self.plan.steps[index];
         let skipped = |reason: String| Event::StepSkipped {
-            step: step.id.to_string(),
+            step: step.id.clone(),
             reason,
         };
         match ended.status {
@@ -201,7 +201,7 @@ impl<'r, 'e> Recorder<'r, 'e> {
             None => (step.parts.clone(), step.hash.clone()),
         };
         let fin = StepFinish {
-            step_id: step.id.to_string(),
+            step_id: step.id.clone(),
             input_hash,
             parts,
             status: ended.status,
@@ -226,7 +226,7 @@ impl<'r, 'e> Recorder<'r, 'e> {
         }
         if ended.status.ran() {
             self.reporter.event(&Event::StepFinished {
-                step: step.id.to_string(),
+                step: step.id.clone(),
                 status: ended.status,
                 changed: ended.status == StepStatus::Changed,
                 duration_ms,
@@ -252,9 +252,8 @@ impl<'r, 'e> Recorder<'r, 'e> {
                 .iter()
                 .find(|s| s.id == r.step_id)
                 .map(|s| s.hash.clone());
-            let step_id = r.step_id.to_string();
             let fin = StepFinish {
-                step_id: step_id.clone(),
+                step_id: r.step_id.clone(),
                 input_hash: r.record.hash,
                 parts: r.record.parts,
                 status: StepStatus::Changed,
@@ -270,14 +269,14 @@ impl<'r, 'e> Recorder<'r, 'e> {
             self.store_result(done);
             if let Some(hash) = new_hash {
                 let reason = format!("{} after it applied: {}", step.id, rb.reason);
-                let held = self.store.hold_step(&step_id, self.run, &hash, &reason);
+                let held = self.store.hold_step(&r.step_id, self.run, &hash, &reason);
                 self.store_result(held);
             }
         }
         if rb.any {
             self.rolled_back += 1;
             self.reporter.event(&Event::RolledBack {
-                step: step.id.to_string(),
+                step: step.id.clone(),
                 detail: rb.detail,
             });
         } else {
@@ -294,7 +293,7 @@ pub fn summary_rows(plan: &Plan, finals: &[Final]) -> Vec<SummaryRow> {
         .iter()
         .zip(finals)
         .map(|(s, f)| SummaryRow {
-            step: s.id.to_string(),
+            step: s.id.clone(),
             result: f.status,
             duration_ms: f.duration.filter(|_| f.status.ran()).map(events::ms),
         })

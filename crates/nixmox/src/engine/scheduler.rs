@@ -543,6 +543,74 @@ mod tests {
         assert!(r.log.lock().unwrap().is_empty());
     }
 
+    /// A report that, like a step's snapshots, carries what every attempt so far did.
+    struct Attempts {
+        outcome: Outcome,
+        /// The attempts whose work this report holds, oldest first.
+        did: Vec<u32>,
+    }
+
+    impl Report for Attempts {
+        fn outcome(&self) -> &Outcome {
+            &self.outcome
+        }
+    }
+
+    /// Fails transiently until its third attempt; remembers the earlier report each attempt
+    /// was handed.
+    struct Flaky {
+        handed: Mutex<Vec<(u32, Option<Vec<u32>>)>>,
+    }
+
+    impl Runner for Flaky {
+        type Report = Attempts;
+        fn run(&self, _i: usize, attempt: u32, earlier: Option<Attempts>) -> Attempts {
+            self.handed
+                .lock()
+                .unwrap()
+                .push((attempt, earlier.as_ref().map(|e| e.did.clone())));
+            let mut did = earlier.map(|e| e.did).unwrap_or_default();
+            did.push(attempt);
+            let outcome = if attempt < 3 {
+                Outcome::Failed {
+                    error: "lock held".into(),
+                    transient: true,
+                }
+            } else {
+                Outcome::Done {
+                    changed: true,
+                    detail: String::new(),
+                }
+            };
+            Attempts { outcome, did }
+        }
+    }
+
+    #[test]
+    fn a_retry_is_handed_the_earlier_attempts_report() {
+        let tasks = vec![task("a", &[])];
+        let r = Flaky {
+            handed: Mutex::new(Vec::new()),
+        };
+        let mut ended = Vec::new();
+        let finals = execute(&tasks, &r, &opts(1), &mut |p| {
+            if let Progress::Ended { report, .. } = p {
+                ended.push(report.map(|r| r.did));
+            }
+        });
+        assert_eq!(finals[0].status, StepStatus::Changed);
+        assert_eq!(
+            *r.handed.lock().unwrap(),
+            vec![(1, None), (2, Some(vec![1])), (3, Some(vec![1, 2]))],
+            "the first attempt gets nothing; each retry the attempt before it"
+        );
+        assert_eq!(
+            ended,
+            vec![Some(vec![1, 2, 3])],
+            "the last report comes back with everything"
+        );
+    }
+
     #[test]
     fn a_change_reruns_unchanged_dependents_of_its_own_group_only() {
         let mut tasks = vec![task("tf:a", &[]), task("nix:a", &[0]), task("nix:b", &[0])];

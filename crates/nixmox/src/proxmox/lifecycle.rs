@@ -287,7 +287,25 @@ pub fn diff(d: &Desired, cfg: &Map<String, Value>) -> Diff {
     if cur("onboot").is_some_and(|v| truthy(&v)) != d.onboot {
         out.set.push(("onboot".into(), bit(d.onboot).into()));
     }
+    diff_properties(&mut out, d, &cur);
+    diff_tags(&mut out, d, &cur("tags").unwrap_or_default());
+    if cur("unprivileged").is_some_and(|v| truthy(&v)) != d.unprivileged {
+        out.recreate.push((
+            "unprivileged".into(),
+            format!(
+                "it is {}privileged, the project wants it {}privileged",
+                if d.unprivileged { "" } else { "un" },
+                if d.unprivileged { "un" } else { "" },
+            ),
+        ));
+    }
+    diff_rootfs(&mut out, d, &cur("rootfs").unwrap_or_default());
+    out
+}
 
+/// The property strings (`net0`, `startup`, `features`): only the properties NixMox sets are
+/// compared, and a changed string keeps every other property as PVE has it.
+fn diff_properties(out: &mut Diff, d: &Desired, cur: &dyn Fn(&str) -> Option<String>) {
     // net0: compare what NixMox sets; keep the MAC address and the rest.
     let (_, mut net) = props(&cur("net0").unwrap_or_default());
     let vlan = d.vlan.map(|v| v.to_string());
@@ -325,11 +343,11 @@ pub fn diff(d: &Desired, cfg: &Map<String, Value>) -> Diff {
             out.set.push(("features".into(), join(None, &features)));
         }
     }
+}
 
-    // tags: NixMox's own tags (the role may change); anyone else's stay.
-    let have: BTreeSet<String> = split_tags(&cur("tags").unwrap_or_default())
-        .into_iter()
-        .collect();
+/// tags: NixMox's own tags (the role may change); anyone else's stay.
+fn diff_tags(out: &mut Diff, d: &Desired, current: &str) {
+    let have: BTreeSet<String> = split_tags(current).into_iter().collect();
     let mut want: BTreeSet<String> = have
         .iter()
         .filter(|t| !ROLE_TAGS.contains(&t.as_str()))
@@ -342,44 +360,35 @@ pub fn diff(d: &Desired, cfg: &Map<String, Value>) -> Diff {
             want.into_iter().collect::<Vec<_>>().join(";"),
         ));
     }
+}
 
-    if cur("unprivileged").is_some_and(|v| truthy(&v)) != d.unprivileged {
+/// rootfs: another storage only re-creating could change; a smaller volume is grown, a larger
+/// one left (volumes are never shrunk) with a note.
+fn diff_rootfs(out: &mut Diff, d: &Desired, current: &str) {
+    let (volume, rootfs) = props(current);
+    let Some(volume) = volume else { return };
+    let storage = volume.split(':').next().unwrap_or_default();
+    if storage != d.storage {
         out.recreate.push((
-            "unprivileged".into(),
+            "rootfs".into(),
             format!(
-                "it is {}privileged, the project wants it {}privileged",
-                if d.unprivileged { "" } else { "un" },
-                if d.unprivileged { "un" } else { "" },
+                "its root volume is on storage `{storage}`, the project says `{}` (NixMox does not move volumes; `pct move-volume` does)",
+                d.storage
             ),
         ));
     }
-
-    let (volume, rootfs) = props(&cur("rootfs").unwrap_or_default());
-    if let Some(volume) = volume {
-        let storage = volume.split(':').next().unwrap_or_default();
-        if storage != d.storage {
-            out.recreate.push((
-                "rootfs".into(),
-                format!(
-                    "its root volume is on storage `{storage}`, the project says `{}` (NixMox does not move volumes; `pct move-volume` does)",
-                    d.storage
-                ),
-            ));
-        }
-        let want = u64::from(d.disk_gb) << 30;
-        match get(&rootfs, "size").and_then(size_bytes) {
-            Some(have) if have < want => out.resize = Some(format!("{}G", d.disk_gb)),
-            Some(have) if have > want => out.notes.push(format!(
-                "CT {} (`{}`) has a larger root volume ({}) than the project's {} GiB: volumes are never shrunk",
-                d.vmid,
-                d.hostname,
-                get(&rootfs, "size").unwrap_or_default(),
-                d.disk_gb
-            )),
-            _ => {}
-        }
+    let want = u64::from(d.disk_gb) << 30;
+    match get(&rootfs, "size").and_then(size_bytes) {
+        Some(have) if have < want => out.resize = Some(format!("{}G", d.disk_gb)),
+        Some(have) if have > want => out.notes.push(format!(
+            "CT {} (`{}`) has a larger root volume ({}) than the project's {} GiB: volumes are never shrunk",
+            d.vmid,
+            d.hostname,
+            get(&rootfs, "size").unwrap_or_default(),
+            d.disk_gb
+        )),
+        _ => {}
     }
-    out
 }
 
 // ------------------------------------------------------------------- converge
@@ -405,6 +414,26 @@ pub struct Report {
 }
 
 impl Report {
+    /// Adds what one host's run did.
+    fn add(&mut self, d: &Desired, done: HostDone) {
+        if done.created {
+            self.created.push(d.vmid);
+        }
+        if let Some(from) = done.migrated {
+            self.migrated.insert(d.vmid, (from, d.node.clone()));
+        }
+        if !done.updated.is_empty() {
+            self.updated.insert(d.vmid, done.updated);
+        }
+        if done.started {
+            self.started.push(d.vmid);
+        }
+        if !done.restart.is_empty() {
+            self.restart_needed.insert(d.vmid, done.restart);
+        }
+        self.notes.extend(done.notes);
+    }
+
     /// One line for the step's result.
     pub fn summary(&self) -> String {
         let mut s = format!(
@@ -564,6 +593,9 @@ pub fn parallel_map<T: Sync, R: Send>(
         .collect()
 }
 
+/// A failure's message, and whether it was a connection problem (worth running again).
+type Failure = (String, bool);
+
 enum Job {
     Create,
     Existing { node: String, status: String },
@@ -697,99 +729,21 @@ pub fn converge(
     parallel: usize,
 ) -> Result<Report, LifecycleError> {
     let writes_before = client.writes();
-    let fail = |report: Report, e: PveError| LifecycleError {
+    let guests = client.guests().map_err(|e| LifecycleError {
         transient: is_connection(&e),
         failures: vec![e.to_string()],
-        report: Box::new(report),
-    };
-    let guests = client.guests().map_err(|e| fail(Report::default(), e))?;
+        report: Box::default(),
+    })?;
     let wanted = desired(project);
     let mut report = Report::default();
-    let mut failures: Vec<(String, bool)> = Vec::new();
-    let mut ct_failures: Vec<CtError> = Vec::new();
-    let mut jobs: Vec<(Desired, Job)> = Vec::new();
-    for d in wanted.iter() {
-        match guests.iter().find(|g| g.vmid == d.vmid) {
-            None => jobs.push((d.clone(), Job::Create)),
-            Some(g) if g.kind != "lxc" => failures.push((
-                format!(
-                    "vmid {} of `{}` is taken by the VM `{}` on node {}: NixMox never touches guests it did not create; choose another host.vmid",
-                    d.vmid, d.service, g.name, g.node
-                ),
-                false,
-            )),
-            Some(g) if !is_projects(&g.tags, project) => failures.push((
-                format!(
-                    "vmid {} of `{}` is taken by CT {} (`{}`) on node {}, which is not tagged `nixmox` and `{}`: NixMox never touches containers it did not create; free the vmid or choose another host.vmid",
-                    d.vmid, d.service, g.vmid, g.name, g.node, project.name
-                ),
-                false,
-            )),
-            Some(g) => jobs.push((
-                d.clone(),
-                Job::Existing {
-                    node: g.node.clone(),
-                    status: g.status.clone(),
-                },
-            )),
-        }
-    }
-    // Nodes PVE reports offline: their containers can be neither reached nor created there.
-    // (An unanswered `/nodes` is not a verdict: the writes will say what is wrong.)
-    let offline: BTreeSet<String> = client
-        .nodes()
-        .map(|ns| {
-            ns.into_iter()
-                .filter(|n| !n.online)
-                .map(|n| n.name)
-                .collect()
-        })
-        .unwrap_or_default();
-    let (jobs, cut_off): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|(d, job)| {
-        let here = match job {
-            Job::Create => &d.node,
-            Job::Existing { node, .. } => node,
-        };
-        !offline.contains(here) && !offline.contains(&d.node)
-    });
-    for (d, job) in &cut_off {
-        let node = match job {
-            Job::Existing { node, .. } if offline.contains(node) => node,
-            _ => &d.node,
-        };
-        ct_failures.push(*ct_error(
-            d,
-            node,
-            "reach its node",
-            PveError::Config(format!(
-                "node {node} is offline (PVE reports it so): `{}` waits until it is back, or pin it elsewhere with host.node",
-                d.service
-            )),
-        ));
-    }
+    let (jobs, mut failures) = jobs_for(&wanted, &guests, project);
+    let (jobs, mut ct_failures) = cut_off_offline(client, jobs);
     let results = parallel_map(&jobs, parallel, |(d, job)| {
         run_host(client, project, d, job)
     });
     for ((d, _), r) in jobs.iter().zip(results) {
         match r {
-            Ok(done) => {
-                if done.created {
-                    report.created.push(d.vmid);
-                }
-                if let Some(from) = done.migrated {
-                    report.migrated.insert(d.vmid, (from, d.node.clone()));
-                }
-                if !done.updated.is_empty() {
-                    report.updated.insert(d.vmid, done.updated);
-                }
-                if done.started {
-                    report.started.push(d.vmid);
-                }
-                if !done.restart.is_empty() {
-                    report.restart_needed.insert(d.vmid, done.restart);
-                }
-                report.notes.extend(done.notes);
-            }
+            Ok(done) => report.add(d, done),
             Err(e) => ct_failures.push(*e),
         }
     }
@@ -816,6 +770,88 @@ pub fn converge(
             report: Box::new(report),
         })
     }
+}
+
+/// Each desired container's job (create it, or converge the project's container on its
+/// vmid), and the refusals (message, transient) of vmids another guest holds.
+fn jobs_for(
+    wanted: &[Desired],
+    guests: &[Guest],
+    project: &Project,
+) -> (Vec<(Desired, Job)>, Vec<Failure>) {
+    let mut failures: Vec<Failure> = Vec::new();
+    let mut jobs: Vec<(Desired, Job)> = Vec::new();
+    for d in wanted {
+        match guests.iter().find(|g| g.vmid == d.vmid) {
+            None => jobs.push((d.clone(), Job::Create)),
+            Some(g) if g.kind != "lxc" => failures.push((
+                format!(
+                    "vmid {} of `{}` is taken by the VM `{}` on node {}: NixMox never touches guests it did not create; choose another host.vmid",
+                    d.vmid, d.service, g.name, g.node
+                ),
+                false,
+            )),
+            Some(g) if !is_projects(&g.tags, project) => failures.push((
+                format!(
+                    "vmid {} of `{}` is taken by CT {} (`{}`) on node {}, which is not tagged `nixmox` and `{}`: NixMox never touches containers it did not create; free the vmid or choose another host.vmid",
+                    d.vmid, d.service, g.vmid, g.name, g.node, project.name
+                ),
+                false,
+            )),
+            Some(g) => jobs.push((
+                d.clone(),
+                Job::Existing {
+                    node: g.node.clone(),
+                    status: g.status.clone(),
+                },
+            )),
+        }
+    }
+    (jobs, failures)
+}
+
+/// The jobs whose nodes PVE does not report offline, and a failure for each of the others:
+/// their containers can be neither reached nor created there. (An unanswered `/nodes` is not
+/// a verdict: the writes will say what is wrong.)
+fn cut_off_offline(
+    client: &Client,
+    jobs: Vec<(Desired, Job)>,
+) -> (Vec<(Desired, Job)>, Vec<CtError>) {
+    let offline: BTreeSet<String> = client
+        .nodes()
+        .map(|ns| {
+            ns.into_iter()
+                .filter(|n| !n.online)
+                .map(|n| n.name)
+                .collect()
+        })
+        .unwrap_or_default();
+    let (jobs, cut_off): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|(d, job)| {
+        let here = match job {
+            Job::Create => &d.node,
+            Job::Existing { node, .. } => node,
+        };
+        !offline.contains(here) && !offline.contains(&d.node)
+    });
+    let failures = cut_off
+        .iter()
+        .map(|(d, job)| {
+            let node = match job {
+                Job::Existing { node, .. } if offline.contains(node) => node,
+                _ => &d.node,
+            };
+            *ct_error(
+                d,
+                node,
+                "reach its node",
+                PveError::Config(format!(
+                    "node {node} is offline (PVE reports it so): `{}` waits until it is back, or pin it elsewhere with host.node",
+                    d.service
+                )),
+            )
+        })
+        .collect();
+    (jobs, failures)
 }
 
 fn destroy(

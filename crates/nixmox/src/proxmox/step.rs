@@ -16,8 +16,8 @@ use super::{connect, lifecycle, Settings};
 use crate::engine::scheduler::Outcome;
 use crate::exec::scrub;
 
-/// The step this module runs.
-fn step_id() -> StepId {
+/// The step this module runs (`tf:infra`).
+pub fn step_id() -> StepId {
     StepId::project_wide(Phase::TfInfra).expect("tf:infra is project-wide")
 }
 
@@ -98,32 +98,7 @@ pub fn run_with(
         lines.push(format!("warning: {w}"));
     }
     let mut result = lifecycle::converge(client, project, parallel);
-    // Orphans go only when asked (Compose's `--remove-orphans`), and only after the project's
-    // own containers converged.
-    if let Ok(r) = &mut result {
-        let confirmed: BTreeSet<u32> = r
-            .orphans
-            .iter()
-            .map(|g| g.vmid)
-            .filter(|v| remove_orphans.contains(v))
-            .collect();
-        if !confirmed.is_empty() {
-            match lifecycle::destroy_listed(client, project, parallel, &confirmed) {
-                Ok(removed) => {
-                    r.destroyed = removed.destroyed;
-                    r.orphans.retain(|g| !confirmed.contains(&g.vmid));
-                    r.writes += removed.writes;
-                }
-                Err(mut e) => {
-                    let mut report = r.clone();
-                    report.destroyed = e.report.destroyed.clone();
-                    report.writes += e.report.writes;
-                    e.report = Box::new(report);
-                    result = Err(e);
-                }
-            }
-        }
-    }
+    remove_confirmed_orphans(client, project, parallel, remove_orphans, &mut result);
     // Backup jobs (`host.backup.schedule`), once the containers are there.
     let mut jobs: Vec<String> = Vec::new();
     if let Ok(r) = &result {
@@ -138,17 +113,7 @@ pub fn run_with(
                 };
                 lines.push(String::new());
                 lines.extend(client.journal());
-                let text = scrub(&(lines.join("\n") + "\n"), secrets);
-                if let Ok(mut f) = std::fs::File::create(log) {
-                    let _ = f.write_all(text.as_bytes());
-                }
-                return match outcome {
-                    Outcome::Failed { error, transient } => Outcome::Failed {
-                        error: scrub(&error, secrets),
-                        transient,
-                    },
-                    done => done,
-                };
+                return write_log(log, &lines, outcome, secrets);
             }
         }
     }
@@ -163,35 +128,7 @@ pub fn run_with(
         lines.push(format!("note: {n}"));
     }
     let outcome = match &result {
-        Ok(r) => {
-            if !r.orphans.is_empty() {
-                let list: Vec<String> = r
-                    .orphans
-                    .iter()
-                    .map(|g| format!("CT {} (`{}`)", g.vmid, g.name))
-                    .collect();
-                lines.push(format!(
-                    "warning: no longer in the project, left alone: {} (destroy with `nixmox up --remove-orphans`)",
-                    list.join(", ")
-                ));
-            }
-            lines.push(format!("result: {}", r.summary()));
-            let mut detail = r.summary();
-            if !jobs.is_empty() {
-                lines.push(format!("backup jobs: {}", jobs.join("; ")));
-                detail.push_str(&format!("; {}", jobs.join("; ")));
-            }
-            if !r.notes.is_empty() {
-                detail.push_str(&format!("; {}", r.notes.join("; ")));
-            }
-            if let Some(w) = warning {
-                detail.push_str(&format!("; warning: {w}"));
-            }
-            Outcome::Done {
-                changed: r.writes > 0 || !jobs.is_empty(),
-                detail,
-            }
-        }
+        Ok(r) => converged(&mut lines, r, &jobs, warning),
         Err(e) => {
             lines.push(format!("failed: {e}"));
             Outcome::Failed {
@@ -200,6 +137,84 @@ pub fn run_with(
             }
         }
     };
+    write_log(log, &lines, outcome, secrets)
+}
+
+/// Orphans go only when asked (Compose's `--remove-orphans`), and only after the project's
+/// own containers converged: the confirmed ones are destroyed and `result` says so.
+fn remove_confirmed_orphans(
+    client: &Client,
+    project: &Project,
+    parallel: usize,
+    remove_orphans: &[u32],
+    result: &mut Result<lifecycle::Report, lifecycle::LifecycleError>,
+) {
+    let Ok(r) = result else { return };
+    let confirmed: BTreeSet<u32> = r
+        .orphans
+        .iter()
+        .map(|g| g.vmid)
+        .filter(|v| remove_orphans.contains(v))
+        .collect();
+    if confirmed.is_empty() {
+        return;
+    }
+    match lifecycle::destroy_listed(client, project, parallel, &confirmed) {
+        Ok(removed) => {
+            r.destroyed = removed.destroyed;
+            r.orphans.retain(|g| !confirmed.contains(&g.vmid));
+            r.writes += removed.writes;
+        }
+        Err(mut e) => {
+            let mut report = r.clone();
+            report.destroyed = e.report.destroyed.clone();
+            report.writes += e.report.writes;
+            e.report = Box::new(report);
+            *result = Err(e);
+        }
+    }
+}
+
+/// The log's last lines and the outcome of a run that converged: orphans left alone, the
+/// result, the backup jobs synced, and the detail the summary shows.
+fn converged(
+    lines: &mut Vec<String>,
+    r: &lifecycle::Report,
+    jobs: &[String],
+    warning: Option<&str>,
+) -> Outcome {
+    if !r.orphans.is_empty() {
+        let list: Vec<String> = r
+            .orphans
+            .iter()
+            .map(|g| format!("CT {} (`{}`)", g.vmid, g.name))
+            .collect();
+        lines.push(format!(
+            "warning: no longer in the project, left alone: {} (destroy with `nixmox up --remove-orphans`)",
+            list.join(", ")
+        ));
+    }
+    lines.push(format!("result: {}", r.summary()));
+    let mut detail = r.summary();
+    if !jobs.is_empty() {
+        lines.push(format!("backup jobs: {}", jobs.join("; ")));
+        detail.push_str(&format!("; {}", jobs.join("; ")));
+    }
+    if !r.notes.is_empty() {
+        detail.push_str(&format!("; {}", r.notes.join("; ")));
+    }
+    if let Some(w) = warning {
+        detail.push_str(&format!("; warning: {w}"));
+    }
+    Outcome::Done {
+        changed: r.writes > 0 || !jobs.is_empty(),
+        detail,
+    }
+}
+
+/// Writes the step's log (scrubbed; a log that cannot be written loses only the log) and
+/// returns `outcome` with its text scrubbed too.
+fn write_log(log: &Path, lines: &[String], outcome: Outcome, secrets: &[String]) -> Outcome {
     let text = scrub(&(lines.join("\n") + "\n"), secrets);
     if let Ok(mut f) = std::fs::File::create(log) {
         let _ = f.write_all(text.as_bytes());

@@ -57,8 +57,32 @@ pub enum SecretsError {
     Sops(#[from] SopsError),
     #[error(transparent)]
     Index(#[from] IndexError),
+    /// The system's random source could not be read.
+    #[error("cannot read /dev/urandom: {0}")]
+    Random(#[source] std::io::Error),
+    #[error("cannot read `{}`: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Write(#[from] crate::project_fs::WriteError),
+    /// `ssh` could not be run to read a host's key.
+    #[error(transparent)]
+    Exec(#[from] crate::exec::ExecError),
+    /// `ssh` ran and reading the host's key failed: its exit code and last line of stderr.
+    #[error("host `{host}`: reading {HOST_KEY_PATH} over SSH failed (exit {code}): {message}")]
+    HostKeyUnread {
+        host: String,
+        code: i32,
+        message: String,
+    },
+    #[error("host `{host}`: {HOST_KEY_PATH} holds no ssh-ed25519 key")]
+    NoHostKey { host: String },
+    /// The project CA could not be made (`pki`'s message).
     #[error("{0}")]
-    Io(String),
+    Ca(String),
     #[error("host `{host}`: no age key is known for it yet: give its SSH host key as `host.ssh_host_key` in its manifest ({hint})")]
     NoRecipient { host: String, hint: &'static str },
     #[error("host `{host}`: its SSH host key `{key}` gives no age key: {error}")]
@@ -117,7 +141,7 @@ pub fn generate() -> Result<String, SecretsError> {
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|e| SecretsError::Io(format!("cannot read /dev/urandom: {e}")))?;
+        .map_err(SecretsError::Random)?;
     Ok(age::base64url(&bytes))
 }
 
@@ -450,23 +474,26 @@ impl Vault {
             redact: self.redact(),
             ..RunOpts::default()
         };
-        let fin = exec::run(&cmd, &opts).map_err(|e| SecretsError::Io(e.to_string()))?;
+        let fin = exec::run(&cmd, &opts)?;
         if !fin.success() {
-            return Err(SecretsError::Io(format!(
-                "host `{host}`: reading {HOST_KEY_PATH} over SSH failed (exit {}): {}",
-                fin.code.unwrap_or(-1),
-                fin.stderr.lines().last().unwrap_or("no message")
-            )));
+            return Err(SecretsError::HostKeyUnread {
+                host: host.to_string(),
+                code: fin.code.unwrap_or(-1),
+                message: fin
+                    .stderr
+                    .lines()
+                    .last()
+                    .unwrap_or("no message")
+                    .to_string(),
+            });
         }
         let key = fin
             .stdout
             .lines()
             .find(|l| l.starts_with("ssh-ed25519 "))
             .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
-            .ok_or_else(|| {
-                SecretsError::Io(format!(
-                    "host `{host}`: {HOST_KEY_PATH} holds no ssh-ed25519 key"
-                ))
+            .ok_or_else(|| SecretsError::NoHostKey {
+                host: host.to_string(),
             })?;
         age::ssh_to_age(&key).map_err(|error| SecretsError::BadHostKey {
             host: host.to_string(),
@@ -526,11 +553,11 @@ impl Vault {
                 self.cache.remove(host);
                 return Ok(None);
             }
-            Err(e) => {
-                return Err(SecretsError::Io(format!(
-                    "cannot read `{}`: {e}",
-                    self.path_of(host).display()
-                )))
+            Err(source) => {
+                return Err(SecretsError::Read {
+                    path: self.path_of(host),
+                    source,
+                })
             }
         };
         let sha = sha256_hex(&bytes);
@@ -685,13 +712,11 @@ impl Vault {
             &self.redact(),
         )?;
         let path = self.path_of(host);
-        crate::project_fs::write_atomic(&path, &encrypted)
-            .map_err(|e| SecretsError::Io(e.to_string()))?;
+        crate::project_fs::write_file(&path, &encrypted)?;
         if let Some(build) = &self.build {
             let copy = build.join("nix").join(SECRETS_DIR).join(&name);
             if build.join("nix").is_dir() {
-                crate::project_fs::write_atomic(&copy, &encrypted)
-                    .map_err(|e| SecretsError::Io(e.to_string()))?;
+                crate::project_fs::write_file(&copy, &encrypted)?;
             }
         }
         Ok(encrypted)
@@ -765,7 +790,7 @@ impl Vault {
         if name != nixmox_core::render::nixos::CA_KEY_SECRET {
             return generate();
         }
-        let ca = crate::pki::generate(&self.domain).map_err(SecretsError::Io)?;
+        let ca = crate::pki::generate(&self.domain).map_err(SecretsError::Ca)?;
         self.remember(&ca.key_pem);
         self.write_ca_cert(&ca.cert_pem)?;
         Ok(ca.key_pem)
@@ -780,8 +805,7 @@ impl Vault {
             }
         }
         for t in targets {
-            crate::project_fs::write_atomic(&t, pem.as_bytes())
-                .map_err(|e| SecretsError::Io(e.to_string()))?;
+            crate::project_fs::write_file(&t, pem.as_bytes())?;
         }
         Ok(())
     }
@@ -814,7 +838,7 @@ impl Vault {
         if !crate::pki::ca_cert_path(&self.root).is_file() {
             let key = self.generated(nixmox_core::render::nixos::CA_KEY_SECRET)?;
             let pem =
-                crate::pki::certificate_for_key(&key, &self.domain).map_err(SecretsError::Io)?;
+                crate::pki::certificate_for_key(&key, &self.domain).map_err(SecretsError::Ca)?;
             self.write_ca_cert(&pem)?;
         }
         Ok(())

@@ -293,17 +293,25 @@ fn destroys(lab: &Lab) -> Vec<String> {
 /// everything; `--yes` destroys exactly what was listed. Run from inside the project.
 #[test]
 fn down_without_a_terminal_refuses_dry_run_lists_and_yes_destroys_exactly_the_list() {
+    use nixmox_core::ids::ServiceName;
+    use nixmox_core::plan::Phase;
+    use nixmox_core::step_id::StepId;
+
     let lab = Lab::new();
     let out = lab.cmd(&["up"], &[]).output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let states = all_states(&lab);
     let steps = recorded_steps(&lab);
     let expected: BTreeMap<String, Vec<String>> = [
-        ("tf:service-config:worker", "service-config--worker"),
-        ("tf:service-infra:app", "service-infra--app"),
+        (Phase::TfServiceConfig, "worker"),
+        (Phase::TfServiceInfra, "app"),
     ]
     .into_iter()
-    .map(|(step, slug)| (step.to_string(), addresses(&lab, slug)))
+    .map(|(phase, service)| {
+        let id = StepId::of_service(phase, &ServiceName::new(service).unwrap()).unwrap();
+        let data_dir = id.terraform_data_dir().unwrap();
+        (id.to_string(), addresses(&lab, &data_dir))
+    })
     .collect();
     assert!(
         expected.values().all(|a| !a.is_empty()),

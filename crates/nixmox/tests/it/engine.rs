@@ -643,6 +643,9 @@ fn flake_lock_is_created_once_updated_on_request_and_follows_overrides() {
 #[test]
 fn render_after_up_writes_the_tree_up_deployed() {
     use nixmox::state::{OutputValue, RunResult, StepFinish, StepStatus, Store};
+    use nixmox_core::ids::ServiceName;
+    use nixmox_core::plan::Phase;
+    use nixmox_core::step_id::StepId;
 
     let lab = Lab::new();
     // A service-config workspace, which takes the service-infra step's recorded outputs.
@@ -672,8 +675,9 @@ fn render_after_up_writes_the_tree_up_deployed() {
     // database resources do, which need Authentik and PostgreSQL): the service-infra step's
     // record gets an output as such a step would leave it, at its same input.
     let mut store = Store::open(&lab.project.join(".nixmox/state.db")).unwrap();
-    let infra = "tf:service-infra:app";
-    let record = store.record().unwrap().steps[infra].clone();
+    let infra =
+        StepId::of_service(Phase::TfServiceInfra, &ServiceName::new("app").unwrap()).unwrap();
+    let record = store.record().unwrap().steps[infra.as_str()].clone();
     let run = store.start_run(&[]).unwrap();
     let output = OutputValue {
         name: "client_id".into(),
@@ -681,7 +685,7 @@ fn render_after_up_writes_the_tree_up_deployed() {
         sensitive: false,
     };
     let fin = StepFinish {
-        step_id: infra.into(),
+        step_id: infra,
         input_hash: record.hash,
         parts: record.parts,
         status: StepStatus::Changed,
