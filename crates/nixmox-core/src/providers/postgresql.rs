@@ -462,4 +462,41 @@ mod tests {
             ]
         );
     }
+
+    #[test]
+    fn a_dump_is_made_by_postgres_in_its_own_directory() {
+        let dump = Postgresql
+            .dump("wiki_db", "/var/lib/nixmox/dumps/wiki/v")
+            .expect("a database has data");
+        assert_eq!(dump.file, "/var/lib/nixmox/dumps/wiki/v/wiki_db.dump");
+        assert_eq!(dump.kind, "pg_dump");
+        assert_eq!(
+            dump.commands[0],
+            [
+                "sudo",
+                "install",
+                "-d",
+                "-m",
+                "0700",
+                "-o",
+                "postgres",
+                "-g",
+                "postgres",
+                "/var/lib/nixmox/dumps/wiki/v"
+            ]
+        );
+        assert_eq!(
+            dump.commands[1],
+            [
+                "sudo",
+                "-u",
+                "postgres",
+                "pg_dump",
+                "--format=custom",
+                "--file=/var/lib/nixmox/dumps/wiki/v/wiki_db.dump",
+                "--",
+                "wiki_db"
+            ]
+        );
+    }
 }
