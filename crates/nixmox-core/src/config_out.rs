@@ -6,7 +6,8 @@ use serde_json::{json, Map, Value};
 
 use crate::decode::format_duration_ms;
 use crate::model::{
-    Check, Deployer, HealthTiming, Origin, Project, Resources, SecretRef, Service, Upstream,
+    Auth, Check, Deployer, Health, HealthTiming, Origin, Project, Proxy, Resources, SecretRef,
+    Service, Upstream,
 };
 
 /// Version of the `config` output format.
@@ -211,6 +212,21 @@ fn service(p: &Project, i: usize, s: &Service) -> Value {
             json!({"type": c.implementation()}),
         );
     }
+    json!({
+        "description": s.description,
+        "manifest": s.manifest,
+        "core": s.is_core(),
+        "provides": provides,
+        "depends_on": deps,
+        "host": host(p, s),
+        "nixos": { "modules": s.nixos_modules },
+        "interface": interface(p, s),
+    })
+}
+
+/// A service's `interface`: its databases, routes, identity settings, health checks and
+/// Terraform, each only when it has some (health always).
+fn interface(p: &Project, s: &Service) -> Map<String, Value> {
     let mut interface = Map::new();
     if !s.dbs.is_empty() {
         interface.insert(
@@ -226,62 +242,13 @@ fn service(p: &Project, i: usize, s: &Service) -> Value {
     if !s.proxies.is_empty() {
         interface.insert(
             "proxy".into(),
-            Value::Array(
-                s.proxies
-                    .iter()
-                    .map(|x| {
-                        json!({
-                            "domain": x.domain.as_str(),
-                            "path": x.path,
-                            "upstream": match &x.upstream {
-                                Upstream::Port(port) => format!("{}:{port}", p.fqdn(s)),
-                                Upstream::HostPort(h, port) => format!("{h}:{port}"),
-                            },
-                            "tls": x.tls,
-                            "authz": x.authz,
-                            "headers": x.headers,
-                        })
-                    })
-                    .collect(),
-            ),
+            Value::Array(s.proxies.iter().map(|x| proxy(p, s, x)).collect()),
         );
     }
     if let Some(a) = &s.auth {
-        let mut m = Map::new();
-        m.insert("provider".into(), json!(a.provider));
-        m.insert("name".into(), json!(a.display_name));
-        if let Some(o) = &a.oidc {
-            m.insert(
-                "oidc".into(),
-                json!({
-                    "client_id": o.client_id,
-                    "client_type": o.client_type.as_str(),
-                    "redirect_uris": o.redirect_uris,
-                    "scopes": o.scopes,
-                    "username_claim": o.username_claim,
-                    "groups_claim": o.groups_claim,
-                }),
-            );
-        }
-        interface.insert("auth".into(), Value::Object(m));
+        interface.insert("auth".into(), auth(a));
     }
-    let mut health = Map::new();
-    health.insert(
-        "startup".into(),
-        Value::Array(s.health.startup.iter().map(check).collect()),
-    );
-    health.insert(
-        "liveness".into(),
-        Value::Array(s.health.liveness.iter().map(check).collect()),
-    );
-    health.insert(
-        "readiness".into(),
-        Value::Array(s.health.readiness.iter().map(check).collect()),
-    );
-    if let Value::Object(t) = timing(&s.health.timing) {
-        health.extend(t);
-    }
-    interface.insert("health".into(), Value::Object(health));
+    interface.insert("health".into(), health(&s.health));
     if !s.terraform.is_empty() {
         interface.insert(
             "terraform".into(),
@@ -293,32 +260,80 @@ fn service(p: &Project, i: usize, s: &Service) -> Value {
             ),
         );
     }
+    interface
+}
+
+/// One route, its upstream named by the service's FQDN for a bare port.
+fn proxy(p: &Project, s: &Service, x: &Proxy) -> Value {
+    json!({
+        "domain": x.domain.as_str(),
+        "path": x.path,
+        "upstream": match &x.upstream {
+            Upstream::Port(port) => format!("{}:{port}", p.fqdn(s)),
+            Upstream::HostPort(h, port) => format!("{h}:{port}"),
+        },
+        "tls": x.tls,
+        "authz": x.authz,
+        "headers": x.headers,
+    })
+}
+
+fn auth(a: &Auth) -> Value {
+    let mut m = Map::new();
+    m.insert("provider".into(), json!(a.provider));
+    m.insert("name".into(), json!(a.display_name));
+    if let Some(o) = &a.oidc {
+        m.insert(
+            "oidc".into(),
+            json!({
+                "client_id": o.client_id,
+                "client_type": o.client_type.as_str(),
+                "redirect_uris": o.redirect_uris,
+                "scopes": o.scopes,
+                "username_claim": o.username_claim,
+                "groups_claim": o.groups_claim,
+            }),
+        );
+    }
+    Value::Object(m)
+}
+
+fn health(h: &Health) -> Value {
+    let mut health = Map::new();
+    for (phase, checks) in [
+        ("startup", &h.startup),
+        ("liveness", &h.liveness),
+        ("readiness", &h.readiness),
+    ] {
+        health.insert(
+            phase.into(),
+            Value::Array(checks.iter().map(check).collect()),
+        );
+    }
+    if let Value::Object(t) = timing(&h.timing) {
+        health.extend(t);
+    }
+    Value::Object(health)
+}
+
+fn host(p: &Project, s: &Service) -> Value {
     let h = &s.host;
     json!({
-        "description": s.description,
-        "manifest": s.manifest,
-        "core": s.is_core(),
-        "provides": provides,
-        "depends_on": deps,
-        "host": {
-            "hostname": h.hostname.as_str(),
-            "fqdn": p.fqdn(s),
-            "ip": h.ip.to_string(),
-            "ip_source": origin(h.ip_origin),
-            "vmid": h.vmid.get(),
-            "vmid_source": origin(h.vmid_origin),
-            "node": h.node,
-            "node_source": origin(h.node_origin),
-            "spread": h.spread,
-            "resources": resources(&h.resources),
-            "onboot": h.onboot,
-            "start": h.start,
-            "unprivileged": h.unprivileged,
-            "features": {"nesting": h.nesting},
-            "ssh_host_key": h.ssh_host_key,
-            "backup": h.backup.as_ref().map(|b| json!({"storage": b.storage, "mode": b.mode, "schedule": b.schedule, "keep": b.keep})),
-        },
-        "nixos": { "modules": s.nixos_modules },
-        "interface": interface,
+        "hostname": h.hostname.as_str(),
+        "fqdn": p.fqdn(s),
+        "ip": h.ip.to_string(),
+        "ip_source": origin(h.ip_origin),
+        "vmid": h.vmid.get(),
+        "vmid_source": origin(h.vmid_origin),
+        "node": h.node,
+        "node_source": origin(h.node_origin),
+        "spread": h.spread,
+        "resources": resources(&h.resources),
+        "onboot": h.onboot,
+        "start": h.start,
+        "unprivileged": h.unprivileged,
+        "features": {"nesting": h.nesting},
+        "ssh_host_key": h.ssh_host_key,
+        "backup": h.backup.as_ref().map(|b| json!({"storage": b.storage, "mode": b.mode, "schedule": b.schedule, "keep": b.keep})),
     })
 }

@@ -329,10 +329,11 @@ impl Parts {
 
 impl Ctx<'_> {
     /// The locked revision of every flake input the host builds from: nixpkgs and sops-nix
-    /// everywhere, authentik-nix on the identity provider's host only.
+    /// everywhere, an input an implementation claims (`Provider::flake_inputs`) on its host
+    /// only.
     fn add_inputs(&self, parts: &mut Parts, s: &Service) {
         for (name, _) in self.p.nix.inputs() {
-            if name == "authentik-nix" && !s.provides(Capability::Identity) {
+            if !crate::providers::service_needs_input(s, name) {
                 continue;
             }
             let id = self

@@ -67,6 +67,48 @@ pub enum Error {
         #[source]
         source: crate::exec::ExecError,
     },
+    /// A container backup that was not taken (`nixmox backup`).
+    #[error("backing up CT {vmid}: {source}")]
+    Backup {
+        vmid: u32,
+        #[source]
+        source: BackupError,
+    },
+    /// A container backup `down` takes before it destroys the container, not taken: nothing
+    /// was destroyed.
+    #[error("backing up CT {vmid} (`{name}`) on node {node} before destroying it: {source}; nothing was destroyed (`--no-backup` destroys without a backup)")]
+    BackupBeforeDestroy {
+        vmid: u32,
+        name: String,
+        node: String,
+        #[source]
+        source: BackupError,
+    },
+    /// A Terraform workspace that could not be listed or destroyed while doing something.
+    #[error("{doing}: {source}")]
+    Workspace {
+        /// What NixMox was doing, like `listing the resources of tf:infra`.
+        doing: String,
+        #[source]
+        source: WorkspaceError,
+    },
+    /// Containers `down` could not destroy.
+    #[error("destroying the containers: {source}")]
+    DestroyContainers {
+        #[source]
+        source: Box<crate::proxmox::lifecycle::LifecycleError>,
+    },
+    /// A container restored from a backup whose health checks then fail.
+    #[error(
+        "CT {vmid} (`{hostname}`) was restored from {from}, but its health checks fail: {source}"
+    )]
+    RestoredUnhealthy {
+        vmid: u32,
+        hostname: String,
+        from: String,
+        #[source]
+        source: crate::health::HealthFailure,
+    },
     /// A failure with no error value under it: a tool that ran and said no (its message is
     /// already extracted), or an outcome that is wrong in itself. Everything with a typed
     /// cause has a variant above that keeps it.
@@ -101,6 +143,11 @@ impl Error {
             | Error::PveDuring { .. }
             | Error::Snapshot(_)
             | Error::Exec { .. }
+            | Error::Backup { .. }
+            | Error::BackupBeforeDestroy { .. }
+            | Error::Workspace { .. }
+            | Error::DestroyContainers { .. }
+            | Error::RestoredUnhealthy { .. }
             | Error::RunFailed(_)
             | Error::DriftIncomplete { .. } => EXIT_RUNTIME,
             Error::Flake(
@@ -130,6 +177,32 @@ fn lines(unchecked: &[Unchecked]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// Why a container backup was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error(transparent)]
+    Pve(Box<PveError>),
+    /// The task succeeded, yet the storage shows no archive it made.
+    #[error("the vzdump task ended, but storage `{storage}` lists no new archive of it")]
+    NoArchive { storage: String },
+}
+
+impl From<PveError> for BackupError {
+    fn from(e: PveError) -> BackupError {
+        BackupError::Pve(Box::new(e))
+    }
+}
+
+/// Why a recorded Terraform workspace could not be read or destroyed.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkspaceError {
+    /// Its environment could not be prepared (the project CA Terraform trusts).
+    #[error("{0}")]
+    Environment(String),
+    #[error(transparent)]
+    Terraform(#[from] crate::terraform::TfError),
 }
 
 impl Error {

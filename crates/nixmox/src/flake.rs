@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nixmox_core::flake_lock::{self, FlakeLock, FLAKE_LOCK};
-use nixmox_core::model::{Capability, Project};
+use nixmox_core::model::Project;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -65,12 +65,11 @@ pub fn reference(build_flake: &Path) -> String {
 
 /// The inputs the rendered flake declares, by name, with their URLs.
 pub fn configured_inputs(project: &Project) -> BTreeMap<String, String> {
-    let has_idp = project.provider(Capability::Identity).is_some();
     project
         .nix
         .inputs()
         .into_iter()
-        .filter(|(name, _)| *name != "authentik-nix" || has_idp)
+        .filter(|(name, _)| nixmox_core::providers::project_needs_input(project, name))
         .map(|(n, u)| (n.to_string(), u.to_string()))
         .collect()
 }
@@ -78,7 +77,8 @@ pub fn configured_inputs(project: &Project) -> BTreeMap<String, String> {
 /// Makes relative `path:` and `git+file:` overrides absolute, taken from the project directory
 /// (the build flake lives elsewhere, and Nix would resolve them from there).
 pub fn absolutize_inputs(project: &mut Project, root: &Path) {
-    for name in ["nixpkgs", "sops-nix", "authentik-nix"] {
+    let names = project.nix.inputs().map(|(name, _)| name);
+    for name in names {
         let Some(url) = project.nix.input_mut(name) else {
             continue;
         };

@@ -1,12 +1,18 @@
 //! `identity: { type: authentik }`: authentik (the authentik-nix module) with its secret key and
 //! database password in an environment file rendered by sops-nix; its outpost for the reverse
-//! proxy's forward-auth; the consumers' OIDC discovery probe. Its Terraform (applications,
-//! providers, the outpost's attachments) is rendered by `render::terraform`.
+//! proxy's forward-auth; the consumers' OIDC discovery probe; its Terraform: an OAuth2
+//! application per OIDC consumer, and in `tf:auth-core` the core services' applications and
+//! one forward-auth proxy provider per protected domain, attached to the embedded outpost.
 
-use super::{db_secret, placeholder, ForwardAuth, HostConfig, Ports, Probe, Provider};
-use crate::model::{Capability, Project, Service};
+use serde_json::{json, Map, Value};
+
+use super::{
+    db_secret, placeholder, ForwardAuth, HostConfig, Ports, Probe, Provider, TfBlocks, TfWorkspace,
+};
+use crate::model::{Capability, ClientType, Project, Service};
 use crate::nixexpr::{set, Nix, Part};
-use crate::render::{idp_domain, issuer};
+use crate::render::terraform::{lit, tf_name};
+use crate::render::{app_slug, idp_domain, issuer};
 
 pub const AUTHENTIK_HTTP_PORT: u16 = 9000;
 pub const AUTHENTIK_HTTPS_PORT: u16 = 9443;
@@ -14,6 +20,14 @@ pub const AUTHENTIK_HTTPS_PORT: u16 = 9443;
 pub const AUTHENTIK_SECRET_KEY: &str = "authentik/secret_key";
 /// The sops-nix template that becomes authentik's environment file.
 pub const AUTHENTIK_ENV_TEMPLATE: &str = "authentik.env";
+
+/// The Terraform provider; its version follows authentik's own (authentik-nix packages
+/// 2025.10). `data.authentik_outpost` and `authentik_outpost_provider_attachment` first appear
+/// in v2025.10.1. docs/generated-options.md, "Pinned providers".
+pub const AUTHENTIK_PROVIDER: (&str, &str) = ("goauthentik/authentik", "~> 2025.10.1");
+
+/// The flake input of the authentik-nix module, which its host imports.
+const AUTHENTIK_NIX: &str = "authentik-nix";
 
 /// The headers authentik's forward-auth endpoint returns, copied to the upstream (from
 /// authentik's Caddy integration guide).
@@ -41,6 +55,9 @@ impl Provider for Authentik {
     fn imports(&self) -> Vec<Nix> {
         vec![Nix::Code("inputs.authentik-nix.nixosModules.default")]
     }
+    fn flake_inputs(&self) -> &'static [&'static str] {
+        &[AUTHENTIK_NIX]
+    }
     fn host_config(&self, p: &Project, me: usize, host: &mut HostConfig) {
         let s = &p.services[me];
         environment(p, s, host);
@@ -64,6 +81,16 @@ impl Provider for Authentik {
             prefix: "/outpost.goauthentik.io",
             copy_headers: AUTHENTIK_HEADERS,
         })
+    }
+    fn terraform(&self, p: &Project, ws: TfWorkspace<'_>) -> Option<TfBlocks> {
+        match ws {
+            TfWorkspace::AuthCore => Some(auth_core(p)),
+            TfWorkspace::ServiceInfra(s) => {
+                let mut blocks = oauth2(p, s, "")?;
+                blocks.merge(workspace_base(p));
+                Some(blocks)
+            }
+        }
     }
 }
 
@@ -158,4 +185,196 @@ fn settings(p: &Project, s: &Service, c: &mut std::collections::BTreeMap<String,
             Nix::str(format!("https://{d}")),
         );
     }
+}
+
+/// What every workspace that talks to authentik has: the provider (its token comes from
+/// `AUTHENTIK_TOKEN` in the environment), the default flows and the signing key.
+fn workspace_base(p: &Project) -> TfBlocks {
+    let provider = match idp_domain(p) {
+        Some(d) => json!({"url": lit(&format!("https://{d}"))}),
+        None => json!({}),
+    };
+    let data = json!({
+        "authentik_flow": {
+            "authorization": {"slug": "default-provider-authorization-implicit-consent"},
+            "invalidation": {"slug": "default-provider-invalidation-flow"},
+        },
+        "authentik_certificate_key_pair": {
+            // Only the id is used: by default the data source reads the private key (and the
+            // certificate) into every workspace's state.
+            "signing": {"name": "authentik Self-signed Certificate", "fetch_key": false, "fetch_certificate": false},
+        },
+    });
+    TfBlocks {
+        required: vec![("authentik", AUTHENTIK_PROVIDER)],
+        provider: Map::from_iter([("authentik".to_string(), provider)]),
+        data: object(data),
+        ..TfBlocks::default()
+    }
+}
+
+/// `tf:auth-core`: the core services' OAuth2 applications (see `nix:core-auth`) and the
+/// forward-auth proxy providers.
+fn auth_core(p: &Project) -> TfBlocks {
+    let mut blocks = workspace_base(p);
+    for s in p.services.iter().filter(|s| s.is_core()) {
+        if let Some(app) = oauth2(p, s, &format!("{}_", tf_name(s.name.as_str()))) {
+            blocks.merge(app);
+        }
+    }
+    blocks.merge(forward_auth_providers(p));
+    blocks
+}
+
+/// A JSON object's entries (empty for anything else).
+fn object(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+/// The OAuth2 provider and application of a service with `auth.oidc`, and its outputs (named
+/// with `out_name` first): the client id, the client secret of a confidential client and the
+/// issuer.
+fn oauth2(p: &Project, s: &Service, out_name: &str) -> Option<TfBlocks> {
+    let auth = s.auth.as_ref()?;
+    let o = auth.oidc.as_ref()?;
+    let name = tf_name(s.name.as_str());
+    let mappings: Vec<String> = o
+        .scopes
+        .iter()
+        .filter_map(|sc| crate::model::oidc_scope_mapping(sc))
+        .collect();
+    let data = json!({"authentik_property_mapping_provider_scope": {
+        format!("{name}_scopes"): {"managed_list": mappings}
+    }});
+    let display = &auth.display_name;
+    let provider = json!({
+        "name": lit(display),
+        "client_id": lit(&o.client_id),
+        "client_type": o.client_type.as_str(),
+        "authorization_flow": "${data.authentik_flow.authorization.id}",
+        "invalidation_flow": "${data.authentik_flow.invalidation.id}",
+        "allowed_redirect_uris": o.redirect_uris.iter().map(|u| json!({"matching_mode": "strict", "url": lit(u)})).collect::<Vec<_>>(),
+        "property_mappings": format!("${{data.authentik_property_mapping_provider_scope.{name}_scopes.ids}}"),
+        "signing_key": "${data.authentik_certificate_key_pair.signing.id}",
+        "sub_mode": "user_username",
+    });
+    let mut app = json!({
+        "name": lit(display),
+        "slug": app_slug(s),
+        "protocol_provider": format!("${{authentik_provider_oauth2.{name}.id}}"),
+    });
+    if let Some(x) = s.proxies.first() {
+        let scheme = if x.tls { "https" } else { "http" };
+        app["meta_launch_url"] = lit(&format!("{scheme}://{}{}", x.domain, x.path));
+    }
+    let resource = json!({
+        "authentik_provider_oauth2": { name.clone(): provider },
+        "authentik_application": { name.clone(): app },
+    });
+    let mut output = Map::new();
+    output.insert(
+        format!("{out_name}client_id"),
+        json!({"value": format!("${{authentik_provider_oauth2.{name}.client_id}}")}),
+    );
+    if o.client_type == ClientType::Confidential {
+        output.insert(
+            format!("{out_name}client_secret"),
+            json!({"value": format!("${{authentik_provider_oauth2.{name}.client_secret}}"), "sensitive": true}),
+        );
+    }
+    if let Some(d) = idp_domain(p) {
+        output.insert(
+            format!("{out_name}issuer"),
+            json!({"value": lit(&format!("https://{d}/application/o/{}/", app_slug(s)))}),
+        );
+    }
+    Some(TfBlocks {
+        data: object(data),
+        resource: object(resource),
+        output,
+        ..TfBlocks::default()
+    })
+}
+
+/// Forward-auth: one proxy provider (and application) per protected domain, all bound to the
+/// embedded outpost. They live in `tf:auth-core`, not in each service's workspace, because the
+/// outpost's list of providers must name every one of them.
+fn forward_auth_providers(p: &Project) -> TfBlocks {
+    let mut proxies = Map::new();
+    let mut apps = Map::new();
+    for s in &p.services {
+        for x in s.proxies.iter().filter(|x| x.authz) {
+            let name = tf_name(&format!(
+                "{}_{}",
+                s.name,
+                x.domain.as_str().replace('.', "_")
+            ));
+            if proxies.contains_key(&name) {
+                continue;
+            }
+            let scheme = if x.tls { "https" } else { "http" };
+            let title = lit(&format!("{} ({})", s.name, x.domain));
+            proxies.insert(
+                name.clone(),
+                json!({
+                    "name": title.clone(),
+                    "mode": "forward_single",
+                    "external_host": lit(&format!("{scheme}://{}", x.domain)),
+                    "authorization_flow": "${data.authentik_flow.authorization.id}",
+                    "invalidation_flow": "${data.authentik_flow.invalidation.id}",
+                }),
+            );
+            apps.insert(
+                format!("{name}_app"),
+                json!({
+                    "name": title,
+                    "slug": tf_name(&format!("{}-{}", s.name, x.domain.as_str().replace('.', "-"))).replace('_', "-"),
+                    "protocol_provider": format!("${{authentik_provider_proxy.{name}.id}}"),
+                    "meta_launch_url": lit(&format!("{scheme}://{}{}", x.domain, x.path)),
+                }),
+            );
+        }
+    }
+    if proxies.is_empty() {
+        return TfBlocks::default();
+    }
+    let attachments = outpost_attachments(proxies.keys().cloned().collect());
+    TfBlocks {
+        data: object(
+            json!({"authentik_outpost": {"embedded": {"name": "authentik Embedded Outpost"}}}),
+        ),
+        resource: object(json!({
+            "authentik_provider_proxy": proxies,
+            "authentik_application": apps,
+            "authentik_outpost_provider_attachment": attachments,
+        })),
+        output: object(json!({"outpost_id": {"value": "${data.authentik_outpost.embedded.id}"}})),
+        ..TfBlocks::default()
+    }
+}
+
+/// The attachments of the proxy providers named `names` to the embedded outpost. The provider
+/// reads the outpost's provider list, appends and writes it back without a lock, so
+/// attachments made at once lose each other: each one waits for the one before (a
+/// `depends_on` chain). Each is named after its proxy provider, so reordering services renames
+/// nothing.
+fn outpost_attachments(mut names: Vec<String>) -> Map<String, Value> {
+    names.sort();
+    let mut attachments = Map::new();
+    let mut previous: Option<&String> = None;
+    for name in &names {
+        let mut a = json!({
+            "outpost": "${data.authentik_outpost.embedded.id}",
+            "protocol_provider": format!("${{authentik_provider_proxy.{name}.id}}"),
+        });
+        if let Some(prev) = previous {
+            a["depends_on"] = json!([format!("authentik_outpost_provider_attachment.{prev}")]);
+        }
+        attachments.insert(name.clone(), a);
+        previous = Some(name);
+    }
+    attachments
 }

@@ -82,6 +82,16 @@ impl Provider for Caddy {
     fn uses_project_ca(&self) -> bool {
         true
     }
+    fn check(&self, p: &Project, _me: usize) -> Vec<String> {
+        caddy_sites(p)
+            .into_iter()
+            .flat_map(|(site, conf)| {
+                crate::render::verify::caddyfile(&conf)
+                    .into_iter()
+                    .map(move |e| format!("Caddy site {site}: {e}"))
+            })
+            .collect()
+    }
 }
 
 /// A Caddyfile token taken literally: Caddy reads a backtick-quoted token without escapes, so

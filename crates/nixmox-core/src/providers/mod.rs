@@ -3,8 +3,10 @@
 //! for `identity`), each behind the one [`Provider`] trait, and the [`REGISTRY`] that lists
 //! them. An implementation owns what is particular to it: the ports its host opens, its part of
 //! the host's NixOS configuration, the secrets NixMox generates for it, the end-to-end probes
-//! of its consumers (as data: the shell runs them) and the statements `down --purge-data`
-//! runs. Everything else names the capability and asks the registry.
+//! of its consumers (as data: the shell runs them), its part of the Terraform workspaces, the
+//! flake inputs its host builds from, the commands `down --purge-data` and `backup` run on its
+//! host, and the checks of what it rendered. Everything else names the capability and asks the
+//! registry.
 //!
 //! Adding an implementation is one new module here and one line in [`REGISTRY`]
 //! (docs/providers.md).
@@ -17,6 +19,8 @@ pub mod unbound;
 
 use core::net::Ipv4Addr;
 use std::collections::BTreeMap;
+
+use serde_json::{Map, Value};
 
 use crate::model::{Capability, Project, Proxy, SecretAccess, Service};
 use crate::nixexpr::Nix;
@@ -47,6 +51,12 @@ pub trait Provider: Sync {
     fn imports(&self) -> Vec<Nix> {
         Vec::new()
     }
+    /// The build flake's inputs (by their names in `nix.inputs`) that only its host needs: the
+    /// flake declares one only when the project runs an implementation that names it, and only
+    /// that implementation's host's steps depend on its locked revision.
+    fn flake_inputs(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// Its part of its host's NixOS configuration, derived from every consumer; `me` is the
     /// providing service's index.
     fn host_config(&self, p: &Project, me: usize, host: &mut HostConfig);
@@ -65,6 +75,30 @@ pub trait Provider: Sync {
     fn purge(&self, database: &str, role: Option<&str>) -> Option<Purge> {
         let _ = (database, role);
         None
+    }
+    /// What `nixmox backup` runs on its host to dump a consumer's database into `dir`, beside
+    /// the container's backup. `None` for a capability without data.
+    fn dump(&self, database: &str, dir: &str) -> Option<Dump> {
+        let _ = (database, dir);
+        None
+    }
+    /// Its part of a Terraform workspace: the identity provider's `tf:auth-core`, or a
+    /// consumer's `tf:service-infra`. `None` when it adds nothing there.
+    fn terraform(&self, p: &Project, ws: TfWorkspace<'_>) -> Option<TfBlocks> {
+        let _ = (p, ws);
+        None
+    }
+    /// The Terraform resource types it renders that hold data: a saved plan that deletes or
+    /// replaces one is applied only with `up --allow-destroy`.
+    fn protected_types(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// Problems with what it rendered for its host (`me` is the providing service's index),
+    /// found without running its tools: for the tests and the fuzz target
+    /// (`render::verify::rendered`). Each problem names the file or site it is in.
+    fn check(&self, p: &Project, me: usize) -> Vec<String> {
+        let _ = (p, me);
+        Vec::new()
     }
     /// Problems with a route this reverse proxy cannot serve (reported at the route).
     fn check_route(&self, x: &Proxy) -> Vec<String> {
@@ -148,6 +182,66 @@ pub struct Purge {
     pub run_as: &'static str,
 }
 
+/// What `nixmox backup` runs on the database host over SSH to dump one database.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dump {
+    /// The remote command lines, in order (the directory made, then the dump).
+    pub commands: Vec<Vec<String>>,
+    /// Where the dump is written on the database host.
+    pub file: String,
+    /// The kind the state store records it as (`pg_dump`).
+    pub kind: &'static str,
+    /// How the operator is told it is made (`pg_dump --format=custom`).
+    pub how: &'static str,
+}
+
+/// A Terraform workspace an implementation may add blocks to.
+#[derive(Clone, Copy, Debug)]
+pub enum TfWorkspace<'a> {
+    /// `tf:auth-core`, the identity provider's project-wide workspace.
+    AuthCore,
+    /// `tf:service-infra:<service>`, a consumer's infrastructure workspace.
+    ServiceInfra(&'a Service),
+}
+
+/// The top-level blocks an implementation adds to a Terraform workspace (JSON configuration
+/// syntax), merged with the other parts of the workspace; the renderer sorts every object.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TfBlocks {
+    /// `terraform.required_providers`: the local name, its source and its version constraint.
+    pub required: Vec<(&'static str, (&'static str, &'static str))>,
+    /// `provider`: each provider's configuration, by its local name.
+    pub provider: Map<String, Value>,
+    pub variable: Map<String, Value>,
+    pub data: Map<String, Value>,
+    pub resource: Map<String, Value>,
+    pub output: Map<String, Value>,
+}
+
+impl TfBlocks {
+    /// Adds `other`'s blocks to these, object into object.
+    pub fn merge(&mut self, other: TfBlocks) {
+        self.required.extend(other.required);
+        merge_json(&mut self.provider, other.provider);
+        merge_json(&mut self.variable, other.variable);
+        merge_json(&mut self.data, other.data);
+        merge_json(&mut self.resource, other.resource);
+        merge_json(&mut self.output, other.output);
+    }
+}
+
+/// Merges `from` into `into`, recursing where both hold an object under the same key.
+pub fn merge_json(into: &mut Map<String, Value>, from: Map<String, Value>) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(Value::Object(a)), Value::Object(b)) => merge_json(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
 /// How a reverse proxy hands a request to the identity provider's outpost.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ForwardAuth {
@@ -191,6 +285,38 @@ pub fn names(cap: Capability) -> String {
         Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
         _ => all.join(""),
     }
+}
+
+/// Whether the build flake declares the input `name`: an input no implementation claims
+/// (`Provider::flake_inputs`) always, a claimed one when the project runs its implementation.
+pub fn project_needs_input(p: &Project, name: &str) -> bool {
+    !claimed(name) || p.services.iter().any(|s| runs_claimant(s, name))
+}
+
+/// Whether service `s`'s host builds from the input `name`: an unclaimed input on every host, a
+/// claimed one on the hosts of the implementations that claim it.
+pub fn service_needs_input(s: &Service, name: &str) -> bool {
+    !claimed(name) || runs_claimant(s, name)
+}
+
+fn claimed(name: &str) -> bool {
+    REGISTRY
+        .iter()
+        .any(|imp| imp.flake_inputs().contains(&name))
+}
+
+fn runs_claimant(s: &Service, name: &str) -> bool {
+    s.provides
+        .iter()
+        .any(|c| c.provider.flake_inputs().contains(&name))
+}
+
+/// Every Terraform resource type a registered implementation protects
+/// (`Provider::protected_types`).
+pub fn protected_types() -> impl Iterator<Item = &'static str> {
+    REGISTRY
+        .iter()
+        .flat_map(|imp| imp.protected_types().iter().copied())
 }
 
 /// The secret holding a database role's password, on the database host and the consumer's.

@@ -1,17 +1,28 @@
 //! `database: { type: postgresql }`: the PostgreSQL server, its databases, roles, `pg_hba`
 //! lines and the setup unit (ownership, role passwords, migrations) derived from every
 //! consumer's `interface.db`; the consumers' login probe (psql); `DROP` statements for
-//! `down --purge-data`.
+//! `down --purge-data`; `pg_dump` for `nixmox backup`; the roles and databases of
+//! `mode: terraform` consumers (the `postgresql` Terraform provider in their
+//! `tf:service-infra`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{db_secret, secret_path, HostConfig, Login, Ports, Probe, Provider, Purge};
+use serde_json::{json, Map};
+
+use super::{
+    db_secret, secret_path, Dump, HostConfig, Login, Ports, Probe, Provider, Purge, TfBlocks,
+    TfWorkspace,
+};
 use crate::model::{Capability, DbMode, Project, Service};
 use crate::nixexpr::{set, Nix, Part};
 use crate::render::nixos::{release, Release};
+use crate::render::terraform::{db_password_variable, lit, tf_name};
 use crate::render::{base_name, safe_name};
 
 pub const POSTGRES_PORT: u16 = 5432;
+/// The Terraform provider of `mode: terraform` databases, pinned to the releases the renderer
+/// was checked for (docs/generated-options.md, "Pinned providers").
+pub const POSTGRESQL_PROVIDER: (&str, &str) = ("cyrilgdn/postgresql", "~> 1.22.0");
 pub const SETUP_UNIT: &str = "nixmox-postgresql-setup";
 
 /// The PostgreSQL implementation of `database`.
@@ -87,6 +98,102 @@ impl Provider for Postgresql {
             run_as: "postgres",
         })
     }
+    fn dump(&self, database: &str, dir: &str) -> Option<Dump> {
+        Some(dump_commands(dir, database))
+    }
+    fn terraform(&self, p: &Project, ws: TfWorkspace<'_>) -> Option<TfBlocks> {
+        match ws {
+            TfWorkspace::ServiceInfra(s) => terraform_databases(p, s),
+            TfWorkspace::AuthCore => None,
+        }
+    }
+    fn protected_types(&self) -> &'static [&'static str] {
+        &["postgresql_database", "postgresql_role"]
+    }
+    fn check(&self, p: &Project, me: usize) -> Vec<String> {
+        crate::render::verify::pg_hba(&pg_hba(p, me))
+            .into_iter()
+            .map(|e| format!("pg_hba: {e}"))
+            .collect()
+    }
+}
+
+/// The commands that dump `database` into `dir`: the directory made (mode 0700, owned by
+/// postgres), then `pg_dump --format=custom` as postgres.
+fn dump_commands(dir: &str, database: &str) -> Dump {
+    let file = format!("{dir}/{database}.dump");
+    let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<String>>();
+    Dump {
+        commands: vec![
+            words(&[
+                "sudo", "install", "-d", "-m", "0700", "-o", "postgres", "-g", "postgres", dir,
+            ]),
+            words(&[
+                "sudo",
+                "-u",
+                "postgres",
+                "pg_dump",
+                "--format=custom",
+                &format!("--file={file}"),
+                "--",
+                database,
+            ]),
+        ],
+        file,
+        kind: "pg_dump",
+        how: "pg_dump --format=custom",
+    }
+}
+
+/// A consumer's `mode: terraform` databases, made by its own `tf:service-infra` through the
+/// `postgresql` provider: each role with its password from a workspace variable
+/// (`db_password_variable`), and its database owned by it. The provider's credentials come
+/// from `PGUSER` / `PGPASSWORD` in the environment.
+fn terraform_databases(p: &Project, s: &Service) -> Option<TfBlocks> {
+    let dbs: Vec<_> = s
+        .dbs
+        .iter()
+        .filter(|d| d.mode == DbMode::Terraform)
+        .collect();
+    if dbs.is_empty() {
+        return None;
+    }
+    let host = p
+        .provider(Capability::Database)
+        .map(|pg| p.fqdn(pg))
+        .unwrap_or_default();
+    let mut variable = Map::new();
+    let mut roles = Map::new();
+    let mut databases = Map::new();
+    for d in dbs {
+        let role = tf_name(&d.role);
+        let var = db_password_variable(&d.role);
+        variable.insert(
+            var.clone(),
+            json!({"type": "string", "sensitive": true, "description": format!("password of role {} (from the secrets file)", d.role)}),
+        );
+        roles.insert(
+            role.clone(),
+            json!({"name": lit(&d.role), "login": true, "password": format!("${{var.{var}}}")}),
+        );
+        databases.insert(
+            tf_name(&d.database),
+            json!({"name": lit(&d.database), "owner": format!("${{postgresql_role.{role}.name}}")}),
+        );
+    }
+    Some(TfBlocks {
+        required: vec![("postgresql", POSTGRESQL_PROVIDER)],
+        provider: Map::from_iter([(
+            "postgresql".to_string(),
+            json!({"host": host, "port": POSTGRES_PORT, "sslmode": "disable"}),
+        )]),
+        variable,
+        resource: Map::from_iter([
+            ("postgresql_role".to_string(), roles.into()),
+            ("postgresql_database".to_string(), databases.into()),
+        ]),
+        ..TfBlocks::default()
+    })
 }
 
 /// The units the setup unit orders after and requires: the ones that have run
@@ -352,6 +459,43 @@ mod tests {
                 "ON_ERROR_STOP=1",
                 "-c",
                 "DROP DATABASE IF EXISTS \"wiki\""
+            ]
+        );
+    }
+
+    #[test]
+    fn a_dump_is_made_by_postgres_in_its_own_directory() {
+        let dump = Postgresql
+            .dump("wiki_db", "/var/lib/nixmox/dumps/wiki/v")
+            .expect("a database has data");
+        assert_eq!(dump.file, "/var/lib/nixmox/dumps/wiki/v/wiki_db.dump");
+        assert_eq!(dump.kind, "pg_dump");
+        assert_eq!(
+            dump.commands[0],
+            [
+                "sudo",
+                "install",
+                "-d",
+                "-m",
+                "0700",
+                "-o",
+                "postgres",
+                "-g",
+                "postgres",
+                "/var/lib/nixmox/dumps/wiki/v"
+            ]
+        );
+        assert_eq!(
+            dump.commands[1],
+            [
+                "sudo",
+                "-u",
+                "postgres",
+                "pg_dump",
+                "--format=custom",
+                "--file=/var/lib/nixmox/dumps/wiki/v/wiki_db.dump",
+                "--",
+                "wiki_db"
             ]
         );
     }

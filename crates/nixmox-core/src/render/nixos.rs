@@ -133,22 +133,18 @@ pub fn state_version(p: &Project) -> String {
 
 /// The build flake's `flake.nix`: its inputs and the outputs that find the hosts.
 pub fn flake(p: &Project) -> String {
-    let has_idp = p.provider(Capability::Identity).is_some();
     let mut inputs = BTreeMap::new();
-    set(&mut inputs, &["nixpkgs", "url"], Nix::str(&p.nix.nixpkgs));
-    set(&mut inputs, &["sops-nix", "url"], Nix::str(&p.nix.sops_nix));
+    // An input only an implementation needs is declared when the project runs it.
+    for (name, url) in p.nix.inputs() {
+        if crate::providers::project_needs_input(p, name) {
+            set(&mut inputs, &[name, "url"], Nix::str(url));
+        }
+    }
     set(
         &mut inputs,
         &["sops-nix", "inputs", "nixpkgs", "follows"],
         Nix::str("nixpkgs"),
     );
-    if has_idp {
-        set(
-            &mut inputs,
-            &["authentik-nix", "url"],
-            Nix::str(&p.nix.authentik_nix),
-        );
-    }
     let mut top = BTreeMap::new();
     top.insert(
         "description".to_string(),

@@ -1,16 +1,17 @@
 //! The Terraform side: one workspace directory per Terraform step, in JSON configuration
 //! syntax (`main.tf.json`). Argument names are listed, with the provider documentation they
-//! come from, in docs/generated-options.md.
+//! come from, in docs/generated-options.md. The infrastructure's workspace and a service's own
+//! modules are rendered here; what a provider implementation adds to a workspace (the identity
+//! provider's applications, a database's roles) comes from it (`Provider::terraform`).
+
+use std::collections::BTreeSet;
 
 use serde_json::{json, Map, Value};
 
-use super::{app_slug, base_name, idp_domain, safe_name, Copy, Outputs, Rendered, HEADER};
-use std::collections::BTreeSet;
-
-use crate::model::{
-    Capability, ClientType, DbMode, InfraBackend, Project, Protect, Service, TfPhase,
-};
+use super::{base_name, safe_name, Copy, Outputs, Rendered, HEADER};
+use crate::model::{Capability, DbMode, InfraBackend, Project, Protect, Service, TfPhase};
 use crate::plan::{startup_order, Phase};
+use crate::providers::{Provider, TfBlocks, TfWorkspace};
 use crate::step_id::StepId;
 use crate::RenderedFile;
 
@@ -18,27 +19,21 @@ use crate::RenderedFile;
 /// contracts in `tests/contracts/terraform/` were read at the newest tag of each range): a
 /// newer minor release may change a schema (bpg/proxmox requires a non-empty
 /// `initialization.dns.servers` from v0.86). docs/generated-options.md, "Pinned providers".
+/// The implementations' providers are pinned next to them (`providers::authentik`,
+/// `providers::postgresql`).
 pub const PROXMOX_PROVIDER: (&str, &str) = ("bpg/proxmox", "~> 0.82.0");
-/// The provider's version follows authentik's own; authentik-nix packages 2025.10.
-/// `data.authentik_outpost` and `authentik_outpost_provider_attachment` first appear in
-/// v2025.10.1.
-pub const AUTHENTIK_PROVIDER: (&str, &str) = ("goauthentik/authentik", "~> 2025.10.1");
-pub const POSTGRESQL_PROVIDER: (&str, &str) = ("cyrilgdn/postgresql", "~> 1.22.0");
 
-/// The resource types NixMox renders that hold data: a container's disk, a database and the
-/// role that owns it. A saved plan that deletes or replaces one is applied only with
-/// `up --allow-destroy` (docs/engine.md, "Destroy guard").
-pub const PROTECTED_TYPES: &[&str] = &[
-    "proxmox_virtual_environment_container",
-    "postgresql_database",
-    "postgresql_role",
-];
+/// The resource types of the infrastructure that hold data: a container's disk. With the
+/// implementations' (`Provider::protected_types`: a database and the role that owns it), a
+/// saved plan that deletes or replaces one is applied only with `up --allow-destroy`
+/// (docs/engine.md, "Destroy guard").
+pub const PROTECTED_TYPES: &[&str] = &["proxmox_virtual_environment_container"];
 
 /// What a Terraform step's saved plan may not delete or replace without `--allow-destroy`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Protection {
-    /// Protected wherever they are in the workspace: [`PROTECTED_TYPES`] and the types a
-    /// manifest lists.
+    /// Protected wherever they are in the workspace: [`PROTECTED_TYPES`], the implementations'
+    /// and the types a manifest lists.
     pub types: BTreeSet<String>,
     /// Full addresses of the workspace (`module.keep_0_0.null_resource.keep`); one without an
     /// instance key covers every instance.
@@ -63,7 +58,12 @@ impl Protection {
 /// prefixed with the module they belong to, as the workspace names it.
 pub fn protection(service: Option<(&Service, TfPhase)>) -> Protection {
     let mut out = Protection {
-        types: PROTECTED_TYPES.iter().map(|t| t.to_string()).collect(),
+        types: PROTECTED_TYPES
+            .iter()
+            .copied()
+            .chain(crate::providers::protected_types())
+            .map(str::to_string)
+            .collect(),
         addresses: Vec::new(),
     };
     if let Some((s, phase)) = service {
@@ -227,8 +227,8 @@ pub fn render(p: &Project, outputs: &Outputs, out: &mut Rendered) {
     if p.infra == InfraBackend::Terraform {
         out.files.push(infra(p));
     }
-    if p.provider(Capability::Identity).is_some() {
-        out.files.push(auth_core(p));
+    if let Some(identity) = p.implementation(Capability::Identity) {
+        out.files.extend(auth_core(p, identity));
     }
     for s in p.services.iter().filter(|s| !s.is_core()) {
         for phase in [TfPhase::ServiceInfra, TfPhase::ServiceConfig] {
@@ -343,232 +343,35 @@ fn dns(p: &Project) -> Value {
     dns
 }
 
-fn auth_data() -> Value {
-    json!({
-        "authentik_flow": {
-            "authorization": {"slug": "default-provider-authorization-implicit-consent"},
-            "invalidation": {"slug": "default-provider-invalidation-flow"},
-        },
-        "authentik_certificate_key_pair": {
-            // Only the id is used: by default the data source reads the private key (and the
-            // certificate) into every workspace's state.
-            "signing": {"name": "authentik Self-signed Certificate", "fetch_key": false, "fetch_certificate": false},
-        },
-    })
-}
-
-/// Top-level blocks a part of a workspace contributes.
-struct Blocks {
-    resources: Map<String, Value>,
-    data: Map<String, Value>,
-    outputs: Map<String, Value>,
-}
-
-fn oauth2(p: &Project, s: &Service, out_name: &str) -> Option<Blocks> {
-    let o = s.auth.as_ref()?.oidc.as_ref()?;
-    let name = tf_name(s.name.as_str());
-    let mut resources = Map::new();
-    let mut data = Map::new();
-    let mappings: Vec<String> = o
-        .scopes
-        .iter()
-        .filter_map(|sc| crate::model::oidc_scope_mapping(sc))
-        .collect();
-    data.insert(
-        "authentik_property_mapping_provider_scope".into(),
-        json!({ format!("{name}_scopes"): {"managed_list": mappings} }),
-    );
-    let display = &s.auth.as_ref()?.display_name;
-    resources.insert(
-        "authentik_provider_oauth2".into(),
-        json!({ name.clone(): {
-            "name": lit(display),
-            "client_id": lit(&o.client_id),
-            "client_type": o.client_type.as_str(),
-            "authorization_flow": "${data.authentik_flow.authorization.id}",
-            "invalidation_flow": "${data.authentik_flow.invalidation.id}",
-            "allowed_redirect_uris": o.redirect_uris.iter().map(|u| json!({"matching_mode": "strict", "url": lit(u)})).collect::<Vec<_>>(),
-            "property_mappings": format!("${{data.authentik_property_mapping_provider_scope.{name}_scopes.ids}}"),
-            "signing_key": "${data.authentik_certificate_key_pair.signing.id}",
-            "sub_mode": "user_username",
-        }}),
-    );
-    let launch = s.proxies.first().map(|x| {
-        format!(
-            "{}://{}{}",
-            if x.tls { "https" } else { "http" },
-            x.domain,
-            x.path
-        )
-    });
-    let mut app = json!({
-        "name": lit(display),
-        "slug": app_slug(s),
-        "protocol_provider": format!("${{authentik_provider_oauth2.{name}.id}}"),
-    });
-    if let Some(l) = launch {
-        app["meta_launch_url"] = lit(&l);
-    }
-    resources.insert("authentik_application".into(), json!({ name.clone(): app }));
-    let mut outputs = Map::new();
-    outputs.insert(
-        format!("{out_name}client_id"),
-        json!({"value": format!("${{authentik_provider_oauth2.{name}.client_id}}")}),
-    );
-    if o.client_type == ClientType::Confidential {
-        outputs.insert(
-            format!("{out_name}client_secret"),
-            json!({"value": format!("${{authentik_provider_oauth2.{name}.client_secret}}"), "sensitive": true}),
-        );
-    }
-    if let Some(d) = idp_domain(p) {
-        outputs.insert(
-            format!("{out_name}issuer"),
-            json!({"value": lit(&format!("https://{d}/application/o/{}/", app_slug(s)))}),
-        );
-    }
-    Some(Blocks {
-        resources,
-        data,
-        outputs,
-    })
-}
-
-fn merge(into: &mut Map<String, Value>, from: Map<String, Value>) {
-    for (k, v) in from {
-        match (into.get_mut(&k), v) {
-            (Some(Value::Object(a)), Value::Object(b)) => merge(a, b),
-            (_, v) => {
-                into.insert(k, v);
-            }
-        }
-    }
-}
-
-fn authentik_provider_block(p: &Project) -> Value {
-    // The token comes from AUTHENTIK_TOKEN in the environment.
-    match idp_domain(p) {
-        Some(d) => json!({"authentik": {"url": lit(&format!("https://{d}"))}}),
-        None => json!({"authentik": {}}),
-    }
-}
-
-fn auth_core(p: &Project) -> RenderedFile {
-    let mut resources = Map::new();
-    let mut data = auth_data().as_object().cloned().unwrap_or_default();
-    let mut outputs = Map::new();
-    // Core services that use OIDC get their application here (see `nix:core-auth`).
-    for s in p.services.iter().filter(|s| s.is_core()) {
-        if let Some(Blocks {
-            resources: r,
-            data: d,
-            outputs: o,
-        }) = oauth2(p, s, &format!("{}_", tf_name(s.name.as_str())))
-        {
-            merge(&mut resources, r);
-            merge(&mut data, d);
-            outputs.extend(o);
-        }
-    }
-    // Forward-auth: one proxy provider per protected domain, all bound to the embedded
-    // outpost. They live here, not in each service's workspace, because the outpost's list of
-    // providers must name every one of them.
-    let mut proxy_names: Vec<String> = Vec::new();
-    let mut proxies = Map::new();
-    let mut apps = Map::new();
-    for s in &p.services {
-        for x in s.proxies.iter().filter(|x| x.authz) {
-            let name = tf_name(&format!(
-                "{}_{}",
-                s.name,
-                x.domain.as_str().replace('.', "_")
-            ));
-            if proxies.contains_key(&name) {
-                continue;
-            }
-            let scheme = if x.tls { "https" } else { "http" };
-            proxies.insert(
-                name.clone(),
-                json!({
-                    "name": lit(&format!("{} ({})", s.name, x.domain)),
-                    "mode": "forward_single",
-                    "external_host": lit(&format!("{scheme}://{}", x.domain)),
-                    "authorization_flow": "${data.authentik_flow.authorization.id}",
-                    "invalidation_flow": "${data.authentik_flow.invalidation.id}",
-                }),
-            );
-            apps.insert(
-                format!("{name}_app"),
-                json!({
-                    "name": lit(&format!("{} ({})", s.name, x.domain)),
-                    "slug": tf_name(&format!("{}-{}", s.name, x.domain.as_str().replace('.', "-"))).replace('_', "-"),
-                    "protocol_provider": format!("${{authentik_provider_proxy.{name}.id}}"),
-                    "meta_launch_url": lit(&format!("{scheme}://{}{}", x.domain, x.path)),
-                }),
-            );
-            proxy_names.push(name);
-        }
-    }
-    if !proxies.is_empty() {
-        merge(
-            &mut resources,
-            json!({"authentik_provider_proxy": proxies})
-                .as_object()
-                .cloned()
-                .unwrap_or_default(),
-        );
-        merge(
-            &mut resources,
-            json!({"authentik_application": apps})
-                .as_object()
-                .cloned()
-                .unwrap_or_default(),
-        );
-        data.insert(
-            "authentik_outpost".into(),
-            json!({"embedded": {"name": "authentik Embedded Outpost"}}),
-        );
-        // The provider reads the outpost's provider list, appends and writes it back without a
-        // lock, so attachments made at once lose each other: each one waits for the one before
-        // (a `depends_on` chain). Each is named after its proxy provider, so reordering
-        // services renames nothing.
-        proxy_names.sort();
-        let mut attachments = Map::new();
-        let mut previous: Option<String> = None;
-        for name in &proxy_names {
-            let mut a = json!({
-                "outpost": "${data.authentik_outpost.embedded.id}",
-                "protocol_provider": format!("${{authentik_provider_proxy.{name}.id}}"),
-            });
-            if let Some(prev) = &previous {
-                a["depends_on"] = json!([format!("authentik_outpost_provider_attachment.{prev}")]);
-            }
-            attachments.insert(name.clone(), a);
-            previous = Some(name.clone());
-        }
-        resources.insert(
-            "authentik_outpost_provider_attachment".into(),
-            Value::Object(attachments),
-        );
-        outputs.insert(
-            "outpost_id".into(),
-            json!({"value": "${data.authentik_outpost.embedded.id}"}),
-        );
-    }
+/// A workspace's `main.tf.json` body from its blocks: each one present only when it has
+/// something.
+fn body_of(blocks: TfBlocks) -> Map<String, Value> {
     let mut body = Map::new();
-    body.insert(
-        "terraform".into(),
-        required(&[("authentik", AUTHENTIK_PROVIDER)]),
-    );
-    body.insert("provider".into(), authentik_provider_block(p));
-    body.insert("data".into(), Value::Object(data));
-    if !resources.is_empty() {
-        body.insert("resource".into(), Value::Object(resources));
+    if !blocks.required.is_empty() {
+        body.insert("terraform".into(), required(&blocks.required));
     }
-    if !outputs.is_empty() {
-        body.insert("output".into(), Value::Object(outputs));
+    for (key, block) in [
+        ("provider", blocks.provider),
+        ("variable", blocks.variable),
+        ("data", blocks.data),
+        ("resource", blocks.resource),
+        ("output", blocks.output),
+    ] {
+        if !block.is_empty() {
+            body.insert(key.into(), Value::Object(block));
+        }
     }
-    tf_file(p, main_file(Phase::TfAuthCore, None), body)
+    body
+}
+
+/// `tf:auth-core`: what the identity implementation puts in its project-wide workspace.
+fn auth_core(p: &Project, identity: &dyn Provider) -> Option<RenderedFile> {
+    let blocks = identity.terraform(p, TfWorkspace::AuthCore)?;
+    Some(tf_file(
+        p,
+        main_file(Phase::TfAuthCore, None),
+        body_of(blocks),
+    ))
 }
 
 fn service(
@@ -581,74 +384,41 @@ fn service(
     if !has_service_terraform(s, phase) {
         return None;
     }
+    let mut blocks = TfBlocks::default();
     let step_phase = match phase {
-        TfPhase::ServiceInfra => Phase::TfServiceInfra,
+        TfPhase::ServiceInfra => {
+            // What the implementations the service uses make for it (its OAuth2 application,
+            // its `mode: terraform` databases).
+            for imp in Capability::ALL.iter().filter_map(|&c| p.implementation(c)) {
+                if let Some(b) = imp.terraform(p, TfWorkspace::ServiceInfra(s)) {
+                    blocks.merge(b);
+                }
+            }
+            Phase::TfServiceInfra
+        }
         TfPhase::ServiceConfig => Phase::TfServiceConfig,
     };
-    let mut body = Map::new();
-    let mut providers: Vec<(&str, (&str, &str))> = Vec::new();
-    let mut resources = Map::new();
-    let mut data = Map::new();
-    let mut outputs = Map::new();
-    if phase == TfPhase::ServiceInfra {
-        if let Some(Blocks {
-            resources: r,
-            data: d,
-            outputs: o,
-        }) = oauth2(p, s, "")
-        {
-            providers.push(("authentik", AUTHENTIK_PROVIDER));
-            merge(&mut resources, r);
-            merge(
-                &mut data,
-                auth_data().as_object().cloned().unwrap_or_default(),
-            );
-            merge(&mut data, d);
-            outputs.extend(o);
-            body.insert("provider".into(), authentik_provider_block(p));
-        }
-        let tf_dbs: Vec<_> = s
-            .dbs
-            .iter()
-            .filter(|d| d.mode == DbMode::Terraform)
-            .collect();
-        if !tf_dbs.is_empty() {
-            providers.push(("postgresql", POSTGRESQL_PROVIDER));
-            let pg_host = p
-                .provider(Capability::Database)
-                .map(|pg| p.fqdn(pg))
-                .unwrap_or_default();
-            let mut provider = body
-                .get("provider")
-                .and_then(Value::as_object)
-                .cloned()
-                .unwrap_or_default();
-            // Credentials come from PGUSER / PGPASSWORD in the environment.
-            provider.insert(
-                "postgresql".into(),
-                json!({"host": pg_host, "port": super::nixos::POSTGRES_PORT, "sslmode": "disable"}),
-            );
-            body.insert("provider".into(), Value::Object(provider));
-            let mut vars = Map::new();
-            let mut roles = Map::new();
-            let mut dbs = Map::new();
-            for d in tf_dbs {
-                let role = tf_name(&d.role);
-                vars.insert(db_password_variable(&d.role), json!({"type": "string", "sensitive": true, "description": format!("password of role {} (from the secrets file)", d.role)}));
-                roles.insert(role.clone(), json!({"name": lit(&d.role), "login": true, "password": format!("${{var.{}}}", db_password_variable(&d.role))}));
-                dbs.insert(tf_name(&d.database), json!({"name": lit(&d.database), "owner": format!("${{postgresql_role.{role}.name}}")}));
-            }
-            body.insert("variable".into(), Value::Object(vars));
-            merge(
-                &mut resources,
-                json!({"postgresql_role": roles, "postgresql_database": dbs})
-                    .as_object()
-                    .cloned()
-                    .unwrap_or_default(),
-            );
+    let modules = service_modules(s, phase, &mut blocks.output, out);
+    let mut body = body_of(blocks);
+    if !modules.is_empty() {
+        body.insert("module".into(), Value::Object(modules));
+    }
+    if phase == TfPhase::ServiceConfig {
+        if let Some(locals) = recorded_locals(s, recorded) {
+            body.insert("locals".into(), Value::Object(locals));
         }
     }
-    // The service's own modules, copied next to the workspace.
+    Some(tf_file(p, main_file(step_phase, Some(&s.name)), body))
+}
+
+/// The service's own modules of a phase, copied next to the workspace, each with an output
+/// holding all of its own.
+fn service_modules(
+    s: &Service,
+    phase: TfPhase,
+    outputs: &mut Map<String, Value>,
+    out: &mut Rendered,
+) -> Map<String, Value> {
     let mut modules = Map::new();
     for (k, t) in s.terraform.iter().filter(|t| t.phase == phase).enumerate() {
         for (j, m) in t.modules.iter().enumerate() {
@@ -670,36 +440,20 @@ fn service(
             );
         }
     }
-    if !modules.is_empty() {
-        body.insert("module".into(), Value::Object(modules));
-    }
-    // Facts earlier steps recorded (ids, client ids) for this service's later phases.
-    let recorded_step = StepId::of_service(Phase::TfServiceInfra, &s.name)
+    modules
+}
+
+/// Facts the service's `tf:service-infra` recorded (ids, client ids), as `locals` of its
+/// `tf:service-config`; `None` when there are none.
+fn recorded_locals(s: &Service, recorded: &Outputs) -> Option<Map<String, Value>> {
+    let step = StepId::of_service(Phase::TfServiceInfra, &s.name)
         .expect("tf:service-infra is a per-service phase");
-    if phase == TfPhase::ServiceConfig {
-        if let Some(values) = recorded.get(recorded_step.as_str()) {
-            let mut locals = Map::new();
-            for (k, v) in values {
-                locals.insert(tf_name(k), escape_value(v));
-            }
-            if !locals.is_empty() {
-                body.insert("locals".into(), Value::Object(locals));
-            }
-        }
-    }
-    if !providers.is_empty() {
-        body.insert("terraform".into(), required(&providers));
-    }
-    if !data.is_empty() {
-        body.insert("data".into(), Value::Object(data));
-    }
-    if !resources.is_empty() {
-        body.insert("resource".into(), Value::Object(resources));
-    }
-    if !outputs.is_empty() {
-        body.insert("output".into(), Value::Object(outputs));
-    }
-    Some(tf_file(p, main_file(step_phase, Some(&s.name)), body))
+    let locals: Map<String, Value> = recorded
+        .get(step.as_str())?
+        .iter()
+        .map(|(k, v)| (tf_name(k), escape_value(v)))
+        .collect();
+    (!locals.is_empty()).then_some(locals)
 }
 
 #[cfg(test)]

@@ -10,10 +10,11 @@
 use serde_json::Value;
 
 use crate::model::{Capability, Project};
-use crate::render::{nixos, Rendered};
+use crate::render::Rendered;
 
-/// Every check here that applies to a project's rendered output: its Terraform JSON files,
-/// the database host's pg_hba lines and the reverse proxy's sites. Empty when all is well.
+/// Every check that applies to a project's rendered output: its Terraform JSON files, and
+/// what each provider implementation checks of its own (`Provider::check`: the database
+/// host's pg_hba lines, the Caddy sites). Empty when all is well.
 pub fn rendered(p: &Project, r: &Rendered) -> Vec<String> {
     let mut out = Vec::new();
     for f in r.files.iter().filter(|f| f.path.ends_with(".tf.json")) {
@@ -23,20 +24,11 @@ pub fn rendered(p: &Project, r: &Rendered) -> Vec<String> {
                 .map(|e| format!("{}: {e}", f.path)),
         );
     }
-    if let Some(pg) = p.provider_index(Capability::Database) {
-        out.extend(
-            pg_hba(&nixos::pg_hba(p, pg))
-                .into_iter()
-                .map(|e| format!("pg_hba: {e}")),
-        );
-    }
-    if p.provider(Capability::ReverseProxy).is_some() {
-        for (site, conf) in nixos::caddy_sites(p) {
-            out.extend(
-                caddyfile(&conf)
-                    .into_iter()
-                    .map(|e| format!("Caddy site {site}: {e}")),
-            );
+    // Each implementation checks what it rendered (the database's pg_hba lines, the reverse
+    // proxy's sites).
+    for cap in Capability::ALL {
+        if let (Some(me), Some(imp)) = (p.provider_index(cap), p.implementation(cap)) {
+            out.extend(imp.check(p, me));
         }
     }
     out

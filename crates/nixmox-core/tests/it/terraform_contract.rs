@@ -7,7 +7,9 @@ use crate::common;
 
 use std::path::Path;
 
-use nixmox_core::render::terraform::{AUTHENTIK_PROVIDER, POSTGRESQL_PROVIDER, PROXMOX_PROVIDER};
+use nixmox_core::providers::authentik::AUTHENTIK_PROVIDER;
+use nixmox_core::providers::postgresql::POSTGRESQL_PROVIDER;
+use nixmox_core::render::terraform::PROXMOX_PROVIDER;
 use nixmox_core::render::{render, Outputs};
 use serde_json::{json, Value};
 

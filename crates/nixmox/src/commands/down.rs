@@ -16,22 +16,23 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
+use nixmox_core::ids::ServiceName;
 use nixmox_core::model::{Capability, Deployer, InfraBackend};
+use nixmox_core::plan::Phase;
+use nixmox_core::step_id::StepId;
 use nixmox_core::teardown::{
     self, backup_for, Backup, Container, Database, Teardown, Via, Workspace, WorkspaceAction,
 };
 use nixmox_core::Project;
 
 use super::config::select;
-use super::drift::{
-    recorded_workspace, scratch_build, step_config_rel, step_service, temp_dir, terraform_for,
-};
+use super::drift::{recorded_workspace, scratch_build, step_service, temp_dir, terraform_for};
 use super::load_project;
 use crate::cli::DownArgs as Args;
 use crate::engine::events::Plain;
 use crate::engine::runner::proxmox_token;
 use crate::engine::{self, UpOptions, UpResult};
-use crate::error::{Error, Result};
+use crate::error::{BackupError, Error, Result, WorkspaceError};
 use crate::root::Paths;
 use crate::root::ProjectRoot;
 use crate::state::{LockOutcome, Store};
@@ -68,24 +69,124 @@ pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
     } else {
         select(project, &args.services)?.into_iter().collect()
     };
-    let name = |i: usize| project.services[i].name.as_str().to_string();
-
-    // Refuse to pull a provider out from under a service that stays deployed (one whose steps
-    // are recorded: a dependent already removed by an earlier `down` does not count).
     let paths = Paths::new(root, project);
-    let deployed: BTreeSet<String> = if paths.state_db.exists() {
-        let store = Store::open(&paths.state_db).map_err(Error::State)?;
-        let record = store.record().map_err(Error::State)?;
-        record
-            .steps
-            .keys()
-            .filter_map(|id| step_service(id).map(str::to_string))
-            .collect()
+    let deployed = deployed_services(&paths)?;
+    refuse_needed_providers(project, &remove, &deployed)?;
+    let everything = remove.len() == project.services.len();
+    // Confirmed with the project's name: every service named (or none).
+    let all_named = everything;
+    if args.keep_host && project.infra == InfraBackend::Terraform && !everything {
+        return Err(Error::Usage(
+            "--keep-host is not supported with infra.backend: terraform: re-applying the \
+             infrastructure without the removed services destroys their containers"
+                .into(),
+        ));
+    }
+    let order = removal_order(project, &remove);
+    let removed: Vec<&ServiceName> = order.iter().map(|&i| &project.services[i].name).collect();
+    if !paths.state_db.exists() {
+        output::note("nothing recorded yet: nothing to remove");
+        return Ok(());
+    }
+    let timeout = Duration::from_secs(30 * 60);
+    // What stays, loaded before anything is destroyed.
+    let reduced = if everything {
+        None
     } else {
-        BTreeSet::new()
+        what_stays(root, project, &removed, &deployed)?
     };
+    // Nothing stays deployed: the project-wide workspaces go too.
+    let everything = everything || reduced.is_none();
+
+    // 0. What goes, listed before anything does, and confirmed.
+    let store = Store::open(&paths.state_db).map_err(Error::State)?;
+    let tmp = temp_dir(&paths, "down")?;
+    let build = scratch_build(root, project, &store, tmp.path())?;
+    let steps = workspace_steps(&store, &removed, everything, args.keep_host)?;
+    let list = Listing {
+        root,
+        project,
+        reduced: reduced.as_ref(),
+        paths: &paths,
+        store: &store,
+        build: &build,
+        timeout,
+    }
+    .list(&steps, &order, all_named, &args)?;
+    if args.dry_run {
+        output::note(list.render().trim_end());
+        output::note("dry run: nothing was destroyed or changed");
+        return Ok(());
+    }
+    confirm::destroy(&list, args.yes)?;
+    let mut store = store;
+    take_backups(root, project, &mut store, &list)?;
+
+    // 1. Terraform: each service's workspaces, consumers first, config before infra.
+    let destroyed = destroy_workspaces_locked(project, &paths, store, &build, &steps, timeout);
+    drop(tmp);
+    destroyed?;
+    // 2. What is left, redeployed without them (providers' configurations, infrastructure).
+    if let Some(reduced) = &reduced {
+        redeploy(root, reduced, &removed, timeout)?;
+    }
+    // 3. The containers: only those listed (and confirmed) go through the API.
+    let containers: BTreeSet<u32> = list
+        .containers
+        .iter()
+        .filter(|c| c.via == Via::ProxmoxApi)
+        .map(|c| c.vmid)
+        .collect();
+    if !containers.is_empty() {
+        destroy_containers(project, root, &containers)?;
+    }
+    // 4. Forget them.
+    forget_steps(&paths, &removed, everything, args.keep_host)?;
+    if args.purge_data {
+        purge_data(root, project, &paths, &order, timeout)?;
+    } else if order.iter().any(|&i| !project.services[i].dbs.is_empty()) {
+        output::note(
+            "databases are kept: the database host's configuration no longer declares them, \
+             but NixOS never drops a database (`nixmox down --purge-data` drops them)",
+        );
+    }
+    output::data(&format!("removed {}\n", names(&removed)))
+}
+
+/// The removed services' names, as messages list them.
+fn names(removed: &[&ServiceName]) -> String {
+    removed
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The services whose steps are recorded: those deployed (a service never deployed, or
+/// removed by an earlier `down`, has none).
+fn deployed_services(paths: &Paths) -> Result<BTreeSet<String>> {
+    if !paths.state_db.exists() {
+        return Ok(BTreeSet::new());
+    }
+    let store = Store::open(&paths.state_db).map_err(Error::State)?;
+    let record = store.record().map_err(Error::State)?;
+    Ok(record
+        .steps
+        .keys()
+        .filter_map(|id| step_service(id).map(str::to_string))
+        .collect())
+}
+
+/// Refuses to pull a provider out from under a service that stays deployed (one whose steps
+/// are recorded: a dependent already removed by an earlier `down` does not count).
+fn refuse_needed_providers(
+    project: &Project,
+    remove: &BTreeSet<usize>,
+    deployed: &BTreeSet<String>,
+) -> Result<()> {
+    let name = |i: usize| project.services[i].name.as_str().to_string();
     let mut refused = Vec::new();
-    for &i in &remove {
+    for &i in remove {
         let mut dependents: Vec<String> = project
             .edges
             .iter()
@@ -108,163 +209,131 @@ pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
             ));
         }
     }
-    if !refused.is_empty() {
-        return Err(Error::Usage(format!(
-            "refusing to remove a service others depend on: {}",
-            refused.join("; ")
-        )));
-    }
-    let everything = remove.len() == project.services.len();
-    // Confirmed with the project's name: every service named (or none).
-    let all_named = everything;
-    if args.keep_host && project.infra == InfraBackend::Terraform && !everything {
-        return Err(Error::Usage(
-            "--keep-host is not supported with infra.backend: terraform: re-applying the \
-             infrastructure without the removed services destroys their containers"
-                .into(),
-        ));
-    }
-    let order = removal_order(project, &remove);
-    let removed: Vec<String> = order.iter().map(|&i| name(i)).collect();
-    if !paths.state_db.exists() {
-        output::note("nothing recorded yet: nothing to remove");
+    if refused.is_empty() {
         return Ok(());
     }
-    let timeout = Duration::from_secs(30 * 60);
+    Err(Error::Usage(format!(
+        "refusing to remove a service others depend on: {}",
+        refused.join("; ")
+    )))
+}
 
-    // What stays: neither removed now nor already gone (never deployed, or removed by an
-    // earlier `down`: `down` deploys nothing new). Loaded before anything is destroyed.
-    let reduced = if everything {
-        None
-    } else {
-        let dropped: Vec<String> = project
-            .services
-            .iter()
-            .map(|s| s.name.as_str().to_string())
-            .filter(|n| removed.contains(n) || !deployed.contains(n))
-            .collect();
-        if dropped.len() == project.services.len() {
-            None
-        } else {
-            Some(reduced_project(root, &dropped)?)
-        }
-    };
-
-    // Nothing stays deployed: the project-wide workspaces go too.
-    let everything = everything || reduced.is_none();
-
-    // 0. What goes, listed before anything does, and confirmed.
-    let mut store = Store::open(&paths.state_db).map_err(Error::State)?;
-    let tmp = temp_dir(&paths, "down")?;
-    let build = scratch_build(root, project, &store, tmp.path())?;
-    let steps = workspace_steps(&store, &removed, everything, args.keep_host)?;
-    let list = Listing {
-        root,
-        project,
-        reduced: reduced.as_ref(),
-        paths: &paths,
-        store: &store,
-        build: &build,
-        timeout,
-    }
-    .list(&steps, &order, all_named, &args)?;
-    if args.dry_run {
-        output::note(list.render().trim_end());
-        output::note("dry run: nothing was destroyed or changed");
-        return Ok(());
-    }
-    confirm::destroy(&list, args.yes)?;
-    take_backups(root, project, &mut store, &list)?;
-
-    // 1. Terraform: each service's workspaces, consumers first, config before infra.
-    {
-        match store.acquire_lock("down").map_err(Error::State)? {
-            LockOutcome::Acquired => {}
-            LockOutcome::TakenOver { previous } => output::note(&format!(
-                "took over a stale lock of pid {} on {}",
-                previous.pid, previous.hostname
-            )),
-        }
-        let result = destroy_workspaces(project, &paths, &mut store, &build, &steps, timeout);
-        let released = store.release_lock().map_err(Error::State);
-        drop(store);
-        drop(tmp);
-        result?;
-        released?;
-    }
-    // Only the containers listed (and confirmed) go through the API.
-    let containers: BTreeSet<u32> = list
-        .containers
+/// The project that stays: without the removed services and those already gone (never
+/// deployed, or removed by an earlier `down`: `down` deploys nothing new). `None` when nothing
+/// stays.
+fn what_stays(
+    root: &ProjectRoot,
+    project: &Project,
+    removed: &[&ServiceName],
+    deployed: &BTreeSet<String>,
+) -> Result<Option<Project>> {
+    let dropped: Vec<String> = project
+        .services
         .iter()
-        .filter(|c| c.via == Via::ProxmoxApi)
-        .map(|c| c.vmid)
+        .map(|s| s.name.as_str().to_string())
+        .filter(|n| removed.iter().any(|r| r.as_str() == n) || !deployed.contains(n))
         .collect();
-
-    // 2. What is left, redeployed without them (providers' configurations, infrastructure).
-    if let Some(reduced) = &reduced {
-        let opts = UpOptions {
-            selection: nixmox_core::plan::Selection {
-                services: Vec::new(),
-                with_deps: true,
-            },
-            parallel: None,
-            force: false,
-            force_steps: Vec::new(),
-            fail_fast: false,
-            timeout,
-            args: std::env::args().skip(1).collect(),
-            rollback: true,
-            snapshot_rollback: true,
-            rollback_core: false,
-            remove_orphans: Vec::new(),
-            allow_destroy: false,
-            // With infra.backend terraform, this redeploy is what destroys the removed
-            // services' containers (step 3 of docs/engine.md, "Removing services").
-            delete_orphans: true,
-        };
-        output::note(&format!(
-            "redeploying the project without {}",
-            removed.join(", ")
-        ));
-        let cancel = Arc::new(AtomicBool::new(false));
-        match engine::up(root, reduced, &opts, &mut Plain, cancel)? {
-            UpResult::Success => {}
-            UpResult::Interrupted => return Err(Error::Interrupted),
-            UpResult::Failed { failed } => {
-                return Err(Error::RunFailed(format!(
-                    "redeploying without {} failed ({failed} step(s)); their Terraform resources \
-                     are destroyed, their records kept: fix it and run `nixmox down` again",
-                    removed.join(", ")
-                )))
-            }
-        }
+    if dropped.len() == project.services.len() {
+        return Ok(None);
     }
-    // 3. The containers.
-    if !containers.is_empty() {
-        destroy_containers(project, root, &containers)?;
-    }
+    reduced_project(root, &dropped).map(Some)
+}
 
-    // 4. Forget them.
+/// Destroys the workspaces under the state store's lock, released (and the store closed)
+/// whatever happens.
+fn destroy_workspaces_locked(
+    project: &Project,
+    paths: &Paths,
+    mut store: Store,
+    build: &Path,
+    steps: &[StepId],
+    timeout: Duration,
+) -> Result<()> {
+    match store.acquire_lock("down").map_err(Error::State)? {
+        LockOutcome::Acquired => {}
+        LockOutcome::TakenOver { previous } => output::note(&format!(
+            "took over a stale lock of pid {} on {}",
+            previous.pid, previous.hostname
+        )),
+    }
+    let result = destroy_workspaces(project, paths, &mut store, build, steps, timeout);
+    let released = store.release_lock().map_err(Error::State);
+    drop(store);
+    result?;
+    released
+}
+
+/// Redeploys the project that stays, through the engine's `up`: only the steps whose inputs
+/// changed run (the providers' configurations and, with `infra.backend: terraform`, the
+/// infrastructure, which destroys the removed services' containers).
+fn redeploy(
+    root: &ProjectRoot,
+    reduced: &Project,
+    removed: &[&ServiceName],
+    timeout: Duration,
+) -> Result<()> {
+    let opts = UpOptions {
+        selection: nixmox_core::plan::Selection {
+            services: Vec::new(),
+            with_deps: true,
+        },
+        parallel: None,
+        force: false,
+        force_steps: Vec::new(),
+        fail_fast: false,
+        timeout,
+        args: std::env::args().skip(1).collect(),
+        rollback: true,
+        snapshot_rollback: true,
+        rollback_core: false,
+        remove_orphans: Vec::new(),
+        allow_destroy: false,
+        // With infra.backend terraform, this redeploy is what destroys the removed
+        // services' containers (step 3 of docs/engine.md, "Removing services").
+        delete_orphans: true,
+    };
+    output::note(&format!(
+        "redeploying the project without {}",
+        names(removed)
+    ));
+    let cancel = Arc::new(AtomicBool::new(false));
+    match engine::up(root, reduced, &opts, &mut Plain, cancel)? {
+        UpResult::Success => Ok(()),
+        UpResult::Interrupted => Err(Error::Interrupted),
+        UpResult::Failed { failed } => Err(Error::RunFailed(format!(
+            "redeploying without {} failed ({failed} step(s)); their Terraform resources \
+             are destroyed, their records kept: fix it and run `nixmox down` again",
+            names(removed)
+        ))),
+    }
+}
+
+/// Forgets the recorded steps of the removed services and, when nothing stays, the
+/// project-wide ones (but `tf:infra` with `--keep-host`).
+fn forget_steps(
+    paths: &Paths,
+    removed: &[&ServiceName],
+    everything: bool,
+    keep_host: bool,
+) -> Result<()> {
     let mut store = Store::open(&paths.state_db).map_err(Error::State)?;
     let record = store.record().map_err(Error::State)?;
+    let infra = project_wide(Phase::TfInfra);
     for id in record.steps.keys() {
         let mine = match step_service(id) {
-            Some(s) => removed.iter().any(|r| r == s),
-            None => everything && !(args.keep_host && id == "tf:infra"),
+            Some(s) => removed.iter().any(|r| r.as_str() == s),
+            None => everything && !(keep_host && id.as_str() == infra.as_str()),
         };
         if mine {
             store.forget_step(id).map_err(Error::State)?;
         }
     }
-    if args.purge_data {
-        purge_data(root, project, &paths, &order, timeout)?;
-    } else if order.iter().any(|&i| !project.services[i].dbs.is_empty()) {
-        output::note(
-            "databases are kept: the database host's configuration no longer declares them, \
-             but NixOS never drops a database (`nixmox down --purge-data` drops them)",
-        );
-    }
-    output::data(&format!("removed {}\n", removed.join(", ")))
+    Ok(())
+}
+
+/// The step of a project-wide phase.
+fn project_wide(phase: Phase) -> StepId {
+    StepId::project_wide(phase).expect("tf:infra and tf:auth-core are project-wide")
 }
 
 /// The Terraform workspaces `down` destroys: each removed service's, consumers first, config
@@ -272,24 +341,24 @@ pub fn run(root: &ProjectRoot, args: Args) -> Result<()> {
 /// Only recorded steps.
 fn workspace_steps(
     store: &Store,
-    removed: &[String],
+    removed: &[&ServiceName],
     everything: bool,
     keep_host: bool,
-) -> Result<Vec<String>> {
+) -> Result<Vec<StepId>> {
     let record = store.record().map_err(Error::State)?;
-    let mut steps: Vec<String> = Vec::new();
+    let mut steps: Vec<StepId> = Vec::new();
     for s in removed {
-        for phase in ["tf:service-config:", "tf:service-infra:"] {
-            steps.push(format!("{phase}{s}"));
+        for phase in [Phase::TfServiceConfig, Phase::TfServiceInfra] {
+            steps.push(StepId::of_service(phase, s).expect("a per-service Terraform phase"));
         }
     }
     if everything {
-        steps.push("tf:auth-core".into());
+        steps.push(project_wide(Phase::TfAuthCore));
         if !keep_host {
-            steps.push("tf:infra".into());
+            steps.push(project_wide(Phase::TfInfra));
         }
     }
-    steps.retain(|id| record.steps.contains_key(id));
+    steps.retain(|id| record.steps.contains_key(id.as_str()));
     Ok(steps)
 }
 
@@ -308,7 +377,7 @@ struct Listing<'a> {
 impl Listing<'_> {
     fn list(
         &self,
-        steps: &[String],
+        steps: &[StepId],
         order: &[usize],
         all_named: bool,
         args: &Args,
@@ -319,7 +388,7 @@ impl Listing<'_> {
         for id in steps {
             if let Some(addresses) = self.state_list(id)? {
                 list.workspaces.push(Workspace {
-                    step: id.clone(),
+                    step: id.to_string(),
                     action: WorkspaceAction::Destroy,
                     addresses: teardown::managed_only(addresses),
                 });
@@ -330,11 +399,11 @@ impl Listing<'_> {
         if let Some(reduced) = self.reduced {
             let outputs = self.store.outputs().map_err(Error::State)?;
             let rendered = nixmox_core::render::render(reduced, &outputs);
-            for id in ["tf:infra", "tf:auth-core"] {
-                let Some(rel) = step_config_rel(id) else {
+            for id in [Phase::TfInfra, Phase::TfAuthCore].map(project_wide) {
+                let Some(rel) = id.terraform_config_dir() else {
                     continue;
                 };
-                let Some(state) = self.state_list(id)? else {
+                let Some(state) = self.state_list(&id)? else {
                     continue;
                 };
                 let config = teardown::resource_addresses(&rendered.files, &rel);
@@ -354,7 +423,8 @@ impl Listing<'_> {
                 list.containers = self.api_containers(args.no_backup)?;
             }
             InfraBackend::Terraform => {
-                for w in list.workspaces.iter().filter(|w| w.step == "tf:infra") {
+                let infra = project_wide(Phase::TfInfra);
+                for w in list.workspaces.iter().filter(|w| w.step == infra.as_str()) {
                     list.containers.extend(teardown::terraform_containers(
                         project,
                         &w.step,
@@ -407,26 +477,30 @@ impl Listing<'_> {
 
     /// A recorded workspace's resource addresses (`terraform state list`); `None` when no
     /// workspace was ever applied for the step.
-    fn state_list(&self, id: &str) -> Result<Option<Vec<String>>> {
-        let Some(ws) = recorded_workspace(self.store, self.paths, id, self.build)? else {
+    fn state_list(&self, id: &StepId) -> Result<Option<Vec<String>>> {
+        let Some(ws) = recorded_workspace(self.store, self.paths, id.as_str(), self.build)? else {
             return Ok(None);
         };
+        let log = id.log_file_name();
         let opts = StepOpts {
             timeout: Some(self.timeout),
-            log: self
-                .paths
-                .logs
-                .join("down")
-                .join(format!("{}-list.log", id.replace(':', "_"))),
+            log: self.paths.logs.join("down").join(format!(
+                "{}-list.log",
+                log.strip_suffix(".log").unwrap_or(&log)
+            )),
             redact: proxmox_token(self.project, &self.paths.root)
                 .into_iter()
                 .collect(),
             ..StepOpts::default()
         };
-        terraform_for(self.project, &self.paths.root, id)
-            .and_then(|tf| tf.state_list(&ws, &opts).map_err(|e| e.to_string()))
+        terraform_for(self.project, &self.paths.root, id.as_str())
+            .map_err(WorkspaceError::Environment)
+            .and_then(|tf| Ok(tf.state_list(&ws, &opts)?))
             .map(Some)
-            .map_err(|e| Error::RunFailed(format!("listing the resources of {id}: {e}")))
+            .map_err(|source| Error::Workspace {
+                doing: format!("listing the resources of {id}"),
+                source,
+            })
     }
 
     /// `proxmox-api`: the project's containers the reduced project no longer has (all of them
@@ -479,19 +553,18 @@ fn take_backups(
         match &c.backup {
             Backup::NotConfigured | Backup::Skipped => {}
             Backup::Vzdump { storage, mode } => {
-                let fail = |e: String| {
-                    Error::RunFailed(format!(
-                        "backing up CT {} (`{}`) on node {} before destroying it: {e}; nothing was destroyed (`--no-backup` destroys without a backup)",
-                        c.vmid, c.name, c.node
-                    ))
+                let fail = |source: BackupError| Error::BackupBeforeDestroy {
+                    vmid: c.vmid,
+                    name: c.name.clone(),
+                    node: c.node.clone(),
+                    source,
                 };
                 if client.is_none() {
                     use crate::proxmox::{connect, ClientOptions, Settings};
                     let settings =
-                        Settings::from_project(project, root).map_err(|e| fail(e.to_string()))?;
+                        Settings::from_project(project, root).map_err(|e| fail(e.into()))?;
                     client = Some(
-                        connect(&settings, ClientOptions::default())
-                            .map_err(|e| fail(e.to_string()))?,
+                        connect(&settings, ClientOptions::default()).map_err(|e| fail(e.into()))?,
                     );
                 }
                 let Some(client) = client.as_ref() else {
@@ -502,11 +575,11 @@ fn take_backups(
                     c.vmid, c.name
                 ));
                 let volid = crate::proxmox::backup::vzdump(client, &c.node, c.vmid, storage, mode)
-                    .map_err(|e| fail(e.to_string()))?
+                    .map_err(|e| fail(e.into()))?
                     .ok_or_else(|| {
-                        fail(format!(
-                            "the vzdump task ended, but storage `{storage}` lists no new archive of it"
-                        ))
+                        fail(BackupError::NoArchive {
+                            storage: storage.clone(),
+                        })
                     })?;
                 output::note(&format!("CT {} (`{}`) backed up: {volid}", c.vmid, c.name));
                 store
@@ -535,29 +608,30 @@ fn destroy_workspaces(
     paths: &Paths,
     store: &mut Store,
     build: &Path,
-    steps: &[String],
+    steps: &[StepId],
     timeout: Duration,
 ) -> Result<()> {
     for id in steps {
         // No rendered inputs: no workspace was ever applied for it, nothing to destroy.
-        let Some(ws) = recorded_workspace(store, paths, id, build)? else {
-            store.forget_step(id).map_err(Error::State)?;
+        let Some(ws) = recorded_workspace(store, paths, id.as_str(), build)? else {
+            store.forget_step(id.as_str()).map_err(Error::State)?;
             continue;
         };
         output::note(&format!("destroying the resources of {id}"));
         let opts = StepOpts {
             timeout: Some(timeout),
-            log: paths
-                .logs
-                .join("down")
-                .join(format!("{}.log", id.replace(':', "_"))),
+            log: paths.logs.join("down").join(id.log_file_name()),
             redact: proxmox_token(project, &paths.root).into_iter().collect(),
             ..StepOpts::default()
         };
-        terraform_for(project, &paths.root, id)
-            .and_then(|tf| tf.destroy(&ws, &opts).map_err(|e| e.to_string()))
-            .map_err(|e| Error::RunFailed(format!("{id}: {e}")))?;
-        store.forget_step(id).map_err(Error::State)?;
+        terraform_for(project, &paths.root, id.as_str())
+            .map_err(WorkspaceError::Environment)
+            .and_then(|tf| Ok(tf.destroy(&ws, &opts)?))
+            .map_err(|source| Error::Workspace {
+                doing: id.to_string(),
+                source,
+            })?;
+        store.forget_step(id.as_str()).map_err(Error::State)?;
     }
     Ok(())
 }
@@ -591,8 +665,11 @@ fn destroy_containers(project: &Project, root: &Path, vmids: &BTreeSet<u32>) -> 
     let settings = Settings::from_project(project, root).map_err(fail())?;
     let client = connect(&settings, ClientOptions::default()).map_err(fail())?;
     let parallel = project.deploy.parallel as usize;
-    let report = lifecycle::destroy_listed(&client, project, parallel, vmids)
-        .map_err(|e| Error::RunFailed(format!("destroying the containers: {e}")))?;
+    let report = lifecycle::destroy_listed(&client, project, parallel, vmids).map_err(|e| {
+        Error::DestroyContainers {
+            source: Box::new(e),
+        }
+    })?;
     output::note(&report.summary());
     Ok(())
 }

@@ -26,13 +26,6 @@ use crate::root::ProjectRoot;
 use crate::state::Store;
 use crate::terraform::{self, StepOpts, Terraform, Workspace};
 
-/// Where a Terraform step's configuration is rendered, relative to the build directory
-/// ([`StepId::terraform_config_dir`]); `None` for a step that is not Terraform's, or a string
-/// that is no step id.
-pub(crate) fn step_config_rel(step_id: &str) -> Option<String> {
-    step_id.parse::<StepId>().ok()?.terraform_config_dir()
-}
-
 /// Renders the project into `<scratch>/build` (never touching `.nixmox/build`), so the
 /// workspaces' local modules are there.
 pub(crate) fn scratch_build(

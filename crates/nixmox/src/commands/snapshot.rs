@@ -6,13 +6,14 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use nixmox_core::model::{InfraBackend, Service};
+use nixmox_core::providers::Dump;
 use nixmox_core::snapshot::{self, Kind};
 use nixmox_core::Project;
 use serde_json::json;
 
 use super::config::select;
 use crate::cli::{PlanFormat, SnapshotAction};
-use crate::error::{Error, Result};
+use crate::error::{BackupError, Error, Result};
 use crate::proxmox::snapshot as pve_snapshot;
 use crate::proxmox::{self, Client, ClientOptions, Settings};
 use crate::root::Paths;
@@ -274,10 +275,11 @@ pub fn backup(
         s.host.hostname
     ));
     let volid = crate::proxmox::backup::vzdump(&client, &s.host.node, vmid, &storage, &mode)?
-        .ok_or_else(|| {
-            Error::RunFailed(format!(
-                "backing up CT {vmid}: the vzdump task ended, but storage `{storage}` lists no new archive of it"
-            ))
+        .ok_or_else(|| Error::Backup {
+            vmid,
+            source: BackupError::NoArchive {
+                storage: storage.clone(),
+            },
         })?;
     let paths = Paths::new(root, &project);
     Store::open(&paths.state_db)?.record_backup(&crate::state::BackupRow {
@@ -298,9 +300,10 @@ pub fn backup(
 }
 
 /// The logical dumps beside a backup: each database the service owns (`interface.db`) dumped
-/// on the database host with `pg_dump --format=custom` as postgres, over SSH with the built-in
-/// deployers, into `proxmox::backup::dump_dir(service, volid)`; each is recorded in the state
-/// store (`backups`, kind `pg_dump`, the database host's vmid and node). Returns them as
+/// on the database host by its implementation's command (`Provider::dump`: `pg_dump
+/// --format=custom` as postgres), over SSH with the built-in deployers, into
+/// `proxmox::backup::dump_dir(service, volid)`; each is recorded in the state store
+/// (`backups`, the dump's kind, the database host's vmid and node). Returns them as
 /// `<database host>:<path>`. With a custom deployer NixMox does not reach the hosts itself:
 /// the commands are printed for the operator and nothing is returned.
 fn dump_databases(
@@ -310,12 +313,15 @@ fn dump_databases(
     s: &Service,
     volid: &str,
 ) -> Result<Vec<String>> {
-    use crate::proxmox::backup::{dump_commands, dump_dir, dump_name_ok};
+    use crate::proxmox::backup::{dump_dir, dump_name_ok};
     use nixmox_core::model::{Capability, Deployer};
     if s.dbs.is_empty() {
         return Ok(Vec::new());
     }
-    let Some(pg) = project.provider(Capability::Database) else {
+    let (Some(pg), Some(imp)) = (
+        project.provider(Capability::Database),
+        project.implementation(Capability::Database),
+    ) else {
         output::note("the project has no database provider: no logical dump");
         return Ok(Vec::new());
     };
@@ -327,23 +333,17 @@ fn dump_databases(
         )));
     }
     let dir = dump_dir(s.name.as_str(), volid);
+    // What the database implementation runs to dump each one.
+    let dumps: Vec<(&str, Dump)> = s
+        .dbs
+        .iter()
+        .filter_map(|d| {
+            imp.dump(&d.database, &dir)
+                .map(|x| (d.database.as_str(), x))
+        })
+        .collect();
     if matches!(project.nix.deployer, Deployer::Command { .. }) {
-        let mut text = format!(
-            "with a custom deployer NixMox does not dump databases itself; to keep a logical \
-             dump beside {volid}, run on the database host {} ({}):\n",
-            pg.host.hostname, pg.host.ip
-        );
-        for d in &s.dbs {
-            let (cmds, _) = dump_commands(&dir, &d.database);
-            for c in cmds {
-                let words: Vec<String> = c
-                    .iter()
-                    .map(|w| nixmox_core::deploy::shell_quote(w))
-                    .collect();
-                text.push_str(&format!("  {}\n", words.join(" ")));
-            }
-        }
-        output::note(text.trim_end());
+        print_dump_commands(pg, volid, &dumps);
         return Ok(Vec::new());
     }
     let ctx = crate::health::Context::for_project(project, root, &paths.ssh, &paths.known_hosts)
@@ -356,15 +356,13 @@ fn dump_databases(
     }
     let mut store = Store::open(&paths.state_db)?;
     let mut out = Vec::new();
-    for d in &s.dbs {
-        let (cmds, file) = dump_commands(&dir, &d.database);
+    for (database, dump) in &dumps {
         output::note(&format!(
-            "dumping database `{}` on {} (pg_dump --format=custom) to {file}…",
-            d.database, pg.host.hostname
+            "dumping database `{database}` on {} ({}) to {}…",
+            pg.host.hostname, dump.how, dump.file
         ));
-        for remote in cmds {
-            let mut argv =
-                nixmox_core::deploy::ssh_argv(&options, &ctx.ssh.user, *to.ip(), &remote);
+        for remote in &dump.commands {
+            let mut argv = nixmox_core::deploy::ssh_argv(&options, &ctx.ssh.user, *to.ip(), remote);
             argv[0] = ctx.ssh.program.clone();
             let opts = crate::exec::RunOpts {
                 timeout: Some(TIMEOUT),
@@ -373,13 +371,12 @@ fn dump_databases(
             };
             let fin = crate::exec::run(&crate::exec::Cmd::new(&argv[0]).args(&argv[1..]), &opts)
                 .map_err(|source| Error::Exec {
-                    doing: format!("dumping `{}`", d.database),
+                    doing: format!("dumping `{database}`"),
                     source,
                 })?;
             if !fin.success() {
                 return Err(Error::RunFailed(format!(
-                    "the backup {volid} was taken, but dumping database `{}` on {} failed (exit {:?}): {}",
-                    d.database,
+                    "the backup {volid} was taken, but dumping database `{database}` on {} failed (exit {:?}): {}",
                     pg.host.hostname,
                     fin.code,
                     fin.stderr.trim()
@@ -390,14 +387,33 @@ fn dump_databases(
             service: s.name.to_string(),
             vmid: pg.host.vmid.get(),
             node: pg.host.node.clone(),
-            volid: file.clone(),
-            kind: "pg_dump".into(),
+            volid: dump.file.clone(),
+            kind: dump.kind.into(),
             reason: format!("`nixmox backup`, beside {volid}"),
             taken_at: crate::state::timestamp(),
         })?;
-        out.push(format!("{}:{file}", pg.host.hostname));
+        out.push(format!("{}:{}", pg.host.hostname, dump.file));
     }
     Ok(out)
+}
+
+/// With a custom deployer: the dump commands, for the operator to run on the database host.
+fn print_dump_commands(pg: &Service, volid: &str, dumps: &[(&str, Dump)]) {
+    let mut text = format!(
+        "with a custom deployer NixMox does not dump databases itself; to keep a logical \
+         dump beside {volid}, run on the database host {} ({}):\n",
+        pg.host.hostname, pg.host.ip
+    );
+    for (_, dump) in dumps {
+        for c in &dump.commands {
+            let words: Vec<String> = c
+                .iter()
+                .map(|w| nixmox_core::deploy::shell_quote(w))
+                .collect();
+            text.push_str(&format!("  {}\n", words.join(" ")));
+        }
+    }
+    output::note(text.trim_end());
 }
 
 /// `nixmox restore SERVICE --from VOLID`: after confirmation, the container is replaced by the
@@ -461,9 +477,11 @@ pub fn restore(root: &ProjectRoot, name: &str, from: &str, yes: bool) -> Result<
             output::note("health: the service has no startup or readiness checks");
             Ok(())
         }
-        Err(e) => Err(Error::RunFailed(format!(
-            "CT {vmid} (`{}`) was restored from {from}, but its health checks fail: {e}",
-            s.host.hostname
-        ))),
+        Err(e) => Err(Error::RestoredUnhealthy {
+            vmid,
+            hostname: s.host.hostname.to_string(),
+            from: from.to_string(),
+            source: crate::health::HealthFailure(e),
+        }),
     }
 }

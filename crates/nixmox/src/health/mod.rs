@@ -51,6 +51,12 @@ pub const ENV_REMOTE_SECRETS_DIR: &str = "NIXMOX_REMOTE_SECRETS_DIR";
 /// sops-nix's default `sops.secrets.<name>.path` prefix.
 pub const DEFAULT_REMOTE_SECRETS_DIR: &str = "/run/secrets";
 
+/// The health checks after a deploy or a restore that did not pass (`steps::after_deploy`),
+/// as one description of the failures.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct HealthFailure(pub String);
+
 /// A check that did not pass: which, on what, what was expected, what came back.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Failure {

@@ -158,7 +158,7 @@ impl Probe {
                 let target = format!("{host}:{port} ({})", ctx.describe(ip, *port));
                 tcp_connect(ctx, ip, *port, deadline)
                     .map(|()| "connected".to_string())
-                    .map_err(|got| fail(target, "a TCP connection", got))
+                    .map_err(|got| fail(target, "a TCP connection", got.to_string()))
             }
             Kind::Check(Check::Http { url, status, body }) => {
                 self.http(ctx, url, *status, body.as_deref(), deadline, timeout)
@@ -293,7 +293,7 @@ impl Probe {
         timeout: Duration,
         log: Option<&Path>,
     ) -> Result<String, String> {
-        let fin = ssh_run(ctx, &self.host, remote, timeout, log)?;
+        let fin = ssh_run(ctx, &self.host, remote, timeout, log).map_err(|e| e.to_string())?;
         match fin.code {
             Some(0) => Ok("exit 0".into()),
             Some(255) => Err(format!(
@@ -470,7 +470,8 @@ impl Probe {
         let expected =
             format!("`{role}` to log in to `{database}` with its password ({secret_path})");
         let fail = |got: String| self.failure(self.target(), &expected, got);
-        let fin = ssh_run(ctx, &self.host, &remote, timeout, log).map_err(fail)?;
+        let fin =
+            ssh_run(ctx, &self.host, &remote, timeout, log).map_err(|e| fail(e.to_string()))?;
         let out = tail(&fin.stderr, &fin.stdout);
         match fin.code {
             Some(0) if fin.stdout.contains(login.no_client) => Ok(format!(
@@ -598,6 +599,30 @@ impl From<providers::Probe> for Kind {
     }
 }
 
+/// Why ssh could not even run a remote command.
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    #[error("no result within {} (stopped)", exec::human_duration(*.timeout))]
+    TimedOut { timeout: Duration },
+    #[error(
+        "`{program}` is not installed here (set {} to another SSH program)",
+        super::ENV_SSH
+    )]
+    NotFound { program: String },
+    #[error(transparent)]
+    Exec(ExecError),
+}
+
+/// Why a TCP connection was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The check's deadline had passed before the attempt.
+    #[error("no answer in time")]
+    NoTimeLeft,
+    #[error("{}", http::io_text(.0, "connect"))]
+    Io(#[source] std::io::Error),
+}
+
 /// Runs `remote` on `host` over SSH, bounded by `timeout`. `Err` when ssh could not even run.
 fn ssh_run(
     ctx: &Context,
@@ -605,7 +630,7 @@ fn ssh_run(
     remote: &[String],
     timeout: Duration,
     log: Option<&Path>,
-) -> Result<exec::Finished, String> {
+) -> Result<exec::Finished, SshError> {
     let to = ctx.route(host.ip, 22);
     let mut options = ctx.ssh.options.clone();
     options.push("-o".into());
@@ -624,29 +649,26 @@ fn ssh_run(
         ..RunOpts::default()
     };
     exec::run(&cmd, &opts).map_err(|e| match e {
-        ExecError::TimedOut { .. } => format!(
-            "no result within {} (stopped)",
-            exec::human_duration(timeout)
-        ),
-        ExecError::NotFound { program } => {
-            format!(
-                "`{program}` is not installed here (set {} to another SSH program)",
-                super::ENV_SSH
-            )
-        }
-        other => other.to_string(),
+        ExecError::TimedOut { .. } => SshError::TimedOut { timeout },
+        ExecError::NotFound { program } => SshError::NotFound { program },
+        other => SshError::Exec(other),
     })
 }
 
-fn tcp_connect(ctx: &Context, ip: Ipv4Addr, port: u16, deadline: Instant) -> Result<(), String> {
+fn tcp_connect(
+    ctx: &Context,
+    ip: Ipv4Addr,
+    port: u16,
+    deadline: Instant,
+) -> Result<(), ConnectError> {
     let to: SocketAddrV4 = ctx.route(ip, port);
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
-        return Err("no answer in time".into());
+        return Err(ConnectError::NoTimeLeft);
     }
     TcpStream::connect_timeout(&SocketAddr::V4(to), left)
         .map(drop)
-        .map_err(|e| http::io_text(&e, "connect"))
+        .map_err(ConnectError::Io)
 }
 
 /// The last lines of stderr (else stdout), one line, at most [`TAIL`] characters.

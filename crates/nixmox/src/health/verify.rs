@@ -63,7 +63,10 @@ pub fn end_to_end(p: &Project, s: &Service) -> Vec<Probe> {
 /// provider, read from the Terraform state of S's `tf:service-infra` workspace (the
 /// `authentik_provider_oauth2` it applied). `Ok(None)` when there is nothing to check (no OIDC
 /// client, or no local state to read, as with a remote backend).
-pub fn redirects_registered(state: Option<&str>, s: &Service) -> Result<Option<String>, String> {
+pub fn redirects_registered(
+    state: Option<&str>,
+    s: &Service,
+) -> Result<Option<String>, RedirectsError> {
     let Some(oidc) = s.auth.as_ref().and_then(|a| a.oidc.as_ref()) else {
         return Ok(None);
     };
@@ -71,9 +74,11 @@ pub fn redirects_registered(state: Option<&str>, s: &Service) -> Result<Option<S
         return Ok(None);
     };
     let target = format!("the redirect URIs of OIDC client `{}`", oidc.client_id);
-    let doc: serde_json::Value = serde_json::from_str(state).map_err(|e| {
-        format!("auth check on {target}: expected readable Terraform state, got {e}")
-    })?;
+    let doc: serde_json::Value =
+        serde_json::from_str(state).map_err(|source| RedirectsError::UnreadableState {
+            target: target.clone(),
+            source,
+        })?;
     let mut registered: Vec<String> = Vec::new();
     let mut found = false;
     for r in doc["resources"].as_array().into_iter().flatten() {
@@ -98,14 +103,13 @@ pub fn redirects_registered(state: Option<&str>, s: &Service) -> Result<Option<S
         }
     }
     if !found {
-        return Err(format!(
-            "auth check on {target}: expected the client in the Terraform state, got no `authentik_provider_oauth2` with that client id"
-        ));
+        return Err(RedirectsError::ClientMissing { target });
     }
-    let missing: Vec<&String> = oidc
+    let missing: Vec<String> = oidc
         .redirect_uris
         .iter()
         .filter(|u| !registered.contains(u))
+        .cloned()
         .collect();
     if missing.is_empty() {
         Ok(Some(format!(
@@ -113,20 +117,33 @@ pub fn redirects_registered(state: Option<&str>, s: &Service) -> Result<Option<S
             oidc.redirect_uris.len()
         )))
     } else {
-        Err(format!(
-            "auth check on {target}: expected {} registered, got {}",
-            missing
-                .iter()
-                .map(|m| m.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-            if registered.is_empty() {
-                "none".to_string()
-            } else {
-                registered.join(", ")
-            }
-        ))
+        Err(RedirectsError::NotRegistered {
+            target,
+            missing,
+            registered,
+        })
     }
+}
+
+/// Why an OIDC client's redirect URIs are not known to be registered.
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectsError {
+    #[error("auth check on {target}: expected readable Terraform state, got {source}")]
+    UnreadableState {
+        target: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("auth check on {target}: expected the client in the Terraform state, got no `authentik_provider_oauth2` with that client id")]
+    ClientMissing { target: String },
+    #[error("auth check on {target}: expected {} registered, got {}", .missing.join(", "), if .registered.is_empty() { "none".to_string() } else { .registered.join(", ") })]
+    NotRegistered {
+        target: String,
+        /// The manifest's URIs the client does not have.
+        missing: Vec<String>,
+        /// The URIs it has.
+        registered: Vec<String>,
+    },
 }
 
 #[cfg(test)]
@@ -175,23 +192,25 @@ mod redirect_tests {
     #[test]
     fn registered_missing_and_unknown() {
         assert_eq!(
-            redirects_registered(Some(STATE), &service(&["https://app.p.lan/cb"])),
-            Ok(Some("1 redirect URI(s) registered".into()))
+            redirects_registered(Some(STATE), &service(&["https://app.p.lan/cb"])).unwrap(),
+            Some("1 redirect URI(s) registered".into())
         );
-        let err =
-            redirects_registered(Some(STATE), &service(&["https://app.p.lan/other"])).unwrap_err();
+        let err = redirects_registered(Some(STATE), &service(&["https://app.p.lan/other"]))
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("expected https://app.p.lan/other registered, got https://app.p.lan/cb"),
             "{err}"
         );
         assert_eq!(
-            redirects_registered(None, &service(&["https://x"])),
-            Ok(None)
+            redirects_registered(None, &service(&["https://x"])).unwrap(),
+            None
         );
         let none = r#"{"resources": []}"#;
         assert!(
             redirects_registered(Some(none), &service(&["https://app.p.lan/cb"]))
                 .unwrap_err()
+                .to_string()
                 .contains("no `authentik_provider_oauth2`")
         );
     }

@@ -103,7 +103,9 @@ impl StepExec<'_> {
                 .join(data_dir)
                 .join("terraform.tfstate");
             let state = std::fs::read_to_string(&state_file).ok();
-            match crate::health::verify::redirects_registered(state.as_deref(), s)? {
+            match crate::health::verify::redirects_registered(state.as_deref(), s)
+                .map_err(|e| e.to_string())?
+            {
                 Some(note) => Ok(format!("{detail}; {note}")),
                 None => Ok(detail),
             }
