@@ -269,32 +269,6 @@ pub fn dump_name_ok(database: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-/// The remote commands (argv, run as the SSH user on the database host) that dump `database`
-/// into `dir`: the directory made (mode 0700, owned by postgres), then `pg_dump
-/// --format=custom` as postgres. Returns the commands and the dump's path.
-pub fn dump_commands(dir: &str, database: &str) -> (Vec<Vec<String>>, String) {
-    let file = format!("{dir}/{database}.dump");
-    let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<String>>();
-    (
-        vec![
-            words(&[
-                "sudo", "install", "-d", "-m", "0700", "-o", "postgres", "-g", "postgres", dir,
-            ]),
-            words(&[
-                "sudo",
-                "-u",
-                "postgres",
-                "pg_dump",
-                "--format=custom",
-                &format!("--file={file}"),
-                "--",
-                database,
-            ]),
-        ],
-        file,
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,23 +286,6 @@ mod tests {
             dump_dir("..", "../x y"),
             "/var/lib/nixmox/dumps/_../_.._x_y"
         );
-        let (cmds, file) = dump_commands("/var/lib/nixmox/dumps/wiki/v", "wiki_db");
-        assert_eq!(file, "/var/lib/nixmox/dumps/wiki/v/wiki_db.dump");
-        assert_eq!(
-            cmds[1],
-            [
-                "sudo",
-                "-u",
-                "postgres",
-                "pg_dump",
-                "--format=custom",
-                "--file=/var/lib/nixmox/dumps/wiki/v/wiki_db.dump",
-                "--",
-                "wiki_db"
-            ]
-        );
-        assert_eq!(cmds[0][0..2], ["sudo", "install"]);
-        assert_eq!(cmds[0].last().unwrap(), "/var/lib/nixmox/dumps/wiki/v");
         assert!(dump_name_ok("wiki_db") && dump_name_ok("_x1"));
         for bad in [
             "",
