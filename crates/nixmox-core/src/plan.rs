@@ -236,29 +236,34 @@ fn orders(p: &Project, e: &crate::model::Edge) -> bool {
     !(p.services[e.from].is_core() && e.kind == EdgeKind::Auth)
 }
 
-/// Services in dependency order (providers first), ties broken by name, for `indexes`.
+/// Services in dependency order (providers first), ties broken by name, for `indexes` (each
+/// at most once).
 fn topo(p: &Project, indexes: &[usize]) -> Vec<usize> {
-    let inset: BTreeSet<usize> = indexes.iter().copied().collect();
-    let mut indeg: BTreeMap<usize, usize> = indexes.iter().map(|&i| (i, 0)).collect();
-    let mut dependents: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    // Vectors indexed by service, not maps: this runs three times per plan over every edge.
+    let n = p.services.len();
+    let mut inset = vec![false; n];
+    for &i in indexes {
+        inset[i] = true;
+    }
+    let mut indeg = vec![0usize; n];
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
     for e in &p.edges {
-        if inset.contains(&e.from) && inset.contains(&e.to) && orders(p, e) {
-            *indeg.entry(e.from).or_default() += 1;
-            dependents.entry(e.to).or_default().push(e.from);
+        if inset[e.from] && inset[e.to] && orders(p, e) {
+            indeg[e.from] += 1;
+            dependents[e.to].push(e.from);
         }
     }
-    let mut heap: BinaryHeap<Reverse<usize>> = indeg
+    let mut heap: BinaryHeap<Reverse<usize>> = indexes
         .iter()
-        .filter(|(_, d)| **d == 0)
-        .map(|(i, _)| Reverse(*i))
+        .filter(|&&i| indeg[i] == 0)
+        .map(|&i| Reverse(i))
         .collect();
     let mut out = Vec::with_capacity(indexes.len());
     while let Some(Reverse(i)) = heap.pop() {
         out.push(i);
-        for &d in dependents.get(&i).map(Vec::as_slice).unwrap_or(&[]) {
-            let n = indeg.get_mut(&d).expect("dependent is in the set");
-            *n -= 1;
-            if *n == 0 {
+        for &d in &dependents[i] {
+            indeg[d] -= 1;
+            if indeg[d] == 0 {
                 heap.push(Reverse(d));
             }
         }
