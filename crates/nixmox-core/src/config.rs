@@ -132,16 +132,7 @@ pub struct ProjectConfig {
 /// diagnostics say why).
 pub fn decode(cx: &mut Cx, root: &Node) -> Option<ProjectConfig> {
     cx.map(root, "", TOP_FIELDS)?;
-    let name = cx.required(root, "", "project").and_then(|n| {
-        let s = cx.string(n, "project")?;
-        match ProjectName::new(&s) {
-            Ok(v) => Some(v),
-            Err(why) => {
-                cx.error(n.span, "project", format!("invalid project name `{s}`: {why}"), Some("a project name looks like `homelab`: lowercase letters, digits and `-`, starting with a letter".into()));
-                None
-            }
-        }
-    });
+    let name = decode_project_name(cx, root);
     let domain = cx
         .required(root, "", "domain")
         .and_then(|n| domain(cx, n, "domain"));
@@ -152,6 +143,46 @@ pub fn decode(cx: &mut Cx, root: &Node) -> Option<ProjectConfig> {
         .as_ref()
         .and_then(|net| decode_pools(cx, field(root, "pools"), net));
     let proxmox = decode_proxmox(cx, field(root, "proxmox"));
+    let infra = decode_infra(cx, root);
+    let ssh = decode_ssh(cx, field(root, "ssh"));
+    let nix = decode_nix(cx, field(root, "nix"));
+    let terraform = decode_terraform(cx, field(root, "terraform"));
+    let defaults = decode_defaults(cx, field(root, "defaults"));
+    let state = decode_state(cx, field(root, "state"));
+    let secrets = decode_secrets(cx, field(root, "secrets"));
+    let deploy = decode_deploy(cx, field(root, "deploy"));
+    Some(ProjectConfig {
+        name: name?,
+        domain: domain?,
+        network: network?,
+        pools: pools?,
+        proxmox: proxmox?,
+        infra: infra?,
+        ssh: ssh?,
+        nix: nix?,
+        terraform: terraform?,
+        defaults: defaults?,
+        state: state?,
+        secrets: secrets?,
+        deploy: deploy?,
+    })
+}
+
+/// `project`: required, and a valid project name.
+fn decode_project_name(cx: &mut Cx, root: &Node) -> Option<ProjectName> {
+    let n = cx.required(root, "", "project")?;
+    let s = cx.string(n, "project")?;
+    match ProjectName::new(&s) {
+        Ok(v) => Some(v),
+        Err(why) => {
+            cx.error(n.span, "project", format!("invalid project name `{s}`: {why}"), Some("a project name looks like `homelab`: lowercase letters, digits and `-`, starting with a letter".into()));
+            None
+        }
+    }
+}
+
+/// `infra.backend`, Terraform by default.
+fn decode_infra(cx: &mut Cx, root: &Node) -> Option<InfraBackend> {
     let infra = match field(root, "infra") {
         None => Some(InfraBackend::Terraform),
         Some(n) => cx
@@ -186,85 +217,84 @@ pub fn decode(cx: &mut Cx, root: &Node) -> Option<ProjectConfig> {
             );
         }
     }
-    let ssh = decode_ssh(cx, field(root, "ssh"));
-    let nix = decode_nix(cx, field(root, "nix"));
-    let terraform = match field(root, "terraform") {
-        None => Some(Terraform {
+    infra
+}
+
+/// `terraform`: the binary and the state backend.
+fn decode_terraform(cx: &mut Cx, n: Option<&Node>) -> Option<Terraform> {
+    let Some(n) = n else {
+        return Some(Terraform {
             binary: "terraform".into(),
             backend: None,
-        }),
-        Some(n) => cx.map(n, "terraform", TERRAFORM_FIELDS).and_then(|_| {
-            let binary = field(n, "binary")
-                .and_then(|b| cx.string(b, "terraform.binary"))
-                .unwrap_or_else(|| "terraform".into());
-            let backend = match field(n, "backend") {
-                None => None,
-                Some(b) => Some(decode_tf_backend(cx, b)?),
-            };
-            Some(Terraform {
-                binary,
-                backend: backend.flatten(),
-            })
-        }),
+        });
     };
-    let defaults = decode_defaults(cx, field(root, "defaults"));
-    let state = match field(root, "state") {
-        None => Some(StateConfig {
+    cx.map(n, "terraform", TERRAFORM_FIELDS)?;
+    let binary = field(n, "binary")
+        .and_then(|b| cx.string(b, "terraform.binary"))
+        .unwrap_or_else(|| "terraform".into());
+    let backend = match field(n, "backend") {
+        None => None,
+        Some(b) => Some(decode_tf_backend(cx, b)?),
+    };
+    Some(Terraform {
+        binary,
+        backend: backend.flatten(),
+    })
+}
+
+/// `state`: where the state database is.
+fn decode_state(cx: &mut Cx, n: Option<&Node>) -> Option<StateConfig> {
+    let Some(n) = n else {
+        return Some(StateConfig {
             path: ".nixmox/state.db".into(),
-        }),
-        Some(n) => cx.map(n, "state", STATE_FIELDS).map(|_| {
-            if let Some(b) = field(n, "backend") {
-                let _ = choice(cx, b, "state.backend", &[("sqlite", ())]);
-            }
-            StateConfig {
-                path: field(n, "path")
-                    .and_then(|p| project_path(cx, p, "state.path"))
-                    .unwrap_or_else(|| ".nixmox/state.db".into()),
-            }
-        }),
+        });
     };
-    let secrets = match field(root, "secrets") {
-        None => Some(Secrets { age_recipients: Vec::new() }),
-        Some(n) => cx.map(n, "secrets", SECRETS_FIELDS).map(|_| {
-            if let Some(b) = field(n, "backend") {
-                let _ = choice(cx, b, "secrets.backend", &[("sops", ())]);
-            }
-            let recipients = field(n, "age_recipients")
-                .map(|r| cx.strings(r, "secrets.age_recipients"))
-                .unwrap_or_default();
-            for (r, span) in &recipients {
-                if ids::check_age_recipient(r).is_err() {
-                    cx.error(*span, "secrets.age_recipients", format!("`{r}` is not an age public key"), Some("an age recipient looks like `age1` followed by 58 characters (see `age-keygen -y`)".into()));
-                }
-            }
-            Secrets {
-                age_recipients: recipients.into_iter().map(|(r, _)| r).collect(),
-            }
-        }),
+    cx.map(n, "state", STATE_FIELDS)?;
+    if let Some(b) = field(n, "backend") {
+        let _ = choice(cx, b, "state.backend", &[("sqlite", ())]);
+    }
+    Some(StateConfig {
+        path: field(n, "path")
+            .and_then(|p| project_path(cx, p, "state.path"))
+            .unwrap_or_else(|| ".nixmox/state.db".into()),
+    })
+}
+
+/// `secrets`: the admins' age recipients.
+fn decode_secrets(cx: &mut Cx, n: Option<&Node>) -> Option<Secrets> {
+    let Some(n) = n else {
+        return Some(Secrets {
+            age_recipients: Vec::new(),
+        });
     };
-    let deploy = match field(root, "deploy") {
-        None => Some(Deploy { parallel: 4 }),
-        Some(n) => cx.map(n, "deploy", DEPLOY_FIELDS).map(|_| Deploy {
-            parallel: field(n, "parallel")
-                .and_then(|p| cx.int(p, "deploy.parallel", 1, 1024, ""))
-                .map(|p| p as u32)
-                .unwrap_or(4),
-        }),
+    cx.map(n, "secrets", SECRETS_FIELDS)?;
+    if let Some(b) = field(n, "backend") {
+        let _ = choice(cx, b, "secrets.backend", &[("sops", ())]);
+    }
+    let recipients = field(n, "age_recipients")
+        .map(|r| cx.strings(r, "secrets.age_recipients"))
+        .unwrap_or_default();
+    for (r, span) in &recipients {
+        if ids::check_age_recipient(r).is_err() {
+            cx.error(*span, "secrets.age_recipients", format!("`{r}` is not an age public key"), Some("an age recipient looks like `age1` followed by 58 characters (see `age-keygen -y`)".into()));
+        }
+    }
+    Some(Secrets {
+        age_recipients: recipients.into_iter().map(|(r, _)| r).collect(),
+    })
+}
+
+/// `deploy`: how many hosts deploy at once.
+fn decode_deploy(cx: &mut Cx, n: Option<&Node>) -> Option<Deploy> {
+    let Some(n) = n else {
+        return Some(Deploy { parallel: 4 });
     };
-    Some(ProjectConfig {
-        name: name?,
-        domain: domain?,
-        network: network?,
-        pools: pools?,
-        proxmox: proxmox?,
-        infra: infra?,
-        ssh: ssh?,
-        nix: nix?,
-        terraform: terraform?,
-        defaults: defaults?,
-        state: state?,
-        secrets: secrets?,
-        deploy: deploy?,
+    cx.map(n, "deploy", DEPLOY_FIELDS)?;
+    Some(Deploy {
+        parallel: field(n, "parallel")
+            .and_then(|p| cx.int(p, "deploy.parallel", 1, 1024, ""))
+            .map(|p| p as u32)
+            .unwrap_or(4),
     })
 }
 

@@ -232,7 +232,53 @@ pub struct Layout {
 /// dummies are ordered within a layer by the average position of their predecessors.
 pub fn layout(pic: &Picture) -> Layout {
     let n = pic.nodes.len();
-    // Longest-path layering (nodes are acyclic; fall back to iteration order otherwise).
+    let layer = longest_path_layers(pic);
+    let (vlayer, chains) = with_dummies(pic, &layer);
+    let rows = ordered_rows(&vlayer, &chains);
+    let layers = rows.len();
+    let v = vlayer.len();
+    let char_w = 7.2;
+    let box_w = pic
+        .nodes
+        .iter()
+        .map(|nd| nd.label.chars().count().max(nd.sublabel.chars().count()) as f64 * char_w + 24.0)
+        .fold(120.0, f64::max);
+    let (box_h, gap_x, gap_y, margin) = (46.0, 28.0, 80.0, 30.0);
+    // A dummy's slot: narrow, with room on both sides to pass the boxes beside it.
+    let dummy_w = 12.0;
+    let slot_w = |i: usize| if i < n { box_w } else { dummy_w };
+    let row_width = |row: &[usize]| -> f64 {
+        row.iter().map(|&i| slot_w(i)).sum::<f64>() + row.len().saturating_sub(1) as f64 * gap_x
+    };
+    let widest = rows.iter().map(|r| row_width(r)).fold(box_w, f64::max);
+    // At least as wide as the legend.
+    let width = (margin * 2.0 + widest).max(720.0);
+    let height =
+        margin * 2.0 + 30.0 + layers as f64 * box_h + (layers.max(1) - 1) as f64 * gap_y + 40.0;
+    let mut vxy = vec![(0f64, 0f64); v];
+    for (l, row) in rows.iter().enumerate() {
+        let mut x = (width - row_width(row)) / 2.0;
+        for &i in row {
+            vxy[i] = (x, margin + 30.0 + l as f64 * (box_h + gap_y));
+            x += slot_w(i) + gap_x;
+        }
+    }
+    let centre = |i: usize| vxy[i].0 + slot_w(i) / 2.0;
+    let routes = routes(&chains, &vxy, n, box_w, box_h, &centre);
+    vxy.truncate(n);
+    Layout {
+        width,
+        height,
+        box_w,
+        box_h,
+        xy: vxy,
+        routes,
+    }
+}
+
+/// Longest-path layering (nodes are acyclic; fall back to iteration order otherwise).
+fn longest_path_layers(pic: &Picture) -> Vec<usize> {
+    let n = pic.nodes.len();
     let mut layer = vec![0usize; n];
     for _ in 0..n.min(64) {
         let mut changed = false;
@@ -246,8 +292,13 @@ pub fn layout(pic: &Picture) -> Layout {
             break;
         }
     }
-    // Vertices: the nodes, then the dummies. `chains[k]` is edge k's vertices, source first.
-    let mut vlayer = layer.clone();
+    layer
+}
+
+/// Vertices: the nodes, then the dummies, each with its layer; and `chains[k]`, edge k's
+/// vertices, source first.
+fn with_dummies(pic: &Picture, layer: &[usize]) -> (Vec<usize>, Vec<Vec<usize>>) {
+    let mut vlayer = layer.to_vec();
     let mut chains: Vec<Vec<usize>> = Vec::with_capacity(pic.edges.len());
     for (a, b, _) in &pic.edges {
         let mut chain = vec![*a];
@@ -260,9 +311,15 @@ pub fn layout(pic: &Picture) -> Layout {
         chain.push(*b);
         chains.push(chain);
     }
+    (vlayer, chains)
+}
+
+/// The vertices of each layer, ordered by the average position of their predecessors (four
+/// sweeps down the layers).
+fn ordered_rows(vlayer: &[usize], chains: &[Vec<usize>]) -> Vec<Vec<usize>> {
     let v = vlayer.len();
     let mut preds: Vec<Vec<usize>> = vec![Vec::new(); v];
-    for chain in &chains {
+    for chain in chains {
         for w in chain.windows(2) {
             preds[w[1]].push(w[0]);
         }
@@ -295,35 +352,20 @@ pub fn layout(pic: &Picture) -> Layout {
             }
         }
     }
-    let char_w = 7.2;
-    let box_w = pic
-        .nodes
-        .iter()
-        .map(|nd| nd.label.chars().count().max(nd.sublabel.chars().count()) as f64 * char_w + 24.0)
-        .fold(120.0, f64::max);
-    let (box_h, gap_x, gap_y, margin) = (46.0, 28.0, 80.0, 30.0);
-    // A dummy's slot: narrow, with room on both sides to pass the boxes beside it.
-    let dummy_w = 12.0;
-    let slot_w = |i: usize| if i < n { box_w } else { dummy_w };
-    let row_width = |row: &[usize]| -> f64 {
-        row.iter().map(|&i| slot_w(i)).sum::<f64>() + row.len().saturating_sub(1) as f64 * gap_x
-    };
-    let widest = rows.iter().map(|r| row_width(r)).fold(box_w, f64::max);
-    // At least as wide as the legend.
-    let width = (margin * 2.0 + widest).max(720.0);
-    let height =
-        margin * 2.0 + 30.0 + layers as f64 * box_h + (layers.max(1) - 1) as f64 * gap_y + 40.0;
-    let mut vxy = vec![(0f64, 0f64); v];
-    for (l, row) in rows.iter().enumerate() {
-        let mut x = (width - row_width(row)) / 2.0;
-        for &i in row {
-            vxy[i] = (x, margin + 30.0 + l as f64 * (box_h + gap_y));
-            x += slot_w(i) + gap_x;
-        }
-    }
-    // Ports: spread each node's outgoing edges along its bottom and incoming along its top,
-    // ordered by the x of the next point on the edge, so parallel edges do not share a line.
-    let centre = |i: usize| vxy[i].0 + slot_w(i) / 2.0;
+    rows
+}
+
+/// Each edge's points. Ports: each node's outgoing edges are spread along its bottom and the
+/// incoming along its top, ordered by the x of the next point on the edge, so parallel edges
+/// do not share a line.
+fn routes(
+    chains: &[Vec<usize>],
+    vxy: &[(f64, f64)],
+    n: usize,
+    box_w: f64,
+    box_h: f64,
+    centre: &dyn Fn(usize) -> f64,
+) -> Vec<Vec<(f64, f64)>> {
     let mut out_ports: Vec<Vec<(f64, usize)>> = vec![Vec::new(); n];
     let mut in_ports: Vec<Vec<(f64, usize)>> = vec![Vec::new(); n];
     for (k, chain) in chains.iter().enumerate() {
@@ -342,7 +384,7 @@ pub fn layout(pic: &Picture) -> Layout {
             }
         }
     }
-    let routes = chains
+    chains
         .iter()
         .enumerate()
         .map(|(k, chain)| {
@@ -355,16 +397,7 @@ pub fn layout(pic: &Picture) -> Layout {
             points.push((dst_x[k], vxy[b].1));
             points
         })
-        .collect();
-    vxy.truncate(n);
-    Layout {
-        width,
-        height,
-        box_w,
-        box_h,
-        xy: vxy,
-        routes,
-    }
+        .collect()
 }
 
 /// An edge's route as SVG path data: a curve across each gap between layers (its control
@@ -393,15 +426,9 @@ fn route_path(points: &[(f64, f64)]) -> String {
 
 /// Draws the picture with [`layout`].
 pub fn to_svg(pic: &Picture) -> String {
-    let Layout {
-        width,
-        height,
-        box_w,
-        box_h,
-        xy,
-        routes,
-    } = layout(pic);
-    let margin = 30.0;
+    let lay = layout(pic);
+    let (width, height) = (lay.width, lay.height);
+    let margin = MARGIN;
     let mut out = String::new();
     let _ = writeln!(out, "<?xml version=\"1.0\" encoding=\"UTF-8\"?>");
     let _ = writeln!(out, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{height:.0}\" viewBox=\"0 0 {width:.0} {height:.0}\" font-family=\"sans-serif\">");
@@ -412,24 +439,43 @@ pub fn to_svg(pic: &Picture) -> String {
         "  <rect width=\"100%\" height=\"100%\" fill=\"#ffffff\"/>"
     );
     let _ = writeln!(out, "  <text x=\"{margin}\" y=\"{}\" font-size=\"16\" font-weight=\"bold\" fill=\"#111827\">{}</text>", margin + 4.0, xml_escape(&pic.title));
-    let style = |label: &str| -> (&'static str, &'static str, f64) {
-        match label.split(',').next().unwrap_or("").trim() {
-            "db" => ("#b45309", "", 1.6),
-            "proxy" => ("#7c3aed", "", 1.6),
-            "auth" => ("#047857", "", 1.6),
-            "dns" => ("#9ca3af", "", 1.0),
-            "depends_on" => ("#111827", " stroke-dasharray=\"5 3\"", 1.6),
-            _ => ("#6b7280", "", 1.4),
-        }
-    };
+    svg_edges(&mut out, pic, &lay.routes);
+    svg_edge_labels(&mut out, pic, &lay.routes);
+    svg_nodes(&mut out, pic, &lay);
+    svg_legend(&mut out, pic, height);
+    out.push_str("</svg>\n");
+    out
+}
+
+/// The margin around the picture.
+const MARGIN: f64 = 30.0;
+
+/// An edge's colour, dash and width, by its first label.
+fn edge_style(label: &str) -> (&'static str, &'static str, f64) {
+    match label.split(',').next().unwrap_or("").trim() {
+        "db" => ("#b45309", "", 1.6),
+        "proxy" => ("#7c3aed", "", 1.6),
+        "auth" => ("#047857", "", 1.6),
+        "dns" => ("#9ca3af", "", 1.0),
+        "depends_on" => ("#111827", " stroke-dasharray=\"5 3\"", 1.6),
+        _ => ("#6b7280", "", 1.4),
+    }
+}
+
+/// The edges, each along its route.
+fn svg_edges(out: &mut String, pic: &Picture, routes: &[Vec<(f64, f64)>]) {
     let _ = writeln!(out, "  <g id=\"edges\" fill=\"none\">");
     for (k, (_, _, label)) in pic.edges.iter().enumerate() {
-        let (colour, dash, width) = style(label);
+        let (colour, dash, width) = edge_style(label);
         let kind_class = label.split(',').next().unwrap_or("").trim();
         let d = route_path(&routes[k]);
         let _ = writeln!(out, "    <path class=\"edge {kind_class}\" d=\"{d}\" stroke=\"{colour}\" stroke-width=\"{width}\"{dash} marker-end=\"url(#arrow)\"/>");
     }
     let _ = writeln!(out, "  </g>");
+}
+
+/// The edges' labels, near each arrow's head.
+fn svg_edge_labels(out: &mut String, pic: &Picture, routes: &[Vec<(f64, f64)>]) {
     let _ = writeln!(
         out,
         "  <g id=\"edge-labels\" font-size=\"10\" text-anchor=\"middle\">"
@@ -453,14 +499,19 @@ pub fn to_svg(pic: &Picture) -> String {
         ];
         let mx: f64 = (0..4).map(|i| c[i] * pts[i].0).sum();
         let my: f64 = (0..4).map(|i| c[i] * pts[i].1).sum();
-        let (colour, _, _) = style(label);
+        let (colour, _, _) = edge_style(label);
         let w = label.chars().count() as f64 * 6.0 + 6.0;
         let _ = writeln!(out, "    <rect x=\"{:.1}\" y=\"{:.1}\" width=\"{w:.1}\" height=\"13\" rx=\"3\" fill=\"#ffffff\" fill-opacity=\"0.85\"/><text x=\"{mx:.1}\" y=\"{:.1}\" fill=\"{colour}\">{}</text>", mx - w / 2.0, my - 9.5, my + 0.5, xml_escape(label));
     }
     let _ = writeln!(out, "  </g>");
+}
+
+/// The boxes, styled by class.
+fn svg_nodes(out: &mut String, pic: &Picture, lay: &Layout) {
+    let (box_w, box_h) = (lay.box_w, lay.box_h);
     let _ = writeln!(out, "  <g id=\"nodes\">");
     for (i, nd) in pic.nodes.iter().enumerate() {
-        let (x, y) = xy[i];
+        let (x, y) = lay.xy[i];
         let (fill, stroke, sw, dash) = match nd.class {
             NodeClass::Core => ("#dbeafe", "#1d4ed8", 2.5, ""),
             NodeClass::Service => ("#f3f4f6", "#4b5563", 1.2, ""),
@@ -477,6 +528,11 @@ pub fn to_svg(pic: &Picture) -> String {
             x + box_w / 2.0, y + 19.0, xml_escape(&nd.label), x + box_w / 2.0, y + 35.0, xml_escape(&nd.sublabel));
     }
     let _ = writeln!(out, "  </g>");
+}
+
+/// What the boxes and lines mean: services and edge kinds, or steps.
+fn svg_legend(out: &mut String, pic: &Picture, height: f64) {
+    let margin = MARGIN;
     // Legend.
     let ly = height - margin;
     let _ = writeln!(out, "  <g id=\"legend\" font-size=\"11\" fill=\"#374151\">");
@@ -487,7 +543,7 @@ pub fn to_svg(pic: &Picture) -> String {
         let _ = writeln!(out, "    <rect x=\"{lx}\" y=\"{:.1}\" width=\"14\" height=\"10\" fill=\"#f3f4f6\" stroke=\"#4b5563\"/><text x=\"{:.1}\" y=\"{ly:.1}\">service</text>", ly - 9.0, lx + 20.0);
         lx += 70.0;
         for kind in ["db", "proxy", "auth", "dns", "depends_on"] {
-            let (colour, dash, _) = style(kind);
+            let (colour, dash, _) = edge_style(kind);
             let _ = writeln!(out, "    <line x1=\"{lx}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"{colour}\" stroke-width=\"2\"{dash}/><text x=\"{:.1}\" y=\"{ly:.1}\">{kind}</text>", ly - 4.0, lx + 18.0, ly - 4.0, lx + 22.0);
             lx += 34.0 + kind.len() as f64 * 6.5;
         }
@@ -501,6 +557,4 @@ pub fn to_svg(pic: &Picture) -> String {
         let _ = writeln!(out, "    <rect x=\"{lx}\" y=\"{:.1}\" width=\"14\" height=\"10\" fill=\"#ffffff\" stroke=\"#9ca3af\" stroke-dasharray=\"4 3\"/><text x=\"{:.1}\" y=\"{ly:.1}\">no-op step (arrows: prerequisite to dependent)</text>", ly - 9.0, lx + 20.0);
     }
     let _ = writeln!(out, "  </g>");
-    out.push_str("</svg>\n");
-    out
 }

@@ -13,7 +13,9 @@ use crate::diag::{did_you_mean, Diagnostic, Severity};
 use crate::ids::{Hostname, VmId};
 use crate::lock::{self, Lock, LockEntry};
 use crate::manifest::{self, ServiceSpec, Sp};
-use crate::model::{Capability, Edge, EdgeKind, Health, Host, Origin, Project, Service};
+use crate::model::{
+    Capability, Edge, EdgeKind, Health, HealthTiming, Host, Origin, Project, Resources, Service,
+};
 use crate::par::map_mut as par_map_mut;
 use crate::syntax::{self, Format, Span};
 
@@ -123,92 +125,168 @@ pub struct ClusterNode {
 
 /// [`load_probed`] with what the shell knows of the cluster.
 pub fn load_in(sources: &Sources, probe: &dyn Fn(&str) -> PathKind, cluster: &Cluster) -> Loaded {
-    let mut texts: Vec<(String, Cow<str>)> = Vec::with_capacity(sources.manifests.len() + 2);
     let mut diags: Vec<Diagnostic> = Vec::new();
-    fn decode_text<'a>(
-        f: &'a SourceFile,
-        texts: &mut Vec<(String, Cow<'a, str>)>,
-        diags: &mut Vec<Diagnostic>,
-    ) -> Option<usize> {
-        match std::str::from_utf8(&f.bytes) {
-            Ok(s) => {
-                texts.push((
-                    f.path.clone(),
-                    normalize_breaks(s.strip_prefix('\u{feff}').unwrap_or(s)),
-                ));
-                Some(texts.len() - 1)
-            }
-            Err(e) => {
-                let good = &f.bytes[..e.valid_up_to()];
-                let good = normalize_breaks(std::str::from_utf8(good).unwrap_or(""));
-                let line = good.matches('\n').count() + 1;
-                let col = good
-                    .rsplit('\n')
-                    .next()
-                    .map(|l| l.chars().count())
-                    .unwrap_or(0)
-                    + 1;
-                diags.push(Diagnostic {
-                    severity: Severity::Error,
-                    file: f.path.clone(),
-                    span: Some(Span::new(line as u32, col as u32)),
-                    field: None,
-                    message: format!(
-                        "the file is not valid UTF-8 (invalid byte at offset {})",
-                        e.valid_up_to()
-                    ),
-                    snippet: None,
-                    width: 1,
-                    help: Some("save the file as UTF-8".into()),
-                });
-                None
-            }
+    let texts = Texts::decode(sources, &mut diags);
+    let mut cxs: Vec<Cx> = texts.texts.iter().map(|(p, t)| Cx::new(p, t)).collect();
+
+    let cfg = load_config(sources, &texts, &mut cxs, &mut diags);
+    let specs = decode_manifests(sources, &texts, &mut cxs, &mut diags);
+    check_paths(&mut cxs, &specs, probe);
+    let old_lock = match texts.lock {
+        Some(i) => parse_file(&mut cxs[i], &texts.texts[i].1, &texts.texts[i].0)
+            .map(|root| lock::decode(&mut cxs[i], &root))
+            .unwrap_or_default(),
+        None => Lock::default(),
+    };
+    let specs = check_specs(&mut cxs, specs, cfg.as_ref());
+
+    // Dependency problems are worth reporting even when the project file is broken.
+    let edges = build_edges(&mut cxs, &specs, cfg.as_ref().map(|c| &c.domain));
+    check_cycles(&mut cxs, &specs, &edges);
+    let (project, new_lock) = match cfg {
+        Some(cfg) => {
+            let (services, lock) = build_services_in(&mut cxs, specs, &cfg, &old_lock, cluster);
+            let any_error = !diags.is_empty() || cxs.iter().any(|c| c.errors() > 0);
+            ((!any_error).then(|| project(cfg, services, edges)), lock)
+        }
+        None => (None, Lock::default()),
+    };
+    for cx in cxs {
+        diags.extend(cx.diags);
+    }
+    diags.sort_by(|a, b| (a.severity, &a.file, a.span).cmp(&(b.severity, &b.file, b.span)));
+    diags.dedup();
+    let lock_changed =
+        new_lock != old_lock && (sources.lock.is_some() || !new_lock.services.is_empty());
+    Loaded {
+        project,
+        diagnostics: diags,
+        lock: new_lock,
+        lock_changed,
+    }
+}
+
+/// The texts of the project's files that are valid UTF-8 (byte order mark dropped, line
+/// breaks normalised), each with its path, and where each source file's text is.
+struct Texts<'a> {
+    texts: Vec<(String, Cow<'a, str>)>,
+    config: Option<usize>,
+    /// Per manifest of `Sources::manifests`.
+    manifests: Vec<Option<usize>>,
+    lock: Option<usize>,
+}
+
+impl<'a> Texts<'a> {
+    /// Reports every file that is not valid UTF-8.
+    fn decode(sources: &'a Sources, diags: &mut Vec<Diagnostic>) -> Self {
+        let mut texts = Vec::with_capacity(sources.manifests.len() + 2);
+        let config = sources
+            .config
+            .as_ref()
+            .and_then(|f| decode_text(f, &mut texts, diags));
+        let manifests = sources
+            .manifests
+            .iter()
+            .map(|f| decode_text(f, &mut texts, diags))
+            .collect();
+        let lock = sources
+            .lock
+            .as_ref()
+            .and_then(|f| decode_text(f, &mut texts, diags));
+        Texts {
+            texts,
+            config,
+            manifests,
+            lock,
         }
     }
-    let config_idx = sources
-        .config
-        .as_ref()
-        .and_then(|f| decode_text(f, &mut texts, &mut diags));
-    let manifest_idx: Vec<Option<usize>> = sources
-        .manifests
-        .iter()
-        .map(|f| decode_text(f, &mut texts, &mut diags))
-        .collect();
-    let lock_idx = sources
-        .lock
-        .as_ref()
-        .and_then(|f| decode_text(f, &mut texts, &mut diags));
+}
 
-    let mut cxs: Vec<Cx> = crate::par::map(&texts, |(p, t)| Cx::new(p, t));
+/// Adds the text of `f` to `texts` and returns its index, or reports it not UTF-8.
+fn decode_text<'a>(
+    f: &'a SourceFile,
+    texts: &mut Vec<(String, Cow<'a, str>)>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<usize> {
+    match std::str::from_utf8(&f.bytes) {
+        Ok(s) => {
+            texts.push((
+                f.path.clone(),
+                normalize_breaks(s.strip_prefix('\u{feff}').unwrap_or(s)),
+            ));
+            Some(texts.len() - 1)
+        }
+        Err(e) => {
+            let good = &f.bytes[..e.valid_up_to()];
+            let good = normalize_breaks(std::str::from_utf8(good).unwrap_or(""));
+            let line = good.matches('\n').count() + 1;
+            let col = good
+                .rsplit('\n')
+                .next()
+                .map(|l| l.chars().count())
+                .unwrap_or(0)
+                + 1;
+            diags.push(Diagnostic {
+                severity: Severity::Error,
+                file: f.path.clone(),
+                span: Some(Span::new(line as u32, col as u32)),
+                field: None,
+                message: format!(
+                    "the file is not valid UTF-8 (invalid byte at offset {})",
+                    e.valid_up_to()
+                ),
+                snippet: None,
+                width: 1,
+                help: Some("save the file as UTF-8".into()),
+            });
+            None
+        }
+    }
+}
 
-    // The project file.
-    let mut cfg: Option<ProjectConfig> = None;
-    match (&sources.config, config_idx) {
-        (None, _) => diags.push(Diagnostic {
-            severity: Severity::Error,
-            file: PROJECT_FILE.into(),
-            span: None,
-            field: None,
-            message: format!("no `{PROJECT_FILE}` in the project directory"),
-            snippet: None,
-            width: 1,
-            help: Some(
-                "run `nixmox init` to create a project, or pass its directory with `-C DIR`".into(),
-            ),
-        }),
-        (Some(_), None) => {}
+/// The project file, decoded; a missing one is reported.
+fn load_config(
+    sources: &Sources,
+    texts: &Texts,
+    cxs: &mut [Cx],
+    diags: &mut Vec<Diagnostic>,
+) -> Option<ProjectConfig> {
+    match (&sources.config, texts.config) {
+        (None, _) => {
+            diags.push(Diagnostic {
+                severity: Severity::Error,
+                file: PROJECT_FILE.into(),
+                span: None,
+                field: None,
+                message: format!("no `{PROJECT_FILE}` in the project directory"),
+                snippet: None,
+                width: 1,
+                help: Some(
+                    "run `nixmox init` to create a project, or pass its directory with `-C DIR`"
+                        .into(),
+                ),
+            });
+            None
+        }
+        (Some(_), None) => None,
         (Some(_), Some(i)) => {
-            if let Some(root) = parse_file(&mut cxs[i], &texts[i].1, &texts[i].0) {
-                cfg = config::decode(&mut cxs[i], &root);
-            }
+            let root = parse_file(&mut cxs[i], &texts.texts[i].1, &texts.texts[i].0)?;
+            config::decode(&mut cxs[i], &root)
         }
     }
+}
 
-    // Manifests: parsed and decoded in parallel, each file with its own context; the specs
-    // are sorted below and the diagnostics at the end, so the output does not depend on how
-    // the files were shared out.
+/// The manifests' specs, sorted by name (then manifest path). Parsed and decoded in
+/// parallel, each file with its own context; the diagnostics are sorted at the end, so the
+/// output does not depend on how the files were shared out.
+fn decode_manifests(
+    sources: &Sources,
+    texts: &Texts,
+    cxs: &mut [Cx],
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<ServiceSpec> {
     let mut owner: Vec<Option<usize>> = vec![None; cxs.len()];
-    for (m, idx) in manifest_idx.iter().enumerate() {
+    for (m, idx) in texts.manifests.iter().enumerate() {
         if let Some(i) = *idx {
             owner[i] = Some(m);
         }
@@ -220,19 +298,17 @@ pub fn load_in(sources: &Sources, probe: &dyn Fn(&str) -> PathKind, cluster: &Cl
         .collect();
     let mut specs: Vec<ServiceSpec> = par_map_mut(&mut work, |(i, cx, f)| {
         let dir = f.path.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
-        let text = &texts[*i].1;
+        let text = &texts.texts[*i].1;
         let root = parse_file(cx, text, &f.path)?;
         manifest::decode(cx, &root, *i, &f.path, dir)
     })
     .into_iter()
     .flatten()
     .collect();
-    drop(work);
     if sources.manifests.is_empty() && sources.config.is_some() {
-        let file = PROJECT_FILE.to_string();
         diags.push(Diagnostic {
             severity: Severity::Error,
-            file,
+            file: PROJECT_FILE.to_string(),
             span: None,
             field: None,
             message: "the project has no services".into(),
@@ -247,98 +323,93 @@ pub fn load_in(sources: &Sources, probe: &dyn Fn(&str) -> PathKind, cluster: &Cl
             .cmp(&b.name.value)
             .then(a.manifest.cmp(&b.manifest))
     });
+    specs
+}
 
-    // Paths the manifests reference.
-    for s in &specs {
+/// The paths the manifests reference: inside the project, and what each use needs.
+fn check_paths(cxs: &mut [Cx], specs: &[ServiceSpec], probe: &dyn Fn(&str) -> PathKind) {
+    for s in specs {
         for (path, span, field, use_) in &s.paths {
             if let Some((message, help)) = path_problem(path, &s.dir, *use_, probe) {
                 cxs[s.file].error(*span, field, message, Some(help));
             }
         }
     }
+}
 
-    let old_lock = match lock_idx {
-        Some(i) => parse_file(&mut cxs[i], &texts[i].1, &texts[i].0)
-            .map(|root| lock::decode(&mut cxs[i], &root))
-            .unwrap_or_default(),
-        None => Lock::default(),
-    };
+/// The project-wide checks of the specs; returns them without the duplicates of a name.
+fn check_specs(
+    cxs: &mut [Cx],
+    specs: Vec<ServiceSpec>,
+    cfg: Option<&ProjectConfig>,
+) -> Vec<ServiceSpec> {
+    let specs = check_unique_names(cxs, specs);
+    check_providers(cxs, &specs);
+    check_routes_served(cxs, &specs);
+    check_duplicates(cxs, &specs, cfg);
+    check_proxy_routes(cxs, &specs);
+    check_dns_names(cxs, &specs, cfg);
+    check_databases(cxs, &specs);
+    check_roles(cxs, &specs);
+    check_redirects(cxs, &specs);
+    specs
+}
 
-    let specs = check_unique_names(&mut cxs, specs);
-    check_providers(&mut cxs, &specs);
-    check_routes_served(&mut cxs, &specs);
-    check_duplicates(&mut cxs, &specs, cfg.as_ref());
-    check_proxy_routes(&mut cxs, &specs);
-    check_dns_names(&mut cxs, &specs, cfg.as_ref());
-    check_databases(&mut cxs, &specs);
-    check_roles(&mut cxs, &specs);
-    check_redirects(&mut cxs, &specs);
-
-    let mut new_lock = Lock::default();
-    let mut project = None;
-    // Dependency problems are worth reporting even when the project file is broken.
-    let edges = build_edges(&mut cxs, &specs, cfg.as_ref().map(|c| &c.domain));
-    check_cycles(&mut cxs, &specs, &edges);
-    if let Some(cfg) = cfg {
-        let mut allocated = allocate(&mut cxs, &specs, &cfg, &old_lock);
-        let placed = place_services(&mut cxs, &specs, &cfg, &old_lock, cluster);
-        // In a cluster every placement is recorded. A single-node project records only a node
-        // other than `proxmox.node`: an entry without a node means `proxmox.node` (as every
-        // lock written before placement existed does), so its lock does not change.
-        let cluster_mode =
-            !cfg.proxmox.nodes.is_empty() || (cluster.nodes.is_some() && !cfg.proxmox.node_given);
-        for (s, p) in specs.iter().zip(&placed) {
-            if let Some(p) = p.as_ref().filter(|p| p.origin != Origin::Manifest) {
-                if cluster_mode || p.node != cfg.proxmox.node {
-                    allocated
-                        .lock
-                        .services
-                        .entry(s.name.value.to_string())
-                        .or_default()
-                        .node = Some(p.node.clone());
-                }
+/// Allocates, places and builds the services; returns them with the lock as it should be.
+fn build_services_in(
+    cxs: &mut [Cx],
+    specs: Vec<ServiceSpec>,
+    cfg: &ProjectConfig,
+    old_lock: &Lock,
+    cluster: &Cluster,
+) -> (Vec<Service>, Lock) {
+    let mut allocated = allocate(cxs, &specs, cfg, old_lock);
+    let resolved = resolve(&specs, &cfg.defaults);
+    let placed = place_services(cxs, &specs, &resolved, cfg, old_lock, cluster);
+    // In a cluster every placement is recorded. A single-node project records only a node
+    // other than `proxmox.node`: an entry without a node means `proxmox.node` (as every
+    // lock written before placement existed does), so its lock does not change.
+    let cluster_mode =
+        !cfg.proxmox.nodes.is_empty() || (cluster.nodes.is_some() && !cfg.proxmox.node_given);
+    for (s, p) in specs.iter().zip(&placed) {
+        if let Some(p) = p.as_ref().filter(|p| p.origin != Origin::Manifest) {
+            if cluster_mode || p.node != cfg.proxmox.node {
+                allocated
+                    .lock
+                    .services
+                    .entry(s.name.value.to_string())
+                    .or_default()
+                    .node = Some(p.node.clone());
             }
         }
-        new_lock = allocated.lock;
-        let services = build_services(&mut cxs, &specs, &cfg, &allocated.hosts, &placed);
-        let any_error = !diags.is_empty() || cxs.iter().any(|c| c.errors() > 0);
-        if !any_error {
-            let mut providers = [None; 4];
-            for cap in Capability::ALL {
-                providers[cap as usize] = services.iter().position(|s| s.provides(cap));
-            }
-            project = Some(Project {
-                name: cfg.name,
-                domain: cfg.domain,
-                network: cfg.network,
-                pools: cfg.pools,
-                proxmox: cfg.proxmox,
-                infra: cfg.infra,
-                ssh: cfg.ssh,
-                nix: cfg.nix,
-                terraform: cfg.terraform,
-                defaults: cfg.defaults,
-                state: cfg.state,
-                secrets: cfg.secrets,
-                deploy: cfg.deploy,
-                services,
-                edges,
-                providers,
-            });
-        }
     }
-    for cx in cxs {
-        diags.extend(cx.diags);
+    let services = build_services(specs, allocated.hosts, placed, resolved);
+    (services, allocated.lock)
+}
+
+/// The validated project.
+fn project(cfg: ProjectConfig, services: Vec<Service>, edges: Vec<Edge>) -> Project {
+    let mut providers = [None; 4];
+    for cap in Capability::ALL {
+        providers[cap as usize] = services.iter().position(|s| s.provides(cap));
     }
-    diags.sort_by(|a, b| (a.severity, &a.file, a.span).cmp(&(b.severity, &b.file, b.span)));
-    diags.dedup();
-    let lock_changed =
-        new_lock != old_lock && (sources.lock.is_some() || !new_lock.services.is_empty());
-    Loaded {
-        project,
-        diagnostics: diags,
-        lock: new_lock,
-        lock_changed,
+    Project {
+        name: cfg.name,
+        domain: cfg.domain,
+        network: cfg.network,
+        pools: cfg.pools,
+        proxmox: cfg.proxmox,
+        infra: cfg.infra,
+        ssh: cfg.ssh,
+        nix: cfg.nix,
+        terraform: cfg.terraform,
+        defaults: cfg.defaults,
+        state: cfg.state,
+        secrets: cfg.secrets,
+        deploy: cfg.deploy,
+        services,
+        edges,
+        providers,
     }
 }
 
@@ -433,7 +504,9 @@ fn parse_file(cx: &mut Cx, text: &str, path: &str) -> Option<syntax::Node> {
         Some(node) => {
             // Reported, and decoding goes on so the file's other problems show too; any
             // error keeps the project from being built.
-            check_nul(cx, &node, "");
+            if parsed.has_nul {
+                check_nul(cx, &node, "");
+            }
             Some(node)
         }
         None if fatal => None,
@@ -653,6 +726,30 @@ fn check_providers(cxs: &mut [Cx], specs: &[ServiceSpec]) {
     }
 }
 
+/// What makes `ip` unusable as a host's address in `net`, if anything.
+fn ip_problem(net: &crate::model::Network, ip: Ipv4Addr) -> Option<String> {
+    if !net.cidr.contains(ip) {
+        Some(format!(
+            "IP address {ip} is outside the network {}",
+            net.cidr
+        ))
+    } else if ip == net.gateway {
+        Some(format!("IP address {ip} is the network's gateway"))
+    } else if ip == net.cidr.network() && net.cidr.is_reserved(ip) {
+        Some(format!(
+            "IP address {ip} is the network address of {}",
+            net.cidr
+        ))
+    } else if net.cidr.is_reserved(ip) {
+        Some(format!(
+            "IP address {ip} is the broadcast address of {}",
+            net.cidr
+        ))
+    } else {
+        None
+    }
+}
+
 fn check_duplicates(cxs: &mut [Cx], specs: &[ServiceSpec], cfg: Option<&ProjectConfig>) {
     let mut hostnames: HashMap<Hostname, &ServiceSpec> = HashMap::new();
     let mut ips: HashMap<Ipv4Addr, &ServiceSpec> = HashMap::new();
@@ -700,27 +797,7 @@ fn check_duplicates(cxs: &mut [Cx], specs: &[ServiceSpec], cfg: Option<&ProjectC
             }
             if let Some(cfg) = cfg {
                 let net = &cfg.network;
-                let problem = if !net.cidr.contains(ip.value) {
-                    Some(format!(
-                        "IP address {} is outside the network {}",
-                        ip.value, net.cidr
-                    ))
-                } else if ip.value == net.gateway {
-                    Some(format!("IP address {} is the network's gateway", ip.value))
-                } else if ip.value == net.cidr.network() && net.cidr.is_reserved(ip.value) {
-                    Some(format!(
-                        "IP address {} is the network address of {}",
-                        ip.value, net.cidr
-                    ))
-                } else if net.cidr.is_reserved(ip.value) {
-                    Some(format!(
-                        "IP address {} is the broadcast address of {}",
-                        ip.value, net.cidr
-                    ))
-                } else {
-                    None
-                };
-                if let Some(msg) = problem {
+                if let Some(msg) = ip_problem(net, ip.value) {
                     let help = format!("use a host address in {} other than the gateway {}, or leave `ip` out to allocate one from `pools.ip`", net.cidr, net.gateway);
                     cxs[s.file].error(ip.span, "host.ip", msg, Some(help));
                 }
@@ -1042,25 +1119,89 @@ struct Placed {
     template: String,
 }
 
+/// Each service's resources and health timing over the project's defaults, on several
+/// threads. Their problems were reported when the manifest was decoded (by the same checks,
+/// which do not depend on the defaults), so they are not reported again.
+fn resolve(
+    specs: &[ServiceSpec],
+    defaults: &crate::model::Defaults,
+) -> Vec<(Resources, HealthTiming)> {
+    crate::par::map(specs, |s| {
+        let mut scratch = Cx::new("", "");
+        (
+            manifest::spec_resources(&mut scratch, s, defaults.resources),
+            s.health.timing(&mut scratch, defaults.health),
+        )
+    })
+}
+
 /// Places every service on a node (see `placement`), reporting pins to unknown nodes,
 /// unsatisfiable spreads and a cluster without room at the service's manifest.
 fn place_services(
     cxs: &mut [Cx],
     specs: &[ServiceSpec],
+    resolved: &[(Resources, HealthTiming)],
     cfg: &ProjectConfig,
     old: &Lock,
     cluster: &Cluster,
 ) -> Vec<Option<Placed>> {
-    use crate::placement::{self, Candidate, Problem, Want};
+    use crate::placement::{self, Want};
     let px = &cfg.proxmox;
+    let (candidates, strict) = candidates(specs, px, old, cluster);
+    let wants: Vec<Want> = specs
+        .iter()
+        .zip(resolved)
+        .map(|(s, (r, _))| Want {
+            name: s.name.value.as_str(),
+            memory: u64::from(r.memory),
+            cores: r.cores,
+            pin: s.node.as_ref().map(|n| n.value.as_str()),
+            locked: old
+                .services
+                .get(s.name.value.as_str())
+                .map(|e| e.node.as_deref().unwrap_or(px.node.as_str())),
+            spread: s.spread.as_ref().map(|g| g.value.as_str()),
+        })
+        .collect();
+    let placement = placement::place(&candidates, &wants, strict, cluster.fresh);
+    for problem in &placement.problems {
+        report_placement(cxs, specs, px, &candidates, problem);
+    }
+    placement
+        .nodes
+        .iter()
+        .map(|p| {
+            let (n, origin) = (*p)?;
+            let name = candidates[n].name.clone();
+            let listed = px.nodes.iter().find(|k| k.name == name);
+            Some(Placed {
+                storage: listed.map_or_else(|| px.storage.clone(), |k| k.storage.clone()),
+                template: listed.map_or_else(|| px.template.clone(), |k| k.template.clone()),
+                node: name,
+                origin,
+            })
+        })
+        .collect()
+}
+
+/// The nodes a service may go on, and whether that list is the whole cluster (`strict`): the
+/// nodes of `proxmox.nodes`, else those the PVE API reports, else `proxmox.node` with whatever
+/// other node a pin or the lock names.
+fn candidates(
+    specs: &[ServiceSpec],
+    px: &crate::model::Proxmox,
+    old: &Lock,
+    cluster: &Cluster,
+) -> (Vec<crate::placement::Candidate>, bool) {
+    use crate::placement::Candidate;
     let reported = |name: &str| {
         cluster
             .nodes
             .as_ref()
             .map(|ns| ns.iter().find(|n| n.name == name))
     };
-    let (mut candidates, strict): (Vec<Candidate>, bool) = if !px.nodes.is_empty() {
-        let c = px
+    if !px.nodes.is_empty() {
+        let mut c: Vec<Candidate> = px
             .nodes
             .iter()
             .map(|n| {
@@ -1076,6 +1217,7 @@ fn place_services(
                 }
             })
             .collect();
+        c.dedup_by(|a, b| a.name == b.name);
         (c, true)
     } else if let Some(nodes) = cluster.nodes.as_ref().filter(|_| !px.node_given) {
         let mut c: Vec<Candidate> = nodes
@@ -1094,6 +1236,7 @@ fn place_services(
             })
             .collect();
         c.sort_by(|a, b| a.name.cmp(&b.name));
+        c.dedup_by(|a, b| a.name == b.name);
         (c, true)
     } else {
         // The one-node case: `proxmox.node`, and whatever other node a pin or the lock names
@@ -1131,35 +1274,18 @@ fn place_services(
             }
         }
         (c, false)
-    };
-    if strict {
-        candidates.dedup_by(|a, b| a.name == b.name);
     }
-    let sizes: Vec<(u64, u32)> = specs
-        .iter()
-        .map(|s| {
-            // Sizes only; problems in `host.resources` are reported once, by build_services.
-            let mut scratch = Cx::new("", "");
-            let r = manifest::spec_resources(&mut scratch, s, cfg.defaults.resources);
-            (u64::from(r.memory), r.cores)
-        })
-        .collect();
-    let wants: Vec<Want> = specs
-        .iter()
-        .zip(&sizes)
-        .map(|(s, &(memory, cores))| Want {
-            name: s.name.value.as_str(),
-            memory,
-            cores,
-            pin: s.node.as_ref().map(|n| n.value.as_str()),
-            locked: old
-                .services
-                .get(s.name.value.as_str())
-                .map(|e| e.node.as_deref().unwrap_or(px.node.as_str())),
-            spread: s.spread.as_ref().map(|g| g.value.as_str()),
-        })
-        .collect();
-    let placement = placement::place(&candidates, &wants, strict, cluster.fresh);
+}
+
+/// Reports one placement problem at the service's manifest.
+fn report_placement(
+    cxs: &mut [Cx],
+    specs: &[ServiceSpec],
+    px: &crate::model::Proxmox,
+    candidates: &[crate::placement::Candidate],
+    problem: &crate::placement::Problem,
+) {
+    use crate::placement::Problem;
     let known = || {
         candidates
             .iter()
@@ -1172,105 +1298,87 @@ fn place_services(
     } else {
         "the nodes the Proxmox API reports"
     };
-    for problem in &placement.problems {
-        match problem {
-            Problem::UnknownNode { service } => {
-                let s = &specs[*service];
-                let pin = s.node.as_ref().expect("only pins are unknown");
-                let help =
-                    match did_you_mean(&pin.value, candidates.iter().map(|c| c.name.as_str())) {
-                        Some(m) => format!(
-                            "did you mean `{m}`? the cluster's nodes ({source}): {}",
-                            known()
-                        ),
-                        None => format!("the cluster's nodes ({source}): {}", known()),
-                    };
-                cxs[s.file].error(
-                    pin.span,
-                    "host.node",
-                    format!(
-                        "`{}` is pinned to node `{}`, which is not in the cluster",
-                        s.name.value, pin.value
-                    ),
-                    Some(help),
-                );
-            }
-            Problem::PinWithoutRoom { service, why } => {
-                let s = &specs[*service];
-                let pin = s.node.as_ref().expect("only pins are pinned");
-                cxs[s.file].error(
-                    pin.span,
-                    "host.node",
-                    format!("node `{}` has no room for `{}`: {why}", pin.value, s.name.value),
-                    Some("pin it to another node, lower its host.resources, or raise the node's memory in proxmox.nodes".into()),
-                );
-            }
-            Problem::Spread {
-                service,
-                other,
-                node,
-            } => {
-                let s = &specs[*service];
-                let group = s.spread.as_ref().expect("only spread services collide");
-                cxs[s.file].error(
-                    group.span,
-                    "host.spread",
-                    format!(
-                        "spread group `{}` cannot be satisfied: `{}` and `{}` are both pinned to node `{node}` while other nodes have none of the group",
-                        group.value, specs[*other].name.value, s.name.value
-                    ),
-                    Some("pin one of them to another node, or remove a pin and let NixMox place it".into()),
-                );
-            }
-            Problem::NoRoom { service, why } => {
-                let s = &specs[*service];
-                cxs[s.file].error(
-                    s.name.span,
-                    "host.node",
-                    format!(
-                        "no node of the cluster has room for `{}`: {why}",
-                        s.name.value
-                    ),
-                    Some(format!(
-                        "add a node or memory to {source}, or lower host.resources"
-                    )),
-                );
-            }
+    match problem {
+        Problem::UnknownNode { service } => {
+            let s = &specs[*service];
+            let pin = s.node.as_ref().expect("only pins are unknown");
+            let help = match did_you_mean(&pin.value, candidates.iter().map(|c| c.name.as_str())) {
+                Some(m) => format!(
+                    "did you mean `{m}`? the cluster's nodes ({source}): {}",
+                    known()
+                ),
+                None => format!("the cluster's nodes ({source}): {}", known()),
+            };
+            cxs[s.file].error(
+                pin.span,
+                "host.node",
+                format!(
+                    "`{}` is pinned to node `{}`, which is not in the cluster",
+                    s.name.value, pin.value
+                ),
+                Some(help),
+            );
+        }
+        Problem::PinWithoutRoom { service, why } => {
+            let s = &specs[*service];
+            let pin = s.node.as_ref().expect("only pins are pinned");
+            cxs[s.file].error(
+                pin.span,
+                "host.node",
+                format!("node `{}` has no room for `{}`: {why}", pin.value, s.name.value),
+                Some("pin it to another node, lower its host.resources, or raise the node's memory in proxmox.nodes".into()),
+            );
+        }
+        Problem::Spread {
+            service,
+            other,
+            node,
+        } => {
+            let s = &specs[*service];
+            let group = s.spread.as_ref().expect("only spread services collide");
+            cxs[s.file].error(
+                group.span,
+                "host.spread",
+                format!(
+                    "spread group `{}` cannot be satisfied: `{}` and `{}` are both pinned to node `{node}` while other nodes have none of the group",
+                    group.value, specs[*other].name.value, s.name.value
+                ),
+                Some("pin one of them to another node, or remove a pin and let NixMox place it".into()),
+            );
+        }
+        Problem::NoRoom { service, why } => {
+            let s = &specs[*service];
+            cxs[s.file].error(
+                s.name.span,
+                "host.node",
+                format!(
+                    "no node of the cluster has room for `{}`: {why}",
+                    s.name.value
+                ),
+                Some(format!(
+                    "add a node or memory to {source}, or lower host.resources"
+                )),
+            );
         }
     }
-    placement
-        .nodes
-        .iter()
-        .map(|p| {
-            let (n, origin) = (*p)?;
-            let name = candidates[n].name.clone();
-            let listed = px.nodes.iter().find(|k| k.name == name);
-            Some(Placed {
-                storage: listed.map_or_else(|| px.storage.clone(), |k| k.storage.clone()),
-                template: listed.map_or_else(|| px.template.clone(), |k| k.template.clone()),
-                node: name,
-                origin,
-            })
-        })
-        .collect()
 }
 
+/// The model's services, moved out of their specs (nothing is copied).
 fn build_services(
-    cxs: &mut [Cx],
-    specs: &[ServiceSpec],
-    cfg: &ProjectConfig,
-    hosts: &[Option<(Ipv4Addr, Origin, VmId, Origin)>],
-    placed: &[Option<Placed>],
+    specs: Vec<ServiceSpec>,
+    hosts: Vec<Option<(Ipv4Addr, Origin, VmId, Origin)>>,
+    placed: Vec<Option<Placed>>,
+    resolved: Vec<(Resources, HealthTiming)>,
 ) -> Vec<Service> {
     let mut out = Vec::with_capacity(specs.len());
-    for ((s, host), placed) in specs.iter().zip(hosts).zip(placed) {
-        let Some((ip, ip_origin, vmid, vmid_origin)) = *host else {
+    for (((s, host), placed), (resources, timing)) in
+        specs.into_iter().zip(hosts).zip(placed).zip(resolved)
+    {
+        let Some((ip, ip_origin, vmid, vmid_origin)) = host else {
             continue;
         };
         let Some(placed) = placed else { continue };
-        let cx = &mut cxs[s.file];
-        let resources = manifest::spec_resources(cx, s, cfg.defaults.resources);
-        let timing = s.health.timing(cx, cfg.defaults.health);
+        let hostname = hostname_of(&s);
         let mut provides: Vec<crate::model::Provided> =
             s.provides.iter().map(|p| p.value).collect();
         provides.sort_by_key(|p| p.capability);
@@ -1282,42 +1390,42 @@ fn build_services(
         depends_on.sort();
         depends_on.dedup();
         out.push(Service {
-            name: s.name.value.clone(),
-            description: s.description.clone(),
-            manifest: s.manifest.clone(),
-            dir: s.dir.clone(),
+            name: s.name.value,
+            description: s.description,
+            manifest: s.manifest,
+            dir: s.dir,
             depends_on,
             provides,
             host: Host {
-                hostname: hostname_of(s),
+                hostname,
                 ip,
                 vmid,
                 ip_origin,
                 vmid_origin,
-                node: placed.node.clone(),
+                node: placed.node,
                 node_origin: placed.origin,
-                spread: s.spread.as_ref().map(|g| g.value.clone()),
-                storage: placed.storage.clone(),
-                template: placed.template.clone(),
+                spread: s.spread.map(|g| g.value),
+                storage: placed.storage,
+                template: placed.template,
                 resources,
                 onboot: s.onboot,
                 start: s.start,
                 unprivileged: s.unprivileged,
                 nesting: s.nesting,
-                ssh_host_key: s.ssh_host_key.clone(),
-                backup: s.backup.clone(),
+                ssh_host_key: s.ssh_host_key,
+                backup: s.backup,
             },
-            nixos_modules: s.nixos_modules.iter().map(|m| m.value.clone()).collect(),
-            dbs: s.dbs.iter().map(|d| d.value.clone()).collect(),
-            proxies: s.proxies.iter().map(|p| p.value.clone()).collect(),
-            auth: s.auth.as_ref().map(|a| a.value.clone()),
+            nixos_modules: s.nixos_modules.into_iter().map(|m| m.value).collect(),
+            dbs: s.dbs.into_iter().map(|d| d.value).collect(),
+            proxies: s.proxies.into_iter().map(|p| p.value).collect(),
+            auth: s.auth.map(|a| a.value),
             health: Health {
-                startup: s.health.startup.iter().map(|c| c.value.clone()).collect(),
-                liveness: s.health.liveness.iter().map(|c| c.value.clone()).collect(),
-                readiness: s.health.readiness.iter().map(|c| c.value.clone()).collect(),
+                startup: s.health.startup.into_iter().map(|c| c.value).collect(),
+                liveness: s.health.liveness.into_iter().map(|c| c.value).collect(),
+                readiness: s.health.readiness.into_iter().map(|c| c.value).collect(),
                 timing,
             },
-            terraform: s.terraform.iter().map(|t| t.value.clone()).collect(),
+            terraform: s.terraform.into_iter().map(|t| t.value).collect(),
         });
     }
     out
@@ -1345,39 +1453,7 @@ fn build_edges(
     let provider = |cap: Capability| providers.get(&cap).copied();
     let mut edges = Vec::new();
     for (i, s) in specs.iter().enumerate() {
-        for d in &s.depends_on {
-            match by_name.get(d.value.as_str()) {
-                Some(&j) if j == i => {
-                    cxs[s.file].error(
-                        d.span,
-                        "depends_on",
-                        format!("`{}` depends on itself", s.name.value),
-                        Some("remove it from its own `depends_on`".into()),
-                    );
-                }
-                Some(&j) => edges.push(Edge {
-                    from: i,
-                    to: j,
-                    kind: EdgeKind::DependsOn,
-                }),
-                None => {
-                    let help = match did_you_mean(&d.value, by_name.keys().copied()) {
-                        Some(m) => format!("did you mean `{m}`?"),
-                        None => "depends_on names other services of this project by their `name`"
-                            .to_string(),
-                    };
-                    cxs[s.file].error(
-                        d.span,
-                        "depends_on",
-                        format!(
-                            "`{}` depends on `{}`, which is not a service of this project",
-                            s.name.value, d.value
-                        ),
-                        Some(help),
-                    );
-                }
-            }
-        }
+        depends_on_edges(cxs, specs, &by_name, i, &mut edges);
         let implied = [
             (!s.dbs.is_empty(), Capability::Database, EdgeKind::Db),
             (
@@ -1399,34 +1475,93 @@ fn build_edges(
                 }
             }
         }
-        // The vision form names the database host by FQDN; it must be the provider's.
         if let (Some(h), Some(domain)) = (&s.db_host, domain) {
-            let matches = provider(Capability::Database).is_some_and(|j| {
-                format!("{}.{}", hostname_of(&specs[j]), domain) == h.value
-                    || hostname_of(&specs[j]).as_str() == h.value
-            });
-            if !matches {
-                let help = match provider(Capability::Database) {
-                    Some(j) => format!(
-                        "the database provider is `{}` at {}.{}",
-                        specs[j].name.value,
-                        hostname_of(&specs[j]),
-                        domain
-                    ),
-                    None => "no service provides `database`".to_string(),
-                };
-                cxs[s.file].error(
-                    h.span,
-                    "requirements.database.host",
-                    format!("database host `{}` matches no database provider", h.value),
-                    Some(help),
-                );
-            }
+            check_db_host(cxs, specs, s, h, domain, provider(Capability::Database));
         }
     }
     edges.sort();
     edges.dedup();
     edges
+}
+
+/// The edges of service `i`'s `depends_on`, reporting itself and unknown services.
+fn depends_on_edges(
+    cxs: &mut [Cx],
+    specs: &[ServiceSpec],
+    by_name: &HashMap<&str, usize>,
+    i: usize,
+    edges: &mut Vec<Edge>,
+) {
+    let s = &specs[i];
+    for d in &s.depends_on {
+        match by_name.get(d.value.as_str()) {
+            Some(&j) if j == i => {
+                cxs[s.file].error(
+                    d.span,
+                    "depends_on",
+                    format!("`{}` depends on itself", s.name.value),
+                    Some("remove it from its own `depends_on`".into()),
+                );
+            }
+            Some(&j) => edges.push(Edge {
+                from: i,
+                to: j,
+                kind: EdgeKind::DependsOn,
+            }),
+            None => {
+                // Candidates in name order, not the map's (random) order, so that a tie
+                // between equally close names is broken the same way on every run.
+                let names = specs.iter().map(|s| s.name.value.as_str());
+                let help = match did_you_mean(&d.value, names) {
+                    Some(m) => format!("did you mean `{m}`?"),
+                    None => "depends_on names other services of this project by their `name`"
+                        .to_string(),
+                };
+                cxs[s.file].error(
+                    d.span,
+                    "depends_on",
+                    format!(
+                        "`{}` depends on `{}`, which is not a service of this project",
+                        s.name.value, d.value
+                    ),
+                    Some(help),
+                );
+            }
+        }
+    }
+}
+
+/// The vision form names the database host by FQDN; it must be the provider's.
+fn check_db_host(
+    cxs: &mut [Cx],
+    specs: &[ServiceSpec],
+    s: &ServiceSpec,
+    h: &Sp<String>,
+    domain: &crate::ids::DomainName,
+    provider: Option<usize>,
+) {
+    let matches = provider.is_some_and(|j| {
+        format!("{}.{}", hostname_of(&specs[j]), domain) == h.value
+            || hostname_of(&specs[j]).as_str() == h.value
+    });
+    if matches {
+        return;
+    }
+    let help = match provider {
+        Some(j) => format!(
+            "the database provider is `{}` at {}.{}",
+            specs[j].name.value,
+            hostname_of(&specs[j]),
+            domain
+        ),
+        None => "no service provides `database`".to_string(),
+    };
+    cxs[s.file].error(
+        h.span,
+        "requirements.database.host",
+        format!("database host `{}` matches no database provider", h.value),
+        Some(help),
+    );
 }
 
 /// Cycles are judged on the step graph: a core service's `auth` edge is resolved by the phase

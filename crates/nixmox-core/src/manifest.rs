@@ -14,7 +14,7 @@ use crate::model::{
     Auth, Capability, Check, ClientType, Db, DbMode, HealthTiming, Oidc, Protect, Provided, Proxy,
     Resources, SecretAccess, TerraformUse, TfPhase, Upstream,
 };
-use crate::syntax::{Kind, Node, Span};
+use crate::syntax::{Entry, Kind, Node, Span};
 
 pub const MANIFEST_FIELDS: &[&str] = &[
     "name",
@@ -179,18 +179,105 @@ pub fn decode(
     dir: &str,
 ) -> Option<ServiceSpec> {
     cx.map(root, "", MANIFEST_FIELDS)?;
-    let name = cx.required(root, "", "name").and_then(|n| {
-        let s = cx.string(n, "name")?;
-        match ServiceName::new(&s) {
-            Ok(v) => Some(Sp { value: v, span: n.span }),
-            Err(why) => {
-                cx.error(n.span, "name", format!("invalid service name `{s}`: {why}"), Some("a service name is used as its host name: lowercase letters, digits and `-`, starting with a letter, at most 63 characters".into()));
-                None
-            }
-        }
-    });
+    let name = decode_name(cx, root);
     let description = field(root, "description").and_then(|n| cx.string(n, "description"));
-    let depends_on = match field(root, "depends_on") {
+    let depends_on = decode_depends_on(cx, root);
+    let provides = decode_provides(cx, root);
+    let mut spec = ServiceSpec {
+        file,
+        manifest: manifest.to_string(),
+        dir: dir.to_string(),
+        root_span: root.span,
+        name: name.clone().unwrap_or(Sp {
+            value: ServiceName::new("invalid").expect("literal is a valid name"),
+            span: root.span,
+        }),
+        description,
+        depends_on,
+        provides,
+        ..ServiceSpec::empty()
+    };
+    if let Some(h) = field(root, "host") {
+        decode_host(cx, h, &mut spec);
+    }
+    if let Some(n) = field(root, "nixos") {
+        if cx.map(n, "nixos", NIXOS_FIELDS).is_some() {
+            decode_nixos(cx, n, dir, &mut spec);
+        }
+    }
+    if let Some(i) = field(root, "interface") {
+        if cx.map(i, "interface", INTERFACE_FIELDS).is_some() {
+            decode_interface(cx, i, &mut spec);
+        }
+    }
+    if let Some(r) = field(root, "requirements") {
+        if cx.map(r, "requirements", REQUIREMENTS_FIELDS).is_some() {
+            decode_requirements(cx, r, &mut spec);
+        }
+    }
+    name.map(|_| spec)
+}
+
+impl ServiceSpec {
+    /// A spec with nothing decoded yet: every field at its default.
+    fn empty() -> Self {
+        ServiceSpec {
+            file: 0,
+            manifest: String::new(),
+            dir: String::new(),
+            root_span: Span::default(),
+            name: Sp {
+                value: ServiceName::new("invalid").expect("literal is a valid name"),
+                span: Span::default(),
+            },
+            description: None,
+            depends_on: Vec::new(),
+            provides: Vec::new(),
+            hostname: None,
+            ip: None,
+            vmid: None,
+            node: None,
+            spread: None,
+            resources: None,
+            onboot: true,
+            start: true,
+            unprivileged: true,
+            nesting: true,
+            ssh_host_key: None,
+            backup: None,
+            nixos_modules: Vec::new(),
+            dbs: Vec::new(),
+            db_host: None,
+            proxies: Vec::new(),
+            auth: None,
+            health: HealthSpec::default(),
+            terraform: Vec::new(),
+            paths: Vec::new(),
+            redirects: Vec::new(),
+            role_sharing: Vec::new(),
+        }
+    }
+}
+
+/// `name`: required, and a valid service name.
+fn decode_name(cx: &mut Cx, root: &Node) -> Option<Sp<ServiceName>> {
+    let n = cx.required(root, "", "name")?;
+    let s = cx.string(n, "name")?;
+    match ServiceName::new(&s) {
+        Ok(v) => Some(Sp {
+            value: v,
+            span: n.span,
+        }),
+        Err(why) => {
+            cx.error(n.span, "name", format!("invalid service name `{s}`: {why}"), Some("a service name is used as its host name: lowercase letters, digits and `-`, starting with a letter, at most 63 characters".into()));
+            None
+        }
+    }
+}
+
+/// `depends_on`: a list of service names, or Docker Compose's long form.
+fn decode_depends_on(cx: &mut Cx, root: &Node) -> Vec<Sp<String>> {
+    match field(root, "depends_on") {
         // Docker Compose's long form, `depends_on: { db: { condition: … } }`: the keys name the
         // services; NixMox always waits for a dependency to be verified.
         Some(Node {
@@ -209,115 +296,73 @@ pub fn decode(
             .map(|(value, span)| Sp { value, span })
             .collect(),
         None => Vec::new(),
-    };
-    let mut provides = Vec::new();
-    if let Some(p) = field(root, "provides") {
-        if let Some(entries) = cx.map(p, "provides", PROVIDES_FIELDS) {
-            for e in entries {
-                let Some(cap) = Capability::from_key(&e.key) else {
-                    continue;
-                };
-                let path = join("provides", &e.key);
-                let default = crate::providers::default_for(cap).implementation();
-                let ty = match &e.value.kind {
-                    Kind::Null => Some(default.to_string()),
-                    Kind::Str(s) => Some(s.clone()),
-                    _ => cx.map(&e.value, &path, PROVIDE_FIELDS).and_then(|_| {
-                        match field(&e.value, "type") {
-                            Some(t) => cx.string(t, &join(&path, "type")),
-                            None => Some(default.to_string()),
-                        }
-                    }),
-                };
-                let Some(t) = ty else { continue };
-                match crate::providers::find(cap, &t) {
-                    Some(provider) => provides.push(Sp {
-                        value: Provided {
-                            capability: cap,
-                            provider,
-                        },
-                        span: e.key_span,
-                    }),
-                    None => cx.error(
-                        e.value.get("type").map(|n| n.span).unwrap_or(e.value.span),
-                        &join(&path, "type"),
-                        format!("`{}` cannot be provided by `{t}`", cap.key()),
-                        Some(format!(
-                            "NixMox configures {} as its {} provider",
-                            crate::providers::names(cap),
-                            cap.key()
-                        )),
-                    ),
-                }
-            }
-        }
     }
+}
 
-    let mut spec = ServiceSpec {
-        file,
-        manifest: manifest.to_string(),
-        dir: dir.to_string(),
-        root_span: root.span,
-        name: name.clone().unwrap_or(Sp {
-            value: ServiceName::new("invalid").expect("literal is a valid name"),
-            span: root.span,
-        }),
-        description,
-        depends_on,
-        provides,
-        hostname: None,
-        ip: None,
-        vmid: None,
-        node: None,
-        spread: None,
-        resources: None,
-        onboot: true,
-        start: true,
-        unprivileged: true,
-        nesting: true,
-        ssh_host_key: None,
-        backup: None,
-        nixos_modules: Vec::new(),
-        dbs: Vec::new(),
-        db_host: None,
-        proxies: Vec::new(),
-        auth: None,
-        health: HealthSpec::default(),
-        terraform: Vec::new(),
-        paths: Vec::new(),
-        redirects: Vec::new(),
-        role_sharing: Vec::new(),
+/// `provides`: the capabilities, each by one of the implementations registered for it
+/// (`crate::providers`); no `type` means the capability's default implementation.
+fn decode_provides(cx: &mut Cx, root: &Node) -> Vec<Sp<Provided>> {
+    let mut provides = Vec::new();
+    let Some(entries) =
+        field(root, "provides").and_then(|p| cx.map(p, "provides", PROVIDES_FIELDS))
+    else {
+        return provides;
     };
-    if let Some(h) = field(root, "host") {
-        decode_host(cx, h, &mut spec);
-    }
-    if let Some(n) = field(root, "nixos") {
-        if cx.map(n, "nixos", NIXOS_FIELDS).is_some() {
-            if let Some(m) = field(n, "modules") {
-                for (i, (p, span)) in cx.strings(m, "nixos.modules").into_iter().enumerate() {
-                    let path = resolve_path(dir, &p);
-                    spec.paths.push((
-                        path.clone(),
-                        span,
-                        index("nixos.modules", i),
-                        PathUse::NixModule,
-                    ));
-                    spec.nixos_modules.push(Sp { value: path, span });
+    for e in entries {
+        let Some(cap) = Capability::from_key(&e.key) else {
+            continue;
+        };
+        let path = join("provides", &e.key);
+        let default = crate::providers::default_for(cap).implementation();
+        let ty = match &e.value.kind {
+            Kind::Null => Some(default.to_string()),
+            Kind::Str(s) => Some(s.clone()),
+            _ => cx.map(&e.value, &path, PROVIDE_FIELDS).and_then(|_| {
+                match field(&e.value, "type") {
+                    Some(t) => cx.string(t, &join(&path, "type")),
+                    None => Some(default.to_string()),
                 }
-            }
+            }),
+        };
+        let Some(t) = ty else { continue };
+        match crate::providers::find(cap, &t) {
+            Some(provider) => provides.push(Sp {
+                value: Provided {
+                    capability: cap,
+                    provider,
+                },
+                span: e.key_span,
+            }),
+            None => cx.error(
+                e.value.get("type").map(|n| n.span).unwrap_or(e.value.span),
+                &join(&path, "type"),
+                format!("`{}` cannot be provided by `{t}`", cap.key()),
+                Some(format!(
+                    "NixMox configures {} as its {} provider",
+                    crate::providers::names(cap),
+                    cap.key()
+                )),
+            ),
         }
     }
-    if let Some(i) = field(root, "interface") {
-        if cx.map(i, "interface", INTERFACE_FIELDS).is_some() {
-            decode_interface(cx, i, &mut spec);
-        }
+    provides
+}
+
+/// `nixos.modules`: paths relative to the manifest's directory.
+fn decode_nixos(cx: &mut Cx, n: &Node, dir: &str, spec: &mut ServiceSpec) {
+    let Some(m) = field(n, "modules") else {
+        return;
+    };
+    for (i, (p, span)) in cx.strings(m, "nixos.modules").into_iter().enumerate() {
+        let path = resolve_path(dir, &p);
+        spec.paths.push((
+            path.clone(),
+            span,
+            index("nixos.modules", i),
+            PathUse::NixModule,
+        ));
+        spec.nixos_modules.push(Sp { value: path, span });
     }
-    if let Some(r) = field(root, "requirements") {
-        if cx.map(r, "requirements", REQUIREMENTS_FIELDS).is_some() {
-            decode_requirements(cx, r, &mut spec);
-        }
-    }
-    name.map(|_| spec)
 }
 
 /// What a referenced path is used as, which decides what it must be.
@@ -394,37 +439,7 @@ fn decode_host(cx: &mut Cx, h: &Node, spec: &mut ServiceSpec) {
         }
     }
     if let Some(n) = field(h, "vmid") {
-        let v = match &n.kind {
-            Kind::Int(i) => Some(*i),
-            _ => {
-                cx.error(
-                    n.span,
-                    "host.vmid",
-                    format!("expected an integer, found {}", n.kind.describe()),
-                    None,
-                );
-                None
-            }
-        };
-        if let Some(v) = v {
-            match VmId::new(v) {
-                Ok(id) => {
-                    spec.vmid = Some(Sp {
-                        value: id,
-                        span: n.span,
-                    })
-                }
-                Err(why) => cx.error(
-                    n.span,
-                    "host.vmid",
-                    format!("invalid vmid: {why}"),
-                    Some(
-                        "use an id inside `pools.vmid`, or leave `vmid` out to have one allocated"
-                            .into(),
-                    ),
-                ),
-            }
-        }
+        spec.vmid = decode_vmid(cx, n);
     }
     spec.node = field(h, "node").and_then(|n| {
         crate::config::checked(
@@ -484,54 +499,94 @@ fn decode_host(cx: &mut Cx, h: &Node, spec: &mut ServiceSpec) {
     }
     if let Some(b) = field(h, "backup") {
         if cx.map(b, "host.backup", HOST_BACKUP_FIELDS).is_some() {
-            let storage = cx.required(b, "host.backup", "storage").and_then(|n| {
-                crate::config::checked(
-                    cx,
-                    n,
-                    "host.backup.storage",
-                    "Proxmox storage id",
-                    crate::ids::check_storage_id,
-                )
-            });
-            let mode = match field(b, "mode") {
-                None => Some("snapshot".to_string()),
-                Some(m) => crate::config::choice(
-                    cx,
-                    m,
-                    "host.backup.mode",
-                    &[
-                        ("snapshot", "snapshot".to_string()),
-                        ("suspend", "suspend".to_string()),
-                        ("stop", "stop".to_string()),
-                    ],
-                ),
-            };
-            let mut ok = true;
-            let schedule = field(b, "schedule").and_then(|n| {
-                let s = cx.string(n, "host.backup.schedule")?;
-                let fine = !s.trim().is_empty()
-                    && s.len() <= 128
-                    && s.chars().all(|c| c.is_ascii_alphanumeric() || " :,./*~-".contains(c));
-                if !fine {
-                    cx.error(n.span, "host.backup.schedule", format!("`{}` is not a Proxmox calendar event", crate::diag::visible(&s)), Some("like `daily`, `sun 02:30` or `*-*-* 03:00` (see `man systemd.time`; PVE's `pve-calendar-event`)".into()));
-                    ok = false;
-                }
-                fine.then_some(s)
-            });
-            let keep = field(b, "keep").and_then(|n| {
-                let v = cx.int(n, "host.backup.keep", 1, 1000, "");
-                ok &= v.is_some();
-                v.map(|v| v as u32)
-            });
-            if let (Some(storage), Some(mode), true) = (storage, mode, ok) {
-                spec.backup = Some(crate::model::HostBackup {
-                    storage,
-                    mode,
-                    schedule,
-                    keep,
-                });
-            }
+            spec.backup = decode_backup(cx, b);
         }
+    }
+}
+
+/// `host.vmid`: an integer that is a valid Proxmox guest id.
+fn decode_vmid(cx: &mut Cx, n: &Node) -> Option<Sp<VmId>> {
+    let v = match &n.kind {
+        Kind::Int(i) => *i,
+        _ => {
+            cx.error(
+                n.span,
+                "host.vmid",
+                format!("expected an integer, found {}", n.kind.describe()),
+                None,
+            );
+            return None;
+        }
+    };
+    match VmId::new(v) {
+        Ok(id) => Some(Sp {
+            value: id,
+            span: n.span,
+        }),
+        Err(why) => {
+            cx.error(
+                n.span,
+                "host.vmid",
+                format!("invalid vmid: {why}"),
+                Some(
+                    "use an id inside `pools.vmid`, or leave `vmid` out to have one allocated"
+                        .into(),
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// `host.backup` (the caller has checked the mapping's fields): a scheduled vzdump job.
+fn decode_backup(cx: &mut Cx, b: &Node) -> Option<crate::model::HostBackup> {
+    let storage = cx.required(b, "host.backup", "storage").and_then(|n| {
+        crate::config::checked(
+            cx,
+            n,
+            "host.backup.storage",
+            "Proxmox storage id",
+            crate::ids::check_storage_id,
+        )
+    });
+    let mode = match field(b, "mode") {
+        None => Some("snapshot".to_string()),
+        Some(m) => crate::config::choice(
+            cx,
+            m,
+            "host.backup.mode",
+            &[
+                ("snapshot", "snapshot".to_string()),
+                ("suspend", "suspend".to_string()),
+                ("stop", "stop".to_string()),
+            ],
+        ),
+    };
+    let mut ok = true;
+    let schedule = field(b, "schedule").and_then(|n| {
+        let s = cx.string(n, "host.backup.schedule")?;
+        let fine = !s.trim().is_empty()
+            && s.len() <= 128
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || " :,./*~-".contains(c));
+        if !fine {
+            cx.error(n.span, "host.backup.schedule", format!("`{}` is not a Proxmox calendar event", crate::diag::visible(&s)), Some("like `daily`, `sun 02:30` or `*-*-* 03:00` (see `man systemd.time`; PVE's `pve-calendar-event`)".into()));
+            ok = false;
+        }
+        fine.then_some(s)
+    });
+    let keep = field(b, "keep").and_then(|n| {
+        let v = cx.int(n, "host.backup.keep", 1, 1000, "");
+        ok &= v.is_some();
+        v.map(|v| v as u32)
+    });
+    match (storage, mode, ok) {
+        (Some(storage), Some(mode), true) => Some(crate::model::HostBackup {
+            storage,
+            mode,
+            schedule,
+            keep,
+        }),
+        _ => None,
     }
 }
 
@@ -1179,124 +1234,130 @@ fn decode_check(cx: &mut Cx, n: &Node, path: &str) -> Option<Check> {
             })
         }
         Kind::Str(s) => command_words(cx, s, n.span, path).map(Check::Command),
-        Kind::Map(entries) => {
-            cx.map(n, path, CHECK_FIELDS)?;
-            let kinds: Vec<&str> = entries
-                .iter()
-                .map(|e| e.key.as_str())
-                .filter(|k| matches!(*k, "command" | "http" | "tcp" | "dns"))
-                .collect();
-            if kinds.len() != 1 {
-                cx.error(
-                    n.span,
-                    path,
-                    "a health check needs exactly one of `command`, `http`, `tcp` or `dns`",
-                    Some(format!(
-                        "found: {}",
-                        if kinds.is_empty() {
-                            "none".to_string()
-                        } else {
-                            kinds.join(", ")
-                        }
-                    )),
-                );
-                return None;
-            }
-            let allowed: &[&str] = match kinds[0] {
-                "command" => &["command"],
-                "http" => &["http", "status", "body"],
-                "tcp" => &["tcp"],
-                _ => &["dns", "expect"],
-            };
-            for e in entries {
-                if CHECK_FIELDS.contains(&e.key.as_str()) && !allowed.contains(&e.key.as_str()) {
-                    cx.error(
-                        e.key_span,
-                        &join(path, &e.key),
-                        format!("`{}` does not apply to a `{}` check", e.key, kinds[0]),
-                        None,
-                    );
-                    return None;
-                }
-            }
-            let vpath = join(path, kinds[0]);
-            let Some(v) = field(n, kinds[0]) else {
-                cx.error(
-                    n.span,
-                    &vpath,
-                    format!("`{}` is empty", kinds[0]),
-                    Some("give the check's target, like `{ tcp: \"host:5432\" }`".into()),
-                );
-                return None;
-            };
-            match kinds[0] {
-                "command" => match &v.kind {
-                    Kind::Seq(_) => {
-                        let argv: Vec<String> =
-                            cx.strings(v, &vpath).into_iter().map(|(s, _)| s).collect();
-                        if argv.is_empty() {
-                            cx.error(v.span, &vpath, "the command is empty", None);
-                            return None;
-                        }
-                        Some(Check::Command(argv))
-                    }
-                    _ => {
-                        let s = cx.string(v, &vpath)?;
-                        command_words(cx, &s, v.span, &vpath).map(Check::Command)
-                    }
-                },
-                "http" => {
-                    let url = cx.string(v, &vpath)?;
-                    if !check_url(cx, &url, v.span, &vpath) {
-                        return None;
-                    }
-                    let status = match field(n, "status") {
-                        None => None,
-                        Some(s) => Some(cx.int(s, &join(path, "status"), 100, 599, "")? as u16),
-                    };
-                    let body = field(n, "body").and_then(|b| cx.string(b, &join(path, "body")));
-                    Some(Check::Http { url, status, body })
-                }
-                "tcp" => {
-                    let s = cx.string(v, &vpath)?;
-                    let parsed = s.rsplit_once(':').and_then(|(h, p)| {
-                        let port = p.parse::<u16>().ok().filter(|p| *p > 0)?;
-                        let host_ok = h.parse::<Ipv4Addr>().is_ok()
-                            || crate::ids::DomainName::new(h).is_ok()
-                            || crate::ids::Hostname::new(h).is_ok();
-                        host_ok.then(|| (h.to_string(), port))
-                    });
-                    match parsed {
-                        Some((host, port)) => Some(Check::Tcp { host, port }),
-                        None => {
-                            cx.error(
-                                v.span,
-                                &vpath,
-                                format!("invalid tcp target `{s}`"),
-                                Some("write host:port, like guacamole.nixmox.lan:4822".into()),
-                            );
-                            None
-                        }
-                    }
-                }
-                _ => {
-                    let name = cx.string(v, &vpath)?;
-                    if crate::ids::DomainName::new(&name).is_err()
-                        && crate::ids::Hostname::new(&name).is_err()
-                    {
-                        cx.error(v.span, &vpath, format!("invalid DNS name `{name}`"), None);
-                        return None;
-                    }
-                    let expect = match field(n, "expect") {
-                        None => None,
-                        Some(e) => Some(ip(cx, e, &join(path, "expect"))?),
-                    };
-                    Some(Check::Dns { name, expect })
-                }
-            }
-        }
+        Kind::Map(entries) => decode_check_map(cx, n, entries, path),
         _ => {
             cx.error(n.span, path, format!("expected a health check, found {}", n.kind.describe()), Some("a check is a command string, an http(s) URL, or one of {command}, {http, status, body}, {tcp}, {dns, expect}".into()));
+            None
+        }
+    }
+}
+
+/// A check in its long form: exactly one of `command`, `http`, `tcp` or `dns`, with only the
+/// fields that kind takes.
+fn decode_check_map(cx: &mut Cx, n: &Node, entries: &[Entry], path: &str) -> Option<Check> {
+    cx.map(n, path, CHECK_FIELDS)?;
+    let kinds: Vec<&str> = entries
+        .iter()
+        .map(|e| e.key.as_str())
+        .filter(|k| matches!(*k, "command" | "http" | "tcp" | "dns"))
+        .collect();
+    if kinds.len() != 1 {
+        cx.error(
+            n.span,
+            path,
+            "a health check needs exactly one of `command`, `http`, `tcp` or `dns`",
+            Some(format!(
+                "found: {}",
+                if kinds.is_empty() {
+                    "none".to_string()
+                } else {
+                    kinds.join(", ")
+                }
+            )),
+        );
+        return None;
+    }
+    let allowed: &[&str] = match kinds[0] {
+        "command" => &["command"],
+        "http" => &["http", "status", "body"],
+        "tcp" => &["tcp"],
+        _ => &["dns", "expect"],
+    };
+    for e in entries {
+        if CHECK_FIELDS.contains(&e.key.as_str()) && !allowed.contains(&e.key.as_str()) {
+            cx.error(
+                e.key_span,
+                &join(path, &e.key),
+                format!("`{}` does not apply to a `{}` check", e.key, kinds[0]),
+                None,
+            );
+            return None;
+        }
+    }
+    let vpath = join(path, kinds[0]);
+    let Some(v) = field(n, kinds[0]) else {
+        cx.error(
+            n.span,
+            &vpath,
+            format!("`{}` is empty", kinds[0]),
+            Some("give the check's target, like `{ tcp: \"host:5432\" }`".into()),
+        );
+        return None;
+    };
+    match kinds[0] {
+        "command" => match &v.kind {
+            Kind::Seq(_) => {
+                let argv: Vec<String> = cx.strings(v, &vpath).into_iter().map(|(s, _)| s).collect();
+                if argv.is_empty() {
+                    cx.error(v.span, &vpath, "the command is empty", None);
+                    return None;
+                }
+                Some(Check::Command(argv))
+            }
+            _ => {
+                let s = cx.string(v, &vpath)?;
+                command_words(cx, &s, v.span, &vpath).map(Check::Command)
+            }
+        },
+        "http" => {
+            let url = cx.string(v, &vpath)?;
+            if !check_url(cx, &url, v.span, &vpath) {
+                return None;
+            }
+            let status = match field(n, "status") {
+                None => None,
+                Some(s) => Some(cx.int(s, &join(path, "status"), 100, 599, "")? as u16),
+            };
+            let body = field(n, "body").and_then(|b| cx.string(b, &join(path, "body")));
+            Some(Check::Http { url, status, body })
+        }
+        "tcp" => decode_tcp_check(cx, v, &vpath),
+        _ => {
+            let name = cx.string(v, &vpath)?;
+            if crate::ids::DomainName::new(&name).is_err()
+                && crate::ids::Hostname::new(&name).is_err()
+            {
+                cx.error(v.span, &vpath, format!("invalid DNS name `{name}`"), None);
+                return None;
+            }
+            let expect = match field(n, "expect") {
+                None => None,
+                Some(e) => Some(ip(cx, e, &join(path, "expect"))?),
+            };
+            Some(Check::Dns { name, expect })
+        }
+    }
+}
+
+/// A `tcp` check's target: `host:port`.
+fn decode_tcp_check(cx: &mut Cx, v: &Node, vpath: &str) -> Option<Check> {
+    let s = cx.string(v, vpath)?;
+    let parsed = s.rsplit_once(':').and_then(|(h, p)| {
+        let port = p.parse::<u16>().ok().filter(|p| *p > 0)?;
+        let host_ok = h.parse::<Ipv4Addr>().is_ok()
+            || crate::ids::DomainName::new(h).is_ok()
+            || crate::ids::Hostname::new(h).is_ok();
+        host_ok.then(|| (h.to_string(), port))
+    });
+    match parsed {
+        Some((host, port)) => Some(Check::Tcp { host, port }),
+        None => {
+            cx.error(
+                v.span,
+                vpath,
+                format!("invalid tcp target `{s}`"),
+                Some("write host:port, like guacamole.nixmox.lan:4822".into()),
+            );
             None
         }
     }
@@ -1406,49 +1467,10 @@ fn decode_terraform(
             modules.push(resolved);
         }
     }
-    let mut variables = BTreeMap::new();
-    if let Some(v) = field(n, "variables") {
-        let vpath = join(path, "variables");
-        if let Kind::Map(entries) = &v.kind {
-            for e in entries {
-                let ident_ok = e
-                    .key
-                    .starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-                    && e.key
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-                if !ident_ok {
-                    cx.error(e.key_span, &join(&vpath, &e.key), format!("invalid Terraform variable name `{}`", e.key.escape_debug()), Some("variable names start with a letter or `_` and use letters, digits, `_` and `-`".into()));
-                    continue;
-                }
-                if TF_MODULE_META.contains(&e.key.as_str()) {
-                    cx.error(
-                        e.key_span,
-                        &join(&vpath, &e.key),
-                        format!(
-                            "`{}` is a Terraform meta-argument of a module block, not a variable",
-                            e.key
-                        ),
-                        Some(format!(
-                            "NixMox writes the module block; a variable cannot be named {}",
-                            TF_MODULE_META.join(", ")
-                        )),
-                    );
-                    continue;
-                }
-                if let Some(v) = tf_value(cx, &e.value, &join(&vpath, &e.key)) {
-                    variables.insert(e.key.clone(), v);
-                }
-            }
-        } else {
-            cx.error(
-                v.span,
-                &vpath,
-                format!("expected a mapping, found {}", v.kind.describe()),
-                None,
-            );
-        }
-    }
+    let variables = match field(n, "variables") {
+        Some(v) => decode_tf_variables(cx, v, &join(path, "variables")),
+        None => BTreeMap::new(),
+    };
     let list = |cx: &mut Cx, key: &str| -> Vec<String> {
         field(n, key)
             .map(|v| {
@@ -1478,25 +1500,7 @@ fn decode_terraform(
     }
     for key in ["targets", "apply_order"] {
         if let Some(v) = field(n, key) {
-            let kpath = join(path, key);
-            if let Kind::Seq(items) = &v.kind {
-                for (i, item) in items.iter().enumerate() {
-                    if let Some(s) = item.as_str() {
-                        if let Err(why) = crate::ids::check_tf_address(s) {
-                            cx.error(
-                                item.span,
-                                &index(&kpath, i),
-                                why,
-                                Some("Terraform gets it as `-target=ADDRESS`".into()),
-                            );
-                        }
-                    }
-                }
-            } else if let Some(s) = v.as_str() {
-                if let Err(why) = crate::ids::check_tf_address(s) {
-                    cx.error(v.span, &kpath, why, None);
-                }
-            }
+            check_tf_addresses(cx, v, &join(path, key));
         }
     }
     (cx.errors() == before).then_some(TerraformUse {
@@ -1507,6 +1511,74 @@ fn decode_terraform(
         apply_order,
         protect,
     })
+}
+
+/// A module's `variables`: a mapping of valid variable names (not meta-arguments) to values
+/// Terraform can take.
+fn decode_tf_variables(cx: &mut Cx, v: &Node, vpath: &str) -> BTreeMap<String, serde_json::Value> {
+    let mut variables = BTreeMap::new();
+    let Kind::Map(entries) = &v.kind else {
+        cx.error(
+            v.span,
+            vpath,
+            format!("expected a mapping, found {}", v.kind.describe()),
+            None,
+        );
+        return variables;
+    };
+    for e in entries {
+        let ident_ok = e
+            .key
+            .starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && e.key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !ident_ok {
+            cx.error(e.key_span, &join(vpath, &e.key), format!("invalid Terraform variable name `{}`", e.key.escape_debug()), Some("variable names start with a letter or `_` and use letters, digits, `_` and `-`".into()));
+            continue;
+        }
+        if TF_MODULE_META.contains(&e.key.as_str()) {
+            cx.error(
+                e.key_span,
+                &join(vpath, &e.key),
+                format!(
+                    "`{}` is a Terraform meta-argument of a module block, not a variable",
+                    e.key
+                ),
+                Some(format!(
+                    "NixMox writes the module block; a variable cannot be named {}",
+                    TF_MODULE_META.join(", ")
+                )),
+            );
+            continue;
+        }
+        if let Some(v) = tf_value(cx, &e.value, &join(vpath, &e.key)) {
+            variables.insert(e.key.clone(), v);
+        }
+    }
+    variables
+}
+
+/// `targets` and `apply_order`: each entry a resource address Terraform takes as `-target`.
+fn check_tf_addresses(cx: &mut Cx, v: &Node, kpath: &str) {
+    if let Kind::Seq(items) = &v.kind {
+        for (i, item) in items.iter().enumerate() {
+            if let Some(s) = item.as_str() {
+                if let Err(why) = crate::ids::check_tf_address(s) {
+                    cx.error(
+                        item.span,
+                        &index(kpath, i),
+                        why,
+                        Some("Terraform gets it as `-target=ADDRESS`".into()),
+                    );
+                }
+            }
+        }
+    } else if let Some(s) = v.as_str() {
+        if let Err(why) = crate::ids::check_tf_address(s) {
+            cx.error(v.span, kpath, why, None);
+        }
+    }
 }
 
 /// The arguments Terraform gives a meaning of its own in a `module` block; a variable of that
@@ -1591,134 +1663,156 @@ pub fn to_json(n: &Node) -> serde_json::Value {
 /// The vision document's form: `requirements: { database, reverse_proxy, oidc }`.
 fn decode_requirements(cx: &mut Cx, r: &Node, spec: &mut ServiceSpec) {
     if let Some(d) = field(r, "database") {
-        let path = "requirements.database";
-        if cx.map(d, path, REQ_DATABASE_FIELDS).is_some() {
-            let before = cx.errors();
-            if let Some(t) = field(d, "type") {
-                choice(cx, t, &join(path, "type"), &[("postgresql", ())]);
-            }
-            let default_name = spec.name.value.as_str().replace('-', "_");
-            let database = match field(d, "name") {
-                Some(v) => sql_ident(cx, v, &join(path, "name")).unwrap_or_default(),
-                None => default_pg_name(cx, &default_name, d.span, path),
-            };
-            let role = field(d, "user")
-                .and_then(|v| sql_ident(cx, v, &join(path, "user")))
-                .unwrap_or_else(|| database.clone());
-            if let Some(h) = field(d, "host") {
-                if let Some(s) = cx.string(h, &join(path, "host")) {
-                    spec.db_host = Some(Sp {
-                        value: s,
-                        span: h.span,
-                    });
-                }
-            }
-            if cx.errors() == before {
-                spec.dbs.push(Sp {
-                    value: Db {
-                        database,
-                        role,
-                        mode: DbMode::NativeMigration,
-                        migrations: Vec::new(),
-                        access: SecretAccess::default(),
-                    },
-                    span: d.span,
-                });
-            }
+        if cx
+            .map(d, "requirements.database", REQ_DATABASE_FIELDS)
+            .is_some()
+        {
+            decode_req_database(cx, d, spec);
         }
     }
     if let Some(p) = field(r, "reverse_proxy") {
-        let path = "requirements.reverse_proxy";
-        if cx.map(p, path, REQ_PROXY_FIELDS).is_some() {
-            let before = cx.errors();
-            if let Some(t) = field(p, "type") {
-                choice(cx, t, &join(path, "type"), &[("caddy", ())]);
-            }
-            let dom = cx
-                .required(p, path, "domain")
-                .and_then(|d| domain(cx, d, &join(path, "domain")));
-            let up = cx
-                .required(p, path, "backend")
-                .and_then(|b| upstream(cx, b, &join(path, "backend")));
-            let authz = field(p, "auth")
-                .and_then(|a| cx.boolean(a, &join(path, "auth")))
-                .unwrap_or(false);
-            if let (Some(domain), Some(upstream), true) = (dom, up, cx.errors() == before) {
-                spec.proxies.push(Sp {
-                    value: Proxy {
-                        domain,
-                        path: "/".into(),
-                        upstream,
-                        tls: true,
-                        authz,
-                        headers: BTreeMap::new(),
-                    },
-                    span: p.span,
-                });
-            }
+        if cx
+            .map(p, "requirements.reverse_proxy", REQ_PROXY_FIELDS)
+            .is_some()
+        {
+            decode_req_proxy(cx, p, spec);
         }
     }
     if let Some(o) = field(r, "oidc") {
-        let path = "requirements.oidc";
-        if cx.map(o, path, REQ_OIDC_FIELDS).is_some() {
-            let before = cx.errors();
-            let provider = match field(o, "type") {
-                None => Some("authentik".to_string()),
-                Some(t) => choice(
-                    cx,
-                    t,
-                    &join(path, "type"),
-                    &[("authentik", "authentik".to_string())],
-                ),
-            };
-            let display_name = field(o, "provider_name")
-                .and_then(|v| non_empty_string(cx, v, &join(path, "provider_name")))
-                .unwrap_or_else(|| spec.name.value.as_str().to_string());
-            let client_id = field(o, "client_id")
-                .and_then(|v| non_empty_string(cx, v, &join(path, "client_id")))
-                .unwrap_or_else(|| spec.name.value.as_str().to_string());
-            let mut redirect_uris = Vec::new();
-            if let Some(u) = field(o, "redirect_uri") {
-                for (i, (s, span)) in cx
-                    .strings(u, &join(path, "redirect_uri"))
-                    .into_iter()
-                    .enumerate()
-                {
-                    check_url(cx, &s, span, &index(&join(path, "redirect_uri"), i));
-                    spec.redirects
-                        .push((s.clone(), span, index(&join(path, "redirect_uri"), i)));
-                    redirect_uris.push(s);
-                }
-            }
-            if let (Some(provider), true) = (provider, cx.errors() == before) {
-                if spec.auth.is_some() {
-                    cx.error(
-                        o.span,
-                        path,
-                        "authentication is declared twice",
-                        Some("keep either `interface.auth` or `requirements.oidc`".into()),
-                    );
-                } else {
-                    spec.auth = Some(Sp {
-                        value: Auth {
-                            provider,
-                            display_name,
-                            oidc: Some(Oidc {
-                                client_id,
-                                client_type: ClientType::Confidential,
-                                redirect_uris,
-                                scopes: vec!["openid".into(), "email".into(), "profile".into()],
-                                username_claim: "preferred_username".into(),
-                                groups_claim: "groups".into(),
-                                access: SecretAccess::default(),
-                            }),
-                        },
-                        span: o.span,
-                    });
-                }
-            }
+        if cx.map(o, "requirements.oidc", REQ_OIDC_FIELDS).is_some() {
+            decode_req_oidc(cx, o, spec);
         }
     }
+}
+
+/// `requirements.database` (the caller has checked the mapping's fields).
+fn decode_req_database(cx: &mut Cx, d: &Node, spec: &mut ServiceSpec) {
+    let path = "requirements.database";
+    let before = cx.errors();
+    if let Some(t) = field(d, "type") {
+        choice(cx, t, &join(path, "type"), &[("postgresql", ())]);
+    }
+    let default_name = spec.name.value.as_str().replace('-', "_");
+    let database = match field(d, "name") {
+        Some(v) => sql_ident(cx, v, &join(path, "name")).unwrap_or_default(),
+        None => default_pg_name(cx, &default_name, d.span, path),
+    };
+    let role = field(d, "user")
+        .and_then(|v| sql_ident(cx, v, &join(path, "user")))
+        .unwrap_or_else(|| database.clone());
+    if let Some(h) = field(d, "host") {
+        if let Some(s) = cx.string(h, &join(path, "host")) {
+            spec.db_host = Some(Sp {
+                value: s,
+                span: h.span,
+            });
+        }
+    }
+    if cx.errors() == before {
+        spec.dbs.push(Sp {
+            value: Db {
+                database,
+                role,
+                mode: DbMode::NativeMigration,
+                migrations: Vec::new(),
+                access: SecretAccess::default(),
+            },
+            span: d.span,
+        });
+    }
+}
+
+/// `requirements.reverse_proxy` (the caller has checked the mapping's fields).
+fn decode_req_proxy(cx: &mut Cx, p: &Node, spec: &mut ServiceSpec) {
+    let path = "requirements.reverse_proxy";
+    let before = cx.errors();
+    if let Some(t) = field(p, "type") {
+        choice(cx, t, &join(path, "type"), &[("caddy", ())]);
+    }
+    let dom = cx
+        .required(p, path, "domain")
+        .and_then(|d| domain(cx, d, &join(path, "domain")));
+    let up = cx
+        .required(p, path, "backend")
+        .and_then(|b| upstream(cx, b, &join(path, "backend")));
+    let authz = field(p, "auth")
+        .and_then(|a| cx.boolean(a, &join(path, "auth")))
+        .unwrap_or(false);
+    if let (Some(domain), Some(upstream), true) = (dom, up, cx.errors() == before) {
+        spec.proxies.push(Sp {
+            value: Proxy {
+                domain,
+                path: "/".into(),
+                upstream,
+                tls: true,
+                authz,
+                headers: BTreeMap::new(),
+            },
+            span: p.span,
+        });
+    }
+}
+
+/// `requirements.oidc` (the caller has checked the mapping's fields).
+fn decode_req_oidc(cx: &mut Cx, o: &Node, spec: &mut ServiceSpec) {
+    let path = "requirements.oidc";
+    let before = cx.errors();
+    let provider = match field(o, "type") {
+        None => Some("authentik".to_string()),
+        Some(t) => choice(
+            cx,
+            t,
+            &join(path, "type"),
+            &[("authentik", "authentik".to_string())],
+        ),
+    };
+    let display_name = field(o, "provider_name")
+        .and_then(|v| non_empty_string(cx, v, &join(path, "provider_name")))
+        .unwrap_or_else(|| spec.name.value.as_str().to_string());
+    let client_id = field(o, "client_id")
+        .and_then(|v| non_empty_string(cx, v, &join(path, "client_id")))
+        .unwrap_or_else(|| spec.name.value.as_str().to_string());
+    let mut redirect_uris = Vec::new();
+    if let Some(u) = field(o, "redirect_uri") {
+        for (i, (s, span)) in cx
+            .strings(u, &join(path, "redirect_uri"))
+            .into_iter()
+            .enumerate()
+        {
+            check_url(cx, &s, span, &index(&join(path, "redirect_uri"), i));
+            spec.redirects
+                .push((s.clone(), span, index(&join(path, "redirect_uri"), i)));
+            redirect_uris.push(s);
+        }
+    }
+    let (Some(provider), true) = (provider, cx.errors() == before) else {
+        return;
+    };
+    if spec.auth.is_some() {
+        cx.error(
+            o.span,
+            path,
+            "authentication is declared twice",
+            Some("keep either `interface.auth` or `requirements.oidc`".into()),
+        );
+        return;
+    }
+    spec.auth = Some(Sp {
+        value: Auth {
+            provider,
+            display_name,
+            oidc: Some(Oidc {
+                client_id,
+                client_type: ClientType::Confidential,
+                redirect_uris,
+                scopes: vec!["openid".into(), "email".into(), "profile".into()],
+                username_claim: "preferred_username".into(),
+                groups_claim: "groups".into(),
+                access: SecretAccess::default(),
+            }),
+        },
+        span: o.span,
+    });
 }
 
 #[cfg(test)]

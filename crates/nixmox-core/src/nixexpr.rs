@@ -248,113 +248,117 @@ impl Nix {
             Nix::Code(c) => out.push_str(c),
             Nix::Expr(c) => out.push_str(c),
             Nix::Path(p) => out.push_str(p),
-            Nix::Interp(parts) => {
-                // Indented form when the text would read back exactly (see `fits_indented`);
-                // an interpolation stands in as `x` for that check.
-                let probe: String = parts
-                    .iter()
-                    .map(|p| match p {
-                        Part::Lit(s) => s.as_str(),
-                        Part::Expr(_) => "x",
-                    })
-                    .collect();
-                if fits_indented(&probe) {
-                    let body: String = parts
-                        .iter()
-                        .map(|p| match p {
-                            Part::Lit(s) => indented_escape(s),
-                            Part::Expr(e) => format!("${{{}}}", e.print(indent)),
-                        })
-                        .collect();
-                    out.push_str(&indented_body(&body, indent));
-                    return;
-                }
-                out.push('"');
-                for part in parts {
-                    match part {
-                        Part::Lit(s) => {
-                            let q = quote(s);
-                            out.push_str(&q[1..q.len() - 1]);
-                        }
-                        Part::Expr(e) => {
-                            out.push_str("${");
-                            out.push_str(&e.print(indent));
-                            out.push('}');
-                        }
-                    }
-                }
-                out.push('"');
+            Nix::Interp(parts) => write_interp(parts, out, indent),
+            Nix::List(items) => write_list(items, out, indent),
+            Nix::Attrs(map) => write_attrs(map, out, indent),
+        }
+    }
+}
+
+/// A string with interpolations: indented when the text would read back exactly (see
+/// `fits_indented`), else quoted.
+fn write_interp(parts: &[Part], out: &mut String, indent: usize) {
+    // Indented form when the text would read back exactly (see `fits_indented`);
+    // an interpolation stands in as `x` for that check.
+    let probe: String = parts
+        .iter()
+        .map(|p| match p {
+            Part::Lit(s) => s.as_str(),
+            Part::Expr(_) => "x",
+        })
+        .collect();
+    if fits_indented(&probe) {
+        let body: String = parts
+            .iter()
+            .map(|p| match p {
+                Part::Lit(s) => indented_escape(s),
+                Part::Expr(e) => format!("${{{}}}", e.print(indent)),
+            })
+            .collect();
+        out.push_str(&indented_body(&body, indent));
+        return;
+    }
+    out.push('"');
+    for part in parts {
+        match part {
+            Part::Lit(s) => {
+                let q = quote(s);
+                out.push_str(&q[1..q.len() - 1]);
             }
-            Nix::List(items) => {
-                if items.is_empty() {
-                    out.push_str("[ ]");
-                } else if items.iter().all(|i| {
-                    matches!(i, Nix::Str(s) if !s.contains('\n'))
-                        || matches!(i, Nix::Int(_) | Nix::Bool(_) | Nix::Code(_) | Nix::Expr(_))
-                }) && items.len() <= 4
-                {
-                    out.push_str("[ ");
-                    for i in items {
-                        let s = i.print(indent);
-                        if matches!(i, Nix::Code(_) | Nix::Expr(_))
-                            && s.contains(' ')
-                            && !s.starts_with('(')
-                        {
-                            let _ = write!(out, "({s}) ");
-                        } else {
-                            out.push_str(&s);
-                            out.push(' ');
-                        }
-                    }
-                    out.push(']');
-                } else {
-                    out.push_str("[\n");
-                    for i in items {
-                        out.push_str(&" ".repeat(indent + 2));
-                        let s = i.print(indent + 2);
-                        if matches!(i, Nix::Code(_) | Nix::Expr(_))
-                            && s.contains(' ')
-                            && !s.starts_with('(')
-                        {
-                            let _ = write!(out, "({s})");
-                        } else {
-                            out.push_str(&s);
-                        }
-                        out.push('\n');
-                    }
-                    out.push_str(&" ".repeat(indent));
-                    out.push(']');
-                }
-            }
-            Nix::Attrs(map) => {
-                if map.is_empty() {
-                    out.push_str("{ }");
-                    return;
-                }
-                out.push_str("{\n");
-                for (k, v) in map {
-                    out.push_str(&" ".repeat(indent + 2));
-                    // Collapse single-key chains into dotted paths: `a.b.c = 1;`.
-                    let mut key = attr_name(k);
-                    let mut value = v;
-                    while let Nix::Attrs(inner) = value {
-                        if inner.len() != 1 {
-                            break;
-                        }
-                        let (ik, iv) = inner.iter().next().expect("one entry");
-                        key.push('.');
-                        key.push_str(&attr_name(ik));
-                        value = iv;
-                    }
-                    let _ = write!(out, "{key} = ");
-                    value.write(out, indent + 2);
-                    out.push_str(";\n");
-                }
-                out.push_str(&" ".repeat(indent));
+            Part::Expr(e) => {
+                out.push_str("${");
+                out.push_str(&e.print(indent));
                 out.push('}');
             }
         }
     }
+    out.push('"');
+}
+
+/// A list: on one line when it is short and plain, else one item per line.
+fn write_list(items: &[Nix], out: &mut String, indent: usize) {
+    if items.is_empty() {
+        out.push_str("[ ]");
+    } else if items.iter().all(|i| {
+        matches!(i, Nix::Str(s) if !s.contains('\n'))
+            || matches!(i, Nix::Int(_) | Nix::Bool(_) | Nix::Code(_) | Nix::Expr(_))
+    }) && items.len() <= 4
+    {
+        out.push_str("[ ");
+        for i in items {
+            let s = i.print(indent);
+            if matches!(i, Nix::Code(_) | Nix::Expr(_)) && s.contains(' ') && !s.starts_with('(') {
+                let _ = write!(out, "({s}) ");
+            } else {
+                out.push_str(&s);
+                out.push(' ');
+            }
+        }
+        out.push(']');
+    } else {
+        out.push_str("[\n");
+        for i in items {
+            out.push_str(&" ".repeat(indent + 2));
+            let s = i.print(indent + 2);
+            if matches!(i, Nix::Code(_) | Nix::Expr(_)) && s.contains(' ') && !s.starts_with('(') {
+                let _ = write!(out, "({s})");
+            } else {
+                out.push_str(&s);
+            }
+            out.push('\n');
+        }
+        out.push_str(&" ".repeat(indent));
+        out.push(']');
+    }
+}
+
+/// An attribute set, one attribute per line, single-key chains collapsed into dotted paths.
+fn write_attrs(map: &BTreeMap<String, Nix>, out: &mut String, indent: usize) {
+    if map.is_empty() {
+        out.push_str("{ }");
+        return;
+    }
+    out.push_str("{\n");
+    for (k, v) in map {
+        out.push_str(&" ".repeat(indent + 2));
+        // Collapse single-key chains into dotted paths: `a.b.c = 1;`.
+        let mut key = attr_name(k);
+        let mut value = v;
+        while let Nix::Attrs(inner) = value {
+            if inner.len() != 1 {
+                break;
+            }
+            let (ik, iv) = inner.iter().next().expect("one entry");
+            key.push('.');
+            key.push_str(&attr_name(ik));
+            value = iv;
+        }
+        let _ = write!(out, "{key} = ");
+        value.write(out, indent + 2);
+        out.push_str(";\n");
+    }
+    out.push_str(&" ".repeat(indent));
+    out.push('}');
 }
 
 /// A whole `.nix` file: a header comment, then a module function or a plain expression.

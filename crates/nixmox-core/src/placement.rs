@@ -109,9 +109,25 @@ pub fn place(nodes: &[Candidate], wants: &[Want<'_>], strict: bool, fresh: bool)
         nodes: vec![None; wants.len()],
         problems: Vec::new(),
     };
-    let placeable = nodes.iter().filter(|n| n.placeable && n.online).count();
+    place_pins(&mut u, &mut out, nodes, wants, &by_name, strict);
+    if !fresh {
+        place_locked(&mut u, &mut out, wants, &by_name);
+    }
+    place_rest(&mut u, &mut out, nodes, wants);
+    out
+}
 
-    // 1. Pins.
+/// The first pass: pins, each on its node, reporting an unknown node, a node without room and
+/// a spread group that could have avoided the node.
+fn place_pins<'a>(
+    u: &mut Usage<'a>,
+    out: &mut Placement,
+    nodes: &[Candidate],
+    wants: &[Want<'a>],
+    by_name: &HashMap<&str, usize>,
+    strict: bool,
+) {
+    let placeable = nodes.iter().filter(|n| n.placeable && n.online).count();
     for (w, want) in wants.iter().enumerate() {
         let Some(pin) = want.pin else { continue };
         let Some(&n) = by_name.get(pin) else {
@@ -141,81 +157,91 @@ pub fn place(nodes: &[Candidate], wants: &[Want<'_>], strict: bool, fresh: bool)
                 }
             }
         }
-        u.take(&mut out, wants, w, n, Origin::Manifest);
+        u.take(out, wants, w, n, Origin::Manifest);
     }
+}
 
-    // 2. Recorded nodes, kept while the cluster has them.
-    if !fresh {
-        for (w, want) in wants.iter().enumerate() {
-            if want.pin.is_some() {
-                continue;
-            }
-            if let Some(&n) = want.locked.and_then(|l| by_name.get(l)) {
-                u.take(&mut out, wants, w, n, Origin::Lock);
-            }
+/// The second pass: recorded nodes, kept while the cluster has them.
+fn place_locked<'a>(
+    u: &mut Usage<'a>,
+    out: &mut Placement,
+    wants: &[Want<'a>],
+    by_name: &HashMap<&str, usize>,
+) {
+    for (w, want) in wants.iter().enumerate() {
+        if want.pin.is_some() {
+            continue;
+        }
+        if let Some(&n) = want.locked.and_then(|l| by_name.get(l)) {
+            u.take(out, wants, w, n, Origin::Lock);
         }
     }
+}
 
-    // 3. The rest, largest first (fewer clusters left without room by fragmentation), then
-    // by name (the wants come sorted by name).
+/// The last pass: the rest, largest first (fewer clusters left without room by fragmentation),
+/// then by name (the wants come sorted by name), each on the best node with room.
+fn place_rest<'a>(u: &mut Usage<'a>, out: &mut Placement, nodes: &[Candidate], wants: &[Want<'a>]) {
     let mut rest: Vec<usize> = (0..wants.len())
         .filter(|&w| out.nodes[w].is_none() && wants[w].pin.is_none())
         .collect();
     rest.sort_by_key(|&w| (std::cmp::Reverse((wants[w].memory, wants[w].cores)), w));
     for w in rest {
-        let want = &wants[w];
-        let group = want.spread.and_then(|g| u.counts.get(g)).cloned();
-        let mut best: Option<(usize, (u32, u64, u64))> = None;
-        for (n, node) in nodes.iter().enumerate() {
-            if !node.placeable || !node.online || no_room(node, u.memory[n], want).is_some() {
-                continue;
-            }
-            let members = group.as_ref().map(|c| c[n]).unwrap_or(0);
-            let free_memory = node.memory_size().saturating_sub(u.memory[n]);
-            let free_cores = node.cores_size().saturating_sub(u.cores[n]);
-            let better = match &best {
-                None => true,
-                Some((b, (bm, bfm, bfc))) => {
-                    (members, u64::MAX - free_memory, u64::MAX - free_cores)
-                        .cmp(&(*bm, u64::MAX - bfm, u64::MAX - bfc))
-                        .then_with(|| node.name.cmp(&nodes[*b].name))
-                        .is_lt()
-                }
-            };
-            if better {
-                best = Some((n, (members, free_memory, free_cores)));
-            }
-        }
-        match best {
-            Some((n, _)) => u.take(&mut out, wants, w, n, Origin::Allocated),
-            None => {
-                let why = nodes
-                    .iter()
-                    .enumerate()
-                    .map(|(n, node)| {
-                        let state = if !node.online {
-                            "offline".to_string()
-                        } else if !node.placeable {
-                            "not in proxmox.nodes".to_string()
-                        } else {
-                            no_room(node, u.memory[n], want).unwrap_or_default()
-                        };
-                        format!("{}: {state}", node.name)
-                    })
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                out.problems.push(Problem::NoRoom {
-                    service: w,
-                    why: if nodes.is_empty() {
-                        "the cluster has no nodes".into()
-                    } else {
-                        why
-                    },
-                });
-            }
+        match best_node(u, nodes, &wants[w]) {
+            Some(n) => u.take(out, wants, w, n, Origin::Allocated),
+            None => out.problems.push(Problem::NoRoom {
+                service: w,
+                why: why_no_room(u, nodes, &wants[w]),
+            }),
         }
     }
-    out
+}
+
+/// The node with room for `want` that has fewest of its spread group, then the most free
+/// memory, then the most free cores, then the first name.
+fn best_node(u: &Usage, nodes: &[Candidate], want: &Want) -> Option<usize> {
+    let group = want.spread.and_then(|g| u.counts.get(g));
+    let mut best: Option<(usize, (u32, u64, u64))> = None;
+    for (n, node) in nodes.iter().enumerate() {
+        if !node.placeable || !node.online || no_room(node, u.memory[n], want).is_some() {
+            continue;
+        }
+        let members = group.map(|c| c[n]).unwrap_or(0);
+        let free_memory = node.memory_size().saturating_sub(u.memory[n]);
+        let free_cores = node.cores_size().saturating_sub(u.cores[n]);
+        let better = match &best {
+            None => true,
+            Some((b, (bm, bfm, bfc))) => (members, u64::MAX - free_memory, u64::MAX - free_cores)
+                .cmp(&(*bm, u64::MAX - bfm, u64::MAX - bfc))
+                .then_with(|| node.name.cmp(&nodes[*b].name))
+                .is_lt(),
+        };
+        if better {
+            best = Some((n, (members, free_memory, free_cores)));
+        }
+    }
+    best.map(|(n, _)| n)
+}
+
+/// Why no node can take `want`: each node's reason.
+fn why_no_room(u: &Usage, nodes: &[Candidate], want: &Want) -> String {
+    if nodes.is_empty() {
+        return "the cluster has no nodes".into();
+    }
+    nodes
+        .iter()
+        .enumerate()
+        .map(|(n, node)| {
+            let state = if !node.online {
+                "offline".to_string()
+            } else if !node.placeable {
+                "not in proxmox.nodes".to_string()
+            } else {
+                no_room(node, u.memory[n], want).unwrap_or_default()
+            };
+            format!("{}: {state}", node.name)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// What the services placed so far take of each node.

@@ -226,29 +226,34 @@ fn orders(p: &Project, e: &crate::model::Edge) -> bool {
     !(p.services[e.from].is_core() && e.kind == EdgeKind::Auth)
 }
 
-/// Services in dependency order (providers first), ties broken by name, for `indexes`.
+/// Services in dependency order (providers first), ties broken by name, for `indexes` (each
+/// at most once).
 fn topo(p: &Project, indexes: &[usize]) -> Vec<usize> {
-    let inset: BTreeSet<usize> = indexes.iter().copied().collect();
-    let mut indeg: BTreeMap<usize, usize> = indexes.iter().map(|&i| (i, 0)).collect();
-    let mut dependents: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    // Vectors indexed by service, not maps: this runs three times per plan over every edge.
+    let n = p.services.len();
+    let mut inset = vec![false; n];
+    for &i in indexes {
+        inset[i] = true;
+    }
+    let mut indeg = vec![0usize; n];
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
     for e in &p.edges {
-        if inset.contains(&e.from) && inset.contains(&e.to) && orders(p, e) {
-            *indeg.entry(e.from).or_default() += 1;
-            dependents.entry(e.to).or_default().push(e.from);
+        if inset[e.from] && inset[e.to] && orders(p, e) {
+            indeg[e.from] += 1;
+            dependents[e.to].push(e.from);
         }
     }
-    let mut heap: BinaryHeap<Reverse<usize>> = indeg
+    let mut heap: BinaryHeap<Reverse<usize>> = indexes
         .iter()
-        .filter(|(_, d)| **d == 0)
-        .map(|(i, _)| Reverse(*i))
+        .filter(|&&i| indeg[i] == 0)
+        .map(|&i| Reverse(i))
         .collect();
     let mut out = Vec::with_capacity(indexes.len());
     while let Some(Reverse(i)) = heap.pop() {
         out.push(i);
-        for &d in dependents.get(&i).map(Vec::as_slice).unwrap_or(&[]) {
-            let n = indeg.get_mut(&d).expect("dependent is in the set");
-            *n -= 1;
-            if *n == 0 {
+        for &d in &dependents[i] {
+            indeg[d] -= 1;
+            if indeg[d] == 0 {
                 heap.push(Reverse(d));
             }
         }
@@ -396,6 +401,13 @@ struct ServiceHashes {
     own: String,
     auth: String,
     health: String,
+    /// Its part of a provider's `nix:core` step (`db:`, `routes:`, `records:`), when the
+    /// project has that provider and the service needs it.
+    db: Option<String>,
+    routes: Option<String>,
+    records: Option<String>,
+    /// Its forward-auth domains, part of `tf:auth-core`, when it has any.
+    outpost: Option<String>,
 }
 
 struct Ctx<'a> {
@@ -410,7 +422,83 @@ struct Ctx<'a> {
     has_dns: bool,
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    fn new(p: &'a Project, input: &PlanInput<'a>) -> Self {
+        let mut ctx = Ctx {
+            p,
+            files: input.files,
+            flake_lock: input.flake_lock,
+            startup: startup_order(p),
+            facts_hash: String::new(),
+            base_hash: String::new(),
+            has_dns: p.provider(Capability::Dns).is_some(),
+        };
+        ctx.facts_hash = hash_str(&ctx.provider_facts().to_string());
+        ctx.base_hash = hash_str(&ctx.base().to_string());
+        ctx
+    }
+
+    /// The hashes of service `i`'s costly parts (see [`ServiceHashes`]).
+    fn service_hashes(&self, i: usize) -> ServiceHashes {
+        let p = self.p;
+        let s = &p.services[i];
+        let own = self.own(s);
+        let h = &s.health;
+        let provided = |cap: Capability| p.provider(cap).is_some();
+        let db = (provided(Capability::Database) && !s.dbs.is_empty()).then(|| {
+            hash_value(&json!({"ip": s.host.ip.to_string(), "dbs": s.dbs.iter().map(|d| json!([d.database, d.role, d.mode.as_str(), d.migrations.iter().map(|m| self.digest(m)).collect::<Vec<_>>()])).collect::<Vec<_>>()}))
+        });
+        let routes = (provided(Capability::ReverseProxy) && !s.proxies.is_empty()).then(|| {
+            hash_value(&json!(s
+                .proxies
+                .iter()
+                .map(|x| self.proxy(s, x))
+                .collect::<Vec<_>>()))
+        });
+        let records = provided(Capability::Dns).then(|| {
+            hash_value(&json!([
+                p.fqdn(s),
+                s.host.ip.to_string(),
+                s.proxies
+                    .iter()
+                    .map(|x| x.domain.as_str())
+                    .collect::<Vec<_>>()
+            ]))
+        });
+        let authz: Vec<&str> = s
+            .proxies
+            .iter()
+            .filter(|x| x.authz)
+            .map(|x| x.domain.as_str())
+            .collect();
+        ServiceHashes {
+            host: hash_value(&self.host(i)),
+            own: hash_value(&own),
+            auth: hash_value(&own["auth"]),
+            health: hash_value(&json!({
+                "startup": h.startup.iter().map(config_out::check).collect::<Vec<_>>(),
+                "liveness": h.liveness.iter().map(config_out::check).collect::<Vec<_>>(),
+                "readiness": h.readiness.iter().map(config_out::check).collect::<Vec<_>>(),
+                "timing": [h.timing.interval_ms, h.timing.timeout_ms, h.timing.retries, h.timing.start_period_ms],
+            })),
+            db,
+            routes,
+            records,
+            outpost: (!authz.is_empty()).then(|| hash_value(&json!(authz))),
+        }
+    }
+
+    /// The parts every `nix:*` step of a service has: the project's base, its own
+    /// configuration, the providers' facts and the flake inputs it builds from.
+    fn nix_parts(&self, s: &Service, hashed: &ServiceHashes) -> Parts {
+        let mut parts = Parts::new();
+        parts.add_hash("base", &self.base_hash);
+        parts.add_hash("self", &hashed.own);
+        parts.add_hash("providers", &self.facts_hash);
+        self.add_inputs(&mut parts, s);
+        parts
+    }
+
     fn digest(&self, path: &str) -> Value {
         json!([path, self.files.and_then(|f| f.get(path))])
     }
@@ -479,93 +567,104 @@ impl Ctx<'_> {
     }
 }
 
-/// Plans a deployment.
+/// Plans a deployment: the steps of every phase in the seed contract's order, then each
+/// compared with what was recorded of its last run.
 pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
-    let mut ctx = Ctx {
-        p,
-        files: input.files,
-        flake_lock: input.flake_lock,
-        startup: startup_order(p),
-        facts_hash: String::new(),
-        base_hash: String::new(),
-        has_dns: p.provider(Capability::Dns).is_some(),
-    };
-    ctx.facts_hash = hash_str(&ctx.provider_facts().to_string());
-    ctx.base_hash = hash_str(&ctx.base().to_string());
-    let ctx = ctx;
+    let ctx = Ctx::new(p, input);
     let chosen = select(p, sel);
-    let chosen_set: BTreeSet<usize> = chosen.iter().copied().collect();
-    let core: Vec<usize> = topo(
-        p,
-        &chosen
-            .iter()
-            .copied()
-            .filter(|&i| p.services[i].is_core())
-            .collect::<Vec<_>>(),
-    );
-    let apps: Vec<usize> = topo(
-        p,
-        &chosen
-            .iter()
-            .copied()
-            .filter(|&i| !p.services[i].is_core())
-            .collect::<Vec<_>>(),
-    );
-
-    let mut steps: Vec<Step> = Vec::new();
-    let push = |steps: &mut Vec<Step>,
-                phase: Phase,
-                service: Option<&Service>,
-                after: Vec<usize>,
-                action: Action,
-                description: String,
-                parts: Parts|
-     -> usize {
-        let mut after = after;
-        after.sort_unstable();
-        after.dedup();
-        steps.push(Step {
-            id: StepId::new(phase, service.map(|s| &s.name))
-                .expect("the planner gives a service to exactly the per-service phases"),
-            after,
-            action,
-            change: Change::Create,
-            description,
-            reasons: Vec::new(),
-            hash: parts.hash(),
-            parts: parts.0,
-            weight: 0,
-            needs_allow_destroy: Vec::new(),
-            held: None,
-        });
-        steps.len() - 1
-    };
+    let (core, apps): (Vec<usize>, Vec<usize>) =
+        chosen.iter().partition(|&&i| p.services[i].is_core());
+    let core = topo(p, &core);
+    let apps = topo(p, &apps);
 
     // The costly, independent parts of every service's steps (building a value and hashing
     // it), computed on several threads before the steps are put together in order.
     let all: Vec<usize> = (0..p.services.len()).collect();
-    let hashed: Vec<ServiceHashes> = crate::par::map(&all, |&i| {
-        let s = &p.services[i];
-        let own = ctx.own(s);
-        let h = &s.health;
-        ServiceHashes {
-            host: hash_value(&ctx.host(i)),
-            own: hash_value(&own),
-            auth: hash_value(&own["auth"]),
-            health: hash_value(&json!({
-                "startup": h.startup.iter().map(config_out::check).collect::<Vec<_>>(),
-                "liveness": h.liveness.iter().map(config_out::check).collect::<Vec<_>>(),
-                "readiness": h.readiness.iter().map(config_out::check).collect::<Vec<_>>(),
-                "timing": [h.timing.interval_ms, h.timing.timeout_ms, h.timing.retries, h.timing.start_period_ms],
-            })),
-        }
-    });
+    let hashed: Vec<ServiceHashes> = crate::par::map(&all, |&i| ctx.service_hashes(i));
 
-    // tf:infra: every host of the project, whatever the selection (one Terraform workspace).
+    let mut steps: Vec<Step> = Vec::new();
+    let infra = push(&mut steps, infra_step(&ctx, &hashed), Vec::new());
+    let core_step = push_core_steps(&mut steps, &ctx, &hashed, &core, infra);
+    // Behind every core deploy, which are behind `tf:infra`; with no core service, behind
+    // `tf:infra` itself, so no service is deployed (or snapshotted) before its container
+    // exists (found by issue 14's tests).
+    let auth_after: Vec<usize> = if core_step.is_empty() {
+        vec![infra]
+    } else {
+        core_step.values().copied().collect()
+    };
+    let auth_core = push(&mut steps, auth_core_step(&ctx, &hashed), auth_after);
+    let core_auth_step =
+        push_core_auth_steps(&mut steps, &ctx, &hashed, &core, &core_step, auth_core);
+    push_app_steps(&mut steps, &ctx, &hashed, &apps, &core_auth_step, auth_core);
+
+    compare_with_record(&mut steps, input.record);
+    if sel.services.is_empty() {
+        if let Some(r) = input.record {
+            steps.extend(orphan_steps(p, r));
+        }
+    }
+    let critical_path = critical_path(
+        &steps
+            .iter()
+            .map(|s| (s.weight, s.after.clone()))
+            .collect::<Vec<_>>(),
+    );
+    let selection = (!sel.services.is_empty()).then(|| {
+        chosen
+            .iter()
+            .map(|&i| p.services[i].name.to_string())
+            .collect()
+    });
+    Plan {
+        project: p.name.to_string(),
+        steps,
+        critical_path,
+        selection,
+    }
+}
+
+/// A step of `phase` (for `service`, or the project's global step) whose input is `parts`;
+/// its prerequisites are set when it is pushed, its change when it is compared with the record.
+fn new_step(
+    phase: Phase,
+    service: Option<&Service>,
+    action: Action,
+    description: String,
+    parts: Parts,
+) -> Step {
+    Step {
+        id: StepId::new(phase, service.map(|s| &s.name))
+            .expect("the planner gives a service to exactly the per-service phases"),
+        after: Vec::new(),
+        action,
+        change: Change::Create,
+        description,
+        reasons: Vec::new(),
+        hash: parts.hash(),
+        parts: parts.0,
+        weight: 0,
+        needs_allow_destroy: Vec::new(),
+        held: None,
+    }
+}
+
+/// Appends `step` behind `after` (direct prerequisites, in any order); returns its index.
+fn push(steps: &mut Vec<Step>, mut step: Step, mut after: Vec<usize>) -> usize {
+    after.sort_unstable();
+    after.dedup();
+    step.after = after;
+    steps.push(step);
+    steps.len() - 1
+}
+
+/// `tf:infra`: every host of the project, whatever the selection (one Terraform workspace).
+fn infra_step(ctx: &Ctx, hashed: &[ServiceHashes]) -> Step {
+    let p = ctx.p;
     let mut parts = Parts::new();
     parts.add("project", &json!({"base": ctx.base(), "backend": p.infra.as_str(), "bridge": p.network.bridge, "vlan": p.network.vlan, "proxmox": [p.proxmox.endpoint, p.proxmox.node, p.proxmox.storage, p.proxmox.template]}));
-    for (i, s) in p.services.iter().enumerate() {
-        parts.add_hash(format!("host:{}", s.name), &hashed[i].host);
+    for (s, h) in p.services.iter().zip(hashed) {
+        parts.add_hash(format!("host:{}", s.name), &h.host);
     }
     let (action, description) = match p.infra {
         InfraBackend::None => (
@@ -583,127 +682,101 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
             ),
         ),
     };
-    let infra = push(
-        &mut steps,
-        Phase::TfInfra,
-        None,
-        Vec::new(),
-        action,
-        description,
-        parts,
-    );
+    new_step(Phase::TfInfra, None, action, description, parts)
+}
 
-    // nix:core:<svc>, ordered among themselves.
+/// `nix:core:<svc>`, ordered among themselves; the first wait on `tf:infra` directly, the
+/// rest through them. Returns the step of each core service.
+fn push_core_steps(
+    steps: &mut Vec<Step>,
+    ctx: &Ctx,
+    hashed: &[ServiceHashes],
+    core: &[usize],
+    infra: usize,
+) -> BTreeMap<usize, usize> {
+    let p = ctx.p;
     let mut core_step: BTreeMap<usize, usize> = BTreeMap::new();
-    for &i in &core {
-        let s = &p.services[i];
-        let mut parts = Parts::new();
-        parts.add_hash("base", &ctx.base_hash);
-        parts.add_hash("self", &hashed[i].own);
-        // A moved container is deployed and health-checked again on its new node.
-        parts.add("node", &json!(s.host.node));
-        parts.add_hash("providers", &ctx.facts_hash);
-        ctx.add_inputs(&mut parts, s);
-        ctx.add_implementations(&mut parts, core_uses(s));
-        let mut what: Vec<String> = Vec::new();
-        for cap in s.provides.iter().map(|x| x.capability) {
-            let mut consumers = 0usize;
-            for (j, c) in p.services.iter().enumerate() {
-                let part = match cap {
-                    Capability::Database if !c.dbs.is_empty() && j != i => Some(
-                        json!({"ip": c.host.ip.to_string(), "dbs": c.dbs.iter().map(|d| json!([d.database, d.role, d.mode.as_str(), d.migrations.iter().map(|m| ctx.digest(m)).collect::<Vec<_>>()])).collect::<Vec<_>>()}),
-                    ),
-                    Capability::ReverseProxy if !c.proxies.is_empty() && j != i => Some(json!(c
-                        .proxies
-                        .iter()
-                        .map(|x| ctx.proxy(c, x))
-                        .collect::<Vec<_>>())),
-                    Capability::Dns => Some(json!([
-                        p.fqdn(c),
-                        c.host.ip.to_string(),
-                        c.proxies
-                            .iter()
-                            .map(|x| x.domain.as_str())
-                            .collect::<Vec<_>>()
-                    ])),
-                    _ => None,
-                };
-                if let Some(v) = part {
-                    consumers += 1;
-                    let kind = match cap {
-                        Capability::Database => "db",
-                        Capability::ReverseProxy => "routes",
-                        Capability::Dns => "records",
-                        Capability::Identity => "identity",
-                    };
-                    parts.add(format!("{kind}:{}", c.name), &v);
-                }
-            }
-            what.push(match cap {
-                Capability::Database => format!("databases for {consumers} consumer(s)"),
-                Capability::ReverseProxy => format!("routes for {consumers} service(s)"),
-                Capability::Dns => format!("records for {consumers} host(s)"),
-                Capability::Identity => "identity provider".to_string(),
-            });
-        }
-        if s.provides(Capability::ReverseProxy) {
-            parts.add(
-                "outpost",
-                &json!(p
-                    .provider(Capability::Identity)
-                    .map(|x| x.host.ip.to_string())),
-            );
-        }
-        let mut after = Vec::new();
-        for e in p.deps_of(i) {
-            if orders(p, e) {
-                if let Some(&k) = core_step.get(&e.to) {
-                    after.push(k);
-                }
-            }
-        }
-        // Only the first core steps wait on `tf:infra` directly; the rest wait through them.
+    for &i in core {
+        let mut after: Vec<usize> = p
+            .deps_of(i)
+            .filter(|e| orders(p, e))
+            .filter_map(|e| core_step.get(&e.to).copied())
+            .collect();
         if after.is_empty() {
             after.push(infra);
         }
-        let description = format!(
-            "deploy {} ({}): {}",
-            s.host.hostname,
-            s.host.ip,
-            what.join(", ")
-        );
-        let k = push(
-            &mut steps,
-            Phase::NixCore,
-            Some(s),
-            after,
-            Action::Run,
-            description,
-            parts,
-        );
+        let k = push(steps, core_step_of(ctx, hashed, i), after);
         core_step.insert(i, k);
     }
+    core_step
+}
 
-    // tf:auth-core: after every core step (and its health gate).
+/// The `nix:core` step of core service `i`: its own configuration, and what it provides to
+/// every consumer (their databases, routes, records).
+fn core_step_of(ctx: &Ctx, hashed: &[ServiceHashes], i: usize) -> Step {
+    let p = ctx.p;
+    let s = &p.services[i];
+    let mut parts = ctx.nix_parts(s, &hashed[i]);
+    // A moved container is deployed and health-checked again on its new node.
+    parts.add("node", &json!(s.host.node));
+    ctx.add_implementations(&mut parts, core_uses(s));
+    let mut what: Vec<String> = Vec::new();
+    for cap in s.provides.iter().map(|x| x.capability) {
+        let mut consumers = 0usize;
+        for (j, (c, h)) in p.services.iter().zip(hashed).enumerate() {
+            // The hashes of each consumer's part were computed with the service's others.
+            let (kind, part) = match cap {
+                Capability::Database if j != i => ("db", h.db.as_ref()),
+                Capability::ReverseProxy if j != i => ("routes", h.routes.as_ref()),
+                Capability::Dns => ("records", h.records.as_ref()),
+                _ => continue,
+            };
+            if let Some(hash) = part {
+                consumers += 1;
+                parts.add_hash(format!("{kind}:{}", c.name), hash);
+            }
+        }
+        what.push(match cap {
+            Capability::Database => format!("databases for {consumers} consumer(s)"),
+            Capability::ReverseProxy => format!("routes for {consumers} service(s)"),
+            Capability::Dns => format!("records for {consumers} host(s)"),
+            Capability::Identity => "identity provider".to_string(),
+        });
+    }
+    if s.provides(Capability::ReverseProxy) {
+        parts.add(
+            "outpost",
+            &json!(p
+                .provider(Capability::Identity)
+                .map(|x| x.host.ip.to_string())),
+        );
+    }
+    let description = format!(
+        "deploy {} ({}): {}",
+        s.host.hostname,
+        s.host.ip,
+        what.join(", ")
+    );
+    new_step(Phase::NixCore, Some(s), Action::Run, description, parts)
+}
+
+/// `tf:auth-core`: the identity provider's flows, the core services' OIDC applications and the
+/// outpost of every forward-auth service.
+fn auth_core_step(ctx: &Ctx, hashed: &[ServiceHashes]) -> Step {
+    let p = ctx.p;
     let mut parts = Parts::new();
     parts.add_hash("identity", &ctx.facts_hash);
     ctx.add_implementations(&mut parts, [Capability::Identity]);
     let mut oidc_core = 0;
     let mut forward = 0;
-    for (s, hashed) in p.services.iter().zip(&hashed) {
+    for (s, hashed) in p.services.iter().zip(hashed) {
         if s.is_core() && s.auth.is_some() {
             oidc_core += 1;
             parts.add_hash(format!("oidc:{}", s.name), &hashed.auth);
         }
-        let authz: Vec<&str> = s
-            .proxies
-            .iter()
-            .filter(|x| x.authz)
-            .map(|x| x.domain.as_str())
-            .collect();
-        if !authz.is_empty() {
+        if let Some(outpost) = &hashed.outpost {
             forward += 1;
-            parts.add(format!("outpost:{}", s.name), &json!(authz));
+            parts.add_hash(format!("outpost:{}", s.name), outpost);
         }
     }
     let has_idp = p.provider(Capability::Identity).is_some();
@@ -719,56 +792,52 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
             "the project has no identity provider".to_string(),
         )
     };
-    // Behind every core deploy, which are behind `tf:infra`; with no core service, behind
-    // `tf:infra` itself, so no service is deployed (or snapshotted) before its container
-    // exists (found by issue 14's tests).
-    let auth_after: Vec<usize> = if core_step.is_empty() {
-        vec![infra]
-    } else {
-        core_step.values().copied().collect()
-    };
-    let auth_core = push(
-        &mut steps,
-        Phase::TfAuthCore,
-        None,
-        auth_after,
-        action,
-        description,
-        parts,
-    );
+    new_step(Phase::TfAuthCore, None, action, description, parts)
+}
 
-    // nix:core-auth:<svc>: core services that use auth get their client secret.
+/// `nix:core-auth:<svc>`: core services that use auth get their client secret. Returns the
+/// step of each.
+fn push_core_auth_steps(
+    steps: &mut Vec<Step>,
+    ctx: &Ctx,
+    hashed: &[ServiceHashes],
+    core: &[usize],
+    core_step: &BTreeMap<usize, usize>,
+    auth_core: usize,
+) -> BTreeMap<usize, usize> {
     let mut core_auth_step: BTreeMap<usize, usize> = BTreeMap::new();
-    for &i in &core {
-        let s = &p.services[i];
+    for &i in core {
+        let s = &ctx.p.services[i];
         if s.auth.is_none() {
             continue;
         }
-        let mut parts = Parts::new();
-        parts.add_hash("base", &ctx.base_hash);
-        parts.add_hash("self", &hashed[i].own);
+        let mut parts = ctx.nix_parts(s, &hashed[i]);
         // A moved container is deployed and health-checked again on its new node.
         parts.add("node", &json!(s.host.node));
-        parts.add_hash("providers", &ctx.facts_hash);
-        ctx.add_inputs(&mut parts, s);
         ctx.add_implementations(&mut parts, core_uses(s));
         let description = format!("redeploy {} with its OIDC client secret", s.host.hostname);
-        let k = push(
-            &mut steps,
-            Phase::NixCoreAuth,
-            Some(s),
-            vec![auth_core, core_step[&i]],
-            Action::Run,
-            description,
-            parts,
-        );
+        let step = new_step(Phase::NixCoreAuth, Some(s), Action::Run, description, parts);
+        let k = push(steps, step, vec![auth_core, core_step[&i]]);
         core_auth_step.insert(i, k);
     }
+    core_auth_step
+}
 
-    // Per non-core service, in dependency order.
+/// Per non-core service, in dependency order: `tf:service-infra` → `nix:service-config` →
+/// `tf:service-config` → `verify`. The steps are built on several threads (they depend on
+/// nothing but the service), then put in order.
+fn push_app_steps(
+    steps: &mut Vec<Step>,
+    ctx: &Ctx,
+    hashed: &[ServiceHashes],
+    apps: &[usize],
+    core_auth_step: &BTreeMap<usize, usize>,
+    auth_core: usize,
+) {
+    let p = ctx.p;
+    let built: Vec<[Step; 4]> = crate::par::map(apps, |&i| app_steps(ctx, &hashed[i], i));
     let mut verify_step: BTreeMap<usize, usize> = BTreeMap::new();
-    for &i in &apps {
-        let s = &p.services[i];
+    for (&i, [infra, nix, config, verify]) in apps.iter().zip(built) {
         let mut after = vec![auth_core];
         for e in p.deps_of(i) {
             if let Some(&k) = verify_step.get(&e.to) {
@@ -779,156 +848,148 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
             // A core dependency's `nix:core` step is already behind `tf:auth-core`; `after`
             // lists direct prerequisites only.
         }
-        // tf:service-infra: the service's OIDC application, Terraform-managed databases and
-        // its own service-infra modules. Forward-auth providers live in tf:auth-core, next to
-        // the outpost that serves them.
-        let infra_tf: Vec<_> = s
-            .terraform
-            .iter()
-            .filter(|t| t.phase == TfPhase::ServiceInfra)
-            .collect();
-        let oidc = s.auth.as_ref().and_then(|a| a.oidc.as_ref());
-        let tf_dbs: Vec<&str> = s
-            .dbs
-            .iter()
-            .filter(|d| d.mode == crate::model::DbMode::Terraform)
-            .map(|d| d.database.as_str())
-            .collect();
-        let own_hash = &hashed[i].own;
-        let mut parts = Parts::new();
-        parts.add("terraform", &tf_json(&ctx, &infra_tf));
-        parts.add_hash("auth", &hashed[i].auth);
-        parts.add("db-terraform", &json!(tf_dbs));
-        parts.add_hash("providers", &ctx.facts_hash);
-        let tf_uses = [
-            (!tf_dbs.is_empty()).then_some(Capability::Database),
-            oidc.is_some().then_some(Capability::Identity),
-        ];
-        ctx.add_implementations(&mut parts, tf_uses.into_iter().flatten());
-        let mut what = Vec::new();
-        if let Some(o) = oidc {
-            what.push(format!("OIDC application `{}`", o.client_id));
-        }
-        if !tf_dbs.is_empty() {
-            what.push(format!("database(s) {} by Terraform", tf_dbs.join(", ")));
-        }
-        let modules: usize = infra_tf.iter().map(|t| t.modules.len()).sum();
-        if modules > 0 {
-            what.push(format!("{modules} module(s)"));
-        }
-        let (action, description) = if what.is_empty() {
-            (Action::Noop, "no service-infra Terraform".to_string())
-        } else {
-            (Action::Run, format!("apply {}", what.join(", ")))
-        };
-        let a = push(
-            &mut steps,
-            Phase::TfServiceInfra,
-            Some(s),
-            after,
-            action,
-            description,
-            parts,
-        );
-
-        // nix:service-config
-        let mut parts = Parts::new();
-        parts.add_hash("base", &ctx.base_hash);
-        parts.add_hash("self", own_hash);
-        parts.add_hash("providers", &ctx.facts_hash);
-        ctx.add_inputs(&mut parts, s);
-        ctx.add_implementations(&mut parts, uses(s));
-        let description = format!("deploy {} ({})", s.host.hostname, s.host.ip);
-        let b = push(
-            &mut steps,
-            Phase::NixServiceConfig,
-            Some(s),
-            vec![a],
-            Action::Run,
-            description,
-            parts,
-        );
-
-        // tf:service-config
-        let config_tf: Vec<_> = s
-            .terraform
-            .iter()
-            .filter(|t| t.phase == TfPhase::ServiceConfig)
-            .collect();
-        let mut parts = Parts::new();
-        parts.add("terraform", &tf_json(&ctx, &config_tf));
-        let modules: usize = config_tf.iter().map(|t| t.modules.len()).sum();
-        let (action, description) = if modules == 0 {
-            (Action::Noop, "no service-config Terraform".to_string())
-        } else {
-            (
-                Action::Run,
-                format!("apply {modules} module(s) that need the running service"),
-            )
-        };
-        let c = push(
-            &mut steps,
-            Phase::TfServiceConfig,
-            Some(s),
-            vec![b],
-            action,
-            description,
-            parts,
-        );
-
-        // verify
-        let mut parts = Parts::new();
-        let h = &s.health;
-        parts.add_hash("health", &hashed[i].health);
-        parts.add_hash("wiring", own_hash);
-        parts.add_hash("providers", &ctx.facts_hash);
-        // The end-to-end probes come from the implementations (docs/health.md).
-        let probed = ctx.has_dns.then_some(Capability::Dns).into_iter();
-        ctx.add_implementations(&mut parts, uses(s).into_iter().chain(probed));
-        let checks = h.startup.len() + h.liveness.len() + h.readiness.len();
-        let mut wiring = Vec::new();
-        if !s.dbs.is_empty() {
-            wiring.push("db");
-        }
-        if !s.proxies.is_empty() {
-            wiring.push("proxy");
-        }
-        if ctx.has_dns {
-            wiring.push("dns");
-        }
-        if oidc.is_some() {
-            wiring.push("auth");
-        }
-        let (action, description) = if checks == 0 && wiring.is_empty() {
-            (Action::Noop, "nothing to check".to_string())
-        } else {
-            (
-                Action::Run,
-                format!(
-                    "{checks} health check(s); end-to-end: {}",
-                    if wiring.is_empty() {
-                        "none".to_string()
-                    } else {
-                        wiring.join(", ")
-                    }
-                ),
-            )
-        };
-        let d = push(
-            &mut steps,
-            Phase::Verify,
-            Some(s),
-            vec![c],
-            action,
-            description,
-            parts,
-        );
+        let a = push(steps, infra, after);
+        let b = push(steps, nix, vec![a]);
+        let c = push(steps, config, vec![b]);
+        let d = push(steps, verify, vec![c]);
         verify_step.insert(i, d);
     }
+}
 
-    // Compare with the record.
-    let record = input.record;
-    for step in &mut steps {
+/// The four steps of non-core service `i`, without their prerequisites.
+fn app_steps(ctx: &Ctx, hashed: &ServiceHashes, i: usize) -> [Step; 4] {
+    let s = &ctx.p.services[i];
+    [
+        service_infra_step(ctx, hashed, s),
+        new_step(
+            Phase::NixServiceConfig,
+            Some(s),
+            Action::Run,
+            format!("deploy {} ({})", s.host.hostname, s.host.ip),
+            {
+                let mut parts = ctx.nix_parts(s, hashed);
+                ctx.add_implementations(&mut parts, uses(s));
+                parts
+            },
+        ),
+        service_config_step(ctx, s),
+        verify_step(ctx, hashed, s),
+    ]
+}
+
+/// `tf:service-infra`: the service's OIDC application, Terraform-managed databases and its own
+/// service-infra modules. Forward-auth providers live in `tf:auth-core`, next to the outpost
+/// that serves them.
+fn service_infra_step(ctx: &Ctx, hashed: &ServiceHashes, s: &Service) -> Step {
+    let infra_tf: Vec<_> = s
+        .terraform
+        .iter()
+        .filter(|t| t.phase == TfPhase::ServiceInfra)
+        .collect();
+    let oidc = s.auth.as_ref().and_then(|a| a.oidc.as_ref());
+    let tf_dbs: Vec<&str> = s
+        .dbs
+        .iter()
+        .filter(|d| d.mode == crate::model::DbMode::Terraform)
+        .map(|d| d.database.as_str())
+        .collect();
+    let mut parts = Parts::new();
+    parts.add("terraform", &tf_json(ctx, &infra_tf));
+    parts.add_hash("auth", &hashed.auth);
+    parts.add("db-terraform", &json!(tf_dbs));
+    parts.add_hash("providers", &ctx.facts_hash);
+    let tf_uses = [
+        (!tf_dbs.is_empty()).then_some(Capability::Database),
+        oidc.is_some().then_some(Capability::Identity),
+    ];
+    ctx.add_implementations(&mut parts, tf_uses.into_iter().flatten());
+    let mut what = Vec::new();
+    if let Some(o) = oidc {
+        what.push(format!("OIDC application `{}`", o.client_id));
+    }
+    if !tf_dbs.is_empty() {
+        what.push(format!("database(s) {} by Terraform", tf_dbs.join(", ")));
+    }
+    let modules: usize = infra_tf.iter().map(|t| t.modules.len()).sum();
+    if modules > 0 {
+        what.push(format!("{modules} module(s)"));
+    }
+    let (action, description) = if what.is_empty() {
+        (Action::Noop, "no service-infra Terraform".to_string())
+    } else {
+        (Action::Run, format!("apply {}", what.join(", ")))
+    };
+    new_step(Phase::TfServiceInfra, Some(s), action, description, parts)
+}
+
+/// `tf:service-config`: the service's modules that need it running.
+fn service_config_step(ctx: &Ctx, s: &Service) -> Step {
+    let config_tf: Vec<_> = s
+        .terraform
+        .iter()
+        .filter(|t| t.phase == TfPhase::ServiceConfig)
+        .collect();
+    let mut parts = Parts::new();
+    parts.add("terraform", &tf_json(ctx, &config_tf));
+    let modules: usize = config_tf.iter().map(|t| t.modules.len()).sum();
+    let (action, description) = if modules == 0 {
+        (Action::Noop, "no service-config Terraform".to_string())
+    } else {
+        (
+            Action::Run,
+            format!("apply {modules} module(s) that need the running service"),
+        )
+    };
+    new_step(Phase::TfServiceConfig, Some(s), action, description, parts)
+}
+
+/// `verify`: the service's health checks and its end-to-end wiring.
+fn verify_step(ctx: &Ctx, hashed: &ServiceHashes, s: &Service) -> Step {
+    let mut parts = Parts::new();
+    let h = &s.health;
+    parts.add_hash("health", &hashed.health);
+    parts.add_hash("wiring", &hashed.own);
+    parts.add_hash("providers", &ctx.facts_hash);
+    // The end-to-end probes come from the implementations (docs/health.md).
+    let probed = ctx.has_dns.then_some(Capability::Dns).into_iter();
+    ctx.add_implementations(&mut parts, uses(s).into_iter().chain(probed));
+    let checks = h.startup.len() + h.liveness.len() + h.readiness.len();
+    let mut wiring = Vec::new();
+    if !s.dbs.is_empty() {
+        wiring.push("db");
+    }
+    if !s.proxies.is_empty() {
+        wiring.push("proxy");
+    }
+    if ctx.has_dns {
+        wiring.push("dns");
+    }
+    if s.auth.as_ref().and_then(|a| a.oidc.as_ref()).is_some() {
+        wiring.push("auth");
+    }
+    let (action, description) = if checks == 0 && wiring.is_empty() {
+        (Action::Noop, "nothing to check".to_string())
+    } else {
+        (
+            Action::Run,
+            format!(
+                "{checks} health check(s); end-to-end: {}",
+                if wiring.is_empty() {
+                    "none".to_string()
+                } else {
+                    wiring.join(", ")
+                }
+            ),
+        )
+    };
+    new_step(Phase::Verify, Some(s), action, description, parts)
+}
+
+/// Compares every step with its record: its change and why, its weight for the critical path,
+/// and whether a refusal or a rolled-back failure still holds it. On several threads: each
+/// step is independent of the others.
+fn compare_with_record(steps: &mut [Step], record: Option<&Record>) {
+    crate::par::map_mut(steps, |step| {
         let rec = record.and_then(|r| r.get(step.id.as_str()));
         step.weight = match (rec.and_then(|r| r.duration_ms), step.action) {
             (Some(d), _) => d,
@@ -957,54 +1018,37 @@ pub fn plan(p: &Project, sel: &Selection, input: &PlanInput) -> Plan {
                 step.held = Some(held_note(h));
             }
         }
-    }
-    // Orphans: recorded steps of services no longer in the project.
-    if sel.services.is_empty() {
-        if let Some(r) = record {
-            for (id, _) in r.steps.iter() {
-                let Some(id) = id.parse::<StepId>().ok() else {
-                    continue;
-                };
-                let Some(svc) = id.service() else {
-                    continue;
-                };
-                if p.service(svc).is_none() {
-                    let description = format!("`{svc}` was removed from the project; `nixmox down {svc}` or `up --remove-orphans` removes what it left");
-                    steps.push(Step {
-                        id,
-                        after: Vec::new(),
-                        action: Action::Noop,
-                        change: Change::Delete,
-                        description,
-                        reasons: Vec::new(),
-                        hash: String::new(),
-                        parts: BTreeMap::new(),
-                        weight: 0,
-                        needs_allow_destroy: Vec::new(),
-                        held: None,
-                    });
-                }
-            }
+    });
+}
+
+/// Orphans: recorded steps of services no longer in the project.
+fn orphan_steps(p: &Project, r: &Record) -> Vec<Step> {
+    let mut out = Vec::new();
+    for (id, _) in r.steps.iter() {
+        let Ok(id) = id.parse::<StepId>() else {
+            continue;
+        };
+        let Some(svc) = id.service() else {
+            continue;
+        };
+        if p.service(svc).is_none() {
+            let description = format!("`{svc}` was removed from the project; `nixmox down {svc}` or `up --remove-orphans` removes what it left");
+            out.push(Step {
+                id,
+                after: Vec::new(),
+                action: Action::Noop,
+                change: Change::Delete,
+                description,
+                reasons: Vec::new(),
+                hash: String::new(),
+                parts: BTreeMap::new(),
+                weight: 0,
+                needs_allow_destroy: Vec::new(),
+                held: None,
+            });
         }
     }
-    let critical_path = critical_path(
-        &steps
-            .iter()
-            .map(|s| (s.weight, s.after.clone()))
-            .collect::<Vec<_>>(),
-    );
-    let selection = (!sel.services.is_empty()).then(|| {
-        chosen_set
-            .iter()
-            .map(|&i| p.services[i].name.to_string())
-            .collect()
-    });
-    Plan {
-        project: p.name.to_string(),
-        steps,
-        critical_path,
-        selection,
-    }
+    out
 }
 
 fn tf_json(ctx: &Ctx, uses: &[&crate::model::TerraformUse]) -> Value {

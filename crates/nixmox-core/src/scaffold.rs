@@ -38,10 +38,19 @@ fn file(path: &str, contents: String) -> RenderedFile {
 
 /// Every file of a new project, `name` and `domain` already validated by the caller.
 pub fn project(name: &str, domain: &str) -> Vec<RenderedFile> {
-    let d = domain;
-    vec![
+    let mut files = vec![
         file(".gitignore", "# NixMox's local state, logs, build output and Terraform state (which holds secrets)\n.nixmox/\n".into()),
-        file("nixmox.yaml", format!(r#"# yaml-language-server: $schema=https://nixmox.dev/schema/nixmox.schema.json
+        file("nixmox.yaml", project_file(name, domain)),
+    ];
+    files.extend(manifests(domain));
+    files.extend(modules());
+    files
+}
+
+/// `nixmox.yaml`: the project file, every setting a new project needs.
+fn project_file(name: &str, d: &str) -> String {
+    format!(
+        r#"# yaml-language-server: $schema=https://nixmox.dev/schema/nixmox.schema.json
 # The NixMox project file. Every field but project, domain and network.cidr/gateway has a
 # default; see docs/manifest.md.
 project: {name}
@@ -67,8 +76,17 @@ ssh:
   authorized_keys: []                  # add your public key here
 deploy:
   parallel: 4
-"#)),
-        file("services/dns/manifest.yaml", format!(r#"name: dns
+"#
+    )
+}
+
+/// The four core services' manifests and the example app's, `hello`.
+fn manifests(d: &str) -> Vec<RenderedFile> {
+    vec![
+        file(
+            "services/dns/manifest.yaml",
+            format!(
+                r#"name: dns
 description: Unbound resolver, authoritative for {d}
 provides:
   dns: {{ type: unbound }}
@@ -80,8 +98,12 @@ interface:
   health:
     startup: systemctl is-active --quiet unbound
     readiness: [ {{ dns: dns.{d}, expect: 192.168.99.10 }} ]
-"#)),
-        file("services/postgresql/manifest.yaml", r#"name: postgresql
+"#
+            ),
+        ),
+        file(
+            "services/postgresql/manifest.yaml",
+            r#"name: postgresql
 description: PostgreSQL for every service that declares a db
 provides:
   database: { type: postgresql }
@@ -93,8 +115,13 @@ interface:
   health:
     startup: systemctl is-active --quiet postgresql
     readiness: [ { tcp: "127.0.0.1:5432" } ]
-"#.into()),
-        file("services/caddy/manifest.yaml", format!(r#"name: caddy
+"#
+            .into(),
+        ),
+        file(
+            "services/caddy/manifest.yaml",
+            format!(
+                r#"name: caddy
 description: Caddy reverse proxy for every route the services declare
 provides:
   reverse_proxy: {{ type: caddy }}
@@ -105,8 +132,13 @@ interface:
   health:
     startup: systemctl is-active --quiet caddy
     readiness: [ {{ tcp: "caddy.{d}:443" }} ]
-"#)),
-        file("services/authentik/manifest.yaml", format!(r#"name: authentik
+"#
+            ),
+        ),
+        file(
+            "services/authentik/manifest.yaml",
+            format!(
+                r#"name: authentik
 description: Authentik identity provider (OIDC and forward-auth)
 provides:
   identity: {{ type: authentik }}
@@ -121,8 +153,13 @@ interface:
     startup: systemctl is-active --quiet authentik
     readiness: https://auth.{d}/-/health/ready/
     start_period: 60s
-"#)),
-        file("services/hello/manifest.yaml", format!(r#"# An example app: it asks for a database and a route; NixMox configures PostgreSQL, Caddy
+"#
+            ),
+        ),
+        file(
+            "services/hello/manifest.yaml",
+            format!(
+                r#"# An example app: it asks for a database and a route; NixMox configures PostgreSQL, Caddy
 # and DNS for it. Copy this directory to add your own service.
 name: hello
 description: Example web app
@@ -135,12 +172,34 @@ interface:
   health:
     liveness: http://hello.{d}:8080/
     interval: 10s
-"#)),
-        file("services/dns/configuration.nix", nix_module("Unbound is configured by NixMox from every service's requirements.")),
-        file("services/postgresql/configuration.nix", nix_module("Databases and roles come from every service's `db`.")),
-        file("services/caddy/configuration.nix", nix_module("Routes come from every service's `proxy`.")),
-        file("services/authentik/configuration.nix", nix_module("Authentik is configured by NixMox; add your own settings here.")),
-        file("services/hello/configuration.nix", r#"# The example app's own NixOS module. Connection facts NixMox derives are under
+"#
+            ),
+        ),
+    ]
+}
+
+/// Each service's NixOS module.
+fn modules() -> Vec<RenderedFile> {
+    vec![
+        file(
+            "services/dns/configuration.nix",
+            nix_module("Unbound is configured by NixMox from every service's requirements."),
+        ),
+        file(
+            "services/postgresql/configuration.nix",
+            nix_module("Databases and roles come from every service's `db`."),
+        ),
+        file(
+            "services/caddy/configuration.nix",
+            nix_module("Routes come from every service's `proxy`."),
+        ),
+        file(
+            "services/authentik/configuration.nix",
+            nix_module("Authentik is configured by NixMox; add your own settings here."),
+        ),
+        file(
+            "services/hello/configuration.nix",
+            r#"# The example app's own NixOS module. Connection facts NixMox derives are under
 # `config.nixmox` (e.g. config.nixmox.db.hello.host).
 { config, pkgs, lib, ... }:
 {
@@ -150,7 +209,9 @@ interface:
     serviceConfig.DynamicUser = true;
   };
 }
-"#.into()),
+"#
+            .into(),
+        ),
     ]
 }
 

@@ -84,6 +84,8 @@ fn allow_schema_key(mut v: Value) -> Value {
     v
 }
 
+// One declarative table of every field of `nixmox.yaml`, in the file's order: long, but
+// splitting it would scatter one schema over functions that each build a fragment.
 fn project_inner() -> Value {
     let network = Obj::new("The network every container is attached to.")
         .req(
@@ -380,6 +382,7 @@ fn project_inner() -> Value {
 }
 
 /// The schema of `services/<name>/manifest.yaml`.
+// One declarative table of every field of a manifest, like `project_inner`: kept whole.
 fn manifest_inner() -> Value {
     let mut provides = Obj::new(
         "The capabilities this service provides to the others (only on the core services). Each is written `{ type: <implementation> }`, as the implementation's name, or with no value.",

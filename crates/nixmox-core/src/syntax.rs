@@ -125,6 +125,10 @@ pub const MAX_DEPTH: usize = 128;
 pub struct Parsed {
     pub root: Option<Node>,
     pub errors: Vec<SyntaxError>,
+    /// Some string or key of the tree holds a NUL character (from an escape such as `"\0"`;
+    /// a raw NUL byte is an error in `errors`). Noted while the tree is built, so that callers
+    /// need not walk it to find one.
+    pub has_nul: bool,
 }
 
 /// Parses one document. An empty document (only whitespace and comments) is `Ok(None)`. The
@@ -158,7 +162,11 @@ pub fn parse_all(text: &str, format: Format) -> Parsed {
                     ),
                     message: format!("invalid JSON: {msg}"),
                 });
-                return Parsed { root: None, errors };
+                return Parsed {
+                    root: None,
+                    errors,
+                    has_nul: false,
+                };
             }
         }
     }
@@ -206,13 +214,18 @@ pub fn parse_all(text: &str, format: Format) -> Parsed {
             span: Span::from_marker(*m),
             message: format!("invalid YAML: {info}"),
         });
-        return Parsed { root: None, errors };
+        return Parsed {
+            root: None,
+            errors,
+            has_nul: false,
+        };
     }
     errors.extend(builder.errors);
     errors.sort_by_key(|e| e.span);
     Parsed {
         root: builder.root,
         errors,
+        has_nul: builder.has_nul,
     }
 }
 
@@ -263,6 +276,8 @@ struct Builder {
     alias_weight: usize,
     /// Set after a fatal problem (an alias bound, the depth bound): later events are skipped.
     stopped: bool,
+    /// A scalar held a NUL character (see [`Parsed::has_nul`]).
+    has_nul: bool,
 }
 
 impl Builder {
@@ -287,8 +302,9 @@ impl Builder {
             Some(Frame::Map(entries, pending, _, _, merged)) => {
                 match pending.take() {
                     None => {
-                        let key = match &node.kind {
-                            Kind::Str(s) => s.clone(),
+                        // The key node is not kept: its text moves into the entry.
+                        let key = match node.kind {
+                            Kind::Str(s) => s,
                             Kind::Int(i) => i.to_string(),
                             Kind::Bool(b) => b.to_string(),
                             Kind::Float(f) => f.to_string(),
@@ -456,6 +472,7 @@ impl MarkedEventReceiver for Builder {
         }
         match ev {
             Event::Scalar(value, style, anchor, _tag) => {
+                self.has_nul |= value.contains('\0');
                 let kind = scalar(value, style);
                 let weight = scalar_weight(&kind);
                 self.push_value(Node { kind, span }, anchor, weight);
