@@ -159,6 +159,12 @@ impl<'s> Cx<'s> {
         }
     }
 
+    /// A context for the same file with no diagnostics yet, for work on another thread whose
+    /// diagnostics are merged back.
+    pub fn sibling(&self) -> Self {
+        Cx::new(&self.file, self.text)
+    }
+
     pub fn errors(&self) -> usize {
         self.diags.iter().filter(|d| d.is_error()).count()
     }

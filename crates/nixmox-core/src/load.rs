@@ -344,14 +344,28 @@ fn check_specs(
     cfg: Option<&ProjectConfig>,
 ) -> Vec<ServiceSpec> {
     let specs = check_unique_names(cxs, specs);
-    check_providers(cxs, &specs);
-    check_routes_served(cxs, &specs);
-    check_duplicates(cxs, &specs, cfg);
-    check_proxy_routes(cxs, &specs);
-    check_dns_names(cxs, &specs, cfg);
-    check_databases(cxs, &specs);
-    check_roles(cxs, &specs);
-    check_redirects(cxs, &specs);
+    // The checks only read the specs: half of them write into copies of the files' contexts
+    // on another thread, whose diagnostics follow the first half's in each file, as they would
+    // in one sequence.
+    let mut second: Vec<Cx> = cxs.iter().map(Cx::sibling).collect();
+    let all = &specs;
+    crate::par::join(
+        || {
+            check_dns_names(&mut second, all, cfg);
+            check_databases(&mut second, all);
+            check_roles(&mut second, all);
+            check_redirects(&mut second, all);
+        },
+        || {
+            check_providers(cxs, all);
+            check_routes_served(cxs, all);
+            check_duplicates(cxs, all, cfg);
+            check_proxy_routes(cxs, all);
+        },
+    );
+    for (cx, other) in cxs.iter_mut().zip(second) {
+        cx.diags.extend(other.diags);
+    }
     specs
 }
 
@@ -1370,65 +1384,68 @@ fn build_services(
     placed: Vec<Option<Placed>>,
     resolved: Vec<(Resources, HealthTiming)>,
 ) -> Vec<Service> {
-    let mut out = Vec::with_capacity(specs.len());
-    for (((s, host), placed), (resources, timing)) in
-        specs.into_iter().zip(hosts).zip(placed).zip(resolved)
-    {
-        let Some((ip, ip_origin, vmid, vmid_origin)) = host else {
-            continue;
-        };
-        let Some(placed) = placed else { continue };
-        let hostname = hostname_of(&s);
-        let mut provides: Vec<crate::model::Provided> =
-            s.provides.iter().map(|p| p.value).collect();
-        provides.sort_by_key(|p| p.capability);
-        let mut depends_on: Vec<_> = s
-            .depends_on
-            .iter()
-            .filter_map(|d| crate::ids::ServiceName::new(&d.value).ok())
-            .collect();
-        depends_on.sort();
-        depends_on.dedup();
-        out.push(Service {
-            name: s.name.value,
-            description: s.description,
-            manifest: s.manifest,
-            dir: s.dir,
-            depends_on,
-            provides,
-            host: Host {
-                hostname,
-                ip,
-                vmid,
-                ip_origin,
-                vmid_origin,
-                node: placed.node,
-                node_origin: placed.origin,
-                spread: s.spread.map(|g| g.value),
-                storage: placed.storage,
-                template: placed.template,
-                resources,
-                onboot: s.onboot,
-                start: s.start,
-                unprivileged: s.unprivileged,
-                nesting: s.nesting,
-                ssh_host_key: s.ssh_host_key,
-                backup: s.backup,
-            },
-            nixos_modules: s.nixos_modules.into_iter().map(|m| m.value).collect(),
-            dbs: s.dbs.into_iter().map(|d| d.value).collect(),
-            proxies: s.proxies.into_iter().map(|p| p.value).collect(),
-            auth: s.auth.map(|a| a.value),
-            health: Health {
-                startup: s.health.startup.into_iter().map(|c| c.value).collect(),
-                liveness: s.health.liveness.into_iter().map(|c| c.value).collect(),
-                readiness: s.health.readiness.into_iter().map(|c| c.value).collect(),
-                timing,
-            },
-            terraform: s.terraform.into_iter().map(|t| t.value).collect(),
-        });
-    }
-    out
+    // On one thread: spread over several, the services' allocations and the specs' frees
+    // land in per-thread heaps, which cost `config` 10 MiB of peak memory for 5 ms
+    // (docs/performance.md).
+    specs
+        .into_iter()
+        .zip(hosts)
+        .zip(placed)
+        .zip(resolved)
+        .filter_map(|(((s, host), placed), (resources, timing))| {
+            let (ip, ip_origin, vmid, vmid_origin) = host?;
+            let placed = placed?;
+            let hostname = hostname_of(&s);
+            let mut provides: Vec<crate::model::Provided> =
+                s.provides.iter().map(|p| p.value).collect();
+            provides.sort_by_key(|p| p.capability);
+            let mut depends_on: Vec<_> = s
+                .depends_on
+                .iter()
+                .filter_map(|d| crate::ids::ServiceName::new(&d.value).ok())
+                .collect();
+            depends_on.sort();
+            depends_on.dedup();
+            Some(Service {
+                name: s.name.value,
+                description: s.description,
+                manifest: s.manifest,
+                dir: s.dir,
+                depends_on,
+                provides,
+                host: Host {
+                    hostname,
+                    ip,
+                    vmid,
+                    ip_origin,
+                    vmid_origin,
+                    node: placed.node,
+                    node_origin: placed.origin,
+                    spread: s.spread.map(|g| g.value),
+                    storage: placed.storage,
+                    template: placed.template,
+                    resources,
+                    onboot: s.onboot,
+                    start: s.start,
+                    unprivileged: s.unprivileged,
+                    nesting: s.nesting,
+                    ssh_host_key: s.ssh_host_key,
+                    backup: s.backup,
+                },
+                nixos_modules: s.nixos_modules.into_iter().map(|m| m.value).collect(),
+                dbs: s.dbs.into_iter().map(|d| d.value).collect(),
+                proxies: s.proxies.into_iter().map(|p| p.value).collect(),
+                auth: s.auth.map(|a| a.value),
+                health: Health {
+                    startup: s.health.startup.into_iter().map(|c| c.value).collect(),
+                    liveness: s.health.liveness.into_iter().map(|c| c.value).collect(),
+                    readiness: s.health.readiness.into_iter().map(|c| c.value).collect(),
+                    timing,
+                },
+                terraform: s.terraform.into_iter().map(|t| t.value).collect(),
+            })
+        })
+        .collect()
 }
 
 /// Explicit `depends_on` edges plus those the interface implies. Indexes are into `specs`,
