@@ -138,18 +138,21 @@ pub fn load_in(sources: &Sources, probe: &dyn Fn(&str) -> PathKind, cluster: &Cl
             .unwrap_or_default(),
         None => Lock::default(),
     };
-    let specs = check_specs(&mut cxs, specs, cfg.as_ref());
-
-    // Dependency problems are worth reporting even when the project file is broken.
-    let edges = build_edges(&mut cxs, &specs, cfg.as_ref().map(|c| &c.domain));
-    check_cycles(&mut cxs, &specs, &edges);
-    let (project, new_lock) = match cfg {
-        Some(cfg) => {
-            let (services, lock) = build_services_in(&mut cxs, specs, &cfg, &old_lock, cluster);
+    let specs = check_unique_names(&mut cxs, specs);
+    let (edges, placement) = check_and_place(&mut cxs, &specs, cfg.as_ref(), &old_lock, cluster);
+    let (project, new_lock) = match (cfg, placement) {
+        (Some(cfg), Some(placement)) => {
+            let lock = placement.allocated.lock;
+            let services = build_services(
+                specs,
+                placement.allocated.hosts,
+                placement.placed,
+                placement.resolved,
+            );
             let any_error = !diags.is_empty() || cxs.iter().any(|c| c.errors() > 0);
             ((!any_error).then(|| project(cfg, services, edges)), lock)
         }
-        None => (None, Lock::default()),
+        _ => (None, Lock::default()),
     };
     for cx in cxs {
         diags.extend(cx.diags);
@@ -337,49 +340,64 @@ fn check_paths(cxs: &mut [Cx], specs: &[ServiceSpec], probe: &dyn Fn(&str) -> Pa
     }
 }
 
-/// The project-wide checks of the specs; returns them without the duplicates of a name.
-fn check_specs(
+/// The project-wide checks, the dependency edges, and (when the project file loads) the
+/// allocation and placement of every service. All of it only reads the specs, so it runs on two
+/// threads, each writing into its own copies of the files' contexts, merged back in the order
+/// one thread would have written them: the diagnostics are the same on any number of cores.
+fn check_and_place(
     cxs: &mut [Cx],
-    specs: Vec<ServiceSpec>,
+    specs: &[ServiceSpec],
     cfg: Option<&ProjectConfig>,
-) -> Vec<ServiceSpec> {
-    let specs = check_unique_names(cxs, specs);
-    // The checks only read the specs: half of them write into copies of the files' contexts
-    // on another thread, whose diagnostics follow the first half's in each file, as they would
-    // in one sequence.
+    old_lock: &Lock,
+    cluster: &Cluster,
+) -> (Vec<Edge>, Option<Placement>) {
     let mut second: Vec<Cx> = cxs.iter().map(Cx::sibling).collect();
-    let all = &specs;
-    crate::par::join(
+    let mut third: Vec<Cx> = cxs.iter().map(Cx::sibling).collect();
+    let (edges, placement) = crate::par::join(
         || {
-            check_dns_names(&mut second, all, cfg);
-            check_databases(&mut second, all);
-            check_roles(&mut second, all);
-            check_redirects(&mut second, all);
+            check_dns_names(&mut second, specs, cfg);
+            check_databases(&mut second, specs);
+            check_roles(&mut second, specs);
+            check_redirects(&mut second, specs);
+            // Dependency problems are worth reporting even when the project file is broken.
+            let edges = build_edges(&mut second, specs, cfg.map(|c| &c.domain));
+            check_cycles(&mut second, specs, &edges);
+            edges
         },
         || {
-            check_providers(cxs, all);
-            check_routes_served(cxs, all);
-            check_duplicates(cxs, all, cfg);
-            check_proxy_routes(cxs, all);
+            check_providers(cxs, specs);
+            check_routes_served(cxs, specs);
+            check_duplicates(cxs, specs, cfg);
+            check_proxy_routes(cxs, specs);
+            cfg.map(|cfg| place(&mut third, specs, cfg, old_lock, cluster))
         },
     );
-    for (cx, other) in cxs.iter_mut().zip(second) {
-        cx.diags.extend(other.diags);
+    for ((cx, two), three) in cxs.iter_mut().zip(second).zip(third) {
+        cx.diags.extend(two.diags);
+        cx.diags.extend(three.diags);
     }
-    specs
+    (edges, placement)
 }
 
-/// Allocates, places and builds the services; returns them with the lock as it should be.
-fn build_services_in(
+/// Where each service goes: its allocated addresses, its resolved resources and timing, its
+/// node; and the lock as it should be.
+struct Placement {
+    allocated: Allocated,
+    resolved: Vec<(Resources, HealthTiming)>,
+    placed: Vec<Option<Placed>>,
+}
+
+/// Allocates and places the services, recording placements in the lock.
+fn place(
     cxs: &mut [Cx],
-    specs: Vec<ServiceSpec>,
+    specs: &[ServiceSpec],
     cfg: &ProjectConfig,
     old_lock: &Lock,
     cluster: &Cluster,
-) -> (Vec<Service>, Lock) {
-    let mut allocated = allocate(cxs, &specs, cfg, old_lock);
-    let resolved = resolve(&specs, &cfg.defaults);
-    let placed = place_services(cxs, &specs, &resolved, cfg, old_lock, cluster);
+) -> Placement {
+    let mut allocated = allocate(cxs, specs, cfg, old_lock);
+    let resolved = resolve(specs, &cfg.defaults);
+    let placed = place_services(cxs, specs, &resolved, cfg, old_lock, cluster);
     // In a cluster every placement is recorded. A single-node project records only a node
     // other than `proxmox.node`: an entry without a node means `proxmox.node` (as every
     // lock written before placement existed does), so its lock does not change.
@@ -397,8 +415,11 @@ fn build_services_in(
             }
         }
     }
-    let services = build_services(specs, allocated.hosts, placed, resolved);
-    (services, allocated.lock)
+    Placement {
+        allocated,
+        resolved,
+        placed,
+    }
 }
 
 /// The validated project.
