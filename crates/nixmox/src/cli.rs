@@ -12,7 +12,8 @@ use crate::complete as completion;
 #[derive(Debug, Parser)]
 #[command(name = "nixmox", version, about, long_about = None)]
 pub struct Cli {
-    /// The project directory (holding nixmox.yaml)
+    /// The project directory (holding nixmox.yaml); without it, the current directory or the
+    /// nearest parent holding nixmox.yaml
     #[arg(
         short = 'C',
         long = "project",

@@ -44,9 +44,10 @@ fn candidates(words: impl Iterator<Item = String>, current: &OsStr) -> Vec<Compl
 /// diagnostics); nothing when it does not load.
 fn completion_project() -> Option<nixmox_core::Project> {
     let dir = project_dir(std::env::args_os());
-    let root = dir.canonicalize().ok()?;
-    let read = project_fs::read_project(&root).ok()?;
-    let probe = project_fs::probe_in(&root);
+    let root = crate::root::ProjectRoot::discover(&dir).ok()?;
+    let root = root.as_path();
+    let read = project_fs::read_project(root).ok()?;
+    let probe = project_fs::probe_in(root);
     nixmox_core::load_probed(&read.sources, &probe).project
 }
 

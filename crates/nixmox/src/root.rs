@@ -36,6 +36,24 @@ impl ProjectRoot {
         }
     }
 
+    /// The project a command given no `-C` works on, as Docker Compose finds its file: the
+    /// current directory if it holds `nixmox.yaml`, else the nearest parent that does (so
+    /// `nixmox plan` works from `services/web/`); with none, the current directory, whose
+    /// missing `nixmox.yaml` the load then reports. `dir` is the `-C` given: anything other
+    /// than `.` is taken as it is.
+    pub fn discover(dir: &Path) -> Result<ProjectRoot> {
+        let here = ProjectRoot::resolve(dir)?;
+        if dir != Path::new(".") {
+            return Ok(here);
+        }
+        let found = here
+            .0
+            .ancestors()
+            .find(|d| d.join(nixmox_core::load::PROJECT_FILE).is_file())
+            .map(Path::to_path_buf);
+        Ok(found.map(ProjectRoot).unwrap_or(here))
+    }
+
     pub fn as_path(&self) -> &Path {
         &self.0
     }

@@ -43,7 +43,7 @@ pub fn run(cli: Cli) -> Result<()> {
             name.as_deref(),
             &domain,
         ),
-        command => in_project(&ProjectRoot::resolve(&cli.project)?, command),
+        command => in_project(&ProjectRoot::discover(&cli.project)?, command),
     }
 }
 

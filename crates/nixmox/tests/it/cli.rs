@@ -15,6 +15,49 @@ fn example() -> PathBuf {
 mod validate {
     use super::*;
 
+    /// As Docker Compose finds its file: from a directory inside the project (here a service's
+    /// own, in a git repository), the nearest parent with `nixmox.yaml` is the project, and
+    /// what is written lands in its `.nixmox/`. An explicit `-C` is taken as it is.
+    #[test]
+    fn a_command_in_a_subdirectory_finds_the_project_above() {
+        let tmp = tempfile::tempdir().unwrap();
+        let project = tmp.path().join("lab");
+        copy_dir(&example(), &project);
+        let git = |args: &[&str]| {
+            let ok = Command::new("git")
+                .args(args)
+                .current_dir(&project)
+                .env("GIT_AUTHOR_NAME", "t")
+                .env("GIT_AUTHOR_EMAIL", "t@t")
+                .env("GIT_COMMITTER_NAME", "t")
+                .env("GIT_COMMITTER_EMAIL", "t@t")
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "git {args:?}");
+        };
+        git(&["init", "-q"]);
+        git(&["add", "-A"]);
+        git(&["commit", "-qm", "lab"]);
+        let inside = project.join("services/vaultwarden");
+        let out = Nixmox::new().cwd(&inside).args(["validate"]).run().code(0);
+        assert!(
+            out.stderr.contains("project `homelab` is valid"),
+            "{}",
+            out.stderr
+        );
+        Nixmox::new().cwd(&inside).args(["render"]).run().code(0);
+        assert!(project.join(".nixmox/build/nix/flake.nix").is_file());
+        assert!(!inside.join(".nixmox").exists());
+        // `-C .` from inside is the same search; another `-C` is not searched from.
+        let out = Nixmox::new()
+            .cwd(&inside)
+            .args(["-C", "../", "validate"])
+            .run()
+            .code(2);
+        assert!(out.stderr.contains("no `nixmox.yaml`"), "{}", out.stderr);
+    }
+
     /// Issue 11: pools say where omitted vmids come from; an explicit one outside the pool
     /// (a numbering scheme of the user's own) is accepted without a word.
     #[test]
