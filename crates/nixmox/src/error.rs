@@ -67,6 +67,15 @@ pub enum Error {
         #[source]
         source: crate::exec::ExecError,
     },
+    /// A command NixMox ran on a host over SSH that exited non-zero (`remote::HostShell`).
+    #[error("{doing} on {host} failed ({}): {stderr}", exit_words(*.code))]
+    RemoteFailed {
+        doing: String,
+        host: String,
+        /// `None` when a signal ended it.
+        code: Option<i32>,
+        stderr: String,
+    },
     /// A container backup that was not taken (`nixmox backup`).
     #[error("backing up CT {vmid}: {source}")]
     Backup {
@@ -143,6 +152,7 @@ impl Error {
             | Error::PveDuring { .. }
             | Error::Snapshot(_)
             | Error::Exec { .. }
+            | Error::RemoteFailed { .. }
             | Error::Backup { .. }
             | Error::BackupBeforeDestroy { .. }
             | Error::Workspace { .. }
@@ -169,6 +179,13 @@ impl Error {
 pub struct Unchecked {
     pub what: String,
     pub error: String,
+}
+
+fn exit_words(code: Option<i32>) -> String {
+    match code {
+        Some(c) => format!("exit {c}"),
+        None => "ended by a signal".to_string(),
+    }
 }
 
 fn lines(unchecked: &[Unchecked]) -> String {

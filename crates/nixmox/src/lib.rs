@@ -16,6 +16,7 @@ pub mod output;
 pub mod pki;
 pub mod project_fs;
 pub mod proxmox;
+pub mod remote;
 pub mod root;
 pub mod secrets;
 pub mod state;

@@ -733,18 +733,8 @@ fn purge_data(
         output::note(text.trim_end());
         return Ok(());
     }
-    let ctx = crate::health::Context::for_project(project, root, &paths.ssh, &paths.known_hosts)
-        .map_err(Error::Usage)?;
-    let to = ctx.route(pg.host.ip, 22);
-    let mut options = ctx.ssh.options.clone();
-    if to.port() != 22 {
-        options.push("-p".into());
-        options.push(to.port().to_string());
-    }
+    let shell = crate::remote::HostShell::of(project, root, paths, pg)?;
     for (db, role, purge) in &purges {
-        let mut argv =
-            nixmox_core::deploy::ssh_argv(&options, &ctx.ssh.user, *to.ip(), &purge.argv);
-        argv[0] = ctx.ssh.program.clone();
         let what = match role {
             Some(role) => format!("database `{db}` and role `{role}`"),
             None => format!("database `{db}` (its role is shared with a remaining service)"),
@@ -755,19 +745,11 @@ fn purge_data(
             log: Some(paths.logs.join("down").join("purge-data.log")),
             ..Default::default()
         };
-        let fin = crate::exec::run(&crate::exec::Cmd::new(&argv[0]).args(&argv[1..]), &opts)
-            .map_err(|source| Error::Exec {
-                doing: "--purge-data".into(),
-                source,
-            })?;
-        if !fin.success() {
-            return Err(Error::RunFailed(format!(
-                "--purge-data: dropping `{db}` on {} failed (exit {:?}): {}",
-                pg.host.hostname,
-                fin.code,
-                fin.stderr.trim()
-            )));
-        }
+        shell.run(
+            &purge.argv,
+            &opts,
+            &format!("--purge-data: dropping `{db}`"),
+        )?;
     }
     Ok(())
 }

@@ -346,14 +346,7 @@ fn dump_databases(
         print_dump_commands(pg, volid, &dumps);
         return Ok(Vec::new());
     }
-    let ctx = crate::health::Context::for_project(project, root, &paths.ssh, &paths.known_hosts)
-        .map_err(Error::Usage)?;
-    let to = ctx.route(pg.host.ip, 22);
-    let mut options = ctx.ssh.options.clone();
-    if to.port() != 22 {
-        options.push("-p".into());
-        options.push(to.port().to_string());
-    }
+    let shell = crate::remote::HostShell::of(project, root, paths, pg)?;
     let mut store = Store::open(&paths.state_db)?;
     let mut out = Vec::new();
     for (database, dump) in &dumps {
@@ -362,26 +355,16 @@ fn dump_databases(
             pg.host.hostname, dump.how, dump.file
         ));
         for remote in &dump.commands {
-            let mut argv = nixmox_core::deploy::ssh_argv(&options, &ctx.ssh.user, *to.ip(), remote);
-            argv[0] = ctx.ssh.program.clone();
             let opts = crate::exec::RunOpts {
                 timeout: Some(TIMEOUT),
                 log: Some(paths.logs.join("backup").join(format!("{}.log", s.name))),
                 ..Default::default()
             };
-            let fin = crate::exec::run(&crate::exec::Cmd::new(&argv[0]).args(&argv[1..]), &opts)
-                .map_err(|source| Error::Exec {
-                    doing: format!("dumping `{database}`"),
-                    source,
-                })?;
-            if !fin.success() {
-                return Err(Error::RunFailed(format!(
-                    "the backup {volid} was taken, but dumping database `{database}` on {} failed (exit {:?}): {}",
-                    pg.host.hostname,
-                    fin.code,
-                    fin.stderr.trim()
-                )));
-            }
+            shell.run(
+                remote,
+                &opts,
+                &format!("the backup {volid} was taken, but dumping database `{database}`"),
+            )?;
         }
         store.record_backup(&crate::state::BackupRow {
             service: s.name.to_string(),
