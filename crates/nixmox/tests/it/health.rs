@@ -33,7 +33,8 @@ use nixmox_core::Project;
 use tempfile::TempDir;
 
 use common::{
-    as_postgres, check, chown_tree, free_port, postgres_user, repo, tcp_open, tool, Nixmox, Server,
+    as_postgres, check, free_port, init_postgres, postgres_user, repo, tcp_open, tool, Nixmox,
+    Server,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -588,33 +589,11 @@ fn start_unbound(
 /// "host", which is this machine, so no redirect applies): role `app` owning database `app`,
 /// and role `locked` whose database `locked` refuses it (CONNECT revoked).
 fn start_postgres(root: &Path, net: Net) -> Server {
-    let initdb = tool("initdb", "postgres");
     let postgres = tool("postgres", "postgres");
     let psql = tool("psql", "postgres");
     let user = postgres_user();
     let dir = root.join("pg");
-    let data = dir.join("data");
-    let sock = dir.join("sock");
-    fs::create_dir_all(&sock).unwrap();
-    fs::set_permissions(&sock, fs::Permissions::from_mode(0o700)).unwrap();
-    if let Some((uid, gid)) = user {
-        chown_tree(&dir, uid, gid);
-    }
-    check(
-        as_postgres(user, &initdb)
-            .arg("-D")
-            .arg(&data)
-            .args([
-                "-U",
-                "postgres",
-                "-E",
-                "UTF8",
-                "--no-instructions",
-                "--no-sync",
-            ])
-            .env("HOME", &dir),
-        "initdb",
-    );
+    let (data, sock) = init_postgres(user, &dir);
     let local = if user.is_some() { "peer" } else { "trust" };
     fs::write(
         data.join("pg_hba.conf"),

@@ -35,8 +35,8 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use common::{
-    as_postgres, check, chown_tree, copy_dir, free_port, postgres_user, repo, tcp_open, tool,
-    Nixmox, Server,
+    as_postgres, check, chown_tree, copy_dir, free_port, init_postgres, postgres_user, repo,
+    tcp_open, tool, Nixmox, Server,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -940,32 +940,10 @@ struct Pg {
 
 impl Pg {
     fn start(root: &Path, addr: Ipv4Addr, host: &PgHost) -> Pg {
-        let initdb = tool("initdb", "postgres");
         let postgres = tool("postgres", "postgres");
         tool("psql", "postgres");
         let user = postgres_user();
-        let data = root.join("data");
-        let sock = root.join("sock");
-        fs::create_dir_all(&sock).unwrap();
-        fs::set_permissions(&sock, fs::Permissions::from_mode(0o700)).unwrap();
-        if let Some((uid, gid)) = user {
-            chown_tree(root, uid, gid);
-        }
-        check(
-            as_postgres(user, &initdb)
-                .arg("-D")
-                .arg(&data)
-                .args([
-                    "-U",
-                    "postgres",
-                    "-E",
-                    "UTF8",
-                    "--no-instructions",
-                    "--no-sync",
-                ])
-                .env("HOME", root),
-            "initdb",
-        );
+        let (data, sock) = init_postgres(user, root);
         let local = if user.is_some() { "peer" } else { "trust" };
         fs::write(
             data.join("pg_hba.conf"),

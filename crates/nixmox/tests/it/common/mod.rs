@@ -660,6 +660,35 @@ pub fn as_postgres(user: Option<(u32, u32)>, program: &Path) -> Command {
     }
 }
 
+/// A new PostgreSQL cluster in `dir/data`, with its socket directory `dir/sock` (mode 0700),
+/// owned by PostgreSQL's OS user when the tests run as root. Returns (data, sock).
+pub fn init_postgres(user: Option<(u32, u32)>, dir: &Path) -> (PathBuf, PathBuf) {
+    let initdb = tool("initdb", "postgres");
+    let data = dir.join("data");
+    let sock = dir.join("sock");
+    fs::create_dir_all(&sock).unwrap();
+    fs::set_permissions(&sock, fs::Permissions::from_mode(0o700)).unwrap();
+    if let Some((uid, gid)) = user {
+        chown_tree(dir, uid, gid);
+    }
+    check(
+        as_postgres(user, &initdb)
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-instructions",
+                "--no-sync",
+            ])
+            .env("HOME", dir),
+        "initdb",
+    );
+    (data, sock)
+}
+
 /// A temporary directory named for the tests that made it (`nixmox-<what>-...`).
 pub fn scratch(what: &str) -> tempfile::TempDir {
     tempfile::Builder::new()
